@@ -1,0 +1,81 @@
+"""The ``guard`` command: serve, build the organism, train probes, read logs, check policies.
+
+Each sub-command lives with the code it drives and registers itself through ``add_cli``;
+errors from the library (:class:`guard.errors.GuardError`) are printed without a traceback and
+exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from guard.errors import GuardError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEMO_POLICY = REPO_ROOT / "policies" / "demo.yaml"
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from server.app import run
+
+    policies = args.policy or [str(DEMO_POLICY)]
+    run(policies, host=args.host, port=args.port)
+    return 0
+
+
+def _policy_check(args: argparse.Namespace) -> int:
+    from guard.policy import format_policy, load_policy
+
+    failed = False
+    for path in args.files:
+        try:
+            policy = load_policy(path)
+        except GuardError as exc:
+            print(exc, file=sys.stderr)
+            failed = True
+            continue
+        print(f"# {path}: ok (sha256 {policy.content_hash[:12]})")
+        print(format_policy(policy))
+    return 2 if failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from guard.logs_cli import add_cli as add_logs
+    from guard.organism.build import add_cli as add_organism
+    from guard.probe.cli import add_cli as add_probe
+
+    parser = argparse.ArgumentParser(prog="guard", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve policies as an OpenAI-compatible endpoint")
+    serve.add_argument("--policy", action="append", help="policy YAML (repeatable); default: the demo policy")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.set_defaults(func=_serve)
+
+    policy = sub.add_parser("policy", help="policy files").add_subparsers(dest="policy_command", required=True)
+    check = policy.add_parser("check", help="validate policies and print them resolved")
+    check.add_argument("files", nargs="+")
+    check.set_defaults(func=_policy_check)
+
+    add_organism(sub)
+    add_probe(sub)
+    add_logs(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except GuardError as exc:
+        print(f"guard: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The backtracking controller and the events it emits."""

@@ -1,0 +1,328 @@
+"""The backtracking controller: one guarded generation, advanced one engine step at a time.
+
+Per step (:meth:`GuardedGeneration.advance`):
+
+1. the engine feeds the last sampled token and samples the next one;
+2. monitors score the fed tokens (activation monitors, one step behind) and the new token
+   (token-id monitors such as the reset token, at once);
+3. the first firing of a ``backtrack`` monitor cuts the output back to a safe point, retracts any
+   released text past it, and changes the sampling strategy (or, past the retry budget, answers
+   with the policy's refusal); a ``log`` monitor's firing is only recorded;
+4. stop conditions are checked; a finishing generation first scores its last token;
+5. text older than the hold-back window (and already scored) is released.
+
+All decisions are recorded in :class:`~guard.controller.record.GenerationRecord`. Events go to
+``emit`` in the order documented in :mod:`guard.controller.events`; ``emit`` is called on the
+engine worker's thread and must not block.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from guard.controller.events import Event, Finished, FinishReason, Reset, TextDelta, Usage
+from guard.controller.record import DiscardedSpan, GenerationRecord, RetryStrategy
+from guard.controller.text import TextTracker
+from guard.engine.base import Engine, Sequence
+from guard.monitors.base import Monitor, MonitorState
+from guard.sampling import SamplingParams, make_generator
+
+Rollback = Literal["tokens", "sentence", "response"]
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """How to resample after a firing. ``None`` keeps the request's value."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    reseed: bool = True
+    ban_first_token: bool = True
+    steer_alpha: float = 0.0
+    """Subtract ``steer_alpha`` times the firing monitor's unit direction at its layer."""
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    """The policy's backtracking and streaming settings, as the controller needs them."""
+
+    rollback: Rollback = "sentence"
+    rollback_tokens: int = 4
+    max_retries: int = 3
+    refusal: str = "I can't help with that."
+    strategies: tuple[Strategy, ...] = (Strategy(),)
+    holdback_tokens: int = 8
+    reset_marker: str | None = None
+
+    def strategy(self, retry: int) -> Strategy:
+        """Strategy for the ``retry``-th retry (1-based); the last one repeats."""
+        return self.strategies[min(retry, len(self.strategies)) - 1]
+
+
+@dataclass(frozen=True)
+class BoundMonitor:
+    """A monitor as a policy uses it."""
+
+    monitor: Monitor
+    action: Literal["backtrack", "log"] = "backtrack"
+    rollback: Rollback | None = None
+    """Overrides :attr:`ControllerConfig.rollback` for this monitor's firings."""
+
+
+@dataclass
+class _Attempt:
+    """Sampling state of the current attempt."""
+
+    params: SamplingParams
+    generator: torch.Generator
+    steer: dict[int, torch.Tensor] | None = None
+    banned_at: dict[int, set[int]] = field(default_factory=dict)
+    """Output position -> token ids banned for the draw at that position."""
+
+
+class GuardedGeneration:
+    """A :class:`guard.engine.worker.Job` that generates one guarded answer."""
+
+    def __init__(self, engine: Engine, prompt_ids: list[int], params: SamplingParams,
+                 monitors: list[BoundMonitor], config: ControllerConfig, record: GenerationRecord,
+                 emit: Callable[[Event], None],
+                 on_finish: Callable[[GenerationRecord], str | None] = lambda r: None) -> None:
+        """``on_finish`` is called once with the finished record (before the final event) and
+        returns the log id if it stored it; the caller decides what gets stored."""
+        self.engine = engine
+        self.config = config
+        self.monitors = monitors
+        self.record = record
+        self.emit = emit
+        self.on_finish = on_finish
+        self.cancelled = False
+        self.states = {b.monitor.name: b.monitor.new_state() for b in monitors}
+        layers = {b.monitor.layer for b in monitors if b.monitor.layer is not None}
+        self.seq: Sequence = engine.new_sequence(prompt_ids, layers)
+        seed = params.seed if params.seed is not None else random.randrange(2**31)
+        record.seed = seed
+        self.attempt = _Attempt(params.with_changes(seed=seed), make_generator(seed))
+        self.text = TextTracker(engine.tokenizer, params.stop)
+        self.retries = 0
+        self._prefilled = False
+        self._finished = False
+
+    # -- Job interface ------------------------------------------------------------------------
+
+    def advance(self) -> bool:
+        if not self._prefilled:
+            self.engine.prefill(self.seq)
+            self._prefilled = True
+            return False
+        banned = frozenset(self.attempt.banned_at.get(len(self.output), ()))
+        out = self.engine.step(self.seq, self.attempt.params, self.attempt.generator,
+                               extra_banned=banned, steer=self.attempt.steer)
+        self.record.sampled_tokens += 1
+        if self._score(out.fed_start, out.hidden, new_token=True):
+            return self._finished
+        reason = self._stop_reason()
+        if reason is not None:
+            return self._finish_after_flush(reason)
+        self._release()
+        return False
+
+    def fail(self, exc: BaseException) -> None:
+        from guard.controller.events import Failed
+        from guard.errors import EngineError, GuardError
+
+        err = exc if isinstance(exc, GuardError) else EngineError(f"generation failed: {exc}")
+        self._finished = True
+        self.emit(Failed(err))
+
+    def close(self) -> None:
+        self.engine.release(self.seq)
+        if self.cancelled and not self._finished and self.record.firings:
+            self.record.output_ids = list(self.output)
+            self.record.final_text = self.text.text_of(self.output)
+            self.on_finish(self.record)
+
+    # -- phases -------------------------------------------------------------------------------
+
+    @property
+    def output(self) -> list[int]:
+        return self.seq.output_ids
+
+    def _score(self, fed_start: int, hidden: dict[int, torch.Tensor], new_token: bool) -> bool:
+        """Score fed tokens (and the new token for token-id monitors); act on the first firing.
+
+        Returns True if a backtracking firing was handled (the step's other work is skipped).
+        """
+        plen = self.seq.prompt_len
+        firings: list[tuple[int, BoundMonitor]] = []
+        for bound in self.monitors:
+            mon, state = bound.monitor, self.states[bound.monitor.name]
+            if mon.layer is None:
+                if not new_token:
+                    continue
+                start = len(self.output) - 1
+                scores = mon.score(None, self.output[start:])
+            else:
+                if mon.layer not in hidden:
+                    continue
+                start = fed_start - plen
+                h = hidden[mon.layer]
+                if start < 0:  # prompt positions are not output tokens
+                    h, start = h[-start:], 0
+                if h.shape[0] == 0:
+                    continue
+                scores = mon.score(h, self.output[start:start + h.shape[0]])
+            pos = state.extend(start, scores)
+            if pos is not None:
+                firings.append((pos, bound))
+        if not firings:
+            return False
+        firings.sort(key=lambda f: f[0])
+        for pos, bound in firings:
+            self._note_firing(bound, pos)
+        backtracks = [(pos, b) for pos, b in firings if b.action == "backtrack"]
+        if not backtracks:
+            return False
+        self._backtrack(*backtracks[0])
+        return True
+
+    def _note_firing(self, bound: BoundMonitor, pos: int) -> None:
+        mon, state = bound.monitor, self.states[bound.monitor.name]
+        tid = self.output[pos]
+        self.record.firings.append({
+            "monitor": mon.name, "action": bound.action, "position": pos, "token_id": tid,
+            "token": self.text.token_text(tid), "score": state.agg[pos], "threshold": mon.threshold,
+            "attempt": self.retries})
+        if mon.name not in self.record.monitors_fired:
+            self.record.monitors_fired.append(mon.name)
+
+    def _backtrack(self, fire_pos: int, bound: BoundMonitor) -> None:
+        """Cut back to the safe point, record the discarded span, and pick the next strategy."""
+        rule = bound.rollback or self.config.rollback
+        point = self._safe_point(fire_pos, rule)
+        span_ids = self.output[point:]
+        retracted = self._retract_to(point, bound.monitor.name)
+        kept_chars = len(self.text.text_of(self.output[:point]))
+        self.record.spans.append(DiscardedSpan(
+            attempt=self.retries, start=point, token_ids=list(span_ids),
+            text=self.text.text_of(self.output)[kept_chars:],
+            tokens=[self.text.token_text(t) for t in span_ids],
+            scores={n: s.raw[point:] for n, s in self.states.items() if len(s.raw) > point},
+            aggregated={n: s.agg[point:] for n, s in self.states.items() if len(s.agg) > point},
+            monitor=bound.monitor.name, threshold=bound.monitor.threshold, fired_at=fire_pos,
+            fired_token_id=self.output[fire_pos], fired_token=self.text.token_text(self.output[fire_pos]),
+            retracted_chars=retracted))
+        self.engine.rollback(self.seq, self.seq.prompt_len + point)
+        for state in self.states.values():
+            state.truncate(point)
+        self.retries += 1
+        if self.retries > self.config.max_retries:
+            self._refuse()
+            return
+        self._next_attempt(bound, point, span_ids[0] if span_ids else None)
+
+    def _safe_point(self, fire_pos: int, rule: Rollback) -> int:
+        if rule == "response":
+            return 0
+        if rule == "tokens":
+            return max(0, fire_pos - self.config.rollback_tokens)
+        return self.text.sentence_start(self.output, fire_pos)
+
+    def _retract_to(self, point: int, monitor: str) -> int:
+        """Emit a reset if released text reaches past ``point``; return characters retracted."""
+        if self.text.sent_tokens <= point:
+            return 0
+        keep_text = self.text.text_of(self.output[:point])
+        chars = len(self.text.sent_text) - len(keep_text)
+        self.emit(Reset(retract_tokens=self.text.sent_tokens - point, retract_chars=chars, monitor=monitor,
+                        retry=self.retries + 1, marker=self.config.reset_marker))
+        self.text.sent_text, self.text.sent_tokens = keep_text, point
+        return chars
+
+    def _next_attempt(self, bound: BoundMonitor, point: int, first_token: int | None) -> None:
+        strat = self.config.strategy(self.retries)
+        old = self.attempt
+        params = old.params
+        seed = params.seed
+        if strat.reseed:
+            seed = (self.record.seed or 0) + 1_000_003 * self.retries
+        params = params.with_changes(
+            seed=seed,
+            temperature=strat.temperature if strat.temperature is not None else params.temperature,
+            top_p=strat.top_p if strat.top_p is not None else params.top_p)
+        banned = {p: set(ids) for p, ids in old.banned_at.items() if p <= point}
+        if strat.ban_first_token and first_token is not None:
+            banned.setdefault(point, set()).add(first_token)
+        steer = None
+        steer_info = None
+        vec = bound.monitor.steering_vector() if strat.steer_alpha else None
+        if vec is not None and bound.monitor.layer is not None:
+            steer = {bound.monitor.layer: -strat.steer_alpha * vec}
+            steer_info = {"monitor": bound.monitor.name, "layer": bound.monitor.layer, "alpha": strat.steer_alpha}
+        self.attempt = _Attempt(params, make_generator(seed), steer, banned)
+        self.record.retries.append(RetryStrategy(
+            retry=self.retries, seed=seed, temperature=params.temperature, top_p=params.top_p,
+            banned_first_tokens=sorted(banned.get(point, ())), steer=steer_info))
+
+    def _stop_reason(self) -> FinishReason | None:
+        last = self.output[-1]
+        if last in self.engine.info.eos_token_ids or last in self.attempt.params.stop_token_ids:
+            return "stop"
+        if self.text.stop_index(self.output) is not None:
+            return "stop"
+        if len(self.output) >= self.attempt.params.max_tokens:
+            return "length"
+        return None
+
+    def _finish_after_flush(self, reason: FinishReason) -> bool:
+        """Score the last sampled token (one-step lag), then finish unless a monitor fires."""
+        if any(b.monitor.layer is not None for b in self.monitors):
+            out = self.engine.step(self.seq, self.attempt.params, self.attempt.generator, sample=False)
+            if self._score(out.fed_start, out.hidden, new_token=False):
+                return self._finished
+        ended_by_token = reason == "stop" and (
+            self.output[-1] in self.engine.info.eos_token_ids or self.output[-1] in self.attempt.params.stop_token_ids)
+        keep = self.output[:-1] if ended_by_token else self.text.tokens_before_stop(self.output)
+        text = self.text.text_of(keep) if ended_by_token else self.text.final_text(self.output)
+        outcome = "recovered" if self.record.spans else "clean"
+        self._finish(list(keep), text, reason, outcome)
+        return True
+
+    def _refuse(self) -> None:
+        self._retract_to(0, self.record.spans[-1].monitor if self.record.spans else "")
+        refusal = self.config.refusal
+        self.emit(TextDelta(refusal, ()))
+        self.text.sent_text = refusal
+        self._finish([], refusal, "content_filter", "refused", release=False)
+
+    def _finish(self, output: list[int], text: str, reason: FinishReason, outcome, release: bool = True) -> None:
+        rec = self.record
+        rec.output_ids, rec.final_text, rec.finish_reason, rec.outcome = output, text, reason, outcome
+        rec.final_scores = {n: s.raw[:len(output)] for n, s in self.states.items()}
+        if release and text != self.text.sent_text:
+            if not text.startswith(self.text.sent_text):  # cannot happen: released text is never past a stop
+                raise AssertionError("released text is not a prefix of the final text")
+            self.emit(TextDelta(text[len(self.text.sent_text):], tuple(output[self.text.sent_tokens:])))
+        log_id = self.on_finish(rec)
+        self._finished = True
+        usage = Usage(prompt_tokens=self.seq.prompt_len, completion_tokens=len(output),
+                      generated_tokens=rec.sampled_tokens)
+        self.emit(Finished(text=text, finish_reason=reason, outcome=outcome, resets=len(rec.spans), usage=usage,
+                           log_id=log_id, monitors_fired=tuple(rec.monitors_fired)))
+
+    def _release(self) -> None:
+        """Release text that is scored by every activation monitor and older than the hold-back."""
+        scored = len(self.output)
+        for bound in self.monitors:
+            if bound.monitor.layer is not None:
+                scored = min(scored, len(self.states[bound.monitor.name].raw))
+        n = max(0, scored - self.config.holdback_tokens)
+        if n <= self.text.sent_tokens:
+            return
+        delta = self.text.release(self.output, n)
+        if delta is not None:
+            self.emit(delta)

@@ -1,0 +1,80 @@
+"""Events a guarded generation emits, in order, to whoever serves it.
+
+The stream of events for one generation is: any number of :class:`TextDelta` and :class:`Reset`
+events, then exactly one :class:`Finished` (or one :class:`Failed`). Text is released only once
+it is past the hold-back window, so a rollback inside the window produces no event at all; a
+rollback that reaches into text already released produces a :class:`Reset` telling the client how
+much released text to retract, followed by the replacement text as ordinary deltas.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from guard.errors import GuardError
+
+Outcome = Literal["clean", "recovered", "refused"]
+"""clean: no monitor fired; recovered: fired, and a resample passed; refused: budget exhausted."""
+
+FinishReason = Literal["stop", "length", "content_filter"]
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """Newly released answer text (always whole UTF-8 characters)."""
+
+    text: str
+    token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Reset:
+    """Retract the last ``retract_chars`` characters (``retract_tokens`` tokens) already released."""
+
+    retract_tokens: int
+    retract_chars: int
+    monitor: str
+    """Name of the monitor that fired."""
+    retry: int
+    """1 for the first retry after a firing, 2 for the second, ..."""
+    marker: str | None = None
+    """Optional text the policy asks to show where text was retracted (e.g. ``"[RESET]"``)."""
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    """Tokens of the final answer."""
+    generated_tokens: int
+    """All tokens sampled, discarded ones included (what the generation really cost)."""
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The generation ended; ``text`` is the whole final answer the client should hold."""
+
+    text: str
+    finish_reason: FinishReason
+    outcome: Outcome
+    resets: int
+    """How many times a monitor fired and the generation was cut back."""
+    usage: Usage
+    log_id: str | None = None
+    """Id of the flagged-generation log record, when one was written."""
+    monitors_fired: tuple[str, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The generation failed; streams send an error event then ``[DONE]``."""
+
+    error: GuardError
+
+
+Event = TextDelta | Reset | Finished | Failed

@@ -1,0 +1,106 @@
+"""The controller's explicit state, as data: what was sampled, discarded, and why.
+
+A :class:`GenerationRecord` is built up by the controller while it runs and is the unit the
+flagged-generation log stores. Invariants:
+
+- ``output_ids`` is the accepted output; ``final_text`` is what the client ends up holding.
+- every token ever sampled is either in ``output_ids`` or in exactly one ``spans[i].token_ids``
+  (refusal text added by the policy is not sampled and appears in neither);
+- ``spans[i].scores[m]`` has one raw score per token of ``spans[i].token_ids`` for each monitor
+  ``m`` that scored them (the last token of a span may lack a score: see the one-step lag);
+- ``retries[i]`` is the strategy used after the ``i``-th firing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from guard.controller.events import FinishReason, Outcome
+
+
+@dataclass
+class DiscardedSpan:
+    """Tokens cut away by one rollback, with the scores that condemned them."""
+
+    attempt: int
+    """0 for the first attempt, i for the i-th retry."""
+    start: int
+    """Output index of the span's first token (the rollback point)."""
+    token_ids: list[int]
+    text: str
+    tokens: list[str]
+    """Each token decoded on its own, for token-by-token display."""
+    scores: dict[str, list[float]]
+    """Monitor -> raw per-token scores of the span's tokens."""
+    aggregated: dict[str, list[float]]
+    """Monitor -> aggregated scores (what the threshold is compared with)."""
+    monitor: str
+    """The monitor that fired."""
+    threshold: float
+    fired_at: int
+    """Output index of the token at which the monitor fired."""
+    fired_token_id: int
+    fired_token: str
+    retracted_chars: int
+    """Characters of this span already released to the client and retracted by a reset event."""
+
+
+@dataclass
+class RetryStrategy:
+    """How the generation was resampled after a firing."""
+
+    retry: int
+    seed: int
+    temperature: float
+    top_p: float
+    banned_first_tokens: list[int]
+    """Token ids banned at the rollback point for the first resampled token."""
+    steer: dict[str, Any] | None = None
+    """``{"monitor", "layer", "alpha"}`` when the resample subtracted a monitor direction."""
+
+
+@dataclass
+class GenerationRecord:
+    """Everything the log keeps about one generation."""
+
+    request_id: str
+    policy_name: str
+    policy_hash: str
+    model: str
+    messages: list[dict[str, Any]] | None
+    prompt: str | None
+    prompt_tokens: int
+    created: float = field(default_factory=time.time)
+    output_ids: list[int] = field(default_factory=list)
+    final_text: str = ""
+    outcome: Outcome = "clean"
+    finish_reason: FinishReason | None = None
+    spans: list[DiscardedSpan] = field(default_factory=list)
+    retries: list[RetryStrategy] = field(default_factory=list)
+    sampled_tokens: int = 0
+    """Every token sampled, discarded ones included."""
+    final_scores: dict[str, list[float]] = field(default_factory=dict)
+    """Monitor -> raw per-token scores of the accepted output."""
+    monitors_fired: list[str] = field(default_factory=list)
+    firings: list[dict[str, Any]] = field(default_factory=list)
+    """Every firing in order: ``{"monitor", "action", "position", "token_id", "token", "score",
+    "threshold", "attempt"}``; ``action="log"`` firings (shadow monitors) changed nothing."""
+    seed: int | None = None
+    """Seed of the first attempt (drawn at random when the request gave none)."""
+
+    @property
+    def flagged(self) -> bool:
+        return bool(self.spans) or self.outcome != "clean"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "GenerationRecord":
+        data = dict(data)
+        data["spans"] = [DiscardedSpan(**s) for s in data.get("spans", [])]
+        data["retries"] = [RetryStrategy(**r) for r in data.get("retries", [])]
+        return cls(**data)

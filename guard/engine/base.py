@@ -1,0 +1,150 @@
+"""The engine seam: the smallest interface the controller needs from a model runtime.
+
+An engine knows token ids, not text policy: it prefills a prompt, steps one token at a time,
+rolls a sequence back to an earlier length, and reports the residual stream at requested layers.
+Tokenisation and the chat template live in the engine's :attr:`Engine.tokenizer` because they
+belong to the model, but stop strings, monitors and streaming are the controller's business.
+
+Layer numbering: layer ``L`` is the *output* of decoder block ``L`` (``blocks.L.hook_resid_post``
+in TransformerLens terms, ``hidden_states[L + 1]`` in HF terms), 0-based.
+
+The one-step lag: the activation of a token exists only once the token has been fed back through
+the model, which happens in the step that samples the *next* token. :meth:`Engine.step` therefore
+returns the newly sampled token together with the activations of the tokens it fed, which are
+the tokens sampled before it. ``step(..., sample=False)`` feeds pending tokens without sampling,
+so the last token of a finished sequence can be scored.
+
+Positions are absolute (prompt tokens included); ``Sequence.prompt_len`` separates the two.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from guard.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Static facts about the served model."""
+
+    name: str
+    """Model id reported to clients (``/v1/models``)."""
+    num_layers: int
+    d_model: int
+    vocab_size: int
+    context_length: int
+    eos_token_ids: frozenset[int]
+
+
+class ChatTokenizer(Protocol):
+    """What the controller and server need from the model's tokenizer."""
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of ``messages`` under the model's chat template, ready for the assistant turn."""
+        ...
+
+    def token_id(self, token: str) -> int | None:
+        """Id of a single (special) token, or ``None`` if the vocabulary has no such token."""
+        ...
+
+
+@dataclass
+class Sequence:
+    """One generation's token state inside an engine. Engines keep their own data in ``payload``."""
+
+    prompt_ids: list[int]
+    layers: tuple[int, ...]
+    """Layers whose activations each step reports."""
+    tokens: list[int] = field(default_factory=list)
+    """All tokens, prompt first; the output is ``tokens[prompt_len:]``."""
+    payload: Any = None
+
+    def __post_init__(self) -> None:
+        if not self.tokens:
+            self.tokens = list(self.prompt_ids)
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.tokens[self.prompt_len:]
+
+
+@dataclass
+class StepOutput:
+    """What one :meth:`Engine.step` produced."""
+
+    token_id: int | None
+    """The newly sampled token (already appended to ``Sequence.tokens``), or ``None`` if not sampling."""
+    fed_start: int
+    """Absolute position of the first token fed in this step."""
+    hidden: dict[int, torch.Tensor]
+    """Layer -> ``[n_fed, d_model]`` activations of the fed tokens (float32, detached, cloned)."""
+
+    @property
+    def n_fed(self) -> int:
+        return next(iter(self.hidden.values())).shape[0] if self.hidden else 0
+
+
+@dataclass
+class EngineStats:
+    """Forward-pass token counters, for proving that rollbacks never re-run the prompt."""
+
+    prompt_tokens: int = 0
+    """Prompt tokens fed through the model (each prompt once, at prefill)."""
+    output_tokens: int = 0
+    """Output tokens fed through the model, including re-fed ones."""
+    refed_tokens: int = 0
+    """Output tokens fed a second time because a rollback cut the KV cache just behind them."""
+    rollbacks: int = 0
+
+
+class Engine(ABC):
+    """A model runtime the controller can drive. Implementations must be safe to call from one
+    worker thread; concurrency comes from interleaving sequences (see :mod:`guard.engine.worker`)."""
+
+    info: ModelInfo
+    tokenizer: ChatTokenizer
+    stats: EngineStats
+
+    @abstractmethod
+    def new_sequence(self, prompt_ids: list[int], layers: Collection[int] = ()) -> Sequence:
+        """Allocate a sequence for ``prompt_ids``; nothing runs until :meth:`prefill`."""
+
+    @abstractmethod
+    def prefill(self, seq: Sequence, return_hidden: bool = False) -> dict[int, torch.Tensor] | None:
+        """Run the prompt once, keep its KV, and return prompt activations if asked."""
+
+    @abstractmethod
+    def step(self, seq: Sequence, params: SamplingParams, generator: torch.Generator, *,
+             extra_banned: frozenset[int] = frozenset(), steer: Mapping[int, torch.Tensor] | None = None,
+             sample: bool = True) -> StepOutput:
+        """Feed pending tokens and (if ``sample``) sample and append one token.
+
+        ``extra_banned`` applies to this draw only. ``steer`` maps layer -> vector added to that
+        layer's output for the tokens fed in this step.
+        """
+
+    @abstractmethod
+    def rollback(self, seq: Sequence, length: int) -> None:
+        """Keep the first ``length`` tokens (``length >= prompt_len``), reusing the KV cache."""
+
+    @abstractmethod
+    def release(self, seq: Sequence) -> None:
+        """Free the sequence's cache. Idempotent."""
+
+    @abstractmethod
+    def hidden_states(self, token_ids: list[int], layers: Collection[int]) -> dict[int, torch.Tensor]:
+        """Teacher-forced activations ``[len(token_ids), d_model]`` per layer (for probe training)."""

@@ -1,0 +1,1 @@
+"""Monitors turn activations (or sampled token ids) into per-token scores and a firing decision."""
