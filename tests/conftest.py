@@ -1,0 +1,25 @@
+"""Shared fixtures: small real models built on the fly (no downloads)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from guard.testing import make_random_llama
+
+REPO = Path(__file__).resolve().parent.parent
+ORGANISM = REPO / "models" / "organism"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A random-weight 2-layer Llama (d=64) with a byte-level BPE tokenizer and chat template."""
+    return make_random_llama(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_model_dir):
+    from guard.engine.transformers_engine import TransformersEngine
+
+    return TransformersEngine.load(tiny_model_dir)
