@@ -1,0 +1,232 @@
+"""The policy file schema: one YAML file says what model to serve and how to guard it.
+
+Every model forbids unknown fields and every field carries a description, so a typo fails loudly
+and the reference docs can be generated from the schema. Paths are resolved against the policy
+file's directory when the file is validated with a ``base_dir`` context (see
+:func:`guard.policy.load_policy`); built in Python without one, paths stay as given.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+if TYPE_CHECKING:
+    from guard.monitors.base import AggregationSpec
+
+NAME_PATTERN = r"^[A-Za-z0-9._-]+$"
+
+
+class Strict(BaseModel):
+    """Base of every policy model: unknown fields are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def _resolve(path: Path, info: ValidationInfo, must_exist: bool, what: str) -> Path:
+    """Resolve ``path`` against the policy directory; raise if it must exist and does not."""
+    ctx = info.context or {}
+    base = ctx.get("base_dir")
+    if base is not None and not path.is_absolute():
+        path = (Path(base) / path).resolve()
+    if must_exist and ctx.get("check_paths", False) and not path.exists():
+        raise PydanticCustomError("path_missing", "{what} not found: {path}", {"what": what, "path": str(path)})
+    return path
+
+
+class ModelSpec(Strict):
+    """The model the policy serves."""
+
+    engine: Literal["transformers", "vllm"] = Field("transformers", description="Runtime that runs the model.")
+    path: Path = Field(description="Model directory (relative to the policy file). Must exist for engine "
+                                   "transformers; for vllm a path that does not exist is kept as a hub id.")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="Weight dtype; auto takes the checkpoint's (float32 on CPU).")
+    device: str = Field("auto", description="Torch device (cpu, cuda, cuda:1) or auto (cuda when available).")
+    served_name: str | None = Field(None, description="Name /v1/models reports for the underlying model; "
+                                                      "defaults to the policy name.")
+    max_context: int | None = Field(None, ge=1, description="Context window in tokens; defaults to the model's.")
+
+    @field_validator("path")
+    @classmethod
+    def _check_path(cls, path: Path, info: ValidationInfo) -> Path:
+        if info.data.get("engine") == "vllm":
+            resolved = _resolve(path, info, must_exist=False, what="model")
+            return resolved if resolved.exists() else path
+        return _resolve(path, info, must_exist=True, what="model directory")
+
+
+class AggregationConfig(Strict):
+    """How per-token probe scores become the score compared with the threshold."""
+
+    kind: Literal["none", "ema", "window"] = Field("ema", description="none: raw score; ema: exponential moving "
+                                                                      "average; window: mean of the last tokens.")
+    alpha: float = Field(0.5, gt=0.0, le=1.0, description="EMA weight of the newest token.")
+    window: int = Field(4, ge=1, description="Window length in tokens for kind window.")
+
+    def to_spec(self) -> "AggregationSpec":
+        # Imported here: guard.monitors pulls in torch, which the policy CLI does not need.
+        from guard.monitors.base import AggregationSpec
+
+        return AggregationSpec(kind=self.kind, alpha=self.alpha, window=self.window)
+
+
+class ProbeMonitorSpec(Strict):
+    """A linear probe on the model's residual stream."""
+
+    kind: Literal["probe"] = Field(description="Monitor type.")
+    name: str = Field(pattern=NAME_PATTERN, description="Unique monitor name (appears in logs and reset events).")
+    path: Path = Field(description="Probe directory (relative to the policy file).")
+    layer: int | None = Field(None, ge=0, description="Layer whose output the probe reads; defaults to the "
+                                                      "probe file's.")
+    threshold: float | None = Field(None, ge=0.0, le=1.0, description="Fire when the aggregated score exceeds "
+                                                                      "this; defaults to the probe file's.")
+    aggregation: AggregationConfig | None = Field(None, description="Score aggregation; defaults to the probe "
+                                                                    "file's.")
+    action: Literal["backtrack", "log"] = Field("backtrack", description="backtrack: roll back and resample; "
+                                                                        "log: only record the firing.")
+
+    @field_validator("path")
+    @classmethod
+    def _check_path(cls, path: Path, info: ValidationInfo) -> Path:
+        return _resolve(path, info, must_exist=True, what="probe directory")
+
+
+class ResetTokenMonitorSpec(Strict):
+    """Fires when the model itself emits a reset token (a model trained to backtrack)."""
+
+    kind: Literal["reset_token"] = Field(description="Monitor type.")
+    name: str = Field(pattern=NAME_PATTERN, description="Unique monitor name.")
+    token: str = Field("<|reset|>", min_length=1, description="The special token that signals a reset.")
+    action: Literal["backtrack", "log"] = Field("backtrack", description="backtrack: roll back and resample; "
+                                                                        "log: only record the firing.")
+
+
+MonitorSpec = Annotated[ProbeMonitorSpec | ResetTokenMonitorSpec, Field(discriminator="kind")]
+
+
+class ResampleStrategy(Strict):
+    """How one retry resamples from the rollback point."""
+
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="Temperature of the retry; null keeps "
+                                                                        "the request's.")
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description="top_p of the retry; null keeps the request's.")
+    reseed: bool = Field(True, description="Draw a fresh seed (the record keeps it, so the retry is reproducible).")
+    ban_first_token: bool = Field(True, description="Ban the discarded span's first token at the rollback point.")
+    steer_alpha: float = Field(0.0, ge=0.0, description="While resampling, subtract alpha times the firing probe's "
+                                                        "unit direction at its layer; 0 turns steering off.")
+
+
+class BacktrackSpec(Strict):
+    """What happens when a monitor fires."""
+
+    rollback: Literal["tokens", "sentence", "response"] = Field(
+        "sentence", description="How far to cut back: a fixed number of tokens, to the start of the sentence "
+                                "holding the fired token, or the whole response.")
+    rollback_tokens: int = Field(4, ge=1, description="Tokens cut before the fired token for rollback tokens.")
+    max_retries: int = Field(3, ge=0, description="Resamples allowed per generation before giving up.")
+    on_exhausted: Literal["refuse"] = Field("refuse", description="What to do once the retries are spent.")
+    refusal: str = Field("I can't help with that.", description="Answer sent when the generation is refused.")
+    strategies: list[ResampleStrategy] = Field(
+        default_factory=lambda: [ResampleStrategy()], min_length=1,
+        description="Strategy i is used for retry i (1-based); the last one repeats.")
+
+    def strategy(self, retry: int) -> ResampleStrategy:
+        """The strategy for the ``retry``-th retry (1 for the first)."""
+        return self.strategies[min(max(retry, 1), len(self.strategies)) - 1]
+
+
+class StreamSpec(Strict):
+    """Streaming behaviour."""
+
+    holdback_tokens: int = Field(8, ge=0, description="Tokens kept back from the client so that most rollbacks "
+                                                      "never reach released text.")
+    reset_marker: str | None = Field(None, description="Text a reset event asks the client to show where text "
+                                                       "was retracted (e.g. '[RESET]').")
+
+
+class LogSpec(Strict):
+    """The flagged-generation log."""
+
+    path: Path = Field(Path("guard.db"), validate_default=True,
+                       description="SQLite database (relative to the policy file).")
+    record: Literal["flagged", "all"] = Field("flagged", description="flagged: only generations where a monitor "
+                                                                     "fired or that were refused; all: every one.")
+
+    @field_validator("path")
+    @classmethod
+    def _check_path(cls, path: Path, info: ValidationInfo) -> Path:
+        return _resolve(path, info, must_exist=False, what="log database")
+
+    def keeps(self, flagged: bool) -> bool:
+        """Whether a generation with this ``flagged`` status is written to the log."""
+        return flagged or self.record == "all"
+
+
+class RequestDefaults(Strict):
+    """Sampling defaults for requests that leave a parameter out."""
+
+    max_tokens: int = Field(256, ge=1, description="Most output tokens.")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="Softmax temperature; 0 is greedy.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+
+
+class Policy(Strict):
+    """One guarded model: what to serve, what to watch, and what to do when a monitor fires."""
+
+    name: str = Field(pattern=NAME_PATTERN, description="Model alias served at /v1/models.")
+    description: str = Field("", description="Free text shown by `guard policy check`.")
+    model: ModelSpec = Field(description="The underlying model.")
+    monitors: list[MonitorSpec] = Field(default_factory=list, description="Monitors, in the order they are "
+                                                                          "checked; names must be unique.")
+    # Sections left out default to {} validated like file input, so their paths resolve too.
+    backtrack: BacktrackSpec = Field(default_factory=dict, validate_default=True,
+                                     description="Rollback and resampling.")
+    stream: StreamSpec = Field(default_factory=dict, validate_default=True, description="Streaming.")
+    log: LogSpec = Field(default_factory=dict, validate_default=True, description="Flagged-generation log.")
+    defaults: RequestDefaults = Field(default_factory=dict, validate_default=True,
+                                      description="Sampling defaults for requests.")
+
+    _content_hash: str | None = PrivateAttr(None)
+    _source_path: Path | None = PrivateAttr(None)
+
+    @field_validator("monitors")
+    @classmethod
+    def _unique_names(cls, monitors: list[ProbeMonitorSpec | ResetTokenMonitorSpec]) -> list:
+        seen: dict[str, int] = {}
+        for i, m in enumerate(monitors):
+            if m.name in seen:
+                # loc_suffix lets the loader point at the duplicate entry, not the whole list.
+                raise PydanticCustomError("duplicate_name", "duplicate monitor name '{name}' (also monitors[{first}])",
+                                          {"name": m.name, "first": seen[m.name], "loc_suffix": (i, "name")})
+            seen[m.name] = i
+        return monitors
+
+    @model_validator(mode="after")
+    def _fill_served_name(self) -> "Policy":
+        if self.model.served_name is None:
+            self.model.served_name = self.name
+        return self
+
+    @property
+    def content_hash(self) -> str:
+        """sha256 hex of the policy file's bytes (of the canonical JSON when built in Python)."""
+        if self._content_hash is None:
+            return hashlib.sha256(self.model_dump_json().encode()).hexdigest()
+        return self._content_hash
+
+    @property
+    def source_path(self) -> Path | None:
+        """The file the policy was loaded from, if any."""
+        return self._source_path
+
+    def monitor(self, name: str) -> ProbeMonitorSpec | ResetTokenMonitorSpec:
+        """The monitor called ``name`` (KeyError if none)."""
+        for m in self.monitors:
+            if m.name == name:
+                return m
+        raise KeyError(name)
