@@ -1,0 +1,372 @@
+"""Request and response models of the OpenAI-compatible API, ordered like the OpenAI reference.
+
+Requests mirror OpenAI's: unknown top-level fields are ignored (``extra="ignore"``), parameters
+guard cannot honour (penalties, logprobs, tools, ``echo``, ...) are rejected with a 400 naming the
+parameter rather than silently dropped. Guard's own request fields sit in one fenced block per
+request (reachable from the ``openai`` client through ``extra_body``); they are strictly typed
+(no string-to-number coercion).
+
+Responses add one extension field, ``guard``, on each choice (a choice is one guarded
+generation): :class:`GuardInfo` on non-streaming choices and on the last chunk of a streamed
+choice, :class:`GuardReset` wrapped as ``{"reset": {...}}`` on a reset chunk. Response fields that
+are ``None`` serialise as ``null`` the way OpenAI's do, except the extension fields and a chunk's
+``usage``, which are left out when unset.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, StrictInt, ValidationInfo,
+                      field_validator, model_serializer)
+
+from guard.controller.events import FinishReason, Outcome
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_N = 8
+MAX_STOP = 4
+MAX_PROMPTS = 16
+
+Seed = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
+TokenId = Annotated[StrictInt, Field(ge=0)]
+StopSequence = Annotated[str, Field(min_length=1)]
+
+
+# --------------------------------------------------------------------------------------------
+# Shared request parts
+# --------------------------------------------------------------------------------------------
+
+
+class OpenAIRequest(BaseModel):
+    """Base of request models: unknown fields are ignored, as OpenAI does."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(OpenAIRequest):
+    include_usage: bool | None = Field(None, description="Send a last chunk with the usage and no choices.")
+
+
+def _reject_nonzero_penalty(value: float | None, name: str) -> float | None:
+    if value:
+        raise ValueError(f"{name} is not supported by guard; send 0 or leave it out")
+    return value
+
+
+def _check_logit_bias(bias: dict[str, float] | None) -> dict[str, float] | None:
+    for key in bias or {}:
+        if not key.isdigit():
+            raise ValueError(f"logit_bias keys must be token ids (non-negative integers), got {key!r}")
+    return bias
+
+
+class SamplingFields(OpenAIRequest):
+    """Sampling parameters shared by chat and text completions (OpenAI's, then guard's)."""
+
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="Unsupported: only 0 is accepted.")
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
+        None, description="Token id (as a string) -> bias added to its logit.")
+    n: int = Field(1, ge=1, le=MAX_N, description="How many choices to generate.")
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="Unsupported: only 0 is accepted.")
+    seed: Seed | None = Field(None, description="Seed; choice i of n uses seed + i.")
+    stop: StopSequence | Annotated[list[StopSequence], Field(max_length=MAX_STOP)] | None = Field(
+        None, description="Up to 4 sequences where generation stops (not included in the output).")
+    stream: bool = Field(False, description="Send the answer as server-sent events.")
+    stream_options: StreamOptions | None = Field(None, description="Only allowed with stream: true.")
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 is greedy.")
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    user: str | None = Field(None, description="End-user id (accepted, not used).")
+
+    # --8<-- [start:guard-sampling-params]
+    # Guard's vendor parameters (openai client: extra_body={...}). Strictly typed.
+    top_k: StrictInt | None = Field(None, ge=0, description="Keep only the k most likely tokens; 0 disables.")
+    stop_token_ids: list[TokenId] | None = Field(None, description="Token ids that end the generation.")
+    banned_token_ids: list[TokenId] | None = Field(None, description="Token ids that are never sampled.")
+    # --8<-- [end:guard-sampling-params]
+
+    @field_validator("frequency_penalty", "presence_penalty")
+    @classmethod
+    def _no_penalties(cls, value: float | None, info: ValidationInfo) -> float | None:
+        return _reject_nonzero_penalty(value, info.field_name)
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_keys(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        return _check_logit_bias(bias)
+
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options_need_stream(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed when stream is true")
+        return value
+
+    def stop_tuple(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+# --------------------------------------------------------------------------------------------
+# /v1/chat/completions request
+# --------------------------------------------------------------------------------------------
+
+
+class TextContentPart(OpenAIRequest):
+    type: str = Field(description="Only 'text' is supported.")
+    text: str
+
+    @field_validator("type")
+    @classmethod
+    def _text_only(cls, value: str) -> str:
+        if value != "text":
+            raise ValueError(f"content part type {value!r} is not supported; only 'text' parts are")
+        return value
+
+
+class ChatMessage(OpenAIRequest):
+    role: Literal["developer", "system", "user", "assistant"]
+    content: str | list[TextContentPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(SamplingFields):
+    """``POST /v1/chat/completions``."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    model: str
+    logprobs: bool | None = Field(None, description="Unsupported: only false is accepted.")
+    max_completion_tokens: int | None = Field(None, ge=1, description="Most output tokens (wins over max_tokens).")
+    max_tokens: int | None = Field(None, ge=1, description="Deprecated alias of max_completion_tokens.")
+    response_format: dict[str, Any] | None = Field(None, description="Only {'type': 'text'} is supported.")
+    tool_choice: Any = Field(None, description="Unsupported.")
+    tools: list[Any] | None = Field(None, description="Unsupported.")
+    top_logprobs: int | None = Field(None, description="Unsupported.")
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, value: bool | None) -> bool | None:
+        if value:
+            raise ValueError("logprobs is not supported by guard; send false or leave it out")
+        return value
+
+    @field_validator("top_logprobs", "tools", "tool_choice")
+    @classmethod
+    def _unsupported(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None and value != []:
+            raise ValueError(f"{info.field_name} is not supported by guard")
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_format(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and value.get("type", "text") != "text":
+            raise ValueError("only response_format {'type': 'text'} is supported by guard")
+        return value
+
+    def output_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+# --------------------------------------------------------------------------------------------
+# /v1/completions request
+# --------------------------------------------------------------------------------------------
+
+Prompt = str | Annotated[list[TokenId], Field(min_length=1)]
+
+
+class CompletionRequest(SamplingFields):
+    """``POST /v1/completions``; a list of prompts is a batch (choice index = prompt * n + i)."""
+
+    model: str
+    prompt: Prompt | Annotated[list[Prompt], Field(min_length=1, max_length=MAX_PROMPTS)]
+    best_of: int | None = Field(None, ge=1, description="Unsupported beyond best_of == n.")
+    echo: bool | None = Field(None, description="Unsupported: only false is accepted.")
+    logprobs: int | None = Field(None, description="Unsupported.")
+    max_tokens: int | None = Field(None, ge=1, description="Most output tokens; default: the policy's.")
+    suffix: str | None = Field(None, description="Unsupported.")
+
+    @field_validator("echo", "suffix", "logprobs")
+    @classmethod
+    def _unsupported(cls, value: Any, info: ValidationInfo) -> Any:
+        if value:
+            raise ValueError(f"{info.field_name} is not supported by guard")
+        return value
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and value != info.data.get("n", 1):
+            raise ValueError("best_of is not supported by guard (only best_of == n)")
+        return value
+
+    def prompts(self) -> list[str | list[int]]:
+        """The batch of prompts: a single string or token-id list is a batch of one."""
+        p = self.prompt
+        if isinstance(p, str) or (p and all(isinstance(x, int) for x in p)):
+            return [p]
+        return list(p)
+
+
+# --------------------------------------------------------------------------------------------
+# Responses
+# --------------------------------------------------------------------------------------------
+
+
+class OmitUnset(BaseModel):
+    """Serialises ``None`` as ``null`` except for the fields named in ``_omit_if_none``."""
+
+    _omit_if_none: ClassVar[tuple[str, ...]] = ("guard",)
+
+    @model_serializer(mode="wrap")
+    def _omit(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        for name in self._omit_if_none:
+            if data.get(name, 0) is None:
+                del data[name]
+        return data
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    """Tokens of the final answers (discarded and resampled tokens are not counted)."""
+    total_tokens: int = 0
+
+
+class GuardInfo(BaseModel):
+    """Extension: what guard did to one choice."""
+
+    outcome: Outcome
+    """clean: no monitor fired; recovered: fired, and a resample passed; refused: retries exhausted."""
+    resets: int
+    """How many times a monitor fired and the generation was cut back."""
+    log_id: str | None = None
+    """Id of the flagged-generation log record, when one was written."""
+    monitors_fired: list[str] = Field(default_factory=list)
+
+
+class GuardReset(BaseModel):
+    """Extension: retract the last ``retract_chars`` characters of this choice already sent."""
+
+    retract_chars: int
+    retract_tokens: int
+    monitor: str
+    retry: int
+    marker: str | None = None
+    """Text the policy asks to show where text was retracted, if any."""
+
+
+class ResetNotice(BaseModel):
+    """Extension on a reset chunk's choice: ``{"reset": {...}}``."""
+
+    reset: GuardReset
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+class ChatCompletionMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+    refusal: str | None = None
+
+
+class ChatCompletionChoice(OmitUnset):
+    index: int
+    message: ChatCompletionMessage
+    logprobs: None = None
+    finish_reason: FinishReason
+    guard: GuardInfo | None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: UsageInfo
+    system_fingerprint: str | None = None
+
+
+class DeltaMessage(OmitUnset):
+    _omit_if_none: ClassVar[tuple[str, ...]] = ("role", "content")
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatCompletionChunkChoice(OmitUnset):
+    index: int
+    delta: DeltaMessage
+    logprobs: None = None
+    finish_reason: FinishReason | None = None
+    guard: ResetNotice | GuardInfo | None = None
+
+
+class ChatCompletionChunk(OmitUnset):
+    _omit_if_none: ClassVar[tuple[str, ...]] = ("usage",)
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[ChatCompletionChunkChoice]
+    usage: UsageInfo | None = None
+    system_fingerprint: str | None = None
+
+
+class CompletionChoice(OmitUnset):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: FinishReason | None = None
+    guard: ResetNotice | GuardInfo | None = None
+
+
+class Completion(OmitUnset):
+    """A text completion; also each streamed chunk (OpenAI uses the same object for both)."""
+
+    _omit_if_none: ClassVar[tuple[str, ...]] = ("usage",)
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+    system_fingerprint: str | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "guard"
+    # Extension: the policy serving this alias and the underlying model's name.
+    policy: str = ""
+    root: str = ""
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo

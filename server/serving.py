@@ -1,0 +1,319 @@
+"""Serving: turn a validated request into guarded generations and their events into responses.
+
+A request with ``n`` choices (times the number of prompts, for text completions) becomes that
+many :class:`~guard.service.GenerationRequest` s, prepared up front (so a bad request fails with
+a proper HTTP status before any byte is streamed) and run concurrently. Their event streams are
+merged into one sequence of ``(choice index, event)``; leaving that sequence early (client gone,
+a choice failed) closes every service stream, which cancels the generations.
+
+Streams follow OpenAI's chunk order: an opening chunk per choice, content deltas (guard adds
+reset chunks), a closing chunk per choice with its ``finish_reason``, a usage chunk with no
+choices when ``stream_options.include_usage``, then ``data: [DONE]``. A failure after the stream
+started is sent as an error event, then ``[DONE]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
+from typing import Any, Protocol, TypeAlias
+
+from pydantic import BaseModel
+
+from guard.controller.events import Event, Failed, Finished, Reset, TextDelta
+from guard.service import GenerationRequest, ServedModel
+from server.errors import ClientDisconnected, sse_error
+from server.protocol import (INT64_MAX, INT64_MIN, ChatCompletion, ChatCompletionChoice, ChatCompletionChunk,
+                             ChatCompletionChunkChoice, ChatCompletionMessage, ChatCompletionRequest, Completion,
+                             CompletionChoice, CompletionRequest, DeltaMessage, GuardInfo, GuardReset, ModelCard,
+                             ModelList, ResetNotice, SamplingFields, UsageInfo)
+
+log = logging.getLogger(__name__)
+
+IsDisconnected: TypeAlias = Callable[[], Awaitable[bool]]
+
+
+class Prepared(Protocol):
+    """What :meth:`GenerationService.prepare` returns (``guard.service.PreparedGeneration``)."""
+
+    prompt_tokens: int
+    model: str
+    request_id: str
+
+
+class GenerationService(Protocol):
+    """The part of ``guard.service.GuardService`` the server uses."""
+
+    def list_models(self) -> list[ServedModel]: ...
+
+    def prepare(self, req: GenerationRequest) -> Prepared: ...
+
+    def stream(self, prepared: Prepared) -> AsyncIterator[Event]: ...
+
+    def health(self) -> dict[str, Any]: ...
+
+
+def model_list(service: GenerationService) -> ModelList:
+    return ModelList(data=[_card(m) for m in service.list_models()])
+
+
+def model_card(service: GenerationService, model_id: str) -> ModelCard | None:
+    return next((_card(m) for m in service.list_models() if m.id == model_id), None)
+
+
+def _card(m: ServedModel) -> ModelCard:
+    return ModelCard(id=m.id, created=m.created, owned_by=m.owned_by, policy=m.policy, root=m.root)
+
+
+class GuardedServing(ABC):
+    """Runs one request's generations; subclasses say how events become response objects."""
+
+    id_prefix = "cmpl"
+
+    def __init__(self, service: GenerationService, *, disconnect_poll_s: float = 0.25) -> None:
+        self.service = service
+        self.disconnect_poll_s = disconnect_poll_s
+
+    # -- what subclasses provide ---------------------------------------------------------------
+
+    @abstractmethod
+    def opening_chunk(self, rid: str, model: str, index: int) -> BaseModel | None: ...
+
+    @abstractmethod
+    def chunk(self, rid: str, model: str, index: int, *, text: str = "", finished: Finished | None = None,
+              reset: Reset | None = None) -> BaseModel: ...
+
+    @abstractmethod
+    def usage_chunk(self, rid: str, model: str, usage: UsageInfo) -> BaseModel: ...
+
+    # -- shared machinery ----------------------------------------------------------------------
+
+    def new_id(self) -> str:
+        return f"{self.id_prefix}-{uuid.uuid4().hex}"
+
+    def prepare(self, gens: list[GenerationRequest]) -> list[Prepared]:
+        """Validate and tokenise every generation; raises the service's 4xx errors."""
+        return [self.service.prepare(g) for g in gens]
+
+    async def finish_all(self, prepared: list[Prepared], is_disconnected: IsDisconnected) -> list[Finished]:
+        """Run the generations to the end; raise the first failure or :class:`ClientDisconnected`."""
+        results: dict[int, Finished] = {}
+        async with aclosing(self.events(prepared, is_disconnected)) as events:
+            async for index, event in events:
+                if isinstance(event, Failed):
+                    raise event.error
+                if isinstance(event, Finished):
+                    results[index] = event
+        if len(results) < len(prepared):
+            raise ClientDisconnected()
+        return [results[i] for i in range(len(prepared))]
+
+    async def sse(self, rid: str, prepared: list[Prepared], is_disconnected: IsDisconnected,
+                  include_usage: bool) -> AsyncIterator[str]:
+        """The response body of a stream: ``data: {chunk}`` events, then ``data: [DONE]``."""
+        model = prepared[0].model
+        finished: dict[int, Finished] = {}
+        try:
+            for i in range(len(prepared)):
+                if (opening := self.opening_chunk(rid, model, i)) is not None:
+                    yield _sse(opening)
+            async with aclosing(self.events(prepared, is_disconnected)) as events:
+                async for index, event in events:
+                    if isinstance(event, Failed):
+                        raise event.error
+                    if isinstance(event, TextDelta):
+                        yield _sse(self.chunk(rid, model, index, text=event.text))
+                    elif isinstance(event, Reset):
+                        yield _sse(self.chunk(rid, model, index, reset=event))
+                    elif isinstance(event, Finished):
+                        finished[index] = event
+                        yield _sse(self.chunk(rid, model, index, finished=event))
+            if len(finished) < len(prepared):
+                return  # the client is gone: nobody to send [DONE] to
+            if include_usage:
+                yield _sse(self.usage_chunk(rid, model, usage(prepared, list(finished.values()))))
+        except Exception as exc:  # noqa: BLE001 - the status line is sent; errors become an event
+            yield sse_error(exc)
+        yield "data: [DONE]\n\n"
+
+    async def events(self, prepared: list[Prepared],
+                     is_disconnected: IsDisconnected) -> AsyncIterator[tuple[int, Event]]:
+        """Every generation's events, interleaved, tagged with the choice index.
+
+        Ends after each generation's last event, or early (without an error) when the client
+        disconnects. Closing this iterator cancels every generation still running.
+        """
+        queue: asyncio.Queue[tuple[int, Event | BaseException | None]] = asyncio.Queue()
+
+        async def pump(index: int, p: Prepared) -> None:
+            try:
+                async with aclosing(self.service.stream(p)) as stream:
+                    async for event in stream:
+                        queue.put_nowait((index, event))
+            except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+                queue.put_nowait((index, exc))
+            finally:
+                queue.put_nowait((index, None))
+
+        tasks = [asyncio.create_task(pump(i, p)) for i, p in enumerate(prepared)]
+        running, checked, getter = len(tasks), time.monotonic(), None
+        try:
+            while running:
+                # One getter outlives the timeouts so that no event is lost to a cancelled get().
+                getter = getter or asyncio.ensure_future(queue.get())
+                done, _ = await asyncio.wait({getter}, timeout=self.disconnect_poll_s)
+                index, item = getter.result() if done else (None, None)
+                getter = None if done else getter
+                if time.monotonic() - checked >= self.disconnect_poll_s:
+                    if await is_disconnected():
+                        log.info("client disconnected; cancelling %d generation(s)", running)
+                        return
+                    checked = time.monotonic()
+                if index is None:
+                    continue
+                if item is None:
+                    running -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield index, item
+        finally:
+            for task in [*tasks, *([getter] if getter else [])]:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class ChatServing(GuardedServing):
+    """``POST /v1/chat/completions``."""
+
+    id_prefix = "chatcmpl"
+
+    async def create(self, req: ChatCompletionRequest, *, is_disconnected: IsDisconnected,
+                     api_key: str | None = None) -> ChatCompletion | AsyncIterator[str]:
+        """A :class:`ChatCompletion`, or the SSE body when ``req.stream``."""
+        rid = self.new_id()
+        messages = [{"role": _template_role(m.role), "content": m.text()} for m in req.messages]
+        gens = [generation(req, _choice_id(rid, i, req.n), i, api_key=api_key, max_tokens=req.output_limit(),
+                           messages=messages) for i in range(req.n)]
+        prepared = self.prepare(gens)
+        if req.stream:
+            return self.sse(rid, prepared, is_disconnected, req.include_usage())
+        results = await self.finish_all(prepared, is_disconnected)
+        choices = [ChatCompletionChoice(index=i, message=ChatCompletionMessage(content=f.text),
+                                        finish_reason=finish_reason(f), guard=guard_info(f))
+                   for i, f in enumerate(results)]
+        return ChatCompletion(id=rid, model=prepared[0].model, choices=choices, usage=usage(prepared, results))
+
+    def opening_chunk(self, rid: str, model: str, index: int) -> ChatCompletionChunk:
+        choice = ChatCompletionChunkChoice(index=index, delta=DeltaMessage(role="assistant", content=""))
+        return ChatCompletionChunk(id=rid, model=model, choices=[choice])
+
+    def chunk(self, rid: str, model: str, index: int, *, text: str = "", finished: Finished | None = None,
+              reset: Reset | None = None) -> ChatCompletionChunk:
+        choice = ChatCompletionChunkChoice(index=index, delta=DeltaMessage(content=text or None),
+                                           finish_reason=finish_reason(finished) if finished else None,
+                                           guard=_chunk_guard(finished, reset))
+        return ChatCompletionChunk(id=rid, model=model, choices=[choice])
+
+    def usage_chunk(self, rid: str, model: str, usage: UsageInfo) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=rid, model=model, choices=[], usage=usage)
+
+
+class CompletionServing(GuardedServing):
+    """``POST /v1/completions``; choice ``k`` of prompt ``p`` has index ``p * n + k``."""
+
+    id_prefix = "cmpl"
+
+    async def create(self, req: CompletionRequest, *, is_disconnected: IsDisconnected,
+                     api_key: str | None = None) -> Completion | AsyncIterator[str]:
+        """A :class:`Completion`, or the SSE body when ``req.stream``."""
+        rid = self.new_id()
+        prompts = req.prompts()
+        total = len(prompts) * req.n
+        gens = [generation(req, _choice_id(rid, p * req.n + k, total), k, api_key=api_key,
+                           max_tokens=req.max_tokens, prompt=prompt)
+                for p, prompt in enumerate(prompts) for k in range(req.n)]
+        prepared = self.prepare(gens)
+        if req.stream:
+            return self.sse(rid, prepared, is_disconnected, req.include_usage())
+        results = await self.finish_all(prepared, is_disconnected)
+        choices = [CompletionChoice(index=i, text=f.text, finish_reason=finish_reason(f), guard=guard_info(f))
+                   for i, f in enumerate(results)]
+        return Completion(id=rid, model=prepared[0].model, choices=choices,
+                          usage=usage(prepared, results, per_prompt=req.n))
+
+    def opening_chunk(self, rid: str, model: str, index: int) -> None:
+        return None
+
+    def chunk(self, rid: str, model: str, index: int, *, text: str = "", finished: Finished | None = None,
+              reset: Reset | None = None) -> Completion:
+        choice = CompletionChoice(index=index, text=text, finish_reason=finish_reason(finished) if finished else None,
+                                  guard=_chunk_guard(finished, reset))
+        return Completion(id=rid, model=model, choices=[choice])
+
+    def usage_chunk(self, rid: str, model: str, usage: UsageInfo) -> Completion:
+        return Completion(id=rid, model=model, choices=[], usage=usage)
+
+
+# -- request -> GenerationRequest ---------------------------------------------------------------
+
+
+def generation(req: SamplingFields, request_id: str, k: int, *, api_key: str | None, max_tokens: int | None,
+               **source: Any) -> GenerationRequest:
+    """The ``k``-th generation of ``req`` (seed + k); ``source`` is ``messages=`` or ``prompt=``."""
+    return GenerationRequest(
+        model=req.model, request_id=request_id, max_tokens=max_tokens, temperature=req.temperature,
+        top_p=req.top_p, top_k=req.top_k, seed=None if req.seed is None else _wrap_int64(req.seed + k),
+        stop=req.stop_tuple(), stop_token_ids=tuple(req.stop_token_ids or ()),
+        logit_bias={int(t): b for t, b in (req.logit_bias or {}).items()},
+        banned_token_ids=frozenset(req.banned_token_ids or ()), api_key=api_key, **source)
+
+
+def _template_role(role: str) -> str:
+    # OpenAI's "developer" role is its newer name for "system"; chat templates know only the latter.
+    return "system" if role == "developer" else role
+
+
+def _choice_id(rid: str, index: int, total: int) -> str:
+    return rid if total == 1 else f"{rid}-{index}"
+
+
+def _wrap_int64(x: int) -> int:
+    return (x - INT64_MIN) % 2**64 + INT64_MIN if not INT64_MIN <= x <= INT64_MAX else x
+
+
+# -- events -> response parts -------------------------------------------------------------------
+
+
+def finish_reason(f: Finished) -> str:
+    return "content_filter" if f.outcome == "refused" else f.finish_reason
+
+
+def guard_info(f: Finished) -> GuardInfo:
+    return GuardInfo(outcome=f.outcome, resets=f.resets, log_id=f.log_id, monitors_fired=list(f.monitors_fired))
+
+
+def _chunk_guard(finished: Finished | None, reset: Reset | None) -> GuardInfo | ResetNotice | None:
+    if finished is not None:
+        return guard_info(finished)
+    if reset is not None:
+        return ResetNotice(reset=GuardReset(retract_chars=reset.retract_chars, retract_tokens=reset.retract_tokens,
+                                            monitor=reset.monitor, retry=reset.retry, marker=reset.marker))
+    return None
+
+
+def usage(prepared: list[Prepared], results: list[Finished], per_prompt: int | None = None) -> UsageInfo:
+    """Prompt tokens count once per distinct prompt (n choices share one); completion tokens per choice."""
+    step = per_prompt or len(prepared)
+    prompt = sum(p.prompt_tokens for p in prepared[::step])
+    completion = sum(f.usage.completion_tokens for f in results)
+    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def _sse(chunk: BaseModel) -> str:
+    return f"data: {chunk.model_dump_json()}\n\n"
