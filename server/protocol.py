@@ -253,6 +253,8 @@ class GuardInfo(BaseModel):
     log_id: str | None = None
     """Id of the flagged-generation log record, when one was written."""
     monitors_fired: list[str] = Field(default_factory=list)
+    generated_tokens: int = 0
+    """Every token sampled for this choice, discarded and resampled ones included (the real cost)."""
 
 
 class GuardReset(BaseModel):

@@ -1,0 +1,171 @@
+"""Safety of the organism through the live server: unguarded vs guarded, side by side in one run.
+
+Starts ``guard serve`` with two policies over the same model (``unguarded``: no monitors;
+``demo``: harm probe + reset token + backtracking), sends every evaluation prompt of the organism
+to both with the same seed through the official ``openai`` client, and judges each final answer
+with the organism's exact judge. Prints, per split (trained harm categories, held-out harm
+categories, benign):
+
+- unsafe rate unguarded vs guarded, and their ratio;
+- false resets on benign requests (a guarded benign answer that was cut back at least once);
+- benign answers unchanged (guarded text == unguarded text for the same seed);
+- outcomes and mean extra tokens per recovery (tokens sampled and discarded).
+
+    python bench/safety.py [--limit N] [--concurrency 8] [--max-tokens 96]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+from openai import OpenAI
+
+from guard.organism.judge import is_refusal, judge
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(policies: list[Path], port: int, log_dir: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "guard.cli", "serve", "--port", str(port)]
+    for p in policies:
+        cmd += ["--policy", str(p)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=open(log_dir / "server.log", "w"), stderr=subprocess.STDOUT)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited; see {log_dir / 'server.log'}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    proc.kill()
+    raise SystemExit("server did not start in 180 s")
+
+
+def load_prompts(path: Path, limit: int | None) -> list[dict]:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if limit:
+        by_split = defaultdict(list)
+        for row in rows:
+            by_split[row["split"]].append(row)
+        rows = [r for split in by_split.values() for r in split[:limit]]
+    return rows
+
+
+def ask(client: OpenAI, model: str, prompt: str, seed: int, max_tokens: int) -> dict:
+    r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
+                                       seed=seed, temperature=1.0, max_tokens=max_tokens)
+    g = (r.model_extra or {}).get("guard") or {}
+    return {"text": r.choices[0].message.content or "", "guard": g,
+            "completion_tokens": r.usage.completion_tokens}
+
+
+def pct(n: int, d: int) -> str:
+    return f"{100.0 * n / d:5.1f}% ({n}/{d})" if d else "n/a"
+
+
+def report(rows: list[dict]) -> None:
+    splits = ["trained", "heldout", "benign"]
+    print("\n| split | prompts | unsafe unguarded | unsafe guarded | guarded/unguarded |")
+    print("|---|---|---|---|---|")
+    for split in splits:
+        sel = [r for r in rows if r["split"] == split]
+        u = sum(r["unguarded_unsafe"] for r in sel)
+        g = sum(r["guarded_unsafe"] for r in sel)
+        ratio = f"{g / u:.3f} (1/{u / g:.0f})" if g else ("0 (none unsafe guarded)" if u else "n/a")
+        print(f"| {split} | {len(sel)} | {pct(u, len(sel))} | {pct(g, len(sel))} | {ratio} |")
+
+    benign = [r for r in rows if r["split"] == "benign"]
+    print("\n| benign requests | value |")
+    print("|---|---|")
+    print(f"| false resets (guarded answer cut back at least once) | "
+          f"{pct(sum(r['guard'].get('resets', 0) > 0 for r in benign), len(benign))} |")
+    print(f"| answers unchanged by the guard (same seed) | {pct(sum(r['same_text'] for r in benign), len(benign))} |")
+    print(f"| refused by the guard | {pct(sum(r['guard'].get('outcome') == 'refused' for r in benign), len(benign))} |")
+    print(f"| unguarded answers that are refusals | {pct(sum(r['unguarded_refusal'] for r in benign), len(benign))} |")
+
+    print("\n| split | clean | recovered | refused | mean extra tokens per recovery |")
+    print("|---|---|---|---|---|")
+    for split in splits:
+        sel = [r for r in rows if r["split"] == split]
+        outcomes = Counter(r["guard"].get("outcome") for r in sel)
+        rec = [r["guard"].get("generated_tokens", 0) - r["completion_tokens"] for r in sel
+               if r["guard"].get("outcome") == "recovered"]
+        extra = f"{sum(rec) / len(rec):.1f}" if rec else "n/a"
+        print(f"| {split} | {outcomes['clean']} | {outcomes['recovered']} | {outcomes['refused']} | {extra} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model-dir", type=Path, default=REPO / "models" / "organism")
+    ap.add_argument("--guarded", type=Path, default=REPO / "policies" / "demo.yaml")
+    ap.add_argument("--unguarded", type=Path, default=REPO / "policies" / "unguarded.yaml")
+    ap.add_argument("--limit", type=int, default=None, help="prompts per split (default: all)")
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--port", type=int, default=0)
+    args = ap.parse_args()
+
+    prompts = load_prompts(args.model_dir / "data" / "eval_prompts.jsonl", args.limit)
+    port = args.port or free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = start_server([args.guarded, args.unguarded], port, Path(tmp))
+        try:
+            client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="bench", timeout=600, max_retries=0)
+            names = {m.id for m in client.models.list()}
+            guarded, unguarded = (_policy_name(args.guarded), _policy_name(args.unguarded))
+            assert {guarded, unguarded} <= names, names
+            t0 = time.time()
+
+            def one(i_row):
+                i, row = i_row
+                a = ask(client, unguarded, row["prompt"], seed=i, max_tokens=args.max_tokens)
+                b = ask(client, guarded, row["prompt"], seed=i, max_tokens=args.max_tokens)
+                return {"split": row["split"], "category": row.get("category"), "prompt": row["prompt"],
+                        "unguarded": a["text"], "guarded": b["text"], "guard": b["guard"],
+                        "completion_tokens": b["completion_tokens"],
+                        "unguarded_unsafe": judge(a["text"]).unsafe, "guarded_unsafe": judge(b["text"]).unsafe,
+                        "unguarded_refusal": is_refusal(a["text"]), "same_text": a["text"] == b["text"]}
+
+            with ThreadPoolExecutor(args.concurrency) as pool:
+                rows = list(pool.map(one, enumerate(prompts)))
+            secs = time.time() - t0
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    print(f"organism: {args.model_dir.relative_to(REPO) if args.model_dir.is_relative_to(REPO) else args.model_dir}; "
+          f"{len(rows)} prompts x 2 policies through the live server in {secs:.0f} s "
+          f"(temperature 1.0, max_tokens {args.max_tokens}, seed = prompt index, {args.concurrency} concurrent)")
+    report(rows)
+    out = os.environ.get("GUARD_BENCH_OUT")
+    if out:
+        Path(out).write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+
+def _policy_name(path: Path) -> str:
+    from guard.policy import load_policy
+
+    return load_policy(path).name
+
+
+if __name__ == "__main__":
+    main()
