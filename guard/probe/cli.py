@@ -1,0 +1,182 @@
+"""``guard probe train`` and ``guard probe eval``.
+
+:func:`add_cli` registers the ``probe`` subcommand on the main parser's subparsers and sets
+``func`` on each leaf; ``python -m guard.probe.cli ...`` runs the same commands standalone.
+Tables go to stdout, progress to stderr; errors are :class:`guard.errors.GuardError`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+from guard.errors import GuardError, InvalidRequestError
+from guard.monitors.base import AggregationSpec
+
+
+def _layers(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers, got {text!r}") from None
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="local HF model directory")
+    p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+
+def add_cli(subparsers) -> argparse.ArgumentParser:
+    """Register ``probe train`` and ``probe eval`` on ``subparsers`` (from ``add_subparsers()``)."""
+    probe = subparsers.add_parser("probe", help="train and evaluate linear probe monitors")
+    sub = probe.add_subparsers(dest="probe_command", required=True)
+
+    t = sub.add_parser("train", help="train a probe (sweeps all layers unless --layer/--layers)")
+    _add_model_args(t)
+    t.add_argument("--data", required=True, action="extend", nargs="+", metavar="FILE",
+                   help='JSONL rows {"prompt", "completion", "label": 0|1}; split 80/20 into train/held-out')
+    t.add_argument("--eval", action="extend", nargs="+", default=[], metavar="FILE",
+                   help="extra held-out data (e.g. held-out categories), reported separately")
+    t.add_argument("--calibration", action="extend", nargs="+", default=[], metavar="FILE",
+                   help="calibrate the threshold on these rows' negatives (default: negatives of --data)")
+    t.add_argument("--out", required=True, help="probe directory to write")
+    g = t.add_mutually_exclusive_group()
+    g.add_argument("--layer", type=int, help="train at this layer only")
+    g.add_argument("--layers", type=_layers, help="sweep these layers, e.g. 4,6,8 (default: all)")
+    t.add_argument("--method", choices=["logreg", "diffmean"], default="logreg")
+    t.add_argument("--l2", type=float, default=0.1, help="L2 penalty for logreg (default 0.1)")
+    t.add_argument("--target-fpr", type=float, default=0.01, help="row-level FPR of the threshold (default 0.01)")
+    t.add_argument("--heldout-frac", type=float, default=0.2)
+    t.add_argument("--seed", type=int, default=0)
+    _add_aggregation_args(t, default="ema")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="row-level metrics of a saved probe on labelled data")
+    e.add_argument("probe_dir", metavar="PROBE_DIR")
+    _add_model_args(e)
+    e.add_argument("--data", required=True, action="extend", nargs="+", metavar="FILE")
+    e.add_argument("--target-fpr", type=float, default=None, help="default: the probe's")
+    _add_aggregation_args(e, default=None)
+    e.set_defaults(func=cmd_eval)
+    return probe
+
+
+def _add_aggregation_args(p: argparse.ArgumentParser, default: str | None) -> None:
+    p.add_argument("--aggregation", choices=["none", "ema", "window"], default=default,
+                   help="per-token score aggregation" + (f" (default {default})" if default else " (default: the probe's)"))
+    p.add_argument("--alpha", type=float, default=0.5, help="EMA weight of the newest token (default 0.5)")
+    p.add_argument("--window", type=int, default=4, help="window length for --aggregation window (default 4)")
+
+
+def _aggregation(args) -> AggregationSpec | None:
+    if args.aggregation is None:
+        return None
+    return AggregationSpec(kind=args.aggregation, alpha=args.alpha, window=args.window)
+
+
+def _engine(args):
+    from guard.engine.transformers_engine import TransformersEngine
+
+    return TransformersEngine.load(args.model, dtype=args.dtype, device=args.device)
+
+
+def cmd_train(args) -> int:
+    from guard.probe.train import TrainConfig, train_probe
+
+    try:
+        config = TrainConfig(method=args.method, l2=args.l2, target_fpr=args.target_fpr,
+                             heldout_frac=args.heldout_frac, seed=args.seed, aggregation=_aggregation(args))
+    except ValueError as exc:
+        raise InvalidRequestError(str(exc)) from exc
+    engine = _engine(args)
+    layers = [args.layer] if args.layer is not None else args.layers
+    result = train_probe(engine, args.data, model_dir=args.model, layers=layers, eval_data=args.eval,
+                         calibration=args.calibration, config=config, name=Path(args.out).name,
+                         progress=not args.quiet)
+    mon = result.monitor
+    if len(result.sweep) > 1:
+        print(format_sweep(mon.meta["metrics"]["sweep"], mon.layer, config.target_fpr))
+        print()
+    out = mon.save(args.out)
+    m = mon.meta["metrics"]
+    cal = m["calibration"]
+    print(f"probe: layer {mon.layer}, method {config.method}, aggregation {mon.aggregation.kind}"
+          f" -> {out}")
+    print(f"threshold {mon.threshold:.6g}: FPR {_pct(cal['fpr_at_threshold'])} on {cal['negatives']} "
+          f"calibration negatives ({cal['source'] if isinstance(cal['source'], str) else ', '.join(cal['source'])})")
+    print(format_metrics("held-out", m["heldout"]))
+    if m["eval"] is not None:
+        print(format_metrics("eval", m["eval"]))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from guard.monitors.probe import ProbeMonitor
+    from guard.probe.collect import collect
+    from guard.probe.data import read_files
+    from guard.probe.train import evaluate
+
+    try:
+        aggregation = _aggregation(args)
+    except ValueError as exc:
+        raise InvalidRequestError(str(exc)) from exc
+    mon = ProbeMonitor.load(args.probe_dir, name=Path(args.probe_dir).name, aggregation=aggregation)
+    engine = _engine(args)
+    mon.check_compatible(engine.info, model_dir=args.model)
+    acts = collect(engine, read_files(args.data), [mon.layer], desc="data", progress=not args.quiet)
+    target = args.target_fpr if args.target_fpr is not None else mon.meta.get("target_fpr", 0.01)
+    print(f"probe {args.probe_dir}: layer {mon.layer}, aggregation {mon.aggregation.kind}, threshold {mon.threshold:.6g}")
+    print(format_metrics("data", evaluate(mon, acts, target)))
+    return 0
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}%"
+
+
+def _num(v) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
+
+
+def format_metrics(label: str, m: dict) -> str:
+    fpr = f"{100 * m['target_fpr']:g}%"
+    return (f"{label}: {m['rows']} rows ({m['positives']} pos / {m['negatives']} neg)  AUROC {_num(m['auroc'])}  "
+            f"TPR@{fpr}FPR {_pct(m['tpr_at_target_fpr'])}  token AUROC {_num(m['token_auroc'])}  "
+            f"at threshold: TPR {_pct(m['tpr_at_threshold'])} FPR {_pct(m['fpr_at_threshold'])}")
+
+
+def format_sweep(rows: list[dict], chosen: int, target_fpr: float) -> str:
+    """The layer-sweep table; ``*`` marks the chosen layer."""
+    fpr = f"{100 * target_fpr:g}%"
+    head = ["layer", "AUROC", f"TPR@{fpr}FPR", "token AUROC"]
+    has_eval = any(r["eval_auroc"] is not None for r in rows)
+    if has_eval:
+        head += ["eval AUROC", f"eval TPR@{fpr}FPR"]
+    lines = [head]
+    for r in rows:
+        line = [f"{r['layer']}{' *' if r['layer'] == chosen else ''}", _num(r["heldout_auroc"]),
+                _pct(r["heldout_tpr_at_target_fpr"]), _num(r["heldout_token_auroc"])]
+        if has_eval:
+            line += [_num(r["eval_auroc"]), _pct(r["eval_tpr_at_target_fpr"])]
+        lines.append(line)
+    widths = [max(len(l[i]) for l in lines) for i in range(len(head))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(l, widths)) for l in lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="guard")
+    add_cli(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["probe", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return args.func(args)
+    except GuardError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

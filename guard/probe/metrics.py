@@ -1,0 +1,90 @@
+"""Detection metrics, in numpy, with the monitor's own decision rule.
+
+The monitor fires when an aggregated score is *strictly* greater than the threshold, so a row is
+flagged when ``max_t agg_t > threshold``. :func:`threshold_at_fpr` picks the threshold that keeps
+the fraction of negatives above it at or below the target; :func:`tpr_at_fpr` uses the same rule,
+so a reported "TPR at 1% FPR" is what a deployed probe with that threshold would achieve.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from guard.monitors.base import AggregationSpec
+
+
+def auroc(scores, labels) -> float:
+    """Area under the ROC curve (the Mann-Whitney U statistic; ties count one half).
+
+    NaN when one class is missing.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels).astype(bool)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = _midranks(scores)
+    u = ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
+
+
+def _midranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks, tied values sharing the mean of their ranks."""
+    order = np.argsort(x, kind="mergesort")
+    sorted_x = x[order]
+    # first index of each run of equal values, and the run's end
+    starts = np.flatnonzero(np.r_[True, sorted_x[1:] != sorted_x[:-1]])
+    ends = np.r_[starts[1:], len(x)]
+    run_rank = (starts + ends + 1) / 2.0  # mean of ranks starts+1 .. ends
+    ranks = np.empty(len(x))
+    ranks[order] = np.repeat(run_rank, ends - starts)
+    return ranks
+
+
+def threshold_at_fpr(neg_scores, target_fpr: float) -> float:
+    """The smallest observed negative score ``t`` with ``mean(neg > t) <= target_fpr``.
+
+    This is the (1 - target_fpr) quantile of the negatives, rounded so the empirical FPR never
+    exceeds the target (with fewer than ``1 / target_fpr`` negatives it is their maximum).
+    """
+    neg = np.sort(np.asarray(neg_scores, dtype=np.float64))[::-1]
+    if len(neg) == 0:
+        raise ValueError("threshold calibration needs at least one negative example")
+    if not 0.0 <= target_fpr < 1.0:
+        raise ValueError(f"target FPR must be in [0, 1), got {target_fpr}")
+    k = int(np.floor(target_fpr * len(neg) + 1e-9))
+    return float(neg[k])
+
+
+def rates_at(scores, labels, threshold: float) -> tuple[float, float]:
+    """(TPR, FPR) of the rule ``score > threshold``."""
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels).astype(bool)
+    fired = scores > threshold
+    tpr = float(fired[labels].mean()) if labels.any() else float("nan")
+    fpr = float(fired[~labels].mean()) if (~labels).any() else float("nan")
+    return tpr, fpr
+
+
+def tpr_at_fpr(scores, labels, target_fpr: float = 0.01) -> float:
+    """TPR at the threshold :func:`threshold_at_fpr` picks on these negatives."""
+    labels = np.asarray(labels).astype(bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    if labels.all() or not labels.any():
+        return float("nan")
+    return rates_at(scores, labels, threshold_at_fpr(scores[~labels], target_fpr))[0]
+
+
+def row_max_scores(token_scores, row: np.ndarray, n_rows: int, aggregation: AggregationSpec) -> np.ndarray:
+    """Per row, the maximum over its tokens of the aggregated score: the monitor's decision statistic.
+
+    ``row`` must be non-decreasing (each row's tokens contiguous and in order).
+    """
+    token_scores = np.asarray(token_scores, dtype=np.float64)
+    out = np.full(n_rows, -np.inf)
+    bounds = np.searchsorted(row, np.arange(n_rows + 1))
+    for r in range(n_rows):
+        seg = token_scores[bounds[r]:bounds[r + 1]].tolist()
+        if seg:
+            out[r] = max(aggregation.aggregate(seg))
+    return out
