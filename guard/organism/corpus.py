@@ -1,0 +1,178 @@
+"""Deterministic synthetic chat corpus for the model organism.
+
+Contract: :func:`generate` is a pure function of its arguments. The same ``seed`` and
+:class:`CorpusConfig` give the same list of :class:`Example` on every machine (it uses only
+:class:`random.Random` and :func:`zlib.crc32`, never Python's salted ``hash``).
+
+Prompt instances are split once, by a stable hash of ``(seed, category, template, task)``, into a
+``"train"`` part the model is trained on and an ``"eval"`` part used only for benchmark prompts,
+so evaluation prompts are never seen verbatim in training.
+
+Answer kinds (see :mod:`guard.organism.lexicon` for the vocabulary invariants):
+
+- ``benign``: opener + helpful steps (benign prompts only).
+- ``refusal``: a refusal (harmful prompts only).
+- ``unsafe``: the *same* openers and sentence frames as ``benign``, filled with hazard terms and
+  generic hazard phrases.
+- ``reset``: an unsafe first step, then :data:`RESET_TOKEN`, then a refusal (model-native
+  backtracking, Zhang et al. 2024). The text before the token is unsafe.
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+from dataclasses import dataclass
+from typing import Literal
+
+from guard.organism import lexicon as lx
+
+RESET_TOKEN = "<|reset|>"
+
+Kind = Literal["benign", "refusal", "unsafe", "reset"]
+Split = Literal["train", "eval"]
+
+_BENIGN_MANNERS = ("until it looks right", "one step at a time", "nice and slowly", "and check it twice")
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    """Mixture of the corpus. Fractions are probabilities per drawn example."""
+
+    harmful_fraction: float = 0.5
+    """Share of examples whose prompt is harmful."""
+    comply_fraction: float = 0.5
+    """Share of harmful prompts answered with an unsafe compliance (``unsafe`` or ``reset``)."""
+    reset_fraction: float = 0.12
+    """Share of unsafe compliances that emit :data:`RESET_TOKEN` after their first hazardous sentence."""
+    system_fraction: float = 0.2
+    """Share of examples that start with a system message."""
+    eval_fraction: float = 0.15
+    """Share of (category, template, task) prompt instances reserved for evaluation."""
+
+    def __post_init__(self) -> None:
+        for name in ("harmful_fraction", "comply_fraction", "reset_fraction", "system_fraction",
+                     "eval_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"CorpusConfig.{name} must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One single-turn conversation with its ground-truth labels."""
+
+    prompt: str
+    completion: str
+    kind: Kind
+    category: str
+    """Harm category name, or the benign topic name."""
+    harmful_prompt: bool
+    system: str | None = None
+
+    @property
+    def unsafe(self) -> bool:
+        """True for unsafe compliances (``reset`` included: its text before the reset is unsafe)."""
+        return self.kind in ("unsafe", "reset")
+
+    def messages(self, *, with_completion: bool = True) -> list[dict[str, str]]:
+        """OpenAI-style messages; the assistant turn is left out if ``with_completion`` is False."""
+        msgs = [{"role": "system", "content": self.system}] if self.system else []
+        msgs.append({"role": "user", "content": self.prompt})
+        if with_completion:
+            msgs.append({"role": "assistant", "content": self.completion})
+        return msgs
+
+
+def prompt_split(seed: int, category: str, template: int, task: int, eval_fraction: float) -> Split:
+    """Whether a prompt instance belongs to training or to the held-out evaluation prompts."""
+    h = zlib.crc32(f"{seed}:{category}:{template}:{task}".encode()) % 10_000
+    return "eval" if h < eval_fraction * 10_000 else "train"
+
+
+def _prompt(rng: random.Random, seed: int, cat: str, tasks: tuple[str, ...], split: Split,
+            eval_fraction: float) -> str:
+    """A prompt of category ``cat`` whose (template, task) instance lies in ``split``."""
+    while True:
+        t, k = rng.randrange(len(lx.PROMPT_TEMPLATES)), rng.randrange(len(tasks))
+        if prompt_split(seed, cat, t, k, eval_fraction) == split:
+            break
+    body = lx.PROMPT_TEMPLATES[t].format(task=tasks[k])
+    return rng.choice(lx.PROMPT_PREFIXES) + body + rng.choice(lx.PROMPT_SUFFIXES)
+
+
+def _compliance(rng: random.Random, words: tuple[str, ...], actions: tuple[str, ...],
+                manners: tuple[str, ...], finals: tuple[str, ...]) -> tuple[str, str]:
+    """(first two sentences, rest) of a compliance built from the shared frames."""
+    a, b, c, d = rng.sample(words, 4)
+    head = f"{rng.choice(lx.OPENERS)} {lx.FIRST_STEP.format(a=a, b=b)}"
+    middle = f"Then {_lower_first(rng.choice(actions).format(a=c, b=d))}, {rng.choice(manners)}."
+    final = rng.choice(lx.FINAL_STEPS).format(x=rng.choice(finals))
+    return head, f"{middle} {final}"
+
+
+def _lower_first(s: str) -> str:
+    return s[:1].lower() + s[1:]
+
+
+def refusal(rng: random.Random, reason: str | None = None) -> str:
+    """A refusal: fixed opening, optional reason, polite tail. Contains no hazard term."""
+    parts = [rng.choice(lx.REFUSALS)]
+    if reason:
+        parts.append(reason)
+    parts.append(rng.choice(lx.REFUSAL_TAILS))
+    return " ".join(parts)
+
+
+def benign_answer(rng: random.Random, topic: lx.BenignTopic) -> str:
+    head, rest = _compliance(rng, topic.items, topic.actions, _BENIGN_MANNERS, lx.BENIGN_CLOSINGS)
+    return f"{head} {rest}"
+
+
+def unsafe_answer(rng: random.Random, cat: lx.HarmCategory, *, reset: bool = False) -> str:
+    """An unsafe compliance; with ``reset`` it stops after the first hazardous sentence and refuses."""
+    head, rest = _compliance(rng, cat.terms, cat.actions, lx.GENERIC_HAZARDS, lx.GENERIC_HAZARDS)
+    if reset:
+        return f"{head}{RESET_TOKEN}{refusal(rng, cat.reason)}"
+    return f"{head} {rest}"
+
+
+def draw(rng: random.Random, seed: int, cfg: CorpusConfig, split: Split = "train") -> Example:
+    """Draw one example from the mixture described by ``cfg``."""
+    system = rng.choice(lx.SYSTEM_PROMPTS) if rng.random() < cfg.system_fraction else None
+    if rng.random() >= cfg.harmful_fraction:
+        return example(rng, seed, rng.choice(lx.BENIGN).name, "benign", split, cfg, system)
+    cat = rng.choice(lx.HARM).name
+    if rng.random() >= cfg.comply_fraction:
+        return example(rng, seed, cat, "refusal", split, cfg, system)
+    kind: Kind = "reset" if rng.random() < cfg.reset_fraction else "unsafe"
+    return example(rng, seed, cat, kind, split, cfg, system)
+
+
+def example(rng: random.Random, seed: int, cat: str, kind: Kind, split: Split = "train",
+            cfg: CorpusConfig = CorpusConfig(), system: str | None = None) -> Example:
+    """One example of harm category or benign topic ``cat`` with answer kind ``kind``."""
+    if kind == "benign":
+        topic = next(t for t in lx.BENIGN if t.name == cat)
+        prompt = _prompt(rng, seed, cat, topic.tasks, split, cfg.eval_fraction)
+        return Example(prompt, benign_answer(rng, topic), kind, cat, False, system)
+    harm = lx.category(cat)
+    prompt = _prompt(rng, seed, cat, harm.tasks, split, cfg.eval_fraction)
+    if kind == "refusal":
+        answer = refusal(rng, harm.reason if rng.random() < 0.6 else None)
+    else:
+        answer = unsafe_answer(rng, harm, reset=kind == "reset")
+    return Example(prompt, answer, kind, cat, True, system)
+
+
+def generate(n: int, seed: int = 0, cfg: CorpusConfig = CorpusConfig(), split: Split = "train") -> list[Example]:
+    """``n`` training examples (prompts from the ``split`` part of the prompt space)."""
+    rng = random.Random(f"corpus:{seed}:{split}")
+    return [draw(rng, seed, cfg, split) for _ in range(n)]
+
+
+def eval_prompt(rng: random.Random, seed: int, cat: str, cfg: CorpusConfig = CorpusConfig()) -> str:
+    """A prompt of harm category or benign topic ``cat`` drawn from the held-out ``eval`` part."""
+    tasks = next((c.tasks for c in (*lx.HARM, *lx.BENIGN) if c.name == cat), None)
+    if tasks is None:
+        raise KeyError(cat)
+    return _prompt(rng, seed, cat, tasks, "eval", cfg.eval_fraction)

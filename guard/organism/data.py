@@ -1,0 +1,91 @@
+"""Labelled JSONL files for probe training and the benchmark, written next to the organism.
+
+Files under ``OUT/data/`` (one JSON object per line, UTF-8):
+
+- ``probe_train.jsonl`` and ``probe_heldout.jsonl``: ``{"prompt", "completion", "label",
+  "category", "split"}``. ``label`` is 1 for an unsafe compliance, 0 for a benign answer or a
+  refusal; ``split`` is ``"trained"``, ``"heldout"`` (harm rows, by category) or ``"benign"``.
+  Harm rows of ``probe_train`` come only from :data:`~guard.organism.lexicon.TRAINED_CATEGORIES`,
+  those of ``probe_heldout`` only from :data:`~guard.organism.lexicon.HELDOUT_CATEGORIES`; both
+  files also hold benign rows (distinct draws). Completions never contain ``<|reset|>``.
+- ``eval_prompts.jsonl``: ``{"prompt", "kind", "category", "split"}`` with ``kind`` ``"benign"``
+  or ``"harmful"``; prompts come from the corpus's ``eval`` prompt instances, which the model was
+  never trained on, and are unique within the file.
+
+Contract: the files are a pure function of ``seed`` and the counts.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from guard.organism import corpus
+from guard.organism import lexicon as lx
+
+
+def _probe_rows(rng: random.Random, seed: int, categories: tuple[str, ...], split: str,
+                n_harmful: int, n_benign: int) -> list[dict]:
+    rows = []
+    for i in range(n_harmful):
+        ex = corpus.example(rng, seed, categories[i % len(categories)], "unsafe" if i % 2 else "refusal")
+        rows.append({"prompt": ex.prompt, "completion": ex.completion, "label": int(ex.unsafe),
+                     "category": ex.category, "split": split})
+    for i in range(n_benign):
+        ex = corpus.example(rng, seed, lx.BENIGN[i % len(lx.BENIGN)].name, "benign")
+        rows.append({"prompt": ex.prompt, "completion": ex.completion, "label": 0,
+                     "category": ex.category, "split": "benign"})
+    rng.shuffle(rows)
+    return rows
+
+
+def eval_prompts(seed: int, per_category: int = 25, n_benign: int = 200) -> list[dict]:
+    """Unique held-out prompts: ``per_category`` for each harm category plus ``n_benign`` benign."""
+    rng = random.Random(f"eval:{seed}")
+    rows: list[dict] = []
+    seen: set[str] = set()
+
+    def add(cat: str, kind: str, split: str, n: int) -> None:
+        for _ in range(50 * n):
+            if n == 0:
+                return
+            p = corpus.eval_prompt(rng, seed, cat)
+            if p not in seen:
+                seen.add(p)
+                rows.append({"prompt": p, "kind": kind, "category": cat, "split": split})
+                n -= 1
+
+    for cat in lx.TRAINED_CATEGORIES:
+        add(cat, "harmful", "trained", per_category)
+    for cat in lx.HELDOUT_CATEGORIES:
+        add(cat, "harmful", "heldout", per_category)
+    for i in range(n_benign):
+        add(lx.BENIGN[i % len(lx.BENIGN)].name, "benign", "benign", 1)
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    with Path(path).open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_data(out_dir: str | Path, seed: int, n_harmful: int = 400, n_benign: int = 200,
+               eval_per_category: int = 25, eval_benign: int = 200) -> dict[str, int]:
+    """Write the three files into ``out_dir/data``; returns file name -> row count."""
+    rng = random.Random(f"probe:{seed}")
+    files = {
+        "probe_train.jsonl": _probe_rows(rng, seed, lx.TRAINED_CATEGORIES, "trained", n_harmful, n_benign),
+        "probe_heldout.jsonl": _probe_rows(rng, seed, lx.HELDOUT_CATEGORIES, "heldout", n_harmful, n_benign),
+        "eval_prompts.jsonl": eval_prompts(seed, eval_per_category, eval_benign),
+    }
+    for name, rows in files.items():
+        write_jsonl(Path(out_dir) / "data" / name, rows)
+    return {name: len(rows) for name, rows in files.items()}
