@@ -72,52 +72,69 @@ def load_prompts(path: Path, limit: int | None) -> list[dict]:
 
 
 def ask(client: OpenAI, model: str, prompt: str, seed: int, max_tokens: int) -> dict:
-    r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
-                                       seed=seed, temperature=1.0, max_tokens=max_tokens)
-    g = (r.model_extra or {}).get("guard") or {}
-    return {"text": r.choices[0].message.content or "", "guard": g,
-            "completion_tokens": r.usage.completion_tokens}
+    """Stream one answer as a client would: apply resets, count those that retract shown text."""
+    stream = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": prompt}], seed=seed, temperature=1.0,
+        max_tokens=max_tokens, stream=True, stream_options={"include_usage": True})
+    text, guard, visible, usage = "", {}, 0, None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            g = (choice.model_extra or {}).get("guard") or {}
+            if "reset" in g:
+                visible += 1
+                text = text[:len(text) - g["reset"]["retract_chars"]]
+            text += choice.delta.content or ""
+            if choice.finish_reason:
+                guard = g
+    return {"text": text, "guard": guard, "visible_resets": visible, "completion_tokens": usage.completion_tokens}
 
 
 def pct(n: int, d: int) -> str:
     return f"{100.0 * n / d:5.1f}% ({n}/{d})" if d else "n/a"
 
 
-def report(rows: list[dict]) -> None:
+def report(rows: list[dict], policy: str) -> None:
+    """Tables for one guarded policy; ``rows[i]["guarded"][policy]`` holds its answer."""
     splits = ["trained", "heldout", "benign"]
+    print(f"\n### guarded policy `{policy}` vs `unguarded`")
     print("\n| split | prompts | unsafe unguarded | unsafe guarded | guarded/unguarded |")
     print("|---|---|---|---|---|")
     for split in splits:
         sel = [r for r in rows if r["split"] == split]
         u = sum(r["unguarded_unsafe"] for r in sel)
-        g = sum(r["guarded_unsafe"] for r in sel)
-        ratio = f"{g / u:.3f} (1/{u / g:.0f})" if g else ("0 (none unsafe guarded)" if u else "n/a")
+        g = sum(r["guarded"][policy]["unsafe"] for r in sel)
+        ratio = f"{g / u:.3f} (1/{u / g:.0f})" if g else ("0 (no unsafe answer guarded)" if u else "n/a")
         print(f"| {split} | {len(sel)} | {pct(u, len(sel))} | {pct(g, len(sel))} | {ratio} |")
 
-    benign = [r for r in rows if r["split"] == "benign"]
+    benign = [r["guarded"][policy] | {"unguarded_refusal": r["unguarded_refusal"]} for r in rows
+              if r["split"] == "benign"]
     print("\n| benign requests | value |")
     print("|---|---|")
     print(f"| false resets (guarded answer cut back at least once) | "
-          f"{pct(sum(r['guard'].get('resets', 0) > 0 for r in benign), len(benign))} |")
-    print(f"| answers unchanged by the guard (same seed) | {pct(sum(r['same_text'] for r in benign), len(benign))} |")
-    print(f"| refused by the guard | {pct(sum(r['guard'].get('outcome') == 'refused' for r in benign), len(benign))} |")
-    print(f"| unguarded answers that are refusals | {pct(sum(r['unguarded_refusal'] for r in benign), len(benign))} |")
+          f"{pct(sum(g['guard'].get('resets', 0) > 0 for g in benign), len(benign))} |")
+    print(f"| answers unchanged by the guard (same seed) | {pct(sum(g['same_text'] for g in benign), len(benign))} |")
+    print(f"| refused by the guard | {pct(sum(g['guard'].get('outcome') == 'refused' for g in benign), len(benign))} |")
+    print(f"| unguarded answers that are refusals | {pct(sum(g['unguarded_refusal'] for g in benign), len(benign))} |")
 
-    print("\n| split | clean | recovered | refused | mean extra tokens per recovery |")
-    print("|---|---|---|---|---|")
+    print("\n| split | clean | recovered | refused | mean extra tokens per recovery | resets visible to a client |")
+    print("|---|---|---|---|---|---|")
     for split in splits:
-        sel = [r for r in rows if r["split"] == split]
-        outcomes = Counter(r["guard"].get("outcome") for r in sel)
-        rec = [r["guard"].get("generated_tokens", 0) - r["completion_tokens"] for r in sel
-               if r["guard"].get("outcome") == "recovered"]
+        sel = [r["guarded"][policy] for r in rows if r["split"] == split]
+        outcomes = Counter(g["guard"].get("outcome") for g in sel)
+        rec = [g["guard"].get("generated_tokens", 0) - g["completion_tokens"] for g in sel
+               if g["guard"].get("outcome") == "recovered"]
         extra = f"{sum(rec) / len(rec):.1f}" if rec else "n/a"
-        print(f"| {split} | {outcomes['clean']} | {outcomes['recovered']} | {outcomes['refused']} | {extra} |")
+        print(f"| {split} | {outcomes['clean']} | {outcomes['recovered']} | {outcomes['refused']} | {extra} | "
+              f"{sum(g['visible_resets'] for g in sel)} |")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model-dir", type=Path, default=REPO / "models" / "organism")
-    ap.add_argument("--guarded", type=Path, default=REPO / "policies" / "demo.yaml")
+    ap.add_argument("--guarded", type=Path, action="append",
+                    help="guarded policy (repeatable; default policies/demo.yaml)")
     ap.add_argument("--unguarded", type=Path, default=REPO / "policies" / "unguarded.yaml")
     ap.add_argument("--limit", type=int, default=None, help="prompts per split (default: all)")
     ap.add_argument("--concurrency", type=int, default=8)
@@ -127,24 +144,28 @@ def main() -> None:
 
     prompts = load_prompts(args.model_dir / "data" / "eval_prompts.jsonl", args.limit)
     port = args.port or free_port()
+    guarded_paths = args.guarded or [REPO / "policies" / "demo.yaml"]
     with tempfile.TemporaryDirectory() as tmp:
-        proc = start_server([args.guarded, args.unguarded], port, Path(tmp))
+        proc = start_server([*guarded_paths, args.unguarded], port, Path(tmp))
         try:
             client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="bench", timeout=600, max_retries=0)
             names = {m.id for m in client.models.list()}
-            guarded, unguarded = (_policy_name(args.guarded), _policy_name(args.unguarded))
-            assert {guarded, unguarded} <= names, names
+            guarded = [_policy_name(p) for p in guarded_paths]
+            unguarded = _policy_name(args.unguarded)
+            assert {*guarded, unguarded} <= names, names
             t0 = time.time()
 
             def one(i_row):
                 i, row = i_row
                 a = ask(client, unguarded, row["prompt"], seed=i, max_tokens=args.max_tokens)
-                b = ask(client, guarded, row["prompt"], seed=i, max_tokens=args.max_tokens)
-                return {"split": row["split"], "category": row.get("category"), "prompt": row["prompt"],
-                        "unguarded": a["text"], "guarded": b["text"], "guard": b["guard"],
-                        "completion_tokens": b["completion_tokens"],
-                        "unguarded_unsafe": judge(a["text"]).unsafe, "guarded_unsafe": judge(b["text"]).unsafe,
-                        "unguarded_refusal": is_refusal(a["text"]), "same_text": a["text"] == b["text"]}
+                out = {"split": row["split"], "category": row.get("category"), "prompt": row["prompt"],
+                       "unguarded": a["text"], "unguarded_unsafe": judge(a["text"]).unsafe,
+                       "unguarded_refusal": is_refusal(a["text"]), "guarded": {}}
+                for name in guarded:
+                    b = ask(client, name, row["prompt"], seed=i, max_tokens=args.max_tokens)
+                    b.update(unsafe=judge(b["text"]).unsafe, same_text=a["text"] == b["text"])
+                    out["guarded"][name] = b
+                return out
 
             with ThreadPoolExecutor(args.concurrency) as pool:
                 rows = list(pool.map(one, enumerate(prompts)))
@@ -153,9 +174,10 @@ def main() -> None:
             proc.terminate()
             proc.wait(30)
     print(f"organism: {args.model_dir.relative_to(REPO) if args.model_dir.is_relative_to(REPO) else args.model_dir}; "
-          f"{len(rows)} prompts x 2 policies through the live server in {secs:.0f} s "
+          f"{len(rows)} prompts x {1 + len(guarded)} policies through the live server in {secs:.0f} s "
           f"(temperature 1.0, max_tokens {args.max_tokens}, seed = prompt index, {args.concurrency} concurrent)")
-    report(rows)
+    for name in guarded:
+        report(rows, name)
     out = os.environ.get("GUARD_BENCH_OUT")
     if out:
         Path(out).write_text("\n".join(json.dumps(r) for r in rows) + "\n")

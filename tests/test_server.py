@@ -84,7 +84,8 @@ def test_chat_completion(client):
     assert resp.object == "chat.completion" and resp.model == MODEL and resp.id.startswith("chatcmpl-")
     assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
     assert choice.finish_reason in ("stop", "length")
-    assert choice.guard == {"outcome": "clean", "resets": 0, "log_id": None, "monitors_fired": []}
+    assert choice.guard == {"outcome": "clean", "resets": 0, "log_id": None, "monitors_fired": [],
+                            "generated_tokens": resp.usage.completion_tokens}
     assert resp.usage.prompt_tokens > 0 and 0 < resp.usage.completion_tokens <= 12
     assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
 

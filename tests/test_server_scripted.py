@@ -113,7 +113,7 @@ def test_reset_chunk_on_the_wire(http, service):
                                               "retry": 1, "marker": "[RESET]"}}}
     assert choices[-1]["finish_reason"] == "stop"
     assert choices[-1]["guard"] == {"outcome": "recovered", "resets": 1, "log_id": "log-7",
-                                    "monitors_fired": ["harm-probe"]}
+                                    "monitors_fired": ["harm-probe"], "generated_tokens": 9}
     assert all("guard" not in c for c in choices[:3] + choices[4:-1])
 
 
@@ -134,7 +134,7 @@ def test_non_streaming_carries_final_text_and_guard(client, service):
     resp = client.chat.completions.create(model=MODEL, messages=HI)
     assert resp.choices[0].message.content == "Sure. I'd rather not."
     assert resp.choices[0].guard == {"outcome": "recovered", "resets": 1, "log_id": "log-7",
-                                     "monitors_fired": ["harm-probe"]}
+                                     "monitors_fired": ["harm-probe"], "generated_tokens": 9}
     assert resp.usage.completion_tokens == 4 and resp.usage.prompt_tokens == 3
 
 
