@@ -1,17 +1,23 @@
 """Throughput guarded vs unguarded, side by side in one run, plus forward-token accounting.
 
-Builds a random-weight Llama with d_model >= 1024 (no download), then runs the same batch of
-concurrent generations through the engine worker twice per round, alternating:
+Builds a random-weight Llama with d_model >= 1024 (no download). Each round submits the same
+concurrent generations twice *at once* to one engine worker, which interleaves them step by step:
 
 - unguarded: the controller with no monitor and no hold-back;
 - guarded: a linear probe on one layer (random direction, calibrated so it never fires, since
   throughput is what is measured here) with EMA aggregation and an 8-token hold-back.
 
-It prints tokens/s for both and their ratio. A third run uses a probe that fires on every token,
-so every generation is rolled back until refused, and prints the engine's forward-token
-counters: prompt tokens fed == the sum of the prompt lengths, i.e. rollbacks re-ran no prompt token.
+Every job's time inside the worker (engine step + controller) is accounted to its kind, so both
+kinds run under exactly the same machine conditions; tokens/s = tokens / time. The guarded side
+pays one extra forward per generation that ends by length (its last token must be scored before
+it is released: the one-step lag), which is ~1/tokens of the work.
 
-    python bench/throughput.py [--d-model 1024] [--layers 4] [--streams 8] [--tokens 48] [--rounds 3]
+A last run uses the same probe with its threshold set to fire on about 5% of tokens (rolling back
+4 tokens each time), and prints the engine's forward-token counters: prompt tokens fed == the sum
+of the prompt lengths, i.e. rollbacks re-ran no prompt token, and each mid-answer rollback re-fed
+one output token.
+
+    python bench/throughput.py [--d-model 1024] [--layers 4] [--streams 8] [--tokens 96] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -30,32 +36,69 @@ from guard.engine.transformers_engine import TransformersEngine
 from guard.engine.worker import EngineWorker
 from guard.monitors.base import AggregationSpec
 from guard.monitors.probe import ProbeMonitor
-from guard.sampling import SamplingParams
+from guard.sampling import SamplingParams, make_generator
 from guard.testing import make_random_llama
 
 PROMPTS = ["Tell me about the weather.", "How do I bake bread?", "Write a short poem.", "What is a CPU?"]
 
 
-def run_batch(engine, worker, monitors, config, streams, tokens, seed0):
-    """Run ``streams`` concurrent generations; return (completion tokens, seconds, finished events)."""
+class TimedJob:
+    """Wraps a job and adds the time spent in its ``advance`` to ``seconds[label]``."""
+
+    def __init__(self, job, label: str, seconds: dict[str, float]) -> None:
+        self.job, self.label, self.seconds = job, label, seconds
+
+    @property
+    def cancelled(self) -> bool:
+        return self.job.cancelled
+
+    def advance(self) -> bool:
+        t0 = time.perf_counter()
+        try:
+            return self.job.advance()
+        finally:
+            self.seconds[self.label] += time.perf_counter() - t0
+
+    def fail(self, exc) -> None:
+        self.job.fail(exc)
+
+    def close(self) -> None:
+        self.job.close()
+
+
+def run_mixed(engine, worker, kinds, streams, tokens, seed0, seconds):
+    """Submit ``streams`` generations of every kind at once; return {label: finished events}."""
     done = threading.Semaphore(0)
-    finished = []
-
-    def emit(ev):
-        if isinstance(ev, Finished):
-            finished.append(ev)
-            done.release()
-
-    t0 = time.perf_counter()
+    finished: dict[str, list[Finished]] = {label: [] for label in kinds}
     for i in range(streams):
         prompt = engine.tokenizer.encode_chat([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}])
-        rec = GenerationRecord(request_id=f"b{i}", policy_name="bench", policy_hash="", model=engine.info.name,
-                               messages=None, prompt=None, prompt_tokens=len(prompt))
         params = SamplingParams(seed=seed0 + i, max_tokens=tokens, banned_token_ids=engine.info.eos_token_ids)
-        worker.submit(GuardedGeneration(engine, prompt, params, monitors, config, rec, emit))
-    for _ in range(streams):
+        for label, (monitors, config) in kinds.items():
+            def emit(ev, label=label):
+                if isinstance(ev, Finished):
+                    finished[label].append(ev)
+                    done.release()
+            rec = GenerationRecord(request_id=f"{label}-{i}", policy_name="bench", policy_hash="",
+                                   model=engine.info.name, messages=None, prompt=None, prompt_tokens=len(prompt))
+            job = GuardedGeneration(engine, prompt, params, monitors, config, rec, emit)
+            worker.submit(TimedJob(job, label, seconds))
+    for _ in range(streams * len(kinds)):
         done.acquire()
-    return sum(f.usage.generated_tokens for f in finished), time.perf_counter() - t0, finished
+    return finished
+
+
+def _quantile_threshold(engine, layer, direction, q):
+    """Score threshold that a fraction ``1 - q`` of generated tokens exceeds (bias 0)."""
+    ids = engine.tokenizer.encode_chat([{"role": "user", "content": PROMPTS[0]}])
+    seq = engine.new_sequence(ids)
+    engine.prefill(seq)
+    gen = make_generator(0)
+    for _ in range(64):
+        engine.step(seq, SamplingParams(seed=0, banned_token_ids=engine.info.eos_token_ids), gen)
+    hidden = engine.hidden_states(seq.tokens, [layer])[layer][len(ids):]
+    scores = torch.sigmoid(hidden @ direction)
+    engine.release(seq)
+    return float(torch.quantile(scores.double(), q))
 
 
 def main() -> None:
@@ -63,7 +106,7 @@ def main() -> None:
     ap.add_argument("--d-model", type=int, default=1024)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--streams", type=int, default=8)
-    ap.add_argument("--tokens", type=int, default=48)
+    ap.add_argument("--tokens", type=int, default=96)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -74,37 +117,42 @@ def main() -> None:
     layer = args.layers // 2
     direction = torch.randn(args.d_model)
     never = ProbeMonitor("probe", layer, direction, -1e4, threshold=0.99, aggregation=AggregationSpec("ema", 0.5))
-    always = ProbeMonitor("probe", layer, direction, 1e4, threshold=0.5, aggregation=AggregationSpec("none"))
+    often = ProbeMonitor("probe", layer, direction, 0.0, threshold=_quantile_threshold(engine, layer, direction, 0.95),
+                         aggregation=AggregationSpec("none"))
     plain_cfg = ControllerConfig(holdback_tokens=0)
     guard_cfg = ControllerConfig(holdback_tokens=8, rollback="sentence", max_retries=3)
 
-    run_batch(engine, worker, [], plain_cfg, 2, 8, 0)  # warm-up
-    totals = {"unguarded": [0, 0.0], "guarded (probe, 1 layer)": [0, 0.0]}
+    kinds = {"unguarded": ([], plain_cfg), "guarded (probe, 1 layer)": ([BoundMonitor(never)], guard_cfg)}
+    scratch = {k: 0.0 for k in kinds}
+    run_mixed(engine, worker, kinds, 2, 8, 0, scratch)  # warm-up
+    seconds = {k: 0.0 for k in kinds}
+    tokens = {k: 0 for k in kinds}
     for r in range(args.rounds):
-        for label, mons, cfg in (("unguarded", [], plain_cfg),
-                                 ("guarded (probe, 1 layer)", [BoundMonitor(never)], guard_cfg)):
-            n, secs, _ = run_batch(engine, worker, mons, cfg, args.streams, args.tokens, 100 * r)
-            totals[label][0] += n
-            totals[label][1] += secs
+        for label, fins in run_mixed(engine, worker, kinds, args.streams, args.tokens, 100 * r, seconds).items():
+            tokens[label] += sum(f.usage.generated_tokens for f in fins)
     print(f"model: random Llama d_model={args.d_model} layers={args.layers}, probe at layer {layer}; "
-          f"{args.streams} concurrent streams x {args.tokens} tokens x {args.rounds} rounds (alternating)\n")
-    print(f"| {'run':<26} | {'tokens':>7} | {'seconds':>8} | {'tok/s':>8} |")
-    print(f"|{'-' * 28}|{'-' * 9}|{'-' * 10}|{'-' * 10}|")
+          f"{args.rounds} rounds of {args.streams} unguarded + {args.streams} guarded streams x {args.tokens} "
+          "tokens, all interleaved in one worker\n")
+    print(f"| {'run':<26} | {'tokens':>7} | {'seconds in worker':>17} | {'tok/s':>8} |")
+    print(f"|{'-' * 28}|{'-' * 9}|{'-' * 19}|{'-' * 10}|")
     rates = {}
-    for label, (n, secs) in totals.items():
-        rates[label] = n / secs
-        print(f"| {label:<26} | {n:>7} | {secs:>8.2f} | {n / secs:>8.1f} |")
+    for label in kinds:
+        rates[label] = tokens[label] / seconds[label]
+        print(f"| {label:<26} | {tokens[label]:>7} | {seconds[label]:>17.2f} | {rates[label]:>8.1f} |")
     ratio = rates["guarded (probe, 1 layer)"] / rates["unguarded"]
     print(f"\nthroughput ratio guarded/unguarded: {ratio:.3f} (target >= 0.97)\n")
 
     before = engine.stats.prompt_tokens, engine.stats.rollbacks, engine.stats.output_tokens, engine.stats.refed_tokens
-    n, secs, fins = run_batch(engine, worker, [BoundMonitor(always)], guard_cfg, args.streams, args.tokens, 999)
+    fire_cfg = ControllerConfig(holdback_tokens=8, rollback="tokens", rollback_tokens=4, max_retries=6)
+    fins = run_mixed(engine, worker, {"fires": ([BoundMonitor(often)], fire_cfg)}, args.streams, args.tokens, 999,
+                     {"fires": 0.0})["fires"]
     prompt_lens = sum(f.usage.prompt_tokens for f in fins)
     s = engine.stats
-    print("| forward-token accounting (probe fires on every token) | count |")
+    print("| forward-token accounting (probe fires on ~5% of tokens, rollback 4 tokens) | count |")
     print("|---|---|")
-    print(f"| generations (all refused after {guard_cfg.max_retries} retries) | "
-          f"{sum(f.outcome == 'refused' for f in fins)}/{len(fins)} |")
+    outcomes = {o: sum(f.outcome == o for f in fins) for o in ("clean", "recovered", "refused")}
+    print(f"| generations clean / recovered / refused | {outcomes['clean']} / {outcomes['recovered']} / "
+          f"{outcomes['refused']} |")
     print(f"| rollbacks | {s.rollbacks - before[1]} |")
     print(f"| sum of prompt lengths | {prompt_lens} |")
     print(f"| prompt tokens fed through the model | {s.prompt_tokens - before[0]} |")
