@@ -8,6 +8,7 @@ exit with status 2.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -26,8 +27,9 @@ def _serve(args: argparse.Namespace) -> int:
     # On CPU, torch's intra-op threads spin against the HTTP event loop for every token; leaving
     # one core to the loop is several times faster for small models (measured: 15 ms -> 3 ms/step).
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) - 1))
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
     policies = args.policy or [str(DEMO_POLICY)]
-    run(policies, host=args.host, port=args.port)
+    run(policies, host=args.host, port=args.port, reload_interval_s=args.reload_interval or None)
     return 0
 
 
@@ -37,7 +39,7 @@ def _policy_check(args: argparse.Namespace) -> int:
     failed = False
     for path in args.files:
         try:
-            policy = load_policy(path)
+            policy = load_policy(path, check_paths=not args.no_path_check)
         except GuardError as exc:
             print(exc, file=sys.stderr)
             failed = True
@@ -47,10 +49,24 @@ def _policy_check(args: argparse.Namespace) -> int:
     return 2 if failed else 0
 
 
+def _policy_docs(args: argparse.Namespace) -> int:
+    from guard.policy.docs import render_docs
+
+    text = render_docs()
+    if args.out is None:
+        sys.stdout.write(text)
+        return 0
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from guard.logs_cli import add_cli as add_logs
     from guard.organism.build import add_cli as add_organism
     from guard.probe.cli import add_cli as add_probe
+    from guard.sae.cli import add_cli as add_sae
 
     parser = argparse.ArgumentParser(prog="guard", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -61,15 +77,24 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--threads", type=int, default=None,
                        help="torch CPU threads (default: cores - 1, leaving one to the HTTP loop)")
+    serve.add_argument("--reload-interval", type=float, default=1.0, metavar="SECONDS",
+                       help="check the policy files for edits this often and swap valid ones in (0: never)")
     serve.set_defaults(func=_serve)
 
     policy = sub.add_parser("policy", help="policy files").add_subparsers(dest="policy_command", required=True)
-    check = policy.add_parser("check", help="validate policies and print them resolved")
+    check = policy.add_parser("check", help="validate policies and print them resolved; every error of every "
+                                            "file is reported (file:line:col: field: message), exit 2 on any")
     check.add_argument("files", nargs="+")
+    check.add_argument("--no-path-check", action="store_true",
+                       help="do not require model, probe and SAE paths to exist (a policy for another machine)")
     check.set_defaults(func=_policy_check)
+    docs = policy.add_parser("docs", help="render the policy reference (markdown) from the schema")
+    docs.add_argument("--out", type=Path, default=None, help="write here (e.g. docs/policy.md) instead of stdout")
+    docs.set_defaults(func=_policy_docs)
 
     add_organism(sub)
     add_probe(sub)
+    add_sae(sub)
     add_logs(sub)
     return parser
 

@@ -90,6 +90,14 @@ def m001_initial(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX spans_monitor ON spans(monitor)")
 
 
+@migration
+def m002_firings_prompt_scores_errors(db: sqlite3.Connection) -> None:
+    # Prompt-scope firings, log-only firings and monitor errors were kept only in memory before.
+    db.execute("ALTER TABLE generations ADD COLUMN firings TEXT NOT NULL DEFAULT '[]'")  # JSON list of dicts
+    db.execute("ALTER TABLE generations ADD COLUMN prompt_scores TEXT NOT NULL DEFAULT '{}'")  # {monitor: [...]}
+    db.execute("ALTER TABLE generations ADD COLUMN monitor_errors TEXT NOT NULL DEFAULT '[]'")  # JSON list
+
+
 @dataclass(frozen=True)
 class LogSummary:
     """One row of :meth:`LogStore.list`."""
@@ -177,7 +185,8 @@ class LogStore:
             "outcome": record.outcome, "finish_reason": record.finish_reason, "resets": len(record.spans),
             "sampled_tokens": record.sampled_tokens, "monitors_fired": json.dumps(record.monitors_fired),
             "retries": json.dumps([asdict(r) for r in record.retries]),
-            "final_scores": json.dumps(record.final_scores),
+            "final_scores": json.dumps(record.final_scores), "firings": json.dumps(record.firings),
+            "prompt_scores": json.dumps(record.prompt_scores), "monitor_errors": json.dumps(record.monitor_errors),
         }
         spans = [self._span_row(log_id, i, span) for i, span in enumerate(record.spans)]
         with self._transaction() as db:
@@ -211,7 +220,8 @@ class LogStore:
                    for s in spans],
             retries=[RetryStrategy(**r) for r in json.loads(row["retries"])],
             sampled_tokens=row["sampled_tokens"], final_scores=json.loads(row["final_scores"]),
-            monitors_fired=json.loads(row["monitors_fired"]),
+            monitors_fired=json.loads(row["monitors_fired"]), firings=json.loads(row["firings"]),
+            prompt_scores=json.loads(row["prompt_scores"]), monitor_errors=json.loads(row["monitor_errors"]),
         )
 
     def resolve_id(self, prefix: str) -> str:

@@ -9,12 +9,26 @@ Contract for the server layer (``server/serving.py``):
   that a stream can still answer with a proper HTTP status.
 - :meth:`GuardService.stream` yields :mod:`guard.controller.events` events for one prepared
   generation; closing the async iterator early (client disconnect) cancels the generation.
+- :meth:`GuardService.key_bindings` maps each API key bound by a policy's ``access`` section to
+  the policies it may use; ``GenerationRequest.allowed_models`` carries that restriction.
+- :meth:`GuardService.reload_changed` (called about once a second by the server, in a thread)
+  re-reads every policy file and swaps in the ones whose content changed.
+
+Hot reload invariants: a prepared generation holds its ``_Served`` (policy, engine, monitors,
+config, log store), so a generation in flight finishes under the policy it started with while new
+requests get the new one. ``_served`` is never mutated, only replaced whole, so readers on the
+event loop always see a consistent set. An engine is reused when the model fields are unchanged;
+a new one is loaded before the swap. An invalid edit changes nothing: the last good policy keeps
+serving and the error is logged and shown in :meth:`GuardService.health`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
+import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -27,7 +41,8 @@ from guard.controller.record import GenerationRecord
 from guard.engine.base import Engine
 from guard.engine.transformers_engine import TransformersEngine
 from guard.engine.worker import EngineWorker
-from guard.errors import ContextLengthError, InvalidRequestError, NotFoundError, PolicyError
+from guard.errors import (ContextLengthError, GuardError, InvalidRequestError, ModelLoadError, NotFoundError,
+                          PolicyError)
 from guard.logstore import LogStore
 from guard.monitors.probe import ProbeMonitor
 from guard.monitors.reset_token import ResetTokenMonitor
@@ -55,6 +70,8 @@ class GenerationRequest:
     logit_bias: dict[int, float] = field(default_factory=dict)
     banned_token_ids: frozenset[int] = frozenset()
     api_key: str | None = None
+    allowed_models: frozenset[str] | None = None
+    """The policies the caller's key may use; ``None``: every policy."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +119,28 @@ class _Served:
     config: ControllerConfig
     store: LogStore
     created: int
+    api_keys: frozenset[str] | None
+    """Keys bound by the policy's ``access`` section (env variables read); ``None`` without one."""
+
+
+@dataclass
+class _Source:
+    """A policy file the service watches, and what its last reload attempt found."""
+
+    path: Path
+    name: str
+    """Name of the policy it currently serves (the last good version's)."""
+    digest: str
+    """sha256 of the bytes last examined, valid or not (a changed digest triggers a reload)."""
+    error: str | None = None
+    reloads: int = 0
+
+
+RETIRE_GRACE_S = 10.0
+"""An engine no policy uses any more is stopped once idle and retired at least this long, so that
+a request prepared just before a swap still finds its worker running."""
+
+log = logging.getLogger(__name__)
 
 
 class GuardService:
@@ -115,8 +154,10 @@ class GuardService:
         if dupes:
             raise PolicyError(str(policies[0].source_path), [f"two policies are named {d!r}" for d in dupes])
         self._engines: dict[tuple, tuple[Engine, EngineWorker]] = {}
+        self._retired: list[tuple[float, Engine, EngineWorker]] = []
         self._stores: dict[Path, LogStore] = {}
         self._served: dict[str, _Served] = {}
+        self._sources = [_Source(p.source_path, p.name, p.content_hash) for p in policies if p.source_path]
         self._started = time.time()
         try:
             for policy in policies:
@@ -131,21 +172,23 @@ class GuardService:
 
     # -- loading ------------------------------------------------------------------------------
 
-    def _load(self, policy: Policy) -> _Served:
+    def _load(self, policy: Policy, created: int | None = None) -> _Served:
+        keys = policy.access.resolve_keys(os.environ) if policy.access is not None else None
         engine, worker = self._engine_for(policy)
         monitors = [self._monitor(spec, policy, engine) for spec in policy.monitors]
         bt = policy.backtrack
         config = ControllerConfig(
             rollback=bt.rollback, rollback_tokens=bt.rollback_tokens, max_retries=bt.max_retries,
             refusal=bt.refusal, holdback_tokens=policy.stream.holdback_tokens,
-            reset_marker=policy.stream.reset_marker,
+            reset_marker=policy.stream.reset_marker, on_monitor_error=policy.on_monitor_error,
             strategies=tuple(Strategy(temperature=s.temperature, top_p=s.top_p, reseed=s.reseed,
                                       ban_first_token=s.ban_first_token, steer_alpha=s.steer_alpha)
                              for s in bt.strategies))
         log_path = Path(policy.log.path)
         if log_path not in self._stores:
             self._stores[log_path] = LogStore(log_path)
-        return _Served(policy, engine, worker, monitors, config, self._stores[log_path], int(time.time()))
+        return _Served(policy, engine, worker, monitors, config, self._stores[log_path],
+                       created or int(time.time()), keys)
 
     def _engine_for(self, policy: Policy) -> tuple[Engine, EngineWorker]:
         spec = policy.model
@@ -167,10 +210,72 @@ class GuardService:
             mon = ProbeMonitor.load(spec.path, name=spec.name, layer=spec.layer, threshold=spec.threshold,
                                     aggregation=agg)
             mon.check_compatible(engine.info, policy.model.path)
-            return BoundMonitor(mon, action=spec.action)
+            return BoundMonitor(mon, action=spec.action, scope=spec.scope)
+        if spec.kind == "sae":
+            return BoundMonitor(_sae_monitor(spec, engine), action=spec.action, scope=spec.scope)
         mon = ResetTokenMonitor.from_tokenizer(engine.tokenizer, spec.token, name=spec.name)
         # A model-native reset condemns everything it said before it: cut back to the response start.
-        return BoundMonitor(mon, action=spec.action, rollback="response")
+        return BoundMonitor(mon, action=spec.action, rollback="response", scope=spec.scope)
+
+    # -- hot reload ---------------------------------------------------------------------------
+
+    def reload_changed(self) -> list[str]:
+        """Reload every policy file whose bytes changed; return the names swapped in.
+
+        Blocking (it may load a model): the server calls it in a thread. Never raises for a bad
+        file: the error is logged and kept for :meth:`health` until a later edit fixes it.
+        """
+        swapped = []
+        for src in self._sources:
+            try:
+                digest = hashlib.sha256(src.path.read_bytes()).hexdigest()
+            except OSError as exc:
+                digest = f"unreadable: {exc.strerror or exc}"
+            if digest == src.digest:
+                continue
+            src.digest = digest
+            try:
+                policy = load_policy(src.path)
+                self._swap(src, policy)
+            except Exception as exc:  # noqa: BLE001 - a bad edit must never take the server down
+                src.error = str(exc) if isinstance(exc, GuardError) else f"{src.path}: {type(exc).__name__}: {exc}"
+                log.error("policy %s not reloaded, still serving the last good version:\n%s", src.path, src.error)
+                continue
+            src.digest, src.error, src.reloads = policy.content_hash, None, src.reloads + 1
+            swapped.append(policy.name)
+            log.info("policy %s reloaded from %s (sha256 %s)", policy.name, src.path, policy.content_hash[:12])
+        self._retire_unused()  # also engines loaded for an edit that then failed
+        self._stop_retired()
+        return swapped
+
+    def _swap(self, src: _Source, policy: Policy) -> None:
+        """Build ``policy`` (a new engine only if its model fields changed) and swap it in for ``src``."""
+        other = next((s for s in self._sources if s is not src and s.name == policy.name), None)
+        if other is not None:
+            raise PolicyError(str(src.path), [f"{src.path}: name: policy name {policy.name!r} is already served "
+                                              f"from {other.path}"])
+        old = self._served[src.name]
+        new = self._load(policy, created=old.created if policy.name == src.name else None)
+        self._served = {(policy.name if name == src.name else name): (new if name == src.name else s)
+                        for name, s in self._served.items()}
+        src.name = policy.name
+
+    def _retire_unused(self) -> None:
+        used = {id(s.engine) for s in self._served.values()}
+        for key, (engine, worker) in list(self._engines.items()):
+            if id(engine) not in used:
+                del self._engines[key]
+                self._retired.append((time.monotonic(), engine, worker))
+
+    def _stop_retired(self) -> None:
+        now, keep = time.monotonic(), []
+        for since, engine, worker in self._retired:
+            if worker.active == 0 and now - since >= RETIRE_GRACE_S:
+                worker.stop()
+                log.info("stopped engine %s: no policy uses it any more", engine.info.name)
+            else:
+                keep.append((since, engine, worker))
+        self._retired = keep
 
     # -- serving ------------------------------------------------------------------------------
 
@@ -178,16 +283,30 @@ class GuardService:
         return [ServedModel(id=name, created=s.created, policy=name, root=s.engine.info.name)
                 for name, s in self._served.items()]
 
-    def resolve(self, model: str) -> _Served:
-        served = self._served.get(model)
-        if served is None:
-            raise NotFoundError(f"The model `{model}` does not exist. Served models: "
-                                + ", ".join(sorted(self._served)), param="model")
-        return served
+    def key_bindings(self) -> dict[str, frozenset[str]]:
+        """API key -> the policies that bind it (keys from ``access`` sections only)."""
+        bindings: dict[str, set[str]] = {}
+        for name, s in self._served.items():
+            for key in s.api_keys or ():
+                bindings.setdefault(key, set()).add(name)
+        return {k: frozenset(v) for k, v in bindings.items()}
+
+    def resolve(self, model: str, allowed: frozenset[str] | None = None) -> _Served:
+        """The served policy ``model``; :class:`NotFoundError` if unknown or not in ``allowed``.
+
+        A model the caller may not use is reported exactly like one that does not exist, so a
+        tenant's key reveals nothing about other tenants' policies.
+        """
+        served = self._served
+        visible = sorted(n for n in served if allowed is None or n in allowed)
+        if model not in visible:
+            raise NotFoundError(f"The model `{model}` does not exist or you do not have access to it. Served "
+                                "models: " + (", ".join(visible) or "none"), param="model")
+        return served[model]
 
     def prepare(self, req: GenerationRequest) -> PreparedGeneration:
         """Validate and tokenise ``req``; raises before anything is sent to the client."""
-        served = self.resolve(req.model)
+        served = self.resolve(req.model, req.allowed_models)
         info, tok = served.engine.info, served.engine.tokenizer
         if req.messages is not None:
             prompt_ids, param = tok.encode_chat(req.messages), "messages"
@@ -252,24 +371,38 @@ class GuardService:
         log_spec, store = served.policy.log, served.store
 
         def on_finish(rec: GenerationRecord) -> str | None:
-            return store.write(rec) if log_spec.keeps(rec.flagged or bool(rec.firings)) else None
+            return store.write(rec) if log_spec.keeps(rec.flagged) else None
 
         return GuardedGeneration(served.engine, prepared.prompt_ids, prepared.params, served.monitors,
                                  served.config, record, emit, on_finish)
 
     def health(self) -> dict[str, Any]:
+        """Status per served policy, including the last reload error of its file (``None`` if fine)."""
+        sources = {src.name: src for src in self._sources}
+        engines = list(self._engines.values())
+        workers = [w for _, w in engines] + [w for _, _, w in self._retired]
+
+        def model(name: str, s: _Served) -> dict[str, Any]:
+            src = sources.get(name)
+            return {"id": name, "policy_hash": s.policy.content_hash, "engine": s.policy.model.engine,
+                    "monitors": [b.monitor.name for b in s.monitors],
+                    "source": str(src.path) if src else None, "reloads": src.reloads if src else 0,
+                    "reload_error": src.error if src else None}
+
         return {
             "status": "ok",
             "uptime_s": round(time.time() - self._started, 1),
-            "models": [{"id": n, "policy_hash": s.policy.content_hash, "engine": s.policy.model.engine,
-                        "monitors": [b.monitor.name for b in s.monitors]} for n, s in self._served.items()],
-            "active_generations": sum(w.active for _, w in self._engines.values()),
-            "engine_stats": [dataclasses.asdict(e.stats) for e, _ in self._engines.values()],
+            "models": [model(n, s) for n, s in self._served.items()],
+            "active_generations": sum(w.active for w in workers),
+            "engine_stats": [dataclasses.asdict(e.stats) for e, _ in engines],
         }
 
     def close(self) -> None:
         for _, worker in self._engines.values():
             worker.stop()
+        for _, _, worker in self._retired:
+            worker.stop()
+        self._retired.clear()
         for store in self._stores.values():
             store.close()
         self._engines.clear()
@@ -277,3 +410,23 @@ class GuardService:
 
     async def aclose(self) -> None:
         await asyncio.to_thread(self.close)
+
+
+def _sae_monitor(spec, engine: Engine):
+    """Build an SAE feature monitor from its policy spec and check it fits the engine's model."""
+    from guard.sae.formats import load_sae
+    from guard.sae.monitor import SaeFeatureMonitor, WatchedFeature
+
+    sae = load_sae(spec.path, format=spec.format, layer=spec.layer)
+    if sae.layer is None:
+        raise ModelLoadError(f"SAE monitor '{spec.name}': {spec.path} names no hook point; set `layer:` in the "
+                             "policy to the engine layer it was trained on")
+    feats = [WatchedFeature(f.index, f.threshold, f.weight) for f in spec.features]
+    agg = spec.aggregation.to_spec() if spec.aggregation is not None else None
+    try:
+        mon = SaeFeatureMonitor(spec.name, sae, feats, rule=spec.rule, weighted_threshold=spec.weighted_threshold,
+                                aggregation=agg)
+    except ValueError as exc:
+        raise ModelLoadError(f"SAE monitor '{spec.name}' ({spec.path}): {exc}") from exc
+    mon.check_compatible(engine.info)
+    return mon

@@ -3,7 +3,8 @@
 Nothing is built at import time. :func:`create_app` takes settings (policy files, API keys) or a
 ``service_factory``; the service is built when the app starts (in a thread: loading models
 blocks) and closed when it stops, so tests can start an app on their own service or override
-:func:`server.routes.get_service`.
+:func:`server.routes.get_service`. While it runs, a background task asks a reloadable service to
+pick up edited policy files every ``reload_interval_s`` (no file-watching dependency: it polls).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 from fastapi import FastAPI
 
@@ -35,14 +37,26 @@ class ServerSettings:
     policy_paths: tuple[str, ...] = ()
     """Policy files; each is served as one model."""
     api_keys: tuple[str, ...] = ()
-    """Accepted bearer keys; empty means no authentication (fine on localhost only)."""
+    """Global bearer keys (every policy); with these and the policies' bound keys all empty, there is
+    no authentication (fine on localhost only)."""
+    reload_interval_s: float | None = 1.0
+    """How often to check the policy files for edits; ``None`` or 0 turns hot reload off."""
 
     @classmethod
-    def from_env(cls, policy_paths: Sequence[str], api_keys: Sequence[str] | None = None) -> ServerSettings:
+    def from_env(cls, policy_paths: Sequence[str], api_keys: Sequence[str] | None = None,
+                 reload_interval_s: float | None = 1.0) -> ServerSettings:
         """Settings whose API keys default to the comma-separated ``GUARD_API_KEYS``."""
         if api_keys is None:
             api_keys = [k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
-        return cls(policy_paths=tuple(str(p) for p in policy_paths), api_keys=tuple(api_keys))
+        return cls(policy_paths=tuple(str(p) for p in policy_paths), api_keys=tuple(api_keys),
+                   reload_interval_s=reload_interval_s)
+
+
+@runtime_checkable
+class Reloadable(Protocol):
+    """A service that can re-read its policy files (``guard.service.GuardService``)."""
+
+    def reload_changed(self) -> list[str]: ...
 
 
 ServiceFactory = Callable[[], GenerationService]
@@ -55,11 +69,18 @@ def create_app(settings: ServerSettings | None = None, *, service_factory: Servi
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.service = await asyncio.to_thread(factory)
+        app.state.service = service = await asyncio.to_thread(factory)
+        stop = asyncio.Event()
+        interval = settings.reload_interval_s
+        watcher = (asyncio.create_task(_watch_policies(service, interval, stop))
+                   if interval and isinstance(service, Reloadable) else None)
         try:
             yield
         finally:
-            close = getattr(app.state.service, "aclose", None)
+            stop.set()
+            if watcher is not None:
+                await watcher  # lets a reload in progress finish before the service closes
+            close = getattr(service, "aclose", None)
             if close is not None:
                 await close()
 
@@ -71,6 +92,20 @@ def create_app(settings: ServerSettings | None = None, *, service_factory: Servi
     return app
 
 
+async def _watch_policies(service: Reloadable, interval: float, stop: asyncio.Event) -> None:
+    """Every ``interval`` seconds, reload edited policy files (in a thread: it may load a model)."""
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), interval)
+            return
+        except TimeoutError:
+            pass
+        try:
+            await asyncio.to_thread(service.reload_changed)
+        except Exception:  # noqa: BLE001 - the watcher must outlive any one failure
+            log.exception("policy reload failed")
+
+
 def _guard_service(policy_paths: Sequence[str]) -> GenerationService:
     from guard.service import GuardService  # loads torch and the engines: only when the app starts
 
@@ -78,11 +113,11 @@ def _guard_service(policy_paths: Sequence[str]) -> GenerationService:
 
 
 def run(policy_paths: Sequence[str], host: str = "127.0.0.1", port: int = 8000, *,
-        api_keys: Sequence[str] | None = None, log_level: str = "info") -> None:
+        api_keys: Sequence[str] | None = None, log_level: str = "info", reload_interval_s: float | None = 1.0) -> None:
     """Serve ``policy_paths`` with uvicorn (``guard serve``); API keys default to ``$GUARD_API_KEYS``."""
     import uvicorn
 
-    settings = ServerSettings.from_env(policy_paths, api_keys)
+    settings = ServerSettings.from_env(policy_paths, api_keys, reload_interval_s)
     if not settings.api_keys and not _is_loopback(host):
         log.warning("serving on %s without API keys: anyone who can reach this port can use the models "
                     "(set %s or pass api_keys)", host, API_KEYS_ENV)

@@ -2,12 +2,12 @@
 
 Typed dependencies build on each other: the service comes from the app state (set by the
 lifespan, replaceable in tests through ``app.dependency_overrides[get_service]``), the serving
-classes from the service, and the API-key check from the app's settings.
+classes from the service, and the caller from the app's global keys plus the keys the service's
+policies bind (:mod:`server.auth`).
 """
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -15,7 +15,8 @@ from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
-from guard.errors import AuthenticationError, NotFoundError
+from guard.errors import NotFoundError
+from server.auth import Caller, authenticate
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.serving import ChatServing, CompletionServing, GenerationService, model_card, model_list
 
@@ -27,21 +28,13 @@ def get_service(request: Request) -> GenerationService:
 ServiceDep = Annotated[GenerationService, Depends(get_service)]
 
 
-def get_api_key(request: Request, authorization: Annotated[str | None, Header()] = None) -> str | None:
-    """The caller's API key; 401 unless it is one of the configured keys (no keys: no check, None)."""
-    keys: tuple[str, ...] = request.app.state.settings.api_keys
-    if not keys:
-        return None
-    scheme, _, token = (authorization or "").partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token:
-        raise AuthenticationError("Missing API key: send it as 'Authorization: Bearer YOUR_KEY'.")
-    if not any(hmac.compare_digest(token.encode(), k.encode()) for k in keys):
-        raise AuthenticationError("Incorrect API key provided.")
-    return token
+def get_caller(request: Request, service: ServiceDep,
+               authorization: Annotated[str | None, Header()] = None) -> Caller:
+    """The caller; 401 unless the key is global or bound by a policy (no keys anywhere: no check)."""
+    return authenticate(authorization, request.app.state.settings.api_keys, service.key_bindings())
 
 
-ApiKeyDep = Annotated[str | None, Depends(get_api_key)]
+CallerDep = Annotated[Caller, Depends(get_caller)]
 
 
 def get_chat(service: ServiceDep) -> ChatServing:
@@ -56,37 +49,37 @@ ChatDep = Annotated[ChatServing, Depends(get_chat)]
 CompletionDep = Annotated[CompletionServing, Depends(get_completions)]
 
 router = APIRouter()
-v1 = APIRouter(prefix="/v1", dependencies=[Depends(get_api_key)])
+v1 = APIRouter(prefix="/v1", dependencies=[Depends(get_caller)])
 
 
 @v1.post("/chat/completions", response_model=None)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, chat: ChatDep,
-                                 api_key: ApiKeyDep) -> Response:
+                                 caller: CallerDep) -> Response:
     """Create a guarded chat completion (OpenAI Chat Completions API)."""
-    result = await chat.create(body, is_disconnected=request.is_disconnected, api_key=api_key)
+    result = await chat.create(body, is_disconnected=request.is_disconnected, caller=caller)
     return _respond(result)
 
 
 @v1.post("/completions", response_model=None)
 async def create_completion(body: CompletionRequest, request: Request, completions: CompletionDep,
-                            api_key: ApiKeyDep) -> Response:
+                            caller: CallerDep) -> Response:
     """Create a guarded text completion (OpenAI Completions API)."""
-    result = await completions.create(body, is_disconnected=request.is_disconnected, api_key=api_key)
+    result = await completions.create(body, is_disconnected=request.is_disconnected, caller=caller)
     return _respond(result)
 
 
 @v1.get("/models", response_model=None)
-async def list_models(service: ServiceDep) -> Response:
-    """List the served models (one per policy)."""
-    return _respond(model_list(service))
+async def list_models(service: ServiceDep, caller: CallerDep) -> Response:
+    """List the served models the caller may use (one per policy)."""
+    return _respond(model_list(service, caller))
 
 
 @v1.get("/models/{model:path}", response_model=None)
-async def retrieve_model(model: str, service: ServiceDep) -> Response:
+async def retrieve_model(model: str, service: ServiceDep, caller: CallerDep) -> Response:
     """Describe one served model."""
-    card = model_card(service, model)
+    card = model_card(service, model, caller)
     if card is None:
-        raise NotFoundError(f"The model '{model}' does not exist.", param="model")
+        raise NotFoundError(f"The model '{model}' does not exist or you do not have access to it.", param="model")
     return _respond(card)
 
 

@@ -27,6 +27,7 @@ from pydantic import BaseModel
 
 from guard.controller.events import Event, Failed, Finished, Reset, TextDelta
 from guard.service import GenerationRequest, ServedModel
+from server.auth import Caller
 from server.errors import ClientDisconnected, sse_error
 from server.protocol import (INT64_MAX, INT64_MIN, ChatCompletion, ChatCompletionChoice, ChatCompletionChunk,
                              ChatCompletionChunkChoice, ChatCompletionMessage, ChatCompletionRequest, Completion,
@@ -57,13 +58,20 @@ class GenerationService(Protocol):
 
     def health(self) -> dict[str, Any]: ...
 
+    def key_bindings(self) -> dict[str, frozenset[str]]:
+        """API key -> the policies that bind it."""
+        ...
 
-def model_list(service: GenerationService) -> ModelList:
-    return ModelList(data=[_card(m) for m in service.list_models()])
+
+EVERYONE = Caller(None, None)
 
 
-def model_card(service: GenerationService, model_id: str) -> ModelCard | None:
-    return next((_card(m) for m in service.list_models() if m.id == model_id), None)
+def model_list(service: GenerationService, caller: Caller = EVERYONE) -> ModelList:
+    return ModelList(data=[_card(m) for m in service.list_models() if caller.may_use(m.id)])
+
+
+def model_card(service: GenerationService, model_id: str, caller: Caller = EVERYONE) -> ModelCard | None:
+    return next((_card(m) for m in service.list_models() if m.id == model_id and caller.may_use(m.id)), None)
 
 
 def _card(m: ServedModel) -> ModelCard:
@@ -194,11 +202,11 @@ class ChatServing(GuardedServing):
     id_prefix = "chatcmpl"
 
     async def create(self, req: ChatCompletionRequest, *, is_disconnected: IsDisconnected,
-                     api_key: str | None = None) -> ChatCompletion | AsyncIterator[str]:
+                     caller: Caller = EVERYONE) -> ChatCompletion | AsyncIterator[str]:
         """A :class:`ChatCompletion`, or the SSE body when ``req.stream``."""
         rid = self.new_id()
         messages = [{"role": _template_role(m.role), "content": m.text()} for m in req.messages]
-        gens = [generation(req, _choice_id(rid, i, req.n), i, api_key=api_key, max_tokens=req.output_limit(),
+        gens = [generation(req, _choice_id(rid, i, req.n), i, caller=caller, max_tokens=req.output_limit(),
                            messages=messages) for i in range(req.n)]
         prepared = self.prepare(gens)
         if req.stream:
@@ -230,12 +238,12 @@ class CompletionServing(GuardedServing):
     id_prefix = "cmpl"
 
     async def create(self, req: CompletionRequest, *, is_disconnected: IsDisconnected,
-                     api_key: str | None = None) -> Completion | AsyncIterator[str]:
+                     caller: Caller = EVERYONE) -> Completion | AsyncIterator[str]:
         """A :class:`Completion`, or the SSE body when ``req.stream``."""
         rid = self.new_id()
         prompts = req.prompts()
         total = len(prompts) * req.n
-        gens = [generation(req, _choice_id(rid, p * req.n + k, total), k, api_key=api_key,
+        gens = [generation(req, _choice_id(rid, p * req.n + k, total), k, caller=caller,
                            max_tokens=req.max_tokens, prompt=prompt)
                 for p, prompt in enumerate(prompts) for k in range(req.n)]
         prepared = self.prepare(gens)
@@ -263,7 +271,7 @@ class CompletionServing(GuardedServing):
 # -- request -> GenerationRequest ---------------------------------------------------------------
 
 
-def generation(req: SamplingFields, request_id: str, k: int, *, api_key: str | None, max_tokens: int | None,
+def generation(req: SamplingFields, request_id: str, k: int, *, caller: Caller, max_tokens: int | None,
                **source: Any) -> GenerationRequest:
     """The ``k``-th generation of ``req`` (seed + k); ``source`` is ``messages=`` or ``prompt=``."""
     return GenerationRequest(
@@ -271,7 +279,8 @@ def generation(req: SamplingFields, request_id: str, k: int, *, api_key: str | N
         top_p=req.top_p, top_k=req.top_k, seed=None if req.seed is None else _wrap_int64(req.seed + k),
         stop=req.stop_tuple(), stop_token_ids=tuple(req.stop_token_ids or ()),
         logit_bias={int(t): b for t, b in (req.logit_bias or {}).items()},
-        banned_token_ids=frozenset(req.banned_token_ids or ()), api_key=api_key, **source)
+        banned_token_ids=frozenset(req.banned_token_ids or ()), api_key=caller.api_key,
+        allowed_models=caller.policies, **source)
 
 
 def _template_role(role: str) -> str:

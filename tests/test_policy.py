@@ -135,7 +135,8 @@ monitors:
 def test_unknown_field_in_reset_token_monitor_lists_its_own_fields(tree: Path):
     path = write(tree, "name: p\nmodel: {path: model}\nmonitors:\n  - {kind: reset_token, name: r, path: x}\n")
     (error,) = errors_of(path)
-    assert error == f"{path}:4:34: monitors[0].path: unknown field 'path'; allowed fields: kind, name, token, action"
+    assert error == (f"{path}:4:34: monitors[0].path: unknown field 'path'; "
+                     "allowed fields: kind, name, token, action, scope")
 
 
 def test_missing_required_fields_point_at_the_parent(tree: Path):
@@ -194,15 +195,17 @@ def test_every_field_has_a_description():
             assert field.description, f"{model.__name__}.{name} has no description"
     from guard.policy import schema
 
-    for model in (schema.Policy, schema.ModelSpec, schema.ProbeMonitorSpec, schema.ResetTokenMonitorSpec,
-                  schema.AggregationConfig, schema.BacktrackSpec, schema.ResampleStrategy, schema.StreamSpec,
-                  schema.LogSpec, schema.RequestDefaults):
+    from guard.policy.docs import _models_in_order
+
+    models = [m for m, _ in _models_in_order()]
+    assert {schema.Policy, schema.ProbeMonitorSpec, schema.ResetTokenMonitorSpec, schema.AccessSpec} <= set(models)
+    for model in models:
         walk(model)
         assert model.model_config.get("extra") == "forbid"
 
 
 @pytest.mark.parametrize("name", ["demo", "unguarded"])
-def test_shipped_policies_validate(name: str):
+def test_shipped_demo_policies(name: str):
     policy = load_policy(REPO / "policies" / f"{name}.yaml", check_paths=False)
     assert policy.name == name
     assert policy.model.path == REPO / "models" / "organism"
@@ -212,3 +215,85 @@ def test_shipped_policies_validate(name: str):
         assert policy.backtrack.max_retries == 3 and policy.stream.holdback_tokens == 8
     else:
         assert policy.monitors == []
+
+
+# -- scope, actions, on_monitor_error, access ---------------------------------------------------
+
+
+def test_new_fields_default_to_todays_behaviour(tree: Path):
+    policy = load_policy(write(tree, VALID))
+    assert policy.monitors[0].scope == "output" and policy.monitors[0].action == "backtrack"
+    assert policy.on_monitor_error == "fail_closed" and policy.access is None
+
+
+def test_scope_action_error_handling_and_access_errors(tree: Path):
+    path = write(tree, """\
+name: p
+model: {path: model}
+on_monitor_error: fail_sideways
+access: {}
+monitors:
+  - {name: a, kind: probe, path: model/probe, scope: input, action: refuse}
+  - {name: b, kind: reset_token, scope: both, action: block}
+""")
+    assert errors_of(path) == [
+        f"{path}:3:19: on_monitor_error: invalid value 'fail_sideways'; allowed values: 'fail_closed' or 'fail_open'",
+        f"{path}:4:9: access: access binds no key: set api_keys or api_key_env, or remove the access section",
+        f"{path}:6:54: monitors[0].scope: invalid value 'input'; allowed values: 'prompt', 'output' or 'both'",
+        f"{path}:7:55: monitors[1].action: invalid value 'block'; allowed values: 'backtrack', 'refuse' or 'log'",
+    ]
+
+
+def test_access_key_errors_name_the_entry(tree: Path):
+    path = write(tree, "name: p\nmodel: {path: model}\naccess: {api_key_env: [1BAD], api_keys: ['']}\n")
+    assert errors_of(path) == [
+        f"{path}:3:24: access.api_key_env[0]: '1BAD' must match ^[A-Za-z_][A-Za-z0-9_]*$",
+        f"{path}:3:42: access.api_keys[0]: string should have at least 1 character",
+    ]
+
+
+def test_access_keys_come_from_the_file_and_the_environment(tree: Path):
+    policy = load_policy(write(tree, "name: p\nmodel: {path: model}\naccess: {api_keys: [a], api_key_env: [K, L]}\n"))
+    assert policy.access.resolve_keys({"K": "b, c", "L": "d"}) == {"a", "b", "c", "d"}
+    with pytest.raises(PolicyError, match=r"access.api_key_env\[1\]: environment variable L is unset or empty"):
+        policy.access.resolve_keys({"K": "b", "L": " , "})
+
+
+SHIPPED = sorted(p.name for p in (REPO / "policies").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_policy_passes_guard_policy_check(name: str, capsys):
+    from guard.cli import main
+
+    remote = name == "llama3-8b.yaml"  # paths of a GPU host: validated without checking they exist
+    args = ["policy", "check", *(["--no-path-check"] if remote else []), str(REPO / "policies" / name)]
+    assert main(args) == 0, capsys.readouterr().err
+    assert f"{name}: ok (sha256" in capsys.readouterr().out
+
+
+def test_shipped_examples_use_the_new_semantics():
+    strict = load_policy(REPO / "policies" / "strict.yaml")
+    assert strict.monitors[0].scope == "both" and strict.backtrack.rollback == "tokens"
+    assert strict.backtrack.max_retries <= 2 and strict.log.record == "all"
+    shadow = load_policy(REPO / "policies" / "shadow.yaml")
+    assert shadow.monitors and all(m.action == "log" for m in shadow.monitors)
+    llama = load_policy(REPO / "policies" / "llama3-8b.yaml", check_paths=False)
+    assert {m.kind for m in llama.monitors} == {"probe", "sae"} and llama.monitors[0].layer == 16
+
+
+def test_policy_check_reports_every_file_and_exits_2(tree: Path, capsys):
+    from guard.cli import main
+
+    good = write(tree, VALID, "good.yaml")
+    bad1 = write(tree, "name: p\nmodel: {path: missing}\nmonitors: 3\n", "bad1.yaml")
+    bad2 = write(tree, "name: q\nmodel: {path: model}\nstream: {holdback: 1}\n", "bad2.yaml")
+    assert main(["policy", "check", str(bad1), str(good), str(bad2)]) == 2
+    out, err = capsys.readouterr()
+    assert f"# {good}: ok" in out and "name: demo" in out
+    assert f"{bad1}:2:15: model.path: model directory not found" in err
+    assert f"{bad1}:3:11: monitors: input should be a valid list" in err
+    assert f"{bad2}:3:10: stream.holdback: unknown field 'holdback'" in err
+    assert main(["policy", "check", "--no-path-check", str(bad1)]) == 2
+    err = capsys.readouterr().err
+    assert "model.path" not in err and "monitors: input should be a valid list" in err

@@ -60,6 +60,9 @@ class ScriptedService:
     def health(self) -> dict:
         return {"status": "ok"}
 
+    def key_bindings(self) -> dict[str, frozenset[str]]:
+        return {}
+
 
 def finished(text: str, outcome: str = "clean", resets: int = 0, reason: str = "stop", log_id: str | None = None,
              fired: tuple[str, ...] = ()) -> Finished:

@@ -1,15 +1,22 @@
 """The backtracking controller: one guarded generation, advanced one engine step at a time.
 
-Per step (:meth:`GuardedGeneration.advance`):
+The first call prefills the prompt; monitors with scope ``prompt`` or ``both`` score the prompt
+tokens there, and a ``backtrack`` or ``refuse`` firing answers with the policy's refusal before
+anything is generated (a ``log`` firing is only recorded). Then, per step
+(:meth:`GuardedGeneration.advance`):
 
 1. the engine feeds the last sampled token and samples the next one;
-2. monitors score the fed tokens (activation monitors, one step behind) and the new token
-   (token-id monitors such as the reset token, at once);
-3. the first firing of a ``backtrack`` monitor cuts the output back to a safe point, retracts any
-   released text past it, and changes the sampling strategy (or, past the retry budget, answers
-   with the policy's refusal); a ``log`` monitor's firing is only recorded;
+2. monitors with scope ``output`` or ``both`` score the fed tokens (activation monitors, one step
+   behind) and the new token (token-id monitors such as the reset token, at once);
+3. the first firing that acts decides: ``backtrack`` cuts the output back to a safe point,
+   retracts any released text past it, and changes the sampling strategy (or, past the retry
+   budget, refuses); ``refuse`` retracts everything and answers the refusal at once; a ``log``
+   monitor's firing is only recorded;
 4. stop conditions are checked; a finishing generation first scores its last token;
 5. text older than the hold-back window (and already scored) is released.
+
+A monitor that raises while scoring is handled by ``on_monitor_error``: ``fail_closed`` refuses
+the generation, ``fail_open`` records the error and disables the monitor for this generation.
 
 All decisions are recorded in :class:`~guard.controller.record.GenerationRecord`. Events go to
 ``emit`` in the order documented in :mod:`guard.controller.events`; ``emit`` is called on the
@@ -18,6 +25,7 @@ engine worker's thread and must not block.
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +41,11 @@ from guard.monitors.base import Monitor, MonitorState
 from guard.sampling import SamplingParams, make_generator
 
 Rollback = Literal["tokens", "sentence", "response"]
+Action = Literal["backtrack", "refuse", "log"]
+Scope = Literal["prompt", "output", "both"]
+OnMonitorError = Literal["fail_closed", "fail_open"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -58,6 +71,7 @@ class ControllerConfig:
     strategies: tuple[Strategy, ...] = (Strategy(),)
     holdback_tokens: int = 8
     reset_marker: str | None = None
+    on_monitor_error: OnMonitorError = "fail_closed"
 
     def strategy(self, retry: int) -> Strategy:
         """Strategy for the ``retry``-th retry (1-based); the last one repeats."""
@@ -69,9 +83,22 @@ class BoundMonitor:
     """A monitor as a policy uses it."""
 
     monitor: Monitor
-    action: Literal["backtrack", "log"] = "backtrack"
+    action: Action = "backtrack"
     rollback: Rollback | None = None
     """Overrides :attr:`ControllerConfig.rollback` for this monitor's firings."""
+    scope: Scope = "output"
+
+    @property
+    def on_prompt(self) -> bool:
+        return self.scope in ("prompt", "both")
+
+    @property
+    def on_output(self) -> bool:
+        return self.scope in ("output", "both")
+
+
+class MonitorFailure(Exception):
+    """A monitor raised (or returned the wrong number of scores) while scoring."""
 
 
 @dataclass
@@ -109,6 +136,8 @@ class GuardedGeneration:
         self.attempt = _Attempt(params.with_changes(seed=seed), make_generator(seed))
         self.text = TextTracker(engine.tokenizer, params.stop)
         self.retries = 0
+        self.disabled: set[str] = set()
+        """Monitors switched off for this generation after an error (fail_open)."""
         self._prefilled = False
         self._finished = False
 
@@ -116,9 +145,8 @@ class GuardedGeneration:
 
     def advance(self) -> bool:
         if not self._prefilled:
-            self.engine.prefill(self.seq)
             self._prefilled = True
-            return False
+            return self._prefill()
         banned = frozenset(self.attempt.banned_at.get(len(self.output), ()))
         out = self.engine.step(self.seq, self.attempt.params, self.attempt.generator,
                                extra_banned=banned, steer=self.attempt.steer)
@@ -141,7 +169,7 @@ class GuardedGeneration:
 
     def close(self) -> None:
         self.engine.release(self.seq)
-        if self.cancelled and not self._finished and self.record.firings:
+        if self.cancelled and not self._finished and (self.record.firings or self.record.monitor_errors):
             self.record.output_ids = list(self.output)
             self.record.final_text = self.text.text_of(self.output)
             self.on_finish(self.record)
@@ -152,20 +180,47 @@ class GuardedGeneration:
     def output(self) -> list[int]:
         return self.seq.output_ids
 
+    def _prefill(self) -> bool:
+        """Prefill and score the prompt with prompt-scope monitors; True if the answer is a refusal."""
+        on_prompt = [b for b in self.monitors if b.on_prompt]
+        need_hidden = any(b.monitor.layer is not None for b in on_prompt)
+        hidden = self.engine.prefill(self.seq, return_hidden=need_hidden) or {}
+        prompt = self.seq.prompt_ids
+        acting = False
+        for bound in on_prompt:
+            mon = bound.monitor
+            # Prompt scores get their own state: output aggregation starts fresh, as without prompt scope.
+            state = mon.new_state()
+            try:
+                scores = _checked_score(mon, hidden[mon.layer] if mon.layer is not None else None, prompt)
+            except MonitorFailure as exc:
+                if self._monitor_failed(bound, "prompt", exc, 0):
+                    return True
+                continue
+            pos = state.extend(0, scores)
+            self.record.prompt_scores[mon.name] = list(state.raw)
+            if pos is not None:
+                self._note_firing(bound, pos, state, "prompt")
+                acting = acting or bound.action != "log"
+        if acting:
+            self._refuse()
+        return acting
+
     def _score(self, fed_start: int, hidden: dict[int, torch.Tensor], new_token: bool) -> bool:
         """Score fed tokens (and the new token for token-id monitors); act on the first firing.
 
-        Returns True if a backtracking firing was handled (the step's other work is skipped).
+        Returns True if a firing or a monitor error changed the output (the step's other work is
+        skipped).
         """
         plen = self.seq.prompt_len
         firings: list[tuple[int, BoundMonitor]] = []
-        for bound in self.monitors:
+        for bound in self._output_monitors():
             mon, state = bound.monitor, self.states[bound.monitor.name]
             if mon.layer is None:
                 if not new_token:
                     continue
-                start = len(self.output) - 1
-                scores = mon.score(None, self.output[start:])
+                start, h = len(self.output) - 1, None
+                ids = self.output[start:]
             else:
                 if mon.layer not in hidden:
                     continue
@@ -175,7 +230,13 @@ class GuardedGeneration:
                     h, start = h[-start:], 0
                 if h.shape[0] == 0:
                     continue
-                scores = mon.score(h, self.output[start:start + h.shape[0]])
+                ids = self.output[start:start + h.shape[0]]
+            try:
+                scores = _checked_score(mon, h, ids)
+            except MonitorFailure as exc:
+                if self._monitor_failed(bound, "output", exc, start):
+                    return True
+                continue
             pos = state.extend(start, scores)
             if pos is not None:
                 firings.append((pos, bound))
@@ -183,27 +244,61 @@ class GuardedGeneration:
             return False
         firings.sort(key=lambda f: f[0])
         for pos, bound in firings:
-            self._note_firing(bound, pos)
-        backtracks = [(pos, b) for pos, b in firings if b.action == "backtrack"]
-        if not backtracks:
+            self._note_firing(bound, pos, self.states[bound.monitor.name], "output")
+        acting = [(pos, b) for pos, b in firings if b.action != "log"]
+        if not acting:
             return False
-        self._backtrack(*backtracks[0])
+        pos, bound = acting[0]
+        if bound.action == "refuse":
+            self._discard(pos, bound, 0)
+            self._refuse()
+        else:
+            self._backtrack(pos, bound)
         return True
 
-    def _note_firing(self, bound: BoundMonitor, pos: int) -> None:
-        mon, state = bound.monitor, self.states[bound.monitor.name]
-        tid = self.output[pos]
+    def _output_monitors(self) -> list[BoundMonitor]:
+        return [b for b in self.monitors if b.on_output and b.monitor.name not in self.disabled]
+
+    def _monitor_failed(self, bound: BoundMonitor, scope: Scope, exc: MonitorFailure, pos: int) -> bool:
+        """Record a monitor error and apply ``on_monitor_error``; True if the generation was refused."""
+        closed = self.config.on_monitor_error == "fail_closed"
+        name = bound.monitor.name
+        self.record.monitor_errors.append({"monitor": name, "scope": scope, "error": str(exc), "position": pos,
+                                           "attempt": self.retries, "handling": "refused" if closed else "disabled"})
+        log.warning("monitor %r failed scoring the %s of %s: %s (%s)", name, scope, self.record.request_id, exc,
+                    "refusing: fail_closed" if closed else "disabled for this generation: fail_open")
+        if not closed:
+            self.disabled.add(name)
+            return False
+        if scope == "output" and self.output:
+            # Like a refuse firing: every sampled token stays accounted for in a discarded span.
+            self._discard(min(pos, len(self.output) - 1), bound, 0)
+        self._refuse()
+        return True
+
+    def _note_firing(self, bound: BoundMonitor, pos: int, state: MonitorState, scope: Scope) -> None:
+        mon = bound.monitor
+        tid = (self.seq.prompt_ids if scope == "prompt" else self.output)[pos]
         self.record.firings.append({
-            "monitor": mon.name, "action": bound.action, "position": pos, "token_id": tid,
+            "monitor": mon.name, "action": bound.action, "scope": scope, "position": pos, "token_id": tid,
             "token": self.text.token_text(tid), "score": state.agg[pos], "threshold": mon.threshold,
             "attempt": self.retries})
         if mon.name not in self.record.monitors_fired:
             self.record.monitors_fired.append(mon.name)
 
     def _backtrack(self, fire_pos: int, bound: BoundMonitor) -> None:
-        """Cut back to the safe point, record the discarded span, and pick the next strategy."""
-        rule = bound.rollback or self.config.rollback
-        point = self._safe_point(fire_pos, rule)
+        """Cut back to the safe point and pick the next strategy (or refuse past the budget)."""
+        point = self._safe_point(fire_pos, bound.rollback or self.config.rollback)
+        first_token = self.output[point] if point < len(self.output) else None
+        self._discard(fire_pos, bound, point)
+        self.retries += 1
+        if self.retries > self.config.max_retries:
+            self._refuse()
+            return
+        self._next_attempt(bound, point, first_token)
+
+    def _discard(self, fire_pos: int, bound: BoundMonitor, point: int) -> None:
+        """Cut the output back to ``point``, retract released text past it, record the span."""
         span_ids = self.output[point:]
         retracted = self._retract_to(point, bound.monitor.name)
         kept_chars = len(self.text.text_of(self.output[:point]))
@@ -219,11 +314,6 @@ class GuardedGeneration:
         self.engine.rollback(self.seq, self.seq.prompt_len + point)
         for state in self.states.values():
             state.truncate(point)
-        self.retries += 1
-        if self.retries > self.config.max_retries:
-            self._refuse()
-            return
-        self._next_attempt(bound, point, span_ids[0] if span_ids else None)
 
     def _safe_point(self, fire_pos: int, rule: Rollback) -> int:
         if rule == "response":
@@ -280,7 +370,7 @@ class GuardedGeneration:
 
     def _finish_after_flush(self, reason: FinishReason) -> bool:
         """Score the last sampled token (one-step lag), then finish unless a monitor fires."""
-        if any(b.monitor.layer is not None for b in self.monitors):
+        if any(b.monitor.layer is not None for b in self._output_monitors()):
             out = self.engine.step(self.seq, self.attempt.params, self.attempt.generator, sample=False)
             if self._score(out.fed_start, out.hidden, new_token=False):
                 return self._finished
@@ -317,7 +407,7 @@ class GuardedGeneration:
     def _release(self) -> None:
         """Release text that is scored by every activation monitor and older than the hold-back."""
         scored = len(self.output)
-        for bound in self.monitors:
+        for bound in self._output_monitors():
             if bound.monitor.layer is not None:
                 scored = min(scored, len(self.states[bound.monitor.name].raw))
         n = max(0, scored - self.config.holdback_tokens)
@@ -326,3 +416,14 @@ class GuardedGeneration:
         delta = self.text.release(self.output, n)
         if delta is not None:
             self.emit(delta)
+
+
+def _checked_score(monitor: Monitor, hidden: torch.Tensor | None, token_ids: list[int]) -> list[float]:
+    """``monitor.score``, with any exception or a wrong number of scores as :class:`MonitorFailure`."""
+    try:
+        scores = monitor.score(hidden, token_ids)
+    except Exception as exc:  # noqa: BLE001 - any monitor bug is handled by the policy's on_monitor_error
+        raise MonitorFailure(f"{type(exc).__name__}: {exc}") from exc
+    if len(scores) != len(token_ids):
+        raise MonitorFailure(f"returned {len(scores)} scores for {len(token_ids)} tokens")
+    return scores

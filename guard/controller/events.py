@@ -15,7 +15,9 @@ from typing import Literal
 from guard.errors import GuardError
 
 Outcome = Literal["clean", "recovered", "refused"]
-"""clean: no monitor fired; recovered: fired, and a resample passed; refused: budget exhausted."""
+"""clean: no monitor acted; recovered: one fired and a resample passed; refused: the policy's refusal
+was answered (retry budget exhausted, a ``refuse`` firing, a firing on the prompt, or a failing
+monitor under fail_closed)."""
 
 FinishReason = Literal["stop", "length", "content_filter"]
 

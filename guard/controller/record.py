@@ -5,9 +5,12 @@ flagged-generation log stores. Invariants:
 
 - ``output_ids`` is the accepted output; ``final_text`` is what the client ends up holding.
 - every token ever sampled is either in ``output_ids`` or in exactly one ``spans[i].token_ids``
-  (refusal text added by the policy is not sampled and appears in neither);
+  (refusal text added by the policy is not sampled and appears in neither; a refusal mid-answer,
+  by a ``refuse`` firing or a failing monitor under fail_closed, discards the whole output as one
+  span attributed to that monitor);
 - ``spans[i].scores[m]`` has one raw score per token of ``spans[i].token_ids`` for each monitor
-  ``m`` that scored them (the last token of a span may lack a score: see the one-step lag);
+  ``m`` that scored them (the last token of a span may lack a score: see the one-step lag; a span
+  cut by a failing monitor lacks that monitor's scores from the failed position on);
 - ``retries[i]`` is the strategy used after the ``i``-th firing.
 """
 
@@ -86,14 +89,21 @@ class GenerationRecord:
     """Monitor -> raw per-token scores of the accepted output."""
     monitors_fired: list[str] = field(default_factory=list)
     firings: list[dict[str, Any]] = field(default_factory=list)
-    """Every firing in order: ``{"monitor", "action", "position", "token_id", "token", "score",
-    "threshold", "attempt"}``; ``action="log"`` firings (shadow monitors) changed nothing."""
+    """Every firing in order: ``{"monitor", "action", "scope", "position", "token_id", "token", "score",
+    "threshold", "attempt"}``; ``scope`` is ``"prompt"`` (``position`` indexes the prompt) or
+    ``"output"``; ``action="log"`` firings (shadow monitors) changed nothing."""
+    prompt_scores: dict[str, list[float]] = field(default_factory=dict)
+    """Monitor -> raw per-token scores of the prompt, for monitors with prompt scope."""
+    monitor_errors: list[dict[str, Any]] = field(default_factory=list)
+    """Monitors that raised while scoring: ``{"monitor", "scope", "error", "position", "attempt",
+    "handling"}``, ``handling`` ``"refused"`` (fail_closed) or ``"disabled"`` (fail_open)."""
     seed: int | None = None
     """Seed of the first attempt (drawn at random when the request gave none)."""
 
     @property
     def flagged(self) -> bool:
-        return bool(self.spans) or self.outcome != "clean"
+        """A monitor fired (log-only firings included), a monitor failed, or the answer was not clean."""
+        return bool(self.spans or self.firings or self.monitor_errors) or self.outcome != "clean"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -2,6 +2,7 @@
 
 from guard.policy.loader import format_policy, load_policy
 from guard.policy.schema import (
+    AccessSpec,
     AggregationConfig,
     BacktrackSpec,
     LogSpec,
@@ -16,6 +17,6 @@ from guard.policy.schema import (
 )
 
 __all__ = [
-    "AggregationConfig", "BacktrackSpec", "LogSpec", "ModelSpec", "MonitorSpec", "Policy", "ProbeMonitorSpec",
-    "RequestDefaults", "ResampleStrategy", "ResetTokenMonitorSpec", "StreamSpec", "format_policy", "load_policy",
+    "AccessSpec", "AggregationConfig", "BacktrackSpec", "LogSpec", "ModelSpec", "MonitorSpec", "Policy",
+    "ProbeMonitorSpec", "RequestDefaults", "ResampleStrategy", "ResetTokenMonitorSpec", "StreamSpec", "format_policy", "load_policy",
 ]

@@ -152,7 +152,11 @@ def _message(err: dict[str, Any], loc: Loc, trail: Loc) -> str:
         return f"{got}; allowed values: {_allowed_tags(loc[:-1])}"
     if kind == "string_pattern_mismatch":
         return f"{err['input']!r} must match {ctx['pattern']}"
-    return err["msg"][0].lower() + err["msg"][1:] if err["msg"] else kind
+    if kind == "value_error" and "error" in ctx:  # a validator's ValueError: its own words, no "Value error,"
+        return str(ctx["error"])
+    msg = err["msg"]
+    # pydantic's "Input should ..." reads better as "input should ...", but keep acronyms ("SAE").
+    return msg if not msg or msg[:2].isupper() else msg[0].lower() + msg[1:]
 
 
 def _model_at(loc: Loc) -> Any:

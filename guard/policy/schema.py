@@ -10,15 +10,35 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, StringConstraints, ValidationInfo, field_validator,
+                      model_validator)
 from pydantic_core import PydanticCustomError
+
+from guard.errors import PolicyError
 
 if TYPE_CHECKING:
     from guard.monitors.base import AggregationSpec
 
 NAME_PATTERN = r"^[A-Za-z0-9._-]+$"
+ENV_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+MonitorAction = Literal["backtrack", "refuse", "log"]
+Scope = Literal["prompt", "output", "both"]
+
+
+def _action_field() -> Any:
+    return Field("backtrack", description="What a firing does. backtrack: roll back and resample (past the retry "
+                                          "budget, refuse); refuse: answer the policy's refusal at once, retracting "
+                                          "what was sent; log: only record the firing. On the prompt, backtrack "
+                                          "and refuse both refuse before generating.")
+
+
+def _scope_field() -> Any:
+    return Field("output", description="What the monitor reads. output: the generated tokens; prompt: the prompt "
+                                       "tokens, once at prefill, before anything is generated; both: each.")
 
 
 class Strict(BaseModel):
@@ -87,8 +107,8 @@ class ProbeMonitorSpec(Strict):
                                                                       "this; defaults to the probe file's.")
     aggregation: AggregationConfig | None = Field(None, description="Score aggregation; defaults to the probe "
                                                                     "file's.")
-    action: Literal["backtrack", "log"] = Field("backtrack", description="backtrack: roll back and resample; "
-                                                                        "log: only record the firing.")
+    action: MonitorAction = _action_field()
+    scope: Scope = _scope_field()
 
     @field_validator("path")
     @classmethod
@@ -102,11 +122,57 @@ class ResetTokenMonitorSpec(Strict):
     kind: Literal["reset_token"] = Field(description="Monitor type.")
     name: str = Field(pattern=NAME_PATTERN, description="Unique monitor name.")
     token: str = Field("<|reset|>", min_length=1, description="The special token that signals a reset.")
-    action: Literal["backtrack", "log"] = Field("backtrack", description="backtrack: roll back and resample; "
-                                                                        "log: only record the firing.")
+    action: MonitorAction = _action_field()
+    scope: Scope = _scope_field()
 
 
-MonitorSpec = Annotated[ProbeMonitorSpec | ResetTokenMonitorSpec, Field(discriminator="kind")]
+class SaeFeatureSpec(Strict):
+    """One SAE feature an SAE monitor watches."""
+
+    index: int = Field(ge=0, description="Feature (latent) index in the SAE, 0-based.")
+    threshold: float = Field(gt=0.0, description="The feature counts as active above this activation.")
+    weight: float = Field(1.0, description="Weight in the weighted rule and in the steering direction.")
+
+
+class SaeMonitorSpec(Strict):
+    """Watches a few features of a sparse autoencoder on one layer's residual stream."""
+
+    kind: Literal["sae"] = Field(description="Monitor type.")
+    name: str = Field(pattern=NAME_PATTERN, description="Unique monitor name (appears in logs and reset events).")
+    path: Path = Field(description="SAE directory or weights file (relative to the policy file).")
+    format: Literal["auto", "saelens", "gemmascope", "sparsify", "goodfire"] = Field(
+        "auto", description="SAE file format; auto detects it from the files present.")
+    layer: int | None = Field(None, ge=0, description="Engine layer (output of decoder block L) the SAE reads; "
+                                                      "required when the file names no hook (Gemma Scope, "
+                                                      "Goodfire), else it must match the file's hook.")
+    features: list[SaeFeatureSpec] = Field(min_length=1, description="The watched features.")
+    rule: Literal["any", "all", "weighted"] = Field(
+        "any", description="any: some feature exceeds its threshold; all: every one does; weighted: the "
+                           "weighted sum of activations exceeds weighted_threshold.")
+    weighted_threshold: float | None = Field(None, gt=0.0, description="Threshold of the weighted sum for rule "
+                                                                       "weighted; defaults to the sum of "
+                                                                       "weight * threshold.")
+    aggregation: AggregationConfig | None = Field(None, description="Score aggregation; defaults to none (fire on "
+                                                                    "the first token that meets the rule).")
+    action: MonitorAction = _action_field()
+    scope: Scope = _scope_field()
+
+    @field_validator("path")
+    @classmethod
+    def _check_path(cls, path: Path, info: ValidationInfo) -> Path:
+        return _resolve(path, info, must_exist=True, what="SAE")
+
+    @model_validator(mode="after")
+    def _check_rule(self) -> "SaeMonitorSpec":
+        if self.weighted_threshold is not None and self.rule != "weighted":
+            raise ValueError(f"weighted_threshold only applies to rule weighted (rule is {self.rule})")
+        indices = [f.index for f in self.features]
+        if len(set(indices)) != len(indices):
+            raise ValueError(f"features list an index twice: {sorted(i for i in set(indices) if indices.count(i) > 1)}")
+        return self
+
+
+MonitorSpec = Annotated[ProbeMonitorSpec | ResetTokenMonitorSpec | SaeMonitorSpec, Field(discriminator="kind")]
 
 
 class ResampleStrategy(Strict):
@@ -175,6 +241,39 @@ class RequestDefaults(Strict):
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
 
 
+class AccessSpec(Strict):
+    """Which API keys may use the policy (per-tenant policies).
+
+    A key bound here may use only the policies that bind it and sees only those in /v1/models;
+    keys from GUARD_API_KEYS stay global. Once any key is configured, every request needs one,
+    and a policy without an access section is served to global keys only.
+    """
+
+    api_keys: list[Annotated[str, StringConstraints(min_length=1)]] = Field(
+        default_factory=list, description="Keys bound to this policy. They are committed with the file: prefer "
+                                          "api_key_env outside tests.")
+    api_key_env: list[Annotated[str, StringConstraints(pattern=ENV_PATTERN)]] = Field(
+        default_factory=list, description="Environment variables holding keys (comma-separated) bound to this "
+                                          "policy, read when the server loads the policy; an unset or empty "
+                                          "variable is an error.")
+
+    @model_validator(mode="after")
+    def _binds_a_key(self) -> "AccessSpec":
+        if not self.api_keys and not self.api_key_env:
+            raise ValueError("access binds no key: set api_keys or api_key_env, or remove the access section")
+        return self
+
+    def resolve_keys(self, environ: Mapping[str, str]) -> frozenset[str]:
+        """The bound keys, env variables read from ``environ``; :class:`PolicyError` if one is unset."""
+        keys = set(self.api_keys)
+        for i, var in enumerate(self.api_key_env):
+            found = [k.strip() for k in environ.get(var, "").split(",") if k.strip()]
+            if not found:
+                raise PolicyError(var, [f"access.api_key_env[{i}]: environment variable {var} is unset or empty"])
+            keys.update(found)
+        return frozenset(keys)
+
+
 class Policy(Strict):
     """One guarded model: what to serve, what to watch, and what to do when a monitor fires."""
 
@@ -183,6 +282,10 @@ class Policy(Strict):
     model: ModelSpec = Field(description="The underlying model.")
     monitors: list[MonitorSpec] = Field(default_factory=list, description="Monitors, in the order they are "
                                                                           "checked; names must be unique.")
+    on_monitor_error: Literal["fail_closed", "fail_open"] = Field(
+        "fail_closed", description="When a monitor raises while scoring. fail_closed: refuse the generation "
+                                   "(outcome refused, the error in the log); fail_open: log the error, disable "
+                                   "that monitor for the rest of the generation and continue.")
     # Sections left out default to {} validated like file input, so their paths resolve too.
     backtrack: BacktrackSpec = Field(default_factory=dict, validate_default=True,
                                      description="Rollback and resampling.")
@@ -190,6 +293,8 @@ class Policy(Strict):
     log: LogSpec = Field(default_factory=dict, validate_default=True, description="Flagged-generation log.")
     defaults: RequestDefaults = Field(default_factory=dict, validate_default=True,
                                       description="Sampling defaults for requests.")
+    access: AccessSpec | None = Field(None, description="API keys bound to this policy; null: any global key "
+                                                        "(or anyone, when the server has no keys).")
 
     _content_hash: str | None = PrivateAttr(None)
     _source_path: Path | None = PrivateAttr(None)

@@ -1,0 +1,50 @@
+"""API keys: global keys from the settings, and keys bound to policies (per-tenant policies).
+
+A global key (``GUARD_API_KEYS``) may use every policy. A key bound by policies' ``access``
+sections may use only those policies: it sees only them in ``/v1/models``, and any other model
+answers 404 ``model_not_found`` exactly as a model that does not exist would (a 403 would confirm
+to one tenant that another tenant's policy exists). With no key configured anywhere, nothing is
+checked; once any key is configured, every ``/v1`` request needs a valid one.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from guard.errors import AuthenticationError
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling: their key (``None`` without authentication) and what they may use."""
+
+    api_key: str | None
+    policies: frozenset[str] | None
+    """The policies this caller may use; ``None``: every policy."""
+
+    def may_use(self, model: str) -> bool:
+        return self.policies is None or model in self.policies
+
+
+def authenticate(authorization: str | None, global_keys: tuple[str, ...],
+                 bindings: Mapping[str, frozenset[str]]) -> Caller:
+    """The caller behind an ``Authorization`` header; :class:`AuthenticationError` (401) if invalid."""
+    if not global_keys and not bindings:
+        return Caller(None, None)
+    scheme, _, token = (authorization or "").partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise AuthenticationError("Missing API key: send it as 'Authorization: Bearer YOUR_KEY'.")
+    if _matches(token, global_keys):
+        return Caller(token, None)
+    bound = [policies for key, policies in bindings.items() if _matches(token, (key,))]
+    if bound:
+        return Caller(token, bound[0])
+    raise AuthenticationError("Incorrect API key provided.")
+
+
+def _matches(token: str, keys: tuple[str, ...]) -> bool:
+    # Compare against every key (no early exit), in constant time per key.
+    return sum(hmac.compare_digest(token.encode(), k.encode()) for k in keys) > 0
