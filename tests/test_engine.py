@@ -72,16 +72,18 @@ def test_hooks_are_removed(tiny_engine):
     assert all(len(layer._forward_hooks) == 0 for layer in eng.layers)
 
 
-def test_steering_changes_the_layer_output(tiny_engine):
+def test_steering_changes_downstream_but_capture_reads_the_unsteered_layer(tiny_engine):
     eng = tiny_engine
-    seq = eng.new_sequence(_prompt(eng), layers=[0])
+    seq = eng.new_sequence(_prompt(eng), layers=[0, 1])
     eng.prefill(seq)
     _generate(eng, seq, SamplingParams(seed=1), 2)
     eng.rollback(seq, seq.prompt_len + 1)
     vec = torch.ones(eng.info.d_model)
     steered = eng.step(seq, SamplingParams(seed=1), make_generator(1), steer={0: vec}, sample=False)
-    plain = eng.hidden_states(seq.tokens, [0])[0][-1]
-    torch.testing.assert_close(steered.hidden[0][0], plain + vec, atol=1e-4, rtol=1e-4)
+    plain = eng.hidden_states(seq.tokens, [0, 1])
+    # the monitored layer is read before the intervention; the next layer sees its effect
+    torch.testing.assert_close(steered.hidden[0][0], plain[0][-1], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(steered.hidden[1][0], plain[1][-1], atol=1e-3)
 
 
 def test_prompt_too_long_is_a_context_error(tiny_engine):

@@ -29,8 +29,8 @@ def capture_layers(modules: Sequence[nn.Module], capture: Collection[int],
     """Capture the output of ``modules[i]`` for each ``i`` in ``capture`` (i -> ``[batch, seq, d]``,
     float32 clone).
 
-    If ``steer`` maps a layer to a vector, that vector is added to the layer's output before it is
-    captured and passed on. The hooks are removed when the block exits, whatever happens inside.
+    If ``steer`` maps a layer to a vector, that vector is added to the layer's output on its way to
+    the next layer; what is captured at that layer is the activation *before* steering. The hooks are removed when the block exits, whatever happens inside.
     """
     captured: dict[int, torch.Tensor] = {}
     steer = steer or {}
@@ -39,14 +39,15 @@ def capture_layers(modules: Sequence[nn.Module], capture: Collection[int],
     def make_hook(idx: int):
         def hook(_module, _inputs, output):
             hidden = _hidden_of(output)
-            vec = steer.get(idx)
-            if vec is not None:
-                hidden = hidden + vec.to(hidden.dtype)
-                output = _replace_hidden(output, hidden)
-            # clone: fused kernels in some models mutate the tensor after the hook returns
             if idx in capture:
+                # Captured before steering: monitors read the model's own state at this layer, so a
+                # steered resample cannot blind the monitor that reads the steered layer. (Clone:
+                # fused kernels in some models mutate the tensor after the hook returns.)
                 captured[idx] = hidden.detach().float().clone()
-            return output if vec is not None else None
+            vec = steer.get(idx)
+            if vec is None:
+                return None
+            return _replace_hidden(output, hidden + vec.to(hidden.dtype))
         return hook
 
     try:
