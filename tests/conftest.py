@@ -23,3 +23,17 @@ def tiny_engine(tiny_model_dir):
     from guard.engine.transformers_engine import TransformersEngine
 
     return TransformersEngine.load(tiny_model_dir)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _activation_cache_in_tmp(tmp_path_factory):
+    """Keep the probe activation cache out of the user's home directory during tests."""
+    import os
+
+    old = os.environ.get("GUARD_CACHE_DIR")
+    os.environ["GUARD_CACHE_DIR"] = str(tmp_path_factory.mktemp("activation-cache"))
+    yield
+    if old is None:
+        os.environ.pop("GUARD_CACHE_DIR", None)
+    else:
+        os.environ["GUARD_CACHE_DIR"] = old

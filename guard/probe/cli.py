@@ -28,6 +28,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.add_argument("--cache-dir", default=None,
+                   help="activation cache (default $GUARD_CACHE_DIR or ~/.cache/guard/activations)")
+    p.add_argument("--no-cache", action="store_true", help="always run the model; read and write no cache")
 
 
 def add_cli(subparsers) -> argparse.ArgumentParser:
@@ -48,6 +51,8 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--layer", type=int, help="train at this layer only")
     g.add_argument("--layers", type=_layers, help="sweep these layers, e.g. 4,6,8 (default: all)")
     t.add_argument("--method", choices=["logreg", "diffmean"], default="logreg")
+    t.add_argument("--pooling", choices=["token", "mean", "last"], default="token",
+                   help="fit on every completion token, or on one mean/last-token vector per row (default token)")
     t.add_argument("--l2", type=float, default=0.1, help="L2 penalty for logreg (default 0.1)")
     t.add_argument("--target-fpr", type=float, default=0.01, help="row-level FPR of the threshold (default 0.01)")
     t.add_argument("--heldout-frac", type=float, default=0.2)
@@ -60,6 +65,8 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     _add_model_args(e)
     e.add_argument("--data", required=True, action="extend", nargs="+", metavar="FILE")
     e.add_argument("--target-fpr", type=float, default=None, help="default: the probe's")
+    e.add_argument("--png", default=None, metavar="OUT.png",
+                   help="write a histogram of row scores per class (blue: label 0, orange: label 1; red: threshold)")
     _add_aggregation_args(e, default=None)
     e.set_defaults(func=cmd_eval)
     return probe
@@ -84,19 +91,27 @@ def _engine(args):
     return TransformersEngine.load(args.model, dtype=args.dtype, device=args.device)
 
 
+def activation_cache(args):
+    """The activation cache the model/cache arguments ask for, or ``None`` with ``--no-cache``."""
+    from guard.probe.cache import ActivationCache
+
+    return None if args.no_cache else ActivationCache(args.cache_dir, args.model)
+
+
 def cmd_train(args) -> int:
     from guard.probe.train import TrainConfig, train_probe
 
     try:
         config = TrainConfig(method=args.method, l2=args.l2, target_fpr=args.target_fpr,
-                             heldout_frac=args.heldout_frac, seed=args.seed, aggregation=_aggregation(args))
+                             heldout_frac=args.heldout_frac, seed=args.seed, aggregation=_aggregation(args),
+                             pooling=args.pooling)
     except ValueError as exc:
         raise InvalidRequestError(str(exc)) from exc
     engine = _engine(args)
     layers = [args.layer] if args.layer is not None else args.layers
     result = train_probe(engine, args.data, model_dir=args.model, layers=layers, eval_data=args.eval,
                          calibration=args.calibration, config=config, name=Path(args.out).name,
-                         progress=not args.quiet)
+                         progress=not args.quiet, cache=activation_cache(args))
     mon = result.monitor
     if len(result.sweep) > 1:
         print(format_sweep(mon.meta["metrics"]["sweep"], mon.layer, config.target_fpr))
@@ -104,7 +119,8 @@ def cmd_train(args) -> int:
     out = mon.save(args.out)
     m = mon.meta["metrics"]
     cal = m["calibration"]
-    print(f"probe: layer {mon.layer}, method {config.method}, aggregation {mon.aggregation.kind}"
+    print(f"probe: layer {mon.layer}, method {config.method}, pooling {config.pooling}, "
+          f"aggregation {mon.aggregation.kind}"
           f" -> {out}")
     print(f"threshold {mon.threshold:.6g}: FPR {_pct(cal['fpr_at_threshold'])} on {cal['negatives']} "
           f"calibration negatives ({cal['source'] if isinstance(cal['source'], str) else ', '.join(cal['source'])})")
@@ -118,7 +134,7 @@ def cmd_eval(args) -> int:
     from guard.monitors.probe import ProbeMonitor
     from guard.probe.collect import collect
     from guard.probe.data import read_files
-    from guard.probe.train import evaluate
+    from guard.probe.train import evaluate, row_scores
 
     try:
         aggregation = _aggregation(args)
@@ -127,10 +143,18 @@ def cmd_eval(args) -> int:
     mon = ProbeMonitor.load(args.probe_dir, name=Path(args.probe_dir).name, aggregation=aggregation)
     engine = _engine(args)
     mon.check_compatible(engine.info, model_dir=args.model)
-    acts = collect(engine, read_files(args.data), [mon.layer], desc="data", progress=not args.quiet)
+    acts = collect(engine, read_files(args.data), [mon.layer], desc="data", progress=not args.quiet,
+                   cache=activation_cache(args))
     target = args.target_fpr if args.target_fpr is not None else mon.meta.get("target_fpr", 0.01)
     print(f"probe {args.probe_dir}: layer {mon.layer}, aggregation {mon.aggregation.kind}, threshold {mon.threshold:.6g}")
     print(format_metrics("data", evaluate(mon, acts, target)))
+    if args.png:
+        from guard.probe.png import histogram_image, write_png
+
+        _, rows = row_scores(mon, acts)
+        write_png(args.png, histogram_image(rows, acts.labels, mon.threshold))
+        print(f"histogram of {acts.n_rows} row scores -> {args.png} "
+              "(blue: label 0, orange: label 1, red line: threshold)")
     return 0
 
 

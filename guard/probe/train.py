@@ -27,7 +27,8 @@ from guard.errors import InvalidRequestError
 from guard.monitors.base import AggregationSpec
 from guard.monitors.probe import ProbeMonitor, config_fingerprint
 from guard.probe import metrics as M
-from guard.probe.collect import Activations, collect
+from guard.probe.cache import ActivationCache
+from guard.probe.collect import Activations, Pooling, collect
 from guard.probe.data import DataError, read_files
 from guard.probe.fit import Method, fit
 
@@ -48,8 +49,14 @@ class TrainConfig:
     """Seed of the train / held-out split."""
     aggregation: AggregationSpec = field(default_factory=AggregationSpec)
     """Aggregation stored with the probe and used by every row-level metric."""
+    pooling: Pooling = "token"
+    """What the probe is fitted on: every completion token (``token``), or one vector per row, the mean
+    (``mean``) or last (``last``) completion-token activation. The fitted probe still scores every
+    token at serving time, so all metrics stay row-max of aggregated per-token scores."""
 
     def __post_init__(self) -> None:
+        if self.pooling not in ("token", "mean", "last"):
+            raise ValueError(f"pooling must be token, mean or last, got {self.pooling!r}")
         if not 0.0 < self.heldout_frac < 1.0:
             raise ValueError(f"heldout_frac must be in (0, 1), got {self.heldout_frac}")
         if not 0.0 <= self.target_fpr < 1.0:
@@ -109,8 +116,10 @@ def evaluate(monitor: ProbeMonitor, acts: Activations, target_fpr: float = 0.01)
 
 
 def fit_layer(acts: Activations, layer: int, config: TrainConfig, name: str = "probe") -> ProbeMonitor:
-    x = acts.hidden[layer]
-    y = torch.from_numpy(acts.token_labels())
+    if config.pooling == "token":
+        x, y = acts.hidden[layer], torch.from_numpy(acts.token_labels())
+    else:
+        x, y = acts.pooled(layer, config.pooling), torch.from_numpy(acts.labels)
     p = fit(x, y, config.method, l2=config.l2)
     return ProbeMonitor(name, layer, p.direction, p.bias, mean=p.mean, std=p.std, aggregation=config.aggregation)
 
@@ -146,8 +155,10 @@ def _nan_low(v: float) -> float:
 def train_probe(engine: Engine, data: list[str | Path], *, model_dir: str | Path | None = None,
                 layers: list[int] | None = None, eval_data: list[str | Path] = (),
                 calibration: list[str | Path] = (), config: TrainConfig | None = None,
-                name: str = "probe", progress: bool = True) -> TrainResult:
+                name: str = "probe", progress: bool = True, cache: ActivationCache | None = None) -> TrainResult:
     """Train a probe on ``data`` (JSONL paths). ``layers=None`` sweeps every layer.
+
+    With ``cache``, activations seen before (same model, rows, layers) are read from disk.
 
     Numbered phases: (1) read data, (2) collect activations once for all layers, (3) split rows,
     (4) fit and evaluate per layer, (5) pick the best layer, (6) calibrate its threshold on negative
@@ -164,8 +175,9 @@ def train_probe(engine: Engine, data: list[str | Path], *, model_dir: str | Path
         raise InvalidRequestError(f"layers {bad} out of range: the model has {engine.info.num_layers} layers "
                                   f"(0..{engine.info.num_layers - 1})", param="layer")
     # 2. activations, every layer in one pass
-    acts = collect(engine, examples, layers, desc="train data", progress=progress)
-    eval_acts = collect(engine, eval_examples, layers, desc="eval data", progress=progress) if eval_examples else None
+    acts = collect(engine, examples, layers, desc="train data", progress=progress, cache=cache)
+    eval_acts = (collect(engine, eval_examples, layers, desc="eval data", progress=progress, cache=cache)
+                 if eval_examples else None)
     # 3. split
     train_idx, held_idx = split_rows(acts.labels, config.heldout_frac, config.seed)
     train, heldout = acts.select(train_idx), acts.select(held_idx)
@@ -177,7 +189,7 @@ def train_probe(engine: Engine, data: list[str | Path], *, model_dir: str | Path
     # 6. calibrate on negative rows
     if calib_examples:
         negatives = collect(engine, [e for e in calib_examples if e.label == 0], [best.layer],
-                            desc="calibration data", progress=progress)
+                            desc="calibration data", progress=progress, cache=cache)
         source = [str(p) for p in calibration]
     else:
         negatives, source = acts.select(np.flatnonzero(acts.labels == 0)), "train+heldout"
@@ -192,6 +204,7 @@ def train_probe(engine: Engine, data: list[str | Path], *, model_dir: str | Path
                 "heldout_frac": config.heldout_frac, "l2": config.l2 if config.method == "logreg" else None,
                 "layers_swept": layers, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     monitor.meta = _json_safe({"model": _model_info(engine, model_dir), "method": config.method,
+                               "pooling": config.pooling,
                                "target_fpr": config.target_fpr, "metrics": metrics, "training": training})
     return TrainResult(monitor, results)
 
