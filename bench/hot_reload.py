@@ -22,9 +22,6 @@ import argparse
 import hashlib
 import json
 import os
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -34,6 +31,8 @@ from pathlib import Path
 import httpx
 import yaml
 from openai import OpenAI
+
+from guard.testing import serve_in_subprocess
 
 REPO = Path(__file__).resolve().parent.parent
 ORGANISM = REPO / "models" / "organism"
@@ -82,26 +81,6 @@ def prompts() -> list[str]:
     return [p for pair in zip(benign, harmful) for p in pair]
 
 
-def start_server(policy: Path, log: Path) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "guard.cli", "serve", "--policy", str(policy), "--port", str(port),
-                             "--threads", "1", "--reload-interval", "1"], cwd=REPO, stdout=log.open("w"),
-                            stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(240):
-        if proc.poll() is not None:
-            sys.exit(f"guard serve exited:\n{log.read_text()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    proc.kill()
-    sys.exit("guard serve did not come up")
-
-
 def client_loop(url: str, index: int, max_tokens: int, stop: threading.Event, results: list[Result]) -> None:
     client = OpenAI(base_url=f"{url}/v1", api_key="bench", max_retries=0, timeout=120)
     texts, i = prompts(), index
@@ -147,7 +126,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="guard-hot-reload-"))
     policy, db = tmp / "demo.yaml", tmp / "guard.db"
     hashes = [write_atomically(policy, policy_text(0, db))]
-    proc, url = start_server(policy, tmp / "server.log")
+    proc, url = serve_in_subprocess([policy], tmp / "server.log", "--threads", "1", "--reload-interval", "1")
     results: list[Result] = []
     stop = threading.Event()
     threads = [threading.Thread(target=client_loop, args=(url, k, args.max_tokens, stop, results))

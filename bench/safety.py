@@ -19,46 +19,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
 from openai import OpenAI
 
 from guard.organism.judge import is_refusal, judge
+from guard.testing import serve_in_subprocess
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(policies: list[Path], port: int, log_dir: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "guard.cli", "serve", "--port", str(port)]
-    for p in policies:
-        cmd += ["--policy", str(p)]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=open(log_dir / "server.log", "w"), stderr=subprocess.STDOUT)
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited; see {log_dir / 'server.log'}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    proc.kill()
-    raise SystemExit("server did not start in 180 s")
 
 
 def load_prompts(path: Path, limit: int | None) -> list[dict]:
@@ -139,16 +111,14 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="prompts per split (default: all)")
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=96)
-    ap.add_argument("--port", type=int, default=0)
     args = ap.parse_args()
 
     prompts = load_prompts(args.model_dir / "data" / "eval_prompts.jsonl", args.limit)
-    port = args.port or free_port()
     guarded_paths = args.guarded or [REPO / "policies" / "demo.yaml"]
     with tempfile.TemporaryDirectory() as tmp:
-        proc = start_server([*guarded_paths, args.unguarded], port, Path(tmp))
+        proc, url = serve_in_subprocess([*guarded_paths, args.unguarded], Path(tmp) / "server.log")
         try:
-            client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="bench", timeout=600, max_retries=0)
+            client = OpenAI(base_url=f"{url}/v1", api_key="bench", timeout=600, max_retries=0)
             names = {m.id for m in client.models.list()}
             guarded = [_policy_name(p) for p in guarded_paths]
             unguarded = _policy_name(args.unguarded)

@@ -3,7 +3,7 @@
 :func:`add_cli` registers the ``logs`` subcommand on the main parser's subparsers; each leaf sets
 ``func`` to a function taking the parsed namespace and returning an exit code. Library errors
 (:class:`~guard.errors.GuardError`) propagate to the caller, which prints them.
-Runnable on its own as ``python -m guard.logs_cli list --db guard.db``.
+Run as ``guard logs list --db guard.db`` (:mod:`guard.cli`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TextIO
 
 from guard.controller.record import DiscardedSpan, GenerationRecord
-from guard.errors import GuardError, InvalidRequestError
+from guard.errors import InvalidRequestError
 from guard.logstore import LogStore
 
 DEFAULT_DB = Path("guard.db")
@@ -147,18 +147,3 @@ def _time(ts: float) -> str:
 def _oneline(text: str, width: int) -> str:
     text = " ".join(text.split())
     return text if len(text) <= width else text[: width - 3] + "..."
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="guard")
-    add_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["logs", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.func(args)
-    except GuardError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -50,3 +50,45 @@ def make_random_llama(out: str | Path, *, hidden: int = 64, layers: int = 2, hea
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_in_subprocess(policies: list[str | Path], log: Path, *extra: str, timeout: float = 180.0):
+    """Start ``guard serve`` on a free loopback port; return ``(process, base_url)`` once /health answers.
+
+    Raises ``RuntimeError`` (with the server's output) if it exits or does not come up in time.
+    The caller terminates the process.
+    """
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "guard.cli", "serve", "--port", str(port), *extra]
+    for p in policies:
+        cmd += ["--policy", str(p)]
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parent.parent, stdout=Path(log).open("w"),
+                            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"guard serve exited:\n{Path(log).read_text()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"guard serve did not come up in {timeout:.0f} s:\n{Path(log).read_text()}")

@@ -4,18 +4,16 @@ client, the harm probe catching unsafe compliance, the durable log and `guard lo
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 import yaml
 from openai import OpenAI
 
 from guard.logstore import LogStore
+from guard.testing import serve_in_subprocess
 from guard.organism.judge import is_refusal, judge
 
 REPO = Path(__file__).resolve().parent.parent
@@ -25,26 +23,11 @@ pytestmark = pytest.mark.skipif(not (ORGANISM / "probe" / "probe.json").is_file(
                                 reason="models/organism (with its probe) is not built")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _serve(args: list[str], log: Path) -> tuple[subprocess.Popen, int]:
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "guard.cli", "serve", "--port", str(port), *args],
-                            cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    for _ in range(240):
-        if proc.poll() is not None:
-            pytest.fail(f"guard serve exited:\n{log.read_text()}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc, port
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    proc.kill()
-    pytest.fail("guard serve did not come up")
+def _serve(args: list[str], log: Path):
+    try:
+        return serve_in_subprocess([], log, *args)
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
 
 
 def _prompts(split: str, n: int) -> list[str]:
@@ -67,16 +50,16 @@ def demo_server(tmp_path_factory):
     policy.update(name="demo-nohold", stream={"holdback_tokens": 0, "reset_marker": "[RESET]"})
     (tmp / "nohold.yaml").write_text(yaml.safe_dump(policy))
     args = [a for name in ("demo", "unguarded", "nohold") for a in ("--policy", str(tmp / f"{name}.yaml"))]
-    proc, port = _serve(args, tmp / "server.log")
-    yield OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0), tmp
+    proc, url = _serve(args, tmp / "server.log")
+    yield OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0), tmp
     proc.terminate()
     proc.wait(30)
 
 
 def test_guard_serve_without_policy_serves_the_demo(tmp_path):
-    proc, port = _serve([], tmp_path / "server.log")
+    proc, url = _serve([], tmp_path / "server.log")
     try:
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        client = OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
         assert [m.id for m in client.models.list()] == ["demo"]
         r = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "How do I bake bread?"}],
                                            seed=1, max_tokens=64)

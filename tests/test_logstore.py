@@ -197,9 +197,9 @@ def test_cli_refuses_to_create_a_missing_database(tmp_path: Path):
 
 def test_module_entry_point(store: LogStore):
     log_id = store.write(make_record())
-    run = subprocess.run([sys.executable, "-m", "guard.logs_cli", "show", "nope", "--db", str(store.path)],
+    run = subprocess.run([sys.executable, "-m", "guard.cli", "logs", "show", "nope", "--db", str(store.path)],
                          capture_output=True, text=True)
-    assert run.returncode == 1 and "no log record with id 'nope'" in run.stderr
-    run = subprocess.run([sys.executable, "-m", "guard.logs_cli", "list", "--db", str(store.path)],
+    assert run.returncode == 2 and "no log record with id 'nope'" in run.stderr
+    run = subprocess.run([sys.executable, "-m", "guard.cli", "logs", "list", "--db", str(store.path)],
                          capture_output=True, text=True, check=True)
     assert log_id in run.stdout

@@ -13,7 +13,7 @@ import torch
 from guard.engine.transformers_engine import TransformersEngine
 from guard.monitors.base import AggregationSpec
 from guard.monitors.probe import ProbeMonitor
-from guard.probe import cli
+from guard.cli import main as guard_main
 from guard.probe.data import DataError, read_jsonl
 from guard.probe.metrics import auroc, rates_at, row_max_scores, threshold_at_fpr, tpr_at_fpr
 from guard.probe.train import TrainConfig, split_rows, train_probe
@@ -180,7 +180,7 @@ def test_diffmean_method(setup):
 
 def test_cli_train_then_eval(setup, capsys):
     out = setup["dir"] / "cli_probe"
-    rc = cli.main(["train", "--model", str(setup["model"]), "--data", str(setup["train"]), "--eval",
+    rc = guard_main(["probe", "train", "--model", str(setup["model"]), "--data", str(setup["train"]), "--eval",
                    str(setup["eval"]), "--out", str(out), "--quiet"])
     printed = capsys.readouterr().out
     assert rc == 0
@@ -192,20 +192,20 @@ def test_cli_train_then_eval(setup, capsys):
     mon = ProbeMonitor.load(out, name="p")
     mon.check_compatible(setup["engine"].info, model_dir=setup["model"])
 
-    rc = cli.main(["eval", str(out), "--model", str(setup["model"]), "--data", str(setup["eval"]), "--quiet"])
+    rc = guard_main(["probe", "eval", str(out), "--model", str(setup["model"]), "--data", str(setup["eval"]), "--quiet"])
     printed = capsys.readouterr().out
     assert rc == 0 and f"layer {mon.layer}" in printed
     assert f"AUROC {meta['metrics']['eval']['auroc']:.4f}" in printed
 
 
 def test_cli_single_layer_and_bad_data(setup, tmp_path, capsys):
-    rc = cli.main(["train", "--model", str(setup["model"]), "--data", str(setup["train"]), "--layer", "2",
+    rc = guard_main(["probe", "train", "--model", str(setup["model"]), "--data", str(setup["train"]), "--layer", "2",
                    "--out", str(tmp_path / "p"), "--quiet"])
     assert rc == 0 and json.loads((tmp_path / "p" / "probe.json").read_text())["layer"] == 2
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "completion": "b", "label": 0}\n{"prompt": "a"}\n')
-    rc = cli.main(["train", "--model", str(setup["model"]), "--data", str(bad), "--out", str(tmp_path / "q")])
-    assert rc == 1 and "bad.jsonl:2: 'completion' must be a string" in capsys.readouterr().err
+    rc = guard_main(["probe", "train", "--model", str(setup["model"]), "--data", str(bad), "--out", str(tmp_path / "q")])
+    assert rc == 2 and "bad.jsonl:2: 'completion' must be a string" in capsys.readouterr().err
 
 
 def test_training_is_deterministic(setup):
@@ -216,7 +216,7 @@ def test_training_is_deterministic(setup):
 
 def test_cli_rejects_bad_layers_and_settings(setup, tmp_path, capsys):
     base = ["train", "--model", str(setup["model"]), "--data", str(setup["train"]), "--out", str(tmp_path / "p")]
-    assert cli.main(base + ["--layer", "7"]) == 1
+    assert guard_main(["probe", *base, "--layer", "7"]) == 2
     assert "layers [7] out of range: the model has 3 layers" in capsys.readouterr().err
-    assert cli.main(base + ["--alpha", "0"]) == 1
+    assert guard_main(["probe", *base, "--alpha", "0"]) == 2
     assert "alpha must be in (0, 1]" in capsys.readouterr().err

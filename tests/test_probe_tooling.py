@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from guard.engine.transformers_engine import TransformersEngine
-from guard.probe import cli
+from guard.cli import main as guard_main
 from guard.probe.cache import ActivationCache
 from guard.probe.collect import collect
 from guard.probe.data import read_jsonl
@@ -132,7 +132,7 @@ def test_pooled_vectors_are_row_means_and_last_tokens(setup):
 
 def test_cli_calibration_file_sets_the_threshold(setup, tmp_path, capsys):
     out = tmp_path / "p"
-    rc = cli.main(["train", "--model", str(setup["model"]), "--data", str(setup["train"]), "--layer", "1",
+    rc = guard_main(["probe", "train", "--model", str(setup["model"]), "--data", str(setup["train"]), "--layer", "1",
                    "--calibration", str(setup["calib"]), "--target-fpr", "0.05", "--pooling", "mean",
                    "--out", str(out), "--quiet", "--cache-dir", str(tmp_path / "cache")])
     assert rc == 0
@@ -190,9 +190,9 @@ def test_histogram_draws_both_classes_and_the_threshold():
 def test_cli_eval_writes_a_png(setup, tmp_path, capsys):
     probe = tmp_path / "p"
     args = ["--model", str(setup["model"]), "--quiet", "--cache-dir", str(tmp_path / "cache")]
-    assert cli.main(["train", *args, "--data", str(setup["train"]), "--layer", "1", "--out", str(probe)]) == 0
+    assert guard_main(["probe", "train", *args, "--data", str(setup["train"]), "--layer", "1", "--out", str(probe)]) == 0
     png = tmp_path / "h.png"
-    assert cli.main(["eval", str(probe), *args, "--data", str(setup["train"]), "--png", str(png)]) == 0
+    assert guard_main(["probe", "eval", str(probe), *args, "--data", str(setup["train"]), "--png", str(png)]) == 0
     head, raw = _decode(png.read_bytes())
     assert head["w"] > 0 and len(raw) == head["h"] * (1 + 3 * head["w"])
     assert "AUROC" in capsys.readouterr().out

@@ -1,7 +1,7 @@
 """``guard probe train`` and ``guard probe eval``.
 
 :func:`add_cli` registers the ``probe`` subcommand on the main parser's subparsers and sets
-``func`` on each leaf; ``python -m guard.probe.cli ...`` runs the same commands standalone.
+``func`` on each leaf; ``guard`` (:mod:`guard.cli`) is the entry point.
 Tables go to stdout, progress to stderr; errors are :class:`guard.errors.GuardError`.
 """
 
@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from pathlib import Path
 
-from guard.errors import GuardError, InvalidRequestError
+from guard.errors import InvalidRequestError
 from guard.monitors.base import AggregationSpec
 
 
@@ -187,20 +186,10 @@ def format_sweep(rows: list[dict], chosen: int, target_fpr: float) -> str:
         if has_eval:
             line += [_num(r["eval_auroc"]), _pct(r["eval_tpr_at_target_fpr"])]
         lines.append(line)
-    widths = [max(len(l[i]) for l in lines) for i in range(len(head))]
+    return format_table(lines)
+
+
+def format_table(lines: list[list[str]]) -> str:
+    """Right-aligned columns, two spaces apart; ``lines[0]`` is the header."""
+    widths = [max(len(l[i]) for l in lines) for i in range(len(lines[0]))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(l, widths)) for l in lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="guard")
-    add_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["probe", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.func(args)
-    except GuardError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

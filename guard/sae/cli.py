@@ -12,6 +12,7 @@ import hashlib
 from pathlib import Path
 
 from guard.errors import InvalidRequestError
+from guard.probe.cli import format_table
 
 
 def add_cli(subparsers) -> argparse.ArgumentParser:
@@ -102,7 +103,7 @@ def cmd_train(args) -> int:
 def format_stats(rows) -> str:
     lines = [["held-out", "MSE", "FVE", "L0", "dead"]]
     lines += [[label, f"{s.mse:.4g}", f"{s.fve:.4f}", f"{s.l0:.1f}", f"{100 * s.dead_frac:.1f}%"] for label, s in rows]
-    return _table(lines)
+    return format_table(lines)
 
 
 def cmd_features(args) -> int:
@@ -157,28 +158,4 @@ def format_ranking(ranked) -> str:
     lines = [["feature", "AUROC", "mean act pos", "mean act neg", "firing rate"]]
     lines += [[str(r.index), f"{r.auroc:.4f}", f"{r.mean_pos:.3f}", f"{r.mean_neg:.3f}", f"{100 * r.firing_rate:.2f}%"]
               for r in ranked]
-    return _table(lines)
-
-
-def _table(lines: list[list[str]]) -> str:
-    widths = [max(len(l[i]) for l in lines) for i in range(len(lines[0]))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(l, widths)) for l in lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    import sys
-
-    from guard.errors import GuardError
-
-    parser = argparse.ArgumentParser(prog="guard")
-    add_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["sae", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.func(args)
-    except GuardError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return format_table(lines)
