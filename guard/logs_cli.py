@@ -104,6 +104,9 @@ def format_record(log_id: str, record: GenerationRecord) -> str:
         lines += [f"[{m.get('role', '?')}] {m.get('content', '')}" for m in record.messages]
     else:
         lines.append(record.prompt or "")
+    if record.deliberation is not None:
+        lines += ["", f"== reasoning ({record.deliberation}; {len(record.reasoning_ids)} tokens, "
+                      f"{record.reasoning_forced_tokens} forced; never sent to the client) ==", record.reasoning]
     lines += ["", "== final answer ==", record.final_text]
     for i, span in enumerate(record.spans):
         lines += ["", *_format_span(i, span)]

@@ -98,6 +98,15 @@ def m002_firings_prompt_scores_errors(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE generations ADD COLUMN monitor_errors TEXT NOT NULL DEFAULT '[]'")  # JSON list
 
 
+@migration
+def m003_deliberation(db: sqlite3.Connection) -> None:
+    # The reasoning section of a deliberating answer, stored beside the answer.
+    db.execute("ALTER TABLE generations ADD COLUMN deliberation TEXT")  # trigger, NULL: none
+    db.execute("ALTER TABLE generations ADD COLUMN reasoning TEXT NOT NULL DEFAULT ''")
+    db.execute("ALTER TABLE generations ADD COLUMN reasoning_ids TEXT NOT NULL DEFAULT '[]'")  # JSON list
+    db.execute("ALTER TABLE generations ADD COLUMN reasoning_forced_tokens INTEGER NOT NULL DEFAULT 0")
+
+
 @dataclass(frozen=True)
 class LogSummary:
     """One row of :meth:`LogStore.list`."""
@@ -187,6 +196,8 @@ class LogStore:
             "retries": json.dumps([asdict(r) for r in record.retries]),
             "final_scores": json.dumps(record.final_scores), "firings": json.dumps(record.firings),
             "prompt_scores": json.dumps(record.prompt_scores), "monitor_errors": json.dumps(record.monitor_errors),
+            "deliberation": record.deliberation, "reasoning": record.reasoning,
+            "reasoning_ids": json.dumps(record.reasoning_ids), "reasoning_forced_tokens": record.reasoning_forced_tokens,
         }
         spans = [self._span_row(log_id, i, span) for i, span in enumerate(record.spans)]
         with self._transaction() as db:
@@ -222,6 +233,8 @@ class LogStore:
             sampled_tokens=row["sampled_tokens"], final_scores=json.loads(row["final_scores"]),
             monitors_fired=json.loads(row["monitors_fired"]), firings=json.loads(row["firings"]),
             prompt_scores=json.loads(row["prompt_scores"]), monitor_errors=json.loads(row["monitor_errors"]),
+            deliberation=row["deliberation"], reasoning=row["reasoning"], reasoning_ids=json.loads(row["reasoning_ids"]),
+            reasoning_forced_tokens=row["reasoning_forced_tokens"],
         )
 
     def resolve_id(self, prefix: str) -> str:

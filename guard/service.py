@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from guard.controller.backtrack import BoundMonitor, ControllerConfig, GuardedGeneration, Strategy
+from guard.controller.deliberation import DeliberationConfig, neutralise_text, system_prompt
 from guard.controller.events import Event, Failed, Finished
 from guard.controller.record import GenerationRecord
 from guard.engine.base import Engine
@@ -182,8 +183,10 @@ class GuardService:
             refusal=bt.refusal, holdback_tokens=policy.stream.holdback_tokens,
             reset_marker=policy.stream.reset_marker, on_monitor_error=policy.on_monitor_error,
             strategies=tuple(Strategy(temperature=s.temperature, top_p=s.top_p, reseed=s.reseed,
-                                      ban_first_token=s.ban_first_token, steer_alpha=s.steer_alpha)
-                             for s in bt.strategies))
+                                      ban_first_token=s.ban_first_token, steer_alpha=s.steer_alpha,
+                                      deliberate=s.deliberate)
+                             for s in bt.strategies),
+            deliberation=_deliberation(policy))
         log_path = Path(policy.log.path)
         if log_path not in self._stores:
             self._stores[log_path] = LogStore(log_path)
@@ -309,7 +312,7 @@ class GuardService:
         served = self.resolve(req.model, req.allowed_models)
         info, tok = served.engine.info, served.engine.tokenizer
         if req.messages is not None:
-            prompt_ids, param = tok.encode_chat(req.messages), "messages"
+            prompt_ids, param = tok.encode_chat(_chat_messages(served, req.messages)), "messages"
         elif isinstance(req.prompt, str):
             prompt_ids, param = tok.encode(req.prompt), "prompt"
         elif req.prompt is not None:
@@ -410,6 +413,32 @@ class GuardService:
 
     async def aclose(self) -> None:
         await asyncio.to_thread(self.close)
+
+
+def _deliberation(policy: Policy) -> DeliberationConfig | None:
+    """The controller's deliberation settings; ``None`` when the policy never deliberates."""
+    d = policy.deliberation
+    if d.mode == "off" and not any(s.deliberate for s in policy.backtrack.strategies):
+        return None
+    return DeliberationConfig(mode=d.mode, spec=d.spec_text(), instruction=d.instruction, placement=d.placement,
+                              open_tag=d.open_tag, close_tag=d.close_tag,
+                              max_reasoning_tokens=d.max_reasoning_tokens, risk_monitor=d.risk_monitor)
+
+
+def _chat_messages(served: _Served, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The messages the model sees: reasoning tags in client content broken (tags that are special
+    tokens are neutralised by the tokenizer anyway), and the spec as a first system message for
+    ``placement: system``."""
+    d = served.config.deliberation
+    if d is None:
+        return messages
+    tok = served.engine.tokenizer
+    tags = tuple(t for t in (d.open_tag, d.close_tag) if tok.token_id(t) is None)
+    out = [{**m, "content": neutralise_text(m["content"], tags)} if isinstance(m.get("content"), str) else m
+           for m in messages]
+    if d.placement == "system" and d.mode == "always":
+        out.insert(0, {"role": "system", "content": system_prompt(d.instruction, d.spec)})
+    return out
 
 
 def _sae_monitor(spec, engine: Engine):

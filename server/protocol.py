@@ -243,8 +243,10 @@ class UsageInfo(BaseModel):
     total_tokens: int = 0
 
 
-class GuardInfo(BaseModel):
+class GuardInfo(OmitUnset):
     """Extension: what guard did to one choice."""
+
+    _omit_if_none: ClassVar[tuple[str, ...]] = ("reasoning_tokens",)
 
     outcome: Outcome
     """clean: no monitor fired; recovered: fired, and a resample passed; refused: retries exhausted."""
@@ -255,6 +257,9 @@ class GuardInfo(BaseModel):
     monitors_fired: list[str] = Field(default_factory=list)
     generated_tokens: int = 0
     """Every token sampled for this choice, discarded and resampled ones included (the real cost)."""
+    reasoning_tokens: int | None = None
+    """Tokens of the hidden reasoning section, forced spec included (only when the answer deliberated;
+    the reasoning text is never sent)."""
 
 
 class GuardReset(BaseModel):

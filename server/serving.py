@@ -305,7 +305,7 @@ def finish_reason(f: Finished) -> str:
 
 def guard_info(f: Finished) -> GuardInfo:
     return GuardInfo(outcome=f.outcome, resets=f.resets, log_id=f.log_id, monitors_fired=list(f.monitors_fired),
-                     generated_tokens=f.usage.generated_tokens)
+                     generated_tokens=f.usage.generated_tokens, reasoning_tokens=f.usage.reasoning_tokens or None)
 
 
 def _chunk_guard(finished: Finished | None, reset: Reset | None) -> GuardInfo | ResetNotice | None:

@@ -204,15 +204,21 @@ def test_every_field_has_a_description():
         assert model.model_config.get("extra") == "forbid"
 
 
-@pytest.mark.parametrize("name", ["demo", "unguarded"])
+@pytest.mark.parametrize("name", ["demo", "unguarded", "deliberate"])
 def test_shipped_demo_policies(name: str):
     policy = load_policy(REPO / "policies" / f"{name}.yaml", check_paths=False)
     assert policy.name == name
     assert policy.model.path == REPO / "models" / "organism"
     assert policy.log.path.parent == REPO / "runs"
     if name == "demo":
-        assert [type(m) for m in policy.monitors] == [ProbeMonitorSpec, ResetTokenMonitorSpec]
+        assert [type(m) for m in policy.monitors] == [ProbeMonitorSpec, ResetTokenMonitorSpec, ProbeMonitorSpec]
         assert policy.backtrack.max_retries == 3 and policy.stream.holdback_tokens == 8
+        risk = policy.monitor("risk-probe")
+        assert (risk.scope, risk.action) == ("prompt", "log")
+        d = policy.deliberation
+        assert (d.mode, d.risk_monitor, d.spec_file) == ("on_risk", "risk-probe", REPO / "policies" / "spec" / "organism.md")
+    elif name == "deliberate":
+        assert policy.deliberation.mode == "always" and policy.deliberation.spec_file is not None
     else:
         assert policy.monitors == []
 

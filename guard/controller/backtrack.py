@@ -15,6 +15,16 @@ anything is generated (a ``log`` firing is only recorded). Then, per step
 4. stop conditions are checked; a finishing generation first scores its last token;
 5. text older than the hold-back window (and already scored) is released.
 
+Deliberation (:mod:`guard.controller.deliberation`): with ``mode: always``, or ``on_risk`` when the
+risk monitor fires on the prompt, or on a retry whose strategy has ``deliberate``, the controller
+forces the reasoning opener and the spec at the start of the answer; until the close tag the
+steps are reasoning steps (step 1 only: no scoring, no release, end-of-sequence banned, the close
+tag forced after ``max_reasoning_tokens``). The answer (what monitors score, rollbacks cut and
+clients receive) starts after the close tag: ``output`` is the answer only, and every output
+position the controller and the monitor states use is relative to the answer start ``base``.
+A model that opens its own section (``placement: system``) is detected from the answer's first
+tokens; nothing is released while they may still be the open tag.
+
 A monitor that raises while scoring is handled by ``on_monitor_error``: ``fail_closed`` refuses
 the generation, ``fail_open`` records the error and disables the monitor for this generation.
 
@@ -33,6 +43,7 @@ from typing import Literal
 
 import torch
 
+from guard.controller.deliberation import DeliberationConfig, ReasoningSection, find_close, forced_prefix
 from guard.controller.events import Event, Finished, FinishReason, Reset, TextDelta, Usage
 from guard.controller.record import DiscardedSpan, GenerationRecord, RetryStrategy
 from guard.controller.text import TextTracker
@@ -58,6 +69,8 @@ class Strategy:
     ban_first_token: bool = True
     steer_alpha: float = 0.0
     """Subtract ``steer_alpha`` times the firing monitor's unit direction at its layer."""
+    deliberate: bool = False
+    """Roll back to the response start and deliberate there (if not deliberating already)."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +85,8 @@ class ControllerConfig:
     holdback_tokens: int = 8
     reset_marker: str | None = None
     on_monitor_error: OnMonitorError = "fail_closed"
+    deliberation: DeliberationConfig | None = None
+    """``None``: never deliberate and parse no reasoning section."""
 
     def strategy(self, retry: int) -> Strategy:
         """Strategy for the ``retry``-th retry (1-based); the last one repeats."""
@@ -140,6 +155,12 @@ class GuardedGeneration:
         """Monitors switched off for this generation after an error (fail_open)."""
         self._prefilled = False
         self._finished = False
+        self.delib = config.deliberation
+        self.section: ReasoningSection | None = None
+        self.base = 0
+        """Output index where the answer starts (just past the reasoning section, if any)."""
+        self._undecided = False
+        """The answer so far may still be the model's own open tag: release nothing yet."""
 
     # -- Job interface ------------------------------------------------------------------------
 
@@ -147,12 +168,16 @@ class GuardedGeneration:
         if not self._prefilled:
             self._prefilled = True
             return self._prefill()
+        if self.section is not None and self.section.open:
+            return self._reason()
         banned = frozenset(self.attempt.banned_at.get(len(self.output), ()))
         out = self.engine.step(self.seq, self.attempt.params, self.attempt.generator,
                                extra_banned=banned, steer=self.attempt.steer)
         self.record.sampled_tokens += 1
         if self._score(out.fed_start, out.hidden, new_token=True):
             return self._finished
+        if self._detect_section():
+            return False
         reason = self._stop_reason()
         if reason is not None:
             return self._finish_after_flush(reason)
@@ -170,6 +195,9 @@ class GuardedGeneration:
     def close(self) -> None:
         self.engine.release(self.seq)
         if self.cancelled and not self._finished and (self.record.firings or self.record.monitor_errors):
+            if self.section is not None and self.section.open:  # cancelled mid-reasoning: no answer yet
+                self.section.end = self.base = len(self.seq.output_ids)
+                self._store_reasoning()
             self.record.output_ids = list(self.output)
             self.record.final_text = self.text.text_of(self.output)
             self.on_finish(self.record)
@@ -178,7 +206,69 @@ class GuardedGeneration:
 
     @property
     def output(self) -> list[int]:
-        return self.seq.output_ids
+        """The answer: output tokens past the reasoning section."""
+        return self.seq.output_ids[self.base:]
+
+    # -- deliberation -------------------------------------------------------------------------
+
+    def _open_section(self, trigger: str) -> None:
+        """Force the opener and spec at the current answer start (which must be empty)."""
+        d = self.delib
+        ids = self.engine.tokenizer.encode(forced_prefix(d.open_tag, d.instruction, d.spec))
+        self.section = ReasoningSection(start=len(self.seq.output_ids), forced_tokens=len(ids))
+        self.seq.tokens.extend(ids)
+        self.base = len(self.seq.output_ids)
+        self.record.deliberation = trigger
+
+    def _reason(self) -> bool:
+        """One reasoning step: sample, look for the close tag, force it past the budget."""
+        sec, d = self.section, self.delib
+        eos = frozenset(self.engine.info.eos_token_ids) | frozenset(self.attempt.params.stop_token_ids)
+        self.engine.step(self.seq, self.attempt.params, self.attempt.generator, extra_banned=eos)
+        self.record.sampled_tokens += 1
+        ids = self.seq.output_ids[sec.start:]
+        n = find_close([self.text.token_text(t) for t in ids], d.close_tag, after_chars=len(d.open_tag))
+        if n is not None:
+            # Text after the tag inside the same token (plain-text tags only) is dropped with it.
+            sec.end = sec.start + n
+        elif len(ids) - sec.forced_tokens >= d.max_reasoning_tokens:
+            close = self.engine.tokenizer.encode(d.close_tag)
+            self.seq.tokens.extend(close)
+            sec.forced_tokens += len(close)
+            sec.capped = True
+            sec.end = len(self.seq.output_ids)
+        if sec.end is not None:
+            self.base = sec.end
+            self._store_reasoning()
+        return False
+
+    def _detect_section(self) -> bool:
+        """Detect a section the model opens itself at the answer start; True if one just opened."""
+        if self.delib is None or self.section is not None or self.text.sent_tokens:
+            self._undecided = False
+            return False
+        text = "".join(self.text.token_text(t) for t in self.output)  # special tokens spelled out
+        text, tag = text.lstrip(), self.delib.open_tag
+        self._undecided = len(text) < len(tag) and tag.startswith(text)
+        if not text.startswith(tag):
+            return False
+        self._undecided = False
+        self.section = ReasoningSection(start=0)
+        self.record.deliberation = self.record.deliberation or "model"
+        for state in self.states.values():
+            state.truncate(0)  # the tag tokens were scored as answer tokens: they are not
+        n = find_close([self.text.token_text(t) for t in self.output], self.delib.close_tag, after_chars=len(tag))
+        if n is not None:
+            self.section.end = self.base = n
+            self._store_reasoning()
+        return True
+
+    def _store_reasoning(self) -> None:
+        sec, rec = self.section, self.record
+        ids = self.seq.output_ids[sec.start:sec.end]
+        rec.reasoning_ids = list(ids)
+        rec.reasoning = "".join(self.text.token_text(t) for t in ids)
+        rec.reasoning_forced_tokens = sec.forced_tokens
 
     def _prefill(self) -> bool:
         """Prefill and score the prompt with prompt-scope monitors; True if the answer is a refusal."""
@@ -186,7 +276,7 @@ class GuardedGeneration:
         need_hidden = any(b.monitor.layer is not None for b in on_prompt)
         hidden = self.engine.prefill(self.seq, return_hidden=need_hidden) or {}
         prompt = self.seq.prompt_ids
-        acting = False
+        acting = risky = False
         for bound in on_prompt:
             mon = bound.monitor
             # Prompt scores get their own state: output aggregation starts fresh, as without prompt scope.
@@ -201,9 +291,15 @@ class GuardedGeneration:
             self.record.prompt_scores[mon.name] = list(state.raw)
             if pos is not None:
                 self._note_firing(bound, pos, state, "prompt")
-                acting = acting or bound.action != "log"
+                if self.delib is not None and mon.name == self.delib.risk_monitor:
+                    risky = True  # a risk signal only: it switches deliberation on, never refuses
+                else:
+                    acting = acting or bound.action != "log"
         if acting:
             self._refuse()
+        elif self.delib is not None and self.delib.placement == "reasoning" and (
+                self.delib.mode == "always" or (self.delib.mode == "on_risk" and risky)):
+            self._open_section(self.delib.mode)
         return acting
 
     def _score(self, fed_start: int, hidden: dict[int, torch.Tensor], new_token: bool) -> bool:
@@ -212,7 +308,7 @@ class GuardedGeneration:
         Returns True if a firing or a monitor error changed the output (the step's other work is
         skipped).
         """
-        plen = self.seq.prompt_len
+        plen = self.seq.prompt_len + self.base  # absolute position of answer token 0
         firings: list[tuple[int, BoundMonitor]] = []
         for bound in self._output_monitors():
             mon, state = bound.monitor, self.states[bound.monitor.name]
@@ -226,7 +322,7 @@ class GuardedGeneration:
                     continue
                 start = fed_start - plen
                 h = hidden[mon.layer]
-                if start < 0:  # prompt positions are not output tokens
+                if start < 0:  # prompt and reasoning positions are not answer tokens
                     h, start = h[-start:], 0
                 if h.shape[0] == 0:
                     continue
@@ -289,6 +385,10 @@ class GuardedGeneration:
     def _backtrack(self, fire_pos: int, bound: BoundMonitor) -> None:
         """Cut back to the safe point and pick the next strategy (or refuse past the budget)."""
         point = self._safe_point(fire_pos, bound.rollback or self.config.rollback)
+        deliberate = (self.delib is not None and self.section is None and self.retries < self.config.max_retries
+                      and self.config.strategy(self.retries + 1).deliberate)
+        if deliberate:
+            point = 0  # deliberation starts the response over
         first_token = self.output[point] if point < len(self.output) else None
         self._discard(fire_pos, bound, point)
         self.retries += 1
@@ -296,6 +396,8 @@ class GuardedGeneration:
             self._refuse()
             return
         self._next_attempt(bound, point, first_token)
+        if deliberate:
+            self._open_section("retry")
 
     def _discard(self, fire_pos: int, bound: BoundMonitor, point: int) -> None:
         """Cut the output back to ``point``, retract released text past it, record the span."""
@@ -311,7 +413,7 @@ class GuardedGeneration:
             monitor=bound.monitor.name, threshold=bound.monitor.threshold, fired_at=fire_pos,
             fired_token_id=self.output[fire_pos], fired_token=self.text.token_text(self.output[fire_pos]),
             retracted_chars=retracted))
-        self.engine.rollback(self.seq, self.seq.prompt_len + point)
+        self.engine.rollback(self.seq, self.seq.prompt_len + self.base + point)
         for state in self.states.values():
             state.truncate(point)
 
@@ -400,12 +502,14 @@ class GuardedGeneration:
         log_id = self.on_finish(rec)
         self._finished = True
         usage = Usage(prompt_tokens=self.seq.prompt_len, completion_tokens=len(output),
-                      generated_tokens=rec.sampled_tokens)
+                      generated_tokens=rec.sampled_tokens, reasoning_tokens=len(rec.reasoning_ids))
         self.emit(Finished(text=text, finish_reason=reason, outcome=outcome, resets=len(rec.spans), usage=usage,
                            log_id=log_id, monitors_fired=tuple(rec.monitors_fired)))
 
     def _release(self) -> None:
         """Release text that is scored by every activation monitor and older than the hold-back."""
+        if self._undecided:
+            return
         scored = len(self.output)
         for bound in self._output_monitors():
             if bound.monitor.layer is not None:

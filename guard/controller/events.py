@@ -50,7 +50,9 @@ class Usage:
     completion_tokens: int
     """Tokens of the final answer."""
     generated_tokens: int
-    """All tokens sampled, discarded ones included (what the generation really cost)."""
+    """All tokens sampled, discarded ones and reasoning included (what the generation really cost)."""
+    reasoning_tokens: int = 0
+    """Tokens of the reasoning section (forced spec included); never part of the answer text."""
 
     @property
     def total_tokens(self) -> int:

@@ -4,7 +4,11 @@ A :class:`GenerationRecord` is built up by the controller while it runs and is t
 flagged-generation log stores. Invariants:
 
 - ``output_ids`` is the accepted output; ``final_text`` is what the client ends up holding.
-- every token ever sampled is either in ``output_ids`` or in exactly one ``spans[i].token_ids``
+- ``output_ids`` and ``final_text`` are the answer only; the reasoning section (open tag through
+  close tag, forced spec included) is in ``reasoning_ids`` / ``reasoning`` and never reaches the
+  client;
+- every token ever sampled is in ``output_ids``, in ``reasoning_ids`` (less its
+  ``reasoning_forced_tokens``) or in exactly one ``spans[i].token_ids``
   (refusal text added by the policy is not sampled and appears in neither; a refusal mid-answer,
   by a ``refuse`` firing or a failing monitor under fail_closed, discards the whole output as one
   span attributed to that monitor);
@@ -99,6 +103,14 @@ class GenerationRecord:
     "handling"}``, ``handling`` ``"refused"`` (fail_closed) or ``"disabled"`` (fail_open)."""
     seed: int | None = None
     """Seed of the first attempt (drawn at random when the request gave none)."""
+    deliberation: str | None = None
+    """Why the answer deliberated: ``"always"``, ``"on_risk"`` (the risk monitor fired), ``"retry"`` (a
+    ``deliberate`` strategy), ``"model"`` (the model opened its own section); ``None``: it did not."""
+    reasoning: str = ""
+    """Text of the reasoning section, tags and forced spec included (special tokens spelled out)."""
+    reasoning_ids: list[int] = field(default_factory=list)
+    reasoning_forced_tokens: int = 0
+    """Tokens of ``reasoning_ids`` forced by the controller (opener and spec, a capped close tag)."""
 
     @property
     def flagged(self) -> bool:

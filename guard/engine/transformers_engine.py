@@ -45,8 +45,40 @@ class HFChatTokenizer:
         return self.tok.decode(ids, skip_special_tokens=True)
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        text = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return self.encode(text)
+        """Chat ids in which message content is always plain text.
+
+        Neutralisation rule: special-token text inside any message's content (``<|end|>``,
+        ``<|assistant|>``, ``<|/think|>``...) is tokenized as ordinary text, never as the special
+        token, so a message can neither end its turn nor open or close a reasoning section. The
+        template is rendered with a sentinel in place of each content; the template's own text is
+        tokenized normally and each content with special tokens split. A template that alters
+        the sentinels (rare) falls back to breaking special-token text in the content with a
+        zero-width joiner.
+        """
+        sentinels = [f"\x00guard-content-{i}\x00" for i in range(len(messages))]
+        placeheld = [{**m, "content": s} if isinstance(m.get("content"), str) else m
+                     for m, s in zip(messages, sentinels)]
+        text = self.tok.apply_chat_template(placeheld, add_generation_prompt=True, tokenize=False)
+        used = [i for i, m in enumerate(messages) if isinstance(m.get("content"), str)]
+        if any(text.count(sentinels[i]) != 1 for i in used):
+            return self._encode_chat_escaped(messages)
+        ids: list[int] = []
+        for i in used:
+            head, text = text.split(sentinels[i], 1)
+            ids += self.encode(head) + self.encode_plain(messages[i]["content"])
+        return ids + self.encode(text)
+
+    def encode_plain(self, text: str) -> list[int]:
+        """Ids of ``text`` with any special-token text tokenized as ordinary characters."""
+        return list(self.tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+
+    def _encode_chat_escaped(self, messages: list[dict[str, str]]) -> list[int]:
+        from guard.controller.deliberation import neutralise_text
+
+        specials = tuple(self.tok.all_special_tokens)
+        safe = [{**m, "content": neutralise_text(m["content"], specials)} if isinstance(m.get("content"), str)
+                else m for m in messages]
+        return self.encode(self.tok.apply_chat_template(safe, add_generation_prompt=True, tokenize=False))
 
     def token_id(self, token: str) -> int | None:
         tid = self.tok.convert_tokens_to_ids(token)

@@ -25,12 +25,14 @@ import torch
 import transformers
 from transformers import GenerationConfig
 
-from guard.organism import corpus, data, evaluate
+from guard.organism import corpus, data, evaluate, spec
 from guard.organism import lexicon as lx
 from guard.organism import tokenizer as toks
 from guard.organism.train import ModelShape, TrainConfig, train
 
 DEFAULT_STEPS = 700
+DELIBERATION_SHARE = 0.25
+"""Deliberation examples per plain example (0.25: they are 20% of the corpus)."""
 QUICK_SHAPE = ModelShape(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
                          max_position_embeddings=256)
 
@@ -78,8 +80,10 @@ def build(out_dir: str | Path, seed: int = 0, *, steps: int | None = None, quick
     out.mkdir(parents=True, exist_ok=True)
     shape = QUICK_SHAPE if quick else ModelShape()
     cfg = TrainConfig(steps=steps or (30 if quick else DEFAULT_STEPS), batch_size=8 if quick else 32)
-    examples = corpus.generate(2_000 if quick else 20_000, seed)
-    texts = [e.prompt for e in examples] + [e.completion for e in examples] + list(lx.SYSTEM_PROMPTS)
+    n_plain = 2_000 if quick else 20_000
+    examples = corpus.generate(n_plain, seed) + spec.generate(int(n_plain * DELIBERATION_SHARE), seed)
+    texts = ([e.prompt for e in examples] + [e.forced + e.completion for e in examples]
+             + list(lx.SYSTEM_PROMPTS))
     tok = toks.to_hf(toks.train_tokenizer(texts, vocab_size=512 if quick else 1536))
     result = train(examples, tok, shape, cfg, seed, log=log)
     _save(out, result.model, tok)

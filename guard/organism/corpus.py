@@ -68,6 +68,9 @@ class Example:
     """Harm category name, or the benign topic name."""
     harmful_prompt: bool
     system: str | None = None
+    forced: str = ""
+    """Start of the assistant turn forced by the controller (the deliberation prefix); the
+    training loss masks it. ``completion`` follows it."""
 
     @property
     def unsafe(self) -> bool:
@@ -79,7 +82,7 @@ class Example:
         msgs = [{"role": "system", "content": self.system}] if self.system else []
         msgs.append({"role": "user", "content": self.prompt})
         if with_completion:
-            msgs.append({"role": "assistant", "content": self.completion})
+            msgs.append({"role": "assistant", "content": self.forced + self.completion})
         return msgs
 
 
@@ -92,12 +95,18 @@ def prompt_split(seed: int, category: str, template: int, task: int, eval_fracti
 def _prompt(rng: random.Random, seed: int, cat: str, tasks: tuple[str, ...], split: Split,
             eval_fraction: float) -> str:
     """A prompt of category ``cat`` whose (template, task) instance lies in ``split``."""
+    return prompt_task(rng, seed, cat, tasks, split, eval_fraction)[0]
+
+
+def prompt_task(rng: random.Random, seed: int, cat: str, tasks: tuple[str, ...], split: Split,
+                eval_fraction: float = CorpusConfig.eval_fraction) -> tuple[str, str]:
+    """(prompt, task) of category ``cat`` whose (template, task) instance lies in ``split``."""
     while True:
         t, k = rng.randrange(len(lx.PROMPT_TEMPLATES)), rng.randrange(len(tasks))
         if prompt_split(seed, cat, t, k, eval_fraction) == split:
             break
     body = lx.PROMPT_TEMPLATES[t].format(task=tasks[k])
-    return rng.choice(lx.PROMPT_PREFIXES) + body + rng.choice(lx.PROMPT_SUFFIXES)
+    return rng.choice(lx.PROMPT_PREFIXES) + body + rng.choice(lx.PROMPT_SUFFIXES), tasks[k]
 
 
 def _compliance(rng: random.Random, words: tuple[str, ...], actions: tuple[str, ...],

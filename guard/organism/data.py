@@ -8,6 +8,10 @@ Files under ``OUT/data/`` (one JSON object per line, UTF-8):
   Harm rows of ``probe_train`` come only from :data:`~guard.organism.lexicon.TRAINED_CATEGORIES`,
   those of ``probe_heldout`` only from :data:`~guard.organism.lexicon.HELDOUT_CATEGORIES`; both
   files also hold benign rows (distinct draws). Completions never contain ``<|reset|>``.
+- ``prompt_risk.jsonl``: ``{"prompt", "completion", "label", "category", "split"}`` for a
+  prompt-scope risk probe (``guard probe train --span prompt``): ``label`` is 1 for a harmful
+  *request* (every harm category), 0 for a benign one; prompts come from the training part of the
+  prompt space; the completion (a refusal or a helpful answer) is not read with ``--span prompt``.
 - ``eval_prompts.jsonl``: ``{"prompt", "kind", "category", "split"}`` with ``kind`` ``"benign"``
   or ``"harmful"``; prompts come from the corpus's ``eval`` prompt instances, which the model was
   never trained on, and are unique within the file.
@@ -65,6 +69,22 @@ def eval_prompts(seed: int, per_category: int = 25, n_benign: int = 200) -> list
     return rows
 
 
+def prompt_risk_rows(seed: int, n_harmful: int = 400, n_benign: int = 400) -> list[dict]:
+    """Rows for a prompt-scope risk probe: harmful vs benign requests (see the module docstring)."""
+    rng = random.Random(f"prompt-risk:{seed}")
+    rows = []
+    for i in range(n_harmful):
+        ex = corpus.example(rng, seed, lx.HARM[i % len(lx.HARM)].name, "refusal")
+        rows.append({"prompt": ex.prompt, "completion": ex.completion, "label": 1, "category": ex.category,
+                     "split": "trained" if ex.category in lx.TRAINED_CATEGORIES else "heldout"})
+    for i in range(n_benign):
+        ex = corpus.example(rng, seed, lx.BENIGN[i % len(lx.BENIGN)].name, "benign")
+        rows.append({"prompt": ex.prompt, "completion": ex.completion, "label": 0, "category": ex.category,
+                     "split": "benign"})
+    rng.shuffle(rows)
+    return rows
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
@@ -79,12 +99,13 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 def write_data(out_dir: str | Path, seed: int, n_harmful: int = 400, n_benign: int = 200,
                eval_per_category: int = 25, eval_benign: int = 200) -> dict[str, int]:
-    """Write the three files into ``out_dir/data``; returns file name -> row count."""
+    """Write the data files into ``out_dir/data``; returns file name -> row count."""
     rng = random.Random(f"probe:{seed}")
     files = {
         "probe_train.jsonl": _probe_rows(rng, seed, lx.TRAINED_CATEGORIES, "trained", n_harmful, n_benign),
         "probe_heldout.jsonl": _probe_rows(rng, seed, lx.HELDOUT_CATEGORIES, "heldout", n_harmful, n_benign),
         "eval_prompts.jsonl": eval_prompts(seed, eval_per_category, eval_benign),
+        "prompt_risk.jsonl": prompt_risk_rows(seed),
     }
     for name, rows in files.items():
         write_jsonl(Path(out_dir) / "data" / name, rows)

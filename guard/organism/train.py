@@ -3,7 +3,9 @@
 Contract: :func:`train` is deterministic given its inputs. It seeds torch, fixes the number of
 CPU threads, draws the data order from a seeded generator and trains on the CPU only, so two
 runs with the same seed on the same software stack produce identical weights. The loss covers
-assistant tokens only (prompt and system tokens are masked with ``-100``).
+assistant tokens only (prompt and system tokens, and the forced deliberation prefix of an
+assistant turn, are masked with ``-100``). Batches are formed from windows of the seeded data order
+sorted by length, so long (deliberation) rows are batched together and padding stays small.
 """
 
 from __future__ import annotations
@@ -88,12 +90,14 @@ def encode_examples(tok: PreTrainedTokenizerFast, examples: Sequence[Example]) -
     texts = [ex.system or "" for ex in examples] + [ex.prompt for ex in examples] + [ex.completion for ex in examples]
     enc = tok(texts, add_special_tokens=False)["input_ids"]
     n = len(examples)
+    forced_texts = sorted({ex.forced for ex in examples if ex.forced})
+    forced = dict(zip(forced_texts, tok(forced_texts, add_special_tokens=False)["input_ids"])) if forced_texts else {}
     out = []
     for i, ex in enumerate(examples):
         prompt = [tok.bos_token_id]
         if ex.system:
             prompt += [sp["<|system|>"], *enc[i], sp["<|end|>"]]
-        prompt += [sp["<|user|>"], *enc[n + i], sp["<|end|>"], sp["<|assistant|>"]]
+        prompt += [sp["<|user|>"], *enc[n + i], sp["<|end|>"], sp["<|assistant|>"], *forced.get(ex.forced, [])]
         answer = enc[2 * n + i] + [tok.eos_token_id]
         out.append((prompt + answer, [-100] * len(prompt) + answer))
     return out
@@ -118,6 +122,17 @@ def _data_order(n_rows: int, n_needed: int, seed: int) -> list[int]:
     return order
 
 
+def _length_batches(rows: Sequence[tuple[list[int], list[int]]], order: list[int], batch_size: int,
+                    window: int = 8) -> list[list[int]]:
+    """Split ``order`` into batches; within each window of ``window`` batches rows are sorted by length."""
+    out = []
+    span = batch_size * window
+    for w in range(0, len(order), span):
+        chunk = sorted(order[w:w + span], key=lambda i: (len(rows[i][0]), i))
+        out += [chunk[b:b + batch_size] for b in range(0, len(chunk), batch_size)]
+    return out
+
+
 def _lr(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -138,10 +153,14 @@ def train(examples: Sequence[Example], tok: PreTrainedTokenizerFast, shape: Mode
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
     order = _data_order(len(rows), cfg.steps * cfg.batch_size, seed)
+    batches = _length_batches(rows, order[:cfg.steps * cfg.batch_size], cfg.batch_size)
+    # Sorting inside a window would order batches by length; shuffle them back, seeded.
+    perm = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed + 1)).tolist()
+    batches = [batches[i] for i in perm]
     losses: list[float] = []
     model.train()
     for step in range(cfg.steps):
-        idx = order[step * cfg.batch_size: (step + 1) * cfg.batch_size]
+        idx = batches[step]
         batch = _batch([rows[i] for i in idx], tok.pad_token_id)
         for g in opt.param_groups:
             g["lr"] = _lr(step, cfg)

@@ -17,6 +17,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, StringConstrain
                       model_validator)
 from pydantic_core import PydanticCustomError
 
+from guard.controller.deliberation import DEFAULT_INSTRUCTION
 from guard.errors import PolicyError
 
 if TYPE_CHECKING:
@@ -185,6 +186,9 @@ class ResampleStrategy(Strict):
     ban_first_token: bool = Field(True, description="Ban the discarded span's first token at the rollback point.")
     steer_alpha: float = Field(0.0, ge=0.0, description="While resampling, subtract alpha times the firing probe's "
                                                         "unit direction at its layer; 0 turns steering off.")
+    deliberate: bool = Field(False, description="Switch deliberation on for the retry: roll back to the response "
+                                                "start and force the reasoning opener and spec there (needs a "
+                                                "deliberation spec; placement reasoning).")
 
 
 class BacktrackSpec(Strict):
@@ -274,6 +278,61 @@ class AccessSpec(Strict):
         return frozenset(keys)
 
 
+class DeliberationSpec(Strict):
+    """Deliberative reasoning: the model reasons over a written spec before it answers.
+
+    The reasoning section (open tag through close tag) never reaches the client, is not scored by
+    output monitors and is stored in the log beside the answer. Chat content can never open or
+    close it: special tokens in message content are tokenized as plain text and tag text is broken
+    with a zero-width joiner.
+    """
+
+    mode: Literal["off", "always", "on_risk"] = Field(
+        "off", description="off: answer directly; always: deliberate on every request; on_risk: deliberate only "
+                           "when risk_monitor fires on the prompt (its firing never refuses).")
+    spec: str | None = Field(None, description="The spec text (rules the model reasons over). Exactly one of spec "
+                                               "and spec_file is needed unless mode is off and no strategy "
+                                               "deliberates.")
+    spec_file: Path | None = Field(None, description="File holding the spec (relative to the policy file).")
+    instruction: str = Field(DEFAULT_INSTRUCTION, min_length=1,
+                             description="Instruction put before the spec.")
+    placement: Literal["reasoning", "system"] = Field(
+        "reasoning", description="reasoning: force open tag, instruction and spec at the start of the answer (any "
+                                 "mode); system: put instruction and spec in a system message (mode always only), "
+                                 "for reasoning models that open their own section.")
+    open_tag: str = Field("<|think|>", min_length=1, description="Text (or special token) opening the section.")
+    close_tag: str = Field("<|/think|>", min_length=1, description="Text (or special token) closing the section.")
+    max_reasoning_tokens: int = Field(128, ge=1, description="Sampled reasoning tokens before the close tag is "
+                                                             "forced (the forced spec does not count).")
+    risk_monitor: str | None = Field(None, pattern=NAME_PATTERN,
+                                     description="Monitor (scope prompt or both) whose prompt firing switches "
+                                                 "deliberation on; required for on_risk.")
+
+    @field_validator("spec_file")
+    @classmethod
+    def _check_spec_file(cls, path: Path | None, info: ValidationInfo) -> Path | None:
+        return None if path is None else _resolve(path, info, must_exist=True, what="spec file")
+
+    @model_validator(mode="after")
+    def _check(self) -> "DeliberationSpec":
+        if self.spec is not None and self.spec_file is not None:
+            raise ValueError("set spec or spec_file, not both")
+        if self.mode != "off" and self.spec is None and self.spec_file is None:
+            raise ValueError(f"mode {self.mode} needs spec or spec_file")
+        if self.mode == "on_risk" and self.risk_monitor is None:
+            raise ValueError("mode on_risk needs risk_monitor (a monitor with scope prompt or both)")
+        if self.placement == "system" and self.mode == "on_risk":
+            raise ValueError("placement system only works with mode always (the spec goes in before the prompt "
+                             "is scored); use placement reasoning for on_risk")
+        return self
+
+    def spec_text(self) -> str:
+        """The spec, read from ``spec_file`` if set ('' if neither is set)."""
+        if self.spec_file is not None:
+            return Path(self.spec_file).read_text(encoding="utf-8")
+        return self.spec or ""
+
+
 class Policy(Strict):
     """One guarded model: what to serve, what to watch, and what to do when a monitor fires."""
 
@@ -295,6 +354,8 @@ class Policy(Strict):
                                       description="Sampling defaults for requests.")
     access: AccessSpec | None = Field(None, description="API keys bound to this policy; null: any global key "
                                                         "(or anyone, when the server has no keys).")
+    deliberation: DeliberationSpec = Field(default_factory=dict, validate_default=True,
+                                           description="Deliberative reasoning over a written spec.")
 
     _content_hash: str | None = PrivateAttr(None)
     _source_path: Path | None = PrivateAttr(None)
@@ -310,6 +371,26 @@ class Policy(Strict):
                                           {"name": m.name, "first": seen[m.name], "loc_suffix": (i, "name")})
             seen[m.name] = i
         return monitors
+
+    @model_validator(mode="after")
+    def _check_deliberation(self) -> "Policy":
+        d = self.deliberation
+        if d.risk_monitor is not None:
+            found = [m for m in self.monitors if m.name == d.risk_monitor]
+            if not found:
+                raise PydanticCustomError("unknown_monitor", "deliberation.risk_monitor names no monitor: '{name}'",
+                                          {"name": d.risk_monitor, "loc_suffix": ("deliberation", "risk_monitor")})
+            if found[0].scope == "output":
+                raise PydanticCustomError("bad_scope", "deliberation.risk_monitor '{name}' must have scope prompt "
+                                                       "or both", {"name": d.risk_monitor,
+                                                                   "loc_suffix": ("deliberation", "risk_monitor")})
+        deliberating = [i for i, s in enumerate(self.backtrack.strategies) if s.deliberate]
+        if deliberating and d.spec is None and d.spec_file is None:
+            raise PydanticCustomError("no_spec", "backtrack.strategies[{i}].deliberate needs deliberation.spec or "
+                                                 "deliberation.spec_file",
+                                      {"i": deliberating[0], "loc_suffix": ("backtrack", "strategies",
+                                                                            deliberating[0], "deliberate")})
+        return self
 
     @model_validator(mode="after")
     def _fill_served_name(self) -> "Policy":

@@ -52,6 +52,9 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--method", choices=["logreg", "diffmean"], default="logreg")
     t.add_argument("--pooling", choices=["token", "mean", "last"], default="token",
                    help="fit on every completion token, or on one mean/last-token vector per row (default token)")
+    t.add_argument("--span", choices=["completion", "prompt"], default="completion",
+                   help="tokens the probe reads: completion (output monitor) or prompt (prompt-scope monitor; "
+                        "labels mark harmful requests) (default completion)")
     t.add_argument("--l2", type=float, default=0.1, help="L2 penalty for logreg (default 0.1)")
     t.add_argument("--target-fpr", type=float, default=0.01, help="row-level FPR of the threshold (default 0.01)")
     t.add_argument("--heldout-frac", type=float, default=0.2)
@@ -103,7 +106,7 @@ def cmd_train(args) -> int:
     try:
         config = TrainConfig(method=args.method, l2=args.l2, target_fpr=args.target_fpr,
                              heldout_frac=args.heldout_frac, seed=args.seed, aggregation=_aggregation(args),
-                             pooling=args.pooling)
+                             pooling=args.pooling, span=args.span)
     except ValueError as exc:
         raise InvalidRequestError(str(exc)) from exc
     engine = _engine(args)

@@ -5,6 +5,8 @@ captured, so a layer sweep never re-runs the model. By default only completion t
 the tokens of ``encode(completion)`` appended to ``encode_chat([user prompt])``, i.e. what a
 monitor would see as output tokens at serving time. ``span="all"`` keeps the prompt tokens too
 (SAE training); :attr:`Activations.completion` then marks which tokens are completion tokens.
+``span="prompt"`` keeps only the prompt tokens, what a prompt-scope monitor reads at prefill (the
+row's label then says whether the *request* should be flagged; the completion is not run).
 
 With an :class:`~guard.probe.cache.ActivationCache`, a collection whose model, examples, layers
 and span were seen before is read from disk instead of running the model.
@@ -27,7 +29,7 @@ from guard.probe.data import DataError, Example
 if TYPE_CHECKING:
     from guard.probe.cache import ActivationCache
 
-Span = Literal["completion", "all"]
+Span = Literal["completion", "all", "prompt"]
 Pooling = Literal["token", "mean", "last"]
 
 
@@ -133,6 +135,8 @@ def _run(engine: Engine, examples: list[Example], layers: list[int], *, desc: st
     bar = Progress(desc, len(examples), enabled=progress)
     for i, ex in enumerate(examples):
         ids, n_prompt = token_ids(engine, ex)
+        if span == "prompt":
+            ids = ids[:n_prompt]  # causal: the prompt's activations do not depend on the completion
         hidden = engine.hidden_states(ids, layers)
         start = n_prompt if span == "completion" else 0
         for layer in layers:
@@ -146,7 +150,7 @@ def _run(engine: Engine, examples: list[Example], layers: list[int], *, desc: st
     cat = (lambda parts, dtype: np.concatenate(parts) if parts else np.zeros(0, dtype))
     return Activations({l: torch.cat(c) if c else torch.zeros(0, d) for l, c in chunks.items()},
                        cat(rows, np.int64), np.array([ex.label for ex in examples], dtype=np.int64),
-                       cat(ids_out, np.int64), None if span == "completion" else cat(is_completion, bool))
+                       cat(ids_out, np.int64), None if span != "all" else cat(is_completion, bool))
 
 
 class Progress:

@@ -28,7 +28,7 @@ from guard.monitors.base import AggregationSpec
 from guard.monitors.probe import ProbeMonitor, config_fingerprint
 from guard.probe import metrics as M
 from guard.probe.cache import ActivationCache
-from guard.probe.collect import Activations, Pooling, collect
+from guard.probe.collect import Activations, Pooling, Span, collect
 from guard.probe.data import DataError, read_files
 from guard.probe.fit import Method, fit
 
@@ -54,7 +54,13 @@ class TrainConfig:
     (``mean``) or last (``last``) completion-token activation. The fitted probe still scores every
     token at serving time, so all metrics stay row-max of aggregated per-token scores."""
 
+    span: Span = "completion"
+    """Tokens the probe reads: ``completion`` (an output monitor) or ``prompt`` (a prompt-scope
+    monitor, e.g. a deliberation risk monitor; labels then mark harmful requests)."""
+
     def __post_init__(self) -> None:
+        if self.span not in ("completion", "prompt"):
+            raise ValueError(f"span must be completion or prompt, got {self.span!r}")
         if self.pooling not in ("token", "mean", "last"):
             raise ValueError(f"pooling must be token, mean or last, got {self.pooling!r}")
         if not 0.0 < self.heldout_frac < 1.0:
@@ -175,8 +181,9 @@ def train_probe(engine: Engine, data: list[str | Path], *, model_dir: str | Path
         raise InvalidRequestError(f"layers {bad} out of range: the model has {engine.info.num_layers} layers "
                                   f"(0..{engine.info.num_layers - 1})", param="layer")
     # 2. activations, every layer in one pass
-    acts = collect(engine, examples, layers, desc="train data", progress=progress, cache=cache)
-    eval_acts = (collect(engine, eval_examples, layers, desc="eval data", progress=progress, cache=cache)
+    acts = collect(engine, examples, layers, desc="train data", progress=progress, cache=cache, span=config.span)
+    eval_acts = (collect(engine, eval_examples, layers, desc="eval data", progress=progress, cache=cache,
+                         span=config.span)
                  if eval_examples else None)
     # 3. split
     train_idx, held_idx = split_rows(acts.labels, config.heldout_frac, config.seed)
@@ -189,7 +196,7 @@ def train_probe(engine: Engine, data: list[str | Path], *, model_dir: str | Path
     # 6. calibrate on negative rows
     if calib_examples:
         negatives = collect(engine, [e for e in calib_examples if e.label == 0], [best.layer],
-                            desc="calibration data", progress=progress, cache=cache)
+                            desc="calibration data", progress=progress, cache=cache, span=config.span)
         source = [str(p) for p in calibration]
     else:
         negatives, source = acts.select(np.flatnonzero(acts.labels == 0)), "train+heldout"
@@ -204,7 +211,7 @@ def train_probe(engine: Engine, data: list[str | Path], *, model_dir: str | Path
                 "heldout_frac": config.heldout_frac, "l2": config.l2 if config.method == "logreg" else None,
                 "layers_swept": layers, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     monitor.meta = _json_safe({"model": _model_info(engine, model_dir), "method": config.method,
-                               "pooling": config.pooling,
+                               "pooling": config.pooling, "span": config.span,
                                "target_fpr": config.target_fpr, "metrics": metrics, "training": training})
     return TrainResult(monitor, results)
 
