@@ -454,7 +454,7 @@ def _sae_monitor(spec, engine: Engine):
     agg = spec.aggregation.to_spec() if spec.aggregation is not None else None
     try:
         mon = SaeFeatureMonitor(spec.name, sae, feats, rule=spec.rule, weighted_threshold=spec.weighted_threshold,
-                                aggregation=agg)
+                                aggregation=agg, topk_threshold=spec.topk_threshold)
     except ValueError as exc:
         raise ModelLoadError(f"SAE monitor '{spec.name}' ({spec.path}): {exc}") from exc
     mon.check_compatible(engine.info)

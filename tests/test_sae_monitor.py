@@ -247,3 +247,19 @@ def test_monitor_reads_real_activations_in_a_generation(tmp_path, tiny_model_dir
     cold = _generate(tiny_engine, _service_monitor(
         write_policy(tmp_path, tiny_model_dir, "[{index: 5, threshold: 1.0e+9}]"), tiny_engine))
     assert not cold.firings
+
+
+def test_policy_topk_threshold_reaches_the_monitor(tmp_path, tiny_model_dir, tiny_engine):
+    """A TopK SAE is scored with the policy's calibrated pre-activation threshold."""
+    d = tiny_engine.info.d_model
+    sae = random_sae("relu", d=d, n=32)
+    sae = Sae(W_enc=sae.W_enc, b_enc=sae.b_enc, W_dec=sae.W_dec, b_dec=sae.b_dec, activation="topk", k=4)
+    save_saelens(sae, tmp_path / "sae", model_name="tiny", hook_name="blocks.0.hook_resid_post")
+    x = torch.randn(64, d, generator=g(11))
+    pre = (x @ sae.W_enc + sae.b_enc)[:, 5]
+    theta = float(pre.quantile(0.5))
+    bound = _service_monitor(write_policy(tmp_path, tiny_model_dir, extra=f"rule: any\n    topk_threshold: {theta}"),
+                             tiny_engine)
+    acts = bound.monitor.feature_acts(x)[:, 0]
+    expected = torch.where(pre > theta, pre, torch.zeros_like(pre))
+    torch.testing.assert_close(acts, expected, atol=1e-5, rtol=1e-5)

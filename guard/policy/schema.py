@@ -155,6 +155,11 @@ class SaeMonitorSpec(Strict):
                                                                        "weight * threshold.")
     aggregation: AggregationConfig | None = Field(None, description="Score aggregation; defaults to none (fire on "
                                                                     "the first token that meets the rule).")
+    topk_threshold: float | None = Field(
+        None, ge=0.0, description="TopK SAEs only: a watched feature counts as active when its pre-activation "
+                                  "exceeds this calibrated threshold (TopK membership would need all d_sae "
+                                  "pre-activations; this is the BatchTopK -> JumpReLU approximation). Defaults to "
+                                  "the SAE file's threshold, else 0 (plain ReLU, which can only over-fire).")
     action: MonitorAction = _action_field()
     scope: Scope = _scope_field()
 
