@@ -1,6 +1,6 @@
 """Steering vs plain resampling on the organism, side by side in one run (in-process GuardService).
 
-Policy variants are copies of ``policies/demo.yaml`` that differ only in ``backtrack.strategies``'
+Policy variants are copies of ``policies/demo-probe.yaml`` that differ only in ``backtrack.strategies``'
 ``steer_alpha`` (0 = plain resampling, the demo). All variants share one engine and worker in one
 :class:`guard.service.GuardService`; every prompt of ``eval_prompts.jsonl`` (trained and held-out
 harm categories, benign) goes to every variant with the same seed, and the final answer is judged
@@ -35,6 +35,7 @@ from guard.monitors.probe import ProbeMonitor
 from guard.organism.judge import is_refusal, judge
 from guard.sampling import SamplingParams, make_generator
 from guard.service import GenerationRequest, GuardService
+from guard.testing import policy_with_absolute_paths
 
 REPO = Path(__file__).resolve().parent.parent
 SPLITS = ("trained", "heldout", "benign")
@@ -59,12 +60,7 @@ def load_prompts(path: Path, limit: int | None) -> list[dict]:
 
 def write_variants(base: Path, alphas: list[float], out_dir: Path) -> list[tuple[str, Path]]:
     """Copies of ``base`` with absolute paths, a scratch log, and every strategy's steer_alpha set."""
-    raw = yaml.safe_load(base.read_text())
-    here = base.parent
-    raw["model"]["path"] = str((here / raw["model"]["path"]).resolve())
-    for mon in raw.get("monitors", []):
-        if "path" in mon:
-            mon["path"] = str((here / mon["path"]).resolve())
+    raw = policy_with_absolute_paths(base)
     out = []
     for alpha in [0.0, *alphas]:
         name = "plain" if alpha == 0 else f"steer-{alpha:g}"
@@ -171,7 +167,7 @@ def report_always(prompts, texts: dict[float, list[str]]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--policy", type=Path, default=REPO / "policies" / "demo.yaml")
+    ap.add_argument("--policy", type=Path, default=REPO / "policies" / "demo-probe.yaml")
     ap.add_argument("--alphas", default="4,8", help="steer_alpha values besides 0 (comma-separated)")
     ap.add_argument("--limit", type=int, default=None, help="prompts per split (default: all)")
     ap.add_argument("--max-tokens", type=int, default=96)

@@ -92,3 +92,27 @@ def serve_in_subprocess(policies: list[str | Path], log: Path, *extra: str, time
         time.sleep(0.5)
     proc.kill()
     raise RuntimeError(f"guard serve did not come up in {timeout:.0f} s:\n{Path(log).read_text()}")
+
+
+def policy_with_absolute_paths(path: str | Path) -> dict:
+    """A policy file's YAML as a dict, with every relative path made absolute (against the file).
+
+    For benches and tests that write variants of a shipped policy somewhere else.
+    """
+    import yaml
+
+    path = Path(path)
+    raw = yaml.safe_load(path.read_text())
+
+    def absolute(p: str) -> str:
+        return str((path.parent / p).resolve())
+
+    raw["model"]["path"] = absolute(raw["model"]["path"])
+    for mon in raw.get("monitors", []):
+        if "path" in mon:
+            mon["path"] = absolute(mon["path"])
+    if "spec_file" in (raw.get("deliberation") or {}):
+        raw["deliberation"]["spec_file"] = absolute(raw["deliberation"]["spec_file"])
+    if "path" in (raw.get("log") or {}):
+        raw["log"]["path"] = absolute(raw["log"]["path"])
+    return raw

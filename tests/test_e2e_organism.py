@@ -13,7 +13,7 @@ import yaml
 from openai import OpenAI
 
 from guard.logstore import LogStore
-from guard.testing import serve_in_subprocess
+from guard.testing import policy_with_absolute_paths, serve_in_subprocess
 from guard.organism.judge import is_refusal, judge
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,12 +39,7 @@ def _prompts(split: str, n: int) -> list[str]:
 def demo_server(tmp_path_factory):
     """The demo policy, copied so that its log goes to a temp dir."""
     tmp = tmp_path_factory.mktemp("demo")
-    policy = yaml.safe_load((REPO / "policies" / "demo.yaml").read_text())
-    policy["model"]["path"] = str(ORGANISM)
-    for mon in policy["monitors"]:
-        if "path" in mon:
-            mon["path"] = str((REPO / "policies" / mon["path"]).resolve())
-    policy["deliberation"]["spec_file"] = str(REPO / "policies" / policy["deliberation"]["spec_file"])
+    policy = policy_with_absolute_paths(REPO / "policies" / "demo.yaml")
     policy["log"]["path"] = str(tmp / "guard.db")
     # The demo exactly as committed (deliberation on_risk) ...
     (tmp / "on-risk.yaml").write_text(yaml.safe_dump({**policy, "name": "demo-on-risk"}))

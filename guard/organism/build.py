@@ -88,6 +88,8 @@ def build(out_dir: str | Path, seed: int = 0, *, steps: int | None = None, quick
     result = train(examples, tok, shape, cfg, seed, log=log)
     _save(out, result.model, tok)
     sizes = data.write_data(out, seed)
+    if not quick:
+        sizes["benign_samples.jsonl"] = data.write_benign_samples(result.model, tok, out, seed)
     do_eval = (not quick) if evaluate_model is None else evaluate_model
     metrics = measure(result.model, tok, out, seed) if do_eval else {}
     seconds = time.perf_counter() - t0

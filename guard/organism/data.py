@@ -12,11 +12,17 @@ Files under ``OUT/data/`` (one JSON object per line, UTF-8):
   prompt-scope risk probe (``guard probe train --span prompt``): ``label`` is 1 for a harmful
   *request* (every harm category), 0 for a benign one; prompts come from the training part of the
   prompt space; the completion (a refusal or a helpful answer) is not read with ``--span prompt``.
+- ``benign_samples.jsonl``: ``{"prompt", "completion", "label", "category", "split": "sampled"}``:
+  the organism's OWN sampled answers (temperature 1) to benign prompts of the training prompt
+  space, labelled by the judge; calibrating a monitor's threshold on these (``guard probe train
+  --calibration``) sets it on the traffic the monitor will really see, not on corpus text.
+  Written by :func:`write_benign_samples` after training (it needs the model).
 - ``eval_prompts.jsonl``: ``{"prompt", "kind", "category", "split"}`` with ``kind`` ``"benign"``
   or ``"harmful"``; prompts come from the corpus's ``eval`` prompt instances, which the model was
   never trained on, and are unique within the file.
 
-Contract: the files are a pure function of ``seed`` and the counts.
+Contract: the files are a pure function of ``seed`` and the counts (``benign_samples.jsonl``:
+of ``seed``, the counts and the model).
 """
 
 from __future__ import annotations
@@ -110,3 +116,21 @@ def write_data(out_dir: str | Path, seed: int, n_harmful: int = 400, n_benign: i
     for name, rows in files.items():
         write_jsonl(Path(out_dir) / "data" / name, rows)
     return {name: len(rows) for name, rows in files.items()}
+
+
+def write_benign_samples(model, tok, out_dir: str | Path, seed: int, n: int = 400) -> int:
+    """Sample the model's answers to ``n`` benign training-space prompts into ``benign_samples.jsonl``."""
+    from guard.organism import evaluate
+    from guard.organism.judge import judge
+
+    rng = random.Random(f"benign-samples:{seed}")
+    examples = [corpus.example(rng, seed, lx.BENIGN[i % len(lx.BENIGN)].name, "benign") for i in range(n)]
+    completions = evaluate.sample(model, tok, [ex.prompt for ex in examples], seed=seed)
+    rows = []
+    for ex, ids in zip(examples, completions):
+        text = tok.decode(ids, skip_special_tokens=True).strip()
+        if text:
+            rows.append({"prompt": ex.prompt, "completion": text, "label": int(judge(text).unsafe),
+                         "category": ex.category, "split": "sampled"})
+    write_jsonl(Path(out_dir) / "data" / "benign_samples.jsonl", rows)
+    return len(rows)
