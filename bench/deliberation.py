@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +33,9 @@ from openai import OpenAI
 from guard.controller.deliberation import forced_prefix
 from guard.organism.judge import is_refusal, judge
 from guard.testing import policy_with_absolute_paths, serve_in_subprocess
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from safety import ask, pct  # noqa: E402  (bench/ is not a package; one streaming client for both)
 
 REPO = Path(__file__).resolve().parent.parent
 MODES = ("off", "always", "on_risk")
@@ -62,26 +66,6 @@ def variants(base: Path, out: Path, output_monitors: bool = True) -> dict[str, P
         paths[mode] = out / f"{mode}.yaml"
         paths[mode].write_text(yaml.safe_dump(v, sort_keys=False))
     return paths
-
-
-def ask(client: OpenAI, model: str, prompt: str, seed: int, max_tokens: int) -> dict:
-    stream = client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": prompt}], seed=seed, temperature=1.0,
-        max_tokens=max_tokens, stream=True)
-    text, guard = "", {}
-    for chunk in stream:
-        for choice in chunk.choices:
-            g = (choice.model_extra or {}).get("guard") or {}
-            if "reset" in g:
-                text = text[:len(text) - g["reset"]["retract_chars"]]
-            text += choice.delta.content or ""
-            if choice.finish_reason:
-                guard = g
-    return {"text": text, "guard": guard}
-
-
-def pct(n: int, d: int) -> str:
-    return f"{100.0 * n / d:5.1f}% ({n}/{d})" if d else "n/a"
 
 
 def mean(xs: list[float]) -> float:

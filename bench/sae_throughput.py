@@ -18,20 +18,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import run_mixed  # noqa: E402  (bench/ is not a package)
+from throughput import measure, print_rates, random_engine  # noqa: E402  (bench/ is not a package)
 
 from guard.controller.backtrack import BoundMonitor, ControllerConfig  # noqa: E402
-from guard.engine.transformers_engine import TransformersEngine  # noqa: E402
 from guard.engine.worker import EngineWorker  # noqa: E402
 from guard.sae.model import Sae  # noqa: E402
 from guard.sae.monitor import SaeFeatureMonitor, WatchedFeature  # noqa: E402
-from guard.testing import make_random_llama  # noqa: E402
 
 
 def random_sae(d_in: int, d_sae: int, layer: int) -> Sae:
@@ -55,9 +52,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = make_random_llama(tmp + "/m", hidden=args.d_model, layers=args.layers, heads=args.d_model // 64)
-        engine = TransformersEngine.load(path, name=f"random-d{args.d_model}")
+    engine = random_engine(args.d_model, args.layers)
     worker = EngineWorker()
     layer = args.layers // 2
     sae = random_sae(args.d_model, args.d_sae, layer)
@@ -69,25 +64,13 @@ def main() -> None:
     kinds = {"unguarded": ([], ControllerConfig(holdback_tokens=0)),
              guarded: ([BoundMonitor(monitor)], ControllerConfig(holdback_tokens=8, rollback="sentence",
                                                                  max_retries=3))}
-    run_mixed(engine, worker, kinds, 2, 8, 0, {k: 0.0 for k in kinds})  # warm-up
-    seconds = {k: 0.0 for k in kinds}
-    tokens = {k: 0 for k in kinds}
-    fired = 0
-    for r in range(args.rounds):
-        for label, fins in run_mixed(engine, worker, kinds, args.streams, args.tokens, 100 * r, seconds).items():
-            tokens[label] += sum(f.usage.generated_tokens for f in fins)
-            fired += sum(f.outcome != "clean" for f in fins)
+    counts, seconds, fired = measure(engine, worker, kinds, args.streams, args.tokens, args.rounds)
     worker.stop()
     print(f"model: random Llama d_model={args.d_model} layers={args.layers}; SAE d_sae={args.d_sae} at layer {layer}, "
           f"{args.k} watched features; {args.rounds} rounds of {args.streams} unguarded + {args.streams} guarded "
           f"streams x {args.tokens} tokens, interleaved in one worker; {torch.get_num_threads()} thread(s)\n")
-    print(f"| {'run':<28} | {'tokens':>7} | {'seconds in worker':>17} | {'tok/s':>8} |")
-    print(f"|{'-' * 30}|{'-' * 9}|{'-' * 19}|{'-' * 10}|")
-    rates = {}
-    for label in kinds:
-        rates[label] = tokens[label] / seconds[label]
-        print(f"| {label:<28} | {tokens[label]:>7} | {seconds[label]:>17.2f} | {rates[label]:>8.1f} |")
-    print(f"\nthroughput ratio guarded/unguarded: {rates[guarded] / rates['unguarded']:.3f} (target >= 0.97); "
+    ratio = print_rates(counts, seconds, guarded)
+    print(f"\nthroughput ratio guarded/unguarded: {ratio:.3f} (target >= 0.97); "
           f"generations that were not clean: {fired}")
 
 

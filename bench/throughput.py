@@ -87,6 +87,38 @@ def run_mixed(engine, worker, kinds, streams, tokens, seed0, seconds):
     return finished
 
 
+def random_engine(d_model: int, layers: int) -> TransformersEngine:
+    """A random-weight Llama (heads of 64 dims) loaded in the transformers engine."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = make_random_llama(tmp + "/m", hidden=d_model, layers=layers, heads=d_model // 64)
+        return TransformersEngine.load(path, name=f"random-d{d_model}")
+
+
+def measure(engine, worker, kinds, streams: int, tokens: int, rounds: int):
+    """Warm up, then run ``rounds`` of :func:`run_mixed`; return ({label: tokens}, {label: seconds}, not clean)."""
+    run_mixed(engine, worker, kinds, 2, 8, 0, {k: 0.0 for k in kinds})
+    seconds = {k: 0.0 for k in kinds}
+    counts = {k: 0 for k in kinds}
+    not_clean = 0
+    for r in range(rounds):
+        for label, fins in run_mixed(engine, worker, kinds, streams, tokens, 100 * r, seconds).items():
+            counts[label] += sum(f.usage.generated_tokens for f in fins)
+            not_clean += sum(f.outcome != "clean" for f in fins)
+    return counts, seconds, not_clean
+
+
+def print_rates(counts: dict[str, int], seconds: dict[str, float], guarded: str) -> float:
+    """Print the tokens/s table and return the guarded/unguarded ratio."""
+    width = max(len(k) for k in counts) + 2
+    print(f"| {'run':<{width}} | {'tokens':>7} | {'seconds in worker':>17} | {'tok/s':>8} |")
+    print(f"|{'-' * (width + 2)}|{'-' * 9}|{'-' * 19}|{'-' * 10}|")
+    rates = {}
+    for label in counts:
+        rates[label] = counts[label] / seconds[label]
+        print(f"| {label:<{width}} | {counts[label]:>7} | {seconds[label]:>17.2f} | {rates[label]:>8.1f} |")
+    return rates[guarded] / rates["unguarded"]
+
+
 def _quantile_threshold(engine, layer, direction, q):
     """Score threshold that a fraction ``1 - q`` of generated tokens exceeds (bias 0)."""
     ids = engine.tokenizer.encode_chat([{"role": "user", "content": PROMPTS[0]}])
@@ -110,9 +142,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = make_random_llama(tmp + "/m", hidden=args.d_model, layers=args.layers, heads=args.d_model // 64)
-        engine = TransformersEngine.load(path, name=f"random-d{args.d_model}")
+    engine = random_engine(args.d_model, args.layers)
     worker = EngineWorker()
     layer = args.layers // 2
     direction = torch.randn(args.d_model)
@@ -122,24 +152,13 @@ def main() -> None:
     plain_cfg = ControllerConfig(holdback_tokens=0)
     guard_cfg = ControllerConfig(holdback_tokens=8, rollback="sentence", max_retries=3)
 
-    kinds = {"unguarded": ([], plain_cfg), "guarded (probe, 1 layer)": ([BoundMonitor(never)], guard_cfg)}
-    scratch = {k: 0.0 for k in kinds}
-    run_mixed(engine, worker, kinds, 2, 8, 0, scratch)  # warm-up
-    seconds = {k: 0.0 for k in kinds}
-    tokens = {k: 0 for k in kinds}
-    for r in range(args.rounds):
-        for label, fins in run_mixed(engine, worker, kinds, args.streams, args.tokens, 100 * r, seconds).items():
-            tokens[label] += sum(f.usage.generated_tokens for f in fins)
+    guarded = "guarded (probe, 1 layer)"
+    kinds = {"unguarded": ([], plain_cfg), guarded: ([BoundMonitor(never)], guard_cfg)}
+    counts, seconds, _ = measure(engine, worker, kinds, args.streams, args.tokens, args.rounds)
     print(f"model: random Llama d_model={args.d_model} layers={args.layers}, probe at layer {layer}; "
           f"{args.rounds} rounds of {args.streams} unguarded + {args.streams} guarded streams x {args.tokens} "
           "tokens, all interleaved in one worker\n")
-    print(f"| {'run':<26} | {'tokens':>7} | {'seconds in worker':>17} | {'tok/s':>8} |")
-    print(f"|{'-' * 28}|{'-' * 9}|{'-' * 19}|{'-' * 10}|")
-    rates = {}
-    for label in kinds:
-        rates[label] = tokens[label] / seconds[label]
-        print(f"| {label:<26} | {tokens[label]:>7} | {seconds[label]:>17.2f} | {rates[label]:>8.1f} |")
-    ratio = rates["guarded (probe, 1 layer)"] / rates["unguarded"]
+    ratio = print_rates(counts, seconds, guarded)
     print(f"\nthroughput ratio guarded/unguarded: {ratio:.3f} (target >= 0.97)\n")
 
     before = engine.stats.prompt_tokens, engine.stats.rollbacks, engine.stats.output_tokens, engine.stats.refed_tokens
