@@ -110,6 +110,17 @@ def format_record(log_id: str, record: GenerationRecord) -> str:
     lines += ["", "== final answer ==", record.final_text]
     for i, span in enumerate(record.spans):
         lines += ["", *_format_span(i, span)]
+    if record.firings:
+        lines += ["", "== firings (in order; action log = shadow monitor, changed nothing) =="]
+        lines += [f"{f['monitor']}: {f.get('scope', 'output')} token {f['position']} {f['token']!r}, score "
+                  f"{f['score']:.3f} > {f['threshold']:g}, action {f['action']}, attempt {f['attempt']}"
+                  for f in record.firings]
+    if record.prompt_scores:
+        lines.append("prompt scores (max): " + ", ".join(f"{m} {max(v):.3f}" for m, v in record.prompt_scores.items() if v))
+    if record.monitor_errors:
+        lines += ["", "== monitor errors =="]
+        lines += [f"{e['monitor']} ({e['scope']}, token {e['position']}): {e['error']} -> {e['handling']}"
+                  for e in record.monitor_errors]
     if record.retries:
         lines += ["", "== retries =="]
         for r in record.retries:

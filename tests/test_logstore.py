@@ -203,3 +203,20 @@ def test_module_entry_point(store: LogStore):
     run = subprocess.run([sys.executable, "-m", "guard.cli", "logs", "list", "--db", str(store.path)],
                          capture_output=True, text=True, check=True)
     assert log_id in run.stdout
+
+
+def test_cli_show_prints_firings_and_monitor_errors(store: LogStore):
+    rec = make_record(spans=1)
+    rec.firings = [{"monitor": "shadow-probe", "action": "log", "scope": "output", "position": 3, "token_id": 9,
+                    "token": " x", "score": 0.81, "threshold": 0.5, "attempt": 0}]
+    rec.prompt_scores = {"risk-probe": [0.1, 0.7, 0.2]}
+    rec.monitor_errors = [{"monitor": "sae", "scope": "output", "error": "ValueError: boom", "position": 2,
+                           "attempt": 0, "handling": "disabled"}]
+    log_id = store.write(rec)
+    out = io.StringIO()
+    args = parse("logs", "show", log_id, "--db", str(store.path))
+    assert args.func(args, out) == 0
+    text = out.getvalue()
+    assert "shadow-probe: output token 3 ' x', score 0.810 > 0.5, action log, attempt 0" in text
+    assert "prompt scores (max): risk-probe 0.700" in text
+    assert "sae (output, token 2): ValueError: boom -> disabled" in text
