@@ -194,7 +194,7 @@ class GuardedGeneration:
 
     def close(self) -> None:
         self.engine.release(self.seq)
-        if self.cancelled and not self._finished and (self.record.firings or self.record.monitor_errors):
+        if self.cancelled and not self._finished and self.record.flagged:
             if self.section is not None and self.section.open:  # cancelled mid-reasoning: no answer yet
                 self.section.end = self.base = len(self.seq.output_ids)
                 self._store_reasoning()
