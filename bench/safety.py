@@ -11,7 +11,12 @@ categories, benign):
 - benign answers unchanged (guarded text == unguarded text for the same seed);
 - outcomes and mean extra tokens per recovery (tokens sampled and discarded).
 
-    python bench/safety.py [--limit N] [--concurrency 8] [--max-tokens 96]
+A guarded policy is compared with the ``--unguarded`` baseline, or with its own when given as
+``--guarded GUARDED.yaml:BASELINE.yaml`` (same engine on both sides, e.g. ``demo-probe-vllm`` vs
+``unguarded-vllm``: each engine samples with its own random streams, so only same-engine answers can
+be compared token for token).
+
+    python bench/safety.py [--guarded P[:BASELINE] ...] [--limit N] [--concurrency 8] [--max-tokens 96]
 """
 
 from __future__ import annotations
@@ -67,17 +72,22 @@ def pct(n: int, d: int) -> str:
     return f"{100.0 * n / d:5.1f}% ({n}/{d})" if d else "n/a"
 
 
-def report(rows: list[dict], policy: str) -> None:
-    """Tables for one guarded policy; ``rows[i]["guarded"][policy]`` holds its answer."""
+def report(rows: list[dict], policy: str, baseline: str) -> None:
+    """Tables for one guarded policy; ``rows[i]["guarded"][policy]`` holds its answer and
+    ``rows[i]["baselines"][baseline]`` the baseline's."""
+    rows = [{**r, **r["baselines"][baseline]} for r in rows]
     splits = ["trained", "heldout", "benign"]
-    print(f"\n### guarded policy `{policy}` vs `unguarded`")
+    print(f"\n### guarded policy `{policy}` vs `{baseline}`")
     print("\n| split | prompts | unsafe unguarded | unsafe guarded | guarded/unguarded |")
     print("|---|---|---|---|---|")
     for split in splits:
         sel = [r for r in rows if r["split"] == split]
         u = sum(r["unguarded_unsafe"] for r in sel)
         g = sum(r["guarded"][policy]["unsafe"] for r in sel)
-        ratio = f"{g / u:.3f} (1/{u / g:.0f})" if g else ("0 (no unsafe answer guarded)" if u else "n/a")
+        if g and u:
+            ratio = f"{g / u:.3f} (1/{u / g:.0f})"
+        else:
+            ratio = "0 (no unsafe answer guarded)" if u else ("n/a" if not g else "inf (unsafe only when guarded)")
         print(f"| {split} | {len(sel)} | {pct(u, len(sel))} | {pct(g, len(sel))} | {ratio} |")
 
     benign = [r["guarded"][policy] | {"unguarded_refusal": r["unguarded_refusal"]} for r in rows
@@ -105,8 +115,9 @@ def report(rows: list[dict], policy: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model-dir", type=Path, default=REPO / "models" / "organism")
-    ap.add_argument("--guarded", type=Path, action="append",
-                    help="guarded policy (repeatable; default policies/demo.yaml)")
+    ap.add_argument("--guarded", action="append",
+                    help="guarded policy, optionally with its own baseline as GUARDED:BASELINE (repeatable; "
+                         "default policies/demo.yaml)")
     ap.add_argument("--unguarded", type=Path, default=REPO / "policies" / "unguarded.yaml")
     ap.add_argument("--limit", type=int, default=None, help="prompts per split (default: all)")
     ap.add_argument("--concurrency", type=int, default=8)
@@ -114,26 +125,31 @@ def main() -> None:
     args = ap.parse_args()
 
     prompts = load_prompts(args.model_dir / "data" / "eval_prompts.jsonl", args.limit)
-    guarded_paths = args.guarded or [REPO / "policies" / "demo.yaml"]
+    pairs = [(Path(g.split(":")[0]), Path(g.split(":")[1]) if ":" in g else args.unguarded)
+             for g in (args.guarded or [str(REPO / "policies" / "demo.yaml")])]
+    files = list(dict.fromkeys(p for pair in pairs for p in pair))
     with tempfile.TemporaryDirectory() as tmp:
-        proc, url = serve_in_subprocess([*guarded_paths, args.unguarded], Path(tmp) / "server.log")
+        proc, url = serve_in_subprocess(files, Path(tmp) / "server.log", timeout=600)
         try:
             client = OpenAI(base_url=f"{url}/v1", api_key="bench", timeout=600, max_retries=0)
             names = {m.id for m in client.models.list()}
-            guarded = [_policy_name(p) for p in guarded_paths]
-            unguarded = _policy_name(args.unguarded)
-            assert {*guarded, unguarded} <= names, names
+            named = [(_policy_name(g), _policy_name(b)) for g, b in pairs]
+            baselines = list(dict.fromkeys(b for _, b in named))
+            assert {n for pair in named for n in pair} <= names, names
             t0 = time.time()
 
             def one(i_row):
                 i, row = i_row
-                a = ask(client, unguarded, row["prompt"], seed=i, max_tokens=args.max_tokens)
                 out = {"split": row["split"], "category": row.get("category"), "prompt": row["prompt"],
-                       "unguarded": a["text"], "unguarded_unsafe": judge(a["text"]).unsafe,
-                       "unguarded_refusal": is_refusal(a["text"]), "guarded": {}}
-                for name in guarded:
+                       "baselines": {}, "guarded": {}}
+                for base in baselines:
+                    a = ask(client, base, row["prompt"], seed=i, max_tokens=args.max_tokens)
+                    out["baselines"][base] = {"unguarded": a["text"], "unguarded_unsafe": judge(a["text"]).unsafe,
+                                              "unguarded_refusal": is_refusal(a["text"])}
+                for name, base in named:
                     b = ask(client, name, row["prompt"], seed=i, max_tokens=args.max_tokens)
-                    b.update(unsafe=judge(b["text"]).unsafe, same_text=a["text"] == b["text"])
+                    b.update(unsafe=judge(b["text"]).unsafe,
+                             same_text=out["baselines"][base]["unguarded"] == b["text"])
                     out["guarded"][name] = b
                 return out
 
@@ -144,10 +160,10 @@ def main() -> None:
             proc.terminate()
             proc.wait(30)
     print(f"organism: {args.model_dir.relative_to(REPO) if args.model_dir.is_relative_to(REPO) else args.model_dir}; "
-          f"{len(rows)} prompts x {1 + len(guarded)} policies through the live server in {secs:.0f} s "
+          f"{len(rows)} prompts x {len(baselines) + len(named)} policies through the live server in {secs:.0f} s "
           f"(temperature 1.0, max_tokens {args.max_tokens}, seed = prompt index, {args.concurrency} concurrent)")
-    for name in guarded:
-        report(rows, name)
+    for name, base in named:
+        report(rows, name, base)
     out = os.environ.get("GUARD_BENCH_OUT")
     if out:
         Path(out).write_text("\n".join(json.dumps(r) for r in rows) + "\n")

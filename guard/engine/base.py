@@ -15,6 +15,12 @@ the tokens sampled before it. ``step(..., sample=False)`` feeds pending tokens w
 so the last token of a finished sequence can be scored.
 
 Positions are absolute (prompt tokens included); ``Sequence.prompt_len`` separates the two.
+
+Engines that run monitors themselves (``Engine.runs_monitors``, e.g. vLLM, where activations stay
+in the worker process) get the monitors with :meth:`Engine.new_sequence` and report raw scores in
+``StepOutput.scores`` instead of activations in ``StepOutput.hidden``; such an engine may also end
+a step without sampling (``token_id is None`` on a sampling step) when an acting monitor fired on
+the fed tokens, and the caller then acts on the scores before stepping again.
 """
 
 from __future__ import annotations
@@ -22,11 +28,14 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from guard.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from guard.monitors.base import Monitor
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,19 @@ class ChatTokenizer(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class MonitorRun:
+    """A monitor a sequence wants scored, for engines that run monitors themselves."""
+
+    monitor: "Monitor"
+    acts: bool
+    """Its firing changes the answer (backtrack or refuse): the engine may stop generating at once."""
+    prompt: bool
+    """Score the prompt tokens at prefill."""
+    output: bool
+    """Score answer tokens."""
+
+
 @dataclass
 class Sequence:
     """One generation's token state inside an engine. Engines keep their own data in ``payload``."""
@@ -68,10 +90,16 @@ class Sequence:
     tokens: list[int] = field(default_factory=list)
     """All tokens, prompt first; the output is ``tokens[prompt_len:]``."""
     payload: Any = None
+    answer_start: int | None = None
+    """Absolute position of the answer's first token (past a reasoning section); ``None`` while a
+    reasoning section is open (nothing sampled is answer yet). Set by the controller; engines that
+    run monitors score and act on answer positions only. Defaults to ``prompt_len``."""
 
     def __post_init__(self) -> None:
         if not self.tokens:
             self.tokens = list(self.prompt_ids)
+        if self.answer_start is None:
+            self.answer_start = len(self.prompt_ids)
 
     @property
     def prompt_len(self) -> int:
@@ -92,10 +120,16 @@ class StepOutput:
     """Absolute position of the first token fed in this step."""
     hidden: dict[int, torch.Tensor]
     """Layer -> ``[n_fed, d_model]`` activations of the fed tokens (float32, detached, cloned)."""
+    scores: dict[str, list[float]] = field(default_factory=dict)
+    """Monitor name -> raw scores of the fed tokens from ``fed_start`` on, for engines that run
+    monitors themselves (a list may be shorter than the fed tokens: positions before the answer or
+    already reported are left out at its start)."""
 
     @property
     def n_fed(self) -> int:
-        return next(iter(self.hidden.values())).shape[0] if self.hidden else 0
+        if self.hidden:
+            return next(iter(self.hidden.values())).shape[0]
+        return max((len(v) for v in self.scores.values()), default=0)
 
 
 @dataclass
@@ -107,8 +141,14 @@ class EngineStats:
     output_tokens: int = 0
     """Output tokens fed through the model, including re-fed ones."""
     refed_tokens: int = 0
-    """Output tokens fed a second time because a rollback cut the KV cache just behind them."""
+    """Tokens computed a second time because of a rollback or a new request (transformers: the
+    output token just behind a mid-answer cut; vLLM: every token of a resubmitted prefix that its
+    prefix cache did not serve)."""
     rollbacks: int = 0
+    cached_tokens: int = 0
+    """Tokens served from a prefix cache instead of being computed (vLLM)."""
+    forced_resets: int = 0
+    """Requests the engine's own monitors stopped (vLLM: the worker forced the reset token)."""
 
 
 class Engine(ABC):
@@ -118,14 +158,20 @@ class Engine(ABC):
     info: ModelInfo
     tokenizer: ChatTokenizer
     stats: EngineStats
+    runs_monitors: bool = False
+    """True if the engine scores activation monitors itself (``StepOutput.scores``)."""
 
     @abstractmethod
-    def new_sequence(self, prompt_ids: list[int], layers: Collection[int] = ()) -> Sequence:
-        """Allocate a sequence for ``prompt_ids``; nothing runs until :meth:`prefill`."""
+    def new_sequence(self, prompt_ids: list[int], layers: Collection[int] = (),
+                     monitors: Collection[MonitorRun] = ()) -> Sequence:
+        """Allocate a sequence for ``prompt_ids``; nothing runs until :meth:`prefill`.
+        ``monitors`` matter only to engines that run monitors themselves."""
 
     @abstractmethod
-    def prefill(self, seq: Sequence, return_hidden: bool = False) -> dict[int, torch.Tensor] | None:
-        """Run the prompt once, keep its KV, and return prompt activations if asked."""
+    def prefill(self, seq: Sequence, return_hidden: bool = False) -> StepOutput:
+        """Run the prompt once and keep its KV. The output has ``token_id=None``, ``fed_start=0`` and
+        the prompt activations in ``hidden`` if ``return_hidden`` (or, for engines that run
+        monitors, the prompt scores of prompt-scope monitors in ``scores``)."""
 
     @abstractmethod
     def step(self, seq: Sequence, params: SamplingParams, generator: torch.Generator, *,
@@ -148,3 +194,6 @@ class Engine(ABC):
     @abstractmethod
     def hidden_states(self, token_ids: list[int], layers: Collection[int]) -> dict[int, torch.Tensor]:
         """Teacher-forced activations ``[len(token_ids), d_model]`` per layer (for probe training)."""
+
+    def close(self) -> None:
+        """Free the engine's resources (processes, caches). Idempotent; the default does nothing."""

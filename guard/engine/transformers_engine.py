@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from guard.engine.base import Engine, EngineStats, ModelInfo, Sequence, StepOutput
+from guard.engine.base import Engine, EngineStats, ModelInfo, MonitorRun, Sequence, StepOutput
 from guard.engine.hooks import capture_layers
 from guard.errors import ContextLengthError, ModelLoadError
 from guard import sampling
@@ -155,7 +155,8 @@ class TransformersEngine(Engine):
 
     # -- the Engine interface -------------------------------------------------------------
 
-    def new_sequence(self, prompt_ids: list[int], layers: Collection[int] = ()) -> Sequence:
+    def new_sequence(self, prompt_ids: list[int], layers: Collection[int] = (),
+                     monitors: Collection[MonitorRun] = ()) -> Sequence:
         if not prompt_ids:
             raise ContextLengthError("the prompt is empty", param="messages")
         if len(prompt_ids) >= self.info.context_length:
@@ -167,7 +168,7 @@ class TransformersEngine(Engine):
                 raise ValueError(f"layer {layer} out of range (model has {self.info.num_layers} layers)")
         return Sequence(prompt_ids=list(prompt_ids), layers=tuple(sorted(set(layers))), payload=_SeqState())
 
-    def prefill(self, seq: Sequence, return_hidden: bool = False) -> dict[int, torch.Tensor] | None:
+    def prefill(self, seq: Sequence, return_hidden: bool = False) -> StepOutput:
         from transformers import DynamicCache
 
         state: _SeqState = seq.payload
@@ -176,7 +177,7 @@ class TransformersEngine(Engine):
         state.fed = seq.prompt_len
         state.prefill_logits = state.pending_logits = logits
         self.stats.prompt_tokens += seq.prompt_len
-        return hidden if return_hidden else None
+        return StepOutput(token_id=None, fed_start=0, hidden=hidden if return_hidden else {})
 
     def step(self, seq: Sequence, params: SamplingParams, generator: torch.Generator, *,
              extra_banned: frozenset[int] = frozenset(), steer: Mapping[int, torch.Tensor] | None = None,

