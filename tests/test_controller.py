@@ -119,11 +119,11 @@ def test_exhausted_retries_end_in_the_policy_refusal(tiny_engine):
 def test_token_monitor_fires_without_lag_and_shadow_monitors_change_nothing(tiny_engine):
     plain, clean, _ = run(tiny_engine)
     target = clean.output_ids[5]
-    shadow = BoundMonitor(TokenMonitor({target}, layer=None, name="shadow"), action="log")
+    shadow = BoundMonitor(TokenMonitor({target}, layer=None, name="shadow"), action="shadow")
     events, rec, logged = run(tiny_engine, [shadow])
     assert events[-1].text == plain[-1].text and events[-1].outcome == "clean"
     assert rec.firings[0]["monitor"] == "shadow" and rec.firings[0]["position"] == 5
-    assert rec.firings[0]["action"] == "log" and logged
+    assert rec.firings[0]["action"] == "shadow" and logged
 
 
 def test_steering_strategy_is_recorded(tiny_engine):

@@ -52,7 +52,8 @@ def test_prompt_scope_log_only_records(tiny_engine):
     plain, _, _ = run(tiny_engine)
     # Fires on every token; scope prompt, so the output is never scored and never touched.
     everything = set(range(tiny_engine.info.vocab_size))
-    mon = BoundMonitor(TokenMonitor(everything), action="log", scope="prompt")
+    mon = BoundMonitor(TokenMonitor(everything), action="log", scope="prompt")  # log: the alias of shadow
+    assert mon.action == "shadow"
     events, rec, logged = run(tiny_engine, [mon], holdback_tokens=0)
     assert events[-1].text == plain[-1].text and events[-1].outcome == "clean"
     assert [f["scope"] for f in rec.firings] == ["prompt"] and logged == [rec] and rec.flagged
@@ -148,6 +149,6 @@ def test_service_refuses_a_flagged_prompt_and_logs_its_scores(tiny_model_dir, tm
     with LogStore(tmp_path / "g.db") as store:
         rec = store.get(fin.log_id)
     assert [(f["monitor"], f["scope"], f["action"]) for f in rec.firings] == [
-        ("reset", "prompt", "refuse"), ("shadow", "prompt", "log")]
+        ("reset", "prompt", "refuse"), ("shadow", "prompt", "shadow")]
     assert set(rec.prompt_scores) == {"reset", "shadow"} and 1.0 in rec.prompt_scores["reset"]
     assert len(rec.prompt_scores["reset"]) == rec.prompt_tokens

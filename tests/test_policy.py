@@ -214,7 +214,7 @@ def test_shipped_demo_policies(name: str):
         assert [type(m) for m in policy.monitors] == [ProbeMonitorSpec, ResetTokenMonitorSpec, ProbeMonitorSpec]
         assert policy.backtrack.max_retries == 3 and policy.stream.holdback_tokens == 8
         risk = policy.monitor("risk-probe")
-        assert (risk.scope, risk.action) == ("prompt", "log")
+        assert (risk.scope, risk.action) == ("prompt", "shadow")  # action: log, the alias
         d = policy.deliberation
         assert (d.mode, d.risk_monitor, d.spec_file) == ("on_risk", "risk-probe", REPO / "policies" / "spec" / "organism.md")
     elif name == "deliberate":
@@ -246,7 +246,7 @@ monitors:
         f"{path}:3:19: on_monitor_error: invalid value 'fail_sideways'; allowed values: 'fail_closed' or 'fail_open'",
         f"{path}:4:9: access: access binds no key: set api_keys or api_key_env, or remove the access section",
         f"{path}:6:54: monitors[0].scope: invalid value 'input'; allowed values: 'prompt', 'output' or 'both'",
-        f"{path}:7:55: monitors[1].action: invalid value 'block'; allowed values: 'backtrack', 'refuse' or 'log'",
+        f"{path}:7:55: monitors[1].action: invalid value 'block'; allowed values: 'backtrack', 'refuse' or 'shadow'",
     ]
 
 
@@ -283,7 +283,7 @@ def test_shipped_examples_use_the_new_semantics():
     assert strict.monitors[0].scope == "both" and strict.backtrack.rollback == "tokens"
     assert strict.backtrack.max_retries <= 2 and strict.log.record == "all"
     shadow = load_policy(REPO / "policies" / "shadow.yaml")
-    assert shadow.monitors and all(m.action == "log" for m in shadow.monitors)
+    assert shadow.monitors and all(m.action == "shadow" for m in shadow.monitors)
     llama = load_policy(REPO / "policies" / "llama3-8b.yaml", check_paths=False)
     assert {m.kind for m in llama.monitors} == {"probe", "sae"} and llama.monitors[0].layer == 16
 

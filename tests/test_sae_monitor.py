@@ -207,7 +207,8 @@ def test_service_builds_the_monitor_and_checks_the_model(tmp_path, tiny_model_di
     d, layers = tiny_engine.info.d_model, tiny_engine.info.num_layers
     tiny_sae(tmp_path, d=d, layer=layers - 1)
     bound = _service_monitor(write_policy(tmp_path, tiny_model_dir), tiny_engine)
-    assert isinstance(bound.monitor, SaeFeatureMonitor) and bound.monitor.layer == layers - 1 and bound.action == "log"
+    assert isinstance(bound.monitor, SaeFeatureMonitor) and bound.monitor.layer == layers - 1
+    assert bound.action == "shadow"  # action: log, the alias
     tiny_sae(tmp_path, d=d + 8)
     with pytest.raises(ModelLoadError, match=f"reads {d + 8}-dim activations but model .* has d_model {d}"):
         _service_monitor(write_policy(tmp_path, tiny_model_dir), tiny_engine)

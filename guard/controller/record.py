@@ -95,7 +95,7 @@ class GenerationRecord:
     firings: list[dict[str, Any]] = field(default_factory=list)
     """Every firing in order: ``{"monitor", "action", "scope", "position", "token_id", "token", "score",
     "threshold", "attempt"}``; ``scope`` is ``"prompt"`` (``position`` indexes the prompt) or
-    ``"output"``; ``action="log"`` firings (shadow monitors) changed nothing."""
+    ``"output"``; ``action="shadow"`` firings (log-only monitors) changed nothing."""
     prompt_scores: dict[str, list[float]] = field(default_factory=dict)
     """Monitor -> raw per-token scores of the prompt, for monitors with prompt scope."""
     monitor_errors: list[dict[str, Any]] = field(default_factory=list)

@@ -3,7 +3,8 @@
 Invariants:
 
 - An entry's key is the sha256 of (cache format version, model fingerprint, the examples' prompt,
-  completion and label in order, the sorted layers, the span). Anything that could change the
+  completion and label in order (and messages, raw_prompt and context where a row has them), the
+  sorted layers, the span). Anything that could change the
   activations changes the key; the data *file* is not part of the key, so the same rows read
   from a copied file (or a calibration subset rebuilt in memory) still hit.
 - The model fingerprint is the sha256 of ``config.json`` plus name, size and mtime of every
@@ -68,6 +69,8 @@ class ActivationCache:
         h = hashlib.sha256(f"guard.activations v{CACHE_VERSION}\n{self.model}\n{sorted(layers)}\n{span}\n".encode())
         for ex in examples:
             h.update(json.dumps([ex.prompt, ex.completion, ex.label]).encode())
+            if ex.messages is not None or ex.raw_prompt or ex.context:  # rows without them keep their keys
+                h.update(json.dumps([ex.messages, ex.raw_prompt, ex.context]).encode())
             h.update(b"\n")
         return h.hexdigest()
 

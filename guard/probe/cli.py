@@ -1,4 +1,4 @@
-"""``guard probe train`` and ``guard probe eval``.
+"""``guard probe train``, ``guard probe eval`` and ``guard probe promote``.
 
 :func:`add_cli` registers the ``probe`` subcommand on the main parser's subparsers and sets
 ``func`` on each leaf; ``guard`` (:mod:`guard.cli`) is the entry point.
@@ -33,14 +33,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_cli(subparsers) -> argparse.ArgumentParser:
-    """Register ``probe train`` and ``probe eval`` on ``subparsers`` (from ``add_subparsers()``)."""
+    """Register ``probe train``, ``eval`` and ``promote`` on ``subparsers`` (from ``add_subparsers()``)."""
     probe = subparsers.add_parser("probe", help="train and evaluate linear probe monitors")
     sub = probe.add_subparsers(dest="probe_command", required=True)
 
     t = sub.add_parser("train", help="train a probe (sweeps all layers unless --layer/--layers)")
     _add_model_args(t)
     t.add_argument("--data", required=True, action="extend", nargs="+", metavar="FILE",
-                   help='JSONL rows {"prompt", "completion", "label": 0|1}; split 80/20 into train/held-out')
+                   help='JSONL rows {"prompt", "completion", "label": 0|1}; split 80/20 into train/held-out, '
+                        'except reviewed rows ("source": "review", from `guard logs export --labelled`), '
+                        'always trained on; their negatives also join calibration')
     t.add_argument("--eval", action="extend", nargs="+", default=[], metavar="FILE",
                    help="extra held-out data (e.g. held-out categories), reported separately")
     t.add_argument("--calibration", action="extend", nargs="+", default=[], metavar="FILE",
@@ -62,8 +64,11 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     _add_aggregation_args(t, default="ema")
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("eval", help="row-level metrics of a saved probe on labelled data")
-    e.add_argument("probe_dir", metavar="PROBE_DIR")
+    e = sub.add_parser("eval", help="row-level metrics of a saved probe on labelled data; several probes "
+                                    "(--probe OLD --probe NEW) side by side")
+    e.add_argument("probe_dir", metavar="PROBE_DIR", nargs="?")
+    e.add_argument("--probe", action="append", default=[], metavar="PROBE_DIR",
+                   help="a probe to compare (repeat: before/after on the same rows, e.g. reviewed ones)")
     _add_model_args(e)
     e.add_argument("--data", required=True, action="extend", nargs="+", metavar="FILE")
     e.add_argument("--target-fpr", type=float, default=None, help="default: the probe's")
@@ -71,6 +76,18 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
                    help="write a histogram of row scores per class (blue: label 0, orange: label 1; red: threshold)")
     _add_aggregation_args(e, default=None)
     e.set_defaults(func=cmd_eval)
+
+    pr = sub.add_parser("promote", help="point a policy's probe monitor at a new probe, in place (a running "
+                                        "`guard serve` hot-reloads it)")
+    pr.add_argument("probe_dir", metavar="PROBE_DIR")
+    pr.add_argument("--policy", required=True, metavar="FILE", help="policy file to edit")
+    pr.add_argument("--monitor", required=True, help="name of the probe monitor to update")
+    pr.add_argument("--threshold", type=float, default=None,
+                    help="pin this threshold in the policy (default: the probe file's; a threshold the policy "
+                         "sets is replaced by the new probe's)")
+    pr.add_argument("--action", choices=["backtrack", "refuse", "shadow"], default=None,
+                    help="also set the monitor's action (e.g. backtrack once a shadow monitor has been reviewed)")
+    pr.set_defaults(func=cmd_promote)
     return probe
 
 
@@ -136,19 +153,39 @@ def cmd_eval(args) -> int:
     from guard.monitors.probe import ProbeMonitor
     from guard.probe.collect import collect
     from guard.probe.data import read_files
-    from guard.probe.train import evaluate, row_scores
 
+    dirs = ([args.probe_dir] if args.probe_dir else []) + args.probe
+    if not dirs:
+        raise InvalidRequestError("name a probe: guard probe eval PROBE_DIR ... or --probe OLD --probe NEW",
+                                  param="probe")
+    if args.png and len(dirs) > 1:
+        raise InvalidRequestError("--png draws one probe's histogram; give one probe", param="png")
     try:
         aggregation = _aggregation(args)
     except ValueError as exc:
         raise InvalidRequestError(str(exc)) from exc
-    mon = ProbeMonitor.load(args.probe_dir, name=Path(args.probe_dir).name, aggregation=aggregation)
+    mons = [ProbeMonitor.load(d, name=Path(d).name, aggregation=aggregation) for d in dirs]
+    spans = {m.meta.get("span", "completion") for m in mons}
+    if len(spans) > 1:
+        raise InvalidRequestError(f"the probes read different spans ({', '.join(sorted(spans))}); compare probes "
+                                  "of one kind", param="probe")
     engine = _engine(args)
-    mon.check_compatible(engine.info, model_dir=args.model)
-    acts = collect(engine, read_files(args.data), [mon.layer], desc="data", progress=not args.quiet,
-                   cache=activation_cache(args))
+    for mon in mons:
+        mon.check_compatible(engine.info, model_dir=args.model)
+    acts = collect(engine, read_files(args.data), {m.layer for m in mons}, desc="data", progress=not args.quiet,
+                   cache=activation_cache(args), span=spans.pop())
+    if len(mons) > 1:
+        print(format_comparison(dirs, mons, acts))
+        return 0
+    _print_eval(args, dirs[0], mons[0], acts)
+    return 0
+
+
+def _print_eval(args, probe_dir: str, mon, acts) -> None:
+    from guard.probe.train import evaluate, row_scores
+
     target = args.target_fpr if args.target_fpr is not None else mon.meta.get("target_fpr", 0.01)
-    print(f"probe {args.probe_dir}: layer {mon.layer}, aggregation {mon.aggregation.kind}, threshold {mon.threshold:.6g}")
+    print(f"probe {probe_dir}: layer {mon.layer}, aggregation {mon.aggregation.kind}, threshold {mon.threshold:.6g}")
     print(format_metrics("data", evaluate(mon, acts, target)))
     if args.png:
         from guard.probe.png import histogram_image, write_png
@@ -157,6 +194,33 @@ def cmd_eval(args) -> int:
         write_png(args.png, histogram_image(rows, acts.labels, mon.threshold))
         print(f"histogram of {acts.n_rows} row scores -> {args.png} "
               "(blue: label 0, orange: label 1, red line: threshold)")
+
+
+def format_comparison(dirs: list[str], mons: list, acts) -> str:
+    """Probes side by side on the same rows, each at its own threshold: positives caught, false
+    positives fired, AUROC."""
+    from guard.probe.train import decisions
+
+    ds = [decisions(m, acts) for m in mons]
+    lines = [["", *dirs],
+             ["layer", *(str(m.layer) for m in mons)],
+             ["threshold", *(f"{m.threshold:.6g}" for m in mons)],
+             ["positives caught", *(f"{d['caught']}/{d['positives']}" for d in ds)],
+             ["false positives fired", *(f"{d['false_positives']}/{d['negatives']}" for d in ds)],
+             ["AUROC", *(_num(d["auroc"]) for d in ds)]]
+    return f"{acts.n_rows} rows ({ds[0]['positives']} pos / {ds[0]['negatives']} neg)\n" + format_table(lines)
+
+
+def cmd_promote(args) -> int:
+    from guard.loop import promote_probe
+
+    done = promote_probe(args.probe_dir, args.policy, args.monitor, threshold=args.threshold, action=args.action)
+    how = "pinned in the policy" if done.threshold is not None else "the probe file's"
+    print(f"{done.policy_file}: monitor {done.monitor} -> probe {done.path}, threshold {done.effective_threshold:.6g} "
+          f"({how}), action {done.action}; policy sha256 {done.policy_hash[:12]}")
+    for w in done.warnings:
+        print(f"warning: {w}")
+    print("a running `guard serve` with this policy reloads it within its --reload-interval")
     return 0
 
 

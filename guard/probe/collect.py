@@ -2,7 +2,8 @@
 
 Each example runs through the model once (``engine.hidden_states``) with *all* requested layers
 captured, so a layer sweep never re-runs the model. By default only completion tokens are kept:
-the tokens of ``encode(completion)`` appended to ``encode_chat([user prompt])``, i.e. what a
+the tokens of ``encode(completion)`` appended to ``encode_chat([user prompt])`` (the row's
+``messages``, raw prompt and ``context`` when it has them: :mod:`guard.probe.data`), i.e. what a
 monitor would see as output tokens at serving time. ``span="all"`` keeps the prompt tokens too
 (SAE training); :attr:`Activations.completion` then marks which tokens are completion tokens.
 ``span="prompt"`` keeps only the prompt tokens, what a prompt-scope monitor reads at prefill (the
@@ -95,9 +96,15 @@ class Activations:
         raise ValueError(f"unknown pooling {pooling!r} (mean or last; token needs no pooling)")
 
 
+def prompt_ids(engine: Engine, ex: Example) -> list[int]:
+    """Token ids of ``ex``'s prompt as serving tokenizes it: the chat template over ``ex.chat()``,
+    or the plain text of a ``raw_prompt`` row."""
+    return engine.tokenizer.encode(ex.prompt) if ex.raw_prompt else engine.tokenizer.encode_chat(ex.chat())
+
+
 def token_ids(engine: Engine, ex: Example) -> tuple[list[int], int]:
-    """Token ids of ``ex`` and the number of prompt tokens before the completion."""
-    prompt = engine.tokenizer.encode_chat([{"role": "user", "content": ex.prompt}])
+    """Token ids of ``ex`` and the number of tokens before the completion (prompt, then ``context``)."""
+    prompt = prompt_ids(engine, ex) + (engine.tokenizer.encode(ex.context) if ex.context else [])
     completion = engine.tokenizer.encode(ex.completion)
     if not completion:
         raise DataError(f"{ex.source}: the completion encodes to no tokens")
@@ -136,7 +143,9 @@ def _run(engine: Engine, examples: list[Example], layers: list[int], *, desc: st
     for i, ex in enumerate(examples):
         ids, n_prompt = token_ids(engine, ex)
         if span == "prompt":
-            ids = ids[:n_prompt]  # causal: the prompt's activations do not depend on the completion
+            # causal: the prompt's activations depend neither on the context nor on the completion
+            ids = prompt_ids(engine, ex)
+            n_prompt = len(ids)
         hidden = engine.hidden_states(ids, layers)
         start = n_prompt if span == "completion" else 0
         for layer in layers:

@@ -3,6 +3,19 @@
 ``prompt`` is one user message (the model's chat template is applied to it); ``completion`` is the
 assistant text that follows, teacher forced. ``label`` 1 marks a completion the probe should flag.
 Every :class:`Example` remembers ``file:line`` so later errors can point at the row.
+
+Optional fields, for rows that reproduce a logged conversation (``guard logs export --labelled``,
+:mod:`guard.loop`); a row without them means exactly what it meant before:
+
+- ``messages``: the whole chat (``[{"role", "content"}, ...]``) the completion answers; the chat
+  template is applied to all of it instead of to ``prompt`` alone (``prompt`` stays for display).
+- ``raw_prompt``: ``true`` when ``prompt`` was sent as plain text without the chat template
+  (a ``/v1/completions`` request).
+- ``context``: answer text that came before the completion (e.g. the sentence before a rollback
+  point); it is teacher forced but neither scored nor labelled.
+- ``source``: ``"review"`` marks a reviewed row: training always keeps it in the train split.
+
+Other keys (``category``, ``split``, provenance) are ignored.
 """
 
 from __future__ import annotations
@@ -32,6 +45,20 @@ class Example(NamedTuple):
     """1: the probe should fire on this completion; 0: it should not."""
     source: str
     """``file:line`` of the row, for error messages."""
+    messages: tuple[tuple[str, str], ...] | None = None
+    """``(role, content)`` of every chat message, when the row gives ``messages``."""
+    raw_prompt: bool = False
+    """``prompt`` is plain text, fed without the chat template."""
+    context: str = ""
+    """Answer text before the completion: teacher forced, not scored."""
+    reviewed: bool = False
+    """A reviewed row (``"source": "review"``): always trained on, its negatives calibrate."""
+
+    def chat(self) -> list[dict[str, str]]:
+        """The chat messages the completion answers."""
+        if self.messages is None:
+            return [{"role": "user", "content": self.prompt}]
+        return [{"role": r, "content": c} for r, c in self.messages]
 
 
 def read_jsonl(path: str | Path) -> list[Example]:
@@ -69,4 +96,17 @@ def _parse_row(line: str, where: str) -> Example:
     label = row.get("label")
     if label not in (0, 1) or isinstance(label, (bool, float)):
         raise DataError(f"{where}: 'label' must be 0 or 1, got {label!r}")
-    return Example(row["prompt"], row["completion"], int(label), where)
+    messages = row.get("messages")
+    if messages is not None:
+        if not (isinstance(messages, list) and messages and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages)):
+            raise DataError(f"{where}: 'messages' must be a non-empty list of {{\"role\": str, \"content\": str}}")
+        messages = tuple((m["role"], m["content"]) for m in messages)
+    raw_prompt, context = row.get("raw_prompt", False), row.get("context", "")
+    if not isinstance(raw_prompt, bool) or (raw_prompt and messages is not None):
+        raise DataError(f"{where}: 'raw_prompt' must be true or false, and cannot go with 'messages'")
+    if not isinstance(context, str):
+        raise DataError(f"{where}: 'context' must be a string")
+    return Example(row["prompt"], row["completion"], int(label), where, messages, raw_prompt, context,
+                   row.get("source") == "review")

@@ -3,7 +3,9 @@
 Invariants of :func:`train_probe`:
 
 - Rows (not tokens) are split into train / held-out, seeded and stratified by label, so no text
-  of a held-out row is ever trained on.
+  of a held-out row is ever trained on. Reviewed rows (``"source": "review"``, from
+  :func:`guard.loop.export_labelled`) are always in the train split: they are the corrections
+  the new probe must learn; their negatives (false positives) also join threshold calibration.
 - The saved probe is the one fitted on the train split, so the held-out metrics in probe.json
   describe exactly the saved direction.
 - All metrics are row level on the monitor's own decision statistic: the maximum over a
@@ -185,19 +187,27 @@ def train_probe(engine: Engine, data: list[str | Path], *, model_dir: str | Path
     eval_acts = (collect(engine, eval_examples, layers, desc="eval data", progress=progress, cache=cache,
                          span=config.span)
                  if eval_examples else None)
-    # 3. split
-    train_idx, held_idx = split_rows(acts.labels, config.heldout_frac, config.seed)
+    # 3. split; reviewed rows are always trained on
+    reviewed = np.array([ex.reviewed for ex in examples], dtype=bool)
+    original = np.flatnonzero(~reviewed)
+    train_idx, held_idx = split_rows(acts.labels[original], config.heldout_frac, config.seed)
+    train_idx = np.sort(np.concatenate([original[train_idx], np.flatnonzero(reviewed)]))
+    held_idx = original[held_idx]
     train, heldout = acts.select(train_idx), acts.select(held_idx)
     # 4-5. sweep and choose
     results = sweep_layers(train, heldout, layers, config, eval_acts)
     best = best_layer(results, engine.info.num_layers)
     monitor = best.monitor
     monitor.name = name
-    # 6. calibrate on negative rows
+    # 6. calibrate on negative rows (reviewed false positives among them)
     if calib_examples:
         negatives = collect(engine, [e for e in calib_examples if e.label == 0], [best.layer],
                             desc="calibration data", progress=progress, cache=cache, span=config.span)
         source = [str(p) for p in calibration]
+        reviewed_neg = np.flatnonzero(reviewed & (acts.labels == 0))
+        if len(reviewed_neg):
+            negatives = _stack([negatives, acts.select(reviewed_neg)], best.layer)
+            source.append(f"{len(reviewed_neg)} reviewed negatives of --data")
     else:
         negatives, source = acts.select(np.flatnonzero(acts.labels == 0)), "train+heldout"
     calibration_info = {"source": source, **calibrate(monitor, negatives, config.target_fpr)}
@@ -207,7 +217,8 @@ def train_probe(engine: Engine, data: list[str | Path], *, model_dir: str | Path
                "calibration": calibration_info, "sweep": [_sweep_row(r) for r in results]}
     training = {"data": _file_info(data), "eval_data": _file_info(eval_data),
                 "calibration_data": _file_info(calibration), "rows": acts.n_rows, "train_rows": int(len(train_idx)),
-                "heldout_rows": int(len(held_idx)), "train_tokens": int(len(train.row)), "seed": config.seed,
+                "heldout_rows": int(len(held_idx)), "reviewed_rows": int(reviewed.sum()),
+                "train_tokens": int(len(train.row)), "seed": config.seed,
                 "heldout_frac": config.heldout_frac, "l2": config.l2 if config.method == "logreg" else None,
                 "layers_swept": layers, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     monitor.meta = _json_safe({"model": _model_info(engine, model_dir), "method": config.method,
@@ -216,12 +227,40 @@ def train_probe(engine: Engine, data: list[str | Path], *, model_dir: str | Path
     return TrainResult(monitor, results)
 
 
+def _stack(parts: list[Activations], layer: int) -> Activations:
+    """The rows of ``parts`` one after another, at ``layer`` only."""
+    offsets = np.cumsum([0] + [p.n_rows for p in parts])
+    return Activations({layer: torch.cat([p.hidden[layer] for p in parts])},
+                       np.concatenate([p.row + o for p, o in zip(parts, offsets)]),
+                       np.concatenate([p.labels for p in parts]))
+
+
+def decisions(monitor: ProbeMonitor, acts: Activations) -> dict[str, Any]:
+    """What ``monitor`` decides on each row at its own threshold and aggregation: positives caught,
+    negatives fired on (false positives), and row AUROC (``nan`` with one class)."""
+    _, rows = row_scores(monitor, acts)
+    fired, pos = rows > monitor.threshold, acts.labels == 1
+    return {"rows": int(acts.n_rows), "positives": int(pos.sum()), "caught": int((fired & pos).sum()),
+            "negatives": int((~pos).sum()), "false_positives": int((fired & ~pos).sum()),
+            "auroc": M.auroc(rows, acts.labels), "threshold": monitor.threshold}
+
+
+CALIBRATION_MARGIN = 1e-3
+"""Logit units by which the threshold clears the boundary negative's score. The threshold is that
+row's score, and the row must not fire (``score > threshold``) when its score is computed again on
+another path (token-by-token decoding, other batch shapes), which differs in the last digits."""
+
+
 def calibrate(monitor: ProbeMonitor, negatives: Activations, target_fpr: float) -> dict[str, Any]:
-    """Set ``monitor.threshold`` so at most ``target_fpr`` of the ``negatives`` rows fire; report the rate."""
+    """Set ``monitor.threshold`` so at most ``target_fpr`` of the ``negatives`` rows fire (with the
+    :data:`CALIBRATION_MARGIN` above the boundary row); report the rate."""
     if negatives.n_rows == 0 or negatives.labels.any():
         raise DataError("threshold calibration needs negative (label 0) rows only, and at least one")
     _, rows = row_scores(monitor, negatives)
-    monitor.threshold = M.threshold_at_fpr(rows, target_fpr)
+    t = M.threshold_at_fpr(rows, target_fpr)
+    if 0.0 < t < 1.0:
+        t = float(1.0 / (1.0 + np.exp(-(np.log(t / (1.0 - t)) + CALIBRATION_MARGIN))))
+    monitor.threshold = t
     return {"negatives": int(negatives.n_rows), "fpr_at_threshold": float(np.mean(rows > monitor.threshold))}
 
 
