@@ -22,14 +22,20 @@ DEMO_POLICY = REPO_ROOT / "policies" / "demo.yaml"
 def _serve(args: argparse.Namespace) -> int:
     import torch
 
+    from guard.telemetry import install_request_log
+    from guard.telemetry.export import configure_otlp_tracing
     from server.app import run
 
     # On CPU, torch's intra-op threads spin against the HTTP event loop for every token; leaving
     # one core to the loop is several times faster for small models (measured: 15 ms -> 3 ms/step).
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) - 1))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
+    install_request_log()  # one JSON line per request on stderr
+    if (otlp := configure_otlp_tracing()) is not None:
+        logging.getLogger("guard.telemetry").info("exporting traces over OTLP (%s)", otlp)
     policies = args.policy or [str(DEMO_POLICY)]
-    run(policies, host=args.host, port=args.port, reload_interval_s=args.reload_interval or None)
+    run(policies, host=args.host, port=args.port, reload_interval_s=args.reload_interval or None,
+        log_content=args.log_content, admin_key_env=args.admin_key_env)
     return 0
 
 
@@ -79,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="torch CPU threads (default: cores - 1, leaving one to the HTTP loop)")
     serve.add_argument("--reload-interval", type=float, default=1.0, metavar="SECONDS",
                        help="check the policy files for edits this often and swap valid ones in (0: never)")
+    serve.add_argument("--log-content", action="store_true",
+                       help="put prompt and answer text in the per-request JSON log lines (default: counts and "
+                            "ids only)")
+    serve.add_argument("--admin-key-env", metavar="NAME", default=None,
+                       help="environment variable holding the admin key of the review page (/review) and API "
+                            "(default: GUARD_ADMIN_KEY; without a key they are off)")
     serve.set_defaults(func=_serve)
 
     policy = sub.add_parser("policy", help="policy files").add_subparsers(dest="policy_command", required=True)

@@ -49,6 +49,7 @@ from guard.monitors.probe import ProbeMonitor
 from guard.monitors.reset_token import ResetTokenMonitor
 from guard.policy import Policy, load_policy
 from guard.sampling import SamplingParams, check_token_ids
+from guard.telemetry import Telemetry
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,9 @@ log = logging.getLogger(__name__)
 class GuardService:
     """Serves one or more policies. Build with :meth:`from_policy_files`; close with :meth:`aclose`."""
 
-    def __init__(self, policies: list[Policy]) -> None:
+    def __init__(self, policies: list[Policy], telemetry: Telemetry | None = None) -> None:
+        """``telemetry``: where traces, metrics and request log lines go (default: the global
+        OpenTelemetry providers, no-op until an SDK is configured)."""
         if not policies:
             raise PolicyError("<none>", ["no policy to serve"])
         names = [p.name for p in policies]
@@ -156,10 +159,12 @@ class GuardService:
             raise PolicyError(str(policies[0].source_path), [f"two policies are named {d!r}" for d in dupes])
         self._engines: dict[tuple, tuple[Engine, EngineWorker]] = {}
         self._retired: list[tuple[float, Engine, EngineWorker]] = []
-        self._stores: dict[Path, LogStore] = {}
+        self._stores: dict[str, LogStore] = {}
+        """Open log stores by target (path or URL): policies naming the same log share one."""
         self._served: dict[str, _Served] = {}
         self._sources = [_Source(p.source_path, p.name, p.content_hash) for p in policies if p.source_path]
         self._started = time.time()
+        self.telemetry = telemetry or Telemetry()
         try:
             for policy in policies:
                 self._served[policy.name] = self._load(policy)
@@ -168,8 +173,8 @@ class GuardService:
             raise
 
     @classmethod
-    def from_policy_files(cls, paths: list[str | Path]) -> "GuardService":
-        return cls([load_policy(p) for p in paths])
+    def from_policy_files(cls, paths: list[str | Path], telemetry: Telemetry | None = None) -> "GuardService":
+        return cls([load_policy(p) for p in paths], telemetry)
 
     # -- loading ------------------------------------------------------------------------------
 
@@ -187,22 +192,26 @@ class GuardService:
                                       deliberate=s.deliberate)
                              for s in bt.strategies),
             deliberation=_deliberation(policy))
-        log_path = Path(policy.log.path)
-        if log_path not in self._stores:
-            self._stores[log_path] = LogStore(log_path)
-        return _Served(policy, engine, worker, monitors, config, self._stores[log_path],
+        log_target = policy.log.target(os.environ)  # a path or URL; url_env read here, like access keys
+        if log_target not in self._stores:
+            self._stores[log_target] = LogStore.open(log_target)
+        return _Served(policy, engine, worker, monitors, config, self._stores[log_target],
                        created or int(time.time()), keys)
 
     def _engine_for(self, policy: Policy) -> tuple[Engine, EngineWorker]:
         spec = policy.model
-        key = (spec.engine, str(Path(spec.path).resolve()), spec.dtype, spec.device, spec.max_context)
+        key = (spec.engine, str(Path(spec.path).resolve()), spec.dtype, spec.device, spec.max_context,
+               spec.vllm.model_dump_json() if spec.vllm is not None else None)
         if key not in self._engines:
-            if spec.engine != "transformers":
-                raise PolicyError(str(policy.source_path),
-                                  [f"model.engine: engine {spec.engine!r} is not available in this build; "
-                                   "use engine: transformers"])
-            engine = TransformersEngine.load(spec.path, dtype=spec.dtype, device=spec.device,
-                                             name=spec.served_name, max_context=spec.max_context)
+            if spec.engine == "vllm":
+                from guard.engine.vllm_engine import VLLMEngine, VLLMOptions
+
+                engine = VLLMEngine.load(spec.path, dtype=spec.dtype, name=spec.served_name,
+                                         max_context=spec.max_context,
+                                         options=spec.vllm.to_options() if spec.vllm else VLLMOptions())
+            else:
+                engine = TransformersEngine.load(spec.path, dtype=spec.dtype, device=spec.device,
+                                                 name=spec.served_name, max_context=spec.max_context)
             self._engines[key] = (engine, EngineWorker(name=f"guard-engine-{len(self._engines)}"))
         return self._engines[key]
 
@@ -275,6 +284,7 @@ class GuardService:
         for since, engine, worker in self._retired:
             if worker.active == 0 and now - since >= RETIRE_GRACE_S:
                 worker.stop()
+                engine.close()
                 log.info("stopped engine %s: no policy uses it any more", engine.info.name)
             else:
                 keep.append((since, engine, worker))
@@ -293,6 +303,57 @@ class GuardService:
             for key in s.api_keys or ():
                 bindings.setdefault(key, set()).add(name)
         return {k: frozenset(v) for k, v in bindings.items()}
+
+    # -- the log, for review --------------------------------------------------------------------
+
+    def log_stores(self) -> list[LogStore]:
+        """The distinct log stores of the served policies (one per log database), in policy order.
+
+        A store only a replaced version of a policy wrote to is not among them."""
+        stores: dict[int, LogStore] = {}
+        for s in self._served.values():
+            stores.setdefault(id(s.store), s.store)
+        return list(stores.values())
+
+    def find_log(self, log_id: str) -> tuple[LogStore, str]:
+        """The store holding the record whose id is (or starts with) ``log_id``, and its full id.
+
+        :class:`NotFoundError` if no store has it; :class:`InvalidRequestError` if a prefix matches
+        records in several stores (within one store, ``resolve_id`` raises that itself)."""
+        found = []
+        for store in self.log_stores():
+            try:
+                found.append((store, store.resolve_id(log_id)))
+            except NotFoundError:
+                continue
+        if not found:
+            raise NotFoundError(f"no log record with id {log_id!r}", param="id", code="log_not_found")
+        if len(found) > 1:
+            raise InvalidRequestError(f"log id prefix {log_id!r} is ambiguous; give more characters", param="id")
+        return found[0]
+
+    def monitor_thresholds(self, policy_name: str, policy_hash: str) -> dict[str, float]:
+        """Monitor -> threshold of the served policy ``policy_name``, if the version served now is
+        ``policy_hash``; ``{}`` otherwise (the thresholds a record was judged by are then unknown)."""
+        s = self._served.get(policy_name)
+        if s is None or s.policy.content_hash != policy_hash:
+            return {}
+        return {b.monitor.name: b.monitor.threshold for b in s.monitors}
+
+    def output_tokens(self, record: GenerationRecord) -> list[str] | None:
+        """Each token of ``record.output_ids`` decoded on its own (special tokens spelled out), by a
+        served tokenizer that reproduces ``record.final_text`` from them: the engine of the record's
+        policy, else one named as its model. ``None`` when no served tokenizer does."""
+        served = list(self._served.values())
+        engines = [s.engine for s in served if s.policy.name == record.policy_name]
+        engines += [s.engine for s in served if s.engine.info.name == record.model]
+        for engine in {id(e): e for e in engines}.values():
+            tok = engine.tokenizer
+            if tok.decode(list(record.output_ids)) != record.final_text:
+                continue
+            one = getattr(tok, "token_text", None) or (lambda t: tok.decode([t]))
+            return [one(t) for t in record.output_ids]
+        return None
 
     def resolve(self, model: str, allowed: frozenset[str] | None = None) -> _Served:
         """The served policy ``model``; :class:`NotFoundError` if unknown or not in ``allowed``.
@@ -376,8 +437,9 @@ class GuardService:
         def on_finish(rec: GenerationRecord) -> str | None:
             return store.write(rec) if log_spec.keeps(rec.flagged) else None
 
+        trace = self.telemetry.generation(record)  # the request span starts now, on the event loop
         return GuardedGeneration(served.engine, prepared.prompt_ids, prepared.params, served.monitors,
-                                 served.config, record, emit, on_finish)
+                                 served.config, record, trace.watch(emit), on_finish, trace)
 
     def health(self) -> dict[str, Any]:
         """Status per served policy, including the last reload error of its file (``None`` if fine)."""
@@ -401,10 +463,12 @@ class GuardService:
         }
 
     def close(self) -> None:
-        for _, worker in self._engines.values():
+        for engine, worker in self._engines.values():
             worker.stop()
-        for _, _, worker in self._retired:
+            engine.close()
+        for _, engine, worker in self._retired:
             worker.stop()
+            engine.close()
         self._retired.clear()
         for store in self._stores.values():
             store.close()

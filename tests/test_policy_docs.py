@@ -21,7 +21,7 @@ def test_docs_cover_every_field_with_its_allowed_values():
         for name in model.model_fields:
             assert f"| `{name}` |" in text, f"{model.__name__}.{name} missing from the docs"
     assert '| `scope` | one of `"prompt"`, `"output"`, `"both"` | `"output"` |' in text
-    assert '| `action` | one of `"backtrack"`, `"refuse"`, `"log"` | `"backtrack"` |' in text
+    assert '| `action` | one of `"backtrack"`, `"refuse"`, `"shadow"` | `"backtrack"` |' in text
     assert '| `on_monitor_error` | one of `"fail_closed"`, `"fail_open"` | `"fail_closed"` |' in text
 
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -47,12 +48,13 @@ from guard.controller.deliberation import DeliberationConfig, ReasoningSection, 
 from guard.controller.events import Event, Finished, FinishReason, Reset, TextDelta, Usage
 from guard.controller.record import DiscardedSpan, GenerationRecord, RetryStrategy
 from guard.controller.text import TextTracker
-from guard.engine.base import Engine, Sequence
+from guard.engine.base import Engine, MonitorRun, Sequence, StepOutput
 from guard.monitors.base import Monitor, MonitorState
 from guard.sampling import SamplingParams, make_generator
+from guard.telemetry import NO_TRACE, GenerationTrace
 
 Rollback = Literal["tokens", "sentence", "response"]
-Action = Literal["backtrack", "refuse", "log"]
+Action = Literal["backtrack", "refuse", "shadow"]
 Scope = Literal["prompt", "output", "both"]
 OnMonitorError = Literal["fail_closed", "fail_open"]
 
@@ -99,9 +101,16 @@ class BoundMonitor:
 
     monitor: Monitor
     action: Action = "backtrack"
+    """``shadow``: a firing is recorded and changes nothing (``log``, its earlier name, is read as ``shadow``)."""
     rollback: Rollback | None = None
     """Overrides :attr:`ControllerConfig.rollback` for this monitor's firings."""
     scope: Scope = "output"
+
+    def __post_init__(self) -> None:
+        if self.action == "log":
+            object.__setattr__(self, "action", "shadow")
+        if self.action not in ("backtrack", "refuse", "shadow"):
+            raise ValueError(f"monitor action must be backtrack, refuse or shadow, got {self.action!r}")
 
     @property
     def on_prompt(self) -> bool:
@@ -133,10 +142,13 @@ class GuardedGeneration:
     def __init__(self, engine: Engine, prompt_ids: list[int], params: SamplingParams,
                  monitors: list[BoundMonitor], config: ControllerConfig, record: GenerationRecord,
                  emit: Callable[[Event], None],
-                 on_finish: Callable[[GenerationRecord], str | None] = lambda r: None) -> None:
+                 on_finish: Callable[[GenerationRecord], str | None] = lambda r: None,
+                 trace: GenerationTrace = NO_TRACE) -> None:
         """``on_finish`` is called once with the finished record (before the final event) and
-        returns the log id if it stored it; the caller decides what gets stored."""
+        returns the log id if it stored it; the caller decides what gets stored. ``trace`` gets
+        the request's spans and measurements (:mod:`guard.telemetry`)."""
         self.engine = engine
+        self.trace = trace
         self.config = config
         self.monitors = monitors
         self.record = record
@@ -145,7 +157,9 @@ class GuardedGeneration:
         self.cancelled = False
         self.states = {b.monitor.name: b.monitor.new_state() for b in monitors}
         layers = {b.monitor.layer for b in monitors if b.monitor.layer is not None}
-        self.seq: Sequence = engine.new_sequence(prompt_ids, layers)
+        runs = [MonitorRun(b.monitor, acts=b.action in ("backtrack", "refuse"), prompt=b.on_prompt,
+                           output=b.on_output) for b in monitors if b.monitor.layer is not None]
+        self.seq: Sequence = engine.new_sequence(prompt_ids, layers, runs)
         seed = params.seed if params.seed is not None else random.randrange(2**31)
         record.seed = seed
         self.attempt = _Attempt(params.with_changes(seed=seed), make_generator(seed))
@@ -167,14 +181,20 @@ class GuardedGeneration:
     def advance(self) -> bool:
         if not self._prefilled:
             self._prefilled = True
-            return self._prefill()
+            with self.trace.prefill(len(self.seq.prompt_ids)):
+                return self._prefill()
         if self.section is not None and self.section.open:
             return self._reason()
         banned = frozenset(self.attempt.banned_at.get(len(self.output), ()))
         out = self.engine.step(self.seq, self.attempt.params, self.attempt.generator,
                                extra_banned=banned, steer=self.attempt.steer)
+        if out.token_id is None:
+            # An engine that runs monitors stopped early: they fired on the fed tokens. The same
+            # scores fire the controller's own states; if they do not, the next step samples.
+            self._score(out, new_token=False)
+            return self._finished
         self.record.sampled_tokens += 1
-        if self._score(out.fed_start, out.hidden, new_token=True):
+        if self._score(out, new_token=True):
             return self._finished
         if self._detect_section():
             return False
@@ -190,17 +210,20 @@ class GuardedGeneration:
 
         err = exc if isinstance(exc, GuardError) else EngineError(f"generation failed: {exc}")
         self._finished = True
+        self.trace.failed(self.record, exc)
         self.emit(Failed(err))
 
     def close(self) -> None:
         self.engine.release(self.seq)
+        log_id = None
         if self.cancelled and not self._finished and self.record.flagged:
             if self.section is not None and self.section.open:  # cancelled mid-reasoning: no answer yet
                 self.section.end = self.base = len(self.seq.output_ids)
                 self._store_reasoning()
             self.record.output_ids = list(self.output)
             self.record.final_text = self.text.text_of(self.output)
-            self.on_finish(self.record)
+            log_id = self.on_finish(self.record)
+        self.trace.end(self.record, log_id, cancelled=self.cancelled and not self._finished)
 
     # -- phases -------------------------------------------------------------------------------
 
@@ -218,13 +241,17 @@ class GuardedGeneration:
         self.section = ReasoningSection(start=len(self.seq.output_ids), forced_tokens=len(ids))
         self.seq.tokens.extend(ids)
         self.base = len(self.seq.output_ids)
+        self.seq.answer_start = None  # nothing sampled is answer until the section closes
         self.record.deliberation = trigger
+        self.trace.deliberation_opened(trigger)
 
     def _reason(self) -> bool:
         """One reasoning step: sample, look for the close tag, force it past the budget."""
         sec, d = self.section, self.delib
         eos = frozenset(self.engine.info.eos_token_ids) | frozenset(self.attempt.params.stop_token_ids)
-        self.engine.step(self.seq, self.attempt.params, self.attempt.generator, extra_banned=eos)
+        params = self.attempt.params.with_changes(banned_token_ids=self.attempt.params.banned_token_ids | eos)
+        if self.engine.step(self.seq, params, self.attempt.generator).token_id is None:
+            return False
         self.record.sampled_tokens += 1
         ids = self.seq.output_ids[sec.start:]
         n = find_close([self.text.token_text(t) for t in ids], d.close_tag, after_chars=len(d.open_tag))
@@ -239,6 +266,7 @@ class GuardedGeneration:
             sec.end = len(self.seq.output_ids)
         if sec.end is not None:
             self.base = sec.end
+            self.seq.answer_start = self.seq.prompt_len + self.base
             self._store_reasoning()
         return False
 
@@ -255,12 +283,14 @@ class GuardedGeneration:
         self._undecided = False
         self.section = ReasoningSection(start=0)
         self.record.deliberation = self.record.deliberation or "model"
+        self.trace.deliberation_opened("model")
         for state in self.states.values():
             state.truncate(0)  # the tag tokens were scored as answer tokens: they are not
         n = find_close([self.text.token_text(t) for t in self.output], self.delib.close_tag, after_chars=len(tag))
         if n is not None:
             self.section.end = self.base = n
             self._store_reasoning()
+        self.seq.answer_start = self.seq.prompt_len + self.base if n is not None else None
         return True
 
     def _store_reasoning(self) -> None:
@@ -269,24 +299,30 @@ class GuardedGeneration:
         rec.reasoning_ids = list(ids)
         rec.reasoning = "".join(self.text.token_text(t) for t in ids)
         rec.reasoning_forced_tokens = sec.forced_tokens
+        self.trace.deliberation_closed(len(ids), sec.forced_tokens, sec.capped)
 
     def _prefill(self) -> bool:
         """Prefill and score the prompt with prompt-scope monitors; True if the answer is a refusal."""
         on_prompt = [b for b in self.monitors if b.on_prompt]
         need_hidden = any(b.monitor.layer is not None for b in on_prompt)
-        hidden = self.engine.prefill(self.seq, return_hidden=need_hidden) or {}
+        out = self.engine.prefill(self.seq, return_hidden=need_hidden)
         prompt = self.seq.prompt_ids
         acting = risky = False
         for bound in on_prompt:
             mon = bound.monitor
             # Prompt scores get their own state: output aggregation starts fresh, as without prompt scope.
             state = mon.new_state()
+            t0 = time.perf_counter()
             try:
-                scores = _checked_score(mon, hidden[mon.layer] if mon.layer is not None else None, prompt)
+                if mon.layer is not None and self.engine.runs_monitors:
+                    scores = _engine_scores(out, mon, len(prompt))
+                else:
+                    scores = _checked_score(mon, out.hidden[mon.layer] if mon.layer is not None else None, prompt)
             except MonitorFailure as exc:
                 if self._monitor_failed(bound, "prompt", exc, 0):
                     return True
                 continue
+            self.trace.monitor_time(mon.name, "prompt", time.perf_counter() - t0, len(prompt))
             pos = state.extend(0, scores)
             self.record.prompt_scores[mon.name] = list(state.raw)
             if pos is not None:
@@ -294,7 +330,7 @@ class GuardedGeneration:
                 if self.delib is not None and mon.name == self.delib.risk_monitor:
                     risky = True  # a risk signal only: it switches deliberation on, never refuses
                 else:
-                    acting = acting or bound.action != "log"
+                    acting = acting or bound.action != "shadow"
         if acting:
             self._refuse()
         elif self.delib is not None and self.delib.placement == "reasoning" and (
@@ -302,12 +338,13 @@ class GuardedGeneration:
             self._open_section(self.delib.mode)
         return acting
 
-    def _score(self, fed_start: int, hidden: dict[int, torch.Tensor], new_token: bool) -> bool:
+    def _score(self, out: StepOutput, new_token: bool) -> bool:
         """Score fed tokens (and the new token for token-id monitors); act on the first firing.
 
         Returns True if a firing or a monitor error changed the output (the step's other work is
         skipped).
         """
+        fed_start, hidden = out.fed_start, out.hidden
         plen = self.seq.prompt_len + self.base  # absolute position of answer token 0
         firings: list[tuple[int, BoundMonitor]] = []
         for bound in self._output_monitors():
@@ -317,6 +354,14 @@ class GuardedGeneration:
                     continue
                 start, h = len(self.output) - 1, None
                 ids = self.output[start:]
+            elif self.engine.runs_monitors:  # raw scores computed inside the engine
+                h, given = None, out.scores.get(mon.name, [])
+                start = fed_start - plen
+                if start < 0:  # prompt and reasoning positions are not answer tokens
+                    given, start = given[-start:], 0
+                if not given:
+                    continue
+                ids = self.output[start:start + len(given)]
             else:
                 if mon.layer not in hidden:
                     continue
@@ -327,12 +372,14 @@ class GuardedGeneration:
                 if h.shape[0] == 0:
                     continue
                 ids = self.output[start:start + h.shape[0]]
+            t0 = time.perf_counter()
             try:
-                scores = _checked_score(mon, h, ids)
+                scores = given if h is None and mon.layer is not None else _checked_score(mon, h, ids)
             except MonitorFailure as exc:
                 if self._monitor_failed(bound, "output", exc, start):
                     return True
                 continue
+            self.trace.monitor_time(mon.name, "output", time.perf_counter() - t0, len(ids))
             pos = state.extend(start, scores)
             if pos is not None:
                 firings.append((pos, bound))
@@ -341,7 +388,7 @@ class GuardedGeneration:
         firings.sort(key=lambda f: f[0])
         for pos, bound in firings:
             self._note_firing(bound, pos, self.states[bound.monitor.name], "output")
-        acting = [(pos, b) for pos, b in firings if b.action != "log"]
+        acting = [(pos, b) for pos, b in firings if b.action != "shadow"]
         if not acting:
             return False
         pos, bound = acting[0]
@@ -381,6 +428,7 @@ class GuardedGeneration:
             "attempt": self.retries})
         if mon.name not in self.record.monitors_fired:
             self.record.monitors_fired.append(mon.name)
+        self.trace.firing(self.record.firings[-1])
 
     def _backtrack(self, fire_pos: int, bound: BoundMonitor) -> None:
         """Cut back to the safe point and pick the next strategy (or refuse past the budget)."""
@@ -401,6 +449,7 @@ class GuardedGeneration:
 
     def _discard(self, fire_pos: int, bound: BoundMonitor, point: int) -> None:
         """Cut the output back to ``point``, retract released text past it, record the span."""
+        started, sent = time.time_ns(), self.text.sent_tokens
         span_ids = self.output[point:]
         retracted = self._retract_to(point, bound.monitor.name)
         kept_chars = len(self.text.text_of(self.output[:point]))
@@ -416,6 +465,7 @@ class GuardedGeneration:
         self.engine.rollback(self.seq, self.seq.prompt_len + self.base + point)
         for state in self.states.values():
             state.truncate(point)
+        self.trace.rollback(bound.monitor.name, point + len(span_ids), point, retracted, max(0, sent - point), started)
 
     def _safe_point(self, fire_pos: int, rule: Rollback) -> int:
         if rule == "response":
@@ -459,6 +509,7 @@ class GuardedGeneration:
         self.record.retries.append(RetryStrategy(
             retry=self.retries, seed=seed, temperature=params.temperature, top_p=params.top_p,
             banned_first_tokens=sorted(banned.get(point, ())), steer=steer_info))
+        self.trace.resample(self.record.retries[-1], strat.deliberate)
 
     def _stop_reason(self) -> FinishReason | None:
         last = self.output[-1]
@@ -474,7 +525,7 @@ class GuardedGeneration:
         """Score the last sampled token (one-step lag), then finish unless a monitor fires."""
         if any(b.monitor.layer is not None for b in self._output_monitors()):
             out = self.engine.step(self.seq, self.attempt.params, self.attempt.generator, sample=False)
-            if self._score(out.fed_start, out.hidden, new_token=False):
+            if self._score(out, new_token=False):
                 return self._finished
         ended_by_token = reason == "stop" and (
             self.output[-1] in self.engine.info.eos_token_ids or self.output[-1] in self.attempt.params.stop_token_ids)
@@ -500,6 +551,7 @@ class GuardedGeneration:
                 raise AssertionError("released text is not a prefix of the final text")
             self.emit(TextDelta(text[len(self.text.sent_text):], tuple(output[self.text.sent_tokens:])))
         log_id = self.on_finish(rec)
+        self.trace.end(rec, log_id)  # before the final event: a client that then reads /metrics sees it
         self._finished = True
         usage = Usage(prompt_tokens=self.seq.prompt_len, completion_tokens=len(output),
                       generated_tokens=rec.sampled_tokens, reasoning_tokens=len(rec.reasoning_ids))
@@ -520,6 +572,14 @@ class GuardedGeneration:
         delta = self.text.release(self.output, n)
         if delta is not None:
             self.emit(delta)
+
+
+def _engine_scores(out: StepOutput, monitor: Monitor, n: int) -> list[float]:
+    """The ``n`` scores an engine that runs monitors reported for ``monitor`` (MonitorFailure if not)."""
+    scores = out.scores.get(monitor.name)
+    if scores is None or len(scores) != n:
+        raise MonitorFailure(f"the engine reported {0 if scores is None else len(scores)} scores for {n} tokens")
+    return scores
 
 
 def _checked_score(monitor: Monitor, hidden: torch.Tensor | None, token_ids: list[int]) -> list[float]:

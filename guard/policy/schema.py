@@ -13,8 +13,8 @@ from pathlib import Path
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, StringConstraints, ValidationInfo, field_validator,
-                      model_validator)
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, StringConstraints, ValidationInfo,
+                      field_validator, model_validator)
 from pydantic_core import PydanticCustomError
 
 from guard.controller.deliberation import DEFAULT_INSTRUCTION
@@ -26,15 +26,22 @@ if TYPE_CHECKING:
 NAME_PATTERN = r"^[A-Za-z0-9._-]+$"
 ENV_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
-MonitorAction = Literal["backtrack", "refuse", "log"]
+def _shadow_alias(value: Any) -> Any:
+    return "shadow" if value == "log" else value
+
+
+# ``log``, the earlier name of ``shadow``, is still accepted and reads back as ``shadow``.
+MonitorAction = Annotated[Literal["backtrack", "refuse", "shadow"], BeforeValidator(_shadow_alias)]
 Scope = Literal["prompt", "output", "both"]
 
 
 def _action_field() -> Any:
     return Field("backtrack", description="What a firing does. backtrack: roll back and resample (past the retry "
                                           "budget, refuse); refuse: answer the policy's refusal at once, retracting "
-                                          "what was sent; log: only record the firing. On the prompt, backtrack "
-                                          "and refuse both refuse before generating.")
+                                          "what was sent; shadow: only record the firing (log-only, the answer is "
+                                          "unchanged: to review a new monitor on live traffic before it acts; "
+                                          "log is accepted as an alias and reads back as shadow). On the prompt, "
+                                          "backtrack and refuse both refuse before generating.")
 
 
 def _scope_field() -> Any:
@@ -59,6 +66,28 @@ def _resolve(path: Path, info: ValidationInfo, must_exist: bool, what: str) -> P
     return path
 
 
+class VLLMSpec(Strict):
+    """Settings of the vLLM engine (``engine: vllm``)."""
+
+    gpu_memory_utilization: float = Field(0.3, gt=0.0, le=1.0, description="Share of accelerator memory vLLM may "
+                                          "use for weights and KV cache (on CPU: of the KV space it reserves).")
+    max_num_seqs: int = Field(64, ge=1, description="Most requests vLLM runs in one batch.")
+    block_size: int | None = Field(None, ge=1, description="KV block size in tokens (prefix-cache granularity: a "
+                                   "rollback recomputes less than one block); the platform's default when unset "
+                                   "(the CPU backend needs a multiple of 32).")
+    reset_token: str = Field("<|reset|>", description="Reserved single token forced (and listed in stop_token_ids) "
+                             "when an acting monitor fires inside the vLLM worker.")
+    reset_token_id: int | None = Field(None, ge=0, description="Id to force instead of looking reset_token up: a "
+                                       "reserved id the model never samples.")
+
+    def to_options(self):
+        from guard.engine.vllm_engine import VLLMOptions
+
+        return VLLMOptions(gpu_memory_utilization=self.gpu_memory_utilization, max_num_seqs=self.max_num_seqs,
+                           block_size=self.block_size, reset_token=self.reset_token,
+                           reset_token_id=self.reset_token_id)
+
+
 class ModelSpec(Strict):
     """The model the policy serves."""
 
@@ -71,6 +100,13 @@ class ModelSpec(Strict):
     served_name: str | None = Field(None, description="Name /v1/models reports for the underlying model; "
                                                       "defaults to the policy name.")
     max_context: int | None = Field(None, ge=1, description="Context window in tokens; defaults to the model's.")
+    vllm: VLLMSpec | None = Field(None, description="vLLM settings (engine vllm only).")
+
+    @model_validator(mode="after")
+    def _vllm_only_for_vllm(self) -> "ModelSpec":
+        if self.vllm is not None and self.engine != "vllm":
+            raise ValueError("vllm settings are only allowed with engine: vllm")
+        return self
 
     @field_validator("path")
     @classmethod
@@ -225,21 +261,77 @@ class StreamSpec(Strict):
 
 
 class LogSpec(Strict):
-    """The flagged-generation log."""
+    """The flagged-generation log: a SQLite file (path, the default) or a database URL (url, url_env).
 
-    path: Path = Field(Path("guard.db"), validate_default=True,
-                       description="SQLite database (relative to the policy file).")
+    Several replicas share one log through a Postgres URL. Set at most one of path, url and url_env.
+    """
+
+    path: Path | None = Field(None, description="SQLite database (relative to the policy file); guard.db when "
+                                                "neither url nor url_env is set.")
+    url: str | None = Field(None, description="Database URL instead of path: postgresql://USER@HOST:PORT/DB "
+                                              "(needs pip install 'guard[postgres]') or sqlite:////ABS/PATH.db. "
+                                              "Committed with the file: use url_env for a URL with a password.")
+    url_env: str | None = Field(None, pattern=ENV_PATTERN,
+                                description="Environment variable holding the database URL, read when the server "
+                                            "loads the policy; an unset or empty variable is an error.")
     record: Literal["flagged", "all"] = Field("flagged", description="flagged: only generations where a monitor "
                                                                      "fired or that were refused; all: every one.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_path(cls, data: Any) -> Any:
+        if isinstance(data, dict) and all(data.get(k) is None for k in ("path", "url", "url_env")):
+            return {**data, "path": "guard.db"}
+        return data
+
     @field_validator("path")
     @classmethod
-    def _check_path(cls, path: Path, info: ValidationInfo) -> Path:
-        return _resolve(path, info, must_exist=False, what="log database")
+    def _check_path(cls, path: Path | None, info: ValidationInfo) -> Path | None:
+        return None if path is None else _resolve(path, info, must_exist=False, what="log database")
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, url: str | None) -> str | None:
+        if url is not None:
+            _check_log_url(url)
+        return url
+
+    @model_validator(mode="after")
+    def _one_target(self) -> "LogSpec":
+        given = [k for k in ("path", "url", "url_env") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise PydanticCustomError("log_target", "set one of path, url and url_env, not {given}",
+                                      {"given": " and ".join(given), "loc_suffix": (given[1],)})
+        return self
+
+    def target(self, environ: Mapping[str, str]) -> str:
+        """The store to open (a path or URL), ``url_env`` read from ``environ``; :class:`PolicyError`
+        if that variable is unset or holds no usable URL."""
+        if self.url_env is None:
+            return self.url if self.url is not None else str(self.path)
+        url = environ.get(self.url_env, "").strip()
+        try:
+            if not url:
+                raise ValueError("unset or empty")
+            _check_log_url(url)
+        except ValueError as exc:
+            raise PolicyError(self.url_env, [f"log.url_env: environment variable {self.url_env}: {exc}"]) from None
+        return url
 
     def keeps(self, flagged: bool) -> bool:
         """Whether a generation with this ``flagged`` status is written to the log."""
         return flagged or self.record == "all"
+
+
+LOG_URL_SCHEMES = ("sqlite", "postgresql", "postgres", "postgresql+psycopg")
+
+
+def _check_log_url(url: str) -> None:
+    scheme = url.split("://", 1)[0] if "://" in url else None
+    if scheme not in LOG_URL_SCHEMES:
+        # The URL may hold a password: name only its scheme.
+        raise ValueError(f"not a log database URL (SCHEME://..., SCHEME one of {', '.join(LOG_URL_SCHEMES)}; "
+                         + (f"got {scheme}://)" if scheme else "got no scheme)"))
 
 
 class RequestDefaults(Strict):
