@@ -349,6 +349,10 @@ class VLLMEngine(Engine):
     def close(self) -> None:
         llm = getattr(self, "_llm", None)
         if llm is not None:
+            handler = getattr(llm, "output_handler", None)
+            if handler is not None and self._loop.is_running():
+                # vLLM stops its engine core before this task, which then logs the dead core as an error.
+                asyncio.run_coroutine_threadsafe(_cancel(handler), self._loop).result(10)
             try:
                 llm.shutdown()
             except Exception:  # noqa: BLE001
@@ -546,3 +550,11 @@ def _expects_v2_runner() -> bool:
         return env == "1"
     major, minor = (int(x) for x in vllm.__version__.split(".")[:2])
     return (major, minor) >= (0, 33)
+
+
+async def _cancel(task: asyncio.Task) -> None:
+    task.cancel()
+    try:
+        await task
+    except (asyncio.CancelledError, Exception):  # noqa: BLE001 - it is being shut down
+        pass
