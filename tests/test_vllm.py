@@ -294,3 +294,29 @@ def test_v2_logits_processor_forces_bans_and_maps_rows_to_slots():
                          input_ids=torch.zeros(1, dtype=torch.long), pos=torch.tensor([5]),
                          seq_lens_upper_bound_np=np.array([6]))
     assert not torch.isinf(lp.apply(torch.zeros(1, 10), ctx2)).any()  # later tokens: no ban
+
+
+def test_a_reset_token_the_model_emits_itself_is_honoured(vllm_engine, probe):
+    """The reset token is in every request's stop_token_ids, so vLLM stops on it whoever chose it;
+    when the model sampled it (here pushed by a logit bias), it is an ordinary token that the
+    reset_token monitor reacts to, not a worker firing."""
+    from guard.controller.backtrack import BoundMonitor, ControllerConfig, GuardedGeneration
+    from guard.controller.record import GenerationRecord
+    from guard.monitors.reset_token import ResetTokenMonitor
+
+    eng = vllm_engine
+    reset = ResetTokenMonitor.from_tokenizer(eng.tokenizer, "<|reset|>", name="reset-token")
+    monitors = [BoundMonitor(probe, action="backtrack"), BoundMonitor(reset, action="backtrack", rollback="response")]
+    rec = GenerationRecord(request_id="t", policy_name="p", policy_hash="h", model="m", messages=None,
+                           prompt="", prompt_tokens=0)
+    forced = eng.stats.forced_resets
+    params = SamplingParams(seed=1, max_tokens=16, logit_bias={eng.reset_id: 100.0})
+    job = GuardedGeneration(eng, _prompt(eng, BENIGN[0]), params, monitors,
+                            ControllerConfig(rollback="response", max_retries=1, refusal="No."), rec, lambda e: None)
+    while not job.advance():
+        pass
+    job.close()
+    assert rec.outcome == "refused" and [s.monitor for s in rec.spans] == ["reset-token", "reset-token"]
+    # (the retry bans the first discarded token, so the second attempt says one token before resetting)
+    assert all(s.token_ids[-1] == eng.reset_id and s.fired_at == len(s.token_ids) - 1 for s in rec.spans)
+    assert eng.stats.forced_resets == forced
