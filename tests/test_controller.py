@@ -116,6 +116,31 @@ def test_exhausted_retries_end_in_the_policy_refusal(tiny_engine):
     assert_invariants(events, rec)
 
 
+class EveryNth(TokenMonitor):
+    """Fires on every ``n``-th token it scores (so firings land mid-answer, attempt after attempt)."""
+
+    def __init__(self, n):
+        super().__init__(set(), name="nth")
+        self.n, self.calls = n, 0
+
+    def score(self, hidden, token_ids):
+        out = []
+        for _ in token_ids:
+            self.calls += 1
+            out.append(1.0 if self.calls % self.n == 0 else 0.0)
+        return out
+
+
+def test_exhausted_retries_after_a_partial_rollback_keep_every_sampled_token_in_the_record(tiny_engine):
+    """Past the budget the refusal replaces the whole answer, so the tokens kept by the last
+    partial rollback are discarded too, in the final span."""
+    events, rec, _ = run(tiny_engine, [EveryNth(6)], holdback_tokens=0, rollback="tokens", rollback_tokens=2,
+                         max_retries=1, refusal="No.")
+    assert events[-1].outcome == "refused" and rec.output_ids == []
+    assert rec.spans[0].start > 0 and rec.spans[-1].start == 0
+    assert_invariants(events, rec)
+
+
 def test_token_monitor_fires_without_lag_and_shadow_monitors_change_nothing(tiny_engine):
     plain, clean, _ = run(tiny_engine)
     target = clean.output_ids[5]

@@ -435,8 +435,10 @@ class GuardedGeneration:
         point = self._safe_point(fire_pos, bound.rollback or self.config.rollback)
         deliberate = (self.delib is not None and self.section is None and self.retries < self.config.max_retries
                       and self.config.strategy(self.retries + 1).deliberate)
-        if deliberate:
-            point = 0  # deliberation starts the response over
+        if deliberate or self.retries + 1 > self.config.max_retries:
+            # Deliberation starts the response over; past the budget the refusal replaces all of
+            # it, so the whole answer is the discarded span (every sampled token stays in the record).
+            point = 0
         first_token = self.output[point] if point < len(self.output) else None
         self._discard(fire_pos, bound, point)
         self.retries += 1
