@@ -320,3 +320,25 @@ def test_a_reset_token_the_model_emits_itself_is_honoured(vllm_engine, probe):
     # (the retry bans the first discarded token, so the second attempt says one token before resetting)
     assert all(s.token_ids[-1] == eng.reset_id and s.fired_at == len(s.token_ids) - 1 for s in rec.spans)
     assert eng.stats.forced_resets == forced
+
+
+def test_sae_feature_monitor_runs_in_the_worker(vllm_engine, hf_engine):
+    """An SAE feature monitor (the organism's SAE, a few of its features) is scored inside the vLLM
+    worker exactly as the transformers engine's activations score it."""
+    from guard.sae.formats import load_sae
+    from guard.sae.monitor import SaeFeatureMonitor, WatchedFeature
+
+    eng = vllm_engine
+    sae = load_sae(ORGANISM / "sae")
+    mon = SaeFeatureMonitor("sae", sae, [WatchedFeature(i, 0.5, 1.0) for i in (3, 17, 101)], rule="any")
+    seq = eng.new_sequence(_prompt(eng, HARMFUL[3]), [mon.layer], [MonitorRun(mon, False, False, True)])
+    eng.prefill(seq)
+    gen = make_generator(4)
+    got: dict[int, float] = {}
+    for _ in range(20):
+        _record(eng.step(seq, SamplingParams(seed=4, max_tokens=20), gen), got, "sae")
+    _record(eng.step(seq, SamplingParams(seed=4, max_tokens=20), gen, sample=False), got, "sae")
+    ref = _reference(hf_engine, mon, seq.tokens)
+    assert sorted(got) == list(range(seq.prompt_len, len(seq.tokens)))
+    assert all(got[p] == pytest.approx(ref[p], abs=1e-4) for p in got)
+    eng.release(seq)
