@@ -189,6 +189,14 @@ def test_format_policy_round_trips(tree: Path):
     assert again.model_dump() == policy.model_dump()
 
 
+def test_format_policy_hides_a_log_url_password(tree: Path):
+    data = yaml.safe_load(VALID)
+    data["log"] = {"url": "postgresql://guard:s3cret@db.internal:5432/guard"}
+    policy = Policy.model_validate(data)
+    text = format_policy(policy)
+    assert "s3cret" not in text and "postgresql://guard:***@db.internal:5432/guard" in text
+
+
 def test_every_field_has_a_description():
     def walk(model: type) -> None:
         for name, field in model.model_fields.items():

@@ -51,8 +51,15 @@ def load_policy(path: str | Path, *, check_paths: bool = True) -> Policy:
 
 
 def format_policy(policy: Policy) -> str:
-    """The resolved policy as YAML (defaults filled in, paths absolute), headed by source and hash."""
-    body = yaml.safe_dump(policy.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    """The resolved policy as YAML (defaults filled in, paths absolute), headed by source and hash.
+    A password in ``log.url`` is shown as ``***``; literal API keys are shown as they are written."""
+    data = policy.model_dump(mode="json")
+    log = data.get("log") or {}
+    if log.get("url"):
+        from sqlalchemy.engine import make_url
+
+        log["url"] = make_url(log["url"]).render_as_string(hide_password=True)
+    body = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
     head = f"# source: {policy.source_path}\n" if policy.source_path else ""
     return f"{head}# sha256: {policy.content_hash}\n{body}"
 
