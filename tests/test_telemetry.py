@@ -157,9 +157,11 @@ def test_span_tree_of_a_request_that_backtracks(backtracked, otel):
     prefill, fire, rollback, resample = children
     assert prefill.attributes["guard.prompt_tokens"] == a["guard.prompt_tokens"]
     assert {k: fire.attributes[k] for k in ("guard.monitor", "guard.action", "guard.scope", "guard.position",
-                                            "guard.token", "guard.attempt")} == {
+                                            "guard.attempt")} == {
         "guard.monitor": "reset", "guard.action": "backtrack", "guard.scope": "output", "guard.position": 0,
-        "guard.token": "<|reset|>", "guard.attempt": 0}
+        "guard.attempt": 0}
+    # the token's id, not its text: text is content, in spans only with log_content
+    assert isinstance(fire.attributes["guard.token_id"], int) and "guard.token" not in fire.attributes
     assert fire.attributes["guard.score"] > fire.attributes["guard.threshold"]
     assert {k: rollback.attributes[k] for k in ("guard.monitor", "guard.rollback.from", "guard.rollback.to",
                                                 "guard.rollback.retracted_chars")} == {
@@ -236,6 +238,18 @@ def test_request_log_line_has_the_text_when_configured(tiny_model_dir, tmp_path,
     (line,) = request_lines()
     assert line["prompt"] == HI and line["output"] == fin.text
     assert "secret recipe" in json.dumps(line)
+
+
+def test_firing_spans_carry_the_token_text_only_when_configured(tiny_model_dir, tmp_path):
+    otel = make_otel(log_content=True)
+    service = GuardService.from_policy_files([write_policy(tmp_path, tiny_model_dir)], otel.telemetry)
+    try:
+        run(service, "r-token", 1, logit_bias=reset_bias(tiny_model_dir))
+    finally:
+        service.close()
+    _, children = tree(otel.finished(), "r-token")
+    fire = next(s for s in children if s.name == "guard.monitor.fire")
+    assert fire.attributes["guard.token"] == "<|reset|>"
 
 
 def test_a_refusal_at_the_prompt(tiny_model_dir, tmp_path, otel):

@@ -77,7 +77,8 @@ class Telemetry:
     ``tracer_provider`` / ``meter_provider`` default to the global ones, which are the API's no-op
     providers until an SDK is configured (a global provider can be set only once per process, so
     tests and the server pass their own). ``log_content`` puts prompt and answer text in the
-    request log line (off by default).
+    request log line and the text of the token a monitor fired on in its span (off by default:
+    spans and log lines then carry ids and counts only).
     """
 
     def __init__(self, tracer_provider: trace.TracerProvider | None = None,
@@ -194,11 +195,14 @@ class _LiveTrace(GenerationTrace):
             acc[1] += tokens
 
     def firing(self, firing: dict[str, Any]) -> None:
-        self._child("guard.monitor.fire", {
+        attrs = {
             "guard.monitor": firing["monitor"], "guard.action": firing["action"], "guard.scope": firing["scope"],
             "guard.position": firing["position"], "guard.score": float(firing["score"]),
-            "guard.threshold": float(firing["threshold"]), "guard.token": firing["token"],
-            "guard.token_id": firing["token_id"], "guard.attempt": firing["attempt"]}).end()
+            "guard.threshold": float(firing["threshold"]), "guard.token_id": firing["token_id"],
+            "guard.attempt": firing["attempt"]}
+        if self._tel.log_content:  # the token's text is prompt or answer content
+            attrs["guard.token"] = firing["token"]
+        self._child("guard.monitor.fire", attrs).end()
 
     def rollback(self, monitor: str, cut_from: int, cut_to: int, retracted_chars: int, retracted_tokens: int,
                  start_ns: int) -> None:
