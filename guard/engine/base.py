@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from guard.errors import ContextLengthError
 from guard.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -197,3 +198,16 @@ class Engine(ABC):
 
     def close(self) -> None:
         """Free the engine's resources (processes, caches). Idempotent; the default does nothing."""
+
+    def check_new_sequence(self, prompt_ids: list[int], layers: Collection[int]) -> None:
+        """What every :meth:`new_sequence` checks first: :class:`ContextLengthError` for an empty
+        prompt or one that fills the context, ValueError for a layer the model does not have."""
+        if not prompt_ids:
+            raise ContextLengthError("the prompt is empty", param="messages")
+        if len(prompt_ids) >= self.info.context_length:
+            raise ContextLengthError(
+                f"the prompt has {len(prompt_ids)} tokens; this model's context is {self.info.context_length}",
+                param="messages")
+        for layer in layers:
+            if not 0 <= layer < self.info.num_layers:
+                raise ValueError(f"layer {layer} out of range (model has {self.info.num_layers} layers)")

@@ -12,6 +12,25 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from guard.errors import ModelLoadError
+
+_LAYER_PATHS = ("model.layers", "model.language_model.layers", "language_model.model.layers", "transformer.h",
+                "gpt_neox.layers", "layers")
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of decoder blocks of a causal LM: HF models (Llama/Mistral/Qwen/Gemma, GPT-2,
+    GPT-NeoX) and vLLM's implementations of them."""
+    for path in _LAYER_PATHS:
+        obj = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList):
+            return obj
+    raise ModelLoadError(f"cannot find the decoder layers of {type(model).__name__}")
+
 
 def _hidden_of(output):
     return output[0] if isinstance(output, tuple) else output

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from guard.engine.base import Engine, EngineStats, ModelInfo, MonitorRun, Sequence, StepOutput
-from guard.engine.hooks import capture_layers
-from guard.errors import ContextLengthError, ModelLoadError
+from guard.engine.hooks import capture_layers, decoder_layers
+from guard.errors import ModelLoadError
 from guard import sampling
 from guard.sampling import SamplingParams
 
@@ -91,19 +91,6 @@ class HFChatTokenizer:
         return self.tok.decode([tid], skip_special_tokens=False)
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The list of decoder blocks of a HF causal LM (Llama/Mistral/Qwen/Gemma, GPT-2, GPT-NeoX)."""
-    for path in ("model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers"):
-        obj = model
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
-        if isinstance(obj, nn.ModuleList):
-            return obj
-    raise ModelLoadError(f"cannot find the decoder layers of {type(model).__name__}")
-
-
 @dataclass
 class _SeqState:
     cache: object | None = None
@@ -157,15 +144,7 @@ class TransformersEngine(Engine):
 
     def new_sequence(self, prompt_ids: list[int], layers: Collection[int] = (),
                      monitors: Collection[MonitorRun] = ()) -> Sequence:
-        if not prompt_ids:
-            raise ContextLengthError("the prompt is empty", param="messages")
-        if len(prompt_ids) >= self.info.context_length:
-            raise ContextLengthError(
-                f"the prompt has {len(prompt_ids)} tokens; this model's context is {self.info.context_length}",
-                param="messages")
-        for layer in layers:
-            if not 0 <= layer < self.info.num_layers:
-                raise ValueError(f"layer {layer} out of range (model has {self.info.num_layers} layers)")
+        self.check_new_sequence(prompt_ids, layers)
         return Sequence(prompt_ids=list(prompt_ids), layers=tuple(sorted(set(layers))), payload=_SeqState())
 
     def prefill(self, seq: Sequence, return_hidden: bool = False) -> StepOutput:

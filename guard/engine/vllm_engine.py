@@ -251,12 +251,7 @@ class VLLMEngine(Engine):
 
     def new_sequence(self, prompt_ids: list[int], layers: Collection[int] = (),
                      monitors: Collection[MonitorRun] = ()) -> Sequence:
-        if not prompt_ids:
-            raise ContextLengthError("the prompt is empty", param="messages")
-        if len(prompt_ids) >= self.info.context_length:
-            raise ContextLengthError(
-                f"the prompt has {len(prompt_ids)} tokens; this model's context is {self.info.context_length}",
-                param="messages")
+        self.check_new_sequence(prompt_ids, layers)
         runs = tuple(m for m in monitors if m.monitor.layer is not None)
         for m in runs:
             self.register_monitor(m.monitor)

@@ -39,8 +39,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
+from guard.engine.hooks import decoder_layers
 from guard.engine.sidechannel import ScoreWriter
 from guard.monitors.base import Monitor, MonitorState
 
@@ -369,18 +369,6 @@ def runner_kind(runner: Any) -> str:
             return "v2"
     raise RuntimeError(f"vLLM model runner {name} is not supported by the guard "
                        f"(supported: {', '.join(SUPPORTED_RUNNERS)})")
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    for path in ("model.layers", "language_model.model.layers", "transformer.h", "layers"):
-        obj: Any = model
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
-        if isinstance(obj, nn.ModuleList):
-            return obj
-    raise RuntimeError(f"cannot find the decoder layers of {type(model).__name__}")
 
 
 def install(runner: Any, layers: Iterable[int]) -> None:
