@@ -55,20 +55,19 @@ class ScoreReader:
         self.path = str(path)
         self.keys = list(keys)
         self.fmt = _fmt(len(keys))
-        self._offset = 0
+        self._file = None
+        """Opened once the worker has created the file; reads continue where the last one ended."""
         self._partial = b""
 
     def read(self) -> list[tuple[int, bool, dict[str, float]]]:
         """New records since the last call: ``(position, forced, {monitor key: score})`` (NaN
         scores left out)."""
-        try:
-            with open(self.path, "rb") as f:
-                f.seek(self._offset)
-                data = f.read()
-        except FileNotFoundError:
-            return []
-        self._offset += len(data)
-        data = self._partial + data
+        if self._file is None:
+            try:
+                self._file = open(self.path, "rb")  # noqa: SIM115 - kept open until remove()
+            except FileNotFoundError:
+                return []
+        data = self._partial + self._file.read()
         size = self.fmt.size
         whole = len(data) - len(data) % size
         self._partial = data[whole:]
@@ -80,6 +79,9 @@ class ScoreReader:
         return out
 
     def remove(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
         try:
             os.unlink(self.path)
         except FileNotFoundError:

@@ -46,7 +46,6 @@ import tempfile
 import threading
 import uuid
 from collections.abc import Collection, Mapping
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,7 +100,6 @@ class _Request:
     finished: bool = False
     stop_reason: Any = None
     num_cached_tokens: int | None = None
-    future: Future | None = None
     scoring_only: bool = False
     names: dict[str, str] = field(default_factory=dict)
     """Monitor key in the worker -> monitor name."""
@@ -112,6 +110,8 @@ class _VSeq:
     key: str
     monitors: tuple[MonitorRun, ...]
     salt: str | None
+    output_names: list[str] = field(default_factory=list)
+    """Names of the monitors scoring answer tokens (what each step reports)."""
     request: _Request | None = None
     scores: dict[int, dict[str, float]] = field(default_factory=dict)
     """Absolute position -> monitor name -> raw score, for the tokens of the sequence."""
@@ -167,7 +167,8 @@ class VLLMEngine(Engine):
         self.last_stop_reason: Any = None
         """vLLM's ``stop_reason`` of the last request the worker's monitors stopped."""
         self._dir = tempfile.mkdtemp(prefix="guard-vllm-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-        self._monitor_keys: dict[int, str] = {}
+        self._monitor_keys: dict[int, tuple[str, Monitor]] = {}
+        """id(monitor) -> (key in the worker, the monitor: held so that its id stays unique)."""
         self._steer_keys: dict[bytes, str] = {}
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
@@ -224,12 +225,12 @@ class VLLMEngine(Engine):
         if monitor.layer is None:
             raise ValueError("only activation monitors run inside the vLLM worker")
         with self._lock:
-            key = self._monitor_keys.get(id(monitor))
-            if key is None:
-                key = f"{monitor.name}#{len(self._monitor_keys)}"
-                self._call(self._llm.collective_rpc("guard_add_monitor", args=(key, pickle.dumps(monitor))))
-                self._monitor_keys[id(monitor)] = key
-                self._keep = getattr(self, "_keep", []) + [monitor]  # ids must stay unique
+            known = self._monitor_keys.get(id(monitor))
+            if known is not None:
+                return known[0]
+            key = f"{monitor.name}#{len(self._monitor_keys)}"
+            self._call(self._llm.collective_rpc("guard_add_monitor", args=(key, pickle.dumps(monitor))))
+            self._monitor_keys[id(monitor)] = (key, monitor)
             return key
 
     def _steer_key(self, layer: int, vec: torch.Tensor) -> str:
@@ -260,7 +261,8 @@ class VLLMEngine(Engine):
         # of other sequences' cache entries (its own resamples still hit them).
         salt = key if any(m.prompt for m in runs) else None
         return Sequence(prompt_ids=list(prompt_ids), layers=tuple(sorted(set(layers))),
-                        payload=_VSeq(key=key, monitors=runs, salt=salt))
+                        payload=_VSeq(key=key, monitors=runs, salt=salt,
+                                      output_names=[m.monitor.name for m in runs if m.output]))
 
     def prefill(self, seq: Sequence, return_hidden: bool = False) -> StepOutput:
         vs: _VSeq = seq.payload
@@ -272,7 +274,7 @@ class VLLMEngine(Engine):
         req = self._submit(seq, score=[m.monitor for m in prompt_mons], act=[], score_from=0, max_tokens=1,
                            params=SamplingParams(temperature=0.0, max_tokens=1), generator=None,
                            banned=frozenset(), steer=None, scoring_only=True)
-        self._drain(seq, req, wait_finished=True)
+        self._drain(seq, req)
         scores = self._collect(vs, 0, seq.prompt_len, [m.monitor.name for m in prompt_mons])
         self._end(vs)
         return StepOutput(token_id=None, fed_start=0, hidden={}, scores=scores)
@@ -281,7 +283,7 @@ class VLLMEngine(Engine):
              extra_banned: frozenset[int] = frozenset(), steer: Mapping[int, torch.Tensor] | None = None,
              sample: bool = True) -> StepOutput:
         vs: _VSeq = seq.payload
-        names = [m.monitor.name for m in vs.monitors if m.output]
+        names = vs.output_names
         n = len(seq.tokens)
         if not sample:
             if n - 1 < vs.reported or not names or seq.answer_start is None:
@@ -305,7 +307,7 @@ class VLLMEngine(Engine):
             outs = [m.monitor for m in vs.monitors if m.output] if a is not None else []
             req = self._submit(seq, score=outs, act=[m.monitor for m in vs.monitors if m.output and m.acts and a is not None],
                                score_from=score_from, max_tokens=None, params=params, generator=generator,
-                               banned=extra_banned, steer=steer)
+                               banned=extra_banned, steer=steer, signature=sig)
         token, forced = self._next_token(seq, req)
         start = vs.reported
         scores = self._collect(vs, start, n, names)
@@ -361,7 +363,7 @@ class VLLMEngine(Engine):
     # -- requests --------------------------------------------------------------------------------
 
     def _signature(self, seq: Sequence, params: SamplingParams, steer) -> tuple:
-        vs: _VSeq = seq.payload
+        """What a running request was submitted with, that a step's arguments must match to continue it."""
         steer_sig = tuple(sorted((layer, hashlib.sha1(v.detach().float().cpu().numpy().tobytes()).hexdigest())
                                  for layer, v in (steer or {}).items()))
         return (params.temperature, params.top_p, params.top_k, params.seed, params.max_tokens,
@@ -374,8 +376,11 @@ class VLLMEngine(Engine):
 
     def _submit(self, seq: Sequence, *, score: list[Monitor], act: list[Monitor], score_from: int,
                 max_tokens: int | None, params: SamplingParams, generator: torch.Generator | None,
-                banned: frozenset[int], steer, scoring_only: bool = False) -> _Request:
+                banned: frozenset[int], steer, scoring_only: bool = False, signature: tuple = ()) -> _Request:
+        """Start a request for the sequence as it is (ending its current one). Scoring-only requests
+        are never continued, so they need no ``signature``."""
         from vllm import SamplingParams as VSP
+        from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
         vs: _VSeq = seq.payload
@@ -417,27 +422,20 @@ class VLLMEngine(Engine):
                  stop_token_ids=sorted(set(params.stop_token_ids) | {self.reset_id}),
                  logit_bias=dict(params.logit_bias) or None, output_kind=RequestOutputKind.DELTA,
                  extra_args={ARGS_KEY: args.to_dict()})
-        req = _Request(request_id=f"guard-{rkey}", args=args, start_len=n,
-                       signature=self._signature(seq, params, steer), reader=ScoreReader(args.channel, keys),
-                       scoring_only=scoring_only, names={k: m.name for k, m in zip(keys, score)})
-        prompt = list(seq.tokens)
+        req = _Request(request_id=f"guard-{rkey}", args=args, start_len=n, signature=signature,
+                       reader=ScoreReader(args.channel, keys), scoring_only=scoring_only,
+                       names={k: m.name for k, m in zip(keys, score)})
+        prompt = TokensPrompt(prompt_token_ids=list(seq.tokens))
         if salt is not None:
-            from vllm.inputs import TokensPrompt
-
-            prompt_obj = TokensPrompt(prompt_token_ids=prompt, cache_salt=salt)
-        else:
-            prompt_obj = None
-        req.future = asyncio.run_coroutine_threadsafe(
-            self._generate_obj(req, prompt_obj, prompt, sp), self._loop)
+            prompt["cache_salt"] = salt
+        asyncio.run_coroutine_threadsafe(self._generate(req, prompt, sp), self._loop)
         vs.request = req
         return req
 
-    async def _generate_obj(self, req: _Request, prompt_obj, prompt: list[int], sp) -> None:
-        from vllm.inputs import TokensPrompt
-
-        obj = prompt_obj if prompt_obj is not None else TokensPrompt(prompt_token_ids=prompt)
+    async def _generate(self, req: _Request, prompt, sp) -> None:
+        """Feed vLLM's outputs for ``req`` into its queue (runs on the vLLM loop)."""
         try:
-            async for out in self._llm.generate(obj, sp, req.request_id):
+            async for out in self._llm.generate(prompt, sp, req.request_id):
                 o = out.outputs[0]
                 req.items.put(("tokens", list(o.token_ids), out.finished, o.stop_reason, out.num_cached_tokens))
         except asyncio.CancelledError:
@@ -492,23 +490,23 @@ class VLLMEngine(Engine):
                     raise EngineError(f"vLLM request {req.request_id} ended without a token")
         token = req.buffered.pop(0)
         pos = len(seq.tokens)  # absolute position of the new token; it was computed from pos - 1
-        self._read_scores(seq.payload, req)
+        # Its fed token's record was read with the delivery that brought it (the channel's ordering).
         forced = token == self.reset_id and (pos - 1) in seq.payload.forced
         return token, forced
 
     def _wait_score(self, seq: Sequence, req: _Request, pos: int) -> None:
         vs: _VSeq = seq.payload
-        names = [m.monitor.name for m in vs.monitors if m.output]
+        names = vs.output_names
         while not all(name in vs.scores.get(pos, {}) for name in names):
             if not self._receive(seq, req, block=True) and req.finished:
                 self._read_scores(vs, req)
                 if not all(name in vs.scores.get(pos, {}) for name in names):
                     raise EngineError(f"vLLM request {req.request_id} ended without scoring position {pos}")
 
-    def _drain(self, seq: Sequence, req: _Request, wait_finished: bool) -> None:
+    def _drain(self, seq: Sequence, req: _Request) -> None:
+        """Receive everything until the request finishes (its scores are read with each delivery)."""
         while not req.finished:
             self._receive(seq, req, block=True)
-        self._read_scores(seq.payload, req)
 
     def _collect(self, vs: _VSeq, start: int, stop: int, names: list[str]) -> dict[str, list[float]]:
         """Scores of positions ``start..stop-1`` per monitor (stopping at the first missing one)."""

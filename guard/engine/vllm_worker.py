@@ -124,6 +124,8 @@ class WorkerState:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.monitors: dict[str, Monitor] = {}
+        self.by_layer: dict[int, list[tuple[str, Monitor]]] = {}
+        """Layer -> the installed monitors reading it, as ``(key, monitor)``."""
         self.steer: dict[str, tuple[int, torch.Tensor]] = {}
         self.live: dict[str, _Live] = {}
         """Guard request key -> state."""
@@ -145,6 +147,7 @@ class WorkerState:
         if not isinstance(monitor, Monitor) or monitor.layer is None:
             raise TypeError(f"monitor {key!r} is not an activation monitor")
         self.monitors[key] = monitor
+        self.by_layer.setdefault(monitor.layer, []).append((key, monitor))
 
     def add_steer(self, key: str, layer: int, vector: list[float]) -> None:
         self.steer[key] = (layer, torch.tensor(vector, dtype=torch.float32))
@@ -203,7 +206,7 @@ class WorkerState:
             return None
         self.calls["layer_hooks"] += 1
         stream = hidden if residual is None else hidden + residual
-        mons = [(k, m) for k, m in self.monitors.items() if m.layer == layer]
+        mons = self.by_layer.get(layer)
         if mons:
             self._score_layer(layer, stream, mons)
         steered = None
