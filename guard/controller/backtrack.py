@@ -349,19 +349,20 @@ class GuardedGeneration:
         firings: list[tuple[int, BoundMonitor]] = []
         for bound in self._output_monitors():
             mon, state = bound.monitor, self.states[bound.monitor.name]
+            scores: list[float] | None = None
             if mon.layer is None:
                 if not new_token:
                     continue
                 start, h = len(self.output) - 1, None
                 ids = self.output[start:]
             elif self.engine.runs_monitors:  # raw scores computed inside the engine
-                h, given = None, out.scores.get(mon.name, [])
+                scores = out.scores.get(mon.name, [])
                 start = fed_start - plen
                 if start < 0:  # prompt and reasoning positions are not answer tokens
-                    given, start = given[-start:], 0
-                if not given:
+                    scores, start = scores[-start:], 0
+                if not scores:
                     continue
-                ids = self.output[start:start + len(given)]
+                ids = self.output[start:start + len(scores)]
             else:
                 if mon.layer not in hidden:
                     continue
@@ -373,12 +374,13 @@ class GuardedGeneration:
                     continue
                 ids = self.output[start:start + h.shape[0]]
             t0 = time.perf_counter()
-            try:
-                scores = given if h is None and mon.layer is not None else _checked_score(mon, h, ids)
-            except MonitorFailure as exc:
-                if self._monitor_failed(bound, "output", exc, start):
-                    return True
-                continue
+            if scores is None:
+                try:
+                    scores = _checked_score(mon, h, ids)
+                except MonitorFailure as exc:
+                    if self._monitor_failed(bound, "output", exc, start):
+                        return True
+                    continue
             self.trace.monitor_time(mon.name, "output", time.perf_counter() - t0, len(ids))
             pos = state.extend(start, scores)
             if pos is not None:
