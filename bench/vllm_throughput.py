@@ -24,60 +24,33 @@ many it recomputed.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
-import threading
 import time
+from pathlib import Path
 
 import torch
 
-from guard.controller.backtrack import BoundMonitor, ControllerConfig, GuardedGeneration
-from guard.controller.events import Finished
-from guard.controller.record import GenerationRecord
-from guard.engine.transformers_engine import TransformersEngine
-from guard.engine.vllm_engine import VLLMEngine, VLLMOptions
-from guard.engine.worker import EngineWorker
-from guard.monitors.base import AggregationSpec
-from guard.monitors.probe import ProbeMonitor
-from guard.sampling import SamplingParams, make_generator
-from guard.testing import make_random_llama
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from throughput import _quantile_threshold, run_mixed  # noqa: E402  (bench/ is not a package)
 
-PROMPTS = ["Tell me about the weather.", "How do I bake bread?", "Write a short poem.", "What is a CPU?"]
+from guard.controller.backtrack import BoundMonitor, ControllerConfig  # noqa: E402
+from guard.engine.transformers_engine import TransformersEngine  # noqa: E402
+from guard.engine.vllm_engine import VLLMEngine, VLLMOptions  # noqa: E402
+from guard.engine.worker import EngineWorker  # noqa: E402
+from guard.monitors.base import AggregationSpec  # noqa: E402
+from guard.monitors.probe import ProbeMonitor  # noqa: E402
+from guard.testing import make_random_llama  # noqa: E402
+
 BLOCK = 32
 
 
 def run_round(engine, worker, monitors, config, streams: int, tokens: int, seed0: int) -> tuple[int, float, list]:
-    """Submit ``streams`` generations at once; return (generated tokens, wall seconds, finished events)."""
-    done = threading.Semaphore(0)
-    finished: list[Finished] = []
+    """Submit ``streams`` generations at once (vLLM batches them); return (generated tokens, wall
+    seconds from submission to the last finish, finished events)."""
     t0 = time.perf_counter()
-    for i in range(streams):
-        prompt = engine.tokenizer.encode_chat([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}])
-        params = SamplingParams(seed=seed0 + i, max_tokens=tokens, banned_token_ids=engine.info.eos_token_ids)
-
-        def emit(ev):
-            if isinstance(ev, Finished):
-                finished.append(ev)
-                done.release()
-
-        rec = GenerationRecord(request_id=f"r{seed0 + i}", policy_name="bench", policy_hash="", model=engine.info.name,
-                               messages=None, prompt=None, prompt_tokens=len(prompt))
-        worker.submit(GuardedGeneration(engine, prompt, params, monitors, config, rec, emit))
-    for _ in range(streams):
-        done.acquire()
-    return sum(f.usage.generated_tokens for f in finished), time.perf_counter() - t0, finished
-
-
-def quantile_threshold(path, layer: int, direction: torch.Tensor, q: float) -> float:
-    """Score threshold that a fraction ``1 - q`` of sampled tokens exceeds (transformers engine, same weights)."""
-    eng = TransformersEngine.load(path, name="calibration")
-    ids = eng.tokenizer.encode_chat([{"role": "user", "content": PROMPTS[0]}])
-    seq = eng.new_sequence(ids)
-    eng.prefill(seq)
-    gen = make_generator(0)
-    for _ in range(64):
-        eng.step(seq, SamplingParams(seed=0, banned_token_ids=eng.info.eos_token_ids), gen)
-    hidden = eng.hidden_states(seq.tokens, [layer])[layer][len(ids):]
-    return float(torch.quantile(torch.sigmoid(hidden @ direction).double(), q))
+    fins = run_mixed(engine, worker, {"run": (monitors, config)}, streams, tokens, seed0, {"run": 0.0})["run"]
+    return sum(f.usage.generated_tokens for f in fins), time.perf_counter() - t0, fins
 
 
 def main() -> None:
@@ -93,7 +66,8 @@ def main() -> None:
     path = make_random_llama(tmp.name + "/m", hidden=args.d_model, layers=args.layers, heads=args.d_model // 64)
     layer = args.layers // 2
     direction = torch.randn(args.d_model)
-    fire_at = quantile_threshold(path, layer, direction, 0.95)
+    # threshold fired by ~5% of sampled tokens, computed with the transformers engine on the same weights
+    fire_at = _quantile_threshold(TransformersEngine.load(path, name="calibration"), layer, direction, 0.95)
     engine = VLLMEngine.load(path, name=f"random-d{args.d_model}",
                              options=VLLMOptions(block_size=BLOCK, max_num_seqs=max(32, args.streams)))
     worker = EngineWorker()
