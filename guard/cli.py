@@ -35,7 +35,8 @@ def _serve(args: argparse.Namespace) -> int:
         logging.getLogger("guard.telemetry").info("exporting traces over OTLP (%s)", otlp)
     policies = args.policy or [str(DEMO_POLICY)]
     run(policies, host=args.host, port=args.port, reload_interval_s=args.reload_interval or None,
-        log_content=args.log_content, admin_key_env=args.admin_key_env)
+        log_content=args.log_content, admin_key_env=args.admin_key_env, log_url=args.log_url,
+        drain_grace_s=args.drain_grace)
     return 0
 
 
@@ -91,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--admin-key-env", metavar="NAME", default=None,
                        help="environment variable holding the admin key of the review page (/review) and API "
                             "(default: GUARD_ADMIN_KEY; without a key they are off)")
+    serve.add_argument("--log-url", metavar="URL", default=None,
+                       help="one log for every policy, instead of each policy's log target: a SQLite path or "
+                            "postgresql://USER@HOST:PORT/DB (default: $GUARD_LOG_URL; unset: the policies' own)")
+    serve.add_argument("--drain-grace", type=float, default=None, metavar="SECONDS",
+                       help="on SIGTERM, stop taking requests and let those in flight run this long before "
+                            "interrupting them (default: $GUARD_DRAIN_GRACE_S, else 30)")
     serve.set_defaults(func=_serve)
 
     policy = sub.add_parser("policy", help="policy files").add_subparsers(dest="policy_command", required=True)

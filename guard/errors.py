@@ -83,3 +83,10 @@ class OverloadedError(GuardError):
 
     status_code = 503
     error_type = "server_overloaded"
+
+
+class UnavailableError(GuardError):
+    """This replica is shutting down (HTTP 503, with ``Retry-After``): the request belongs on another."""
+
+    status_code = 503
+    error_type = "service_unavailable"

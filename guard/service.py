@@ -30,7 +30,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,9 +148,12 @@ log = logging.getLogger(__name__)
 class GuardService:
     """Serves one or more policies. Build with :meth:`from_policy_files`; close with :meth:`aclose`."""
 
-    def __init__(self, policies: list[Policy], telemetry: Telemetry | None = None) -> None:
+    def __init__(self, policies: list[Policy], telemetry: Telemetry | None = None,
+                 log_url: str | None = None) -> None:
         """``telemetry``: where traces, metrics and request log lines go (default: the global
-        OpenTelemetry providers, no-op until an SDK is configured)."""
+        OpenTelemetry providers, no-op until an SDK is configured). ``log_url``: one log (a path or
+        database URL) for every policy instead of each policy's own ``log`` target (``guard serve
+        --log-url``, ``$GUARD_LOG_URL``: replicas and containers point all policies at one database)."""
         if not policies:
             raise PolicyError("<none>", ["no policy to serve"])
         names = [p.name for p in policies]
@@ -162,6 +165,10 @@ class GuardService:
         self._stores: dict[str, LogStore] = {}
         """Open log stores by target (path or URL): policies naming the same log share one."""
         self._served: dict[str, _Served] = {}
+        self._log_url = log_url
+        self._live: set[Callable[[GuardError], None]] = set()
+        """One callback per running stream that ends it with an error event (:meth:`interrupt`)."""
+        self._interrupting = False
         self._sources = [_Source(p.source_path, p.name, p.content_hash) for p in policies if p.source_path]
         self._started = time.time()
         self.telemetry = telemetry or Telemetry()
@@ -173,8 +180,9 @@ class GuardService:
             raise
 
     @classmethod
-    def from_policy_files(cls, paths: list[str | Path], telemetry: Telemetry | None = None) -> "GuardService":
-        return cls([load_policy(p) for p in paths], telemetry)
+    def from_policy_files(cls, paths: list[str | Path], telemetry: Telemetry | None = None,
+                          log_url: str | None = None) -> "GuardService":
+        return cls([load_policy(p) for p in paths], telemetry, log_url)
 
     # -- loading ------------------------------------------------------------------------------
 
@@ -192,7 +200,8 @@ class GuardService:
                                       deliberate=s.deliberate)
                              for s in bt.strategies),
             deliberation=_deliberation(policy))
-        log_target = policy.log.target(os.environ)  # a path or URL; url_env read here, like access keys
+        # a path or URL; url_env read here, like access keys
+        log_target = self._log_url or policy.log.target(os.environ)
         if log_target not in self._stores:
             self._stores[log_target] = LogStore.open(log_target)
         return _Served(policy, engine, worker, monitors, config, self._stores[log_target],
@@ -415,8 +424,12 @@ class GuardService:
             except RuntimeError:  # the loop is closed: nobody is listening any more
                 pass
 
+        def end(err: GuardError) -> None:
+            events.put_nowait(Failed(err))
+
         job = self._job(prepared, emit)
         prepared.served.worker.submit(job)
+        self._live.add(end)
         try:
             while True:
                 event = await events.get()
@@ -424,7 +437,21 @@ class GuardService:
                 if isinstance(event, (Finished, Failed)):
                     return
         finally:
+            self._live.discard(end)
             job.cancelled = True
+
+    def interrupt(self, err: GuardError) -> int:
+        """End every running stream with ``err`` (an error event); return how many there were.
+
+        Called on the event loop when a draining server's grace period is over. Each generation is
+        then cancelled like one whose client left, and a flagged one is written to the log with
+        outcome ``interrupted`` (its record as far as it got).
+        """
+        self._interrupting = True
+        live = list(self._live)
+        for end in live:
+            end(err)
+        return len(live)
 
     def _job(self, prepared: PreparedGeneration, emit) -> GuardedGeneration:
         served, req = prepared.served, prepared.request
@@ -435,6 +462,8 @@ class GuardService:
         log_spec, store = served.policy.log, served.store
 
         def on_finish(rec: GenerationRecord) -> str | None:
+            if self._interrupting and rec.finish_reason is None:  # cut off by a drain, not finished
+                rec.outcome = "interrupted"
             return store.write(rec) if log_spec.keeps(rec.flagged) else None
 
         trace = self.telemetry.generation(record)  # the request span starts now, on the event loop

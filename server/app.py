@@ -8,7 +8,8 @@ pick up edited policy files every ``reload_interval_s`` (no file-watching depend
 The lifespan also builds the app's own OpenTelemetry meter provider, read by ``/metrics``
 (Prometheus text; open like ``/health`` unless ``GUARD_ADMIN_KEY`` is set, then that bearer key).
 With an admin key configured, the app also serves the review page and API (:mod:`server.review`,
-:mod:`server.review_page`); without one they do not exist.
+:mod:`server.review_page`); without one they do not exist. :func:`run` drains on SIGTERM: ``/ready``
+fails, new requests get 503, requests in flight finish within a grace period (:mod:`server.drain`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import guard
 from guard.telemetry import Telemetry
 from guard.telemetry.export import PrometheusMetrics, otlp_metric_readers
 from server.auth import authenticate
+from server.drain import DEFAULT_GRACE_S, Drain, DrainMiddleware, serve
+from server.drain import router as drain_router
 from guard.errors import InvalidRequestError
 from server.errors import install_error_handlers
 from server.review import router as review_router
@@ -39,6 +42,8 @@ log = logging.getLogger(__name__)
 
 API_KEYS_ENV = "GUARD_API_KEYS"
 ADMIN_KEY_ENV = "GUARD_ADMIN_KEY"
+LOG_URL_ENV = "GUARD_LOG_URL"
+DRAIN_GRACE_ENV = "GUARD_DRAIN_GRACE_S"
 
 
 @dataclass(frozen=True)
@@ -57,27 +62,45 @@ class ServerSettings:
     admin_key: str | None = field(default=None, repr=False)
     """Bearer key of the review page and API (``/review``, ``/v1/guard/review``); ``None``: they do
     not exist (404). Never a tenant or global API key."""
+    log_url: str | None = field(default=None, repr=False)
+    """One log (path or database URL) for every policy instead of each policy's ``log`` target
+    (``$GUARD_LOG_URL``); ``None``: the policies' own."""
+    drain_grace_s: float = DEFAULT_GRACE_S
+    """On SIGTERM, how long requests in flight may run before they are interrupted (:mod:`server.drain`)."""
 
     def __post_init__(self) -> None:
         if self.admin_key is not None and not self.admin_key.strip():
             raise ValueError("admin_key: an empty admin key would open the review API; leave it None to close it")
         if self.admin_key is not None and self.admin_key in self.api_keys:
             raise ValueError("admin_key: the admin key must not also be one of api_keys")
+        if self.drain_grace_s < 0:
+            raise ValueError(f"drain_grace_s: must be >= 0 seconds, got {self.drain_grace_s}")
 
     @classmethod
     def from_env(cls, policy_paths: Sequence[str], api_keys: Sequence[str] | None = None,
                  reload_interval_s: float | None = 1.0, log_content: bool = False,
-                 admin_key_env: str | None = None) -> ServerSettings:
+                 admin_key_env: str | None = None, log_url: str | None = None,
+                 drain_grace_s: float | None = None) -> ServerSettings:
         """Settings whose API keys default to the comma-separated ``GUARD_API_KEYS`` and whose admin
-        key is ``$GUARD_ADMIN_KEY`` (unset: no review API), or ``$admin_key_env``, which must be set."""
+        key is ``$GUARD_ADMIN_KEY`` (unset: no review API), or ``$admin_key_env``, which must be set;
+        ``log_url`` defaults to ``$GUARD_LOG_URL`` and ``drain_grace_s`` to ``$GUARD_DRAIN_GRACE_S``."""
         if api_keys is None:
             api_keys = [k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
         admin_key = os.environ.get(admin_key_env or ADMIN_KEY_ENV, "").strip() or None
         if admin_key_env and admin_key is None:
             raise InvalidRequestError(f"--admin-key-env {admin_key_env}: the environment variable {admin_key_env} "
                                       "is not set (or empty); export the admin key in it", param="admin_key_env")
+        log_url = log_url or os.environ.get(LOG_URL_ENV, "").strip() or None
+        if drain_grace_s is None:
+            raw = os.environ.get(DRAIN_GRACE_ENV, "").strip()
+            try:
+                drain_grace_s = float(raw) if raw else DEFAULT_GRACE_S
+            except ValueError:
+                raise InvalidRequestError(f"{DRAIN_GRACE_ENV}={raw!r}: not a number of seconds",
+                                          param="drain_grace_s") from None
         return cls(policy_paths=tuple(str(p) for p in policy_paths), api_keys=tuple(api_keys),
-                   reload_interval_s=reload_interval_s, log_content=log_content, admin_key=admin_key)
+                   reload_interval_s=reload_interval_s, log_content=log_content, admin_key=admin_key,
+                   log_url=log_url, drain_grace_s=drain_grace_s)
 
 
 @runtime_checkable
@@ -98,7 +121,7 @@ def create_app(settings: ServerSettings | None = None, *, service_factory: Servi
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.metrics = metrics = PrometheusMetrics(otlp_metric_readers())
         telemetry = Telemetry(meter_provider=metrics.provider, log_content=settings.log_content)
-        factory = service_factory or (lambda: _guard_service(settings.policy_paths, telemetry))
+        factory = service_factory or (lambda: _guard_service(settings.policy_paths, telemetry, settings.log_url))
         app.state.service = service = await asyncio.to_thread(factory)
         stop = asyncio.Event()
         interval = settings.reload_interval_s
@@ -118,8 +141,11 @@ def create_app(settings: ServerSettings | None = None, *, service_factory: Servi
     app = FastAPI(title="guard", version=guard.__version__, lifespan=lifespan,
                   description="OpenAI-compatible server for guarded generation.")
     app.state.settings = settings
+    app.state.drain = drain = Drain(settings.drain_grace_s)
+    app.add_middleware(DrainMiddleware, drain=drain)
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(drain_router)
     if settings.admin_key:  # the review page and API exist only behind an admin key
         app.include_router(review_router)
         app.include_router(page_router)
@@ -150,23 +176,24 @@ async def _watch_policies(service: Reloadable, interval: float, stop: asyncio.Ev
             log.exception("policy reload failed")
 
 
-def _guard_service(policy_paths: Sequence[str], telemetry: Telemetry) -> GenerationService:
+def _guard_service(policy_paths: Sequence[str], telemetry: Telemetry, log_url: str | None) -> GenerationService:
     from guard.service import GuardService  # loads torch and the engines: only when the app starts
 
-    return GuardService.from_policy_files(list(policy_paths), telemetry)
+    return GuardService.from_policy_files(list(policy_paths), telemetry, log_url)
 
 
 def run(policy_paths: Sequence[str], host: str = "127.0.0.1", port: int = 8000, *,
         api_keys: Sequence[str] | None = None, log_level: str = "info", reload_interval_s: float | None = 1.0,
-        log_content: bool = False, admin_key_env: str | None = None) -> None:
-    """Serve ``policy_paths`` with uvicorn (``guard serve``); API keys default to ``$GUARD_API_KEYS``."""
-    import uvicorn
-
-    settings = ServerSettings.from_env(policy_paths, api_keys, reload_interval_s, log_content, admin_key_env)
+        log_content: bool = False, admin_key_env: str | None = None, log_url: str | None = None,
+        drain_grace_s: float | None = None) -> None:
+    """Serve ``policy_paths`` with uvicorn (``guard serve``), draining on SIGTERM (:mod:`server.drain`);
+    settings left ``None`` come from the environment (:meth:`ServerSettings.from_env`)."""
+    settings = ServerSettings.from_env(policy_paths, api_keys, reload_interval_s, log_content, admin_key_env,
+                                       log_url, drain_grace_s)
     if not settings.api_keys and not _is_loopback(host):
         log.warning("serving on %s without API keys: anyone who can reach this port can use the models "
                     "(set %s or pass api_keys)", host, API_KEYS_ENV)
-    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level)
+    serve(create_app(settings), host=host, port=port, log_level=log_level)
 
 
 def _is_loopback(host: str) -> bool:

@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from guard.errors import GuardError
+from guard.errors import GuardError, UnavailableError
 from server.protocol import ErrorInfo, ErrorResponse
 
 log = logging.getLogger(__name__)
@@ -51,9 +51,14 @@ def error_response(exc: BaseException) -> tuple[int, ErrorResponse]:
     return 500, ErrorResponse(error=info)
 
 
+RETRY_AFTER_S = 1
+"""``Retry-After`` of a 503 from a draining replica: a load balancer has another one ready."""
+
+
 def json_error(exc: BaseException) -> JSONResponse:
     status, body = error_response(exc)
-    return JSONResponse(body.model_dump(mode="json"), status_code=status)
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if isinstance(exc, UnavailableError) else None
+    return JSONResponse(body.model_dump(mode="json"), status_code=status, headers=headers)
 
 
 def sse_error(exc: BaseException) -> str:

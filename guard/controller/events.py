@@ -14,10 +14,11 @@ from typing import Literal
 
 from guard.errors import GuardError
 
-Outcome = Literal["clean", "recovered", "refused"]
+Outcome = Literal["clean", "recovered", "refused", "interrupted"]
 """clean: no monitor acted; recovered: one fired and a resample passed; refused: the policy's refusal
 was answered (retry budget exhausted, a ``refuse`` firing, a firing on the prompt, or a failing
-monitor under fail_closed)."""
+monitor under fail_closed); interrupted: the server shut down (a drain's grace period ran out)
+before the generation finished (only in the log: a client sees an error event instead)."""
 
 FinishReason = Literal["stop", "length", "content_filter"]
 

@@ -64,7 +64,7 @@ class EngineWorker:
         while not self._stopping:
             self._take_new(block=not self._active)
             self._pass()
-        for job in self._active:
+        for job in list(self._active):  # a copy: _drop removes from the list
             job.cancelled = True
             self._drop(job)
 

@@ -23,7 +23,8 @@ action, scope], ``guard.resets`` [policy, monitor, outcome], ``guard.retries`` [
 (until the first text is released to the client, hold-back included), ``guard.request.duration``
 [policy, outcome] and ``guard.monitor.time_per_token`` [policy, monitor, scope] (one point per
 request and monitor: the monitor's measured scoring time divided by the tokens it scored). Outcome
-is ``clean``, ``recovered``, ``refused``, ``cancelled`` (client gone) or ``error``.
+is ``clean``, ``recovered``, ``refused``, ``cancelled`` (client gone), ``interrupted`` (a drain ran out
+of time on a flagged generation) or ``error``.
 
 Cost: spans and metric points are made per request and per decision, never per token; the only
 per-step call is :meth:`GenerationTrace.monitor_time`, which adds two numbers to a dict.
@@ -247,7 +248,8 @@ class _LiveTrace(GenerationTrace):
         self._ended = True
         duration = time.perf_counter() - self._started
         ttft = None if self._first_text is None else self._first_text - self._started
-        outcome = "error" if self._error is not None else "cancelled" if cancelled else record.outcome
+        outcome = ("error" if self._error is not None
+                   else "cancelled" if cancelled and record.outcome != "interrupted" else record.outcome)
         for span in (self._prefill, self._attempt, self._deliberation):
             if span is not None:
                 span.end()
