@@ -9,6 +9,7 @@ field, key) sits in the file. Errors come out sorted by position.
 from __future__ import annotations
 
 import hashlib
+import os
 import types
 import typing
 from pathlib import Path
@@ -46,7 +47,9 @@ def load_policy(path: str | Path, *, check_paths: bool = True) -> Policy:
     except ValidationError as e:
         raise PolicyError(str(path), _format_errors(path, node, e)) from None
     policy._content_hash = hashlib.sha256(raw).hexdigest()
-    policy._source_path = path.resolve()
+    # Absolute, symlinks kept: a Kubernetes ConfigMap mount updates a file by swapping the symlink
+    # behind its name (and deleting the old target), so hot reload must re-read the name.
+    policy._source_path = Path(os.path.abspath(path))
     return policy
 
 
