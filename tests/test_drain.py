@@ -189,3 +189,23 @@ def test_past_the_grace_period_streams_end_with_an_error_and_are_logged_interrup
         match = next(f for f in finals if f.startswith(text))
         finals.remove(match)
     assert "interrupted 3 generation(s)" in (tmp_path / "server.log").read_text()
+
+
+def test_serve_settings_come_from_the_environment(monkeypatch):
+    from guard.errors import InvalidRequestError
+    from server.app import ServerSettings
+
+    monkeypatch.setenv("GUARD_LOG_URL", "postgresql://guard@db:5432/guard")
+    monkeypatch.setenv("GUARD_DRAIN_GRACE_S", "12.5")
+    s = ServerSettings.from_env(["p.yaml"])
+    assert (s.log_url, s.drain_grace_s) == ("postgresql://guard@db:5432/guard", 12.5)
+    assert ServerSettings.from_env(["p.yaml"], log_url="x.db", drain_grace_s=0).log_url == "x.db"
+    monkeypatch.setenv("GUARD_DRAIN_GRACE_S", "soon")
+    with pytest.raises(InvalidRequestError, match="GUARD_DRAIN_GRACE_S"):
+        ServerSettings.from_env(["p.yaml"])
+    monkeypatch.setenv("GUARD_DRAIN_GRACE_S", "-1")
+    with pytest.raises(ValueError, match="drain_grace_s"):
+        ServerSettings.from_env(["p.yaml"])
+    monkeypatch.delenv("GUARD_LOG_URL")
+    monkeypatch.delenv("GUARD_DRAIN_GRACE_S")
+    assert (ServerSettings.from_env(["p.yaml"]).log_url, ServerSettings.from_env(["p.yaml"]).drain_grace_s) == (None, 30.0)
