@@ -18,7 +18,7 @@ from guard.controller.record import GenerationRecord
 LabelName = Literal["true_positive", "false_positive", "unsure"]
 """A reviewer's verdict on a flagged generation (``guard.logstore.LABELS``)."""
 LabelFilter = Literal["true_positive", "false_positive", "unsure", "unlabelled"]
-OUTCOMES: tuple[Outcome, ...] = ("clean", "recovered", "refused", "interrupted")
+OUTCOMES: tuple[Outcome, ...] = ("clean", "recovered", "refused")
 
 
 class LabelRequest(BaseModel):

@@ -56,6 +56,30 @@ def run_options() -> list[str]:
     return out.stdout.split()
 
 
+def wait_ready(name: str, url: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        state = podman("inspect", name, "--format", "{{.State.Status}}").stdout.strip()
+        assert state == "running" and time.monotonic() < deadline, podman("logs", name, check=False).stderr
+        time.sleep(1)
+
+
+def test_the_image_serves_the_demo_out_of_the_box(image):
+    port, name = free_port(), f"{NAME}-demo"
+    podman("run", "-d", "--name", name, *run_options(), "-p", f"127.0.0.1:{port}:8000", image)
+    try:
+        wait_ready(name, f"http://127.0.0.1:{port}")
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in client.models.list()] == ["demo"]
+    finally:
+        podman("rm", "-f", "-t", "30", name, check=False)
+
+
 def test_the_image_serves_the_cluster_policy_read_only_and_drains_on_sigterm(image, tmp_path):
     data = tmp_path / "data"
     data.mkdir()
@@ -66,16 +90,7 @@ def test_the_image_serves_the_cluster_policy_read_only_and_drains_on_sigterm(ima
            "-p", f"127.0.0.1:{port}:8000", image, "--policy", "/etc/guard/policies/guard.yaml")
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            state = podman("inspect", NAME, "--format", "{{.State.Status}}").stdout.strip()
-            assert state == "running" and time.monotonic() < deadline, podman("logs", NAME, check=False).stderr
-            time.sleep(1)
+        wait_ready(NAME, url)
         client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         r = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "How do I bake bread?"}],
                                            seed=1, max_tokens=48)
