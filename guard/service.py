@@ -293,7 +293,9 @@ class GuardService:
     # -- serving ------------------------------------------------------------------------------
 
     def list_models(self) -> list[ServedModel]:
-        return [ServedModel(id=name, created=s.created, policy=name, root=s.engine.info.name)
+        # root: this policy's own name for its model, never the shared engine's (which is named after
+        # whichever policy loaded it first, possibly another tenant's).
+        return [ServedModel(id=name, created=s.created, policy=name, root=s.policy.model.served_name or name)
                 for name, s in self._served.items()]
 
     def key_bindings(self) -> dict[str, frozenset[str]]:

@@ -30,6 +30,7 @@ from guard.telemetry.export import PrometheusMetrics, otlp_metric_readers
 from server.auth import authenticate
 from guard.errors import InvalidRequestError
 from server.errors import install_error_handlers
+from server.limits import BodyLimit, RequestLimits
 from server.review import router as review_router
 from server.review_page import page_router
 from server.routes import router
@@ -57,6 +58,8 @@ class ServerSettings:
     admin_key: str | None = field(default=None, repr=False)
     """Bearer key of the review page and API (``/review``, ``/v1/guard/review``); ``None``: they do
     not exist (404). Never a tenant or global API key."""
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    """What one request may contain (body bytes, messages, characters, tokens, generations)."""
 
     def __post_init__(self) -> None:
         if self.admin_key is not None and not self.admin_key.strip():
@@ -119,6 +122,7 @@ def create_app(settings: ServerSettings | None = None, *, service_factory: Servi
                   description="OpenAI-compatible server for guarded generation.")
     app.state.settings = settings
     install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.limits.max_body_bytes)
     app.include_router(router)
     if settings.admin_key:  # the review page and API exist only behind an admin key
         app.include_router(review_router)
