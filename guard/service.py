@@ -48,6 +48,7 @@ from guard.logstore import LogStore
 from guard.monitors.probe import ProbeMonitor
 from guard.monitors.reset_token import ResetTokenMonitor
 from guard.policy import Policy, load_policy
+from guard.policy.loader import read_policy_bytes
 from guard.sampling import SamplingParams, check_token_ids
 from guard.telemetry import Telemetry
 
@@ -164,6 +165,7 @@ class GuardService:
         self._served: dict[str, _Served] = {}
         self._sources = [_Source(p.source_path, p.name, p.content_hash) for p in policies if p.source_path]
         self._started = time.time()
+        self._closed = False
         self.telemetry = telemetry or Telemetry()
         try:
             for policy in policies:
@@ -239,15 +241,19 @@ class GuardService:
         """
         swapped = []
         for src in self._sources:
+            if self._closed:
+                return swapped
             try:
-                digest = hashlib.sha256(src.path.read_bytes()).hexdigest()
-            except OSError as exc:
-                digest = f"unreadable: {exc.strerror or exc}"
+                digest = hashlib.sha256(read_policy_bytes(src.path)).hexdigest()
+            except PolicyError as exc:  # unreadable, not a regular file, too large
+                digest = f"unreadable: {exc.errors[0]}"
             if digest == src.digest:
                 continue
             src.digest = digest
             try:
                 policy = load_policy(src.path)
+                if self._closed:  # the server is shutting down: swap nothing into a closed service
+                    return swapped
                 self._swap(src, policy)
             except Exception as exc:  # noqa: BLE001 - a bad edit must never take the server down
                 src.error = str(exc) if isinstance(exc, GuardError) else f"{src.path}: {type(exc).__name__}: {exc}"
@@ -465,6 +471,7 @@ class GuardService:
         }
 
     def close(self) -> None:
+        self._closed = True
         for engine, worker in self._engines.values():
             worker.stop()
             engine.close()

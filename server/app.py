@@ -17,6 +17,7 @@ import asyncio
 import ipaddress
 import logging
 import os
+import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 
 API_KEYS_ENV = "GUARD_API_KEYS"
 ADMIN_KEY_ENV = "GUARD_ADMIN_KEY"
+RELOAD_SHUTDOWN_WAIT_S = 2.0
+"""How long shutdown waits for a policy reload in progress before closing the service anyway."""
 
 
 @dataclass(frozen=True)
@@ -112,7 +115,10 @@ def create_app(settings: ServerSettings | None = None, *, service_factory: Servi
         finally:
             stop.set()
             if watcher is not None:
-                await watcher  # lets a reload in progress finish before the service closes
+                # A reload in progress gets a moment to finish; one that takes longer (loading a model)
+                # must not hold up shutdown: its thread is a daemon and the service refuses its swap.
+                await asyncio.wait({watcher}, timeout=RELOAD_SHUTDOWN_WAIT_S)
+                watcher.cancel()
             close = getattr(service, "aclose", None)
             if close is not None:
                 await close()
@@ -149,9 +155,33 @@ async def _watch_policies(service: Reloadable, interval: float, stop: asyncio.Ev
         except TimeoutError:
             pass
         try:
-            await asyncio.to_thread(service.reload_changed)
+            await _in_daemon_thread(service.reload_changed)
         except Exception:  # noqa: BLE001 - the watcher must outlive any one failure
             log.exception("policy reload failed")
+
+
+async def _in_daemon_thread(fn: Callable[[], object]) -> object:
+    """``fn()`` in a daemon thread of its own: unlike ``asyncio.to_thread``'s executor, which the
+    event loop joins when it closes, a reload still running at exit cannot delay the process."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future = loop.create_future()
+
+    def settle(result: object, exc: BaseException | None) -> None:
+        if not done.done():
+            done.set_exception(exc) if exc is not None else done.set_result(result)
+
+    def run() -> None:
+        try:
+            result, exc = fn(), None
+        except BaseException as e:  # noqa: BLE001 - handed to the awaiting task
+            result, exc = None, e
+        try:
+            loop.call_soon_threadsafe(settle, result, exc)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+    threading.Thread(target=run, name="guard-policy-reload", daemon=True).start()
+    return await done
 
 
 def _guard_service(policy_paths: Sequence[str], telemetry: Telemetry) -> GenerationService:
