@@ -25,7 +25,8 @@ position the controller and the monitor states use is relative to the answer sta
 A model that opens its own section (``placement: system``) is detected from the answer's first
 tokens; nothing is released while they may still be the open tag.
 
-A monitor that raises while scoring is handled by ``on_monitor_error``: ``fail_closed`` refuses
+A monitor that raises while scoring, or returns a non-finite score (NaN would never exceed a
+threshold, so the monitor would silently be off), is handled by ``on_monitor_error``: ``fail_closed`` refuses
 the generation, ``fail_open`` records the error and disables the monitor for this generation.
 
 All decisions are recorded in :class:`~guard.controller.record.GenerationRecord`. Events go to
@@ -36,6 +37,7 @@ engine worker's thread and must not block.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections.abc import Callable
@@ -122,7 +124,7 @@ class BoundMonitor:
 
 
 class MonitorFailure(Exception):
-    """A monitor raised (or returned the wrong number of scores) while scoring."""
+    """A monitor raised, returned the wrong number of scores or a non-finite one while scoring."""
 
 
 @dataclass
@@ -360,6 +362,12 @@ class GuardedGeneration:
                 start = fed_start - plen
                 if start < 0:  # prompt and reasoning positions are not answer tokens
                     scores, start = scores[-start:], 0
+                try:
+                    _engine_checked(out, mon, scores)
+                except MonitorFailure as exc:
+                    if self._monitor_failed(bound, "output", exc, max(start, 0)):
+                        return True
+                    continue
                 if not scores:
                     continue
                 ids = self.output[start:start + len(scores)]
@@ -581,9 +589,24 @@ class GuardedGeneration:
 def _engine_scores(out: StepOutput, monitor: Monitor, n: int) -> list[float]:
     """The ``n`` scores an engine that runs monitors reported for ``monitor`` (MonitorFailure if not)."""
     scores = out.scores.get(monitor.name)
+    _engine_checked(out, monitor, scores or [])
     if scores is None or len(scores) != n:
         raise MonitorFailure(f"the engine reported {0 if scores is None else len(scores)} scores for {n} tokens")
     return scores
+
+
+def _engine_checked(out: StepOutput, monitor: Monitor, scores: list[float]) -> None:
+    """MonitorFailure if the engine reported ``monitor`` failed, or reported a non-finite score."""
+    error = out.errors.get(monitor.name)
+    if error is not None:
+        raise MonitorFailure(error)
+    _require_finite_scores(scores)
+
+
+def _require_finite_scores(scores: list[float]) -> None:
+    bad = next((i for i, s in enumerate(scores) if not math.isfinite(s)), None)
+    if bad is not None:
+        raise MonitorFailure(f"returned a non-finite score ({scores[bad]}) at token {bad} of {len(scores)}")
 
 
 def _checked_score(monitor: Monitor, hidden: torch.Tensor | None, token_ids: list[int]) -> list[float]:
@@ -594,4 +617,5 @@ def _checked_score(monitor: Monitor, hidden: torch.Tensor | None, token_ids: lis
         raise MonitorFailure(f"{type(exc).__name__}: {exc}") from exc
     if len(scores) != len(token_ids):
         raise MonitorFailure(f"returned {len(scores)} scores for {len(token_ids)} tokens")
+    _require_finite_scores(scores)
     return scores
