@@ -31,6 +31,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,9 +43,10 @@ from guard.controller.record import GenerationRecord
 from guard.engine.base import Engine
 from guard.engine.transformers_engine import TransformersEngine
 from guard.engine.worker import EngineWorker
-from guard.errors import (ContextLengthError, GuardError, InvalidRequestError, ModelLoadError, NotFoundError,
-                          PolicyError)
-from guard.logstore import LogStore
+from guard.errors import (ContextLengthError, EngineError, GuardError, InvalidRequestError, ModelLoadError,
+                          NotFoundError, PolicyError)
+from guard.logstore import LogStore, new_log_id
+from guard.logstore.writer import LogWriter
 from guard.monitors.probe import ProbeMonitor
 from guard.monitors.reset_token import ResetTokenMonitor
 from guard.policy import Policy, load_policy
@@ -162,6 +164,8 @@ class GuardService:
         self._retired: list[tuple[float, Engine, EngineWorker]] = []
         self._stores: dict[str, LogStore] = {}
         """Open log stores by target (path or URL): policies naming the same log share one."""
+        self._writers: dict[int, LogWriter] = {}
+        """The writer thread of each store (by ``id(store)``): the engine never waits on the log."""
         self._served: dict[str, _Served] = {}
         self._sources = [_Source(p.source_path, p.name, p.content_hash) for p in policies if p.source_path]
         self._started = time.time()
@@ -196,7 +200,8 @@ class GuardService:
             deliberation=_deliberation(policy))
         log_target = policy.log.target(os.environ)  # a path or URL; url_env read here, like access keys
         if log_target not in self._stores:
-            self._stores[log_target] = LogStore.open(log_target)
+            store = self._stores[log_target] = LogStore.open(log_target)
+            self._writers[id(store)] = LogWriter(store, name=f"guard-log-writer-{len(self._writers)}")
         return _Served(policy, engine, worker, monitors, config, self._stores[log_target],
                        created or int(time.time()), keys)
 
@@ -440,14 +445,11 @@ class GuardService:
             request_id=req.request_id, policy_name=served.policy.name, policy_hash=served.policy.content_hash,
             model=served.engine.info.name, messages=req.messages,
             prompt=req.prompt if isinstance(req.prompt, str) else None, prompt_tokens=len(prepared.prompt_ids))
-        log_spec, store = served.policy.log, served.store
-
-        def on_finish(rec: GenerationRecord) -> str | None:
-            return store.write(rec) if log_spec.keeps(rec.flagged) else None
-
         trace = self.telemetry.generation(record)  # the request span starts now, on the event loop
+        logging_ = _RecordLogging(served.policy.log.keeps, self._writers[id(served.store)], trace.watch(emit))
         return GuardedGeneration(served.engine, prepared.prompt_ids, prepared.params, served.monitors,
-                                 served.config, record, trace.watch(emit), on_finish, trace)
+                                 served.config, record, logging_.emit, logging_.finish, trace,
+                                 on_checkpoint=logging_.checkpoint)
 
     def health(self) -> dict[str, Any]:
         """Status per served policy, including the last reload error of its file (``None`` if fine)."""
@@ -479,6 +481,9 @@ class GuardService:
             worker.stop()
             engine.close()
         self._retired.clear()
+        for writer in self._writers.values():
+            writer.close()  # what is queued is written first
+        self._writers.clear()
         for store in self._stores.values():
             store.close()
         self._engines.clear()
@@ -486,6 +491,45 @@ class GuardService:
 
     async def aclose(self) -> None:
         await asyncio.to_thread(self.close)
+
+
+class _RecordLogging:
+    """One generation's log writes, through the store's :class:`LogWriter`.
+
+    A checkpoint is written whenever the running generation is newly flagged (outcome
+    ``interrupted`` until completed); the final record replaces it under the same id. The
+    :class:`Finished` event is held back until the final write is durable (a failed write turns
+    it into :class:`Failed`): the event loop waits for the database, the engine never does.
+    """
+
+    def __init__(self, keeps, writer: LogWriter, emit) -> None:
+        self.keeps, self.writer, self._emit = keeps, writer, emit
+        self.log_id: str | None = None
+        self.final: Future | None = None
+
+    def checkpoint(self, rec: GenerationRecord) -> None:
+        if self.keeps(True):
+            self.log_id = self.log_id or new_log_id()
+            self.writer.submit(rec, self.log_id)
+
+    def finish(self, rec: GenerationRecord) -> str | None:
+        if not self.keeps(rec.flagged):
+            return None
+        self.log_id = self.log_id or new_log_id()
+        self.final = self.writer.submit(rec.snapshot(), self.log_id)
+        return self.log_id
+
+    def emit(self, event: Event) -> None:
+        final = self.final
+        if not isinstance(event, Finished) or final is None:
+            self._emit(event)
+            return
+
+        def durable(done: Future) -> None:
+            exc = done.exception()
+            self._emit(event if exc is None else Failed(EngineError(f"the log write failed: {exc}")))
+
+        final.add_done_callback(durable)
 
 
 def _deliberation(policy: Policy) -> DeliberationConfig | None:

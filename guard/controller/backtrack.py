@@ -145,10 +145,15 @@ class GuardedGeneration:
                  monitors: list[BoundMonitor], config: ControllerConfig, record: GenerationRecord,
                  emit: Callable[[Event], None],
                  on_finish: Callable[[GenerationRecord], str | None] = lambda r: None,
-                 trace: GenerationTrace = NO_TRACE) -> None:
-        """``on_finish`` is called once with the finished record (before the final event) and
-        returns the log id if it stored it; the caller decides what gets stored. ``trace`` gets
-        the request's spans and measurements (:mod:`guard.telemetry`)."""
+                 trace: GenerationTrace = NO_TRACE,
+                 on_checkpoint: Callable[[GenerationRecord], None] = lambda r: None) -> None:
+        """``on_finish`` is called once with the finished record (before the final event; also with
+        outcome ``cancelled`` when a flagged generation is cancelled) and returns the log id if it
+        stores it; the caller decides what gets stored. ``on_checkpoint`` gets a checkpoint
+        (:meth:`GenerationRecord.checkpoint`, outcome ``interrupted``) whenever something new flags
+        the running generation (first firing, span or monitor error, and each one after), so a
+        crash loses at most what was generated since. Neither may block: they run on the engine
+        worker's thread. ``trace`` gets the request's spans and measurements (:mod:`guard.telemetry`)."""
         self.engine = engine
         self.trace = trace
         self.config = config
@@ -156,6 +161,9 @@ class GuardedGeneration:
         self.record = record
         self.emit = emit
         self.on_finish = on_finish
+        self.on_checkpoint = on_checkpoint
+        self._checkpointed = 0
+        """``record.flags`` at the last checkpoint."""
         self.cancelled = False
         self.states = {b.monitor.name: b.monitor.new_state() for b in monitors}
         layers = {b.monitor.layer for b in monitors if b.monitor.layer is not None}
@@ -181,6 +189,13 @@ class GuardedGeneration:
     # -- Job interface ------------------------------------------------------------------------
 
     def advance(self) -> bool:
+        done = self._advance()
+        if not done and self.record.flags != self._checkpointed:
+            self._checkpointed = self.record.flags
+            self.on_checkpoint(self.record.checkpoint(self.output, self.text.text_of(self.output)))
+        return done
+
+    def _advance(self) -> bool:
         if not self._prefilled:
             self._prefilled = True
             with self.trace.prefill(len(self.seq.prompt_ids)):
@@ -224,6 +239,7 @@ class GuardedGeneration:
                 self._store_reasoning()
             self.record.output_ids = list(self.output)
             self.record.final_text = self.text.text_of(self.output)
+            self.record.outcome, self.record.finish_reason = "cancelled", None
             log_id = self.on_finish(self.record)
         self.trace.end(self.record, log_id, cancelled=self.cancelled and not self._finished)
 

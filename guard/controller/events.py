@@ -19,6 +19,10 @@ Outcome = Literal["clean", "recovered", "refused"]
 was answered (retry budget exhausted, a ``refuse`` firing, a firing on the prompt, or a failing
 monitor under fail_closed)."""
 
+LogOutcome = Literal["clean", "recovered", "refused", "cancelled", "interrupted"]
+"""A logged record's outcome: a :data:`Outcome`, or cancelled (the client went away first) or
+interrupted (the process stopped before the generation ended; see ``GenerationRecord.complete``)."""
+
 FinishReason = Literal["stop", "length", "content_filter"]
 
 
