@@ -25,10 +25,12 @@ serving and the error is logged and shown in :meth:`GuardService.health`.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import hashlib
 import logging
 import os
+import threading
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import Future
@@ -38,7 +40,7 @@ from typing import Any
 
 from guard.controller.backtrack import BoundMonitor, ControllerConfig, GuardedGeneration, Strategy
 from guard.controller.deliberation import DeliberationConfig, neutralise_text, system_prompt
-from guard.controller.events import Event, Failed, Finished
+from guard.controller.events import Event, Failed, Finished, Reset
 from guard.controller.record import GenerationRecord
 from guard.engine.base import Engine
 from guard.engine.transformers_engine import TransformersEngine
@@ -494,23 +496,31 @@ class GuardService:
 
 
 class _RecordLogging:
-    """One generation's log writes, through the store's :class:`LogWriter`.
+    """One generation's log writes, through the store's :class:`LogWriter`, and the events that
+    must wait for them.
 
     A checkpoint is written whenever the running generation is newly flagged (outcome
-    ``interrupted`` until completed); the final record replaces it under the same id. The
-    :class:`Finished` event is held back until the final write is durable (a failed write turns
-    it into :class:`Failed`): the event loop waits for the database, the engine never does.
+    ``interrupted`` until completed); the final record replaces it under the same id. Two kinds of
+    event are held back until a write is durable, so that whatever a client has seen is in the
+    log even if the process is then killed: a :class:`Reset` (until the checkpoint that records
+    its span) and :class:`Finished` (until the final record; a failed final write turns it into
+    :class:`Failed`). Events after a held one wait with it, so order is kept. The engine never
+    waits: the writer thread releases held events when their write completes.
     """
 
     def __init__(self, keeps, writer: LogWriter, emit) -> None:
         self.keeps, self.writer, self._emit = keeps, writer, emit
         self.log_id: str | None = None
         self.final: Future | None = None
+        self._lock = threading.Lock()
+        self._held: collections.deque[Event] = collections.deque()
+        self._added = self._sent = 0
+        """Events ever held, and released, so far."""
 
     def checkpoint(self, rec: GenerationRecord) -> None:
         if self.keeps(True):
             self.log_id = self.log_id or new_log_id()
-            self.writer.submit(rec, self.log_id)
+            self._release_after(self.writer.submit(rec, self.log_id))
 
     def finish(self, rec: GenerationRecord) -> str | None:
         if not self.keeps(rec.flagged):
@@ -520,16 +530,38 @@ class _RecordLogging:
         return self.log_id
 
     def emit(self, event: Event) -> None:
-        final = self.final
-        if not isinstance(event, Finished) or final is None:
+        with self._lock:
+            if isinstance(event, Failed):  # nothing more will be written: send all that waits, then this
+                self._release(self._added, None)
+                self._emit(event)
+                return
+            hold = (bool(self._held) or (isinstance(event, Reset) and self.keeps(True))
+                    or (isinstance(event, Finished) and self.final is not None))
+            if not hold:
+                self._emit(event)
+                return
+            self._held.append(event)
+            self._added += 1
+        if isinstance(event, Finished):
+            self._release_after(self.final)
+
+    def _release_after(self, write: Future) -> None:
+        with self._lock:
+            upto = self._added
+        if upto > self._sent:
+            write.add_done_callback(lambda done: self._released(upto, done))
+
+    def _released(self, upto: int, done: Future) -> None:
+        with self._lock:
+            self._release(upto, done.exception())
+
+    def _release(self, upto: int, error: BaseException | None) -> None:
+        while self._sent < upto and self._held:
+            event = self._held.popleft()
+            self._sent += 1
+            if isinstance(event, Finished) and error is not None:
+                event = Failed(EngineError(f"the log write failed: {error}"))
             self._emit(event)
-            return
-
-        def durable(done: Future) -> None:
-            exc = done.exception()
-            self._emit(event if exc is None else Failed(EngineError(f"the log write failed: {exc}")))
-
-        final.add_done_callback(durable)
 
 
 def _deliberation(policy: Policy) -> DeliberationConfig | None:
