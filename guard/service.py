@@ -79,6 +79,9 @@ class GenerationRequest:
     api_key: str | None = None
     allowed_models: frozenset[str] | None = None
     """The policies the caller's key may use; ``None``: every policy."""
+    group: str | None = None
+    """The client request this generation belongs to (its choices and prompts share one turn of the
+    engine worker, so one request's fan-out cannot starve another request); ``None``: its own."""
 
 
 @dataclass(frozen=True)
@@ -431,6 +434,7 @@ class GuardService:
                 pass
 
         job = self._job(prepared, emit)
+        job.group = prepared.request.group or prepared.request.request_id
         prepared.served.worker.submit(job)
         try:
             while True:

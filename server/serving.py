@@ -216,7 +216,7 @@ class ChatServing(GuardedServing):
         rid = self.new_id()
         messages = [{"role": _template_role(m.role), "content": m.text()} for m in req.messages]
         gens = [generation(req, _choice_id(rid, i, req.n), i, caller=caller, max_tokens=req.output_limit(),
-                           messages=messages) for i in range(req.n)]
+                           group=rid, messages=messages) for i in range(req.n)]
         prepared = await self.prepare(gens, "messages")
         if req.stream:
             return self.sse(rid, prepared, is_disconnected, req.include_usage())
@@ -254,7 +254,7 @@ class CompletionServing(GuardedServing):
         prompts = req.prompts()
         total = len(prompts) * req.n
         gens = [generation(req, _choice_id(rid, p * req.n + k, total), k, caller=caller,
-                           max_tokens=req.max_tokens, prompt=prompt)
+                           max_tokens=req.max_tokens, group=rid, prompt=prompt)
                 for p, prompt in enumerate(prompts) for k in range(req.n)]
         prepared = await self.prepare(gens, "prompt")
         if req.stream:
@@ -282,15 +282,16 @@ class CompletionServing(GuardedServing):
 
 
 def generation(req: SamplingFields, request_id: str, k: int, *, caller: Caller, max_tokens: int | None,
-               **source: Any) -> GenerationRequest:
-    """The ``k``-th generation of ``req`` (seed + k); ``source`` is ``messages=`` or ``prompt=``."""
+               group: str | None = None, **source: Any) -> GenerationRequest:
+    """The ``k``-th generation of ``req`` (seed + k); ``source`` is ``messages=`` or ``prompt=``;
+    ``group``: the client request's id (its generations share the engine worker's turns)."""
     return GenerationRequest(
         model=req.model, request_id=request_id, max_tokens=max_tokens, temperature=req.temperature,
         top_p=req.top_p, top_k=req.top_k, seed=None if req.seed is None else _wrap_int64(req.seed + k),
         stop=req.stop_tuple(), stop_token_ids=tuple(req.stop_token_ids or ()),
         logit_bias={int(t): b for t, b in (req.logit_bias or {}).items()},
         banned_token_ids=frozenset(req.banned_token_ids or ()), api_key=caller.api_key,
-        allowed_models=caller.policies, **source)
+        allowed_models=caller.policies, group=group, **source)
 
 
 def _template_role(role: str) -> str:
