@@ -390,6 +390,7 @@ class GuardService:
         """Validate and tokenise ``req``; raises before anything is sent to the client."""
         served = self.resolve(req.model, req.allowed_models)
         info, tok = served.engine.info, served.engine.tokenizer
+        _refuse_certainly_too_long(req, tok, info.context_length)
         if req.messages is not None:
             prompt_ids, param = tok.encode_chat(_chat_messages(served, req.messages)), "messages"
         elif isinstance(req.prompt, str):
@@ -566,6 +567,30 @@ class _RecordLogging:
             if isinstance(event, Finished) and error is not None:
                 event = Failed(EngineError(f"the log write failed: {error}"))
             self._emit(event)
+
+
+NORMALIZATION_SLACK = 4
+"""How many input bytes one token may cover beyond its own spelling (a normalizer may contract
+"ﬁ", 3 bytes, to "fi"): a generous factor keeps :func:`_refuse_certainly_too_long` a lower bound."""
+
+
+def _refuse_certainly_too_long(req: GenerationRequest, tok, context_length: int) -> None:
+    """ContextLengthError for a text prompt that cannot fit however it tokenises, without tokenising
+    it (a huge prompt would hold the tokenizer, and the GIL, for seconds)."""
+    per_token = getattr(tok, "max_token_bytes", None)
+    if not per_token:
+        return
+    if req.messages is not None:
+        texts, param = [m["content"] for m in req.messages if isinstance(m.get("content"), str)], "messages"
+    elif isinstance(req.prompt, str):
+        texts, param = [req.prompt], "prompt"
+    else:
+        return
+    size = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
+    at_least = size // (per_token * NORMALIZATION_SLACK)
+    if at_least > context_length:
+        raise ContextLengthError(f"This model's maximum context length is {context_length} tokens; the prompt has "
+                                 f"{size} bytes of text, at least {at_least} tokens.", param=param)
 
 
 def _deliberation(policy: Policy) -> DeliberationConfig | None:
