@@ -438,6 +438,7 @@ class GuardedGeneration:
                     "refusing: fail_closed" if closed else "disabled for this generation: fail_open")
         if not closed:
             self.disabled.add(name)
+            self.engine.disable_monitor(self.seq, name)
             return False
         if scope == "output" and self.output:
             # Like a refuse firing: every sampled token stays accounted for in a discarded span.

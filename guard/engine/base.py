@@ -191,6 +191,10 @@ class Engine(ABC):
     def rollback(self, seq: Sequence, length: int) -> None:
         """Keep the first ``length`` tokens (``length >= prompt_len``), reusing the KV cache."""
 
+    def disable_monitor(self, seq: Sequence, name: str) -> None:
+        """The controller stopped enforcing monitor ``name`` for ``seq`` (``fail_open``). Engines that
+        run monitors themselves must stop acting on it for that sequence; the default does nothing."""
+
     @abstractmethod
     def release(self, seq: Sequence) -> None:
         """Free the sequence's cache. Idempotent."""
