@@ -106,7 +106,7 @@ def wait_for(url: str, check, timeout: float = 30.0) -> tuple[dict, int]:
     """The policy's /health entry once ``check`` holds, and the generations active at that moment."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        health = httpx.get(f"{url}/health", timeout=5).json()
+        health = httpx.get(f"{url}/health/detail", timeout=5).json()
         if check(health["models"][0]):
             return health["models"][0], health["active_generations"]
         time.sleep(0.05)
@@ -152,7 +152,7 @@ def main() -> None:
         detected = time.monotonic()
         error_line = health["reload_error"].splitlines()[1].strip().replace(str(tmp) + "/", "")
         time.sleep(args.interval)
-        still = httpx.get(f"{url}/health", timeout=5).json()["models"][0]["policy_hash"]
+        still = httpx.get(f"{url}/health/detail", timeout=5).json()["models"][0]["policy_hash"]
         rows.append(("bad", "invalid YAML (unclosed '[')", f"{detected - t0:.2f}", str(active),
                      still[:12] + (" (kept)" if still == hashes[-1] else " (CHANGED)"), error_line))
     finally:

@@ -36,6 +36,13 @@ class ContextLengthError(InvalidRequestError):
     code = "context_length_exceeded"
 
 
+class RequestTooLargeError(InvalidRequestError):
+    """The request exceeds a server limit on its size (HTTP 413)."""
+
+    status_code = 413
+    code = "request_too_large"
+
+
 class NotFoundError(GuardError):
     """An unknown model or log record (HTTP 404)."""
 

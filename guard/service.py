@@ -25,29 +25,34 @@ serving and the error is logged and shown in :meth:`GuardService.health`.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import hashlib
 import logging
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from guard.controller.backtrack import BoundMonitor, ControllerConfig, GuardedGeneration, Strategy
 from guard.controller.deliberation import DeliberationConfig, neutralise_text, system_prompt
-from guard.controller.events import Event, Failed, Finished
+from guard.controller.events import Event, Failed, Finished, Reset
 from guard.controller.record import GenerationRecord
 from guard.engine.base import Engine
 from guard.engine.transformers_engine import TransformersEngine
 from guard.engine.worker import EngineWorker
-from guard.errors import (ContextLengthError, GuardError, InvalidRequestError, ModelLoadError, NotFoundError,
-                          PolicyError)
-from guard.logstore import LogStore
+from guard.errors import (ContextLengthError, EngineError, GuardError, InvalidRequestError, ModelLoadError,
+                          NotFoundError, PolicyError)
+from guard.logstore import LogStore, new_log_id
+from guard.logstore.writer import LogWriter
 from guard.monitors.probe import ProbeMonitor
 from guard.monitors.reset_token import ResetTokenMonitor
 from guard.policy import Policy, load_policy
+from guard.policy.loader import read_policy_bytes
 from guard.sampling import SamplingParams, check_token_ids
 from guard.telemetry import Telemetry
 
@@ -74,6 +79,9 @@ class GenerationRequest:
     api_key: str | None = None
     allowed_models: frozenset[str] | None = None
     """The policies the caller's key may use; ``None``: every policy."""
+    group: str | None = None
+    """The client request this generation belongs to (its choices and prompts share one turn of the
+    engine worker, so one request's fan-out cannot starve another request); ``None``: its own."""
 
 
 @dataclass(frozen=True)
@@ -164,6 +172,8 @@ class GuardService:
         self._retired: list[tuple[float, Engine, EngineWorker]] = []
         self._stores: dict[str, LogStore] = {}
         """Open log stores by target (path or URL): policies naming the same log share one."""
+        self._writers: dict[int, LogWriter] = {}
+        """The writer thread of each store (by ``id(store)``): the engine never waits on the log."""
         self._served: dict[str, _Served] = {}
         self._log_url = log_url
         self._live: set[Callable[[GuardError], None]] = set()
@@ -171,6 +181,7 @@ class GuardService:
         self._interrupting = False
         self._sources = [_Source(p.source_path, p.name, p.content_hash) for p in policies if p.source_path]
         self._started = time.time()
+        self._closed = False
         self.telemetry = telemetry or Telemetry()
         try:
             for policy in policies:
@@ -203,7 +214,8 @@ class GuardService:
         # a path or URL; url_env read here, like access keys
         log_target = self._log_url or policy.log.target(os.environ)
         if log_target not in self._stores:
-            self._stores[log_target] = LogStore.open(log_target)
+            store = self._stores[log_target] = LogStore.open(log_target)
+            self._writers[id(store)] = LogWriter(store, name=f"guard-log-writer-{len(self._writers)}")
         return _Served(policy, engine, worker, monitors, config, self._stores[log_target],
                        created or int(time.time()), keys)
 
@@ -248,15 +260,19 @@ class GuardService:
         """
         swapped = []
         for src in self._sources:
+            if self._closed:
+                return swapped
             try:
-                digest = hashlib.sha256(src.path.read_bytes()).hexdigest()
-            except OSError as exc:
-                digest = f"unreadable: {exc.strerror or exc}"
+                digest = hashlib.sha256(read_policy_bytes(src.path)).hexdigest()
+            except PolicyError as exc:  # unreadable, not a regular file, too large
+                digest = f"unreadable: {exc.errors[0]}"
             if digest == src.digest:
                 continue
             src.digest = digest
             try:
                 policy = load_policy(src.path)
+                if self._closed:  # the server is shutting down: swap nothing into a closed service
+                    return swapped
                 self._swap(src, policy)
             except Exception as exc:  # noqa: BLE001 - a bad edit must never take the server down
                 src.error = str(exc) if isinstance(exc, GuardError) else f"{src.path}: {type(exc).__name__}: {exc}"
@@ -302,7 +318,9 @@ class GuardService:
     # -- serving ------------------------------------------------------------------------------
 
     def list_models(self) -> list[ServedModel]:
-        return [ServedModel(id=name, created=s.created, policy=name, root=s.engine.info.name)
+        # root: this policy's own name for its model, never the shared engine's (which is named after
+        # whichever policy loaded it first, possibly another tenant's).
+        return [ServedModel(id=name, created=s.created, policy=name, root=s.policy.model.served_name or name)
                 for name, s in self._served.items()]
 
     def key_bindings(self) -> dict[str, frozenset[str]]:
@@ -381,6 +399,7 @@ class GuardService:
         """Validate and tokenise ``req``; raises before anything is sent to the client."""
         served = self.resolve(req.model, req.allowed_models)
         info, tok = served.engine.info, served.engine.tokenizer
+        _refuse_certainly_too_long(req, tok, info.context_length)
         if req.messages is not None:
             prompt_ids, param = tok.encode_chat(_chat_messages(served, req.messages)), "messages"
         elif isinstance(req.prompt, str):
@@ -428,6 +447,7 @@ class GuardService:
             events.put_nowait(Failed(err))
 
         job = self._job(prepared, emit)
+        job.group = prepared.request.group or prepared.request.request_id
         prepared.served.worker.submit(job)
         self._live.add(end)
         try:
@@ -459,16 +479,17 @@ class GuardService:
             request_id=req.request_id, policy_name=served.policy.name, policy_hash=served.policy.content_hash,
             model=served.engine.info.name, messages=req.messages,
             prompt=req.prompt if isinstance(req.prompt, str) else None, prompt_tokens=len(prepared.prompt_ids))
-        log_spec, store = served.policy.log, served.store
+        trace = self.telemetry.generation(record)  # the request span starts now, on the event loop
+        logging_ = _RecordLogging(served.policy.log.keeps, self._writers[id(served.store)], trace.watch(emit))
 
         def on_finish(rec: GenerationRecord) -> str | None:
-            if self._interrupting and rec.finish_reason is None:  # cut off by a drain, not finished
+            if self._interrupting and rec.outcome == "cancelled":  # cut off by a drain, not by its client
                 rec.outcome = "interrupted"
-            return store.write(rec) if log_spec.keeps(rec.flagged) else None
+            return logging_.finish(rec)
 
-        trace = self.telemetry.generation(record)  # the request span starts now, on the event loop
         return GuardedGeneration(served.engine, prepared.prompt_ids, prepared.params, served.monitors,
-                                 served.config, record, trace.watch(emit), on_finish, trace)
+                                 served.config, record, logging_.emit, on_finish, trace,
+                                 on_checkpoint=logging_.checkpoint)
 
     def health(self) -> dict[str, Any]:
         """Status per served policy, including the last reload error of its file (``None`` if fine)."""
@@ -492,6 +513,7 @@ class GuardService:
         }
 
     def close(self) -> None:
+        self._closed = True
         for engine, worker in self._engines.values():
             worker.stop()
             engine.close()
@@ -499,6 +521,9 @@ class GuardService:
             worker.stop()
             engine.close()
         self._retired.clear()
+        for writer in self._writers.values():
+            writer.close()  # what is queued is written first
+        self._writers.clear()
         for store in self._stores.values():
             store.close()
         self._engines.clear()
@@ -506,6 +531,99 @@ class GuardService:
 
     async def aclose(self) -> None:
         await asyncio.to_thread(self.close)
+
+
+class _RecordLogging:
+    """One generation's log writes, through the store's :class:`LogWriter`, and the events that
+    must wait for them.
+
+    A checkpoint is written whenever the running generation is newly flagged (outcome
+    ``interrupted`` until completed); the final record replaces it under the same id. Two kinds of
+    event are held back until a write is durable, so that whatever a client has seen is in the
+    log even if the process is then killed: a :class:`Reset` (until the checkpoint that records
+    its span) and :class:`Finished` (until the final record; a failed final write turns it into
+    :class:`Failed`). Events after a held one wait with it, so order is kept. The engine never
+    waits: the writer thread releases held events when their write completes.
+    """
+
+    def __init__(self, keeps, writer: LogWriter, emit) -> None:
+        self.keeps, self.writer, self._emit = keeps, writer, emit
+        self.log_id: str | None = None
+        self.final: Future | None = None
+        self._lock = threading.Lock()
+        self._held: collections.deque[Event] = collections.deque()
+        self._added = self._sent = 0
+        """Events ever held, and released, so far."""
+
+    def checkpoint(self, rec: GenerationRecord) -> None:
+        if self.keeps(True):
+            self.log_id = self.log_id or new_log_id()
+            self._release_after(self.writer.submit(rec, self.log_id))
+
+    def finish(self, rec: GenerationRecord) -> str | None:
+        if not self.keeps(rec.flagged):
+            return None
+        self.log_id = self.log_id or new_log_id()
+        self.final = self.writer.submit(rec.snapshot(), self.log_id)
+        return self.log_id
+
+    def emit(self, event: Event) -> None:
+        with self._lock:
+            if isinstance(event, Failed):  # nothing more will be written: send all that waits, then this
+                self._release(self._added, None)
+                self._emit(event)
+                return
+            hold = (bool(self._held) or (isinstance(event, Reset) and self.keeps(True))
+                    or (isinstance(event, Finished) and self.final is not None))
+            if not hold:
+                self._emit(event)
+                return
+            self._held.append(event)
+            self._added += 1
+        if isinstance(event, Finished):
+            self._release_after(self.final)
+
+    def _release_after(self, write: Future) -> None:
+        with self._lock:
+            upto = self._added
+        if upto > self._sent:
+            write.add_done_callback(lambda done: self._released(upto, done))
+
+    def _released(self, upto: int, done: Future) -> None:
+        with self._lock:
+            self._release(upto, done.exception())
+
+    def _release(self, upto: int, error: BaseException | None) -> None:
+        while self._sent < upto and self._held:
+            event = self._held.popleft()
+            self._sent += 1
+            if isinstance(event, Finished) and error is not None:
+                event = Failed(EngineError(f"the log write failed: {error}"))
+            self._emit(event)
+
+
+NORMALIZATION_SLACK = 4
+"""How many input bytes one token may cover beyond its own spelling (a normalizer may contract
+"ﬁ", 3 bytes, to "fi"): a generous factor keeps :func:`_refuse_certainly_too_long` a lower bound."""
+
+
+def _refuse_certainly_too_long(req: GenerationRequest, tok, context_length: int) -> None:
+    """ContextLengthError for a text prompt that cannot fit however it tokenises, without tokenising
+    it (a huge prompt would hold the tokenizer, and the GIL, for seconds)."""
+    per_token = getattr(tok, "max_token_bytes", None)
+    if not per_token:
+        return
+    if req.messages is not None:
+        texts, param = [m["content"] for m in req.messages if isinstance(m.get("content"), str)], "messages"
+    elif isinstance(req.prompt, str):
+        texts, param = [req.prompt], "prompt"
+    else:
+        return
+    size = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
+    at_least = size // (per_token * NORMALIZATION_SLACK)
+    if at_least > context_length:
+        raise ContextLengthError(f"This model's maximum context length is {context_length} tokens; the prompt has "
+                                 f"{size} bytes of text, at least {at_least} tokens.", param=param)
 
 
 def _deliberation(policy: Policy) -> DeliberationConfig | None:

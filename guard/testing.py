@@ -116,3 +116,34 @@ def policy_with_absolute_paths(path: str | Path) -> dict:
     if "path" in (raw.get("log") or {}):
         raw["log"]["path"] = absolute(raw["log"]["path"])
     return raw
+
+
+def faulty_probe(probe, *, name: str, fail_at: int, fault: str, then: float | None = None):
+    """A copy of ``probe`` for fault-injection tests, picklable into vLLM's worker: its
+    ``fail_at``-th scoring call (counted in the process that scores) raises (``fault="raise"``) or
+    returns NaN or inf (``fault="nan"`` / ``"inf"``); later calls score like the probe, or return
+    ``then`` for every token when given (``then=1.0``: a monitor that would fire once past its fault)."""
+    import copy
+
+    out = copy.copy(probe)
+    out.__class__ = FaultyProbe
+    out.name, out.fail_at, out.fault, out.then, out.calls = name, fail_at, fault, then, 0
+    out._w_by_device = {}
+    return out
+
+
+from guard.monitors.probe import ProbeMonitor  # noqa: E402 - only the fault-injection probe needs torch
+
+
+class FaultyProbe(ProbeMonitor):
+    """See :func:`faulty_probe`."""
+
+    def score(self, hidden, token_ids):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            if self.fault == "raise":
+                raise RuntimeError("injected monitor fault")
+            return [float(self.fault)] * len(token_ids)
+        if self.calls > self.fail_at and self.then is not None:
+            return [self.then] * len(token_ids)
+        return super().score(hidden, token_ids)

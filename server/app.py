@@ -18,6 +18,7 @@ import asyncio
 import ipaddress
 import logging
 import os
+import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from server.drain import DEFAULT_GRACE_S, Drain, DrainMiddleware, serve
 from server.drain import router as drain_router
 from guard.errors import InvalidRequestError
 from server.errors import install_error_handlers
+from server.limits import BodyLimit, RequestLimits
 from server.review import router as review_router
 from server.review_page import page_router
 from server.routes import router
@@ -44,6 +46,8 @@ API_KEYS_ENV = "GUARD_API_KEYS"
 ADMIN_KEY_ENV = "GUARD_ADMIN_KEY"
 LOG_URL_ENV = "GUARD_LOG_URL"
 DRAIN_GRACE_ENV = "GUARD_DRAIN_GRACE_S"
+RELOAD_SHUTDOWN_WAIT_S = 2.0
+"""How long shutdown waits for a policy reload in progress before closing the service anyway."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,8 @@ class ServerSettings:
     (``$GUARD_LOG_URL``); ``None``: the policies' own."""
     drain_grace_s: float = DEFAULT_GRACE_S
     """On SIGTERM, how long requests in flight may run before they are interrupted (:mod:`server.drain`)."""
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    """What one request may contain (body bytes, messages, characters, tokens, generations)."""
 
     def __post_init__(self) -> None:
         if self.admin_key is not None and not self.admin_key.strip():
@@ -132,7 +138,10 @@ def create_app(settings: ServerSettings | None = None, *, service_factory: Servi
         finally:
             stop.set()
             if watcher is not None:
-                await watcher  # lets a reload in progress finish before the service closes
+                # A reload in progress gets a moment to finish; one that takes longer (loading a model)
+                # must not hold up shutdown: its thread is a daemon and the service refuses its swap.
+                await asyncio.wait({watcher}, timeout=RELOAD_SHUTDOWN_WAIT_S)
+                watcher.cancel()
             close = getattr(service, "aclose", None)
             if close is not None:
                 await close()
@@ -142,8 +151,10 @@ def create_app(settings: ServerSettings | None = None, *, service_factory: Servi
                   description="OpenAI-compatible server for guarded generation.")
     app.state.settings = settings
     app.state.drain = drain = Drain(settings.drain_grace_s)
-    app.add_middleware(DrainMiddleware, drain=drain)
     install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.limits.max_body_bytes)
+    # Added last, so outermost: a request is in flight from its headers on, also while its body uploads.
+    app.add_middleware(DrainMiddleware, drain=drain)
     app.include_router(router)
     app.include_router(drain_router)
     if settings.admin_key:  # the review page and API exist only behind an admin key
@@ -171,9 +182,33 @@ async def _watch_policies(service: Reloadable, interval: float, stop: asyncio.Ev
         except TimeoutError:
             pass
         try:
-            await asyncio.to_thread(service.reload_changed)
+            await _in_daemon_thread(service.reload_changed)
         except Exception:  # noqa: BLE001 - the watcher must outlive any one failure
             log.exception("policy reload failed")
+
+
+async def _in_daemon_thread(fn: Callable[[], object]) -> object:
+    """``fn()`` in a daemon thread of its own: unlike ``asyncio.to_thread``'s executor, which the
+    event loop joins when it closes, a reload still running at exit cannot delay the process."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future = loop.create_future()
+
+    def settle(result: object, exc: BaseException | None) -> None:
+        if not done.done():
+            done.set_exception(exc) if exc is not None else done.set_result(result)
+
+    def run() -> None:
+        try:
+            result, exc = fn(), None
+        except BaseException as e:  # noqa: BLE001 - handed to the awaiting task
+            result, exc = None, e
+        try:
+            loop.call_soon_threadsafe(settle, result, exc)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+    threading.Thread(target=run, name="guard-policy-reload", daemon=True).start()
+    return await done
 
 
 def _guard_service(policy_paths: Sequence[str], telemetry: Telemetry, log_url: str | None) -> GenerationService:

@@ -39,9 +39,36 @@ StopSequence = Annotated[str, Field(min_length=1)]
 
 
 class OpenAIRequest(BaseModel):
-    """Base of request models: unknown fields are ignored, as OpenAI does."""
+    """Base of request models: unknown fields are ignored, as OpenAI does; text that cannot be
+    encoded as UTF-8 (a lone surrogate such as ``"\\ud800"``) is a 400 naming its field."""
 
     model_config = ConfigDict(extra="ignore")
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _encodable(cls, value: Any) -> Any:
+        where = _unencodable(value)
+        if where is not None:
+            raise ValueError(f"text{where} contains a lone surrogate or other character that cannot be "
+                             "encoded as UTF-8")
+        return value
+
+
+def _unencodable(value: Any, where: str = "") -> str | None:
+    """Where in ``value`` (``""``, ``"[2]"``, ...) a string cannot be encoded as UTF-8; ``None`` if nowhere.
+    Nested request models check their own fields."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where
+        return None
+    if isinstance(value, (list, tuple)):
+        return next((w for i, v in enumerate(value) if (w := _unencodable(v, f"{where}[{i}]")) is not None), None)
+    if isinstance(value, dict):
+        return next((w for k, v in value.items() for w in (_unencodable(k, f"{where} key"),
+                                                           _unencodable(v, f"{where}[{k!r}]")) if w is not None), None)
+    return None
 
 
 class StreamOptions(OpenAIRequest):

@@ -28,7 +28,7 @@ from fastapi.responses import Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
 
-from guard.controller.events import Outcome
+from guard.controller.events import LogOutcome
 from guard.controller.record import GenerationRecord
 from guard.errors import AuthenticationError, NotFoundError
 from guard.logstore import LABELS, UNLABELLED, Label, LogStore, LogSummary
@@ -98,7 +98,7 @@ _TIME = "Epoch seconds or ISO 8601 (without a zone: the server's local time)."
 
 def get_filters(
     policy: Annotated[str | None, Query(description="Only records served under this policy name.")] = None,
-    outcome: Annotated[Outcome | None, Query(description="Only this outcome.")] = None,
+    outcome: Annotated[LogOutcome | None, Query(description="Only this outcome.")] = None,
     monitor: Annotated[str | None, Query(description="Only records where this monitor fired.")] = None,
     since: Annotated[datetime | None, Query(description="Only records created at or after this time. " + _TIME)] = None,
     until: Annotated[datetime | None, Query(description="Only records created before this time. " + _TIME)] = None,

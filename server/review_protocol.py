@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from guard.controller.events import FinishReason, Outcome
+from guard.controller.events import FinishReason, LogOutcome, Outcome
 from guard.controller.record import GenerationRecord
 
 LabelName = Literal["true_positive", "false_positive", "unsure"]
@@ -51,7 +51,7 @@ class ReviewSummary(BaseModel):
     policy_name: str
     policy_hash: str
     model: str
-    outcome: Outcome
+    outcome: LogOutcome
     finish_reason: FinishReason | None
     resets: int = Field(description="Discarded spans.")
     monitors_fired: list[str]

@@ -37,12 +37,12 @@ def get_caller(request: Request, service: ServiceDep,
 CallerDep = Annotated[Caller, Depends(get_caller)]
 
 
-def get_chat(service: ServiceDep) -> ChatServing:
-    return ChatServing(service)
+def get_chat(request: Request, service: ServiceDep) -> ChatServing:
+    return ChatServing(service, limits=request.app.state.settings.limits)
 
 
-def get_completions(service: ServiceDep) -> CompletionServing:
-    return CompletionServing(service)
+def get_completions(request: Request, service: ServiceDep) -> CompletionServing:
+    return CompletionServing(service, limits=request.app.state.settings.limits)
 
 
 ChatDep = Annotated[ChatServing, Depends(get_chat)]
@@ -84,8 +84,25 @@ async def retrieve_model(model: str, service: ServiceDep, caller: CallerDep) -> 
 
 
 @router.get("/health", response_model=None)
-async def health(service: ServiceDep) -> Response:
-    """Liveness and engine statistics (no API key needed)."""
+async def health() -> Response:
+    """Liveness (no API key needed): names no policy, model, file or statistic."""
+    return JSONResponse({"status": "ok"})
+
+
+def admin_view(request: Request, service: ServiceDep, authorization: Annotated[str | None, Header()] = None) -> None:
+    """Operators only: ``Bearer $GUARD_ADMIN_KEY`` when an admin key is set; without one, open only
+    while no API key is configured at all (a local, unauthenticated server), else 404."""
+    settings = request.app.state.settings
+    if settings.admin_key:
+        authenticate(authorization, (settings.admin_key,), {})
+    elif settings.api_keys or service.key_bindings():
+        raise NotFoundError("Unknown request URL. Set GUARD_ADMIN_KEY to read /health/detail on a server "
+                            "with API keys.", code="unknown_url")
+
+
+@router.get("/health/detail", response_model=None, dependencies=[Depends(admin_view)])
+async def health_detail(service: ServiceDep) -> Response:
+    """Per policy: hash, monitors, source file, reloads and the last reload error; engine statistics."""
     return JSONResponse(service.health())
 
 

@@ -29,6 +29,7 @@ from guard.controller.events import Event, Failed, Finished, Reset, TextDelta
 from guard.service import GenerationRequest, ServedModel
 from server.auth import Caller
 from server.errors import ClientDisconnected, sse_error
+from server.limits import RequestLimits, check_chat, check_completion, check_prompt_tokens
 from server.protocol import (INT64_MAX, INT64_MIN, ChatCompletion, ChatCompletionChoice, ChatCompletionChunk,
                              ChatCompletionChunkChoice, ChatCompletionMessage, ChatCompletionRequest, Completion,
                              CompletionChoice, CompletionRequest, DeltaMessage, GuardInfo, GuardReset, ModelCard,
@@ -67,6 +68,7 @@ EVERYONE = Caller(None, None)
 
 
 def model_list(service: GenerationService, caller: Caller = EVERYONE) -> ModelList:
+    """The models ``caller`` may use; each card names only its own policy and underlying model."""
     return ModelList(data=[_card(m) for m in service.list_models() if caller.may_use(m.id)])
 
 
@@ -83,9 +85,11 @@ class GuardedServing(ABC):
 
     id_prefix = "cmpl"
 
-    def __init__(self, service: GenerationService, *, disconnect_poll_s: float = 0.25) -> None:
+    def __init__(self, service: GenerationService, *, disconnect_poll_s: float = 0.25,
+                 limits: RequestLimits | None = None) -> None:
         self.service = service
         self.disconnect_poll_s = disconnect_poll_s
+        self.limits = limits or RequestLimits()
 
     # -- what subclasses provide ---------------------------------------------------------------
 
@@ -104,9 +108,13 @@ class GuardedServing(ABC):
     def new_id(self) -> str:
         return f"{self.id_prefix}-{uuid.uuid4().hex}"
 
-    def prepare(self, gens: list[GenerationRequest]) -> list[Prepared]:
-        """Validate and tokenise every generation; raises the service's 4xx errors."""
-        return [self.service.prepare(g) for g in gens]
+    async def prepare(self, gens: list[GenerationRequest], param: str) -> list[Prepared]:
+        """Validate and tokenise every generation, in a thread (tokenising is CPU-bound and must not
+        hold the event loop); raises the service's 4xx errors."""
+        prepared = await asyncio.to_thread(lambda: [self.service.prepare(g) for g in gens])
+        for p in prepared:
+            check_prompt_tokens(p.prompt_tokens, self.limits, param)
+        return prepared
 
     async def finish_all(self, prepared: list[Prepared], is_disconnected: IsDisconnected) -> list[Finished]:
         """Run the generations to the end; raise the first failure or :class:`ClientDisconnected`."""
@@ -204,11 +212,12 @@ class ChatServing(GuardedServing):
     async def create(self, req: ChatCompletionRequest, *, is_disconnected: IsDisconnected,
                      caller: Caller = EVERYONE) -> ChatCompletion | AsyncIterator[str]:
         """A :class:`ChatCompletion`, or the SSE body when ``req.stream``."""
+        check_chat(req, self.limits)
         rid = self.new_id()
         messages = [{"role": _template_role(m.role), "content": m.text()} for m in req.messages]
         gens = [generation(req, _choice_id(rid, i, req.n), i, caller=caller, max_tokens=req.output_limit(),
-                           messages=messages) for i in range(req.n)]
-        prepared = self.prepare(gens)
+                           group=rid, messages=messages) for i in range(req.n)]
+        prepared = await self.prepare(gens, "messages")
         if req.stream:
             return self.sse(rid, prepared, is_disconnected, req.include_usage())
         results = await self.finish_all(prepared, is_disconnected)
@@ -240,13 +249,14 @@ class CompletionServing(GuardedServing):
     async def create(self, req: CompletionRequest, *, is_disconnected: IsDisconnected,
                      caller: Caller = EVERYONE) -> Completion | AsyncIterator[str]:
         """A :class:`Completion`, or the SSE body when ``req.stream``."""
+        check_completion(req, self.limits)
         rid = self.new_id()
         prompts = req.prompts()
         total = len(prompts) * req.n
         gens = [generation(req, _choice_id(rid, p * req.n + k, total), k, caller=caller,
-                           max_tokens=req.max_tokens, prompt=prompt)
+                           max_tokens=req.max_tokens, group=rid, prompt=prompt)
                 for p, prompt in enumerate(prompts) for k in range(req.n)]
-        prepared = self.prepare(gens)
+        prepared = await self.prepare(gens, "prompt")
         if req.stream:
             return self.sse(rid, prepared, is_disconnected, req.include_usage())
         results = await self.finish_all(prepared, is_disconnected)
@@ -272,15 +282,16 @@ class CompletionServing(GuardedServing):
 
 
 def generation(req: SamplingFields, request_id: str, k: int, *, caller: Caller, max_tokens: int | None,
-               **source: Any) -> GenerationRequest:
-    """The ``k``-th generation of ``req`` (seed + k); ``source`` is ``messages=`` or ``prompt=``."""
+               group: str | None = None, **source: Any) -> GenerationRequest:
+    """The ``k``-th generation of ``req`` (seed + k); ``source`` is ``messages=`` or ``prompt=``;
+    ``group``: the client request's id (its generations share the engine worker's turns)."""
     return GenerationRequest(
         model=req.model, request_id=request_id, max_tokens=max_tokens, temperature=req.temperature,
         top_p=req.top_p, top_k=req.top_k, seed=None if req.seed is None else _wrap_int64(req.seed + k),
         stop=req.stop_tuple(), stop_token_ids=tuple(req.stop_token_ids or ()),
         logit_bias={int(t): b for t, b in (req.logit_bias or {}).items()},
         banned_token_ids=frozenset(req.banned_token_ids or ()), api_key=caller.api_key,
-        allowed_models=caller.policies, **source)
+        allowed_models=caller.policies, group=group, **source)
 
 
 def _template_role(role: str) -> str:

@@ -133,6 +133,8 @@ def test_sigterm_refuses_new_requests_and_lets_inflight_streams_finish(tmp_path)
             if httpx.get(f"{url}/ready").json()["inflight"] == 1:
                 break
             threading.Event().wait(0.05)
+        else:
+            raise AssertionError("a request whose body is still uploading is not counted in flight")
         streams = start_streams(url, 3, 200)
 
         proc.send_signal(signal.SIGTERM)
@@ -160,7 +162,7 @@ def test_sigterm_refuses_new_requests_and_lets_inflight_streams_finish(tmp_path)
     assert "drained: shutting down" in (tmp_path / "server.log").read_text()
 
 
-def test_past_the_grace_period_streams_end_with_an_error_and_are_logged_interrupted(tmp_path):
+def test_past_the_grace_period_streams_end_with_an_error_and_are_logged_interrupted(tmp_path, monkeypatch):
     policy = flag_everything_policy(tmp_path)
     proc, url = serve_in_subprocess([policy], tmp_path / "server.log", "--drain-grace", "0")
     try:
@@ -189,6 +191,18 @@ def test_past_the_grace_period_streams_end_with_an_error_and_are_logged_interrup
         match = next(f for f in finals if f.startswith(text))
         finals.remove(match)
     assert "interrupted 3 generation(s)" in (tmp_path / "server.log").read_text()
+    # A replica serving the same log lists and shows them (the review API knows the outcome).
+    monkeypatch.setenv("GUARD_ADMIN_KEY", "admin-key-for-the-drain-test")
+    proc, url = serve_in_subprocess([policy], tmp_path / "server2.log")
+    try:
+        auth = {"Authorization": "Bearer admin-key-for-the-drain-test"}
+        listed = httpx.get(f"{url}/v1/guard/review/logs", params={"outcome": "interrupted"}, headers=auth).json()
+        assert listed["total"] == 3 and {i["outcome"] for i in listed["items"]} == {"interrupted"}
+        shown = httpx.get(f"{url}/v1/guard/review/logs/{listed['items'][0]['id']}", headers=auth)
+        assert shown.status_code == 200 and shown.json()["record"]["outcome"] == "interrupted"
+    finally:
+        proc.terminate()
+        proc.wait(60)
 
 
 def test_serve_settings_come_from_the_environment(monkeypatch):

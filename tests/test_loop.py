@@ -93,7 +93,7 @@ def run_cli(capsys, *argv: str) -> str:
 def wait_for_hash(url: str, digest: str, timeout: float = 60.0) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        model = httpx.get(f"{url}/health", timeout=5).json()["models"][0]
+        model = httpx.get(f"{url}/health/detail", timeout=5).json()["models"][0]
         if model["policy_hash"] == digest:
             return model
         assert model["reload_error"] is None, model["reload_error"]

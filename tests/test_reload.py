@@ -154,7 +154,7 @@ def test_the_server_watches_its_policy_files(tiny_model_dir, tmp_path):
         def health_when(check) -> dict:
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline:
-                model = http.get("/health").json()["models"][0]
+                model = http.get("/health/detail").json()["models"][0]
                 if check(model):
                     return model
                 time.sleep(0.05)

@@ -264,7 +264,7 @@ def test_unknown_fields_are_ignored(live):
 
 
 def _stats(live) -> dict:
-    return httpx.get(f"{live.url}/health").json()
+    return httpx.get(f"{live.url}/health/detail").json()
 
 
 def _assert_cancelled(live, tokens_before: int, max_tokens: int) -> None:
@@ -296,7 +296,7 @@ def test_client_disconnect_cancels_a_non_streaming_request(live, eos_id):
 
 
 def test_health(live):
-    health = httpx.get(f"{live.url}/health").json()
+    health = httpx.get(f"{live.url}/health/detail").json()
     assert health["status"] == "ok" and health["models"][0]["id"] == MODEL
 
 

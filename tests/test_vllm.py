@@ -342,3 +342,51 @@ def test_sae_feature_monitor_runs_in_the_worker(vllm_engine, hf_engine):
     assert sorted(got) == list(range(seq.prompt_len, len(seq.tokens)))
     assert all(got[p] == pytest.approx(ref[p], abs=1e-4) for p in got)
     eng.release(seq)
+
+
+# -- monitor faults inside vLLM's worker ----------------------------------------------------------
+
+
+def _guarded(engine, monitor, on_monitor_error: str, text: str = BENIGN[0], max_tokens: int = 24):
+    from guard.controller.backtrack import BoundMonitor, ControllerConfig, GuardedGeneration
+    from guard.controller.record import GenerationRecord
+
+    rec = GenerationRecord(request_id="t", policy_name="p", policy_hash="h", model="m", messages=None,
+                           prompt=text, prompt_tokens=0)
+    events = []
+    job = GuardedGeneration(engine, _prompt(engine, text), SamplingParams(temperature=0.0, max_tokens=max_tokens, seed=1),
+                            [BoundMonitor(monitor, action="backtrack")],
+                            ControllerConfig(on_monitor_error=on_monitor_error, refusal="No.", holdback_tokens=0),
+                            rec, emit=events.append)
+    while not job.advance():
+        pass
+    job.close()
+    return events[-1], rec
+
+
+@pytest.mark.parametrize("fault", ["raise", "nan"])
+@pytest.mark.parametrize("on_error", ["fail_closed", "fail_open"])
+def test_a_monitor_that_breaks_in_the_worker_is_a_monitor_error(vllm_engine, hf_engine, probe, fault, on_error):
+    """Mid-generation (its 6th scoring call) the probe raises or returns NaN inside vLLM's worker:
+    vLLM keeps running, the controller gets a monitor error and applies on_monitor_error exactly as
+    on the transformers engine. Under fail_open the probe then scores 1.0 (it would fire): the worker
+    must not force a reset for a monitor the controller disabled."""
+    from guard.testing import faulty_probe
+
+    results = {}
+    for label, eng in (("vllm", vllm_engine), ("transformers", hf_engine)):
+        name = f"faulty-{fault}-{on_error}-{label}"
+        mon = faulty_probe(probe, name=name, fail_at=6, fault=fault, then=1.0 if on_error == "fail_open" else None)
+        resets = eng.stats.forced_resets if label == "vllm" else 0
+        fin, rec = _guarded(eng, mon, on_error)
+        (err,) = rec.monitor_errors
+        assert err["monitor"] == name and err["scope"] == "output"
+        if on_error == "fail_closed":
+            assert (fin.outcome, fin.text, err["handling"]) == ("refused", "No.", "refused"), label
+        else:
+            assert fin.outcome == "clean" and err["handling"] == "disabled" and not rec.spans, label
+            assert len(rec.output_ids) == 24 or fin.finish_reason == "stop"
+            if label == "vllm":
+                assert eng.stats.forced_resets == resets, "the worker forced a reset for a disabled monitor"
+        results[label] = (fin.outcome, fin.text)
+    assert results["vllm"] == results["transformers"]

@@ -1,43 +1,69 @@
-"""The engine worker interleaves generations: a short request never waits for a long one."""
+"""The engine worker interleaves generations: a short request never waits for a long one, and one
+request's fan-out never starves another request. Orderings are decided by events the jobs emit on
+the worker's thread, never by sleeping, so the tests hold on a loaded machine
+(``test_worker_tests_pass_under_a_cpu_hog`` runs them next to a spinning process)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
-import time
+from pathlib import Path
 
 from guard.controller.backtrack import ControllerConfig, GuardedGeneration
-from guard.controller.events import Finished
+from guard.controller.events import Finished, TextDelta
 from guard.controller.record import GenerationRecord
 from guard.engine.worker import EngineWorker
 from guard.sampling import SamplingParams
 
+WAIT_S = 120  # only a bound on a hung test: every wait below ends on an event
 
-def _job(engine, name, max_tokens, done):
+
+def _job(engine, name, max_tokens, done, on_text=None):
+    """A generation that appends ``(name, completion tokens)`` to ``done`` when it finishes and calls
+    ``on_text()`` (on the worker's thread) at each released text."""
     prompt = engine.tokenizer.encode_chat([{"role": "user", "content": "Count to a hundred."}])
     rec = GenerationRecord(request_id=name, policy_name="p", policy_hash="h", model="m", messages=None,
                            prompt=None, prompt_tokens=len(prompt))
     params = SamplingParams(seed=1, max_tokens=max_tokens, banned_token_ids=engine.info.eos_token_ids)
 
     def emit(ev):
+        if isinstance(ev, TextDelta) and on_text is not None:
+            on_text()
         if isinstance(ev, Finished):
-            done.append((name, time.monotonic(), ev.usage.completion_tokens))
+            done.append((name, ev.usage.completion_tokens))
 
     return GuardedGeneration(engine, prompt, params, [], ControllerConfig(holdback_tokens=0), rec, emit)
+
+
+def _closed(job) -> threading.Event:
+    """An event set once the worker has dropped ``job`` (its ``close`` ran)."""
+    event, close = threading.Event(), job.close
+
+    def closing():
+        close()
+        event.set()
+
+    job.close = closing
+    return event
 
 
 def test_short_request_finishes_while_a_long_one_runs(tiny_engine):
     worker = EngineWorker()
     done: list = []
+    started = threading.Event()
     try:
-        long_job = _job(tiny_engine, "long", 300, done)
+        long_job = _job(tiny_engine, "long", 40, done, on_text=started.set)
+        long_closed = _closed(long_job)
         worker.submit(long_job)
-        time.sleep(0.2)  # the long generation is under way
-        worker.submit(_job(tiny_engine, "short", 5, done))
-        deadline = time.monotonic() + 120
-        while len(done) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        assert started.wait(WAIT_S)  # the long generation is under way
+        short = _job(tiny_engine, "short", 5, done)
+        short_closed = _closed(short)
+        worker.submit(short)
+        assert short_closed.wait(WAIT_S) and long_closed.wait(WAIT_S)
         assert [d[0] for d in done] == ["short", "long"]
-        assert dict((d[0], d[2]) for d in done) == {"short": 5, "long": 300}
+        assert dict(done) == {"short": 5, "long": 40}
     finally:
         worker.stop()
 
@@ -45,16 +71,88 @@ def test_short_request_finishes_while_a_long_one_runs(tiny_engine):
 def test_cancelled_job_is_dropped_and_released(tiny_engine):
     worker = EngineWorker()
     done: list = []
+    started, cancelled = threading.Event(), threading.Event()
+
+    def pause_until_cancelled():  # on the worker's thread: it takes no further step until cancelled
+        started.set()
+        assert cancelled.wait(WAIT_S)
+
     try:
-        job = _job(tiny_engine, "cancel-me", 10_000 // 50, done)
+        job = _job(tiny_engine, "cancel-me", 10_000 // 50, done, on_text=pause_until_cancelled)
+        closed = _closed(job)
         worker.submit(job)
-        time.sleep(0.2)
+        assert started.wait(WAIT_S)
         job.cancelled = True
-        deadline = time.monotonic() + 10
-        while worker.active and time.monotonic() < deadline:
-            time.sleep(0.02)
+        cancelled.set()
+        assert closed.wait(WAIT_S)
         assert worker.active == 0 and not done
         assert job.seq.payload.cache is None  # the KV cache was freed
     finally:
         worker.stop()
     assert not threading.Thread.is_alive(worker._thread)
+
+
+def test_one_requests_fan_out_does_not_starve_another(tiny_engine):
+    """16 generations of one request against one of another: the single one gets every other step
+    (its group's turn), so it finishes while each fan-out generation is far from done."""
+    worker = EngineWorker()
+    done: list = []
+    started = threading.Event()
+    try:
+        fan_out = []
+        for i in range(16):
+            job = _job(tiny_engine, f"fan-{i}", 12, done, on_text=started.set)
+            job.group = "request-a"
+            fan_out.append(job)
+        fan_closed = [_closed(j) for j in fan_out]
+        for job in fan_out:
+            worker.submit(job)
+        assert started.wait(WAIT_S)
+        single = _job(tiny_engine, "single", 8, done)
+        single.group = "request-b"
+        single_closed = _closed(single)
+        worker.submit(single)
+        assert single_closed.wait(WAIT_S)
+        progress = [j.record.sampled_tokens for j in fan_out]
+        # Round robin over 2 groups: while "single" sampled 8 tokens the 16 fan-out jobs shared about
+        # 8 steps, not 8 each as one turn per job would give them.
+        assert sum(progress) <= 2 * 8 + 16, progress
+        assert done[0][0] == "single"
+        assert all(e.wait(WAIT_S) for e in fan_closed) and len(done) == 17
+    finally:
+        worker.stop()
+
+
+def test_a_group_runs_at_most_its_share_of_jobs_at_once(tiny_engine):
+    worker = EngineWorker(max_active_per_group=2)
+    done: list = []
+    try:
+        jobs = [_job(tiny_engine, f"g-{i}", 8, done) for i in range(5)]
+        for job in jobs:
+            job.group = "one-request"
+        closed = [_closed(j) for j in jobs]
+        for job in jobs:
+            worker.submit(job)
+        assert all(e.wait(WAIT_S) for e in closed)
+        # Two at a time, in submission order: g-0 and g-1 finish before g-2..g-4 have started.
+        assert [d[0] for d in done][:2] == ["g-0", "g-1"] and sorted(dict(done).values()) == [8] * 5
+    finally:
+        worker.stop()
+
+
+def test_worker_tests_pass_under_a_cpu_hog():
+    """Run this file's other tests while another process spins on a CPU: they must still pass."""
+    if os.environ.get("GUARD_UNDER_CPU_HOG"):
+        return  # the inner run
+    hog_code = "while True: pass"
+    hogs = [subprocess.Popen([sys.executable, "-c", hog_code])]
+    try:
+        env = {**os.environ, "GUARD_UNDER_CPU_HOG": "1"}
+        root = Path(__file__).resolve().parent.parent
+        run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)),
+                              "-k", "not cpu_hog"], cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

@@ -25,7 +25,8 @@ position the controller and the monitor states use is relative to the answer sta
 A model that opens its own section (``placement: system``) is detected from the answer's first
 tokens; nothing is released while they may still be the open tag.
 
-A monitor that raises while scoring is handled by ``on_monitor_error``: ``fail_closed`` refuses
+A monitor that raises while scoring, or returns a non-finite score (NaN would never exceed a
+threshold, so the monitor would silently be off), is handled by ``on_monitor_error``: ``fail_closed`` refuses
 the generation, ``fail_open`` records the error and disables the monitor for this generation.
 
 All decisions are recorded in :class:`~guard.controller.record.GenerationRecord`. Events go to
@@ -36,6 +37,7 @@ engine worker's thread and must not block.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections.abc import Callable
@@ -122,7 +124,7 @@ class BoundMonitor:
 
 
 class MonitorFailure(Exception):
-    """A monitor raised (or returned the wrong number of scores) while scoring."""
+    """A monitor raised, returned the wrong number of scores or a non-finite one while scoring."""
 
 
 @dataclass
@@ -143,10 +145,15 @@ class GuardedGeneration:
                  monitors: list[BoundMonitor], config: ControllerConfig, record: GenerationRecord,
                  emit: Callable[[Event], None],
                  on_finish: Callable[[GenerationRecord], str | None] = lambda r: None,
-                 trace: GenerationTrace = NO_TRACE) -> None:
-        """``on_finish`` is called once with the finished record (before the final event) and
-        returns the log id if it stored it; the caller decides what gets stored. ``trace`` gets
-        the request's spans and measurements (:mod:`guard.telemetry`)."""
+                 trace: GenerationTrace = NO_TRACE,
+                 on_checkpoint: Callable[[GenerationRecord], None] = lambda r: None) -> None:
+        """``on_finish`` is called once with the finished record (before the final event; also with
+        outcome ``cancelled`` when a flagged generation is cancelled) and returns the log id if it
+        stores it; the caller decides what gets stored. ``on_checkpoint`` gets a checkpoint
+        (:meth:`GenerationRecord.checkpoint`, outcome ``interrupted``) whenever something new flags
+        the running generation (first firing, span or monitor error, and each one after), so a
+        crash loses at most what was generated since. Neither may block: they run on the engine
+        worker's thread. ``trace`` gets the request's spans and measurements (:mod:`guard.telemetry`)."""
         self.engine = engine
         self.trace = trace
         self.config = config
@@ -154,6 +161,9 @@ class GuardedGeneration:
         self.record = record
         self.emit = emit
         self.on_finish = on_finish
+        self.on_checkpoint = on_checkpoint
+        self._checkpointed = 0
+        """``record.flags`` at the last checkpoint."""
         self.cancelled = False
         self.states = {b.monitor.name: b.monitor.new_state() for b in monitors}
         layers = {b.monitor.layer for b in monitors if b.monitor.layer is not None}
@@ -179,6 +189,13 @@ class GuardedGeneration:
     # -- Job interface ------------------------------------------------------------------------
 
     def advance(self) -> bool:
+        done = self._advance()
+        if not done and self.record.flags != self._checkpointed:
+            self._checkpointed = self.record.flags
+            self.on_checkpoint(self.record.checkpoint(self.output, self.text.text_of(self.output)))
+        return done
+
+    def _advance(self) -> bool:
         if not self._prefilled:
             self._prefilled = True
             with self.trace.prefill(len(self.seq.prompt_ids)):
@@ -222,6 +239,7 @@ class GuardedGeneration:
                 self._store_reasoning()
             self.record.output_ids = list(self.output)
             self.record.final_text = self.text.text_of(self.output)
+            self.record.outcome, self.record.finish_reason = "cancelled", None
             log_id = self.on_finish(self.record)
         self.trace.end(self.record, log_id, cancelled=self.cancelled and not self._finished)
 
@@ -360,6 +378,12 @@ class GuardedGeneration:
                 start = fed_start - plen
                 if start < 0:  # prompt and reasoning positions are not answer tokens
                     scores, start = scores[-start:], 0
+                try:
+                    _engine_checked(out, mon, scores)
+                except MonitorFailure as exc:
+                    if self._monitor_failed(bound, "output", exc, max(start, 0)):
+                        return True
+                    continue
                 if not scores:
                     continue
                 ids = self.output[start:start + len(scores)]
@@ -414,6 +438,7 @@ class GuardedGeneration:
                     "refusing: fail_closed" if closed else "disabled for this generation: fail_open")
         if not closed:
             self.disabled.add(name)
+            self.engine.disable_monitor(self.seq, name)
             return False
         if scope == "output" and self.output:
             # Like a refuse firing: every sampled token stays accounted for in a discarded span.
@@ -581,9 +606,24 @@ class GuardedGeneration:
 def _engine_scores(out: StepOutput, monitor: Monitor, n: int) -> list[float]:
     """The ``n`` scores an engine that runs monitors reported for ``monitor`` (MonitorFailure if not)."""
     scores = out.scores.get(monitor.name)
+    _engine_checked(out, monitor, scores or [])
     if scores is None or len(scores) != n:
         raise MonitorFailure(f"the engine reported {0 if scores is None else len(scores)} scores for {n} tokens")
     return scores
+
+
+def _engine_checked(out: StepOutput, monitor: Monitor, scores: list[float]) -> None:
+    """MonitorFailure if the engine reported ``monitor`` failed, or reported a non-finite score."""
+    error = out.errors.get(monitor.name)
+    if error is not None:
+        raise MonitorFailure(error)
+    _require_finite_scores(scores)
+
+
+def _require_finite_scores(scores: list[float]) -> None:
+    bad = next((i for i, s in enumerate(scores) if not math.isfinite(s)), None)
+    if bad is not None:
+        raise MonitorFailure(f"returned a non-finite score ({scores[bad]}) at token {bad} of {len(scores)}")
 
 
 def _checked_score(monitor: Monitor, hidden: torch.Tensor | None, token_ids: list[int]) -> list[float]:
@@ -594,4 +634,5 @@ def _checked_score(monitor: Monitor, hidden: torch.Tensor | None, token_ids: lis
         raise MonitorFailure(f"{type(exc).__name__}: {exc}") from exc
     if len(scores) != len(token_ids):
         raise MonitorFailure(f"returned {len(scores)} scores for {len(token_ids)} tokens")
+    _require_finite_scores(scores)
     return scores

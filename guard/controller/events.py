@@ -14,11 +14,15 @@ from typing import Literal
 
 from guard.errors import GuardError
 
-Outcome = Literal["clean", "recovered", "refused", "interrupted"]
+Outcome = Literal["clean", "recovered", "refused"]
 """clean: no monitor acted; recovered: one fired and a resample passed; refused: the policy's refusal
 was answered (retry budget exhausted, a ``refuse`` firing, a firing on the prompt, or a failing
-monitor under fail_closed); interrupted: the server shut down (a drain's grace period ran out)
-before the generation finished (only in the log: a client sees an error event instead)."""
+monitor under fail_closed)."""
+
+LogOutcome = Literal["clean", "recovered", "refused", "cancelled", "interrupted"]
+"""A logged record's outcome: a :data:`Outcome`, or cancelled (the client went away first) or
+interrupted (the process stopped before the generation ended, or a draining server's grace period ran
+out: ``server.drain``; see ``GenerationRecord.complete``)."""
 
 FinishReason = Literal["stop", "length", "content_filter"]
 

@@ -15,7 +15,10 @@ flagged-generation log stores. Invariants:
 - ``spans[i].scores[m]`` has one raw score per token of ``spans[i].token_ids`` for each monitor
   ``m`` that scored them (the last token of a span may lack a score: see the one-step lag; a span
   cut by a failing monitor lacks that monitor's scores from the failed position on);
-- ``retries[i]`` is the strategy used after the ``i``-th firing.
+- ``retries[i]`` is the strategy used after the ``i``-th firing;
+- ``outcome`` is ``cancelled`` when the client went away before the end (the record holds what was
+  generated until then) and ``interrupted`` in a checkpoint (``complete`` False) of a generation
+  still running, or one the process never finished (killed, or not drained in time).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from guard.controller.events import FinishReason, Outcome
+from guard.controller.events import FinishReason, LogOutcome
 
 
 @dataclass
@@ -83,7 +86,7 @@ class GenerationRecord:
     created: float = field(default_factory=time.time)
     output_ids: list[int] = field(default_factory=list)
     final_text: str = ""
-    outcome: Outcome = "clean"
+    outcome: LogOutcome = "clean"
     finish_reason: FinishReason | None = None
     spans: list[DiscardedSpan] = field(default_factory=list)
     retries: list[RetryStrategy] = field(default_factory=list)
@@ -111,6 +114,23 @@ class GenerationRecord:
     reasoning_ids: list[int] = field(default_factory=list)
     reasoning_forced_tokens: int = 0
     """Tokens of ``reasoning_ids`` forced by the controller (opener and spec, a capped close tag)."""
+    complete: bool = True
+    """False for a checkpoint written while the generation was still running (outcome ``interrupted``
+    until the generation ends and its record is rewritten; a crash leaves it so)."""
+
+    def checkpoint(self, output_ids: list[int], final_text: str) -> "GenerationRecord":
+        """A deep copy to store while the generation runs: the answer so far, outcome ``interrupted``."""
+        return GenerationRecord.from_dict({**self.to_dict(), "output_ids": list(output_ids), "final_text": final_text,
+                                           "outcome": "interrupted", "finish_reason": None, "complete": False})
+
+    def snapshot(self) -> "GenerationRecord":
+        """A deep copy (the controller keeps mutating the original)."""
+        return GenerationRecord.from_dict(self.to_dict())
+
+    @property
+    def flags(self) -> int:
+        """How many things flagged it so far (spans, firings, monitor errors): a new one is a new checkpoint."""
+        return len(self.spans) + len(self.firings) + len(self.monitor_errors)
 
     @property
     def flagged(self) -> bool:

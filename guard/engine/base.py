@@ -125,6 +125,9 @@ class StepOutput:
     """Monitor name -> raw scores of the fed tokens from ``fed_start`` on, for engines that run
     monitors themselves (a list may be shorter than the fed tokens: positions before the answer or
     already reported are left out at its start)."""
+    errors: dict[str, str] = field(default_factory=dict)
+    """Monitor name -> why it failed, for engines that run monitors themselves (the monitor raised
+    or returned a non-finite score inside the engine); the controller applies ``on_monitor_error``."""
 
     @property
     def n_fed(self) -> int:
@@ -187,6 +190,10 @@ class Engine(ABC):
     @abstractmethod
     def rollback(self, seq: Sequence, length: int) -> None:
         """Keep the first ``length`` tokens (``length >= prompt_len``), reusing the KV cache."""
+
+    def disable_monitor(self, seq: Sequence, name: str) -> None:
+        """The controller stopped enforcing monitor ``name`` for ``seq`` (``fail_open``). Engines that
+        run monitors themselves must stop acting on it for that sequence; the default does nothing."""
 
     @abstractmethod
     def release(self, seq: Sequence) -> None:

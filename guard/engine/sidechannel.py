@@ -8,7 +8,9 @@ Record format (little-endian, fixed size for a request): ``int32 position, int32
 float64 score[n]`` where ``n`` is the number of monitors the request asked to be scored, in the
 order it gave them. ``position`` is absolute (prompt tokens included). ``flags & 1``: the
 acting monitors fired at this position and the worker forced the reset token as the next token.
-A score is NaN when that monitor did not score the position.
+``flags & (2 << i)``: monitor ``i`` failed for this request (it raised, or returned a non-finite
+score, here or earlier; its score is NaN and it no longer acts for the request). A score is NaN
+when that monitor did not score the position.
 
 Ordering contract: the worker appends the records of a step before that step's sampled tokens
 leave the worker, so a reader that has received token ``n + 1`` finds the record of position
@@ -23,6 +25,13 @@ import struct
 from pathlib import Path
 
 FORCED = 1
+MAX_KEYS = 30
+"""Monitors one request may ask for: each needs a failure bit of the int32 flags."""
+
+
+def failed_bit(index: int) -> int:
+    """The flag bit saying the ``index``-th monitor of a request failed."""
+    return 2 << index
 
 
 def _fmt(n: int) -> struct.Struct:
@@ -37,10 +46,11 @@ class ScoreWriter:
         self.fmt = _fmt(len(keys))
         self._fd: int | None = None
 
-    def write(self, position: int, scores: list[float], forced: bool = False) -> None:
+    def write(self, position: int, scores: list[float], forced: bool = False, failed: int = 0) -> None:
+        """``failed``: the OR of :func:`failed_bit` of the monitors that failed."""
         if self._fd is None:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        os.write(self._fd, self.fmt.pack(position, FORCED if forced else 0, *scores))
+        os.write(self._fd, self.fmt.pack(position, (FORCED if forced else 0) | failed, *scores))
 
     def close(self) -> None:
         if self._fd is not None:
@@ -59,9 +69,9 @@ class ScoreReader:
         """Opened once the worker has created the file; reads continue where the last one ended."""
         self._partial = b""
 
-    def read(self) -> list[tuple[int, bool, dict[str, float]]]:
-        """New records since the last call: ``(position, forced, {monitor key: score})`` (NaN
-        scores left out)."""
+    def read(self) -> list[tuple[int, bool, dict[str, float], set[str]]]:
+        """New records since the last call: ``(position, forced, {monitor key: score}, failed keys)``
+        (NaN scores left out)."""
         if self._file is None:
             try:
                 self._file = open(self.path, "rb")  # noqa: SIM115 - kept open until remove()
@@ -75,7 +85,8 @@ class ScoreReader:
         for i in range(0, whole, size):
             pos, flags, *scores = self.fmt.unpack_from(data, i)
             out.append((pos, bool(flags & FORCED),
-                        {k: s for k, s in zip(self.keys, scores) if not math.isnan(s)}))
+                        {k: s for k, s in zip(self.keys, scores) if not math.isnan(s)},
+                        {k for i, k in enumerate(self.keys) if flags & failed_bit(i)}))
         return out
 
     def remove(self) -> None:

@@ -15,6 +15,7 @@ only for the duration of one forward call (:mod:`guard.engine.hooks`).
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,13 @@ class HFChatTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(self.tok(text, add_special_tokens=False)["input_ids"])
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """An upper bound on the UTF-8 bytes of text one token can stand for: the longest vocabulary
+        entry's UTF-8 length (byte-level BPE spells each byte as one 1-2 byte character, SentencePiece
+        spells a space as 3 bytes and a byte as ``<0xNN>``, so entries are never shorter than their text)."""
+        return max((len(t.encode("utf-8", "surrogatepass")) for t in self.tok.get_vocab()), default=1) or 1
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)

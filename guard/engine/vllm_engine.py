@@ -53,7 +53,7 @@ from typing import Any
 import torch
 
 from guard.engine.base import Engine, EngineStats, ModelInfo, MonitorRun, Sequence, StepOutput
-from guard.engine.sidechannel import ScoreReader
+from guard.engine.sidechannel import MAX_KEYS, ScoreReader
 from guard.engine.transformers_engine import HFChatTokenizer
 from guard.engine.vllm_worker import ARGS_KEY, RequestArgs
 from guard.errors import ContextLengthError, EngineError, ModelLoadError
@@ -119,6 +119,16 @@ class _VSeq:
     reported: int = 0
     """Next position whose scores :meth:`VLLMEngine.step` has not reported yet."""
     n_requests: int = 0
+    failed: dict[str, str] = field(default_factory=dict)
+    """Monitor name -> why it stopped: it failed in the worker, or the controller disabled it. Such a
+    monitor is left out of every later request of the sequence (it neither scores nor acts)."""
+
+    def live_names(self, names: list[str]) -> list[str]:
+        return [n for n in names if n not in self.failed]
+
+    def live_monitors(self, want) -> list[Monitor]:
+        """The monitors of the sequence ``want(run)`` selects, less the failed ones."""
+        return [m.monitor for m in self.monitors if want(m) and m.monitor.name not in self.failed]
 
 
 class VLLMEngine(Engine):
@@ -267,35 +277,37 @@ class VLLMEngine(Engine):
     def prefill(self, seq: Sequence, return_hidden: bool = False) -> StepOutput:
         vs: _VSeq = seq.payload
         self.stats.prompt_tokens += seq.prompt_len
-        prompt_mons = [m for m in vs.monitors if m.prompt]
+        prompt_mons = vs.live_monitors(lambda m: m.prompt)
         vs.reported = seq.prompt_len
         if not prompt_mons:
             return StepOutput(token_id=None, fed_start=0, hidden={}, scores={})
-        req = self._submit(seq, score=[m.monitor for m in prompt_mons], act=[], score_from=0, max_tokens=1,
+        req = self._submit(seq, score=prompt_mons, act=[], score_from=0, max_tokens=1,
                            params=SamplingParams(temperature=0.0, max_tokens=1), generator=None,
                            banned=frozenset(), steer=None, scoring_only=True)
         self._drain(seq, req)
-        scores = self._collect(vs, 0, seq.prompt_len, [m.monitor.name for m in prompt_mons])
+        scores = self._collect(vs, 0, seq.prompt_len, vs.live_names([m.name for m in prompt_mons]))
         self._end(vs)
-        return StepOutput(token_id=None, fed_start=0, hidden={}, scores=scores)
+        return StepOutput(token_id=None, fed_start=0, hidden={}, scores=scores, errors=dict(vs.failed))
 
     def step(self, seq: Sequence, params: SamplingParams, generator: torch.Generator, *,
              extra_banned: frozenset[int] = frozenset(), steer: Mapping[int, torch.Tensor] | None = None,
              sample: bool = True) -> StepOutput:
         vs: _VSeq = seq.payload
-        names = vs.output_names
+        names = vs.live_names(vs.output_names)
         n = len(seq.tokens)
         if not sample:
             if n - 1 < vs.reported or not names or seq.answer_start is None:
-                return StepOutput(token_id=None, fed_start=n, hidden={}, scores={})
+                return StepOutput(token_id=None, fed_start=n, hidden={}, scores={}, errors=dict(vs.failed))
             req = vs.request
             if req is None or not self._consistent(seq, req) or (req.finished and not req.buffered):
-                req = self._submit(seq, score=[m.monitor for m in vs.monitors if m.output], act=[],
+                req = self._submit(seq, score=vs.live_monitors(lambda m: m.output), act=[],
                                    score_from=n - 1, max_tokens=1, params=params, generator=generator,
                                    banned=frozenset(), steer=steer, scoring_only=True)
             self._wait_score(seq, req, n - 1)
             start = vs.reported
-            return StepOutput(token_id=None, fed_start=start, hidden={}, scores=self._collect(vs, start, n, names))
+            names = vs.live_names(names)  # one may have failed meanwhile
+            return StepOutput(token_id=None, fed_start=start, hidden={}, scores=self._collect(vs, start, n, names),
+                              errors=dict(vs.failed))
         sig = self._signature(seq, params, steer)
         req = vs.request
         if (req is None or not self._consistent(seq, req) or req.signature != sig
@@ -304,21 +316,31 @@ class VLLMEngine(Engine):
             # Re-score the last accepted answer token (it is recomputed, as the transformers engine
             # re-feeds it); inside a reasoning section nothing is scored.
             score_from = n if a is None or n <= a else n - 1
-            outs = [m.monitor for m in vs.monitors if m.output] if a is not None else []
-            req = self._submit(seq, score=outs, act=[m.monitor for m in vs.monitors if m.output and m.acts and a is not None],
-                               score_from=score_from, max_tokens=None, params=params, generator=generator,
-                               banned=extra_banned, steer=steer, signature=sig)
+            outs = vs.live_monitors(lambda m: m.output) if a is not None else []
+            acts = vs.live_monitors(lambda m: m.output and m.acts) if a is not None else []
+            req = self._submit(seq, score=outs, act=acts, score_from=score_from, max_tokens=None, params=params,
+                               generator=generator, banned=extra_banned, steer=steer, signature=sig)
         token, forced = self._next_token(seq, req)
         start = vs.reported
-        scores = self._collect(vs, start, n, names)
+        scores = self._collect(vs, start, n, vs.live_names(names))
         if forced:
             self.stats.forced_resets += 1
             self.last_stop_reason = req.stop_reason
             self._end(vs)
-            return StepOutput(token_id=None, fed_start=start, hidden={}, scores=scores)
+            return StepOutput(token_id=None, fed_start=start, hidden={}, scores=scores, errors=dict(vs.failed))
         seq.tokens.append(token)
         self.stats.output_tokens += 1
-        return StepOutput(token_id=token, fed_start=start, hidden={}, scores=scores)
+        return StepOutput(token_id=token, fed_start=start, hidden={}, scores=scores, errors=dict(vs.failed))
+
+    def disable_monitor(self, seq: Sequence, name: str) -> None:
+        """The controller stopped using ``name`` for ``seq``: later requests leave it out, and a running
+        request that scores it is ended (the next step resubmits without it), so the worker never
+        forces a reset for a monitor the controller no longer enforces."""
+        vs: _VSeq = seq.payload
+        vs.failed.setdefault(name, "disabled by the controller")
+        req = vs.request
+        if req is not None and name in req.names.values():
+            self._end(vs)
 
     def rollback(self, seq: Sequence, length: int) -> None:
         vs: _VSeq = seq.payload
@@ -400,6 +422,8 @@ class VLLMEngine(Engine):
         vs.n_requests += 1
         vs.reported = score_from  # positions below were reported already, or are never scored
         rkey = f"{vs.key}-{vs.n_requests}"
+        if len(score) > MAX_KEYS:
+            raise EngineError(f"a sequence may run at most {MAX_KEYS} monitors in vLLM's worker, not {len(score)}")
         keys = [self.register_monitor(m) for m in score]
         act_keys = [self.register_monitor(m) for m in act]
         init = {}
@@ -477,8 +501,11 @@ class VLLMEngine(Engine):
         return True
 
     def _read_scores(self, vs: _VSeq, req: _Request) -> None:
-        for pos, forced, scores in req.reader.read():
+        for pos, forced, scores, failed in req.reader.read():
             vs.scores.setdefault(pos, {}).update({req.names[k]: s for k, s in scores.items()})
+            for k in failed:
+                vs.failed.setdefault(req.names[k], "failed inside vLLM's worker: it raised or returned a non-finite "
+                                                   "score (the worker's log has the details)")
             if forced:
                 vs.forced.add(pos)
 
@@ -496,11 +523,10 @@ class VLLMEngine(Engine):
 
     def _wait_score(self, seq: Sequence, req: _Request, pos: int) -> None:
         vs: _VSeq = seq.payload
-        names = vs.output_names
-        while not all(name in vs.scores.get(pos, {}) for name in names):
+        while not all(name in vs.scores.get(pos, {}) for name in vs.live_names(vs.output_names)):
             if not self._receive(seq, req, block=True) and req.finished:
                 self._read_scores(vs, req)
-                if not all(name in vs.scores.get(pos, {}) for name in names):
+                if not all(name in vs.scores.get(pos, {}) for name in vs.live_names(vs.output_names)):
                     raise EngineError(f"vLLM request {req.request_id} ended without scoring position {pos}")
 
     def _drain(self, seq: Sequence, req: _Request) -> None:

@@ -15,6 +15,9 @@ Per model forward (one scheduler step), with eager execution:
    at positions ``>= score_from``, and scores them with every monitor of that layer in one batched
    call (:meth:`guard.monitors.base.Monitor.score`: pure tensor math). Steering vectors are added
    to the block output *after* the monitors read it, for the rows of the requests that asked;
+   A monitor that raises or returns a non-finite score fails for the requests it was scoring:
+   from then on it reports NaN with its failure bit for them and never acts for them, and vLLM's
+   step goes on (the front end turns the bit into a monitor error for ``on_monitor_error``);
 3. a post-hook on the model runs each request's monitor states (the same
    :class:`~guard.monitors.base.MonitorState` the controller uses, seeded with the accepted
    output's raw scores), appends one record per scored position to the request's score channel
@@ -31,6 +34,7 @@ at install time rather than silently never calling the hooks.
 from __future__ import annotations
 
 import logging
+import math
 import pickle
 import threading
 from collections.abc import Iterable
@@ -41,7 +45,7 @@ import numpy as np
 import torch
 
 from guard.engine.hooks import decoder_layers
-from guard.engine.sidechannel import ScoreWriter
+from guard.engine.sidechannel import ScoreWriter, failed_bit
 from guard.monitors.base import Monitor, MonitorState
 
 log = logging.getLogger(__name__)
@@ -107,6 +111,9 @@ class _Live:
     writer: ScoreWriter
     scores: dict[int, dict[str, float]] = field(default_factory=dict)
     """This step's scores: absolute position -> monitor key -> raw score."""
+    failed: set[str] = field(default_factory=set)
+    """Monitor keys that raised or returned a non-finite score for this request: from then on they
+    report NaN with their failure bit and never act (the front end applies ``on_monitor_error``)."""
 
 
 @dataclass
@@ -242,13 +249,26 @@ class WorkerState:
         ids = self.row_ids.index_select(0, idx).tolist() if self.row_ids is not None else [0] * len(index)
         self.calls["scored_rows"] += len(index)
         for key, mon in mons:
-            scores = mon.score(x, ids)
-            for p, off, first in owners:
-                if key not in p.live.args.score:
-                    continue
+            users = [o for o in owners if key in o[0].live.args.score]
+            if not users:
+                continue
+            try:
+                scores = mon.score(x, ids)
+                error = None if len(scores) == len(index) else f"returned {len(scores)} scores for {len(index)} rows"
+            except Exception as exc:  # noqa: BLE001 - a monitor bug must not take vLLM's step down
+                log.exception("monitor %s failed in the vLLM worker", key)
+                scores, error = [], f"{type(exc).__name__}: {exc}"
+            for p, off, first in users:
                 n = p.rows.stop - (p.rows.start + first - p.pos0)
+                mine = [float(v) for v in scores[off:off + n]] if error is None else []
+                if error is None and not all(math.isfinite(v) for v in mine):
+                    log.error("monitor %s returned a non-finite score in the vLLM worker", key)
+                    mine = []
+                if key in p.live.failed or not mine:
+                    p.live.failed.add(key)
+                    mine = [math.nan] * n
                 for j in range(n):
-                    p.live.scores.setdefault(first + j, {})[key] = float(scores[off + j])
+                    p.live.scores.setdefault(first + j, {})[key] = mine[j]
 
     def end_step(self) -> None:
         """Run monitor states, write the records, mark firings for the logits processor."""
@@ -260,6 +280,8 @@ class WorkerState:
             positions = sorted(live.scores)
             forced = False
             for key in args.score:
+                if key in live.failed:
+                    continue
                 st = live.states[key]
                 answer = [(q - args.answer_start, live.scores[q][key]) for q in positions
                           if q >= args.answer_start and key in live.scores[q]]
@@ -269,9 +291,12 @@ class WorkerState:
                 if fire is not None and key in args.act:
                     forced = True
             last = positions[-1]
+            failed = 0
+            for i, k in enumerate(args.score):
+                failed |= failed_bit(i) if k in live.failed else 0
             for q in positions:
                 live.writer.write(q, [live.scores[q].get(k, float("nan")) for k in args.score],
-                                  forced=forced and q == last)
+                                  forced=forced and q == last, failed=failed)
             live.scores = {}
             if forced:
                 self.fired.add(args.key)

@@ -1,25 +1,37 @@
-"""One thread that owns an engine and interleaves the steps of every active generation.
+"""One thread that owns an engine and interleaves the steps of every active generation, fairly
+across requests.
 
-Concurrency contract: a generation never waits for another to finish. Each pass of the loop
-gives every active job one :meth:`Job.advance` (one engine step plus the controller's decision),
-so N concurrent streams each progress at about 1/N of the single-stream rate, and a new request
-starts at the next pass. Engines are only ever called from this thread, so they need no locks.
-(A batched engine can later replace the per-job step inside :meth:`EngineWorker._pass` without
-changing jobs.)
+Concurrency contract: a generation never waits for another to finish, and a request never waits
+for another request's fan-out. Jobs are grouped by :attr:`Job.group` (the client request they
+belong to: its ``n`` choices and prompts); each pass of the loop gives every group one
+:meth:`Job.advance` (one engine step plus the controller's decision), rotating through the group's
+jobs. So a request with 128 generations and a request with one progress at the same rate, each at
+about 1/G of the engine's step rate for G active requests, and a new request starts at the next
+pass. At most ``max_active_per_group`` jobs of a group hold engine state at once; the rest wait
+(in order) for one of them to leave. Engines are only ever called from this thread, so they need
+no locks. (A batched engine can later replace the per-job step inside :meth:`EngineWorker._pass`
+without changing jobs.)
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
+from collections import OrderedDict, deque
 from typing import Protocol
 
 log = logging.getLogger(__name__)
 
+_anonymous = itertools.count()
+
 
 class Job(Protocol):
-    """A unit of work the worker advances step by step."""
+    """A unit of work the worker advances step by step.
+
+    A job may have a ``group`` attribute (a string): jobs of one group share one turn per pass.
+    Without one, a job is a group of its own."""
 
     cancelled: bool
 
@@ -36,23 +48,39 @@ class Job(Protocol):
         ...
 
 
+class _Group:
+    """The jobs of one request: ``running`` take turns, ``waiting`` start when one leaves."""
+
+    def __init__(self) -> None:
+        self.running: deque[Job] = deque()
+        self.waiting: deque[Job] = deque()
+
+
 class EngineWorker:
     """Runs jobs for one engine on a daemon thread."""
 
-    def __init__(self, name: str = "guard-engine") -> None:
+    def __init__(self, name: str = "guard-engine", max_active_per_group: int = 16) -> None:
+        if max_active_per_group < 1:
+            raise ValueError(f"max_active_per_group must be >= 1, got {max_active_per_group}")
+        self.max_active_per_group = max_active_per_group
         self._incoming: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
-        self._active: list[Job] = []
+        self._groups: OrderedDict[str, _Group] = OrderedDict()
+        self._active = 0
+        self._count_lock = threading.Lock()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     @property
     def active(self) -> int:
-        return len(self._active)
+        """Jobs submitted and not yet dropped (running or waiting for their group's turn)."""
+        return self._active
 
     def submit(self, job: Job) -> None:
         if self._stopping:
             raise RuntimeError("the engine worker is stopped")
+        with self._count_lock:  # counted at once, so a caller sees its job as active immediately
+            self._active += 1
         self._incoming.put(job)
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -62,38 +90,58 @@ class EngineWorker:
 
     def _run(self) -> None:
         while not self._stopping:
-            self._take_new(block=not self._active)
+            self._take_new(block=not self._groups)
             self._pass()
-        for job in list(self._active):  # a copy: _drop removes from the list
-            job.cancelled = True
-            self._drop(job)
+        for group in list(self._groups.values()):
+            for job in [*group.running, *group.waiting]:
+                job.cancelled = True
+                self._drop(job)
+        self._groups.clear()
 
     def _take_new(self, block: bool) -> None:
         try:
             item = self._incoming.get(block=block)
             while True:
                 if item is not None:
-                    self._active.append(item)
+                    self._add(item)
                 item = self._incoming.get_nowait()
         except queue.Empty:
             pass
 
+    def _add(self, job: Job) -> None:
+        key = getattr(job, "group", None) or f"job-{next(_anonymous)}"
+        group = self._groups.setdefault(key, _Group())
+        (group.running if len(group.running) < self.max_active_per_group else group.waiting).append(job)
+
     def _pass(self) -> None:
-        for job in list(self._active):
-            if job.cancelled:
+        """One step for each group: its next running job (cancelled jobs anywhere are dropped)."""
+        for key, group in list(self._groups.items()):
+            for job in [j for j in (*group.running, *group.waiting) if j.cancelled]:
+                (group.running if job in group.running else group.waiting).remove(job)
                 self._drop(job)
-                continue
-            try:
-                done = job.advance()
-            except BaseException as exc:  # noqa: BLE001 - a job's failure must not kill the worker
-                log.exception("generation failed")
-                job.fail(exc)
-                done = True
-            if done:
-                self._drop(job)
+            if group.running:
+                job = group.running[0]
+                group.running.rotate(-1)
+                if self._advance(job):
+                    group.running.remove(job)
+                    self._drop(job)
+            while group.waiting and len(group.running) < self.max_active_per_group:
+                group.running.append(group.waiting.popleft())
+            if not group.running:
+                del self._groups[key]
+
+    @staticmethod
+    def _advance(job: Job) -> bool:
+        try:
+            return job.advance()
+        except BaseException as exc:  # noqa: BLE001 - a job's failure must not kill the worker
+            log.exception("generation failed")
+            job.fail(exc)
+            return True
 
     def _drop(self, job: Job) -> None:
-        self._active.remove(job)
+        with self._count_lock:
+            self._active -= 1
         try:
             job.close()
         except Exception:  # noqa: BLE001

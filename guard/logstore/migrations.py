@@ -196,3 +196,10 @@ def m005_labels(db: Connection) -> None:
 def m006_seed(db: Connection) -> None:
     # The first attempt's seed (retries kept theirs in ``retries``); NULL in records written before.
     ddl(db, "ALTER TABLE generations ADD COLUMN seed BIGINT")
+
+
+@migration
+def m007_complete(db: Connection) -> None:
+    # 0 while a flagged generation is still running: it was written when first flagged (outcome
+    # 'interrupted') and is rewritten with its real outcome when it ends. A crash leaves it at 0.
+    ddl(db, "ALTER TABLE generations ADD COLUMN complete INTEGER NOT NULL DEFAULT 1")

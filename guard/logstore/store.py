@@ -31,7 +31,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, and_, delete, exists, func, insert, select
+from sqlalchemy import Connection, and_, delete, exists, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from guard.controller.record import DiscardedSpan, GenerationRecord, RetryStrategy
@@ -143,13 +143,23 @@ class LogStore:
 
     # -- writing ------------------------------------------------------------------------------
 
-    def write(self, record: GenerationRecord) -> str:
-        """Store ``record`` durably and return its log id."""
-        log_id = new_log_id()
+    def write(self, record: GenerationRecord, log_id: str | None = None) -> str:
+        """Store ``record`` durably and return its log id.
+
+        With ``log_id`` (from :func:`new_log_id`), the record stored under that id, if any, is
+        replaced whole (spans and monitors; labels are kept): how a checkpoint of a running
+        generation is updated and finally completed."""
+        log_id = log_id or new_log_id()
         spans = [self._span_row(log_id, i, span) for i, span in enumerate(record.spans)]
         monitors = sorted(set(record.monitors_fired) | {s.monitor for s in record.spans})
+        row = self._generation_row(log_id, record)
         with self._tx(write=True) as db:
-            db.execute(insert(_G), self._generation_row(log_id, record))
+            if db.execute(select(_G.c.id).where(_G.c.id == log_id)).first() is None:
+                db.execute(insert(_G), row)
+            else:
+                db.execute(update(_G).where(_G.c.id == log_id), {k: v for k, v in row.items() if k != "id"})
+                db.execute(delete(t.spans).where(t.spans.c.generation_id == log_id))
+                db.execute(delete(t.generation_monitors).where(t.generation_monitors.c.generation_id == log_id))
             if spans:
                 db.execute(insert(t.spans), spans)
             if monitors:
@@ -171,7 +181,7 @@ class LogStore:
             "prompt_scores": json.dumps(record.prompt_scores), "monitor_errors": json.dumps(record.monitor_errors),
             "deliberation": record.deliberation, "reasoning": record.reasoning,
             "reasoning_ids": json.dumps(record.reasoning_ids), "reasoning_forced_tokens": record.reasoning_forced_tokens,
-            "seed": record.seed,
+            "seed": record.seed, "complete": int(record.complete),
         }
         return {k: self._text(v) for k, v in row.items()}
 
@@ -234,7 +244,7 @@ class LogStore:
             monitors_fired=json.loads(row["monitors_fired"]), firings=json.loads(row["firings"]),
             prompt_scores=json.loads(row["prompt_scores"]), monitor_errors=json.loads(row["monitor_errors"]),
             deliberation=row["deliberation"], reasoning=row["reasoning"], reasoning_ids=json.loads(row["reasoning_ids"]),
-            reasoning_forced_tokens=row["reasoning_forced_tokens"], seed=row["seed"],
+            reasoning_forced_tokens=row["reasoning_forced_tokens"], seed=row["seed"], complete=bool(row["complete"]),
         )
 
     def labels(self, log_id: str) -> builtins.list[Label]:

@@ -39,6 +39,7 @@ generations = Table(
     Column("reasoning_ids", Text, nullable=False),
     Column("reasoning_forced_tokens", Integer, nullable=False),
     Column("seed", BigInteger),
+    Column("complete", Integer, nullable=False),
 )
 
 spans = Table(

@@ -57,6 +57,17 @@ class AggregationSpec:
         return out
 
 
+def require_finite(what: str, value: "torch.Tensor | float | None") -> None:
+    """ValueError unless every entry of ``value`` is finite (a NaN or inf weight silently turns a
+    monitor off or makes it fire on everything, so it must never load)."""
+    if value is None:
+        return
+    t = torch.as_tensor(value)
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise ValueError(f"{what} holds {bad} non-finite value(s) (NaN or inf)")
+
+
 class Monitor(ABC):
     """Stateless scorer. ``threshold`` applies to the aggregated score."""
 

@@ -28,7 +28,7 @@ import torch
 
 from guard.engine.base import ModelInfo
 from guard.errors import ModelLoadError
-from guard.monitors.base import AggregationSpec, Monitor
+from guard.monitors.base import AggregationSpec, Monitor, require_finite
 
 FORMAT_NAME = "guard.probe"
 FORMAT_VERSION = 1
@@ -63,6 +63,9 @@ class ProbeMonitor(Monitor):
         for label, t in (("mean", mean), ("std", std)):
             if t is not None and tuple(t.shape) != (d,):
                 raise ValueError(f"{label} has shape {tuple(t.shape)}, expected ({d},) like direction")
+        for label, t in (("direction", direction), ("bias", bias), ("mean", mean), ("std", std),
+                         ("threshold", threshold)):
+            require_finite(label, t)
         if std is not None and not bool((std > 0).all()):
             raise ValueError("std must be positive everywhere")
         if layer < 0:
@@ -79,6 +82,8 @@ class ProbeMonitor(Monitor):
         # w . (h - m) / s + b  ==  (w / s) . h + (b - (w / s) . m)
         self._w = direction if std is None else direction / self.std
         self._b = self.bias if mean is None else self.bias - float(self._w @ self.mean)
+        require_finite("direction / std (a std too small for float32)", self._w)
+        require_finite("the folded bias", self._b)
         self._w_by_device: dict[torch.device, torch.Tensor] = {}
 
     @property
@@ -231,6 +236,11 @@ def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
         if key in tensors and list(tensors[key].shape) != list(direction.shape):
             raise ModelLoadError(f"{path}: '{key}' has shape {list(tensors[key].shape)}, expected "
                                  f"{list(direction.shape)} like 'direction'")
+    for key, t in tensors.items():
+        try:
+            require_finite(f"'{key}'", t.float())
+        except ValueError as exc:
+            raise ModelLoadError(f"{path}: {exc}") from None
     if "std" in tensors and not bool((tensors["std"] > 0).all()):
         raise ModelLoadError(f"{path}: 'std' must be positive everywhere")
     return {k: v.float() for k, v in tensors.items()}

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+import stat
 import types
 import typing
 from pathlib import Path
@@ -32,11 +34,8 @@ def load_policy(path: str | Path, *, check_paths: bool = True) -> Policy:
     :class:`~guard.errors.PolicyError` listing every problem.
     """
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise PolicyError(str(path), [f"{path}: cannot read policy file: {e.strerror or e}"]) from None
-    text = raw.decode("utf-8", errors="replace")
+    raw = read_policy_bytes(path)
+    text = _decode(path, raw)
     node, data = _parse(path, text)
     if not isinstance(data, dict):
         where = _position(path, node)
@@ -67,9 +66,68 @@ def format_policy(policy: Policy) -> str:
     return f"{head}# sha256: {policy.content_hash}\n{body}"
 
 
+MAX_POLICY_BYTES = 1024 * 1024
+"""A policy file is a few kilobytes; anything near this is a mistake or an attack."""
+
+
+def read_policy_bytes(path: Path) -> bytes:
+    """The file's bytes: a regular file of at most :data:`MAX_POLICY_BYTES` (never a device or FIFO,
+    which could block or never end)."""
+    try:
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):
+            raise PolicyError(str(path), [f"{path}: a policy must be a regular file"])
+        if st.st_size > MAX_POLICY_BYTES:
+            raise PolicyError(str(path), [f"{path}: the policy file is {st.st_size} bytes; at most "
+                                          f"{MAX_POLICY_BYTES} are allowed"])
+        with open(path, "rb") as f:
+            raw = f.read(MAX_POLICY_BYTES + 1)
+    except OSError as e:
+        raise PolicyError(str(path), [f"{path}: cannot read policy file: {e.strerror or e}"]) from None
+    if len(raw) > MAX_POLICY_BYTES:
+        raise PolicyError(str(path), [f"{path}: the policy file is larger than {MAX_POLICY_BYTES} bytes"])
+    return raw
+
+
+def _decode(path: Path, raw: bytes) -> str:
+    """UTF-8 text without NUL or other characters YAML refuses; else ``file:line:col`` of the first bad byte."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line, col = _line_col(raw[:e.start].decode("utf-8", errors="replace"))
+        raise PolicyError(str(path), [f"{path}:{line}:{col}: invalid UTF-8 byte 0x{raw[e.start]:02x}; a policy "
+                                      "must be UTF-8 text"]) from None
+    bad = _UNPRINTABLE.search(text)
+    if bad is not None:
+        line, col = _line_col(text[:bad.start()])
+        raise PolicyError(str(path), [f"{path}:{line}:{col}: character U+{ord(bad.group()):04X} is not allowed in "
+                                      "a policy (YAML text must be printable)"])
+    return text
+
+
+# What YAML's reader refuses (it allows tab, LF, CR, printable ASCII, NEL and printable Unicode).
+_UNPRINTABLE = re.compile("[^\x09\x0A\x0D\x20-\x7E\x85\xA0-\uD7FF\uE000-\uFFFD\U00010000-\U0010FFFF]")
+
+
+def _line_col(before: str) -> tuple[int, int]:
+    return before.count("\n") + 1, len(before) - (before.rfind("\n") + 1) + 1
+
+
+class _PolicyLoader(yaml.SafeLoader):
+    """SafeLoader without aliases: ``*name`` is refused where it appears, so no document can expand
+    (a "billion laughs" alias bomb is an error in microseconds, not minutes of CPU)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, f"aliases (*{event.anchor}) are not allowed in a policy; "
+                                              "write the value out", event.start_mark)
+        return super().compose_node(parent, index)
+
+
 def _parse(path: Path, text: str) -> tuple[yaml.Node | None, Any]:
     """Compose and construct the YAML; syntax errors and duplicate keys become PolicyError."""
-    loader = yaml.SafeLoader(text)
+    loader = _PolicyLoader(text)
     try:
         node = loader.get_single_node()
         errors = _duplicate_keys(path, node) if node is not None else []

@@ -19,6 +19,7 @@ from pydantic_core import PydanticCustomError
 
 from guard.controller.deliberation import DEFAULT_INSTRUCTION
 from guard.errors import PolicyError
+from guard.policy.paths import check_files, check_location, read_spec
 
 if TYPE_CHECKING:
     from guard.monitors.base import AggregationSpec
@@ -63,6 +64,20 @@ def _resolve(path: Path, info: ValidationInfo, must_exist: bool, what: str) -> P
         path = (Path(base) / path).resolve()
     if must_exist and ctx.get("check_paths", False) and not path.exists():
         raise PydanticCustomError("path_missing", "{what} not found: {path}", {"what": what, "path": str(path)})
+    return path
+
+
+def _artifact(path: Path, info: ValidationInfo, what: str) -> Path:
+    """A spec, probe or SAE path: resolved, and held to the rules of :mod:`guard.policy.paths`."""
+    path = _resolve(path, info, must_exist=True, what=what)
+    ctx = info.context or {}
+    base = ctx.get("base_dir")
+    try:
+        check_location(path, what, Path(base) if base is not None else None)
+        if ctx.get("check_paths", False):
+            check_files(path, what)
+    except (ValueError, OSError) as exc:
+        raise PydanticCustomError("path_not_allowed", "{error}", {"error": str(exc)}) from None
     return path
 
 
@@ -150,7 +165,7 @@ class ProbeMonitorSpec(Strict):
     @field_validator("path")
     @classmethod
     def _check_path(cls, path: Path, info: ValidationInfo) -> Path:
-        return _resolve(path, info, must_exist=True, what="probe directory")
+        return _artifact(path, info, "probe directory")
 
 
 class ResetTokenMonitorSpec(Strict):
@@ -202,7 +217,7 @@ class SaeMonitorSpec(Strict):
     @field_validator("path")
     @classmethod
     def _check_path(cls, path: Path, info: ValidationInfo) -> Path:
-        return _resolve(path, info, must_exist=True, what="SAE")
+        return _artifact(path, info, "SAE")
 
     @model_validator(mode="after")
     def _check_rule(self) -> "SaeMonitorSpec":
@@ -408,7 +423,7 @@ class DeliberationSpec(Strict):
     @field_validator("spec_file")
     @classmethod
     def _check_spec_file(cls, path: Path | None, info: ValidationInfo) -> Path | None:
-        return None if path is None else _resolve(path, info, must_exist=True, what="spec file")
+        return None if path is None else _artifact(path, info, "spec file")
 
     @model_validator(mode="after")
     def _check(self) -> "DeliberationSpec":
@@ -426,7 +441,7 @@ class DeliberationSpec(Strict):
     def spec_text(self) -> str:
         """The spec, read from ``spec_file`` if set ('' if neither is set)."""
         if self.spec_file is not None:
-            return Path(self.spec_file).read_text(encoding="utf-8")
+            return read_spec(Path(self.spec_file))
         return self.spec or ""
 
 

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from guard.engine.base import ModelInfo
 from guard.errors import ModelLoadError
-from guard.monitors.base import AggregationSpec, Monitor
+from guard.monitors.base import AggregationSpec, Monitor, require_finite
 from guard.sae.model import LAYER_NORM_EPS, Sae
 
 Rule = Literal["any", "all", "weighted"]
@@ -111,6 +111,15 @@ class SaeFeatureMonitor(Monitor):
         self._sliced = _slice(sae, self.indices, topk_threshold, name)
         steer = self.weights @ sae.W_dec[self.indices].float()
         self._steer = steer / steer.norm().clamp_min(1e-12)
+        # Only what scoring and steering read is checked (the full SAE can be GiBs): a NaN there
+        # would silently keep the monitor from ever firing.
+        s = self._sliced
+        for label, t in (("threshold", self.threshold), ("feature thresholds", self.feature_thresholds),
+                         ("feature weights", self.weights), ("weighted_threshold", self.weighted_threshold),
+                         ("the watched encoder columns (W_enc, b_enc, b_dec, gates, norm_scale)", s.W),
+                         ("the watched encoder bias", s.b), ("the watched features' thresholds", s.theta),
+                         ("the watched decoder rows (steering)", steer)):
+            require_finite(f"SAE monitor '{name}': {label}", t)
         self._by_device: dict[torch.device, tuple[_Sliced, Tensor, Tensor]] = {}
 
     def _weighted_threshold(self, value: float | None) -> float:
