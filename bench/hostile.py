@@ -13,9 +13,9 @@ one run on one machine. Prints three tables:
    acknowledged record (a final chunk carrying its log id) must be there and complete, and SQLite's
    integrity check must pass.
 3. Slow log: unflagged throughput (tokens/s of a policy without monitors) on an engine shared with a
-   policy whose every generation is flagged, with that policy's log store normal, then sleeping 1 s
-   per write (the store wrapped in-process: a stand-in for a slow database), alternating runs. The
-   ratio slow/normal must be >= 0.95.
+   policy whose every generation is flagged (arriving open-loop every 2.5 s), with that policy's log
+   store normal, then sleeping 1 s per write (the store wrapped in-process: a stand-in for a slow
+   database), alternating runs. The ratio slow/normal (medians) must be >= 0.95.
 
     python bench/hostile.py [--policy policies/demo-probe.yaml] [--rounds 10] [--streams 4] [--runs 2]
 """
@@ -255,8 +255,8 @@ def kill_rounds(policy: Path, log: Path, tmp: Path, rounds: int, streams: int) -
 # -- 3. slow log -----------------------------------------------------------------------------------
 
 
-def slow_log(policy_src: Path, tmp: Path, runs: int, tokens: int = 48, plain_streams: int = 4,
-             flagged_streams: int = 2, generations: int = 16) -> bool:
+def slow_log(policy_src: Path, tmp: Path, runs: int, tokens: int = 32, plain_streams: int = 4,
+             generations: int = 8, flagged_every_s: float = 2.5, flagged_tokens: int = 16) -> bool:
     import torch
 
     from guard.monitors.base import AggregationSpec
@@ -287,29 +287,36 @@ def slow_log(policy_src: Path, tmp: Path, runs: int, tokens: int = 48, plain_str
             time.sleep(1.0)
             return real.write(record, log_id)
 
-    async def one(model: str, i: int) -> int:
-        req = GenerationRequest(model=model, request_id=f"{model}-{i}", max_tokens=tokens, seed=i,
+    async def one(model: str, i: int, max_tokens: int) -> int:
+        req = GenerationRequest(model=model, request_id=f"{model}-{i}", max_tokens=max_tokens, seed=i,
                                 messages=[{"role": "user", "content": "Tell me about the weather."}])
         out = [e async for e in service.stream(service.prepare(req))]
         return out[-1].usage.completion_tokens
 
     async def load() -> float:
-        """Unflagged tokens/s while flagged generations run beside them on the same engine."""
-        stop = asyncio.Event()
+        """Unflagged tokens/s while flagged generations (each logged: a checkpoint and a final
+        record) arrive every ``flagged_every_s`` on the same engine, whether earlier ones are done
+        or not (open loop: the same flagged work in both runs)."""
+        stop, side = asyncio.Event(), []
 
-        async def flagged_loop(k: int) -> None:
+        async def arrivals() -> None:
             i = 0
             while not stop.is_set():
-                await one("flagged", k * 10_000 + i)
+                side.append(asyncio.create_task(one("flagged", i, flagged_tokens)))
                 i += 1
+                try:
+                    await asyncio.wait_for(stop.wait(), flagged_every_s)
+                except TimeoutError:
+                    pass
 
-        side = [asyncio.create_task(flagged_loop(k)) for k in range(flagged_streams)]
+        launcher = asyncio.create_task(arrivals())
         t0 = time.perf_counter()
         done = 0
         for start in range(0, generations, plain_streams):
-            done += sum(await asyncio.gather(*(one("plain", start + j) for j in range(plain_streams))))
+            done += sum(await asyncio.gather(*(one("plain", start + j, tokens) for j in range(plain_streams))))
         rate = done / (time.perf_counter() - t0)
         stop.set()
+        await launcher
         await asyncio.gather(*side)
         return rate
 
@@ -324,7 +331,7 @@ def slow_log(policy_src: Path, tmp: Path, runs: int, tokens: int = 48, plain_str
         writer.store = real
         service.close()
     normal, slow = statistics.median(rates["normal"]), statistics.median(rates["slow"])
-    print(f"\n## 3. Unflagged throughput beside flagged traffic, log store normal vs 1 s per write\n")
+    print("\n## 3. Unflagged throughput beside flagged traffic, log store normal vs 1 s per write\n")
     print("| store | runs (tokens/s) | median |")
     print("|---|---|---|")
     for label in ("normal", "slow"):

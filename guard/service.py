@@ -25,30 +25,27 @@ serving and the error is logged and shown in :meth:`GuardService.health`.
 from __future__ import annotations
 
 import asyncio
-import collections
 import dataclasses
 import hashlib
 import logging
 import os
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from guard.controller.backtrack import BoundMonitor, ControllerConfig, GuardedGeneration, Strategy
 from guard.controller.deliberation import DeliberationConfig, neutralise_text, system_prompt
-from guard.controller.events import Event, Failed, Finished, Reset
+from guard.controller.events import Event, Failed, Finished
 from guard.controller.record import GenerationRecord
 from guard.engine.base import Engine
 from guard.engine.transformers_engine import TransformersEngine
 from guard.engine.worker import EngineWorker
-from guard.errors import (ContextLengthError, EngineError, GuardError, InvalidRequestError, ModelLoadError,
-                          NotFoundError, PolicyError)
-from guard.logstore import LogStore, new_log_id
-from guard.logstore.writer import LogWriter
+from guard.errors import (ContextLengthError, GuardError, InvalidRequestError, ModelLoadError, NotFoundError,
+                          PolicyError)
+from guard.logstore import LogStore
+from guard.logstore.writer import GenerationLogging, LogWriter
 from guard.monitors.probe import ProbeMonitor
 from guard.monitors.reset_token import ResetTokenMonitor
 from guard.policy import Policy, load_policy
@@ -480,7 +477,7 @@ class GuardService:
             model=served.engine.info.name, messages=req.messages,
             prompt=req.prompt if isinstance(req.prompt, str) else None, prompt_tokens=len(prepared.prompt_ids))
         trace = self.telemetry.generation(record)  # the request span starts now, on the event loop
-        logging_ = _RecordLogging(served.policy.log.keeps, self._writers[id(served.store)], trace.watch(emit))
+        logging_ = GenerationLogging(served.policy.log.keeps, self._writers[id(served.store)], trace.watch(emit))
 
         def on_finish(rec: GenerationRecord) -> str | None:
             if self._interrupting and rec.outcome == "cancelled":  # cut off by a drain, not by its client
@@ -531,75 +528,6 @@ class GuardService:
 
     async def aclose(self) -> None:
         await asyncio.to_thread(self.close)
-
-
-class _RecordLogging:
-    """One generation's log writes, through the store's :class:`LogWriter`, and the events that
-    must wait for them.
-
-    A checkpoint is written whenever the running generation is newly flagged (outcome
-    ``interrupted`` until completed); the final record replaces it under the same id. Two kinds of
-    event are held back until a write is durable, so that whatever a client has seen is in the
-    log even if the process is then killed: a :class:`Reset` (until the checkpoint that records
-    its span) and :class:`Finished` (until the final record; a failed final write turns it into
-    :class:`Failed`). Events after a held one wait with it, so order is kept. The engine never
-    waits: the writer thread releases held events when their write completes.
-    """
-
-    def __init__(self, keeps, writer: LogWriter, emit) -> None:
-        self.keeps, self.writer, self._emit = keeps, writer, emit
-        self.log_id: str | None = None
-        self.final: Future | None = None
-        self._lock = threading.Lock()
-        self._held: collections.deque[Event] = collections.deque()
-        self._added = self._sent = 0
-        """Events ever held, and released, so far."""
-
-    def checkpoint(self, rec: GenerationRecord) -> None:
-        if self.keeps(True):
-            self.log_id = self.log_id or new_log_id()
-            self._release_after(self.writer.submit(rec, self.log_id))
-
-    def finish(self, rec: GenerationRecord) -> str | None:
-        if not self.keeps(rec.flagged):
-            return None
-        self.log_id = self.log_id or new_log_id()
-        self.final = self.writer.submit(rec.snapshot(), self.log_id)
-        return self.log_id
-
-    def emit(self, event: Event) -> None:
-        with self._lock:
-            if isinstance(event, Failed):  # nothing more will be written: send all that waits, then this
-                self._release(self._added, None)
-                self._emit(event)
-                return
-            hold = (bool(self._held) or (isinstance(event, Reset) and self.keeps(True))
-                    or (isinstance(event, Finished) and self.final is not None))
-            if not hold:
-                self._emit(event)
-                return
-            self._held.append(event)
-            self._added += 1
-        if isinstance(event, Finished):
-            self._release_after(self.final)
-
-    def _release_after(self, write: Future) -> None:
-        with self._lock:
-            upto = self._added
-        if upto > self._sent:
-            write.add_done_callback(lambda done: self._released(upto, done))
-
-    def _released(self, upto: int, done: Future) -> None:
-        with self._lock:
-            self._release(upto, done.exception())
-
-    def _release(self, upto: int, error: BaseException | None) -> None:
-        while self._sent < upto and self._held:
-            event = self._held.popleft()
-            self._sent += 1
-            if isinstance(event, Finished) and error is not None:
-                event = Failed(EngineError(f"the log write failed: {error}"))
-            self._emit(event)
 
 
 NORMALIZATION_SLACK = 4

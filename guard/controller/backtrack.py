@@ -150,8 +150,8 @@ class GuardedGeneration:
         """``on_finish`` is called once with the finished record (before the final event; also with
         outcome ``cancelled`` when a flagged generation is cancelled) and returns the log id if it
         stores it; the caller decides what gets stored. ``on_checkpoint`` gets a checkpoint
-        (:meth:`GenerationRecord.checkpoint`, outcome ``interrupted``) whenever something new flags
-        the running generation (first firing, span or monitor error, and each one after), so a
+        (:meth:`GenerationRecord.checkpoint`, outcome ``interrupted``) when the running generation is
+        first flagged and at each new discarded span or monitor error (``record.progress``), so a
         crash loses at most what was generated since. Neither may block: they run on the engine
         worker's thread. ``trace`` gets the request's spans and measurements (:mod:`guard.telemetry`)."""
         self.engine = engine
@@ -163,7 +163,7 @@ class GuardedGeneration:
         self.on_finish = on_finish
         self.on_checkpoint = on_checkpoint
         self._checkpointed = 0
-        """``record.flags`` at the last checkpoint."""
+        """``record.progress`` at the last checkpoint."""
         self.cancelled = False
         self.states = {b.monitor.name: b.monitor.new_state() for b in monitors}
         layers = {b.monitor.layer for b in monitors if b.monitor.layer is not None}
@@ -190,8 +190,8 @@ class GuardedGeneration:
 
     def advance(self) -> bool:
         done = self._advance()
-        if not done and self.record.flags != self._checkpointed:
-            self._checkpointed = self.record.flags
+        if not done and self.record.progress != self._checkpointed:
+            self._checkpointed = self.record.progress
             self.on_checkpoint(self.record.checkpoint(self.output, self.text.text_of(self.output)))
         return done
 

@@ -128,9 +128,10 @@ class GenerationRecord:
         return GenerationRecord.from_dict(self.to_dict())
 
     @property
-    def flags(self) -> int:
-        """How many things flagged it so far (spans, firings, monitor errors): a new one is a new checkpoint."""
-        return len(self.spans) + len(self.firings) + len(self.monitor_errors)
+    def progress(self) -> int:
+        """Changes worth a new checkpoint: the first firing, each discarded span, each monitor error
+        (later firings of a shadow monitor, which may fire on every token, wait for the next one)."""
+        return min(len(self.firings), 1) + len(self.spans) + len(self.monitor_errors)
 
     @property
     def flagged(self) -> bool:

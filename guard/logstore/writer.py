@@ -10,19 +10,25 @@ generation on the engine), so the controller hands records to a writer and carri
 - The caller snapshots the record before submitting (the controller keeps mutating its own).
 - :meth:`LogWriter.close` writes everything still queued (up to ``timeout``), then stops.
 
-"Durable before the final event" is kept by the caller: the final event is sent when the
-future of the completing write resolves, on the event loop, not on the engine thread.
+:class:`GenerationLogging` is one generation's use of a writer: its checkpoints and final record
+(one log id), and the events that wait for them. "Durable before the final event" holds: the final
+event is released when the future of the completing write resolves, never by the engine thread
+waiting.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
 
+from guard.controller.events import Event, Failed, Finished, Reset
 from guard.controller.record import GenerationRecord
-from guard.logstore.store import LogStore
+from guard.errors import EngineError
+from guard.logstore.store import LogStore, new_log_id
 
 log = logging.getLogger(__name__)
 
@@ -64,3 +70,73 @@ class LogWriter:
             except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
                 log.error("log write of %s (%s) to %s failed: %s", log_id, record.outcome, self.store.where, exc)
                 done.set_exception(exc)
+
+
+class GenerationLogging:
+    """One generation's log writes, through the store's :class:`LogWriter`, and the events that
+    must wait for them.
+
+    A checkpoint is written whenever the running generation is newly flagged (outcome
+    ``interrupted`` until completed); the final record replaces it under the same id. Two kinds of
+    event are held back until a write is durable, so that whatever a client has seen is in the
+    log even if the process is then killed: a :class:`Reset` (until the checkpoint that records
+    its span) and :class:`Finished` (until the final record; a failed final write turns it into
+    :class:`Failed`). Events after a held one wait with it, so order is kept. The engine never
+    waits: the writer thread releases held events when their write completes.
+    """
+
+    def __init__(self, keeps: Callable[[bool], bool], writer: LogWriter, emit: Callable[[Event], None]) -> None:
+        """``keeps(flagged)``: whether the policy logs such a generation; ``emit``: where events go."""
+        self.keeps, self.writer, self._emit = keeps, writer, emit
+        self.log_id: str | None = None
+        self.final: Future | None = None
+        self._lock = threading.Lock()
+        self._held: collections.deque[Event] = collections.deque()
+        self._added = self._sent = 0
+        """Events ever held, and released, so far."""
+
+    def checkpoint(self, rec: GenerationRecord) -> None:
+        if self.keeps(True):
+            self.log_id = self.log_id or new_log_id()
+            self._release_after(self.writer.submit(rec, self.log_id))
+
+    def finish(self, rec: GenerationRecord) -> str | None:
+        if not self.keeps(rec.flagged):
+            return None
+        self.log_id = self.log_id or new_log_id()
+        self.final = self.writer.submit(rec.snapshot(), self.log_id)
+        return self.log_id
+
+    def emit(self, event: Event) -> None:
+        with self._lock:
+            if isinstance(event, Failed):  # nothing more will be written: send all that waits, then this
+                self._release(self._added, None)
+                self._emit(event)
+                return
+            hold = (bool(self._held) or (isinstance(event, Reset) and self.keeps(True))
+                    or (isinstance(event, Finished) and self.final is not None))
+            if not hold:
+                self._emit(event)
+                return
+            self._held.append(event)
+            self._added += 1
+        if isinstance(event, Finished):
+            self._release_after(self.final)
+
+    def _release_after(self, write: Future) -> None:
+        with self._lock:
+            upto = self._added
+        if upto > self._sent:
+            write.add_done_callback(lambda done: self._released(upto, done))
+
+    def _released(self, upto: int, done: Future) -> None:
+        with self._lock:
+            self._release(upto, done.exception())
+
+    def _release(self, upto: int, error: BaseException | None) -> None:
+        while self._sent < upto and self._held:
+            event = self._held.popleft()
+            self._sent += 1
+            if isinstance(event, Finished) and error is not None:
+                event = Failed(EngineError(f"the log write failed: {error}"))
+            self._emit(event)
