@@ -86,8 +86,8 @@ def test_the_image_serves_the_cluster_policy_read_only_and_drains_on_sigterm(ima
     os.chown(data, 10001, 10001)  # the image's fixed non-root uid, as Kubernetes' fsGroup would
     port = free_port()
     podman("run", "-d", "--name", NAME, *run_options(), "--read-only", "--tmpfs", "/tmp",
-           "-v", f"{REPO / 'deploy/k8s/base/policies'}:/etc/guard/policies:ro", "-v", f"{data}:/var/lib/guard",
-           "-p", f"127.0.0.1:{port}:8000", image, "--policy", "/etc/guard/policies/guard.yaml")
+           "-v", f"{REPO / 'deploy/k8s/base/policies'}:/srv/guard/policies:ro", "-v", f"{data}:/var/lib/guard",
+           "-p", f"127.0.0.1:{port}:8000", image, "--policy", "/srv/guard/policies/guard.yaml")
     try:
         url = f"http://127.0.0.1:{port}"
         wait_ready(NAME, url)
@@ -98,7 +98,7 @@ def test_the_image_serves_the_cluster_policy_read_only_and_drains_on_sigterm(ima
         assert podman("exec", NAME, "id", "-u").stdout.strip() == "10001"
         assert podman("healthcheck", "run", NAME, check=False).returncode == 0
         assert "/ready" in " ".join(json.loads(podman("image", "inspect", image).stdout)[0]["Healthcheck"]["Test"])
-        write = podman("exec", NAME, "touch", "/etc/guard/policies/x", check=False)
+        write = podman("exec", NAME, "touch", "/srv/guard/policies/x", check=False)
         assert write.returncode != 0 and "Read-only" in write.stderr
 
         podman("stop", "-t", "60", NAME, timeout=90)

@@ -68,10 +68,10 @@ def test_overlays_render_and_validate_against_the_kubernetes_schemas(overlay):
     assert guard["resources"]["requests"]["cpu"] and guard["resources"]["requests"]["memory"]
     assert pod["securityContext"]["runAsNonRoot"] and guard["securityContext"]["readOnlyRootFilesystem"]
     mounts = {m["name"]: m for m in guard["volumeMounts"]}
-    assert mounts["policies"]["readOnly"] and mounts["policies"]["mountPath"] == "/etc/guard/policies"
+    assert mounts["policies"]["readOnly"] and mounts["policies"]["mountPath"] == "/srv/guard/policies"
     policy_file = guard["args"][guard["args"].index("--policy") + 1]
     (cm,) = by_kind(docs, "ConfigMap")
-    assert policy_file == "/etc/guard/policies/" + next(k for k in cm["data"] if k.endswith(".yaml"))
+    assert policy_file == "/srv/guard/policies/" + next(k for k in cm["data"] if k.endswith(".yaml"))
     assert {"name": cm["metadata"]["name"]} == {"name": next(v["configMap"]["name"] for v in pod["volumes"]
                                                           if v["name"] == "policies")}
     (pdb,) = by_kind(docs, "PodDisruptionBudget")
