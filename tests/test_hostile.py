@@ -142,6 +142,7 @@ def _app_service(server):
 
 
 def test_public_health_names_nothing_and_detail_is_for_operators(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("GUARD_ADMIN_KEY", raising=False)
     policy = write_policy(tmp_path, tiny_model_dir)
     with LiveServer(ServerSettings(policy_paths=(str(policy),), api_keys=("k1",), admin_key="adm")) as server:
         assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
@@ -151,6 +152,7 @@ def test_public_health_names_nothing_and_detail_is_for_operators(tiny_model_dir,
     with LiveServer(ServerSettings(policy_paths=(str(policy),), api_keys=("k1",))) as server:
         r = httpx.get(f"{server.url}/health/detail", headers={"Authorization": "Bearer k1"})
         assert r.status_code == 404, "keys but no admin key: no detail view for anyone"
+        assert httpx.get(f"{server.url}/metrics", headers={"Authorization": "Bearer k1"}).status_code == 404
 
 
 def test_a_tenant_model_card_names_only_its_own_policy(tiny_model_dir, tmp_path):
