@@ -32,7 +32,7 @@ from guard.telemetry.export import PrometheusMetrics, otlp_metric_readers
 from server.auth import authenticate
 from server.drain import DEFAULT_GRACE_S, Drain, DrainMiddleware, serve
 from server.drain import router as drain_router
-from guard.errors import InvalidRequestError
+from guard.errors import InvalidRequestError, NotFoundError
 from server.errors import install_error_handlers
 from server.limits import BodyLimit, RequestLimits
 from server.review import router as review_router
@@ -165,10 +165,15 @@ def create_app(settings: ServerSettings | None = None, *, service_factory: Servi
 
 
 def metrics_endpoint(request: Request, authorization: Annotated[str | None, Header()] = None) -> Response:
-    """Prometheus metrics; needs ``Bearer $GUARD_ADMIN_KEY`` when that is set, else open like /health."""
-    admin_key = request.app.state.settings.admin_key or os.environ.get(ADMIN_KEY_ENV)
+    """Prometheus metrics (they name every policy); needs ``Bearer $GUARD_ADMIN_KEY`` when that is
+    set; without it, open only on a server with no API keys at all (like ``/health/detail``), else 404."""
+    settings = request.app.state.settings
+    admin_key = settings.admin_key or os.environ.get(ADMIN_KEY_ENV)
     if admin_key:
         authenticate(authorization, (admin_key,), {})
+    elif settings.api_keys or request.app.state.service.key_bindings():
+        raise NotFoundError("Unknown request URL. Set GUARD_ADMIN_KEY to read /metrics on a server with API keys.",
+                            code="unknown_url")
     metrics: PrometheusMetrics = request.app.state.metrics
     return Response(metrics.render(), media_type=metrics.content_type)
 
