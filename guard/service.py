@@ -74,6 +74,10 @@ class GenerationRequest:
     api_key: str | None = None
     allowed_models: frozenset[str] | None = None
     """The policies the caller's key may use; ``None``: every policy."""
+    client_retracts: bool = False
+    """The consumer applies reset events (a reset-aware stream, or an answer sent whole at the end).
+    ``False``: only settled text is released and released text is never retracted
+    (:mod:`guard.controller.release`)."""
 
 
 @dataclass(frozen=True)
@@ -186,7 +190,8 @@ class GuardService:
         config = ControllerConfig(
             rollback=bt.rollback, rollback_tokens=bt.rollback_tokens, max_retries=bt.max_retries,
             refusal=bt.refusal, holdback_tokens=policy.stream.holdback_tokens,
-            reset_marker=policy.stream.reset_marker, on_monitor_error=policy.on_monitor_error,
+            reset_marker=policy.stream.reset_marker, release_margin=policy.stream.release_margin,
+            on_monitor_error=policy.on_monitor_error,
             strategies=tuple(Strategy(temperature=s.temperature, top_p=s.top_p, reseed=s.reseed,
                                       ban_first_token=s.ban_first_token, steer_alpha=s.steer_alpha,
                                       deliberate=s.deliberate)
@@ -439,7 +444,8 @@ class GuardService:
 
         trace = self.telemetry.generation(record)  # the request span starts now, on the event loop
         return GuardedGeneration(served.engine, prepared.prompt_ids, prepared.params, served.monitors,
-                                 served.config, record, trace.watch(emit), on_finish, trace)
+                                 served.config, record, trace.watch(emit), on_finish, trace,
+                                 retracting=req.client_retracts)
 
     def health(self) -> dict[str, Any]:
         """Status per served policy, including the last reload error of its file (``None`` if fine)."""

@@ -258,6 +258,12 @@ class StreamSpec(Strict):
                                                       "never reach released text.")
     reset_marker: str | None = Field(None, description="Text a reset event asks the client to show where text "
                                                        "was retracted (e.g. '[RESET]').")
+    release_margin: float = Field(0.5, ge=0.0, lt=1.0,
+                                  description="For clients that did not opt in to resets: a token is shown once "
+                                              "it is past holdback_tokens and every acting monitor's aggregated "
+                                              "score stayed below threshold * (1 - release_margin) since; a "
+                                              "rollback that would still reach shown text ends the answer with "
+                                              "finish_reason content_filter and the refusal as a separate part.")
 
 
 class LogSpec(Strict):
