@@ -30,6 +30,7 @@ from guard.telemetry.export import PrometheusMetrics, otlp_metric_readers
 from server.auth import authenticate
 from guard.errors import InvalidRequestError
 from server.errors import install_error_handlers
+from server.openapi import install_openapi
 from server.review import router as review_router
 from server.review_page import page_router
 from server.routes import router
@@ -124,6 +125,7 @@ def create_app(settings: ServerSettings | None = None, *, service_factory: Servi
         app.include_router(review_router)
         app.include_router(page_router)
     app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
+    install_openapi(app)
     return app
 
 
