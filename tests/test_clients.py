@@ -210,3 +210,25 @@ def test_opted_in_by_header_gets_resets(server):
         _chat(openai.OpenAI(base_url=f"{server[0]}/v1", api_key="x", max_retries=0,
                             default_headers={"X-Guard-Resets": "maybe"}), "eager", "hi", 0, stream=True)
     assert err.value.body["param"] == "X-Guard-Resets"
+
+
+def test_guard_client_applies_resets_to_opted_in_streams(server, client, rolled_back):
+    """guard.client turns a reset-aware stream (chat, async chat, Responses) into the final answer."""
+    from guard.client import afinal_text, stream_text
+
+    prompt, seed, naive, final = rolled_back[0]
+    views = list(stream_text(_chat(client, "demo-probe", prompt, seed, stream=True, extra_body=OPTED)))
+    assert views[-1] == final and any(not final.startswith(v) for v in views)  # it did retract on the way
+
+    async def run_async() -> str:
+        aclient = openai.AsyncOpenAI(base_url=f"{server[0]}/v1", api_key="x", max_retries=0)
+        try:
+            return await afinal_text(await _chat(aclient, "demo-probe", prompt, seed, stream=True, extra_body=OPTED))
+        finally:
+            await aclient.close()
+
+    assert asyncio.run(run_async()) == final
+    events = list(client.responses.create(model="demo-probe", input=prompt, max_output_tokens=MAX_TOKENS, stream=True,
+                                          extra_body={"seed": seed, "stream_options": {"guard_resets": True}}))
+    assert any(e.type == "response.guard.reset" for e in events)
+    assert final_text(events) == final == [e for e in events if e.type == "response.output_text.done"][0].text
