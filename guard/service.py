@@ -74,10 +74,11 @@ class GenerationRequest:
     api_key: str | None = None
     allowed_models: frozenset[str] | None = None
     """The policies the caller's key may use; ``None``: every policy."""
-    client_retracts: bool = False
-    """The consumer applies reset events (a reset-aware stream, or an answer sent whole at the end).
-    ``False``: only settled text is released and released text is never retracted
-    (:mod:`guard.controller.release`)."""
+    client_retracts: bool = True
+    """The consumer applies :class:`~guard.controller.events.Reset` events (a library caller, a
+    reset-aware stream, an answer sent whole at the end). ``False`` (the server sets it for every
+    stream whose client did not opt in): only settled text is released and released text is never
+    retracted (:mod:`guard.controller.release`)."""
 
 
 @dataclass(frozen=True)
