@@ -39,7 +39,7 @@ def stream(http: httpx.Client, model: str, prompt: str, seed: int, max_tokens: i
     """One streamed answer: the naive concatenation, the text with resets applied, counts and timing."""
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "seed": seed, "max_tokens": max_tokens,
             "stream": True, **({"stream_options": {"guard_resets": True}} if opted else {})}
-    naive, applied, retracted, resets, cut, first, finish = "", "", 0, 0, False, None, None
+    naive, applied, retracted, resets, cut, first, finish, most = "", "", 0, 0, False, None, None, 0
     t0 = time.perf_counter()
     with http.stream("POST", "/v1/chat/completions", json=body) as r:
         r.raise_for_status()
@@ -52,13 +52,14 @@ def stream(http: httpx.Client, model: str, prompt: str, seed: int, max_tokens: i
                 if "reset" in guard:
                     n = guard["reset"]["retract_chars"]
                     resets, retracted, applied = resets + 1, retracted + n, applied[:len(applied) - n]
+                    most = max(most, guard["reset"]["retract_tokens"])
                 cut = cut or "cut" in guard
                 content = (choice.get("delta") or {}).get("content") or ""
                 if content and first is None:
                     first = time.perf_counter() - t0
                 naive, applied = naive + content, applied + content
                 finish = choice.get("finish_reason") or finish
-    return {"naive": naive, "final": applied, "retracted": retracted, "resets": resets, "cut": cut,
+    return {"naive": naive, "final": applied, "retracted": retracted, "resets": resets, "cut": cut, "most": most,
             "ttft": first, "total": time.perf_counter() - t0, "finish": finish}
 
 
@@ -84,6 +85,7 @@ def report(rows: list[dict]) -> None:
     o, p = [r["opted"] for r in rows], [r["plain"] for r in rows]
     print(f"| characters shown and later retracted | {sum(x['retracted'] for x in o)} "
           f"| {sum(x['retracted'] + _shown_not_final(x, r['whole']) for x, r in zip(p, rows))} |")
+    print(f"| most tokens one reset retracted | {max(x['most'] for x in o)} | {max(x['most'] for x in p)} |")
     print(f"| answers where a rollback reached shown text | {sum(x['resets'] > 0 for x in o)} (reset chunks) "
           f"| {sum(x['cut'] for x in p)} (cut: refusal appended) |")
     print(f"| unsafe text if the client ignores resets (judge) | {sum(judge(x['naive']).unsafe for x in o)} "

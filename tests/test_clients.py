@@ -26,6 +26,8 @@ from guard.organism.judge import judge
 from guard.testing import policy_with_absolute_paths, serve_in_subprocess
 
 openai = pytest.importorskip("openai")
+# LiteLLM fetches its model price list from the internet at import unless told to use its bundled copy.
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 REPO = Path(__file__).resolve().parent.parent
 ORGANISM = REPO / "models" / "organism"
