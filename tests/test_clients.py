@@ -194,7 +194,25 @@ def test_a_cut_keeps_shown_text_and_appends_the_marked_refusal(client):
         if cut_chunk is not None:
             cuts += 1
             assert cut_chunk[1] == "\n\n" + REFUSAL and shown.endswith(cut_chunk[1]) and finish == "content_filter"
+            if cuts == 1:  # the same answer through /v1/responses: the refusal is its own content part
+                _check_responses_cut(client, prompt, seed, kept=shown[:cut_chunk[0]["kept_chars"]])
     assert cuts, "no cut on the eager policy: the cut path is untested"
+
+
+def _check_responses_cut(client, prompt: str, seed: int, kept: str) -> None:
+    events = list(client.responses.create(model="eager", input=prompt, max_output_tokens=MAX_TOKENS, stream=True,
+                                          extra_body={"seed": seed}))
+    kinds = [e.type for e in events]
+    assert "response.guard.reset" not in kinds
+    assert kinds[-8:] == ["response.output_text.done", "response.content_part.done", "response.content_part.added",
+                          "response.refusal.delta", "response.refusal.done", "response.content_part.done",
+                          "response.output_item.done", "response.incomplete"]
+    final = events[-1].response
+    assert final.status == "incomplete" and final.incomplete_details.reason == "content_filter"
+    [message] = final.output
+    assert [p.type for p in message.content] == ["output_text", "refusal"]
+    assert message.content[0].text == kept and message.content[1].refusal == REFUSAL
+    assert final_text(events) == kept + "\n\n" + REFUSAL
 
 
 def test_opted_in_by_header_gets_resets(server):
