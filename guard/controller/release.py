@@ -56,7 +56,8 @@ def release_limit(*, scored: int, sent: int, holdback_tokens: int, margin: float
 
 def near_miss(state: MonitorState, start: int, margin: float) -> int | None:
     """The last position ``>= start`` whose aggregated score is within ``margin`` of the threshold."""
-    bar = state.monitor.threshold * (1.0 - margin)
+    # The threshold in effect (a state may tighten its monitor's after a firing), else the monitor's.
+    bar = getattr(state, "threshold", state.monitor.threshold) * (1.0 - margin)
     for pos in range(len(state.agg) - 1, start - 1, -1):
         if state.agg[pos] >= bar:
             return pos
