@@ -45,7 +45,8 @@ def test_create_matches_chat_completions(client):
 
 
 def test_input_as_a_message_list(client):
-    items = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": [{"type": "output_text", "text": "Hey"}]},
+    items = [{"role": "user", "content": "Hi"},
+             {"role": "assistant", "content": [{"type": "output_text", "text": "Hey"}]},
              {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "How are you?"}]}]
     r = client.responses.create(model=MODEL, input=items, max_output_tokens=10, temperature=0.7, top_p=0.9,
                                 store=False, extra_body={"seed": 2})
