@@ -6,7 +6,7 @@ from __future__ import annotations
 from guard.controller.backtrack import BoundMonitor, ControllerConfig, GuardedGeneration
 from guard.controller.events import Cut, Finished, Reset, TextDelta
 from guard.controller.record import GenerationRecord
-from guard.controller.release import Watched, near_miss, release_limit
+from guard.controller.release import near_miss, release_limit
 from guard.monitors.base import AggregationSpec, Monitor
 from guard.sampling import SamplingParams
 
@@ -67,8 +67,8 @@ def test_a_near_miss_holds_back_what_a_firing_there_would_cut(tiny_engine):
                      release_margin=0.5)
     deltas = [e for e in events if isinstance(e, TextDelta)]
     assert isinstance(events[-1], Finished) and events[-1].outcome == "clean" and len(deltas) >= 2
-    # Released while streaming: only tokens before the near miss at 12 (a firing there would cut to 0);
-    # the rest arrives with the end of the answer (the last delta).
+    # Released while streaming: only tokens before the near miss at 12 (it stops the release); the rest
+    # arrives with the end of the answer (the last delta).
     streamed = sum(len(e.token_ids) for e in deltas[:-1])
     assert 0 < streamed <= 12 and len(ids) > 13
     opted, _ = _run(tiny_engine, [near], retracting=False, holdback_tokens=0, rollback="response",
@@ -81,9 +81,8 @@ def test_release_limit_contract():
     mon = ScriptedScores({})
     state = mon.new_state()
     state.extend(0, [0.0, 0.1, 0.3, 0.0, 0.0, 0.0])
-    w = [Watched(state, lambda pos: max(0, pos - 1))]
-    assert release_limit(scored=6, sent=0, holdback_tokens=2, margin=None, watched=w) == 4
-    assert near_miss(state, 0, 0.5) == 2  # 0.3 >= 0.5 * (1 - 0.5)
-    assert release_limit(scored=6, sent=0, holdback_tokens=2, margin=0.5, watched=w) == 1
-    assert release_limit(scored=6, sent=3, holdback_tokens=2, margin=0.5, watched=w) == 4  # shown already
-    assert release_limit(scored=6, sent=0, holdback_tokens=2, margin=0.1, watched=w) == 4  # 0.3 < 0.45
+    assert release_limit(scored=6, sent=0, holdback_tokens=2, margin=None, watched=[state]) == 4
+    assert near_miss(state, 0, 0.5) == 2 and near_miss(state, 3, 0.5) is None  # 0.3 >= 0.5 * (1 - 0.5)
+    assert release_limit(scored=6, sent=1, holdback_tokens=2, margin=0.5, watched=[state]) == 1  # stalled
+    assert release_limit(scored=6, sent=3, holdback_tokens=2, margin=0.5, watched=[state]) == 4  # shown already
+    assert release_limit(scored=6, sent=0, holdback_tokens=2, margin=0.1, watched=[state]) == 4  # 0.3 < 0.45

@@ -50,7 +50,7 @@ import torch
 from guard.controller.deliberation import DeliberationConfig, ReasoningSection, find_close, forced_prefix
 from guard.controller.events import Cut, Event, Finished, FinishReason, Reset, TextDelta, Usage
 from guard.controller.record import DiscardedSpan, GenerationRecord, RetryStrategy
-from guard.controller.release import Watched, release_limit
+from guard.controller.release import release_limit
 from guard.controller.text import TextTracker
 from guard.engine.base import Engine, MonitorRun, Sequence, StepOutput
 from guard.monitors.base import Monitor, MonitorState
@@ -604,15 +604,9 @@ class GuardedGeneration:
         if delta is not None:
             self.emit(delta)
 
-    def _watched(self) -> list[Watched]:
-        """The acting output monitors' states, each with the safe point its firings cut back to."""
-        out = []
-        for b in self._output_monitors():
-            if b.action == "shadow":
-                continue
-            rule = b.rollback or self.config.rollback
-            out.append(Watched(self.states[b.monitor.name], lambda pos, rule=rule: self._safe_point(pos, rule)))
-        return out
+    def _watched(self) -> list[MonitorState]:
+        """The acting output monitors' states (what the release rule for non-retracting clients reads)."""
+        return [self.states[b.monitor.name] for b in self._output_monitors() if b.action != "shadow"]
 
 
 def _engine_scores(out: StepOutput, monitor: Monitor, n: int) -> list[float]:
