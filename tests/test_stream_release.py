@@ -86,3 +86,15 @@ def test_release_limit_contract():
     assert release_limit(scored=6, sent=1, holdback_tokens=2, margin=0.5, watched=[state]) == 1  # stalled
     assert release_limit(scored=6, sent=3, holdback_tokens=2, margin=0.5, watched=[state]) == 4  # shown already
     assert release_limit(scored=6, sent=0, holdback_tokens=2, margin=0.1, watched=[state]) == 4  # 0.3 < 0.45
+
+
+def test_an_earlier_near_miss_is_not_forgotten_after_a_later_one(tiny_engine):
+    """Two near misses: the release stops at the first, whatever the rollback rule (a firing may end
+    in a refusal past the retry budget, which reaches back to the response start)."""
+    clean, _ = _run(tiny_engine, [], retracting=True)
+    ids = [t for e in clean if isinstance(e, TextDelta) for t in e.token_ids]
+    near = ScriptedScores({ids[5]: 0.4, ids[20]: 0.4})  # never fires (threshold 0.5), near at 5 and 20
+    events, _ = _run(tiny_engine, [near], retracting=False, holdback_tokens=0, rollback="tokens", rollback_tokens=2,
+                     release_margin=0.5)
+    deltas = [e for e in events if isinstance(e, TextDelta)]
+    assert sum(len(e.token_ids) for e in deltas[:-1]) <= 5
