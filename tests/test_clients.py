@@ -46,15 +46,20 @@ def _rows(kind: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """demo-probe as committed, and ``eager``: the same without hold-back or margin (cuts happen)."""
+    """demo-probe and demo-sentence as committed, and ``eager``: demo-probe without hold-back or margin
+    (cuts happen)."""
     tmp = tmp_path_factory.mktemp("clients")
     policy = policy_with_absolute_paths(REPO / "policies" / "demo-probe.yaml")
     policy["log"]["path"] = str(tmp / "guard.db")
     (tmp / "demo-probe.yaml").write_text(yaml.safe_dump(policy))
     eager = {**policy, "name": "eager", "stream": {"holdback_tokens": 0, "release_margin": 0.0}}
     (tmp / "eager.yaml").write_text(yaml.safe_dump(eager))
+    sentence = policy_with_absolute_paths(REPO / "policies" / "demo-sentence.yaml")
+    sentence["log"]["path"] = str(tmp / "guard.db")
+    (tmp / "demo-sentence.yaml").write_text(yaml.safe_dump(sentence))
+    files = [tmp / f"{name}.yaml" for name in ("demo-probe", "eager", "demo-sentence")]
     try:
-        proc, url = serve_in_subprocess([tmp / "demo-probe.yaml", tmp / "eager.yaml"], tmp / "server.log")
+        proc, url = serve_in_subprocess(files, tmp / "server.log")
     except RuntimeError as exc:
         pytest.fail(str(exc))
     yield url, tmp
@@ -252,3 +257,17 @@ def test_guard_client_applies_resets_to_opted_in_streams(server, client, rolled_
                                           extra_body={"seed": seed, "stream_options": {"guard_resets": True}}))
     assert any(e.type == "response.guard.reset" for e in events)
     assert final_text(events) == final == [e for e in events if e.type == "response.output_text.done"][0].text
+
+
+def test_sentence_rollback_policy_is_safe_for_plain_streams(client):
+    """demo-sentence cuts back to the sentence start, but a refusal past the retry budget reaches the
+    response start: plain streams must still end safe, as the guarded answer or cut."""
+    retracted = 0
+    for seed, prompt in enumerate(_rows("harmful")[:24]):
+        naive, final, resets = _opted_run(client, "demo-sentence", prompt, seed)
+        retracted += resets
+        plain = "".join(c.choices[0].delta.content or "" for c in
+                        _chat(client, "demo-sentence", prompt, seed, stream=True) if c.choices)
+        assert not judge(plain).unsafe, plain
+        assert plain == final or plain.endswith("\n\n" + REFUSAL), (plain, final)
+    assert retracted, "no reset on demo-sentence: nothing reached shown text, the test shows nothing"
