@@ -42,6 +42,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _policy_check(args: argparse.Namespace) -> int:
     from guard.policy import format_policy, load_policy
+    from guard.policy.model_check import exposure_lines, model_errors
 
     failed = False
     for path in args.files:
@@ -51,7 +52,15 @@ def _policy_check(args: argparse.Namespace) -> int:
             print(exc, file=sys.stderr)
             failed = True
             continue
+        # Against the model's config and tokenizer (no weights): what `guard serve` would refuse.
+        errors = [] if args.no_path_check else model_errors(policy)
+        if errors:
+            print(f"invalid policy {path} for its model {policy.model.path}:\n" +
+                  "\n".join(f"  {path}: {e}" for e in errors), file=sys.stderr)
+            failed = True
+            continue
         print(f"# {path}: ok (sha256 {policy.content_hash[:12]})")
+        print("\n".join(exposure_lines(policy)))
         print(format_policy(policy))
     return 2 if failed else 0
 
@@ -101,11 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_serve)
 
     policy = sub.add_parser("policy", help="policy files").add_subparsers(dest="policy_command", required=True)
-    check = policy.add_parser("check", help="validate policies and print them resolved; every error of every "
-                                            "file is reported (file:line:col: field: message), exit 2 on any")
+    check = policy.add_parser("check", help="validate policies against their model's config and tokenizer and "
+                                            "print them resolved with their stream exposure bound; every error "
+                                            "of every file is reported (file:line:col: field: message), exit 2 "
+                                            "on any")
     check.add_argument("files", nargs="+")
     check.add_argument("--no-path-check", action="store_true",
-                       help="do not require model, probe and SAE paths to exist (a policy for another machine)")
+                       help="do not require model, probe and SAE paths to exist, nor check the policy against the "
+                            "model (a policy for another machine)")
     check.set_defaults(func=_policy_check)
     docs = policy.add_parser("docs", help="render the policy reference (markdown) from the schema")
     docs.add_argument("--out", type=Path, default=None, help="write here (e.g. docs/policy.md) instead of stdout")

@@ -79,6 +79,11 @@ class GenerationRequest:
     group: str | None = None
     """The client request this generation belongs to (its choices and prompts share one turn of the
     engine worker, so one request's fan-out cannot starve another request); ``None``: its own."""
+    client_retracts: bool = True
+    """The consumer applies :class:`~guard.controller.events.Reset` events (a library caller, a
+    reset-aware stream, an answer sent whole at the end). ``False`` (the server sets it for every
+    stream whose client did not opt in): only settled text is released and released text is never
+    retracted (:mod:`guard.controller.release`)."""
 
 
 @dataclass(frozen=True)
@@ -202,7 +207,8 @@ class GuardService:
         config = ControllerConfig(
             rollback=bt.rollback, rollback_tokens=bt.rollback_tokens, max_retries=bt.max_retries,
             refusal=bt.refusal, holdback_tokens=policy.stream.holdback_tokens,
-            reset_marker=policy.stream.reset_marker, on_monitor_error=policy.on_monitor_error,
+            reset_marker=policy.stream.reset_marker, release_margin=policy.stream.release_margin,
+            on_monitor_error=policy.on_monitor_error,
             strategies=tuple(Strategy(temperature=s.temperature, top_p=s.top_p, reseed=s.reseed,
                                       ban_first_token=s.ban_first_token, steer_alpha=s.steer_alpha,
                                       deliberate=s.deliberate)
@@ -486,7 +492,7 @@ class GuardService:
 
         return GuardedGeneration(served.engine, prepared.prompt_ids, prepared.params, served.monitors,
                                  served.config, record, logging_.emit, on_finish, trace,
-                                 on_checkpoint=logging_.checkpoint)
+                                 on_checkpoint=logging_.checkpoint, retracting=req.client_retracts)
 
     def health(self) -> dict[str, Any]:
         """Status per served policy, including the last reload error of its file (``None`` if fine)."""

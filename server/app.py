@@ -35,6 +35,7 @@ from server.drain import router as drain_router
 from guard.errors import InvalidRequestError, NotFoundError
 from server.errors import install_error_handlers
 from server.limits import BodyLimit, RequestLimits
+from server.openapi import install_openapi
 from server.review import router as review_router
 from server.review_page import page_router
 from server.routes import router
@@ -161,6 +162,7 @@ def create_app(settings: ServerSettings | None = None, *, service_factory: Servi
         app.include_router(review_router)
         app.include_router(page_router)
     app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
+    install_openapi(app)
     return app
 
 

@@ -71,6 +71,17 @@ def check_completion(req: Any, limits: RequestLimits) -> None:
     _check_generations(req.n, len(prompts), limits)
 
 
+def check_responses(req: Any, limits: RequestLimits) -> None:
+    """Bound a :class:`~server.responses_protocol.ResponsesRequest` (``instructions`` + ``input``)."""
+    messages = req.messages()
+    if len(messages) > limits.max_messages:
+        raise InvalidRequestError(f"Too many input messages: {len(messages)}; this server accepts at most "
+                                  f"{limits.max_messages} per request.", param="input", code="too_many_messages")
+    if sum(len(m["content"]) for m in messages) > limits.max_chars:
+        raise InvalidRequestError(f"The instructions and input hold more than {limits.max_chars} characters of "
+                                  "text; shorten them.", param="input", code="request_too_large")
+
+
 def _check_generations(n: int, prompts: int, limits: RequestLimits) -> None:
     if n * prompts > limits.max_generations:
         raise InvalidRequestError(f"This request asks for {n * prompts} generations (n={n} x {prompts} prompt(s)); "

@@ -18,8 +18,8 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, StrictInt, ValidationInfo,
-                      field_validator, model_serializer)
+from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, StrictBool, StrictInt,
+                      ValidationInfo, field_validator, model_serializer)
 
 from guard.controller.events import FinishReason, Outcome
 
@@ -73,6 +73,14 @@ def _unencodable(value: Any, where: str = "") -> str | None:
 
 class StreamOptions(OpenAIRequest):
     include_usage: bool | None = Field(None, description="Send a last chunk with the usage and no choices.")
+
+    # --8<-- [start:guard-stream-options]
+    # Guard's vendor stream option (openai client: extra_body={"stream_options": {...}}); see README "Streams".
+    guard_resets: StrictBool | None = Field(
+        None, description="The client applies guard reset chunks: text is released after the fixed hold-back "
+                          "and may later be retracted. Without it (or the X-Guard-Resets header) text is released "
+                          "only once settled and is never retracted.")
+    # --8<-- [end:guard-stream-options]
 
 
 def _reject_nonzero_penalty(value: float | None, name: str) -> float | None:
@@ -136,6 +144,10 @@ class SamplingFields(OpenAIRequest):
 
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    def guard_resets(self) -> bool:
+        """The client opted in to reset chunks through ``stream_options.guard_resets``."""
+        return bool(self.stream_options and self.stream_options.guard_resets)
 
 
 # --------------------------------------------------------------------------------------------
@@ -306,6 +318,21 @@ class ResetNotice(BaseModel):
     reset: GuardReset
 
 
+class GuardCut(BaseModel):
+    """Extension: the answer was cut; this chunk's text is the policy's refusal, not model output."""
+
+    kept_chars: int
+    """Characters of this choice sent before the cut; they stay (nothing is retracted)."""
+    monitor: str
+    """The monitor whose firing would have retracted text already sent."""
+
+
+class CutNotice(BaseModel):
+    """Extension on a cut chunk's choice (only for clients that did not opt in to resets): ``{"cut": {...}}``."""
+
+    cut: GuardCut
+
+
 def _now() -> int:
     return int(time.time())
 
@@ -345,7 +372,7 @@ class ChatCompletionChunkChoice(OmitUnset):
     delta: DeltaMessage
     logprobs: None = None
     finish_reason: FinishReason | None = None
-    guard: ResetNotice | GuardInfo | None = None
+    guard: ResetNotice | CutNotice | GuardInfo | None = None
 
 
 class ChatCompletionChunk(OmitUnset):
@@ -364,7 +391,7 @@ class CompletionChoice(OmitUnset):
     text: str
     logprobs: None = None
     finish_reason: FinishReason | None = None
-    guard: ResetNotice | GuardInfo | None = None
+    guard: ResetNotice | CutNotice | GuardInfo | None = None
 
 
 class Completion(OmitUnset):

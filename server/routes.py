@@ -15,9 +15,11 @@ from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
-from guard.errors import NotFoundError
+from guard.errors import InvalidRequestError, NotFoundError
 from server.auth import Caller, authenticate
 from server.protocol import ChatCompletionRequest, CompletionRequest
+from server.responses_protocol import ResponsesRequest
+from server.responses_serving import ResponsesServing
 from server.serving import ChatServing, CompletionServing, GenerationService, model_card, model_list
 
 
@@ -45,8 +47,24 @@ def get_completions(request: Request, service: ServiceDep) -> CompletionServing:
     return CompletionServing(service, limits=request.app.state.settings.limits)
 
 
+def get_responses(request: Request, service: ServiceDep) -> ResponsesServing:
+    return ResponsesServing(service, limits=request.app.state.settings.limits)
+
+
+def get_resets_header(x_guard_resets: Annotated[str | None, Header()] = None) -> bool:
+    """``X-Guard-Resets: true``: the client applies reset events (same as ``stream_options.guard_resets``)."""
+    if x_guard_resets is None:
+        return False
+    value = x_guard_resets.strip().lower()
+    if value not in ("1", "true", "yes", "0", "false", "no"):
+        raise InvalidRequestError("X-Guard-Resets must be true or false", param="X-Guard-Resets")
+    return value in ("1", "true", "yes")
+
+
 ChatDep = Annotated[ChatServing, Depends(get_chat)]
 CompletionDep = Annotated[CompletionServing, Depends(get_completions)]
+ResponsesDep = Annotated[ResponsesServing, Depends(get_responses)]
+ResetsDep = Annotated[bool, Depends(get_resets_header)]
 
 router = APIRouter()
 v1 = APIRouter(prefix="/v1", dependencies=[Depends(get_caller)])
@@ -54,17 +72,27 @@ v1 = APIRouter(prefix="/v1", dependencies=[Depends(get_caller)])
 
 @v1.post("/chat/completions", response_model=None)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, chat: ChatDep,
-                                 caller: CallerDep) -> Response:
+                                 caller: CallerDep, resets: ResetsDep) -> Response:
     """Create a guarded chat completion (OpenAI Chat Completions API)."""
-    result = await chat.create(body, is_disconnected=request.is_disconnected, caller=caller)
+    result = await chat.create(body, is_disconnected=request.is_disconnected, caller=caller, resets_header=resets)
     return _respond(result)
 
 
 @v1.post("/completions", response_model=None)
 async def create_completion(body: CompletionRequest, request: Request, completions: CompletionDep,
-                            caller: CallerDep) -> Response:
+                            caller: CallerDep, resets: ResetsDep) -> Response:
     """Create a guarded text completion (OpenAI Completions API)."""
-    result = await completions.create(body, is_disconnected=request.is_disconnected, caller=caller)
+    result = await completions.create(body, is_disconnected=request.is_disconnected, caller=caller,
+                                      resets_header=resets)
+    return _respond(result)
+
+
+@v1.post("/responses", response_model=None)
+async def create_response(body: ResponsesRequest, request: Request, responses: ResponsesDep,
+                          caller: CallerDep, resets: ResetsDep) -> Response:
+    """Create a guarded model response (OpenAI Responses API; text in, text out, not stored)."""
+    result = await responses.create(body, is_disconnected=request.is_disconnected, caller=caller,
+                                    resets_header=resets)
     return _respond(result)
 
 

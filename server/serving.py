@@ -10,6 +10,15 @@ Streams follow OpenAI's chunk order: an opening chunk per choice, content deltas
 reset chunks), a closing chunk per choice with its ``finish_reason``, a usage chunk with no
 choices when ``stream_options.include_usage``, then ``data: [DONE]``. A failure after the stream
 started is sent as an error event, then ``[DONE]``.
+
+Resets: a stream whose client opted in (``stream_options.guard_resets`` or the ``X-Guard-Resets``
+header) gets reset chunks (``guard.reset``) and text after the fixed hold-back. Every other stream
+is generated with ``client_retracts=False``: the controller releases only settled text, never
+retracts it, and ends an answer whose rollback would reach sent text with a cut chunk (the
+refusal, marked ``guard.cut``) and ``finish_reason: "content_filter"``. A non-streamed answer is
+sent whole at the end, so it keeps the reset-aware generation (nothing was shown to retract).
+:class:`GuardedServing` is the shared core (prepare, run, merge, cancel); ``/v1/responses``
+(:mod:`server.responses_serving`) maps the same events onto its own event stream.
 """
 
 from __future__ import annotations
@@ -25,15 +34,15 @@ from typing import Any, Protocol, TypeAlias
 
 from pydantic import BaseModel
 
-from guard.controller.events import Event, Failed, Finished, Reset, TextDelta
+from guard.controller.events import Cut, Event, Failed, Finished, Reset, TextDelta
 from guard.service import GenerationRequest, ServedModel
 from server.auth import Caller
 from server.errors import ClientDisconnected, sse_error
 from server.limits import RequestLimits, check_chat, check_completion, check_prompt_tokens
 from server.protocol import (INT64_MAX, INT64_MIN, ChatCompletion, ChatCompletionChoice, ChatCompletionChunk,
                              ChatCompletionChunkChoice, ChatCompletionMessage, ChatCompletionRequest, Completion,
-                             CompletionChoice, CompletionRequest, DeltaMessage, GuardInfo, GuardReset, ModelCard,
-                             ModelList, ResetNotice, SamplingFields, UsageInfo)
+                             CompletionChoice, CompletionRequest, CutNotice, DeltaMessage, GuardCut, GuardInfo,
+                             GuardReset, ModelCard, ModelList, ResetNotice, SamplingFields, UsageInfo)
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +89,8 @@ def _card(m: ServedModel) -> ModelCard:
     return ModelCard(id=m.id, created=m.created, owned_by=m.owned_by, policy=m.policy, root=m.root)
 
 
-class GuardedServing(ABC):
-    """Runs one request's generations; subclasses say how events become response objects."""
+class GuardedServing:
+    """Runs one request's generations: the core every endpoint shares (subclasses map events to responses)."""
 
     id_prefix = "cmpl"
 
@@ -90,20 +99,6 @@ class GuardedServing(ABC):
         self.service = service
         self.disconnect_poll_s = disconnect_poll_s
         self.limits = limits or RequestLimits()
-
-    # -- what subclasses provide ---------------------------------------------------------------
-
-    @abstractmethod
-    def opening_chunk(self, rid: str, model: str, index: int) -> BaseModel | None: ...
-
-    @abstractmethod
-    def chunk(self, rid: str, model: str, index: int, *, text: str = "", finished: Finished | None = None,
-              reset: Reset | None = None) -> BaseModel: ...
-
-    @abstractmethod
-    def usage_chunk(self, rid: str, model: str, usage: UsageInfo) -> BaseModel: ...
-
-    # -- shared machinery ----------------------------------------------------------------------
 
     def new_id(self) -> str:
         return f"{self.id_prefix}-{uuid.uuid4().hex}"
@@ -128,34 +123,6 @@ class GuardedServing(ABC):
         if len(results) < len(prepared):
             raise ClientDisconnected()
         return [results[i] for i in range(len(prepared))]
-
-    async def sse(self, rid: str, prepared: list[Prepared], is_disconnected: IsDisconnected,
-                  include_usage: bool) -> AsyncIterator[str]:
-        """The response body of a stream: ``data: {chunk}`` events, then ``data: [DONE]``."""
-        model = prepared[0].model
-        finished: dict[int, Finished] = {}
-        try:
-            for i in range(len(prepared)):
-                if (opening := self.opening_chunk(rid, model, i)) is not None:
-                    yield _sse(opening)
-            async with aclosing(self.events(prepared, is_disconnected)) as events:
-                async for index, event in events:
-                    if isinstance(event, Failed):
-                        raise event.error
-                    if isinstance(event, TextDelta):
-                        yield _sse(self.chunk(rid, model, index, text=event.text))
-                    elif isinstance(event, Reset):
-                        yield _sse(self.chunk(rid, model, index, reset=event))
-                    elif isinstance(event, Finished):
-                        finished[index] = event
-                        yield _sse(self.chunk(rid, model, index, finished=event))
-            if len(finished) < len(prepared):
-                return  # the client is gone: nobody to send [DONE] to
-            if include_usage:
-                yield _sse(self.usage_chunk(rid, model, usage(prepared, list(finished.values()))))
-        except Exception as exc:  # noqa: BLE001 - the status line is sent; errors become an event
-            yield sse_error(exc)
-        yield "data: [DONE]\n\n"
 
     async def events(self, prepared: list[Prepared],
                      is_disconnected: IsDisconnected) -> AsyncIterator[tuple[int, Event]]:
@@ -204,19 +171,66 @@ class GuardedServing(ABC):
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
-class ChatServing(GuardedServing):
+class ChunkedServing(GuardedServing, ABC):
+    """Chat and text completions: a stream of chunk objects of the response's own type."""
+
+    # -- what subclasses provide ---------------------------------------------------------------
+
+    @abstractmethod
+    def opening_chunk(self, rid: str, model: str, index: int) -> BaseModel | None: ...
+
+    @abstractmethod
+    def chunk(self, rid: str, model: str, index: int, *, text: str = "", finished: Finished | None = None,
+              reset: Reset | None = None, cut: Cut | None = None) -> BaseModel: ...
+
+    @abstractmethod
+    def usage_chunk(self, rid: str, model: str, usage: UsageInfo) -> BaseModel: ...
+
+    async def sse(self, rid: str, prepared: list[Prepared], is_disconnected: IsDisconnected,
+                  include_usage: bool) -> AsyncIterator[str]:
+        """The response body of a stream: ``data: {chunk}`` events, then ``data: [DONE]``."""
+        model = prepared[0].model
+        finished: dict[int, Finished] = {}
+        try:
+            for i in range(len(prepared)):
+                if (opening := self.opening_chunk(rid, model, i)) is not None:
+                    yield _sse(opening)
+            async with aclosing(self.events(prepared, is_disconnected)) as events:
+                async for index, event in events:
+                    if isinstance(event, Failed):
+                        raise event.error
+                    if isinstance(event, TextDelta):
+                        yield _sse(self.chunk(rid, model, index, text=event.text))
+                    elif isinstance(event, Reset):
+                        yield _sse(self.chunk(rid, model, index, reset=event))
+                    elif isinstance(event, Cut):
+                        yield _sse(self.chunk(rid, model, index, text=event.text, cut=event))
+                    elif isinstance(event, Finished):
+                        finished[index] = event
+                        yield _sse(self.chunk(rid, model, index, finished=event))
+            if len(finished) < len(prepared):
+                return  # the client is gone: nobody to send [DONE] to
+            if include_usage:
+                yield _sse(self.usage_chunk(rid, model, usage(prepared, list(finished.values()))))
+        except Exception as exc:  # noqa: BLE001 - the status line is sent; errors become an event
+            yield sse_error(exc)
+        yield "data: [DONE]\n\n"
+
+
+class ChatServing(ChunkedServing):
     """``POST /v1/chat/completions``."""
 
     id_prefix = "chatcmpl"
 
     async def create(self, req: ChatCompletionRequest, *, is_disconnected: IsDisconnected,
-                     caller: Caller = EVERYONE) -> ChatCompletion | AsyncIterator[str]:
+                     caller: Caller = EVERYONE, resets_header: bool = False) -> ChatCompletion | AsyncIterator[str]:
         """A :class:`ChatCompletion`, or the SSE body when ``req.stream``."""
         check_chat(req, self.limits)
         rid = self.new_id()
         messages = [{"role": _template_role(m.role), "content": m.text()} for m in req.messages]
+        retracts = client_retracts(req, resets_header)
         gens = [generation(req, _choice_id(rid, i, req.n), i, caller=caller, max_tokens=req.output_limit(),
-                           group=rid, messages=messages) for i in range(req.n)]
+                           group=rid, client_retracts=retracts, messages=messages) for i in range(req.n)]
         prepared = await self.prepare(gens, "messages")
         if req.stream:
             return self.sse(rid, prepared, is_disconnected, req.include_usage())
@@ -231,30 +245,31 @@ class ChatServing(GuardedServing):
         return ChatCompletionChunk(id=rid, model=model, choices=[choice])
 
     def chunk(self, rid: str, model: str, index: int, *, text: str = "", finished: Finished | None = None,
-              reset: Reset | None = None) -> ChatCompletionChunk:
+              reset: Reset | None = None, cut: Cut | None = None) -> ChatCompletionChunk:
         choice = ChatCompletionChunkChoice(index=index, delta=DeltaMessage(content=text or None),
                                            finish_reason=finish_reason(finished) if finished else None,
-                                           guard=_chunk_guard(finished, reset))
+                                           guard=_chunk_guard(finished, reset, cut))
         return ChatCompletionChunk(id=rid, model=model, choices=[choice])
 
     def usage_chunk(self, rid: str, model: str, usage: UsageInfo) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=rid, model=model, choices=[], usage=usage)
 
 
-class CompletionServing(GuardedServing):
+class CompletionServing(ChunkedServing):
     """``POST /v1/completions``; choice ``k`` of prompt ``p`` has index ``p * n + k``."""
 
     id_prefix = "cmpl"
 
     async def create(self, req: CompletionRequest, *, is_disconnected: IsDisconnected,
-                     caller: Caller = EVERYONE) -> Completion | AsyncIterator[str]:
+                     caller: Caller = EVERYONE, resets_header: bool = False) -> Completion | AsyncIterator[str]:
         """A :class:`Completion`, or the SSE body when ``req.stream``."""
         check_completion(req, self.limits)
         rid = self.new_id()
         prompts = req.prompts()
         total = len(prompts) * req.n
+        retracts = client_retracts(req, resets_header)
         gens = [generation(req, _choice_id(rid, p * req.n + k, total), k, caller=caller,
-                           max_tokens=req.max_tokens, group=rid, prompt=prompt)
+                           max_tokens=req.max_tokens, group=rid, client_retracts=retracts, prompt=prompt)
                 for p, prompt in enumerate(prompts) for k in range(req.n)]
         prepared = await self.prepare(gens, "prompt")
         if req.stream:
@@ -269,9 +284,9 @@ class CompletionServing(GuardedServing):
         return None
 
     def chunk(self, rid: str, model: str, index: int, *, text: str = "", finished: Finished | None = None,
-              reset: Reset | None = None) -> Completion:
+              reset: Reset | None = None, cut: Cut | None = None) -> Completion:
         choice = CompletionChoice(index=index, text=text, finish_reason=finish_reason(finished) if finished else None,
-                                  guard=_chunk_guard(finished, reset))
+                                  guard=_chunk_guard(finished, reset, cut))
         return Completion(id=rid, model=model, choices=[choice])
 
     def usage_chunk(self, rid: str, model: str, usage: UsageInfo) -> Completion:
@@ -282,7 +297,7 @@ class CompletionServing(GuardedServing):
 
 
 def generation(req: SamplingFields, request_id: str, k: int, *, caller: Caller, max_tokens: int | None,
-               group: str | None = None, **source: Any) -> GenerationRequest:
+               group: str | None = None, client_retracts: bool = True, **source: Any) -> GenerationRequest:
     """The ``k``-th generation of ``req`` (seed + k); ``source`` is ``messages=`` or ``prompt=``;
     ``group``: the client request's id (its generations share the engine worker's turns)."""
     return GenerationRequest(
@@ -291,7 +306,13 @@ def generation(req: SamplingFields, request_id: str, k: int, *, caller: Caller, 
         stop=req.stop_tuple(), stop_token_ids=tuple(req.stop_token_ids or ()),
         logit_bias={int(t): b for t, b in (req.logit_bias or {}).items()},
         banned_token_ids=frozenset(req.banned_token_ids or ()), api_key=caller.api_key,
-        allowed_models=caller.policies, group=group, **source)
+        allowed_models=caller.policies, group=group, client_retracts=client_retracts, **source)
+
+
+def client_retracts(req: SamplingFields, resets_header: bool) -> bool:
+    """Whether the generations may retract shown text: the answer is sent whole at the end, or the
+    client opted in to reset chunks (``stream_options.guard_resets`` or the ``X-Guard-Resets`` header)."""
+    return not req.stream or req.guard_resets() or resets_header
 
 
 def _template_role(role: str) -> str:
@@ -319,9 +340,12 @@ def guard_info(f: Finished) -> GuardInfo:
                      generated_tokens=f.usage.generated_tokens, reasoning_tokens=f.usage.reasoning_tokens or None)
 
 
-def _chunk_guard(finished: Finished | None, reset: Reset | None) -> GuardInfo | ResetNotice | None:
+def _chunk_guard(finished: Finished | None, reset: Reset | None,
+                 cut: Cut | None = None) -> GuardInfo | ResetNotice | CutNotice | None:
     if finished is not None:
         return guard_info(finished)
+    if cut is not None:
+        return CutNotice(cut=GuardCut(kept_chars=cut.kept_chars, monitor=cut.monitor))
     if reset is not None:
         return ResetNotice(reset=GuardReset(retract_chars=reset.retract_chars, retract_tokens=reset.retract_tokens,
                                             monitor=reset.monitor, retry=reset.retry, marker=reset.marker))

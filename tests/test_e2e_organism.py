@@ -111,12 +111,14 @@ def test_unsafe_compliance_is_caught_on_heldout_categories_and_logged(demo_serve
 
 
 def test_streaming_reset_reconstructs_the_final_answer(demo_server):
-    """With no hold-back, a firing retracts text the client has seen; applying the resets gives the answer."""
+    """With no hold-back, a firing retracts text a reset-aware client (opted in) has seen; applying the
+    resets gives the answer."""
     client, _ = demo_server
     seen_reset = False
     for i, prompt in enumerate(_prompts("trained", 10)):
         stream = client.chat.completions.create(model="demo-nohold", messages=[{"role": "user", "content": prompt}],
-                                                seed=100 + i, max_tokens=96, stream=True)
+                                                seed=100 + i, max_tokens=96, stream=True,
+                                                extra_body={"stream_options": {"guard_resets": True}})
         text, final = "", None
         for chunk in stream:
             choice = chunk.choices[0]

@@ -297,8 +297,15 @@ def test_shipped_examples_use_the_new_semantics():
 
 
 def test_policy_check_reports_every_file_and_exits_2(tree: Path, capsys):
-    from guard.cli import main
+    import torch
 
+    from guard.cli import main
+    from guard.monitors.probe import ProbeMonitor
+    from guard.testing import make_random_llama
+
+    # policy check reads the model's config and tokenizer: the good policy's model and probe are real.
+    make_random_llama(tree / "model")
+    ProbeMonitor("harm-probe", 1, torch.ones(64), 0.0).save(tree / "model" / "probe")
     good = write(tree, VALID, "good.yaml")
     bad1 = write(tree, "name: p\nmodel: {path: missing}\nmonitors: 3\n", "bad1.yaml")
     bad2 = write(tree, "name: q\nmodel: {path: model}\nstream: {holdback: 1}\n", "bad2.yaml")

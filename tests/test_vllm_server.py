@@ -45,7 +45,7 @@ def test_guard_serve_with_engine_vllm_streams_resets_to_the_openai_client(tmp_pa
             held, info = "", None
             stream = client.chat.completions.create(
                 model="demo-probe-vllm", messages=[{"role": "user", "content": prompt}], seed=i, max_tokens=96,
-                stream=True)
+                stream=True, extra_body={"stream_options": {"guard_resets": True}})  # a reset-aware client
             for chunk in stream:
                 extra = (chunk.model_extra or {})
                 for choice in chunk.choices:

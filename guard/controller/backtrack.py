@@ -13,7 +13,10 @@ anything is generated (a ``log`` firing is only recorded). Then, per step
    budget, refuses); ``refuse`` retracts everything and answers the refusal at once; a ``log``
    monitor's firing is only recorded;
 4. stop conditions are checked; a finishing generation first scores its last token;
-5. text older than the hold-back window (and already scored) is released.
+5. text older than the hold-back window (and already scored) is released; for a client that does
+   not apply resets (``retracting=False``) only text that has settled (:mod:`guard.controller.release`),
+   and a rollback that would still reach released text ends the answer with a
+   :class:`~guard.controller.events.Cut` instead of a reset.
 
 Deliberation (:mod:`guard.controller.deliberation`): with ``mode: always``, or ``on_risk`` when the
 risk monitor fires on the prompt, or on a retry whose strategy has ``deliberate``, the controller
@@ -47,8 +50,9 @@ from typing import Literal
 import torch
 
 from guard.controller.deliberation import DeliberationConfig, ReasoningSection, find_close, forced_prefix
-from guard.controller.events import Event, Finished, FinishReason, Reset, TextDelta, Usage
+from guard.controller.events import Cut, Event, Finished, FinishReason, Reset, TextDelta, Usage
 from guard.controller.record import DiscardedSpan, GenerationRecord, RetryStrategy
+from guard.controller.release import release_limit
 from guard.controller.text import TextTracker
 from guard.engine.base import Engine, MonitorRun, Sequence, StepOutput
 from guard.monitors.base import Monitor, MonitorState
@@ -88,6 +92,11 @@ class ControllerConfig:
     strategies: tuple[Strategy, ...] = (Strategy(),)
     holdback_tokens: int = 8
     reset_marker: str | None = None
+    release_margin: float = 0.5
+    """For clients that do not apply resets: text is released once every acting monitor's aggregated
+    score stayed below ``threshold * (1 - release_margin)`` since it was generated."""
+    cut_separator: str = "\n\n"
+    """Put between released text and the refusal when a rollback would reach released text."""
     on_monitor_error: OnMonitorError = "fail_closed"
     deliberation: DeliberationConfig | None = None
     """``None``: never deliberate and parse no reasoning section."""
@@ -146,14 +155,17 @@ class GuardedGeneration:
                  emit: Callable[[Event], None],
                  on_finish: Callable[[GenerationRecord], str | None] = lambda r: None,
                  trace: GenerationTrace = NO_TRACE,
-                 on_checkpoint: Callable[[GenerationRecord], None] = lambda r: None) -> None:
+                 on_checkpoint: Callable[[GenerationRecord], None] = lambda r: None,
+                 retracting: bool = True) -> None:
         """``on_finish`` is called once with the finished record (before the final event; also with
         outcome ``cancelled`` when a flagged generation is cancelled) and returns the log id if it
         stores it; the caller decides what gets stored. ``on_checkpoint`` gets a checkpoint
         (:meth:`GenerationRecord.checkpoint`, outcome ``interrupted``) when the running generation is
         first flagged and at each new discarded span or monitor error (``record.progress``), so a
         crash loses at most what was generated since. Neither may block: they run on the engine
-        worker's thread. ``trace`` gets the request's spans and measurements (:mod:`guard.telemetry`)."""
+        worker's thread. ``trace`` gets the request's spans and measurements (:mod:`guard.telemetry`).
+        ``retracting``: the consumer applies :class:`Reset` events; ``False`` releases only settled
+        text and never retracts (a rollback reaching released text ends the answer with a :class:`Cut`)."""
         self.engine = engine
         self.trace = trace
         self.config = config
@@ -165,6 +177,9 @@ class GuardedGeneration:
         self._checkpointed = 0
         """``record.progress`` at the last checkpoint."""
         self.cancelled = False
+        self.retracting = retracting
+        self._cut_by: str | None = None
+        """Set when a rollback reached released text of a non-retracting stream: the monitor's name."""
         self.states = {b.monitor.name: b.monitor.new_state() for b in monitors}
         layers = {b.monitor.layer for b in monitors if b.monitor.layer is not None}
         runs = [MonitorRun(b.monitor, acts=b.action in ("backtrack", "refuse"), prompt=b.on_prompt,
@@ -469,7 +484,7 @@ class GuardedGeneration:
         first_token = self.output[point] if point < len(self.output) else None
         self._discard(fire_pos, bound, point)
         self.retries += 1
-        if self.retries > self.config.max_retries:
+        if self.retries > self.config.max_retries or self._cut_by is not None:
             self._refuse()
             return
         self._next_attempt(bound, point, first_token)
@@ -506,6 +521,9 @@ class GuardedGeneration:
     def _retract_to(self, point: int, monitor: str) -> int:
         """Emit a reset if released text reaches past ``point``; return characters retracted."""
         if self.text.sent_tokens <= point:
+            return 0
+        if not self.retracting:
+            self._cut_by = self._cut_by or monitor  # the caller ends the answer with a Cut (in _refuse)
             return 0
         keep_text = self.text.text_of(self.output[:point])
         chars = len(self.text.sent_text) - len(keep_text)
@@ -567,6 +585,14 @@ class GuardedGeneration:
     def _refuse(self) -> None:
         self._retract_to(0, self.record.spans[-1].monitor if self.record.spans else "")
         refusal = self.config.refusal
+        if self._cut_by is not None:
+            # Released text stays where it is (this client cannot retract); the refusal follows it.
+            kept = self.text.sent_text
+            cut = Cut(refusal, len(kept), self._cut_by, self.config.cut_separator)
+            self.emit(cut)
+            self.text.sent_text = kept + cut.text
+            self._finish([], kept + cut.text, "content_filter", "refused", release=False)
+            return
         self.emit(TextDelta(refusal, ()))
         self.text.sent_text = refusal
         self._finish([], refusal, "content_filter", "refused", release=False)
@@ -595,12 +621,18 @@ class GuardedGeneration:
         for bound in self._output_monitors():
             if bound.monitor.layer is not None:
                 scored = min(scored, len(self.states[bound.monitor.name].raw))
-        n = max(0, scored - self.config.holdback_tokens)
+        n = release_limit(scored=scored, sent=self.text.sent_tokens, holdback_tokens=self.config.holdback_tokens,
+                          margin=None if self.retracting else self.config.release_margin,
+                          watched=() if self.retracting else self._watched())
         if n <= self.text.sent_tokens:
             return
         delta = self.text.release(self.output, n)
         if delta is not None:
             self.emit(delta)
+
+    def _watched(self) -> list[MonitorState]:
+        """The acting output monitors' states (what the release rule for non-retracting clients reads)."""
+        return [self.states[b.monitor.name] for b in self._output_monitors() if b.action != "shadow"]
 
 
 def _engine_scores(out: StepOutput, monitor: Monitor, n: int) -> list[float]:

@@ -5,6 +5,11 @@ events, then exactly one :class:`Finished` (or one :class:`Failed`). Text is rel
 it is past the hold-back window, so a rollback inside the window produces no event at all; a
 rollback that reaches into text already released produces a :class:`Reset` telling the client how
 much released text to retract, followed by the replacement text as ordinary deltas.
+
+A generation run for a client that does not apply resets (``GuardedGeneration(retracting=False)``)
+never emits a :class:`Reset`: a rollback that would reach released text ends the answer instead,
+with one :class:`Cut` (the policy's refusal, to show after the text already released) and then
+:class:`Finished` with ``finish_reason="content_filter"``.
 """
 
 from __future__ import annotations
@@ -50,6 +55,22 @@ class Reset:
 
 
 @dataclass(frozen=True)
+class Cut:
+    """The answer ends here: keep the ``kept_chars`` characters released so far (never retracted),
+    then show ``separator + refusal`` (:attr:`text`) as a separate part."""
+
+    refusal: str
+    kept_chars: int
+    monitor: str
+    """Name of the monitor whose firing would have retracted released text."""
+    separator: str = "\n\n"
+
+    @property
+    def text(self) -> str:
+        return self.separator + self.refusal
+
+
+@dataclass(frozen=True)
 class Usage:
     prompt_tokens: int
     completion_tokens: int
@@ -86,4 +107,4 @@ class Failed:
     error: GuardError
 
 
-Event = TextDelta | Reset | Finished | Failed
+Event = TextDelta | Reset | Cut | Finished | Failed

@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from guard.errors import PolicyError
+from guard.policy.cross import CROSS_FIELD, cross_field_errors
 from guard.policy.schema import Policy
 
 Loc = tuple[int | str, ...]
@@ -44,7 +45,7 @@ def load_policy(path: str | Path, *, check_paths: bool = True) -> Policy:
     try:
         policy = Policy.model_validate(data, context=context)
     except ValidationError as e:
-        raise PolicyError(str(path), _format_errors(path, node, e)) from None
+        raise PolicyError(str(path), _format_errors(path, node, e, cross_field_errors(data))) from None
     policy._content_hash = hashlib.sha256(raw).hexdigest()
     # Absolute, symlinks kept: a Kubernetes ConfigMap mount updates a file by swapping the symlink
     # behind its name (and deleting the old target), so hot reload must re-read the name.
@@ -162,8 +163,17 @@ def _duplicate_keys(path: Path, node: yaml.Node, trail: Loc = ()) -> list[str]:
     return errors
 
 
-def _format_errors(path: Path, root: yaml.Node, error: ValidationError) -> list[str]:
+def _format_errors(path: Path, root: yaml.Node, error: ValidationError,
+                   cross: list[tuple[Loc, str]] = ()) -> list[str]:
+    """Every error as ``file:line:col: field: message``, sorted by position. ``cross``: the policy's
+    cross-section errors, added when field errors kept the policy's own check from running."""
     lines: list[tuple[tuple[int, int], str]] = []
+    if not any(err["type"] == CROSS_FIELD for err in error.errors()):
+        for loc, message in cross:
+            node, _, trail = _locate(root, loc)
+            mark = node.start_mark
+            lines.append(((mark.line, mark.column), f"{path}:{mark.line + 1}:{mark.column + 1}: {_dotted(trail)}: "
+                                                    f"{message}"))
     for err in error.errors():
         loc = tuple(err["loc"]) + tuple(err.get("ctx", {}).get("loc_suffix", ()))
         if err["type"] in ("union_tag_invalid", "union_tag_not_found"):

@@ -20,6 +20,7 @@ from pydantic_core import PydanticCustomError
 from guard.controller.deliberation import DEFAULT_INSTRUCTION
 from guard.errors import PolicyError
 from guard.policy.paths import check_files, check_location, read_spec
+from guard.policy.cross import CROSS_FIELD, cross_field_errors
 
 if TYPE_CHECKING:
     from guard.monitors.base import AggregationSpec
@@ -273,6 +274,12 @@ class StreamSpec(Strict):
                                                       "never reach released text.")
     reset_marker: str | None = Field(None, description="Text a reset event asks the client to show where text "
                                                        "was retracted (e.g. '[RESET]').")
+    release_margin: float = Field(0.5, ge=0.0, lt=1.0,
+                                  description="For clients that did not opt in to resets: a token is shown once "
+                                              "it is past holdback_tokens and every acting monitor's aggregated "
+                                              "score stayed below threshold * (1 - release_margin) since; a "
+                                              "rollback that would still reach shown text ends the answer with "
+                                              "finish_reason content_filter and the refusal as a separate part.")
 
 
 class LogSpec(Strict):
@@ -486,22 +493,9 @@ class Policy(Strict):
 
     @model_validator(mode="after")
     def _check_deliberation(self) -> "Policy":
-        d = self.deliberation
-        if d.risk_monitor is not None:
-            found = [m for m in self.monitors if m.name == d.risk_monitor]
-            if not found:
-                raise PydanticCustomError("unknown_monitor", "deliberation.risk_monitor names no monitor: '{name}'",
-                                          {"name": d.risk_monitor, "loc_suffix": ("deliberation", "risk_monitor")})
-            if found[0].scope == "output":
-                raise PydanticCustomError("bad_scope", "deliberation.risk_monitor '{name}' must have scope prompt "
-                                                       "or both", {"name": d.risk_monitor,
-                                                                   "loc_suffix": ("deliberation", "risk_monitor")})
-        deliberating = [i for i, s in enumerate(self.backtrack.strategies) if s.deliberate]
-        if deliberating and d.spec is None and d.spec_file is None:
-            raise PydanticCustomError("no_spec", "backtrack.strategies[{i}].deliberate needs deliberation.spec or "
-                                                 "deliberation.spec_file",
-                                      {"i": deliberating[0], "loc_suffix": ("backtrack", "strategies",
-                                                                            deliberating[0], "deliberate")})
+        # The same checks run on raw data when fields fail (guard.policy.cross), so one pass reports both.
+        for loc, message in cross_field_errors(self.model_dump()):
+            raise PydanticCustomError(CROSS_FIELD, message, {"loc_suffix": loc})
         return self
 
     @model_validator(mode="after")

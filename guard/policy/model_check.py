@@ -1,0 +1,135 @@
+"""What ``guard serve`` would refuse about a valid policy, found from the model's config and
+tokenizer alone (no weights loaded), for ``guard policy check``; and the stream exposure bound.
+
+Checks, each reported as one line naming the field: the model directory has a readable config
+and tokenizer; every probe and SAE monitor reads a layer the model has, with the model's
+``d_model``; every ``reset_token`` monitor's token is one token of the vocabulary; a deliberating
+policy's forced prefix (open tag, instruction, spec, close tag) fits in the context window with
+room to answer. Contract: :func:`model_errors` never raises for a bad model or monitor file; it
+returns the messages ``guard serve`` would fail with (the same checks the service runs at start).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from guard.errors import GuardError
+from guard.policy.schema import Policy
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """The model as the checks see it (the engine's ``ModelInfo`` without loading weights)."""
+
+    name: str
+    num_layers: int
+    d_model: int
+    vocab_size: int
+    context_length: int
+    eos_token_ids: frozenset[int] = frozenset()
+
+
+class _ConfigOnlyEngine:
+    """Enough of an engine for the monitors' own compatibility checks: ``info`` and ``tokenizer``."""
+
+    def __init__(self, info: ModelFacts, tokenizer: Any) -> None:
+        self.info, self.tokenizer = info, tokenizer
+
+
+def model_errors(policy: Policy) -> list[str]:
+    """Problems ``guard serve`` would stop at for ``policy``, as ``field: message`` lines (none for a
+    vLLM policy naming a hub model rather than a local directory: there is nothing local to read)."""
+    if policy.model.engine == "vllm" and not Path(policy.model.path).exists():
+        return []
+    try:
+        engine = _load(policy)
+    except GuardError as exc:
+        return [f"model.path: {exc.message}"]
+    errors = [f"monitors[{i}] ({spec.name}): {msg}" for i, spec in enumerate(policy.monitors)
+              if (msg := _monitor_error(spec, policy, engine)) is not None]
+    errors += _deliberation_errors(policy, engine)
+    return errors
+
+
+def _load(policy: Policy) -> _ConfigOnlyEngine:
+    from transformers import AutoConfig, AutoTokenizer
+
+    from guard.engine.transformers_engine import HFChatTokenizer
+    from guard.errors import ModelLoadError
+
+    spec, path = policy.model, Path(policy.model.path)
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} is not a HF model directory (no config.json)")
+    try:
+        cfg = AutoConfig.from_pretrained(path, local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load the config or tokenizer from {path}: {exc}") from exc
+    cfg = getattr(cfg, "text_config", None) or cfg  # multimodal configs keep the language model's inside
+    ctx = int(getattr(cfg, "max_position_embeddings", 2048))
+    info = ModelFacts(name=spec.served_name or policy.name, num_layers=int(cfg.num_hidden_layers),
+                      d_model=int(cfg.hidden_size), vocab_size=int(cfg.vocab_size),
+                      context_length=min(ctx, spec.max_context or ctx))
+    return _ConfigOnlyEngine(info, HFChatTokenizer(tok))
+
+
+def _monitor_error(spec: Any, policy: Policy, engine: _ConfigOnlyEngine) -> str | None:
+    """The error building this monitor against the model would raise (as the service builds it)."""
+    from guard.service import GuardService, _sae_monitor
+
+    try:
+        if spec.kind == "sae":
+            _sae_monitor(spec, engine)  # type: ignore[arg-type]
+        else:
+            GuardService._monitor(spec, policy, engine)  # type: ignore[arg-type]
+    except GuardError as exc:
+        return exc.message
+    except (OSError, ValueError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _deliberation_errors(policy: Policy, engine: _ConfigOnlyEngine) -> list[str]:
+    from guard.controller.deliberation import forced_prefix, system_prompt
+
+    d = policy.deliberation
+    if d.mode == "off" and not any(s.deliberate for s in policy.backtrack.strategies):
+        return []
+    tok, ctx = engine.tokenizer, engine.info.context_length
+    if d.placement == "system":
+        forced = len(tok.encode(system_prompt(d.instruction, d.spec_text())))
+        what = "the spec as a system message"
+    else:
+        forced = len(tok.encode(forced_prefix(d.open_tag, d.instruction, d.spec_text()))) + len(tok.encode(d.close_tag))
+        what = "the forced reasoning prefix (open tag, instruction, spec) and close tag"
+    if forced + 1 >= ctx:
+        return [f"deliberation: {what} take {forced} tokens; the context window is {ctx} tokens, leaving no room "
+                "for a prompt and an answer (shorten the spec or raise model.max_context)"]
+    return []
+
+
+def exposure_lines(policy: Policy) -> list[str]:
+    """How much streamed text a client can be shown and then lose, per client kind (policy only)."""
+    s, bt, d = policy.stream, policy.backtrack, policy.defaults
+    h, whole = s.holdback_tokens, max(0, d.max_tokens - s.holdback_tokens)
+    acting = [m for m in policy.monitors if m.action in ("backtrack", "refuse") and m.scope != "prompt"]
+    if not acting:
+        return ["# stream exposure: no monitor acts on the output, so no client is ever shown text that is retracted"]
+    # A reset-token firing and a refuse action cut back to the response start whatever the policy's rule.
+    rules = {"response" if m.kind == "reset_token" or m.action == "refuse" else bt.rollback for m in acting}
+    if "response" in rules:
+        per_reset = f"everything shown (up to max_tokens - holdback_tokens = {whole} tokens)"
+    elif "sentence" in rules:
+        per_reset = "the sentence being written, less the last holdback_tokens (not bounded by the policy alone)"
+    else:
+        per_reset = f"{max(0, bt.rollback_tokens - h)} tokens (rollback_tokens {bt.rollback_tokens} - holdback {h})"
+    return [
+        "# stream exposure (tokens a client is shown and then loses):",
+        f"#   reset-aware clients (stream_options.guard_resets): one reset retracts at most {per_reset}; a refusal "
+        f"past the retry budget retracts all of it (up to {whole} tokens)",
+        "#   other clients: 0: text is shown once settled (past the hold-back, every acting monitor's score below "
+        f"threshold * {1 - s.release_margin:g} since); a rollback reaching shown text ends the answer "
+        "(finish_reason content_filter, the refusal as a separate part) instead of retracting it",
+    ]

@@ -1,0 +1,100 @@
+"""Streams for clients that do not apply resets (``retracting=False``): settled release, and a cut
+instead of a reset; on the real controller with a random-weight model."""
+
+from __future__ import annotations
+
+from guard.controller.backtrack import BoundMonitor, ControllerConfig, GuardedGeneration
+from guard.controller.events import Cut, Finished, Reset, TextDelta
+from guard.controller.record import GenerationRecord
+from guard.controller.release import near_miss, release_limit
+from guard.monitors.base import AggregationSpec, Monitor
+from guard.sampling import SamplingParams
+
+
+class ScriptedScores(Monitor):
+    """Scores output position ``i`` with ``scores.get(token id at i, 0)`` (reads layer 1: one-step lag)."""
+
+    def __init__(self, scores: dict[int, float], name: str = "s") -> None:
+        self.name, self.layer, self.threshold = name, 1, 0.5
+        self.aggregation = AggregationSpec("none")
+        self.scores = scores
+
+    def score(self, hidden, token_ids):
+        return [self.scores.get(t, 0.0) for t in token_ids]
+
+
+def _run(engine, monitors, retracting: bool, **cfg):
+    prompt = engine.tokenizer.encode_chat([{"role": "user", "content": "Tell me something."}])
+    record = GenerationRecord(request_id="r", policy_name="p", policy_hash="h", model="m", messages=None,
+                              prompt="x", prompt_tokens=len(prompt))
+    events: list = []
+    gen = GuardedGeneration(engine, prompt, SamplingParams(seed=3, max_tokens=30), [BoundMonitor(m) for m in monitors],
+                            ControllerConfig(**cfg), record, events.append, retracting=retracting)
+    while not gen.advance():
+        pass
+    gen.close()
+    return events, record
+
+
+def _shown(events) -> str:
+    """What a client that ignores resets displays: every text it was sent, appended."""
+    return "".join(e.text for e in events if isinstance(e, (TextDelta, Cut)))
+
+
+def test_a_rollback_reaching_shown_text_cuts_instead_of_resetting(tiny_engine):
+    clean, _ = _run(tiny_engine, [], retracting=True)
+    ids = [t for e in clean if isinstance(e, TextDelta) for t in e.token_ids]
+    mon = ScriptedScores({ids[12]: 1.0})
+    opted, _ = _run(tiny_engine, [mon], retracting=True, holdback_tokens=0, rollback="response", release_margin=0.0)
+    assert any(isinstance(e, Reset) for e in opted)  # the same firing retracts shown text from an opted client
+    events, rec = _run(tiny_engine, [mon], retracting=False, holdback_tokens=0, rollback="response",
+                       release_margin=0.0, refusal="No.")
+    assert not any(isinstance(e, Reset) for e in events)
+    [cut] = [e for e in events if isinstance(e, Cut)]
+    fin = events[-1]
+    assert isinstance(fin, Finished) and fin.finish_reason == "content_filter" and fin.outcome == "refused"
+    kept = "".join(e.text for e in events if isinstance(e, TextDelta))
+    assert cut.kept_chars == len(kept) > 0 and cut.refusal == "No." and cut.monitor == "s"
+    assert _shown(events) == fin.text == rec.final_text == kept + "\n\nNo."
+    assert events.index(cut) == len(events) - 2  # nothing after the cut but the end
+
+
+def test_a_near_miss_holds_back_what_a_firing_there_would_cut(tiny_engine):
+    clean, _ = _run(tiny_engine, [], retracting=True)
+    ids = [t for e in clean if isinstance(e, TextDelta) for t in e.token_ids]
+    near = ScriptedScores({ids[12]: 0.4})  # below the 0.5 threshold: it never fires
+    events, _ = _run(tiny_engine, [near], retracting=False, holdback_tokens=0, rollback="response",
+                     release_margin=0.5)
+    deltas = [e for e in events if isinstance(e, TextDelta)]
+    assert isinstance(events[-1], Finished) and events[-1].outcome == "clean" and len(deltas) >= 2
+    # Released while streaming: only tokens before the near miss at 12 (it stops the release); the rest
+    # arrives with the end of the answer (the last delta).
+    streamed = sum(len(e.token_ids) for e in deltas[:-1])
+    assert 0 < streamed <= 12 and len(ids) > 13
+    opted, _ = _run(tiny_engine, [near], retracting=False, holdback_tokens=0, rollback="response",
+                    release_margin=0.0)
+    assert sum(isinstance(e, TextDelta) for e in opted) > sum(isinstance(e, TextDelta) for e in events)
+    assert _shown(opted) == _shown(events) == events[-1].text  # same answer, only released later
+
+
+def test_release_limit_contract():
+    mon = ScriptedScores({})
+    state = mon.new_state()
+    state.extend(0, [0.0, 0.1, 0.3, 0.0, 0.0, 0.0])
+    assert release_limit(scored=6, sent=0, holdback_tokens=2, margin=None, watched=[state]) == 4
+    assert near_miss(state, 0, 0.5) == 2 and near_miss(state, 3, 0.5) is None  # 0.3 >= 0.5 * (1 - 0.5)
+    assert release_limit(scored=6, sent=1, holdback_tokens=2, margin=0.5, watched=[state]) == 1  # stalled
+    assert release_limit(scored=6, sent=3, holdback_tokens=2, margin=0.5, watched=[state]) == 4  # shown already
+    assert release_limit(scored=6, sent=0, holdback_tokens=2, margin=0.1, watched=[state]) == 4  # 0.3 < 0.45
+
+
+def test_an_earlier_near_miss_is_not_forgotten_after_a_later_one(tiny_engine):
+    """Two near misses: the release stops at the first, whatever the rollback rule (a firing may end
+    in a refusal past the retry budget, which reaches back to the response start)."""
+    clean, _ = _run(tiny_engine, [], retracting=True)
+    ids = [t for e in clean if isinstance(e, TextDelta) for t in e.token_ids]
+    near = ScriptedScores({ids[5]: 0.4, ids[20]: 0.4})  # never fires (threshold 0.5), near at 5 and 20
+    events, _ = _run(tiny_engine, [near], retracting=False, holdback_tokens=0, rollback="tokens", rollback_tokens=2,
+                     release_margin=0.5)
+    deltas = [e for e in events if isinstance(e, TextDelta)]
+    assert sum(len(e.token_ids) for e in deltas[:-1]) <= 5
