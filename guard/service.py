@@ -450,10 +450,10 @@ class GuardService:
             model=served.engine.info.name, messages=req.messages,
             prompt=req.prompt if isinstance(req.prompt, str) else None, prompt_tokens=len(prepared.prompt_ids))
         trace = self.telemetry.generation(record)  # the request span starts now, on the event loop
-        logging_ = GenerationLogging(served.policy.log.keeps, self._writers[id(served.store)], trace.watch(emit))
+        log_writes = GenerationLogging(served.policy.log.keeps, self._writers[id(served.store)], trace.watch(emit))
         return GuardedGeneration(served.engine, prepared.prompt_ids, prepared.params, served.monitors,
-                                 served.config, record, logging_.emit, logging_.finish, trace,
-                                 on_checkpoint=logging_.checkpoint)
+                                 served.config, record, log_writes.emit, log_writes.finish, trace,
+                                 on_checkpoint=log_writes.checkpoint)
 
     def health(self) -> dict[str, Any]:
         """Status per served policy, including the last reload error of its file (``None`` if fine)."""
