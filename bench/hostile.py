@@ -308,8 +308,8 @@ def slow_log(policy_src: Path, tmp: Path, runs: int, tokens: int = 32, generatio
     rates: dict[str, list[float]] = {"normal": [], "slow": []}
     try:
         asyncio.run(load())  # warm-up
-        for _ in range(runs):
-            for label in ("normal", "slow"):
+        for i in range(runs):
+            for label in (("normal", "slow") if i % 2 == 0 else ("slow", "normal")):  # no order effect
                 writer.store = real if label == "normal" else SleepyStore()
                 rates[label].append(asyncio.run(load()))
     finally:
