@@ -483,16 +483,16 @@ class GuardService:
             model=served.engine.info.name, messages=req.messages,
             prompt=req.prompt if isinstance(req.prompt, str) else None, prompt_tokens=len(prepared.prompt_ids))
         trace = self.telemetry.generation(record)  # the request span starts now, on the event loop
-        logging_ = GenerationLogging(served.policy.log.keeps, self._writers[id(served.store)], trace.watch(emit))
+        log_writes = GenerationLogging(served.policy.log.keeps, self._writers[id(served.store)], trace.watch(emit))
 
         def on_finish(rec: GenerationRecord) -> str | None:
             if self._interrupting and rec.outcome == "cancelled":  # cut off by a drain, not by its client
                 rec.outcome = "interrupted"
-            return logging_.finish(rec)
+            return log_writes.finish(rec)
 
         return GuardedGeneration(served.engine, prepared.prompt_ids, prepared.params, served.monitors,
-                                 served.config, record, logging_.emit, on_finish, trace,
-                                 on_checkpoint=logging_.checkpoint, retracting=req.client_retracts)
+                                 served.config, record, log_writes.emit, on_finish, trace,
+                                 on_checkpoint=log_writes.checkpoint, retracting=req.client_retracts)
 
     def health(self) -> dict[str, Any]:
         """Status per served policy, including the last reload error of its file (``None`` if fine)."""
