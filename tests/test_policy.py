@@ -107,7 +107,7 @@ backtrack: {rollback: paragraph, max_retries: -1}
         (5, 60, "monitors[0].threshold", "valid number"),
         (5, 66, "monitors[0].colour", "allowed fields: kind, name, path, layer, threshold, aggregation, action"),
         (6, 21, "monitors[1].kind", "invalid value 'regex'; allowed values: 'probe', 'reset_token'"),
-        (7, 23, "backtrack.rollback", "allowed values: 'tokens', 'sentence' or 'response'"),
+        (7, 23, "backtrack.rollback", "allowed values: 'auto', 'tokens', 'sentence' or 'response'"),
         (7, 47, "backtrack.max_retries", "greater than or equal to 0"),
     ]
     assert len(errors) == len(expected), errors

@@ -126,6 +126,10 @@ class StepOutput:
     monitors themselves (a list may be shorter than the fed tokens: positions before the answer or
     already reported are left out at its start)."""
 
+    surprisal: float | None = None
+    """``-log p`` (nats) of the sampled token under the model's plain next-token distribution
+    (temperature 1, nothing banned, biased or truncated); ``None`` if the engine does not report it."""
+
     @property
     def n_fed(self) -> int:
         if self.hidden:
@@ -195,6 +199,15 @@ class Engine(ABC):
     @abstractmethod
     def hidden_states(self, token_ids: list[int], layers: Collection[int]) -> dict[int, torch.Tensor]:
         """Teacher-forced activations ``[len(token_ids), d_model]`` per layer (for probe training)."""
+
+    def rescore(self, seq: Sequence, monitors: "Collection[Monitor]") -> dict[str, list[float]]:
+        """Raw scores of every answer token (``seq.tokens[seq.answer_start:]``) per monitor, from one
+        fresh forward pass over the whole sequence: no KV cache, no steering. A monitor's exception
+        propagates. The default runs :meth:`hidden_states`; engines that keep activations to
+        themselves override it."""
+        a = seq.answer_start if seq.answer_start is not None else seq.prompt_len
+        hidden = self.hidden_states(seq.tokens, {m.layer for m in monitors})
+        return {m.name: m.score(hidden[m.layer][a:], seq.tokens[a:]) for m in monitors}
 
     def close(self) -> None:
         """Free the engine's resources (processes, caches). Idempotent; the default does nothing."""
