@@ -474,6 +474,7 @@ class GuardedGeneration:
         point = self._safe_point(fire_pos, bound.rollback or self.config.rollback)
         if bound.monitor.name in self.states:
             self.states[bound.monitor.name].scale = self.config.retry_threshold
+            self.seq.threshold_scale[bound.monitor.name] = self.config.retry_threshold
         deliberate = (self.delib is not None and self.section is None and self.retries < self.config.max_retries
                       and self.config.strategy(self.retries + 1).deliberate)
         if deliberate or self.retries + 1 > self.config.max_retries:

@@ -95,6 +95,9 @@ class Sequence:
     """Absolute position of the answer's first token (past a reasoning section); ``None`` while a
     reasoning section is open (nothing sampled is answer yet). Set by the controller; engines that
     run monitors score and act on answer positions only. Defaults to ``prompt_len``."""
+    threshold_scale: dict[str, float] = field(default_factory=dict)
+    """Monitor name -> multiplier of its threshold the controller applies (stricter after it fired);
+    engines that run monitors act at the same thresholds. Set by the controller."""
 
     def __post_init__(self) -> None:
         if not self.tokens:

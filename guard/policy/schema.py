@@ -75,10 +75,14 @@ class VLLMSpec(Strict):
     block_size: int | None = Field(None, ge=1, description="KV block size in tokens (prefix-cache granularity: a "
                                    "rollback recomputes less than one block); the platform's default when unset "
                                    "(the CPU backend needs a multiple of 32).")
-    reset_token: str = Field("<|reset|>", description="Reserved single token forced (and listed in stop_token_ids) "
-                             "when an acting monitor fires inside the vLLM worker.")
-    reset_token_id: int | None = Field(None, ge=0, description="Id to force instead of looking reset_token up: a "
-                                       "reserved id the model never samples.")
+    reset_token: str = Field("<|reset|>", description="Token forced (and listed in stop_token_ids) when an acting "
+                                                      "monitor fires inside the vLLM worker, if the vocabulary has "
+                                                      "it; otherwise the engine picks a reserved id itself (a spare "
+                                                      "embedding row, a reserved special token or the padding id, "
+                                                      "then banned from sampling), logs it, and `guard policy check` "
+                                                      "reports it.")
+    reset_token_id: int | None = Field(None, ge=0, description="Id to force instead: a reserved id the model never "
+                                                               "samples.")
 
     def to_options(self):
         from guard.engine.vllm_engine import VLLMOptions
