@@ -115,7 +115,7 @@ def openai_client(url: str, api_key: str | None = None):
     except ImportError as exc:
         from guard.errors import GuardError
 
-        raise GuardError("guard eval needs the openai package: pip install 'guard[eval]'") from exc
+        raise GuardError("guard eval needs the openai package (a dependency of guard): pip install openai") from exc
     return OpenAI(base_url=url.rstrip("/") + "/v1", api_key=api_key or "guard-eval", timeout=900, max_retries=0)
 
 
