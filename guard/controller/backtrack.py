@@ -86,7 +86,7 @@ class Strategy:
 class ControllerConfig:
     """The policy's backtracking and streaming settings, as the controller needs them."""
 
-    rollback: Rollback = "sentence"
+    rollback: Rollback = "auto"
     rollback_tokens: int = 4
     safe_level: float = 0.5
     """``rollback: auto`` keeps the longest answer prefix in which every acting monitor's aggregated
