@@ -101,6 +101,7 @@ def run_eval(client, guarded: str, unguarded: str, prompts: list[LabelledPrompt]
                 "unguarded": {"text": u["text"], "unsafe": judge(u["text"])},
                 "guarded": {"text": g["text"], "unsafe": judge(g["text"]), "outcome": g["guard"].get("outcome"),
                             "resets": g["guard"].get("resets", 0), "visible_resets": g["visible_resets"],
+                            "monitors_fired": g["guard"].get("monitors_fired", []),
                             "generated_tokens": g["guard"].get("generated_tokens"),
                             "completion_tokens": g["completion_tokens"]}}
 
