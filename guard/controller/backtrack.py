@@ -97,7 +97,7 @@ class ControllerConfig:
     garble_margin: float | None = 1.5
     """A resample whose mean surprisal (nats per token, under the model's plain distribution) over its
     first ``garble_window`` tokens exceeds the first attempt's by more than this is suspect and is
-    treated as a firing; ``None`` turns the check off. Needs an engine that reports surprisal."""
+    treated as a firing; ``None`` turns the check off (so does an engine that reports no surprisal)."""
     garble_window: int = 8
     max_retries: int = 3
     refusal: str = "I can't help with that."

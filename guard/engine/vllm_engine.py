@@ -97,12 +97,16 @@ class _Request:
     items: "queue.SimpleQueue[tuple]" = field(default_factory=queue.SimpleQueue)
     buffered: list[int] = field(default_factory=list)
     """Tokens received and not yet handed out."""
+    surprisal: list[float | None] = field(default_factory=list)
+    """``-log p`` of each buffered token under the model's raw distribution (vLLM's raw logprobs)."""
     received: int = 0
     """Tokens received from vLLM so far."""
     finished: bool = False
     stop_reason: Any = None
     num_cached_tokens: int | None = None
     scoring_only: bool = False
+    last_surprisal: float | None = None
+    """Surprisal of the token :meth:`VLLMEngine._next_token` handed out last."""
     names: dict[str, str] = field(default_factory=dict)
     """Monitor key in the worker -> monitor name."""
 
@@ -316,7 +320,7 @@ class VLLMEngine(Engine):
             return StepOutput(token_id=None, fed_start=start, hidden={}, scores=scores)
         seq.tokens.append(token)
         self.stats.output_tokens += 1
-        return StepOutput(token_id=token, fed_start=start, hidden={}, scores=scores)
+        return StepOutput(token_id=token, fed_start=start, hidden={}, scores=scores, surprisal=req.last_surprisal)
 
     def rollback(self, seq: Sequence, length: int) -> None:
         vs: _VSeq = seq.payload
@@ -444,6 +448,7 @@ class VLLMEngine(Engine):
                  max_tokens=max_tokens, ignore_eos=True, detokenize=False,
                  stop_token_ids=sorted(set(params.stop_token_ids) | {self.reset_id}),
                  logit_bias=dict(params.logit_bias) or None, output_kind=RequestOutputKind.DELTA,
+                 logprobs=None if scoring_only else 0,  # the sampled token's raw logprob: its surprisal
                  extra_args={ARGS_KEY: args.to_dict()})
         req = _Request(request_id=f"guard-{rkey}", args=args, start_len=n, signature=signature,
                        reader=ScoreReader(args.channel, keys), scoring_only=scoring_only,
@@ -460,7 +465,8 @@ class VLLMEngine(Engine):
         try:
             async for out in self._llm.generate(prompt, sp, req.request_id):
                 o = out.outputs[0]
-                req.items.put(("tokens", list(o.token_ids), out.finished, o.stop_reason, out.num_cached_tokens))
+                lps = [d[t].logprob if d and t in d else None for t, d in zip(o.token_ids, o.logprobs or [])]
+                req.items.put(("tokens", list(o.token_ids), out.finished, o.stop_reason, out.num_cached_tokens, lps))
         except asyncio.CancelledError:
             req.items.put(("aborted",))
             raise
@@ -482,7 +488,7 @@ class VLLMEngine(Engine):
         if item[0] == "aborted":
             req.finished = True
             return False
-        _, tokens, finished, stop_reason, cached = item
+        _, tokens, finished, stop_reason, cached, lps = item
         if req.num_cached_tokens is None and cached is not None:
             req.num_cached_tokens = cached
             if req.start_len > seq.prompt_len or seq.payload.n_requests > 1:
@@ -492,6 +498,7 @@ class VLLMEngine(Engine):
                 self.resubmissions.append((req.start_len, cached))
             self.stats.cached_tokens += cached
         req.buffered.extend(tokens)
+        req.surprisal.extend(-lp if lp is not None else None for lp in lps + [None] * (len(tokens) - len(lps)))
         req.received += len(tokens)
         if finished:
             req.finished = True
@@ -512,6 +519,7 @@ class VLLMEngine(Engine):
                 if req.finished:
                     raise EngineError(f"vLLM request {req.request_id} ended without a token")
         token = req.buffered.pop(0)
+        req.last_surprisal = req.surprisal.pop(0)
         pos = len(seq.tokens)  # absolute position of the new token; it was computed from pos - 1
         # Its fed token's record was read with the delivery that brought it (the channel's ordering).
         forced = token == self.reset_id and (pos - 1) in seq.payload.forced

@@ -258,8 +258,7 @@ class BacktrackSpec(Strict):
                                  "first garble_window tokens exceeds the first attempt's by more than this is "
                                  "treated as a firing (monitor 'garble' in the log): text the model itself finds "
                                  "far less likely than what it wrote unprompted is outside what monitors were "
-                                 "trained on. null turns the check off; engines that report no surprisal (vllm) "
-                                 "skip it.")
+                                 "trained on. null turns the check off.")
     garble_window: int = Field(8, ge=2, description="Resampled tokens the garble check averages over.")
     max_retries: int = Field(3, ge=0, description="Resamples allowed per generation before giving up.")
     on_exhausted: Literal["refuse"] = Field("refuse", description="What to do once the retries are spent.")
