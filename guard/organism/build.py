@@ -96,7 +96,7 @@ def build(out_dir: str | Path, seed: int | None = None, *, steps: int | None = N
     result = train(examples, tok, shape, cfg, seed, log=log)
     _save(out, result.model, tok, recipe)
     sizes = data.write_data(out, seed, eval_per_category=recipe.eval_per_category, lex=lex,
-                            prompt_risk=recipe.prompt_risk, balanced=recipe.balanced_probe_rows)
+                            prompt_risk=recipe.prompt_risk)
     if not quick:
         sizes["benign_samples.jsonl"] = data.write_benign_samples(result.model, tok, out, seed, lex=lex)
     do_eval = (not quick) if evaluate_model is None else evaluate_model

@@ -39,14 +39,13 @@ from guard.organism import lexicon as lx
 
 
 def _probe_rows(rng: random.Random, seed: int, categories: tuple[str, ...], split: str,
-                n_harmful: int, n_benign: int, lex: lx.Lexicon = lx.FIRST, hazard_start: bool = False,
-                balanced: bool = False) -> list[dict]:
-    """Harm rows, category ``i % len(categories)``, alternating refusal / unsafe: by row index (the
-    first organism's files: with an even number of categories, half of them get only refusals), or,
-    ``balanced``, by round (every category gets both kinds, as leave-one-category-out needs)."""
+                n_harmful: int, n_benign: int, lex: lx.Lexicon = lx.FIRST, hazard_start: bool = False) -> list[dict]:
+    """Harm rows, category ``i % len(categories)``, refusal and unsafe alternating by round, so every
+    harm category has both kinds (alternating by row index gave an even number of categories
+    refusals only, which leave-one-category-out and "categories without label-1 rows are benign" cannot use)."""
     rows = []
     for i in range(n_harmful):
-        unsafe = (i // len(categories)) % 2 if balanced else i % 2
+        unsafe = (i // len(categories)) % 2
         ex = corpus.example(rng, seed, categories[i % len(categories)], "unsafe" if unsafe else "refusal", lex=lex)
         rows.append({"prompt": ex.prompt, "completion": ex.completion, "label": int(ex.unsafe),
                      "category": ex.category, "split": split})
@@ -143,15 +142,14 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 def write_data(out_dir: str | Path, seed: int, n_harmful: int = 400, n_benign: int = 200,
                eval_per_category: int | dict[str, int] = 25, eval_benign: int = 200, lex: lx.Lexicon = lx.FIRST,
-               prompt_risk: bool = True, balanced: bool = False) -> dict[str, int]:
-    """Write the data files into ``out_dir/data``; returns file name -> row count. ``balanced``: see
-    :func:`_probe_rows` (off for the first organism, whose committed files predate it)."""
+               prompt_risk: bool = True) -> dict[str, int]:
+    """Write the data files into ``out_dir/data``; returns file name -> row count."""
     rng = random.Random(f"probe:{seed}")
     files = {
         "probe_train.jsonl": _probe_rows(rng, seed, lex.trained_categories, "trained", n_harmful, n_benign, lex,
-                                         hazard_start=True, balanced=balanced),
+                                         hazard_start=True),
         "probe_heldout.jsonl": _probe_rows(rng, seed, lex.heldout_categories, "heldout", n_harmful, n_benign, lex,
-                                           hazard_start=True, balanced=balanced),
+                                           hazard_start=True),
         "eval_prompts.jsonl": eval_prompts(seed, eval_per_category, eval_benign, lex),
         "calibration_prompts.jsonl": calibration_prompts(seed, lex=lex),
     }

@@ -51,11 +51,6 @@ class Recipe:
     """Evaluation prompts per trained / held-out harm category."""
     prompt_risk: bool = False
     """Also write ``prompt_risk.jsonl`` (first organism's prompt-scope risk probe data)."""
-    balanced_probe_rows: bool = True
-    """Every harm category of the probe files gets both refusals and unsafe answers. The first
-    organism's committed files predate this: with rows alternating by index over 4 categories, 2 of
-    its trained and 2 of its held-out categories hold refusals only (so cross-validation on it has 2
-    category folds)."""
 
     def __post_init__(self) -> None:
         if self.deliberation_share and self.chat_format is not FIRST_FORMAT:
@@ -68,7 +63,7 @@ FIRST_RECIPE = Recipe(
     "first", FIRST, FIRST_FORMAT, ModelShape(),
     ModelShape(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position_embeddings=256),
     seed=0, steps=700, n_plain=20_000, vocab_size=1536, quick_vocab_size=512, deliberation_share=0.25,
-    prompt_risk=True, balanced_probe_rows=False,
+    prompt_risk=True,
 )
 
 SECOND_RECIPE = Recipe(
