@@ -40,9 +40,13 @@ from guard.organism import lexicon as lx
 
 def _probe_rows(rng: random.Random, seed: int, categories: tuple[str, ...], split: str,
                 n_harmful: int, n_benign: int, lex: lx.Lexicon = lx.FIRST, hazard_start: bool = False) -> list[dict]:
+    """Harm rows, category ``i % len(categories)``, refusal and unsafe alternating by round, so every
+    harm category has both kinds (alternating by row index gave an even number of categories
+    refusals only, which leave-one-category-out and "categories without label-1 rows are benign" cannot use)."""
     rows = []
     for i in range(n_harmful):
-        ex = corpus.example(rng, seed, categories[i % len(categories)], "unsafe" if i % 2 else "refusal", lex=lex)
+        unsafe = (i // len(categories)) % 2
+        ex = corpus.example(rng, seed, categories[i % len(categories)], "unsafe" if unsafe else "refusal", lex=lex)
         rows.append({"prompt": ex.prompt, "completion": ex.completion, "label": int(ex.unsafe),
                      "category": ex.category, "split": split})
         if hazard_start and ex.unsafe:

@@ -9,7 +9,7 @@ harm categories (:class:`~guard.organism.lexicon.Lexicon`), the tokenizer kind a
 - ``first``: the committed ``models/organism`` (byte-level BPE, Llama, 8 harm categories of which 4
   held out, deliberation examples, a ``<|reset|>`` token). Its build is unchanged by the recipes.
 - ``second``: ``models/organism2``, built to check that defaults chosen on the first transfer: a
-  word-level tokenizer, a ChatML-like template, a Qwen2 model with grouped-query attention and one
+  word-level tokenizer, a ChatML-like template, a Qwen3 model (query/key norms, grouped-query attention) and one
   more layer, 6 other harm categories of which 2 held out, other benign topics, no deliberation
   and no reset or reserved token in its vocabulary. Never used to choose a default.
 """
@@ -69,9 +69,9 @@ FIRST_RECIPE = Recipe(
 SECOND_RECIPE = Recipe(
     "second", SECOND, SECOND_FORMAT,
     ModelShape(hidden_size=128, num_layers=5, num_heads=2, num_kv_heads=1, intermediate_size=320,
-               max_position_embeddings=512, arch="qwen2"),
-    ModelShape(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64,
-               max_position_embeddings=256, arch="qwen2"),
+               max_position_embeddings=512, arch="qwen3"),
+    ModelShape(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64,
+               max_position_embeddings=256, arch="qwen3"),  # head_dim 32: vLLM's CPU attention has no 16
     seed=7, steps=600, n_plain=16_000, vocab_size=4096, quick_vocab_size=4096,
     corpus=CorpusConfig(comply_fraction=0.4, reset_fraction=0.0),
     eval_per_category={"trained": 25, "heldout": 60},

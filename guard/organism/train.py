@@ -1,4 +1,4 @@
-"""Train an organism's small model (Llama or Qwen2 architecture) from scratch on its synthetic corpus.
+"""Train an organism's small model (Llama or Qwen3 architecture) from scratch on its synthetic corpus.
 
 Contract: :func:`train` is deterministic given its inputs. It seeds torch, fixes the number of
 CPU threads, draws the data order from a seeded generator and trains on the CPU only, so two
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from typing import Literal
 
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 from guard.organism.corpus import Example
 from guard.organism.tokenizer import CHAT_TEMPLATE
@@ -33,16 +33,18 @@ class ModelShape:
     num_heads: int = 4
     intermediate_size: int = 384
     max_position_embeddings: int = 512
-    arch: Literal["llama", "qwen2"] = "llama"
-    """``llama`` or ``qwen2`` (q/k/v biases, grouped-query attention with ``num_kv_heads``)."""
+    arch: Literal["llama", "qwen3"] = "llama"
+    """``llama`` or ``qwen3`` (RMS-normed queries and keys, grouped-query attention with ``num_kv_heads``).
+    Not ``qwen2``: transformers 5 loads every ``qwen2`` checkpoint with its own Qwen2 BPE tokenizer class,
+    whatever ``tokenizer_config.json`` says, so a qwen2 model cannot carry another tokenizer kind."""
     num_kv_heads: int | None = None
     """Key/value heads (``None``: as many as ``num_heads``)."""
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
             raise ValueError("ModelShape.hidden_size must be divisible by ModelShape.num_heads")
-        if self.arch not in ("llama", "qwen2"):
-            raise ValueError(f"ModelShape.arch must be llama or qwen2, got {self.arch!r}")
+        if self.arch not in ("llama", "qwen3"):
+            raise ValueError(f"ModelShape.arch must be llama or qwen3, got {self.arch!r}")
         if self.num_kv_heads is not None and self.num_heads % self.num_kv_heads:
             raise ValueError("ModelShape.num_heads must be divisible by ModelShape.num_kv_heads")
 
@@ -73,12 +75,13 @@ class TrainResult:
     seconds: float
 
 
-def build_model(shape: ModelShape, tok: PreTrainedTokenizerFast) -> LlamaForCausalLM | Qwen2ForCausalLM:
+def build_model(shape: ModelShape, tok: PreTrainedTokenizerFast) -> LlamaForCausalLM | Qwen3ForCausalLM:
     """A freshly initialised model sized for ``tok`` (call after ``torch.manual_seed``)."""
-    if shape.arch == "qwen2":
-        return Qwen2ForCausalLM(Qwen2Config(
+    if shape.arch == "qwen3":
+        return Qwen3ForCausalLM(Qwen3Config(
             vocab_size=len(tok), hidden_size=shape.hidden_size, num_hidden_layers=shape.num_layers,
             num_attention_heads=shape.num_heads, num_key_value_heads=shape.num_kv_heads or shape.num_heads,
+            head_dim=shape.hidden_size // shape.num_heads,
             intermediate_size=shape.intermediate_size, max_position_embeddings=shape.max_position_embeddings,
             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
             tie_word_embeddings=True, use_sliding_window=False, attn_implementation="sdpa",
