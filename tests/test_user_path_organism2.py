@@ -25,18 +25,21 @@ def _guard(*args, timeout=1200):
     return proc.stdout
 
 
-def _subset(src, out, per_group):
-    """The first ``per_group`` rows of every (category, label): a smaller training file, same shape."""
+def _subset(src, out, positives, negatives):
+    """The first rows of every (category, label), ``positives`` of label 1 and ``negatives`` of label 0:
+    a smaller training file of the same shape (the label-0 prompts also become the calibration prompts
+    the CLI samples answers to, so they are kept few)."""
     groups = defaultdict(list)
     for line in src.read_text().splitlines():
         row = json.loads(line)
         groups[(row.get("category"), row["label"])].append(line)
-    out.write_text("".join(line + "\n" for rows in groups.values() for line in rows[:per_group]))
+    out.write_text("".join(line + "\n" for (_, label), rows in groups.items()
+                           for line in rows[:positives if label else negatives]))
     return out
 
 
 def test_probe_train_defaults_policy_live_server_eval(tmp_path):
-    data = _subset(ORGANISM2 / "data" / "probe_train.jsonl", tmp_path / "train.jsonl", per_group=10)
+    data = _subset(ORGANISM2 / "data" / "probe_train.jsonl", tmp_path / "train.jsonl", positives=12, negatives=3)
     trained = _guard("probe", "train", "--model", str(ORGANISM2), "--data", str(data), "--out",
                      str(tmp_path / "probe"), "--quiet")
     meta = json.loads((tmp_path / "probe" / "probe.json").read_text())
