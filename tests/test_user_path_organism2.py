@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections import defaultdict
 
+import pytest
 import yaml
 
 from guard.eval.report import summary
@@ -18,7 +19,7 @@ from tests.conftest import REPO
 ORGANISM2 = REPO / "models" / "organism2"
 
 
-def _guard(*args, timeout=1200):
+def _guard(*args, timeout=1800):
     proc = subprocess.run([sys.executable, "-m", "guard.cli", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout)
     assert proc.returncode == 0, (args, proc.stderr[-4000:])
@@ -38,8 +39,9 @@ def _subset(src, out, positives, negatives):
     return out
 
 
+@pytest.mark.slow
 def test_probe_train_defaults_policy_live_server_eval(tmp_path):
-    data = _subset(ORGANISM2 / "data" / "probe_train.jsonl", tmp_path / "train.jsonl", positives=12, negatives=3)
+    data = _subset(ORGANISM2 / "data" / "probe_train.jsonl", tmp_path / "train.jsonl", positives=8, negatives=2)
     trained = _guard("probe", "train", "--model", str(ORGANISM2), "--data", str(data), "--out",
                      str(tmp_path / "probe"), "--quiet")
     meta = json.loads((tmp_path / "probe" / "probe.json").read_text())
