@@ -287,7 +287,7 @@ def train_probe(engine: Engine, data: list[str | Path], *, model_dir: str | Path
     train, heldout = acts.select(train_idx), acts.select(held_idx)
     # 4. the model's own answers to benign prompts
     chats, cal_source = _calibration_chats(examples, calibrate_prompts, bool(calib_examples), sampling, config)
-    sampled = (sample_answers(engine, chats, layers, n=sampling.n, params=sampling.params(), seed=sampling.seed,
+    sampled = (sample_answers(engine, chats, cv_layers, n=sampling.n, params=sampling.params(), seed=sampling.seed,
                               progress=progress, cache=cache) if chats else None)
     # 5. choose on the train split only
     selection = choose(train, hazard[train_idx], [examples[i].category for i in train_idx], cv_layers, config,
