@@ -226,3 +226,23 @@ def test_cli_defaults_on_organism2_give_a_probe_the_server_loads(tmp_path, capsy
 
 async def _last(stream):
     return [e async for e in stream][-1]
+
+
+def test_cross_validation_spreads_its_layers_over_deep_models():
+    from guard.probe.train import spread_layers
+
+    assert spread_layers(5) == [0, 1, 2, 3, 4]
+    deep = spread_layers(32)
+    assert len(deep) == 8 and deep[0] == 0 and deep[-1] == 31 and deep == sorted(set(deep))
+
+
+def test_sampled_and_row_calibration_are_exclusive(setup, tmp_path, capsys):
+    from guard.cli import main as guard_main
+
+    rc = guard_main(["probe", "train", "--model", str(setup["model"]), "--data", str(setup["train"]),
+                     "--calibrate-prompts", str(setup["prompts"]), "--calibration", str(setup["train"]),
+                     "--out", str(tmp_path / "p"), "--quiet"])
+    assert rc == 2 and "--calibrate-prompts) or on rows (--calibration), not both" in capsys.readouterr().err
+    rc = guard_main(["probe", "train", "--model", str(setup["model"]), "--data", str(setup["train"]),
+                     "--samples", "0", "--out", str(tmp_path / "p"), "--quiet"])
+    assert rc == 2 and "must be >= 1" in capsys.readouterr().err

@@ -42,9 +42,11 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
                                      "'category')")
     _add_model_args(t)
     t.add_argument("--data", required=True, action="extend", nargs="+", metavar="FILE",
-                   help='JSONL rows {"prompt", "completion", "label": 0|1}; split 80/20 into train/held-out, '
-                        'except reviewed rows ("source": "review", from `guard logs export --labelled`), '
-                        'always trained on; their negatives also join calibration')
+                   help='JSONL rows {"prompt", "completion", "label": 0|1}, optionally "category" (cross-validation '
+                        'then leaves one harm category out at a time) and "hazard_start" (label-1 rows: where the '
+                        'harm begins); split 80/20 into train/held-out, except reviewed rows ("source": "review", '
+                        'from `guard logs export --labelled`), always trained on; their negatives also join '
+                        'calibration')
     t.add_argument("--eval", action="extend", nargs="+", default=[], metavar="FILE",
                    help="extra held-out data (e.g. held-out categories), reported separately")
     t.add_argument("--calibration", action="extend", nargs="+", default=[], metavar="FILE",
@@ -61,7 +63,8 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="probe directory to write")
     g = t.add_mutually_exclusive_group()
     g.add_argument("--layer", type=int, help="train at this layer only")
-    g.add_argument("--layers", type=_layers, help="sweep these layers, e.g. 4,6,8 (default: all)")
+    g.add_argument("--layers", type=_layers, help="choose among these layers, e.g. 4,6,8 (default: all, at most 8 "
+                                                  "spread evenly in cross-validation)")
     t.add_argument("--method", choices=["logreg", "diffmean"], default=None,
                    help="default: chosen by cross-validation")
     t.add_argument("--labels", choices=["all", "from-hazard", "to-hazard"], default=None,

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -258,10 +258,14 @@ def train_probe(engine: Engine, data: list[str | Path], *, model_dir: str | Path
     """
     config = config or TrainConfig()
     sampling = sampling or CalibrationSampling()
+    if calibrate_prompts is not None and calibration:
+        raise InvalidRequestError("calibrate on sampled answers (--calibrate-prompts) or on rows (--calibration), "
+                                  "not both", param="calibration")
     # 1. data
     examples = read_files(list(data))
     eval_examples = read_files(list(eval_data)) if eval_data else []
     calib_examples = read_files(list(calibration)) if calibration else []
+    cv_layers = sorted(set(layers)) if layers else spread_layers(engine.info.num_layers)
     layers = sorted(set(layers)) if layers else list(range(engine.info.num_layers))
     bad = [l for l in layers if not 0 <= l < engine.info.num_layers]
     if bad:
@@ -283,10 +287,10 @@ def train_probe(engine: Engine, data: list[str | Path], *, model_dir: str | Path
     train, heldout = acts.select(train_idx), acts.select(held_idx)
     # 4. the model's own answers to benign prompts
     chats, cal_source = _calibration_chats(examples, calibrate_prompts, bool(calib_examples), sampling, config)
-    sampled = (sample_answers(engine, chats, layers, n=sampling.n, params=sampling.params(), seed=sampling.seed,
+    sampled = (sample_answers(engine, chats, cv_layers, n=sampling.n, params=sampling.params(), seed=sampling.seed,
                               progress=progress, cache=cache) if chats else None)
     # 5. choose on the train split only
-    selection = choose(train, hazard[train_idx], [examples[i].category for i in train_idx], layers, config,
+    selection = choose(train, hazard[train_idx], [examples[i].category for i in train_idx], cv_layers, config,
                        engine.info.num_layers, sampled.acts if sampled else None, progress)
     # 6. the choice at every layer (reported), the chosen layer's probe kept
     results = sweep_layers(train, heldout, layers, config, eval_acts, hazard=hazard[train_idx],
@@ -331,6 +335,19 @@ def train_probe(engine: Engine, data: list[str | Path], *, model_dir: str | Path
                                "pooling": config.pooling, "span": config.span,
                                "target_fpr": config.target_fpr, "metrics": metrics, "training": training})
     return TrainResult(monitor, results)
+
+
+MAX_CV_LAYERS = 8
+"""Layers cross-validation considers when none are named: all of a model with at most this many,
+else this many spread evenly from the first to the last (the cost is folds x layers x methods x
+token labels fits; ``--layers`` names others)."""
+
+
+def spread_layers(num_layers: int, most: int = MAX_CV_LAYERS) -> list[int]:
+    """Every layer, or ``most`` layers evenly spaced from 0 to ``num_layers - 1``."""
+    if num_layers <= most:
+        return list(range(num_layers))
+    return sorted({round(i * (num_layers - 1) / (most - 1)) for i in range(most)})
 
 
 def choose(train: Activations, hazard: np.ndarray, categories: list[str | None], layers: list[int],
