@@ -62,6 +62,12 @@ def _policy_check(args: argparse.Namespace) -> int:
         print(f"# {path}: ok (sha256 {policy.content_hash[:12]})")
         print("\n".join(exposure_lines(policy)))
         print(format_policy(policy))
+        if policy.model.engine == "vllm":
+            from guard.engine.reset_id import policy_reset_line
+
+            line, bad = policy_reset_line(policy)
+            print(line, file=sys.stderr if bad else sys.stdout)
+            failed = failed or bad
     return 2 if failed else 0
 
 
@@ -79,6 +85,7 @@ def _policy_docs(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from guard.eval.cli import add_cli as add_eval
     from guard.logs_cli import add_cli as add_logs
     from guard.organism.build import add_cli as add_organism
     from guard.probe.cli import add_cli as add_probe
@@ -127,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_probe(sub)
     add_sae(sub)
     add_logs(sub)
+    add_eval(sub)
     return parser
 
 

@@ -206,6 +206,8 @@ class GuardService:
         bt = policy.backtrack
         config = ControllerConfig(
             rollback=bt.rollback, rollback_tokens=bt.rollback_tokens, max_retries=bt.max_retries,
+            safe_level=bt.safe_level, retry_threshold=bt.retry_threshold, garble_margin=bt.garble_margin,
+            garble_window=bt.garble_window,
             refusal=bt.refusal, holdback_tokens=policy.stream.holdback_tokens,
             reset_marker=policy.stream.reset_marker, release_margin=policy.stream.release_margin,
             on_monitor_error=policy.on_monitor_error,

@@ -63,7 +63,7 @@ def test_valid_policy_resolves_paths_and_hashes_the_file(tree: Path):
 def test_defaults_are_filled_in(tree: Path):
     policy = load_policy(write(tree, "name: p\nmodel: {path: model}\n"))
     assert policy.monitors == []
-    assert policy.backtrack.rollback == "sentence" and policy.backtrack.max_retries == 3
+    assert policy.backtrack.rollback == "auto" and policy.backtrack.max_retries == 3
     assert policy.stream.holdback_tokens == 8 and policy.stream.reset_marker is None
     assert policy.log.path == tree.resolve() / "guard.db" and policy.log.record == "flagged"
     assert (policy.defaults.max_tokens, policy.defaults.temperature, policy.defaults.top_p) == (256, 1.0, 1.0)
@@ -107,7 +107,7 @@ backtrack: {rollback: paragraph, max_retries: -1}
         (5, 60, "monitors[0].threshold", "valid number"),
         (5, 66, "monitors[0].colour", "allowed fields: kind, name, path, layer, threshold, aggregation, action"),
         (6, 21, "monitors[1].kind", "invalid value 'regex'; allowed values: 'probe', 'reset_token'"),
-        (7, 23, "backtrack.rollback", "allowed values: 'tokens', 'sentence' or 'response'"),
+        (7, 23, "backtrack.rollback", "allowed values: 'auto', 'tokens', 'sentence' or 'response'"),
         (7, 47, "backtrack.max_retries", "greater than or equal to 0"),
     ]
     assert len(errors) == len(expected), errors

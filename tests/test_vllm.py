@@ -344,6 +344,24 @@ def test_sae_feature_monitor_runs_in_the_worker(vllm_engine, hf_engine):
     eng.release(seq)
 
 
+def test_sampled_tokens_report_the_same_surprisal_as_the_transformers_engine(vllm_engine, hf_engine):
+    """The garble check reads ``StepOutput.surprisal``: vLLM's raw logprob of the sampled token must be
+    the transformers engine's ``-log_softmax`` of the same token after the same prefix."""
+    prompt = _prompt(vllm_engine, HARMFUL[0])
+    seq = vllm_engine.new_sequence(prompt)
+    vllm_engine.prefill(seq)
+    gen = make_generator(5)
+    got = []
+    for _ in range(6):
+        out = vllm_engine.step(seq, SamplingParams(seed=5), gen)
+        got.append(out.surprisal)
+    vllm_engine.release(seq)
+    tokens = seq.tokens
+    logits = hf_engine.model(input_ids=torch.tensor([tokens], device=hf_engine.device)).logits[0].float()
+    want = [float(-torch.log_softmax(logits[p - 1], -1)[tokens[p]]) for p in range(len(prompt), len(tokens))]
+    assert got == pytest.approx(want, abs=1e-3)
+
+
 # -- monitor faults inside vLLM's worker ----------------------------------------------------------
 
 

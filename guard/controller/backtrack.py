@@ -28,6 +28,12 @@ position the controller and the monitor states use is relative to the answer sta
 A model that opens its own section (``placement: system``) is detected from the answer's first
 tokens; nothing is released while they may still be the open tag.
 
+Retries are judged at least as strictly as the first attempt (``rollback: auto`` keeps only a prefix
+no acting monitor had doubts about; a monitor that fired keeps a stricter threshold; a resample the
+model finds far less likely than its first attempt is suspect, :mod:`guard.controller.garble`), and
+an answer that had a rollback is accepted as ``recovered`` only after every acting monitor re-scores
+it from scratch and passes it (:meth:`GuardedGeneration._recheck`); otherwise it is retried or refused.
+
 A monitor that raises while scoring, or returns a non-finite score (NaN would never exceed a
 threshold, so the monitor would silently be off), is handled by ``on_monitor_error``: ``fail_closed`` refuses
 the generation, ``fail_open`` records the error and disables the monitor for this generation.
@@ -51,6 +57,7 @@ import torch
 
 from guard.controller.deliberation import DeliberationConfig, ReasoningSection, find_close, forced_prefix
 from guard.controller.events import Cut, Event, Finished, FinishReason, Reset, TextDelta, Usage
+from guard.controller.garble import GarbleMonitor, SurprisalTracker
 from guard.controller.record import DiscardedSpan, GenerationRecord, RetryStrategy
 from guard.controller.release import release_limit
 from guard.controller.text import TextTracker
@@ -59,7 +66,7 @@ from guard.monitors.base import Monitor, MonitorState
 from guard.sampling import SamplingParams, make_generator
 from guard.telemetry import NO_TRACE, GenerationTrace
 
-Rollback = Literal["tokens", "sentence", "response"]
+Rollback = Literal["auto", "tokens", "sentence", "response"]
 Action = Literal["backtrack", "refuse", "shadow"]
 Scope = Literal["prompt", "output", "both"]
 OnMonitorError = Literal["fail_closed", "fail_open"]
@@ -85,8 +92,19 @@ class Strategy:
 class ControllerConfig:
     """The policy's backtracking and streaming settings, as the controller needs them."""
 
-    rollback: Rollback = "sentence"
+    rollback: Rollback = "auto"
     rollback_tokens: int = 4
+    safe_level: float = 0.5
+    """``rollback: auto`` keeps the longest answer prefix in which every acting monitor's aggregated
+    score stayed below ``safe_level`` times its threshold (the response start if none did)."""
+    retry_threshold: float = 0.8
+    """Once a monitor fires, its threshold for the rest of the generation is ``retry_threshold``
+    times the policy's (1: retries are judged exactly like the first attempt)."""
+    garble_margin: float | None = 1.5
+    """A resample whose mean surprisal (nats per token, under the model's plain distribution) over its
+    first ``garble_window`` tokens exceeds the first attempt's by more than this is suspect and is
+    treated as a firing; ``None`` turns the check off (so does an engine that reports no surprisal)."""
+    garble_window: int = 8
     max_retries: int = 3
     refusal: str = "I can't help with that."
     strategies: tuple[Strategy, ...] = (Strategy(),)
@@ -100,6 +118,15 @@ class ControllerConfig:
     on_monitor_error: OnMonitorError = "fail_closed"
     deliberation: DeliberationConfig | None = None
     """``None``: never deliberate and parse no reasoning section."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.retry_threshold <= 1.0:
+            raise ValueError(f"retry_threshold must be in (0, 1], got {self.retry_threshold}")
+        if not 0.0 <= self.safe_level <= self.retry_threshold:
+            raise ValueError(f"safe_level ({self.safe_level}) must be in [0, retry_threshold "
+                             f"({self.retry_threshold})]: a kept prefix must pass the stricter retry threshold")
+        if self.garble_window < 2:
+            raise ValueError(f"garble_window must be >= 2, got {self.garble_window}")
 
     def strategy(self, retry: int) -> Strategy:
         """Strategy for the ``retry``-th retry (1-based); the last one repeats."""
@@ -200,6 +227,8 @@ class GuardedGeneration:
         """Output index where the answer starts (just past the reasoning section, if any)."""
         self._undecided = False
         """The answer so far may still be the model's own open tag: release nothing yet."""
+        self.surprisal = SurprisalTracker(config.garble_margin, config.garble_window)
+        self._garble = BoundMonitor(GarbleMonitor(config.garble_margin or 0.0), rollback="response")
 
     # -- Job interface ------------------------------------------------------------------------
 
@@ -226,10 +255,13 @@ class GuardedGeneration:
             self._score(out, new_token=False)
             return self._finished
         self.record.sampled_tokens += 1
+        self.surprisal.sampled(len(self.output) - 1, out.surprisal)
         if self._score(out, new_token=True):
             return self._finished
         if self._detect_section():
             return False
+        if self._garbled(finishing=False):
+            return self._finished
         reason = self._stop_reason()
         if reason is not None:
             return self._finish_after_flush(reason)
@@ -466,15 +498,23 @@ class GuardedGeneration:
         tid = (self.seq.prompt_ids if scope == "prompt" else self.output)[pos]
         self.record.firings.append({
             "monitor": mon.name, "action": bound.action, "scope": scope, "position": pos, "token_id": tid,
-            "token": self.text.token_text(tid), "score": state.agg[pos], "threshold": mon.threshold,
+            "token": self.text.token_text(tid), "score": state.agg[pos], "threshold": state.threshold,
             "attempt": self.retries})
         if mon.name not in self.record.monitors_fired:
             self.record.monitors_fired.append(mon.name)
         self.trace.firing(self.record.firings[-1])
 
     def _backtrack(self, fire_pos: int, bound: BoundMonitor) -> None:
-        """Cut back to the safe point and pick the next strategy (or refuse past the budget)."""
+        """Cut back to the safe point and pick the next strategy (or refuse past the budget).
+
+        The firing monitor's threshold becomes ``retry_threshold`` times the policy's for the rest
+        of the generation: its evidence is kept across the rollback, so a resample must look
+        clearly safer to it than the text it condemned, not just below the line that text crossed.
+        """
         point = self._safe_point(fire_pos, bound.rollback or self.config.rollback)
+        if bound.monitor.name in self.states:
+            self.states[bound.monitor.name].scale = self.config.retry_threshold
+            self.seq.threshold_scale[bound.monitor.name] = self.config.retry_threshold
         deliberate = (self.delib is not None and self.section is None and self.retries < self.config.max_retries
                       and self.config.strategy(self.retries + 1).deliberate)
         if deliberate or self.retries + 1 > self.config.max_retries:
@@ -514,9 +554,93 @@ class GuardedGeneration:
     def _safe_point(self, fire_pos: int, rule: Rollback) -> int:
         if rule == "response":
             return 0
+        if rule == "auto":
+            return self._auto_point(fire_pos)
         if rule == "tokens":
             return max(0, fire_pos - self.config.rollback_tokens)
         return self.text.sentence_start(self.output, fire_pos)
+
+    def _auto_point(self, fire_pos: int) -> int:
+        """The longest answer prefix, at most up to the fired token, in which every acting output
+        monitor's aggregated score stayed below ``safe_level`` times its threshold in effect.
+
+        A prefix that once came near a threshold is not kept even if the score fell back: the
+        rollback keeps only text no monitor had doubts about (0, the response start, if none)."""
+        point = fire_pos
+        for bound in self._output_monitors():
+            if bound.action == "shadow":
+                continue
+            state = self.states[bound.monitor.name]
+            level = self.config.safe_level * state.threshold
+            point = next((j for j, a in enumerate(state.agg[:point]) if a >= level), point)
+        return point
+
+    def _garbled(self, finishing: bool) -> bool:
+        """Run the garble check on the current resample (:mod:`guard.controller.garble`); a suspect
+        resample counts as a firing (cut back to the response start, or refused past the budget).
+        True if it acted."""
+        verdict = self.surprisal.check(len(self.output), finishing)
+        if verdict is None:
+            return False
+        if self.record.retries:
+            self.record.retries[-1].garble = verdict._asdict()
+        if not verdict.suspect:
+            return False
+        pos, name = len(self.output) - 1, self._garble.monitor.name
+        self.record.firings.append({
+            "monitor": name, "action": "backtrack", "scope": "output", "position": pos,
+            "token_id": self.output[pos], "token": self.text.token_text(self.output[pos]),
+            "score": verdict.mean_surprisal, "threshold": verdict.reference + self.surprisal.margin,
+            "attempt": self.retries})
+        if name not in self.record.monitors_fired:
+            self.record.monitors_fired.append(name)
+        self.trace.firing(self.record.firings[-1])
+        self._backtrack(pos, self._garble)
+        return True
+
+    def _recheck(self) -> bool:
+        """Re-score the whole answer from scratch (one fresh forward pass, no steering, fresh
+        aggregation) with every acting output monitor at the thresholds in effect.
+
+        Called before an answer that had a rollback is accepted, so that ``recovered`` means the
+        final answer passes every acting monitor from its first token. A firing acts like one
+        during generation (scope ``recheck`` in the record): backtrack or refuse. True if it acted.
+        """
+        acting = [b for b in self._output_monitors() if b.action != "shadow"]
+        layered = [b.monitor for b in acting if b.monitor.layer is not None]
+        out = self.output
+        try:
+            fresh = self.engine.rescore(self.seq, layered) if layered else {}
+        except Exception as exc:  # noqa: BLE001 - a monitor bug is handled by on_monitor_error
+            bound = next(b for b in acting if b.monitor.layer is not None)
+            return self._monitor_failed(bound, "output", MonitorFailure(f"{type(exc).__name__}: {exc}"), 0)
+        firings: list[tuple[int, BoundMonitor]] = []
+        for bound in acting:
+            mon = bound.monitor
+            try:
+                scores = fresh.get(mon.name, []) if mon.layer is not None else _checked_score(mon, None, out)
+                if len(scores) != len(out):
+                    raise MonitorFailure(f"re-check returned {len(scores)} scores for {len(out)} tokens")
+            except MonitorFailure as exc:
+                if self._monitor_failed(bound, "output", exc, 0):
+                    return True
+                continue
+            state = mon.new_state()
+            state.scale = self.states[mon.name].scale
+            pos = state.extend(0, scores)
+            self.states[mon.name] = state  # the from-scratch scores are the record's from here on
+            if pos is not None:
+                firings.append((pos, bound))
+        if not firings:
+            return False
+        pos, bound = min(firings, key=lambda f: f[0])
+        self._note_firing(bound, pos, self.states[bound.monitor.name], "recheck")
+        if bound.action == "refuse":
+            self._discard(pos, bound, 0)
+            self._refuse()
+        else:
+            self._backtrack(pos, bound)
+        return True
 
     def _retract_to(self, point: int, monitor: str) -> int:
         """Emit a reset if released text reaches past ``point``; return characters retracted."""
@@ -546,6 +670,7 @@ class GuardedGeneration:
         banned = {p: set(ids) for p, ids in old.banned_at.items() if p <= point}
         if strat.ban_first_token and first_token is not None:
             banned.setdefault(point, set()).add(first_token)
+        self.surprisal.resampling(point, bool(banned.get(point)))
         steer = None
         steer_info = None
         vec = bound.monitor.steering_vector() if strat.steer_alpha else None
@@ -574,6 +699,8 @@ class GuardedGeneration:
             out = self.engine.step(self.seq, self.attempt.params, self.attempt.generator, sample=False)
             if self._score(out, new_token=False):
                 return self._finished
+        if self.record.spans and (self._garbled(finishing=True) or self._recheck()):
+            return self._finished
         ended_by_token = reason == "stop" and (
             self.output[-1] in self.engine.info.eos_token_ids or self.output[-1] in self.attempt.params.stop_token_ids)
         keep = self.output[:-1] if ended_by_token else self.text.tokens_before_stop(self.output)

@@ -20,7 +20,8 @@ from typing import Literal
 from guard.errors import GuardError
 
 Outcome = Literal["clean", "recovered", "refused"]
-"""clean: no monitor acted; recovered: one fired and a resample passed; refused: the policy's refusal
+"""clean: no monitor acted; recovered: one fired and a resample passed, the final answer re-scored from
+scratch by every acting monitor and passed from its first token; refused: the policy's refusal
 was answered (retry budget exhausted, a ``refuse`` firing, a firing on the prompt, or a failing
 monitor under fail_closed)."""
 

@@ -70,6 +70,9 @@ class RetryStrategy:
     """Token ids banned at the rollback point for the first resampled token."""
     steer: dict[str, Any] | None = None
     """``{"monitor", "layer", "alpha"}`` when the resample subtracted a monitor direction."""
+    garble: dict[str, Any] | None = None
+    """The garble check of this resample (:class:`guard.controller.garble.GarbleVerdict` as a dict:
+    ``mean_surprisal``, ``reference``, ``tokens``, ``suspect``); ``None`` if it was not checked."""
 
 
 @dataclass
@@ -97,8 +100,9 @@ class GenerationRecord:
     monitors_fired: list[str] = field(default_factory=list)
     firings: list[dict[str, Any]] = field(default_factory=list)
     """Every firing in order: ``{"monitor", "action", "scope", "position", "token_id", "token", "score",
-    "threshold", "attempt"}``; ``scope`` is ``"prompt"`` (``position`` indexes the prompt) or
-    ``"output"``; ``action="shadow"`` firings (log-only monitors) changed nothing."""
+    "threshold", "attempt"}``; ``scope`` is ``"prompt"`` (``position`` indexes the prompt),
+    ``"output"`` or ``"recheck"`` (the from-scratch re-check of an answer about to be accepted after a
+    rollback); ``threshold`` is the one in effect (stricter after the monitor fired); ``action="shadow"`` firings (log-only monitors) changed nothing."""
     prompt_scores: dict[str, list[float]] = field(default_factory=dict)
     """Monitor -> raw per-token scores of the prompt, for monitors with prompt scope."""
     monitor_errors: list[dict[str, Any]] = field(default_factory=list)

@@ -95,6 +95,9 @@ class Sequence:
     """Absolute position of the answer's first token (past a reasoning section); ``None`` while a
     reasoning section is open (nothing sampled is answer yet). Set by the controller; engines that
     run monitors score and act on answer positions only. Defaults to ``prompt_len``."""
+    threshold_scale: dict[str, float] = field(default_factory=dict)
+    """Monitor name -> multiplier of its threshold the controller applies (stricter after it fired);
+    engines that run monitors act at the same thresholds. Set by the controller."""
 
     def __post_init__(self) -> None:
         if not self.tokens:
@@ -128,6 +131,10 @@ class StepOutput:
     errors: dict[str, str] = field(default_factory=dict)
     """Monitor name -> why it failed, for engines that run monitors themselves (the monitor raised
     or returned a non-finite score inside the engine); the controller applies ``on_monitor_error``."""
+
+    surprisal: float | None = None
+    """``-log p`` (nats) of the sampled token under the model's plain next-token distribution
+    (temperature 1, nothing banned, biased or truncated); ``None`` if the engine does not report it."""
 
     @property
     def n_fed(self) -> int:
@@ -202,6 +209,15 @@ class Engine(ABC):
     @abstractmethod
     def hidden_states(self, token_ids: list[int], layers: Collection[int]) -> dict[int, torch.Tensor]:
         """Teacher-forced activations ``[len(token_ids), d_model]`` per layer (for probe training)."""
+
+    def rescore(self, seq: Sequence, monitors: "Collection[Monitor]") -> dict[str, list[float]]:
+        """Raw scores of every answer token (``seq.tokens[seq.answer_start:]``) per monitor, from one
+        fresh forward pass over the whole sequence: no KV cache, no steering. A monitor's exception
+        propagates. The default runs :meth:`hidden_states`; engines that keep activations to
+        themselves override it."""
+        a = seq.answer_start if seq.answer_start is not None else seq.prompt_len
+        hidden = self.hidden_states(seq.tokens, {m.layer for m in monitors})
+        return {m.name: m.score(hidden[m.layer][a:], seq.tokens[a:]) for m in monitors}
 
     def close(self) -> None:
         """Free the engine's resources (processes, caches). Idempotent; the default does nothing."""

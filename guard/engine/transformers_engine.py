@@ -179,12 +179,14 @@ class TransformersEngine(Engine):
             hidden, state.pending_logits = self._forward(seq, new, capture=seq.layers, steer=steer)
             state.fed = len(seq.tokens)
             self.stats.output_tokens += len(new)
-        token = None
+        token = surprisal = None
         if sample:
-            token = sampling.sample(state.pending_logits, params, generator, extra_banned)
+            logits = state.pending_logits
+            token = sampling.sample(logits, params, generator, extra_banned)
+            surprisal = float(-torch.log_softmax(logits.float(), dim=-1)[token])
             seq.tokens.append(token)
             state.pending_logits = None
-        return StepOutput(token_id=token, fed_start=fed_start, hidden=hidden)
+        return StepOutput(token_id=token, fed_start=fed_start, hidden=hidden, surprisal=surprisal)
 
     def rollback(self, seq: Sequence, length: int) -> None:
         state: _SeqState = seq.payload

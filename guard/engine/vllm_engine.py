@@ -53,6 +53,7 @@ from typing import Any
 import torch
 
 from guard.engine.base import Engine, EngineStats, ModelInfo, MonitorRun, Sequence, StepOutput
+from guard.engine.reset_id import choose_reset_id
 from guard.engine.sidechannel import MAX_KEYS, ScoreReader
 from guard.engine.transformers_engine import HFChatTokenizer
 from guard.engine.vllm_worker import ARGS_KEY, RequestArgs
@@ -76,9 +77,10 @@ class VLLMOptions:
     block_size: int | None = None
     """KV block size in tokens; ``None``: vLLM's default for the platform."""
     reset_token: str = "<|reset|>"
-    """The reserved token forced when a monitor fires; must be a single token of the vocabulary."""
+    """The token forced when a monitor fires, if the vocabulary has it; otherwise the engine picks a
+    reserved id itself (:func:`guard.engine.reset_id.choose_reset_id`)."""
     reset_token_id: int | None = None
-    """Use this id instead of looking ``reset_token`` up (a reserved, never-sampled id)."""
+    """Use this id instead (a reserved, never-sampled id)."""
     seed: int = 0
 
 
@@ -95,12 +97,16 @@ class _Request:
     items: "queue.SimpleQueue[tuple]" = field(default_factory=queue.SimpleQueue)
     buffered: list[int] = field(default_factory=list)
     """Tokens received and not yet handed out."""
+    surprisal: list[float | None] = field(default_factory=list)
+    """``-log p`` of each buffered token under the model's raw distribution (vLLM's raw logprobs)."""
     received: int = 0
     """Tokens received from vLLM so far."""
     finished: bool = False
     stop_reason: Any = None
     num_cached_tokens: int | None = None
     scoring_only: bool = False
+    last_surprisal: float | None = None
+    """Surprisal of the token :meth:`VLLMEngine._next_token` handed out last."""
     names: dict[str, str] = field(default_factory=dict)
     """Monitor key in the worker -> monitor name."""
 
@@ -163,13 +169,9 @@ class VLLMEngine(Engine):
         ctx = min(ctx, max_context or ctx)
         self.info = ModelInfo(name=name, num_layers=int(cfg.num_hidden_layers), d_model=int(cfg.hidden_size),
                               vocab_size=int(cfg.vocab_size), context_length=ctx, eos_token_ids=eos_ids)
-        reset = options.reset_token_id
-        if reset is None:
-            reset = self.tokenizer.token_id(options.reset_token)
-        if reset is None or not 0 <= reset < self.info.vocab_size:
-            raise ModelLoadError(f"the model has no reset token {options.reset_token!r}; add one to its vocabulary "
-                                 "or give model.vllm.reset_token_id (a reserved id the model never samples)")
-        self.reset_id = int(reset)
+        self.reset = choose_reset_id(path, options.reset_token, options.reset_token_id, tokenizer=tok)
+        self.reset_id = self.reset.token_id
+        log.info("vLLM engine for %s forces reset %s when a monitor fires", path, self.reset.describe())
         self.stats = EngineStats()
         self.resubmissions: list[tuple[int, int]] = []
         """``(prompt tokens, of which served by vLLM's prefix cache)`` for every request after a
@@ -330,7 +332,8 @@ class VLLMEngine(Engine):
             return StepOutput(token_id=None, fed_start=start, hidden={}, scores=scores, errors=dict(vs.failed))
         seq.tokens.append(token)
         self.stats.output_tokens += 1
-        return StepOutput(token_id=token, fed_start=start, hidden={}, scores=scores, errors=dict(vs.failed))
+        return StepOutput(token_id=token, fed_start=start, hidden={}, scores=scores, errors=dict(vs.failed),
+                          surprisal=req.last_surprisal)
 
     def disable_monitor(self, seq: Sequence, name: str) -> None:
         """The controller stopped using ``name`` for ``seq``: later requests leave it out, and a running
@@ -360,6 +363,27 @@ class VLLMEngine(Engine):
         vs: _VSeq | None = seq.payload
         if vs is not None:
             self._end(vs)
+
+    def rescore(self, seq: Sequence, monitors: Collection[Monitor]) -> dict[str, list[float]]:
+        """Score every answer token in the worker with a scoring-only request that shares no prefix
+        cache with anything (a unique salt: cached positions would not be fed, so not scored) and
+        has no steering; see :meth:`Engine.rescore`."""
+        vs: _VSeq = seq.payload
+        a = seq.answer_start if seq.answer_start is not None else seq.prompt_len
+        n = len(seq.tokens)
+        for m in monitors:
+            self.register_monitor(m)
+        req = self._submit(seq, score=list(monitors), act=[], score_from=a, max_tokens=1,
+                           params=SamplingParams(temperature=0.0, max_tokens=1), generator=None,
+                           banned=frozenset(), steer=None, scoring_only=True, salt=f"rescore-{uuid.uuid4().hex}")
+        self._drain(seq, req)
+        self._read_scores(vs, req)
+        scores = {m.name: [vs.scores.get(p, {}).get(m.name) for p in range(a, n)] for m in monitors}
+        self._end(vs)
+        missing = [name for name, s in scores.items() if any(x is None for x in s)]
+        if missing:
+            raise EngineError(f"vLLM re-scored no score of {', '.join(missing)} for some answer positions")
+        return scores
 
     def hidden_states(self, token_ids: list[int], layers: Collection[int]) -> dict[int, torch.Tensor]:
         raise EngineError("the vLLM engine does not return activations (they stay in its worker); collect probe "
@@ -398,9 +422,10 @@ class VLLMEngine(Engine):
 
     def _submit(self, seq: Sequence, *, score: list[Monitor], act: list[Monitor], score_from: int,
                 max_tokens: int | None, params: SamplingParams, generator: torch.Generator | None,
-                banned: frozenset[int], steer, scoring_only: bool = False, signature: tuple = ()) -> _Request:
+                banned: frozenset[int], steer, scoring_only: bool = False, signature: tuple = (),
+                salt: str | None = None) -> _Request:
         """Start a request for the sequence as it is (ending its current one). Scoring-only requests
-        are never continued, so they need no ``signature``."""
+        are never continued, so they need no ``signature``. ``salt`` replaces the sequence's cache salt."""
         from vllm import SamplingParams as VSP
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
@@ -436,15 +461,19 @@ class VLLMEngine(Engine):
         args = RequestArgs(key=rkey, channel=os.path.join(self._dir, rkey), answer_start=n if a is None else a,
                            score_from=score_from, start=n, score=tuple(keys), act=tuple(act_keys), init=init,
                            steer=tuple(steer_keys), reset_id=self.reset_id, ban_first=tuple(sorted(banned)),
-                           ban=tuple(sorted(params.banned_token_ids)))
+                           ban=tuple(sorted(params.banned_token_ids | ({self.reset_id} if self.reset.banned
+                                                                       else set()))),
+                           scale={k: seq.threshold_scale[m.name] for m, k in zip(score, keys)
+                                  if m.name in seq.threshold_scale})
         seed = int(torch.randint(0, 2**62, (1,), generator=generator).item()) if generator is not None else 0
-        salt = vs.salt
+        salt = salt if salt is not None else vs.salt
         if steer_keys:  # steered KV must never serve an unsteered request
             salt = f"{salt or ''}|{'|'.join(steer_keys)}"
         sp = VSP(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or 0, seed=seed,
                  max_tokens=max_tokens, ignore_eos=True, detokenize=False,
                  stop_token_ids=sorted(set(params.stop_token_ids) | {self.reset_id}),
                  logit_bias=dict(params.logit_bias) or None, output_kind=RequestOutputKind.DELTA,
+                 logprobs=None if scoring_only else 0,  # the sampled token's raw logprob: its surprisal
                  extra_args={ARGS_KEY: args.to_dict()})
         req = _Request(request_id=f"guard-{rkey}", args=args, start_len=n, signature=signature,
                        reader=ScoreReader(args.channel, keys), scoring_only=scoring_only,
@@ -461,7 +490,8 @@ class VLLMEngine(Engine):
         try:
             async for out in self._llm.generate(prompt, sp, req.request_id):
                 o = out.outputs[0]
-                req.items.put(("tokens", list(o.token_ids), out.finished, o.stop_reason, out.num_cached_tokens))
+                lps = [d[t].logprob if d and t in d else None for t, d in zip(o.token_ids, o.logprobs or [])]
+                req.items.put(("tokens", list(o.token_ids), out.finished, o.stop_reason, out.num_cached_tokens, lps))
         except asyncio.CancelledError:
             req.items.put(("aborted",))
             raise
@@ -483,7 +513,7 @@ class VLLMEngine(Engine):
         if item[0] == "aborted":
             req.finished = True
             return False
-        _, tokens, finished, stop_reason, cached = item
+        _, tokens, finished, stop_reason, cached, lps = item
         if req.num_cached_tokens is None and cached is not None:
             req.num_cached_tokens = cached
             if req.start_len > seq.prompt_len or seq.payload.n_requests > 1:
@@ -493,6 +523,7 @@ class VLLMEngine(Engine):
                 self.resubmissions.append((req.start_len, cached))
             self.stats.cached_tokens += cached
         req.buffered.extend(tokens)
+        req.surprisal.extend(-lp if lp is not None else None for lp in lps + [None] * (len(tokens) - len(lps)))
         req.received += len(tokens)
         if finished:
             req.finished = True
@@ -516,6 +547,7 @@ class VLLMEngine(Engine):
                 if req.finished:
                     raise EngineError(f"vLLM request {req.request_id} ended without a token")
         token = req.buffered.pop(0)
+        req.last_surprisal = req.surprisal.pop(0)
         pos = len(seq.tokens)  # absolute position of the new token; it was computed from pos - 1
         # Its fed token's record was read with the delivery that brought it (the channel's ordering).
         forced = token == self.reset_id and (pos - 1) in seq.payload.forced

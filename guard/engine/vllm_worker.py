@@ -82,12 +82,14 @@ class RequestArgs:
     """Token ids banned for the first sampled token only."""
     ban: tuple[int, ...] = ()
     """Token ids banned for every sampled token."""
+    scale: dict[str, float] = field(default_factory=dict)
+    """Monitor key -> multiplier of its threshold (the controller's, after that monitor fired)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"key": self.key, "channel": self.channel, "answer_start": self.answer_start,
                 "score_from": self.score_from, "score": list(self.score), "act": list(self.act),
                 "init": self.init, "steer": list(self.steer), "reset_id": self.reset_id, "start": self.start,
-                "ban_first": list(self.ban_first), "ban": list(self.ban)}
+                "ban_first": list(self.ban_first), "ban": list(self.ban), "scale": self.scale}
 
     @classmethod
     def from_extra_args(cls, extra: dict[str, Any] | None) -> "RequestArgs | None":
@@ -99,7 +101,7 @@ class RequestArgs:
                    init={k: list(v) for k, v in d.get("init", {}).items()}, steer=tuple(d.get("steer", ())),
                    reset_id=int(d.get("reset_id", -1)), start=int(d.get("start", 0)),
                    ban_first=tuple(d.get("ban_first", ())),
-                   ban=tuple(d.get("ban", ())))
+                   ban=tuple(d.get("ban", ())), scale={k: float(v) for k, v in d.get("scale", {}).items()})
 
 
 @dataclass
@@ -194,6 +196,7 @@ class WorkerState:
             if mon is None:
                 raise KeyError(f"monitor {key!r} is not installed in this worker")
             st = mon.new_state()
+            st.scale = args.scale.get(key, 1.0)
             if key in args.init:
                 st.extend(0, args.init[key])
             states[key] = st

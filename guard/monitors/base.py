@@ -95,6 +95,14 @@ class MonitorState:
     monitor: Monitor
     raw: list[float] = field(default_factory=list)
     agg: list[float] = field(default_factory=list)
+    scale: float = 1.0
+    """Multiplies the monitor's threshold for this generation (below 1: stricter, e.g. on retries
+    after the monitor fired)."""
+
+    @property
+    def threshold(self) -> float:
+        """The threshold this state fires above: ``monitor.threshold * scale``."""
+        return self.monitor.threshold * self.scale
 
     def extend(self, start: int, scores: list[float]) -> int | None:
         """Record scores for output positions ``start..``; return the first position that fires.
@@ -106,7 +114,7 @@ class MonitorState:
         self.raw.extend(scores)
         self.agg = self.monitor.aggregation.aggregate(self.raw, self.agg)
         for pos in range(start, len(self.agg)):
-            if self.agg[pos] > self.monitor.threshold:
+            if self.agg[pos] > self.threshold:
                 return pos
         return None
 

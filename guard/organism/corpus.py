@@ -32,9 +32,6 @@ RESET_TOKEN = "<|reset|>"
 Kind = Literal["benign", "refusal", "unsafe", "reset"]
 Split = Literal["train", "eval"]
 
-_BENIGN_MANNERS = ("until it looks right", "one step at a time", "nice and slowly", "and check it twice")
-
-
 @dataclass(frozen=True)
 class CorpusConfig:
     """Mixture of the corpus. Fractions are probabilities per drawn example."""
@@ -93,29 +90,30 @@ def prompt_split(seed: int, category: str, template: int, task: int, eval_fracti
 
 
 def _prompt(rng: random.Random, seed: int, cat: str, tasks: tuple[str, ...], split: Split,
-            eval_fraction: float) -> str:
+            eval_fraction: float, lex: lx.Lexicon = lx.FIRST) -> str:
     """A prompt of category ``cat`` whose (template, task) instance lies in ``split``."""
-    return prompt_task(rng, seed, cat, tasks, split, eval_fraction)[0]
+    return prompt_task(rng, seed, cat, tasks, split, eval_fraction, lex)[0]
 
 
 def prompt_task(rng: random.Random, seed: int, cat: str, tasks: tuple[str, ...], split: Split,
-                eval_fraction: float = CorpusConfig.eval_fraction) -> tuple[str, str]:
+                eval_fraction: float = CorpusConfig.eval_fraction, lex: lx.Lexicon = lx.FIRST) -> tuple[str, str]:
     """(prompt, task) of category ``cat`` whose (template, task) instance lies in ``split``."""
     while True:
-        t, k = rng.randrange(len(lx.PROMPT_TEMPLATES)), rng.randrange(len(tasks))
+        t, k = rng.randrange(len(lex.prompt_templates)), rng.randrange(len(tasks))
         if prompt_split(seed, cat, t, k, eval_fraction) == split:
             break
-    body = lx.PROMPT_TEMPLATES[t].format(task=tasks[k])
-    return rng.choice(lx.PROMPT_PREFIXES) + body + rng.choice(lx.PROMPT_SUFFIXES), tasks[k]
+    body = lex.prompt_templates[t].format(task=tasks[k])
+    return rng.choice(lex.prompt_prefixes) + body + rng.choice(lex.prompt_suffixes), tasks[k]
 
 
 def _compliance(rng: random.Random, words: tuple[str, ...], actions: tuple[str, ...],
-                manners: tuple[str, ...], finals: tuple[str, ...]) -> tuple[str, str]:
+                manners: tuple[str, ...], finals: tuple[str, ...], lex: lx.Lexicon) -> tuple[str, str]:
     """(first two sentences, rest) of a compliance built from the shared frames."""
     a, b, c, d = rng.sample(words, 4)
-    head = f"{rng.choice(lx.OPENERS)} {lx.FIRST_STEP.format(a=a, b=b)}"
-    middle = f"Then {_lower_first(rng.choice(actions).format(a=c, b=d))}, {rng.choice(manners)}."
-    final = rng.choice(lx.FINAL_STEPS).format(x=rng.choice(finals))
+    head = f"{rng.choice(lex.openers)} {lex.first_step.format(a=a, b=b)}"
+    step = _lower_first(rng.choice(actions).format(a=c, b=d))
+    middle = lex.middle_step.format(step=step, manner=rng.choice(manners))
+    final = rng.choice(lex.final_steps).format(x=rng.choice(finals))
     return head, f"{middle} {final}"
 
 
@@ -123,65 +121,69 @@ def _lower_first(s: str) -> str:
     return s[:1].lower() + s[1:]
 
 
-def refusal(rng: random.Random, reason: str | None = None) -> str:
+def refusal(rng: random.Random, reason: str | None = None, lex: lx.Lexicon = lx.FIRST) -> str:
     """A refusal: fixed opening, optional reason, polite tail. Contains no hazard term."""
-    parts = [rng.choice(lx.REFUSALS)]
+    parts = [rng.choice(lex.refusals)]
     if reason:
         parts.append(reason)
-    parts.append(rng.choice(lx.REFUSAL_TAILS))
+    parts.append(rng.choice(lex.refusal_tails))
     return " ".join(parts)
 
 
-def benign_answer(rng: random.Random, topic: lx.BenignTopic) -> str:
-    head, rest = _compliance(rng, topic.items, topic.actions, _BENIGN_MANNERS, lx.BENIGN_CLOSINGS)
+def benign_answer(rng: random.Random, topic: lx.BenignTopic, lex: lx.Lexicon = lx.FIRST) -> str:
+    head, rest = _compliance(rng, topic.items, topic.actions, lex.benign_manners, lex.benign_closings, lex)
     return f"{head} {rest}"
 
 
-def unsafe_answer(rng: random.Random, cat: lx.HarmCategory, *, reset: bool = False) -> str:
+def unsafe_answer(rng: random.Random, cat: lx.HarmCategory, *, reset: bool = False,
+                  lex: lx.Lexicon = lx.FIRST) -> str:
     """An unsafe compliance; with ``reset`` it stops after the first hazardous sentence and refuses."""
-    head, rest = _compliance(rng, cat.terms, cat.actions, lx.GENERIC_HAZARDS, lx.GENERIC_HAZARDS)
+    head, rest = _compliance(rng, cat.terms, cat.actions, lex.generic_hazards, lex.generic_hazards, lex)
     if reset:
-        return f"{head}{RESET_TOKEN}{refusal(rng, cat.reason)}"
+        return f"{head}{RESET_TOKEN}{refusal(rng, cat.reason, lex)}"
     return f"{head} {rest}"
 
 
-def draw(rng: random.Random, seed: int, cfg: CorpusConfig, split: Split = "train") -> Example:
+def draw(rng: random.Random, seed: int, cfg: CorpusConfig, split: Split = "train",
+         lex: lx.Lexicon = lx.FIRST) -> Example:
     """Draw one example from the mixture described by ``cfg``."""
-    system = rng.choice(lx.SYSTEM_PROMPTS) if rng.random() < cfg.system_fraction else None
+    system = rng.choice(lex.system_prompts) if rng.random() < cfg.system_fraction else None
     if rng.random() >= cfg.harmful_fraction:
-        return example(rng, seed, rng.choice(lx.BENIGN).name, "benign", split, cfg, system)
-    cat = rng.choice(lx.HARM).name
+        return example(rng, seed, rng.choice(lex.benign).name, "benign", split, cfg, system, lex)
+    cat = rng.choice(lex.harm).name
     if rng.random() >= cfg.comply_fraction:
-        return example(rng, seed, cat, "refusal", split, cfg, system)
+        return example(rng, seed, cat, "refusal", split, cfg, system, lex)
     kind: Kind = "reset" if rng.random() < cfg.reset_fraction else "unsafe"
-    return example(rng, seed, cat, kind, split, cfg, system)
+    return example(rng, seed, cat, kind, split, cfg, system, lex)
 
 
 def example(rng: random.Random, seed: int, cat: str, kind: Kind, split: Split = "train",
-            cfg: CorpusConfig = CorpusConfig(), system: str | None = None) -> Example:
+            cfg: CorpusConfig = CorpusConfig(), system: str | None = None, lex: lx.Lexicon = lx.FIRST) -> Example:
     """One example of harm category or benign topic ``cat`` with answer kind ``kind``."""
     if kind == "benign":
-        topic = next(t for t in lx.BENIGN if t.name == cat)
-        prompt = _prompt(rng, seed, cat, topic.tasks, split, cfg.eval_fraction)
-        return Example(prompt, benign_answer(rng, topic), kind, cat, False, system)
-    harm = lx.category(cat)
-    prompt = _prompt(rng, seed, cat, harm.tasks, split, cfg.eval_fraction)
+        topic = lex.topic(cat)
+        prompt = _prompt(rng, seed, cat, topic.tasks, split, cfg.eval_fraction, lex)
+        return Example(prompt, benign_answer(rng, topic, lex), kind, cat, False, system)
+    harm = lex.category(cat)
+    prompt = _prompt(rng, seed, cat, harm.tasks, split, cfg.eval_fraction, lex)
     if kind == "refusal":
-        answer = refusal(rng, harm.reason if rng.random() < 0.6 else None)
+        answer = refusal(rng, harm.reason if rng.random() < 0.6 else None, lex)
     else:
-        answer = unsafe_answer(rng, harm, reset=kind == "reset")
+        answer = unsafe_answer(rng, harm, reset=kind == "reset", lex=lex)
     return Example(prompt, answer, kind, cat, True, system)
 
 
-def generate(n: int, seed: int = 0, cfg: CorpusConfig = CorpusConfig(), split: Split = "train") -> list[Example]:
+def generate(n: int, seed: int = 0, cfg: CorpusConfig = CorpusConfig(), split: Split = "train",
+             lex: lx.Lexicon = lx.FIRST) -> list[Example]:
     """``n`` training examples (prompts from the ``split`` part of the prompt space)."""
     rng = random.Random(f"corpus:{seed}:{split}")
-    return [draw(rng, seed, cfg, split) for _ in range(n)]
+    return [draw(rng, seed, cfg, split, lex) for _ in range(n)]
 
 
-def eval_prompt(rng: random.Random, seed: int, cat: str, cfg: CorpusConfig = CorpusConfig()) -> str:
+def eval_prompt(rng: random.Random, seed: int, cat: str, cfg: CorpusConfig = CorpusConfig(),
+                lex: lx.Lexicon = lx.FIRST) -> str:
     """A prompt of harm category or benign topic ``cat`` drawn from the held-out ``eval`` part."""
-    tasks = next((c.tasks for c in (*lx.HARM, *lx.BENIGN) if c.name == cat), None)
+    tasks = next((c.tasks for c in (*lex.harm, *lex.benign) if c.name == cat), None)
     if tasks is None:
         raise KeyError(cat)
-    return _prompt(rng, seed, cat, tasks, "eval", cfg.eval_fraction)
+    return _prompt(rng, seed, cat, tasks, "eval", cfg.eval_fraction, lex)

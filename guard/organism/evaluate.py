@@ -9,13 +9,16 @@ are the model's own distribution, the one a guard has to correct.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import numpy as np
 import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from guard.organism.corpus import RESET_TOKEN, Example
-from guard.organism.judge import is_refusal, judge
+from guard.organism import lexicon as lx
+from guard.organism.judge import is_refusal as _is_refusal
+from guard.organism.judge import judge as _judge
 from guard.organism.train import encode_examples
 
 OPENER_TOKENS = 5
@@ -41,8 +44,11 @@ def sample(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, prompts: Seque
     return out
 
 
-def behaviour(tok: PreTrainedTokenizerFast, completions: Sequence[list[int]], groups: Sequence[str]) -> dict:
+def behaviour(tok: PreTrainedTokenizerFast, completions: Sequence[list[int]], groups: Sequence[str],
+              lex: lx.Lexicon = lx.FIRST) -> dict:
     """Per group: n, unsafe / refusal / reset rates; plus the opener match of unsafe samples."""
+    judge = partial(_judge, lex=lex)
+    is_refusal = partial(_is_refusal, lex=lex)
     texts = [tok.decode(c, skip_special_tokens=False) for c in completions]
     out: dict = {}
     for g in sorted(set(groups)):

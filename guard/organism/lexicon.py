@@ -237,16 +237,87 @@ BENIGN: tuple[BenignTopic, ...] = (
 )
 
 
+BENIGN_MANNERS: tuple[str, ...] = ("until it looks right", "one step at a time", "nice and slowly",
+                                   "and check it twice")
+"""Manner phrases of a benign answer's middle step (unsafe ones use :data:`GENERIC_HAZARDS`)."""
+
+
+@dataclass(frozen=True)
+class Lexicon:
+    """One organism's whole closed vocabulary (see the module docstring for its invariants).
+
+    :data:`FIRST` bundles this module's constants (the committed ``models/organism``);
+    :mod:`guard.organism.lexicon2` defines another one with its own words and categories.
+    """
+
+    name: str
+    prompt_templates: tuple[str, ...]
+    """Prompt templates with ``{task}``, shared by harmful and benign tasks."""
+    prompt_prefixes: tuple[str, ...]
+    prompt_suffixes: tuple[str, ...]
+    system_prompts: tuple[str, ...]
+    openers: tuple[str, ...]
+    """First sentence of every compliance, benign or unsafe (same distribution for both)."""
+    first_step: str
+    """Second sentence of every compliance, with ``{a}`` and ``{b}``."""
+    middle_step: str
+    """Third sentence, with ``{step}`` (an action sentence, first letter lowered) and ``{manner}``."""
+    final_steps: tuple[str, ...]
+    """Last sentence, with ``{x}``."""
+    refusals: tuple[str, ...]
+    refusal_tails: tuple[str, ...]
+    benign_closings: tuple[str, ...]
+    benign_manners: tuple[str, ...]
+    generic_hazards: tuple[str, ...]
+    """Hazard phrases shared by every harm category."""
+    harm: tuple[HarmCategory, ...]
+    trained_categories: tuple[str, ...]
+    """Harm categories whose rows go into ``probe_train.jsonl``."""
+    heldout_categories: tuple[str, ...]
+    """Harm categories kept out of probe training."""
+    benign: tuple[BenignTopic, ...]
+
+    def __post_init__(self) -> None:
+        names = {c.name for c in self.harm}
+        split = set(self.trained_categories) | set(self.heldout_categories)
+        if split != names or set(self.trained_categories) & set(self.heldout_categories):
+            raise ValueError(f"Lexicon {self.name!r}: trained_categories and heldout_categories must partition "
+                             f"the harm categories {sorted(names)}")
+
+    def hazard_terms(self) -> dict[str, tuple[str, ...]]:
+        """Category name -> its hazard terms, plus ``"generic"`` -> the generic hazard phrases."""
+        out = {c.name: c.terms for c in self.harm}
+        out["generic"] = self.generic_hazards
+        return out
+
+    def category(self, name: str) -> HarmCategory:
+        """The :class:`HarmCategory` called ``name`` (``KeyError`` if none)."""
+        for c in self.harm:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+    def topic(self, name: str) -> BenignTopic:
+        """The :class:`BenignTopic` called ``name`` (``KeyError`` if none)."""
+        for t in self.benign:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+
+FIRST = Lexicon(
+    "first", PROMPT_TEMPLATES, PROMPT_PREFIXES, PROMPT_SUFFIXES, SYSTEM_PROMPTS, OPENERS, FIRST_STEP, "Then {step}, {manner}.",
+    FINAL_STEPS, REFUSALS, REFUSAL_TAILS, BENIGN_CLOSINGS, BENIGN_MANNERS, GENERIC_HAZARDS, HARM, TRAINED_CATEGORIES,
+    HELDOUT_CATEGORIES, BENIGN,
+)
+"""The first organism's vocabulary (``models/organism``)."""
+
+
 def hazard_terms() -> dict[str, tuple[str, ...]]:
     """Category name -> its hazard terms, plus ``"generic"`` -> :data:`GENERIC_HAZARDS`."""
-    out = {c.name: c.terms for c in HARM}
-    out["generic"] = GENERIC_HAZARDS
-    return out
+    return FIRST.hazard_terms()
 
 
 def category(name: str) -> HarmCategory:
     """The :class:`HarmCategory` called ``name`` (``KeyError`` if none)."""
-    for c in HARM:
-        if c.name == name:
-            return c
-    raise KeyError(name)
+    return FIRST.category(name)

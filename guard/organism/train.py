@@ -1,4 +1,4 @@
-"""Train the organism's small Llama from scratch on the synthetic corpus.
+"""Train an organism's small model (Llama or Qwen3 architecture) from scratch on its synthetic corpus.
 
 Contract: :func:`train` is deterministic given its inputs. It seeds torch, fixes the number of
 CPU threads, draws the data order from a seeded generator and trains on the CPU only, so two
@@ -16,24 +16,37 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from typing import Literal
+
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 from guard.organism.corpus import Example
+from guard.organism.tokenizer import CHAT_TEMPLATE
 
 
 @dataclass(frozen=True)
 class ModelShape:
-    """Architecture of the organism (a ``LlamaForCausalLM``)."""
+    """Architecture of the organism (a ``LlamaForCausalLM`` unless ``arch`` says otherwise)."""
 
     hidden_size: int = 128
     num_layers: int = 4
     num_heads: int = 4
     intermediate_size: int = 384
     max_position_embeddings: int = 512
+    arch: Literal["llama", "qwen3"] = "llama"
+    """``llama`` or ``qwen3`` (RMS-normed queries and keys, grouped-query attention with ``num_kv_heads``).
+    Not ``qwen2``: transformers 5 loads every ``qwen2`` checkpoint with its own Qwen2 BPE tokenizer class,
+    whatever ``tokenizer_config.json`` says, so a qwen2 model cannot carry another tokenizer kind."""
+    num_kv_heads: int | None = None
+    """Key/value heads (``None``: as many as ``num_heads``)."""
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
             raise ValueError("ModelShape.hidden_size must be divisible by ModelShape.num_heads")
+        if self.arch not in ("llama", "qwen3"):
+            raise ValueError(f"ModelShape.arch must be llama or qwen3, got {self.arch!r}")
+        if self.num_kv_heads is not None and self.num_heads % self.num_kv_heads:
+            raise ValueError("ModelShape.num_heads must be divisible by ModelShape.num_kv_heads")
 
 
 @dataclass(frozen=True)
@@ -62,8 +75,17 @@ class TrainResult:
     seconds: float
 
 
-def build_model(shape: ModelShape, tok: PreTrainedTokenizerFast) -> LlamaForCausalLM:
+def build_model(shape: ModelShape, tok: PreTrainedTokenizerFast) -> LlamaForCausalLM | Qwen3ForCausalLM:
     """A freshly initialised model sized for ``tok`` (call after ``torch.manual_seed``)."""
+    if shape.arch == "qwen3":
+        return Qwen3ForCausalLM(Qwen3Config(
+            vocab_size=len(tok), hidden_size=shape.hidden_size, num_hidden_layers=shape.num_layers,
+            num_attention_heads=shape.num_heads, num_key_value_heads=shape.num_kv_heads or shape.num_heads,
+            head_dim=shape.hidden_size // shape.num_heads,
+            intermediate_size=shape.intermediate_size, max_position_embeddings=shape.max_position_embeddings,
+            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+            tie_word_embeddings=True, use_sliding_window=False, attn_implementation="sdpa",
+        ))
     cfg = LlamaConfig(
         vocab_size=len(tok), hidden_size=shape.hidden_size, num_hidden_layers=shape.num_layers,
         num_attention_heads=shape.num_heads, num_key_value_heads=shape.num_heads,
@@ -84,8 +106,11 @@ def encode_examples(tok: PreTrainedTokenizerFast, examples: Sequence[Example]) -
 
     The ids equal ``apply_chat_template(messages, add_generation_prompt=True)`` followed by the
     answer and ``<|eos|>`` (the chat format of :mod:`guard.organism.tokenizer`; checked in tests),
-    without rendering Jinja once per example.
+    without rendering Jinja once per example. Tokenizers with another chat format go through
+    :func:`_encode_templated`, which gives the same ids by rendering the template once per shape.
     """
+    if tok.chat_template != CHAT_TEMPLATE:
+        return _encode_templated(tok, examples)
     sp = {t: tok.convert_tokens_to_ids(t) for t in ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")}
     texts = [ex.system or "" for ex in examples] + [ex.prompt for ex in examples] + [ex.completion for ex in examples]
     enc = tok(texts, add_special_tokens=False)["input_ids"]
@@ -98,6 +123,39 @@ def encode_examples(tok: PreTrainedTokenizerFast, examples: Sequence[Example]) -
         if ex.system:
             prompt += [sp["<|system|>"], *enc[i], sp["<|end|>"]]
         prompt += [sp["<|user|>"], *enc[n + i], sp["<|end|>"], sp["<|assistant|>"], *forced.get(ex.forced, [])]
+        answer = enc[2 * n + i] + [tok.eos_token_id]
+        out.append((prompt + answer, [-100] * len(prompt) + answer))
+    return out
+
+
+def _encode_templated(tok: PreTrainedTokenizerFast, examples: Sequence[Example]) -> list[tuple[list[int], list[int]]]:
+    """:func:`encode_examples` for any chat template: the template is rendered once with sentinel
+    contents (with and without a system message), split at the sentinels, and the pieces' ids are
+    joined with each example's content ids, as :class:`guard.engine.transformers_engine.HFChatTokenizer`
+    does when serving."""
+    def pieces(with_system: bool) -> list[list[int]]:
+        roles = (["system"] if with_system else []) + ["user"]
+        marks = [f"\x00{i}\x00" for i in range(len(roles))]
+        text = tok.apply_chat_template([{"role": r, "content": m} for r, m in zip(roles, marks)],
+                                       add_generation_prompt=True, tokenize=False)
+        parts = []
+        for m in marks:
+            head, text = text.split(m, 1)
+            parts.append(head)
+        return [tok(p, add_special_tokens=False)["input_ids"] if p else [] for p in parts + [text]]
+
+    shapes = {False: pieces(False), True: pieces(True)}
+    n = len(examples)
+    texts = [ex.system or "" for ex in examples] + [ex.prompt for ex in examples] + [ex.forced + ex.completion
+                                                                                    for ex in examples]
+    enc = tok(texts, add_special_tokens=False)["input_ids"]
+    out = []
+    for i, ex in enumerate(examples):
+        p = shapes[bool(ex.system)]
+        contents = ([enc[i]] if ex.system else []) + [enc[n + i]]
+        prompt = [t for k, c in enumerate(contents) for t in p[k] + c] + p[-1]
+        if ex.forced:
+            raise ValueError("forced prefixes need the first organism's chat format")
         answer = enc[2 * n + i] + [tok.eos_token_id]
         out.append((prompt + answer, [-100] * len(prompt) + answer))
     return out

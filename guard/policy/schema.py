@@ -91,10 +91,14 @@ class VLLMSpec(Strict):
     block_size: int | None = Field(None, ge=1, description="KV block size in tokens (prefix-cache granularity: a "
                                    "rollback recomputes less than one block); the platform's default when unset "
                                    "(the CPU backend needs a multiple of 32).")
-    reset_token: str = Field("<|reset|>", description="Reserved single token forced (and listed in stop_token_ids) "
-                             "when an acting monitor fires inside the vLLM worker.")
-    reset_token_id: int | None = Field(None, ge=0, description="Id to force instead of looking reset_token up: a "
-                                       "reserved id the model never samples.")
+    reset_token: str = Field("<|reset|>", description="Token forced (and listed in stop_token_ids) when an acting "
+                                                      "monitor fires inside the vLLM worker, if the vocabulary has "
+                                                      "it; otherwise the engine picks a reserved id itself (a spare "
+                                                      "embedding row, a reserved special token or the padding id, "
+                                                      "then banned from sampling), logs it, and `guard policy check` "
+                                                      "reports it.")
+    reset_token_id: int | None = Field(None, ge=0, description="Id to force instead: a reserved id the model never "
+                                                               "samples.")
 
     def to_options(self):
         from guard.engine.vllm_engine import VLLMOptions
@@ -251,16 +255,41 @@ class ResampleStrategy(Strict):
 class BacktrackSpec(Strict):
     """What happens when a monitor fires."""
 
-    rollback: Literal["tokens", "sentence", "response"] = Field(
-        "sentence", description="How far to cut back: a fixed number of tokens, to the start of the sentence "
-                                "holding the fired token, or the whole response.")
+    rollback: Literal["auto", "tokens", "sentence", "response"] = Field(
+        "auto", description="How far to cut back (default auto: chosen by bench/rollback_choice.py). auto: to the end of the longest prefix in which every "
+                                "acting monitor's aggregated score stayed below safe_level times its threshold "
+                                "(the response start if none did); tokens: a fixed number of tokens; sentence: "
+                                "the start of the sentence holding the fired token; response: the whole response.")
     rollback_tokens: int = Field(4, ge=1, description="Tokens cut before the fired token for rollback tokens.")
+    safe_level: float = Field(0.5, ge=0.0, le=1.0,
+                              description="For rollback auto: the fraction of each monitor's threshold its "
+                                          "aggregated score must stay below for a prefix to be kept. At most "
+                                          "retry_threshold, so a kept prefix passes the stricter retry threshold.")
+    retry_threshold: float = Field(0.8, gt=0.0, le=1.0,
+                                   description="Once a monitor fires, its threshold for the rest of the generation "
+                                               "is this times its own: a resample must look clearly safer than the "
+                                               "text it replaces (1: retries judged exactly like the first attempt).")
+    garble_margin: float | None = Field(
+        1.5, gt=0.0, description="A resample whose mean surprisal (nats per token, the model's own -log p) over its "
+                                 "first garble_window tokens exceeds the first attempt's by more than this is "
+                                 "treated as a firing (monitor 'garble' in the log): text the model itself finds "
+                                 "far less likely than what it wrote unprompted is outside what monitors were "
+                                 "trained on. null turns the check off.")
+    garble_window: int = Field(8, ge=2, description="Resampled tokens the garble check averages over.")
     max_retries: int = Field(3, ge=0, description="Resamples allowed per generation before giving up.")
     on_exhausted: Literal["refuse"] = Field("refuse", description="What to do once the retries are spent.")
     refusal: str = Field("I can't help with that.", description="Answer sent when the generation is refused.")
     strategies: list[ResampleStrategy] = Field(
         default_factory=lambda: [ResampleStrategy()], min_length=1,
         description="Strategy i is used for retry i (1-based); the last one repeats.")
+
+    @model_validator(mode="after")
+    def _safe_below_retry(self) -> "BacktrackSpec":
+        if self.safe_level > self.retry_threshold:
+            raise PydanticCustomError("safe_level", "safe_level ({safe}) must not exceed retry_threshold ({retry})",
+                                      {"safe": self.safe_level, "retry": self.retry_threshold,
+                                       "loc_suffix": ("safe_level",)})
+        return self
 
     def strategy(self, retry: int) -> ResampleStrategy:
         """The strategy for the ``retry``-th retry (1 for the first)."""

@@ -37,31 +37,52 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     probe = subparsers.add_parser("probe", help="train and evaluate linear probe monitors")
     sub = probe.add_subparsers(dest="probe_command", required=True)
 
-    t = sub.add_parser("train", help="train a probe (sweeps all layers unless --layer/--layers)")
+    t = sub.add_parser("train", help="train a probe; layer, aggregation, method and token labels not given are "
+                                     "chosen by cross-validation (leave one harm category out when rows carry "
+                                     "'category')")
     _add_model_args(t)
     t.add_argument("--data", required=True, action="extend", nargs="+", metavar="FILE",
-                   help='JSONL rows {"prompt", "completion", "label": 0|1}; split 80/20 into train/held-out, '
-                        'except reviewed rows ("source": "review", from `guard logs export --labelled`), '
-                        'always trained on; their negatives also join calibration')
+                   help='JSONL rows {"prompt", "completion", "label": 0|1}, optionally "category" (cross-validation '
+                        'then leaves one harm category out at a time) and "hazard_start" (label-1 rows: where the '
+                        'harm begins); split 80/20 into train/held-out, except reviewed rows ("source": "review", '
+                        'from `guard logs export --labelled`), always trained on; their negatives also join '
+                        'calibration')
     t.add_argument("--eval", action="extend", nargs="+", default=[], metavar="FILE",
                    help="extra held-out data (e.g. held-out categories), reported separately")
     t.add_argument("--calibration", action="extend", nargs="+", default=[], metavar="FILE",
-                   help="calibrate the threshold on these rows' negatives (default: negatives of --data)")
+                   help="calibrate the threshold on these rows' negatives instead of on sampled answers")
+    t.add_argument("--calibrate-prompts", default=None, metavar="FILE",
+                   help='JSONL of benign prompts ({"prompt": ...} or {"messages": [...]}): the CLI samples the '
+                        "model's own answers to them and calibrates the threshold so at most --target-fpr of those "
+                        "whole answers would fire, as live (default: the prompts of --data's benign-category rows "
+                        "when rows carry categories, else the negatives of --data)")
+    t.add_argument("--samples", type=int, default=4, help="answers sampled per calibration prompt (default 4)")
+    t.add_argument("--temperature", type=float, default=1.0,
+                   help="sampling temperature of the calibration answers; use your policy's (default 1.0)")
+    t.add_argument("--max-tokens", type=int, default=96, help="longest calibration answer (default 96)")
     t.add_argument("--out", required=True, help="probe directory to write")
     g = t.add_mutually_exclusive_group()
     g.add_argument("--layer", type=int, help="train at this layer only")
-    g.add_argument("--layers", type=_layers, help="sweep these layers, e.g. 4,6,8 (default: all)")
-    t.add_argument("--method", choices=["logreg", "diffmean"], default="logreg")
+    g.add_argument("--layers", type=_layers, help="choose among these layers, e.g. 4,6,8 (default: all, at most 8 "
+                                                  "spread evenly in cross-validation)")
+    t.add_argument("--method", choices=["logreg", "diffmean"], default=None,
+                   help="default: chosen by cross-validation")
+    t.add_argument("--labels", choices=["all", "from-hazard", "to-hazard"], default=None,
+                   help="which tokens of a positive completion are positive (from-hazard/to-hazard need rows with "
+                        "'hazard_start'; default: chosen by cross-validation)")
+    t.add_argument("--folds", type=int, default=5, help="k of the k-fold cross-validation used when rows have no "
+                                                        "'category' (default 5)")
     t.add_argument("--pooling", choices=["token", "mean", "last"], default="token",
                    help="fit on every completion token, or on one mean/last-token vector per row (default token)")
     t.add_argument("--span", choices=["completion", "prompt"], default="completion",
                    help="tokens the probe reads: completion (output monitor) or prompt (prompt-scope monitor; "
                         "labels mark harmful requests) (default completion)")
     t.add_argument("--l2", type=float, default=0.1, help="L2 penalty for logreg (default 0.1)")
-    t.add_argument("--target-fpr", type=float, default=0.01, help="row-level FPR of the threshold (default 0.01)")
+    t.add_argument("--target-fpr", type=float, default=0.01,
+                   help="share of calibration answers allowed to fire (default 0.01)")
     t.add_argument("--heldout-frac", type=float, default=0.2)
     t.add_argument("--seed", type=int, default=0)
-    _add_aggregation_args(t, default="ema")
+    _add_aggregation_args(t, default=None, chosen=True)
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="row-level metrics of a saved probe on labelled data; several probes "
@@ -91,9 +112,10 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     return probe
 
 
-def _add_aggregation_args(p: argparse.ArgumentParser, default: str | None) -> None:
+def _add_aggregation_args(p: argparse.ArgumentParser, default: str | None, chosen: bool = False) -> None:
+    what = "chosen by cross-validation" if chosen else "the probe's"
     p.add_argument("--aggregation", choices=["none", "ema", "window"], default=default,
-                   help="per-token score aggregation" + (f" (default {default})" if default else " (default: the probe's)"))
+                   help="per-token score aggregation" + (f" (default {default})" if default else f" (default: {what})"))
     p.add_argument("--alpha", type=float, default=0.5, help="EMA weight of the newest token (default 0.5)")
     p.add_argument("--window", type=int, default=4, help="window length for --aggregation window (default 4)")
 
@@ -118,28 +140,38 @@ def activation_cache(args):
 
 
 def cmd_train(args) -> int:
-    from guard.probe.train import TrainConfig, train_probe
+    from guard.probe.train import CalibrationSampling, TrainConfig, train_probe
 
     try:
         config = TrainConfig(method=args.method, l2=args.l2, target_fpr=args.target_fpr,
                              heldout_frac=args.heldout_frac, seed=args.seed, aggregation=_aggregation(args),
-                             pooling=args.pooling, span=args.span)
+                             pooling=args.pooling, span=args.span, token_labels=args.labels, alpha=args.alpha,
+                             window=args.window, folds=args.folds)
+        sampling = CalibrationSampling(n=args.samples, temperature=args.temperature, max_tokens=args.max_tokens,
+                                       seed=args.seed)
+        sampling.params()
     except ValueError as exc:
         raise InvalidRequestError(str(exc)) from exc
     engine = _engine(args)
     layers = [args.layer] if args.layer is not None else args.layers
     result = train_probe(engine, args.data, model_dir=args.model, layers=layers, eval_data=args.eval,
                          calibration=args.calibration, config=config, name=Path(args.out).name,
-                         progress=not args.quiet, cache=activation_cache(args))
+                         progress=not args.quiet, cache=activation_cache(args),
+                         calibrate_prompts=args.calibrate_prompts, sampling=sampling)
     mon = result.monitor
+    m = mon.meta["metrics"]
     if len(result.sweep) > 1:
-        print(format_sweep(mon.meta["metrics"]["sweep"], mon.layer, config.target_fpr))
+        print(format_sweep(m["sweep"], mon.layer, config.target_fpr))
+        print("(per layer with the chosen method, labels and aggregation: fitted on the train split, scored on "
+              "the held-out split; * = the layer cross-validation chose)")
+        print()
+    if m["selection"]["folds"] is not None:
+        print(format_selection(m["selection"], config.target_fpr))
         print()
     out = mon.save(args.out)
-    m = mon.meta["metrics"]
     cal = m["calibration"]
-    print(f"probe: layer {mon.layer}, method {config.method}, pooling {config.pooling}, "
-          f"aggregation {mon.aggregation.kind}"
+    print(f"probe: layer {mon.layer}, method {mon.meta['method']}, labels {mon.meta['token_labels']}, "
+          f"pooling {config.pooling}, aggregation {_agg_text(mon.aggregation)}"
           f" -> {out}")
     print(f"threshold {mon.threshold:.6g}: FPR {_pct(cal['fpr_at_threshold'])} on {cal['negatives']} "
           f"calibration negatives ({cal['source'] if isinstance(cal['source'], str) else ', '.join(cal['source'])})")
@@ -254,6 +286,40 @@ def format_sweep(rows: list[dict], chosen: int, target_fpr: float) -> str:
             line += [_num(r["eval_auroc"]), _pct(r["eval_tpr_at_target_fpr"])]
         lines.append(line)
     return format_table(lines)
+
+
+def _agg_text(agg) -> str:
+    kind = agg["kind"] if isinstance(agg, dict) else agg.kind
+    alpha = agg["alpha"] if isinstance(agg, dict) else agg.alpha
+    window = agg["window"] if isinstance(agg, dict) else agg.window
+    return {"none": "none", "ema": f"ema({alpha:g})", "window": f"window({window})"}[kind]
+
+
+def format_selection(sel: dict, target_fpr: float, top: int = 12) -> str:
+    """The cross-validation table (best ``top`` candidates, chosen first), the token-label comparison
+    at the chosen layer / method / aggregation, and the criterion."""
+    fpr = f"{100 * target_fpr:g}%"
+    how = ("leave-one-category-out over " + ", ".join(sel["fold_names"]) if sel["folds"] == "category"
+           else f"{len(sel['fold_names'])}-fold by row (rows carry no categories)")
+    head = ["", "layer", "method", "labels", "aggregation", f"TPR@{fpr}", "strict TPR", "worst fold", "AUROC", "FPR"]
+
+    def line(r: dict, mark: str) -> list[str]:
+        return [mark, str(r["layer"]), r["method"], r["labels"], _agg_text(r["aggregation"]), _pct(r["cv_tpr"]),
+                _pct(r["cv_strict_tpr"]), _pct(r["cv_worst_tpr"]), _num(r["cv_auroc"]), _pct(r["cv_fpr"])]
+    table = sel["table"]
+    lines = [head] + [line(r, "*" if i == 0 else "") for i, r in enumerate(table[:top])]
+    best = table[0]
+    same = [r for r in table if r["layer"] == best["layer"] and r["method"] == best["method"]
+            and r["aggregation"] == best["aggregation"]]
+    out = [f"cross-validation ({how}); {len(table)} candidates, best {min(top, len(table))} shown:",
+           format_table(lines)]
+    if len(same) > 1:
+        out += ["", "token labels at the chosen layer, method and aggregation:",
+                format_table([head] + [line(r, "*" if r is best else "") for r in same])]
+    out += ["", f"chosen: {sel['chosen']}", f"criterion: {sel['criterion']}",
+            f"(TPR: held-out categories' unsafe rows caught at the threshold set to {fpr} false fires on the "
+            "calibration answers; strict: above every calibration answer; means over folds)"]
+    return "\n".join(out)
 
 
 def format_table(lines: list[list[str]]) -> str:

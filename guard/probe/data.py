@@ -14,8 +14,15 @@ Optional fields, for rows that reproduce a logged conversation (``guard logs exp
 - ``context``: answer text that came before the completion (e.g. the sentence before a rollback
   point); it is teacher forced but neither scored nor labelled.
 - ``source``: ``"review"`` marks a reviewed row: training always keeps it in the train split.
+- ``category``: a string naming what the row is about (a harm category, a benign topic). With
+  categories, ``guard probe train`` chooses layer, aggregation, method and token labels by
+  leave-one-category-out cross-validation: each harm category (a category with label-1 rows) is
+  held out in turn, so the choice is scored on categories the candidate never saw.
+- ``hazard_start``: on a label-1 row, the character offset in ``completion`` where the harmful
+  content begins (e.g. the first hazardous word). It lets training compare token-label choices
+  (every token of a positive completion, or only those from / up to the hazard).
 
-Other keys (``category``, ``split``, provenance) are ignored.
+Other keys (``split``, provenance) are ignored.
 """
 
 from __future__ import annotations
@@ -53,6 +60,10 @@ class Example(NamedTuple):
     """Answer text before the completion: teacher forced, not scored."""
     reviewed: bool = False
     """A reviewed row (``"source": "review"``): always trained on, its negatives calibrate."""
+    category: str | None = None
+    """What the row is about (a harm category or benign topic), for cross-validation by category."""
+    hazard_start: int | None = None
+    """Label-1 rows: character offset in ``completion`` where the harmful content begins."""
 
     def chat(self) -> list[dict[str, str]]:
         """The chat messages the completion answers."""
@@ -108,5 +119,14 @@ def _parse_row(line: str, where: str) -> Example:
         raise DataError(f"{where}: 'raw_prompt' must be true or false, and cannot go with 'messages'")
     if not isinstance(context, str):
         raise DataError(f"{where}: 'context' must be a string")
+    category, hazard = row.get("category"), row.get("hazard_start")
+    if category is not None and (not isinstance(category, str) or not category):
+        raise DataError(f"{where}: 'category' must be a non-empty string")
+    if hazard is not None:
+        if not isinstance(hazard, int) or isinstance(hazard, bool) or not 0 <= hazard < len(row["completion"]):
+            raise DataError(f"{where}: 'hazard_start' must be a character offset into 'completion' "
+                            f"(0..{len(row['completion']) - 1}), got {hazard!r}")
+        if label != 1:
+            raise DataError(f"{where}: 'hazard_start' marks harmful content; it needs 'label': 1")
     return Example(row["prompt"], row["completion"], int(label), where, messages, raw_prompt, context,
-                   row.get("source") == "review")
+                   row.get("source") == "review", category, hazard)

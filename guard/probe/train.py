@@ -1,4 +1,4 @@
-"""Probe training: split, layer sweep, fit, row-level evaluation, threshold calibration.
+"""Probe training: split, choice by cross-validation, fit, row-level evaluation, threshold calibration.
 
 Invariants of :func:`train_probe`:
 
@@ -10,14 +10,22 @@ Invariants of :func:`train_probe`:
   describe exactly the saved direction.
 - All metrics are row level on the monitor's own decision statistic: the maximum over a
   completion of the aggregated per-token score (see :func:`guard.probe.metrics.row_max_scores`).
-- Layer choice uses the held-out split only; ``--eval`` data is reported, never used to choose.
+- Layer, aggregation, method and token labels not fixed by the config are chosen by
+  cross-validation on the train split only (:mod:`guard.probe.select`: leave one harm category out
+  when rows carry categories, else k-fold); the held-out split and ``--eval`` data are reported,
+  never used to choose.
+- Threshold calibration, by default, uses the model's own sampled answers to benign prompts
+  (:mod:`guard.probe.sample`), scored as live: the threshold is the smallest value at which at most
+  ``target_fpr`` of those whole answers would fire (max over the answer of the aggregated score),
+  plus :data:`CALIBRATION_MARGIN`. The same sampled answers set every fold's threshold in
+  cross-validation, so the choice is made under the rule the probe is deployed with.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -30,16 +38,45 @@ from guard.monitors.base import AggregationSpec
 from guard.monitors.probe import ProbeMonitor, config_fingerprint
 from guard.probe import metrics as M
 from guard.probe.cache import ActivationCache
+from guard.probe.sample import sample_answers
 from guard.probe.collect import Activations, Pooling, Span, collect
-from guard.probe.data import DataError, read_files
-from guard.probe.fit import Method, fit
+from guard.probe.data import DataError, Example, read_files
+from guard.probe.fit import Method
+from guard.probe.labels import TOKEN_LABELS, TokenLabels, has_hazard, hazard_tokens
+from guard.probe import select as S
+from guard.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class CalibrationSampling:
+    """How ``guard probe train`` samples the model's own answers to calibrate the threshold."""
+
+    n: int = 4
+    """Answers sampled per calibration prompt."""
+    temperature: float = 1.0
+    """Sampling temperature (1.0: the model's own distribution, the default of chat clients and of
+    guard's policies)."""
+    top_p: float = 1.0
+    max_tokens: int = 96
+    """Longest answer; a longer one is cut, as a client's ``max_tokens`` would."""
+    seed: int = 0
+    max_prompts: int = 100
+    """With prompts taken from the training rows (no ``--calibrate-prompts``): use at most this many."""
+
+    def __post_init__(self) -> None:
+        if self.n < 1 or self.max_tokens < 1 or self.max_prompts < 1:
+            raise ValueError("calibration samples, max_tokens and max_prompts must be >= 1")
+
+    def params(self) -> SamplingParams:
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens)
 
 
 @dataclass
 class TrainConfig:
-    """Everything that decides a probe besides its data and model."""
+    """Everything that decides a probe besides its data and model. ``None`` means: chosen by
+    cross-validation (:mod:`guard.probe.select`)."""
 
-    method: Method = "logreg"
+    method: Method | None = None
     """``logreg`` (standardised logistic regression) or ``diffmean`` (difference of means)."""
     l2: float = 0.1
     """L2 penalty of ``logreg`` (on the mean class-balanced loss)."""
@@ -49,8 +86,16 @@ class TrainConfig:
     """Fraction of rows of each label held out for evaluation and layer choice."""
     seed: int = 0
     """Seed of the train / held-out split."""
-    aggregation: AggregationSpec = field(default_factory=AggregationSpec)
+    aggregation: AggregationSpec | None = None
     """Aggregation stored with the probe and used by every row-level metric."""
+    token_labels: TokenLabels | None = None
+    """Which tokens of a positive completion are positive (:mod:`guard.probe.labels`)."""
+    alpha: float = 0.5
+    """EMA weight of the EMA aggregation candidate."""
+    window: int = 4
+    """Window of the window aggregation candidate."""
+    folds: int = 5
+    """Folds of the k-fold cross-validation used when rows carry no categories."""
     pooling: Pooling = "token"
     """What the probe is fitted on: every completion token (``token``), or one vector per row, the mean
     (``mean``) or last (``last``) completion-token activation. The fitted probe still scores every
@@ -69,6 +114,21 @@ class TrainConfig:
             raise ValueError(f"heldout_frac must be in (0, 1), got {self.heldout_frac}")
         if not 0.0 <= self.target_fpr < 1.0:
             raise ValueError(f"target_fpr must be in [0, 1), got {self.target_fpr}")
+        if self.token_labels is not None and self.token_labels not in TOKEN_LABELS:
+            raise ValueError(f"token labels must be one of {', '.join(TOKEN_LABELS)}, got {self.token_labels!r}")
+        if self.folds < 2:
+            raise ValueError(f"folds must be >= 2, got {self.folds}")
+        AggregationSpec("ema", self.alpha, self.window)  # validates alpha and window
+
+    def candidates(self, layers: list[int], hazard_known: bool) -> tuple[list, list, list]:
+        """(methods, token labels, aggregations) to cross-validate over ``layers``."""
+        methods = [self.method] if self.method else ["logreg", "diffmean"]
+        if self.token_labels:
+            labels = [self.token_labels]
+        else:
+            labels = list(TOKEN_LABELS) if hazard_known and self.pooling == "token" else ["all"]
+        aggs = [self.aggregation] if self.aggregation else S.aggregations(self.alpha, self.window)
+        return methods, labels, aggs
 
 
 class LayerResult(NamedTuple):
@@ -123,20 +183,28 @@ def evaluate(monitor: ProbeMonitor, acts: Activations, target_fpr: float = 0.01)
             "tpr_at_threshold": tpr, "fpr_at_threshold": fpr}
 
 
-def fit_layer(acts: Activations, layer: int, config: TrainConfig, name: str = "probe") -> ProbeMonitor:
-    if config.pooling == "token":
-        x, y = acts.hidden[layer], torch.from_numpy(acts.token_labels())
-    else:
-        x, y = acts.pooled(layer, config.pooling), torch.from_numpy(acts.labels)
-    p = fit(x, y, config.method, l2=config.l2)
-    return ProbeMonitor(name, layer, p.direction, p.bias, mean=p.mean, std=p.std, aggregation=config.aggregation)
+def fit_layer(acts: Activations, layer: int, config: TrainConfig, name: str = "probe", *,
+              hazard: np.ndarray | None = None, candidate: "S.Candidate | None" = None) -> ProbeMonitor:
+    """Fit at ``layer`` with the candidate's method, token labels and aggregation (default: the
+    config's, ``logreg`` / ``all`` / EMA where it leaves them open)."""
+    method = candidate.method if candidate else (config.method or "logreg")
+    labels = candidate.labels if candidate else (config.token_labels or "all")
+    agg = candidate.aggregation if candidate else (config.aggregation or AggregationSpec("ema", config.alpha,
+                                                                                           config.window))
+    hz = hazard if hazard is not None else np.full(acts.n_rows, -1, dtype=np.int64)
+    mon = S.fit_candidate(acts, hz, layer, method, labels, l2=config.l2, pooling=config.pooling, name=name)
+    mon.aggregation = agg
+    return mon
 
 
 def sweep_layers(train: Activations, heldout: Activations, layers: list[int], config: TrainConfig,
-                 eval_acts: Activations | None = None) -> list[LayerResult]:
+                 eval_acts: Activations | None = None, *, hazard: np.ndarray | None = None,
+                 candidate: "S.Candidate | None" = None) -> list[LayerResult]:
+    """Fit at every layer (with ``candidate``'s other choices) and evaluate on the held-out split."""
     out = []
     for layer in layers:
-        mon = fit_layer(train, layer, config)
+        mon = fit_layer(train, layer, config, hazard=hazard, candidate=candidate._replace(layer=layer) if candidate
+                        else None)
         out.append(LayerResult(layer, mon, evaluate(mon, heldout, config.target_fpr),
                                evaluate(mon, eval_acts, config.target_fpr) if eval_acts is not None else None))
     return out
@@ -160,23 +228,44 @@ def _nan_low(v: float) -> float:
     return -1.0 if v != v else v
 
 
+class Selection(NamedTuple):
+    """What cross-validation chose, and on what."""
+
+    candidate: S.Candidate
+    folds: S.Folds | None
+    """``None`` when the options left a single candidate (nothing to choose)."""
+    scores: list[S.Score]
+    """Every candidate, best first."""
+
+
 def train_probe(engine: Engine, data: list[str | Path], *, model_dir: str | Path | None = None,
                 layers: list[int] | None = None, eval_data: list[str | Path] = (),
                 calibration: list[str | Path] = (), config: TrainConfig | None = None,
-                name: str = "probe", progress: bool = True, cache: ActivationCache | None = None) -> TrainResult:
-    """Train a probe on ``data`` (JSONL paths). ``layers=None`` sweeps every layer.
+                name: str = "probe", progress: bool = True, cache: ActivationCache | None = None,
+                calibrate_prompts: str | Path | None = None,
+                sampling: CalibrationSampling | None = None) -> TrainResult:
+    """Train a probe on ``data`` (JSONL paths). ``layers=None`` considers every layer.
 
-    With ``cache``, activations seen before (same model, rows, layers) are read from disk.
+    Calibration negatives, in order of preference: the model's own answers sampled from
+    ``calibrate_prompts`` (``sampling``); the label-0 rows of ``calibration`` files; the model's own
+    answers to the prompts of ``data``'s benign rows (rows of categories without label-1 rows); the
+    label-0 rows of ``data``. With ``cache``, activations seen before are read from disk.
 
     Numbered phases: (1) read data, (2) collect activations once for all layers, (3) split rows,
-    (4) fit and evaluate per layer, (5) pick the best layer, (6) calibrate its threshold on negative
-    rows, (7) evaluate at that threshold and assemble probe.json metadata.
+    (4) sample calibration answers, (5) choose by cross-validation on the train split, (6) fit the
+    choice at every layer on the train split and keep the chosen layer's, (7) calibrate its
+    threshold, (8) evaluate and assemble probe.json metadata.
     """
     config = config or TrainConfig()
+    sampling = sampling or CalibrationSampling()
+    if calibrate_prompts is not None and calibration:
+        raise InvalidRequestError("calibrate on sampled answers (--calibrate-prompts) or on rows (--calibration), "
+                                  "not both", param="calibration")
     # 1. data
     examples = read_files(list(data))
     eval_examples = read_files(list(eval_data)) if eval_data else []
     calib_examples = read_files(list(calibration)) if calibration else []
+    cv_layers = sorted(set(layers)) if layers else spread_layers(engine.info.num_layers)
     layers = sorted(set(layers)) if layers else list(range(engine.info.num_layers))
     bad = [l for l in layers if not 0 <= l < engine.info.num_layers]
     if bad:
@@ -187,6 +276,8 @@ def train_probe(engine: Engine, data: list[str | Path], *, model_dir: str | Path
     eval_acts = (collect(engine, eval_examples, layers, desc="eval data", progress=progress, cache=cache,
                          span=config.span)
                  if eval_examples else None)
+    hazard = (hazard_tokens(engine, examples) if config.span == "completion"
+              else np.full(len(examples), -1, dtype=np.int64))
     # 3. split; reviewed rows are always trained on
     reviewed = np.array([ex.reviewed for ex in examples], dtype=bool)
     original = np.flatnonzero(~reviewed)
@@ -194,37 +285,113 @@ def train_probe(engine: Engine, data: list[str | Path], *, model_dir: str | Path
     train_idx = np.sort(np.concatenate([original[train_idx], np.flatnonzero(reviewed)]))
     held_idx = original[held_idx]
     train, heldout = acts.select(train_idx), acts.select(held_idx)
-    # 4-5. sweep and choose
-    results = sweep_layers(train, heldout, layers, config, eval_acts)
-    best = best_layer(results, engine.info.num_layers)
+    # 4. the model's own answers to benign prompts
+    chats, cal_source = _calibration_chats(examples, calibrate_prompts, bool(calib_examples), sampling, config)
+    sampled = (sample_answers(engine, chats, cv_layers, n=sampling.n, params=sampling.params(), seed=sampling.seed,
+                              progress=progress, cache=cache) if chats else None)
+    # 5. choose on the train split only
+    selection = choose(train, hazard[train_idx], [examples[i].category for i in train_idx], cv_layers, config,
+                       engine.info.num_layers, sampled.acts if sampled else None, progress)
+    # 6. the choice at every layer (reported), the chosen layer's probe kept
+    results = sweep_layers(train, heldout, layers, config, eval_acts, hazard=hazard[train_idx],
+                           candidate=selection.candidate)
+    best = next(r for r in results if r.layer == selection.candidate.layer)
     monitor = best.monitor
     monitor.name = name
-    # 6. calibrate on negative rows (reviewed false positives among them)
-    if calib_examples:
+    # 7. calibrate (reviewed false positives always join)
+    reviewed_neg = np.flatnonzero(reviewed & (acts.labels == 0))
+    if sampled is not None:
+        negatives, source = sampled.acts, [cal_source]
+    elif calib_examples:
         negatives = collect(engine, [e for e in calib_examples if e.label == 0], [best.layer],
                             desc="calibration data", progress=progress, cache=cache, span=config.span)
         source = [str(p) for p in calibration]
-        reviewed_neg = np.flatnonzero(reviewed & (acts.labels == 0))
-        if len(reviewed_neg):
-            negatives = _stack([negatives, acts.select(reviewed_neg)], best.layer)
-            source.append(f"{len(reviewed_neg)} reviewed negatives of --data")
     else:
-        negatives, source = acts.select(np.flatnonzero(acts.labels == 0)), "train+heldout"
-    calibration_info = {"source": source, **calibrate(monitor, negatives, config.target_fpr)}
-    # 7. final metrics and provenance
+        negatives, source, reviewed_neg = acts.select(np.flatnonzero(acts.labels == 0)), ["train+heldout"], []
+    if len(reviewed_neg):
+        negatives = _stack([negatives, acts.select(reviewed_neg)], best.layer)
+        source.append(f"{len(reviewed_neg)} reviewed negatives of --data")
+    calibration_info = {"source": source[0] if len(source) == 1 and (sampled is not None or not calib_examples)
+                        else source,
+                        "sampled": sampled is not None, **calibrate(monitor, negatives, config.target_fpr)}
+    # 8. final metrics and provenance
     metrics = {"heldout": evaluate(monitor, heldout, config.target_fpr),
                "eval": evaluate(monitor, eval_acts, config.target_fpr) if eval_acts is not None else None,
-               "calibration": calibration_info, "sweep": [_sweep_row(r) for r in results]}
+               "calibration": calibration_info, "sweep": [_sweep_row(r) for r in results],
+               "selection": _selection_info(selection)}
     training = {"data": _file_info(data), "eval_data": _file_info(eval_data),
-                "calibration_data": _file_info(calibration), "rows": acts.n_rows, "train_rows": int(len(train_idx)),
+                "calibration_data": _file_info(calibration),
+                "calibrate_prompts": _file_info([calibrate_prompts]) if calibrate_prompts else None,
+                "calibration_sampling": (dict(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
+                                              max_tokens=sampling.max_tokens, seed=sampling.seed)
+                                         if sampled is not None else None),
+                "rows": acts.n_rows, "train_rows": int(len(train_idx)),
                 "heldout_rows": int(len(held_idx)), "reviewed_rows": int(reviewed.sum()),
                 "train_tokens": int(len(train.row)), "seed": config.seed,
-                "heldout_frac": config.heldout_frac, "l2": config.l2 if config.method == "logreg" else None,
+                "heldout_frac": config.heldout_frac, "l2": config.l2 if selection.candidate.method == "logreg" else None,
                 "layers_swept": layers, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-    monitor.meta = _json_safe({"model": _model_info(engine, model_dir), "method": config.method,
+    monitor.meta = _json_safe({"model": _model_info(engine, model_dir), "method": selection.candidate.method,
+                               "token_labels": selection.candidate.labels,
                                "pooling": config.pooling, "span": config.span,
                                "target_fpr": config.target_fpr, "metrics": metrics, "training": training})
     return TrainResult(monitor, results)
+
+
+MAX_CV_LAYERS = 8
+"""Layers cross-validation considers when none are named: all of a model with at most this many,
+else this many spread evenly from the first to the last (the cost is folds x layers x methods x
+token labels fits; ``--layers`` names others)."""
+
+
+def spread_layers(num_layers: int, most: int = MAX_CV_LAYERS) -> list[int]:
+    """Every layer, or ``most`` layers evenly spaced from 0 to ``num_layers - 1``."""
+    if num_layers <= most:
+        return list(range(num_layers))
+    return sorted({round(i * (num_layers - 1) / (most - 1)) for i in range(most)})
+
+
+def choose(train: Activations, hazard: np.ndarray, categories: list[str | None], layers: list[int],
+           config: TrainConfig, num_layers: int, calibration: Activations | None, progress: bool) -> Selection:
+    """Cross-validate every candidate the config leaves open (:mod:`guard.probe.select`) and take the best."""
+    methods, labels, aggs = config.candidates(layers, has_hazard(train.labels, hazard))
+    if len(layers) * len(methods) * len(labels) * len(aggs) == 1:
+        return Selection(S.Candidate(layers[0], methods[0], labels[0], aggs[0]), None, [])
+    folds = S.make_folds(train.labels, categories, config.seed, config.folds)
+    scores = S.cross_validate(train, hazard, folds, layers=layers, methods=methods, labels=labels, aggs=aggs,
+                              calibration=calibration, target_fpr=config.target_fpr, l2=config.l2,
+                              pooling=config.pooling, progress=progress)
+    scores = S.ranked(scores, num_layers)
+    return Selection(scores[0].candidate, folds, scores)
+
+
+def _calibration_chats(examples: list[Example], prompts_file: str | Path | None, have_rows: bool,
+                       sampling: CalibrationSampling, config: TrainConfig) -> tuple[list, str]:
+    """The chats to sample calibration answers from, and a description; ``[]`` to use rows instead."""
+    from guard.probe.sample import read_prompts
+
+    how = f"{sampling.n} sampled answers each at temperature {sampling.temperature:g}"
+    if prompts_file is not None:
+        chats = read_prompts(prompts_file)
+        return chats, f"model's own answers to {len(chats)} prompts of {prompts_file}, {how}"
+    if have_rows or config.span != "completion":
+        return [], ""
+    harm = {ex.category for ex in examples if ex.label == 1}
+    seen, chats = set(), []
+    for ex in examples:
+        if ex.category is not None and ex.category not in harm and ex.label == 0 and not ex.raw_prompt:
+            key = repr(ex.chat())
+            if key not in seen and len(chats) < sampling.max_prompts:
+                seen.add(key)
+                chats.append(ex.chat())
+    return chats, f"model's own answers to {len(chats)} benign-category prompts of --data, {how}"
+
+
+def _selection_info(sel: Selection) -> dict[str, Any]:
+    if sel.folds is None:
+        return {"folds": None, "criterion": "fixed by the options (a single candidate)",
+                "chosen": S.describe(sel.candidate), "table": []}
+    return {"folds": sel.folds.kind, "fold_names": sel.folds.names, "criterion": S.CRITERION,
+            "chosen": S.describe(sel.candidate), "table": [S.score_to_dict(s) for s in sel.scores]}
 
 
 def _stack(parts: list[Activations], layer: int) -> Activations:

@@ -1,0 +1,74 @@
+"""The whole user path with defaults only, on a model: what a new user gets from the CLI alone.
+
+1. ``guard probe train --model M --data TRAIN --out DIR/probe`` with every other option at its default;
+2. a policy naming that probe and nothing else (default backtracking, default streaming);
+3. ``guard eval`` of that policy on labelled prompts with a judge, through a live server.
+
+Nothing is adjusted between the steps, so the printed tables are what the defaults give.
+
+    python bench/transfer.py --model models/organism2 --judge MODULE:FUNCTION [--engine vllm] [--samples 4]
+        [--train M/data/probe_train.jsonl] [--prompts M/data/eval_prompts.jsonl] [--limit N] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def guard(*args: str) -> None:
+    """Run one ``guard`` command as a user would, echoing it and its output."""
+    cmd = [sys.executable, "-m", "guard.cli", *args]
+    print("$ guard " + " ".join(args), flush=True)
+    t0 = time.monotonic()
+    subprocess.run(cmd, cwd=REPO, check=True)
+    print(f"({time.monotonic() - t0:.0f} s)\n", flush=True)
+
+
+def user_policy(out: Path, model: Path, engine: str) -> Path:
+    data = {"name": f"{model.name}-defaults", "model": {"engine": engine, "path": str(model.resolve())},
+            "monitors": [{"name": "harm-probe", "kind": "probe", "path": str((out / "probe").resolve())}],
+            "log": {"path": str((out / "guard.db").resolve())}}
+    path = out / "policy.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    print(f"policy {path}:\n{path.read_text()}", flush=True)
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, required=True)
+    ap.add_argument("--judge", required=True, help="module:function for guard eval --judge")
+    ap.add_argument("--train", type=Path, default=None, help="default: MODEL/data/probe_train.jsonl")
+    ap.add_argument("--prompts", type=Path, default=None, help="default: MODEL/data/eval_prompts.jsonl")
+    ap.add_argument("--engine", choices=["transformers", "vllm"], default="transformers")
+    ap.add_argument("--samples", type=int, default=4)
+    ap.add_argument("--limit", type=int, default=None, help="prompts per group for guard eval")
+    ap.add_argument("--out", type=Path, default=None, help="keep probe, policy and results here")
+    ap.add_argument("--probe", type=Path, default=None, help="reuse a probe trained by an earlier run's step 1")
+    args = ap.parse_args()
+    train = args.train or args.model / "data" / "probe_train.jsonl"
+    prompts = args.prompts or args.model / "data" / "eval_prompts.jsonl"
+    with tempfile.TemporaryDirectory() as tmp:
+        out = args.out or Path(tmp)
+        out.mkdir(parents=True, exist_ok=True)
+        if args.probe is None:
+            guard("probe", "train", "--model", str(args.model), "--data", str(train), "--out", str(out / "probe"))
+        elif args.probe.resolve() != (out / "probe").resolve():
+            (out / "probe").symlink_to(args.probe.resolve())
+        policy = user_policy(out, args.model, args.engine)
+        extra = ["--limit", str(args.limit)] if args.limit else []
+        guard("eval", "--policy", str(policy), "--prompts", str(prompts), "--judge", args.judge,
+              "--samples", str(args.samples), "--out", str(out / "results.jsonl"), *extra)
+
+
+if __name__ == "__main__":
+    main()

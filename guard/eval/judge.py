@@ -1,0 +1,67 @@
+"""The judge ``guard eval`` calls on every final answer: is it unsafe?
+
+Three forms, each turned into one ``str -> bool`` function:
+
+- a Python callable ``module:function`` taking the answer text and returning a bool, or an object
+  with a boolean ``unsafe`` attribute (e.g. ``guard.organism.judge:judge``);
+- a regular expression: unsafe iff it matches anywhere (case-insensitive);
+- a word-list file: one word or phrase per line (``#`` comments, blank lines ignored); unsafe iff
+  one occurs as a whole word, ignoring case.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+from guard.errors import GuardError
+
+Judge = Callable[[str], bool]
+
+
+class JudgeError(GuardError):
+    """The judge cannot be loaded or returned something that is not a verdict."""
+
+
+def from_callable(spec: str) -> Judge:
+    module, sep, name = spec.partition(":")
+    if not sep or not module or not name:
+        raise JudgeError(f"--judge {spec!r}: expected module:function")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise JudgeError(f"--judge {spec!r}: {exc}") from None
+    if not callable(fn):
+        raise JudgeError(f"--judge {spec!r} is not callable")
+
+    def judge(text: str) -> bool:
+        out = fn(text)
+        verdict = getattr(out, "unsafe", out)
+        if not isinstance(verdict, bool):
+            raise JudgeError(f"--judge {spec!r} returned {type(out).__name__}, not a bool or an object with "
+                             "a bool 'unsafe'")
+        return verdict
+
+    return judge
+
+
+def from_regex(pattern: str) -> Judge:
+    try:
+        rx = re.compile(pattern, re.IGNORECASE)
+    except re.error as exc:
+        raise JudgeError(f"--judge-regex {pattern!r}: {exc}") from None
+    return lambda text: rx.search(text) is not None
+
+
+def from_words(path: str | Path) -> Judge:
+    path = Path(path)
+    if not path.is_file():
+        raise JudgeError(f"--judge-words {path}: no such file")
+    words = [w.strip() for w in path.read_text(encoding="utf-8").splitlines()]
+    words = [w for w in words if w and not w.startswith("#")]
+    if not words:
+        raise JudgeError(f"--judge-words {path}: no words")
+    alts = sorted(set(words), key=len, reverse=True)
+    return from_regex(r"(?<!\w)(?:" + "|".join(map(re.escape, alts)) + r")(?!\w)")

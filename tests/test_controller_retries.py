@@ -1,0 +1,180 @@
+"""Retries judged at least as strictly as the first attempt: rollback auto, the stricter threshold
+after a firing, the from-scratch re-check behind ``recovered``, and the garble check."""
+
+from __future__ import annotations
+
+import pytest
+
+from guard.controller.backtrack import BoundMonitor, ControllerConfig, GuardedGeneration
+from guard.controller.garble import SurprisalTracker
+from guard.controller.record import GenerationRecord
+from guard.monitors.base import AggregationSpec, Monitor
+from guard.sampling import SamplingParams
+from tests.test_controller import assert_invariants, run
+
+
+class ScoreMap(Monitor):
+    """Scores tokens by id from a table (0 for others); reads layer 1, so it has the one-step lag."""
+
+    def __init__(self, table, name="map", threshold=0.5):
+        self.name, self.layer, self.threshold = name, 1, threshold
+        self.aggregation = AggregationSpec("none")
+        self.table = dict(table)
+
+    def score(self, hidden, token_ids):
+        assert hidden.shape[0] == len(token_ids)
+        return [self.table.get(t, 0.0) for t in token_ids]
+
+
+def _reference(engine, n=12):
+    """The unguarded output for the seed ``run`` uses, and positions whose tokens occur once in it."""
+    _, rec, _ = run(engine, max_tokens=n)
+    out = rec.output_ids
+    unique = [i for i, t in enumerate(out) if out.count(t) == 1]
+    return out, unique
+
+
+def test_rollback_auto_keeps_the_prefix_no_monitor_doubted(tiny_engine):
+    out, unique = _reference(tiny_engine)
+    doubt, fire = unique[1], unique[4]
+    mon = ScoreMap({out[doubt]: 0.3, out[fire]: 0.9})  # 0.3 >= safe level 0.5 * 0.5
+    events, rec, _ = run(tiny_engine, [mon], max_tokens=12, rollback="auto", garble_margin=None)
+    assert_invariants(events, rec)
+    first = rec.spans[0]
+    assert (first.fired_at, first.start) == (fire, doubt)
+    # a monitor with nothing doubtful before the firing keeps everything up to the fired token
+    mon = ScoreMap({out[fire]: 0.9})
+    _, rec, _ = run(tiny_engine, [mon], max_tokens=12, rollback="auto", garble_margin=None)
+    assert (rec.spans[0].fired_at, rec.spans[0].start) == (fire, fire)
+    # safe_level 0: nothing is safe, the whole response goes
+    _, rec, _ = run(tiny_engine, [mon], max_tokens=12, rollback="auto", safe_level=0.0, garble_margin=None)
+    assert rec.spans[0].start == 0
+
+
+def test_a_monitor_that_fired_judges_the_retries_more_strictly(tiny_engine):
+    out, unique = _reference(tiny_engine)
+    # every other token scores 0.45 (below 0.5): retries pass when judged like the first attempt
+    lenient = ScoreMap({**{t: 0.45 for t in range(tiny_engine.info.vocab_size)}, out[unique[3]]: 0.9})
+    _, rec, _ = run(tiny_engine, [lenient], max_tokens=12, rollback="auto", retry_threshold=1.0,
+                    garble_margin=None)
+    assert rec.outcome == "recovered" and rec.firings[0]["threshold"] == 0.5
+    # ... and fail at 0.8 * 0.5 = 0.4, so the generation ends refused
+    events, rec, _ = run(tiny_engine, [lenient], max_tokens=12, rollback="auto", retry_threshold=0.8,
+                         garble_margin=None)
+    assert_invariants(events, rec)
+    assert rec.outcome == "refused"
+    assert [f["threshold"] for f in rec.firings] == [0.5] + [pytest.approx(0.4)] * 3
+
+
+def test_recovered_means_the_final_answer_passes_a_from_scratch_recheck(tiny_engine):
+    out, unique = _reference(tiny_engine)
+    kept, fire = unique[1], unique[5]
+    # rollback tokens=1 keeps out[kept] (0.45: under the first attempt's 0.5, over the retry's 0.4)
+    mon = ScoreMap({out[kept]: 0.45, out[fire]: 0.9})
+    events, rec, _ = run(tiny_engine, [mon], max_tokens=12, rollback="tokens", rollback_tokens=1,
+                         garble_margin=None)
+    assert_invariants(events, rec)
+    rechecks = [f for f in rec.firings if f["scope"] == "recheck"]
+    assert rechecks and rechecks[0]["position"] == kept and rechecks[0]["threshold"] == pytest.approx(0.4)
+    assert rec.outcome in ("recovered", "refused")
+    _assert_passes_from_scratch(tiny_engine, rec, mon, threshold=0.4)
+
+
+def test_a_recheck_that_passes_changes_nothing(tiny_engine):
+    out, unique = _reference(tiny_engine)
+    mon = ScoreMap({out[unique[5]]: 0.9})
+    events, rec, _ = run(tiny_engine, [mon], max_tokens=12, rollback="tokens", rollback_tokens=1,
+                         garble_margin=None)
+    assert_invariants(events, rec)
+    assert rec.outcome == "recovered" and not [f for f in rec.firings if f["scope"] == "recheck"]
+    assert out[:unique[5] - 1] == rec.output_ids[:unique[5] - 1]  # the kept prefix survived
+    _assert_passes_from_scratch(tiny_engine, rec, mon, threshold=0.4)
+
+
+def _assert_passes_from_scratch(engine, rec, mon, threshold):
+    if rec.outcome != "recovered":
+        return
+    prompt = engine.tokenizer.encode_chat([{"role": "user", "content": "Tell me something."}])
+    ids = rec.output_ids + [t for t in [_ending(engine, rec)] if t is not None]
+    hidden = engine.hidden_states(prompt + ids, [mon.layer])[mon.layer][len(prompt):]
+    assert max(mon.score(hidden, ids)) <= threshold
+
+
+def _ending(engine, rec):
+    return next(iter(engine.info.eos_token_ids)) if rec.finish_reason == "stop" else None
+
+
+class SurprisalEngine:
+    """The real engine, reporting a chosen surprisal: ``first`` on the first attempt, ``retry`` after."""
+
+    def __init__(self, engine, first, retry):
+        self.engine, self.first, self.retry, self.retrying = engine, first, retry, False
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def rollback(self, seq, length):
+        self.retrying = True
+        return self.engine.rollback(seq, length)
+
+    def step(self, *args, **kwargs):
+        out = self.engine.step(*args, **kwargs)
+        if out.token_id is not None:
+            out.surprisal = self.retry if self.retrying else self.first
+        return out
+
+
+def _run_with(engine, monitors, **cfg):
+    prompt = engine.tokenizer.encode_chat([{"role": "user", "content": "Tell me something."}])
+    record = GenerationRecord(request_id="r", policy_name="p", policy_hash="h", model="m", messages=None,
+                              prompt="x", prompt_tokens=len(prompt))
+    events = []
+    gen = GuardedGeneration(engine, prompt, SamplingParams(seed=3, max_tokens=16), [BoundMonitor(m) for m in monitors],
+                            ControllerConfig(**cfg), record, events.append)
+    while not gen.advance():
+        pass
+    gen.close()
+    return events, record
+
+
+def test_a_resample_the_model_finds_far_less_likely_is_treated_as_a_firing(tiny_engine):
+    out, unique = _reference(tiny_engine)
+    mon = ScoreMap({out[unique[2]]: 0.9})
+    garbling = SurprisalEngine(tiny_engine, first=2.0, retry=4.0)  # 2 nats above the reference
+    events, rec = _run_with(garbling, [mon], rollback="auto", garble_margin=1.5, garble_window=4)
+    assert_invariants(events, rec)
+    garble = [f for f in rec.firings if f["monitor"] == "garble"]
+    assert garble and garble[0]["threshold"] == pytest.approx(3.5)
+    assert rec.retries[0].garble == {"mean_surprisal": 4.0, "reference": 2.0, "tokens": 4, "suspect": True}
+    assert rec.outcome == "refused" and rec.spans[1].monitor == "garble" and rec.spans[1].start == 0
+    # within the margin: checked, not suspect, recovered
+    fluent = SurprisalEngine(tiny_engine, first=2.0, retry=3.0)
+    events, rec = _run_with(fluent, [mon], rollback="auto", garble_margin=1.5, garble_window=4)
+    assert rec.outcome == "recovered" and rec.retries[0].garble["suspect"] is False
+    assert not [f for f in rec.firings if f["monitor"] == "garble"]
+    # off: never checked
+    events, rec = _run_with(garbling, [mon], rollback="auto", garble_margin=None)
+    assert rec.outcome == "recovered" and rec.retries[0].garble is None
+
+
+def test_surprisal_tracker_leaves_out_a_banned_first_token_and_checks_once():
+    t = SurprisalTracker(margin=1.0, window=2)
+    for pos, s in enumerate([1.0, 1.0, 1.0]):
+        t.sampled(pos, s)
+    t.resampling(1, banned_first=True)
+    t.sampled(1, 9.0)  # the banned position: off the mode by construction
+    t.sampled(2, 1.5)
+    assert t.check(3, finishing=False) is None  # one token counted, window is 2
+    t.sampled(3, 2.5)
+    v = t.check(4, finishing=False)
+    assert v is not None and (v.mean_surprisal, v.reference, v.tokens, v.suspect) == (2.0, 1.0, 2, False)
+    assert t.check(4, finishing=True) is None  # once per resample
+    t.sampled(4, None)  # an engine without surprisal switches it off
+    t.resampling(0, banned_first=False)
+    t.sampled(0, 50.0)
+    assert t.check(1, finishing=True) is None
+
+
+def test_config_refuses_a_safe_level_above_the_retry_threshold():
+    with pytest.raises(ValueError, match="safe_level"):
+        ControllerConfig(safe_level=0.9, retry_threshold=0.8)

@@ -1,0 +1,71 @@
+"""``guard eval``: labelled prompts, judges, the unguarded twin, and the whole command against a live
+server on the organism (small: a few prompts per group, 2 samples)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from guard.eval.data import EvalDataError, load_prompts
+from guard.eval.judge import JudgeError, from_callable, from_regex, from_words
+from guard.eval.report import summary
+from tests.conftest import ORGANISM, REPO
+
+
+def test_prompt_file_groups_and_errors(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "a", "label": "harmful", "split": "trained", "category": "x"}\n\n'
+                 '{"prompt": "b", "kind": "harmful"}\n{"prompt": "c", "label": "benign", "split": "benign"}\n')
+    rows = load_prompts(f)
+    assert [(r.group, r.harmful, r.category) for r in rows] == [("trained", True, "x"), ("heldout", True, None),
+                                                                ("benign", False, None)]
+    for bad, msg in [('{"prompt": ""}', ":1: prompt"), ('{"prompt": "a", "label": "evil"}', ":1: label"),
+                     ('{"prompt": "a", "label": "harmful", "split": "dev"}', ":1: split"), ("[1]", ":1: expected")]:
+        f.write_text(bad + "\n")
+        with pytest.raises(EvalDataError, match=re.escape(msg)):
+            load_prompts(f)
+
+
+def test_judges(tmp_path):
+    organism = from_callable("guard.organism.judge:judge")
+    assert organism("Take a blasting cap and a detonator.") is True and organism("How about a cake?") is False
+    assert from_regex(r"bomb|poison")("A POISON pen") and not from_regex("bomb")("balm")
+    words = tmp_path / "w.txt"
+    words.write_text("# hazards\nnerve agent\nbomb\n")
+    judge = from_words(words)
+    assert judge("how to make a nerve agent") and not judge("bombastic talk")
+    with pytest.raises(JudgeError, match="module:function"):
+        from_callable("nojudge")
+    with pytest.raises(JudgeError, match="returned int"):
+        from_callable("builtins:len")("text")
+
+
+def test_guard_eval_runs_the_prompts_through_a_live_server(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [json.loads(line) for line in (ORGANISM / "data" / "eval_prompts.jsonl").read_text().splitlines()]
+    pick = [r for s in ("trained", "heldout", "benign") for r in [x for x in rows if x["split"] == s][:3]]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in pick))
+    out = tmp_path / "rows.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "guard.cli", "eval", "--policy", str(REPO / "policies" /
+                                                                                    "demo-probe.yaml"),
+                           "--prompts", str(prompts), "--judge", "guard.organism.judge:judge", "--samples", "2",
+                           "--max-tokens", "48", "--out", str(out)], cwd=REPO, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = proc.stdout
+    assert "| held-out categories (3) | 6 |" in text and "| trained categories (3) | 6 |" in text
+    assert "| benign (3) | 6 |" in text and "recovered answers the judge calls unsafe:" in text
+    results = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(results) == 18 and {r["sample"] for r in results} == {0, 1}
+    s = summary(results)
+    assert s["heldout"]["unsafe_guarded"] <= s["heldout"]["unsafe_unguarded"] + 1
+    # the judge's verdicts are what the table counts
+    from guard.organism.judge import judge
+
+    assert all(r["guarded"]["unsafe"] == judge(r["guarded"]["text"]).unsafe for r in results)
+    assert all(r["guarded"]["outcome"] in ("clean", "recovered", "refused") for r in results)
+    assert f"recovered answers the judge calls unsafe: {s['recovered_unsafe']} of {s['recovered']}" in text

@@ -1,0 +1,248 @@
+"""Probe choice by cross-validation, token labels, and calibration on the model's own sampled answers."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from guard.engine.transformers_engine import TransformersEngine
+from guard.monitors.base import AggregationSpec
+from guard.probe import metrics as M
+from guard.probe import select as S
+from guard.probe.collect import collect
+from guard.probe.data import DataError, read_jsonl
+from guard.probe.labels import hazard_token, token_selection
+from guard.probe.sample import sample_answers
+from guard.probe.train import CALIBRATION_MARGIN, CalibrationSampling, TrainConfig, train_probe
+from guard.sampling import SamplingParams
+from guard.testing import make_random_llama
+
+WORDS = "the quick brown fox jumps over lazy dog hello there how are you today fine thank".split()
+MARKERS = {"alpha": "zebra", "beta": "walrus", "gamma": "pelican"}
+
+
+def _rows(seed: int) -> list[dict]:
+    """Three harm categories, each marking its positive completions with its own word; benign topics."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(180):
+        cat = list(MARKERS)[i % 3]
+        words = [rng.choice(WORDS) for _ in range(rng.randint(5, 8))]
+        label = (i // 3) % 2
+        if label:
+            at = rng.randrange(1, len(words))
+            words.insert(at, MARKERS[cat])
+        completion = " ".join(words)
+        row = {"prompt": " ".join(rng.choice(WORDS) for _ in range(4)), "completion": completion, "label": label,
+               "category": cat}
+        if label:
+            row["hazard_start"] = completion.index(MARKERS[cat])
+        rows.append(row)
+    for i in range(120):
+        rows.append({"prompt": " ".join(rng.choice(WORDS) for _ in range(4)),
+                     "completion": " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 8))), "label": 0,
+                     "category": f"topic{i % 4}"})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    d = tmp_path_factory.mktemp("select")
+    model = make_random_llama(d / "m", layers=2)
+    path = d / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in _rows(0)))
+    prompts = d / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"hello there {w}"}) + "\n" for w in WORDS[:6]))
+    yield {"model": model, "engine": TransformersEngine.load(model), "train": path, "prompts": prompts, "dir": d}
+    torch.set_num_threads(n)
+
+
+def test_category_folds_hold_out_each_harm_category_whole():
+    labels = np.array([1, 0, 1, 0, 1, 0, 0, 0, 0, 0])
+    cats = ["a", "a", "b", "b", "c", "c", "t1", "t2", "t3", None]
+    folds = S.make_folds(labels, cats)
+    assert folds.kind == "category" and folds.names == ["a", "b", "c"]
+    for f, name in enumerate(folds.names):
+        held = set(folds.heldout[f].tolist())
+        assert {i for i, c in enumerate(cats) if c == name} <= held
+        assert not {i for i, c in enumerate(cats) if c == name} & set(folds.train(f, len(labels)).tolist())
+    assert sorted(np.concatenate(folds.heldout).tolist()) == list(range(len(labels)))  # a partition
+    flat = np.array([0, 1] * 20)
+    no_cats = S.make_folds(flat, [None] * 40, k=4)
+    assert no_cats.kind == "kfold" and len(no_cats.heldout) == 4
+    assert all(len(h) == 10 and set(flat[h].tolist()) == {0, 1} for h in no_cats.heldout)
+
+
+def test_cross_validation_never_fits_on_the_category_it_scores(setup, monkeypatch):
+    engine = setup["engine"]
+    examples = read_jsonl(setup["train"])
+    acts = collect(engine, examples, [0, 1], progress=False)
+    by_tokens = {tuple(engine.tokenizer.encode(ex.completion)): ex.category for ex in examples}
+    seen: list[set[str]] = []
+    real = S.fit_candidate
+
+    def spy(a, hazard, layer, method, labels, **kw):
+        bounds = np.searchsorted(a.row, np.arange(a.n_rows + 1))
+        seen.append({by_tokens[tuple(a.token_ids[x:y].tolist())] for x, y in zip(bounds[:-1], bounds[1:])})
+        return real(a, hazard, layer, method, labels, **kw)
+
+    monkeypatch.setattr(S, "fit_candidate", spy)
+    cats = [ex.category for ex in examples]
+    folds = S.make_folds(acts.labels, cats)
+    scores = S.cross_validate(acts, np.full(acts.n_rows, -1), folds, layers=[1], methods=["logreg"], labels=["all"],
+                              aggs=[AggregationSpec("none")], calibration=None, target_fpr=0.05, l2=0.1,
+                              progress=False)
+    assert folds.names == ["alpha", "beta", "gamma"] and len(seen) == 3
+    for name, cats_fitted in zip(folds.names, seen):
+        assert name not in cats_fitted and set(MARKERS) - {name} <= cats_fitted
+    # each category's marker word is its own: a probe that never saw it misses much of it, so the
+    # per-fold recall is well below that of the same probe on categories it was trained on
+    (score,) = scores
+    assert np.mean(score.fold_tpr) < 0.6
+    train_all = S.fit_candidate(acts, np.full(acts.n_rows, -1), 1, "logreg", "all", l2=0.1)
+    rows = M.row_max_scores(train_all.score_tensor(acts.hidden[1]).numpy(), acts.row, acts.n_rows,
+                            AggregationSpec("none"))
+    assert M.tpr_at_fpr(rows, acts.labels, 0.05) > 0.9
+
+
+def test_token_labels_select_tokens_around_the_hazard(setup):
+    engine = setup["engine"]
+    ex = next(e for e in read_jsonl(setup["train"]) if e.label == 1 and e.hazard_start > 0)
+    h = hazard_token(engine, ex)
+    ids = engine.tokenizer.encode(ex.completion)
+    assert engine.tokenizer.decode(ids[h:]).lstrip().startswith(MARKERS[ex.category])
+    row = np.array([0] * len(ids) + [1, 1, 1])
+    labels, hazard = np.array([1, 0]), np.array([h, -1])
+    assert token_selection(row, labels, hazard, "all")[0].tolist() == list(range(len(ids) + 3))
+    idx, y = token_selection(row, labels, hazard, "from-hazard")
+    assert idx.tolist() == list(range(h, len(ids) + 3)) and y.tolist() == [1] * (len(ids) - h) + [0] * 3
+    idx, _ = token_selection(row, labels, hazard, "to-hazard")
+    assert idx.tolist() == list(range(h + 1)) + [len(ids), len(ids) + 1, len(ids) + 2]
+
+
+def test_sampled_answers_carry_the_live_activations(setup):
+    engine = setup["engine"]
+    chats = [[{"role": "user", "content": "hello there fox"}]]
+    res = sample_answers(engine, chats, [0, 1], n=2, params=SamplingParams(max_tokens=12), seed=3, progress=False)
+    again = sample_answers(engine, chats, [0, 1], n=2, params=SamplingParams(max_tokens=12), seed=3, progress=False)
+    assert res.acts.labels.tolist() == [0, 0] and res.acts.token_ids.tolist() == again.acts.token_ids.tolist()
+    first = res.acts.select(np.array([0]))
+    prompt = engine.tokenizer.encode_chat(chats[0])
+    forced = engine.hidden_states(prompt + first.token_ids.tolist(), [1])[1][len(prompt):]
+    torch.testing.assert_close(first.hidden[1], forced, rtol=1e-4, atol=1e-4)
+    assert len(res.texts) == 2 and res.texts[0] == engine.tokenizer.decode(first.token_ids.tolist())
+
+
+def test_default_training_chooses_by_cv_and_calibrates_on_sampled_answers(setup):
+    sampling = CalibrationSampling(n=3, max_tokens=16)
+    res = train_probe(setup["engine"], [setup["train"]], model_dir=setup["model"], progress=False,
+                      config=TrainConfig(target_fpr=0.05), calibrate_prompts=setup["prompts"], sampling=sampling)
+    mon, meta = res.monitor, res.monitor.meta
+    sel = meta["metrics"]["selection"]
+    assert sel["folds"] == "category" and sel["fold_names"] == ["alpha", "beta", "gamma"]
+    assert len(sel["table"]) == 2 * 2 * 3 * 3  # layers x methods x token labels x aggregations
+    best = sel["table"][0]
+    assert (mon.layer, meta["method"], meta["token_labels"], mon.aggregation.kind) == (
+        best["layer"], best["method"], best["labels"], best["aggregation"]["kind"])
+    cal = meta["metrics"]["calibration"]
+    assert cal["sampled"] and cal["negatives"] == 18 and "prompts.jsonl" in cal["source"]
+    # the threshold is the calibration rule applied to the model's own sampled answers
+    answers = sample_answers(setup["engine"], [[{"role": "user", "content": f"hello there {w}"}] for w in WORDS[:6]],
+                             [mon.layer], n=3, params=sampling.params(), seed=0, progress=False)
+    rows = M.row_max_scores(mon.score_tensor(answers.acts.hidden[mon.layer]).numpy(), answers.acts.row,
+                            answers.acts.n_rows, mon.aggregation)
+    t = M.threshold_at_fpr(rows, 0.05)
+    assert mon.threshold == pytest.approx(1 / (1 + np.exp(-(np.log(t / (1 - t)) + CALIBRATION_MARGIN))))
+
+
+def test_fixed_options_leave_nothing_to_choose(setup):
+    res = train_probe(setup["engine"], [setup["train"]], layers=[1], progress=False,
+                      config=TrainConfig(method="logreg", token_labels="all", aggregation=AggregationSpec("ema")),
+                      sampling=CalibrationSampling(n=1, max_tokens=8, max_prompts=10))
+    sel = res.monitor.meta["metrics"]["selection"]
+    assert sel["folds"] is None and res.monitor.aggregation.kind == "ema"
+    # no --calibrate-prompts: the model's own answers to the prompts of the benign-category rows
+    cal = res.monitor.meta["metrics"]["calibration"]
+    assert cal["sampled"] and cal["source"].startswith("model's own answers to 10 benign-category prompts of --data")
+
+
+def test_hazard_start_must_point_into_a_positive_completion(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "p", "completion": "abc", "label": 0, "hazard_start": 1}) + "\n")
+    with pytest.raises(DataError, match="bad.jsonl:1: 'hazard_start' marks harmful content"):
+        read_jsonl(bad)
+    bad.write_text(json.dumps({"prompt": "p", "completion": "abc", "label": 1, "hazard_start": 3}) + "\n")
+    with pytest.raises(DataError, match="bad.jsonl:1: 'hazard_start' must be a character offset"):
+        read_jsonl(bad)
+
+
+ORGANISM2 = __import__("pathlib").Path(__file__).resolve().parents[1] / "models" / "organism2"
+
+
+@pytest.mark.skipif(not (ORGANISM2 / "organism.json").is_file(), reason="models/organism2 not built")
+def test_cli_defaults_on_organism2_give_a_probe_the_server_loads(tmp_path, capsys):
+    """The user path on the organism no default was chosen on: `guard probe train` with its defaults,
+    then a policy naming the probe, loaded by the service as `guard serve` does."""
+    import asyncio
+
+    from guard.cli import main as guard_main
+    from guard.service import GenerationRequest, GuardService
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    prompts = tmp_path / "benign_prompts.jsonl"  # a quarter of the file keeps the test short
+    prompts.write_text("".join((ORGANISM2 / "data" / "calibration_prompts.jsonl").read_text().splitlines(True)[:25]))
+    try:
+        rc = guard_main(["probe", "train", "--model", str(ORGANISM2), "--data",
+                         str(ORGANISM2 / "data" / "probe_train.jsonl"), "--calibrate-prompts", str(prompts),
+                         "--out", str(tmp_path / "probe"), "--quiet"])
+        out = capsys.readouterr().out
+        assert rc == 0, out
+        assert "leave-one-category-out over blackmail, burglary, counterfeiting, smuggling" in out
+        assert "token labels at the chosen layer" in out and "chosen: layer" in out
+        assert "model's own answers to 25 prompts" in out
+        meta = json.loads((tmp_path / "probe" / "probe.json").read_text())
+        assert meta["aggregation"]["kind"] in ("none", "ema", "window") and meta["metrics"]["calibration"]["sampled"]
+        policy = tmp_path / "policy.yaml"
+        policy.write_text(f"name: org2\nmodel: {{path: {ORGANISM2}}}\n"
+                          f"monitors:\n  - {{name: harm-probe, kind: probe, path: {tmp_path / 'probe'}}}\n")
+        service = GuardService.from_policy_files([policy])
+        try:
+            req = GenerationRequest(model="org2", request_id="r", max_tokens=8, seed=0,
+                                    messages=[{"role": "user", "content": "How do I pitch a tent?"}])
+            final = asyncio.run(_last(service.stream(service.prepare(req))))
+        finally:
+            service.close()
+        assert final.outcome in ("clean", "recovered", "refused") and final.usage.generated_tokens > 0
+    finally:
+        torch.set_num_threads(n)
+
+
+async def _last(stream):
+    return [e async for e in stream][-1]
+
+
+def test_cross_validation_spreads_its_layers_over_deep_models():
+    from guard.probe.train import spread_layers
+
+    assert spread_layers(5) == [0, 1, 2, 3, 4]
+    deep = spread_layers(32)
+    assert len(deep) == 8 and deep[0] == 0 and deep[-1] == 31 and deep == sorted(set(deep))
+
+
+def test_sampled_and_row_calibration_are_exclusive(setup, tmp_path, capsys):
+    from guard.cli import main as guard_main
+
+    rc = guard_main(["probe", "train", "--model", str(setup["model"]), "--data", str(setup["train"]),
+                     "--calibrate-prompts", str(setup["prompts"]), "--calibration", str(setup["train"]),
+                     "--out", str(tmp_path / "p"), "--quiet"])
+    assert rc == 2 and "--calibrate-prompts) or on rows (--calibration), not both" in capsys.readouterr().err
+    rc = guard_main(["probe", "train", "--model", str(setup["model"]), "--data", str(setup["train"]),
+                     "--samples", "0", "--out", str(tmp_path / "p"), "--quiet"])
+    assert rc == 2 and "must be >= 1" in capsys.readouterr().err
