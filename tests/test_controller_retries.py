@@ -178,3 +178,34 @@ def test_surprisal_tracker_leaves_out_a_banned_first_token_and_checks_once():
 def test_config_refuses_a_safe_level_above_the_retry_threshold():
     with pytest.raises(ValueError, match="safe_level"):
         ControllerConfig(safe_level=0.9, retry_threshold=0.8)
+
+
+class NaNRescore:
+    """The real engine, except that the from-scratch re-check returns NaN for every token."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def rescore(self, seq, monitors):
+        real = self.engine.rescore(seq, monitors)
+        return {name: [float("nan")] * len(scores) for name, scores in real.items()}
+
+
+@pytest.mark.parametrize("on_error", ["fail_closed", "fail_open"])
+def test_a_recheck_that_returns_nan_is_a_monitor_error_not_a_pass(tiny_engine, on_error):
+    """NaN never exceeds a threshold: a re-check that returned it would pass every answer, so it is a
+    monitor error under ``on_monitor_error`` (fail_closed refuses; fail_open records and disables)."""
+    out, unique = _reference(tiny_engine)
+    mon = ScoreMap({out[unique[3]]: 0.9})
+    events, rec, _ = run(NaNRescore(tiny_engine), [mon], max_tokens=12, rollback="auto", garble_margin=None,
+                         on_monitor_error=on_error)
+    assert_invariants(events, rec)
+    (err,) = rec.monitor_errors
+    assert err["monitor"] == "map" and "non-finite" in err["error"]
+    if on_error == "fail_closed":
+        assert rec.outcome == "refused"
+    else:
+        assert err["handling"] == "disabled" and rec.outcome == "recovered"

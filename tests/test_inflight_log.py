@@ -186,3 +186,30 @@ def test_kill_9_leaves_the_checkpoint_of_a_running_flagged_stream(tiny_model_dir
         assert (record.outcome, record.complete) == ("interrupted", False) and record.firings
     with sqlite3.connect(tmp_path / "g.db") as db:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+def test_a_cut_waits_for_the_write_that_records_its_firing(tmp_path):
+    """A plain client's stream that ends in a Cut shows the refusal only once the log holds the firing
+    behind it (as for a Reset), so a kill right after cannot lose what the client was shown."""
+    from guard.controller.events import Cut
+    from guard.logstore.writer import GenerationLogging, LogWriter
+
+    with LogStore(tmp_path / "cut.db") as store:
+        gated = GatedStore(store, threading.Event())
+        writer = LogWriter(gated)
+        got, cut_arrived = [], threading.Event()
+
+        def emit(event):
+            got.append(event)
+            if isinstance(event, Cut):
+                cut_arrived.set()
+
+        logging_ = GenerationLogging(lambda flagged: flagged, writer, emit)
+        logging_.emit(TextDelta("Sure.", (5,)))
+        logging_.emit(Cut(refusal="No.", kept_chars=5, monitor="harm-probe"))
+        logging_.checkpoint(make_record(outcome="refused").checkpoint([5], "Sure."))
+        assert [type(e) for e in got] == [TextDelta], "the cut went out before its write"
+        gated.gate.set()
+        assert cut_arrived.wait(60)
+        assert gated.checkpointed.is_set() and store.get(logging_.log_id).outcome == "interrupted"
+        writer.close()

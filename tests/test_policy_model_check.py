@@ -87,3 +87,17 @@ def test_cross_field_errors_come_with_field_errors(tree):
     with pytest.raises(PolicyError) as info:
         load_policy(path)
     assert len(info.value.errors) == 1 and "names no monitor: 'nope'" in info.value.errors[0]
+
+
+@pytest.mark.parametrize("backtrack, bounded", [
+    ({"rollback": "tokens", "rollback_tokens": 12, "garble_margin": None}, True),
+    ({"rollback": "tokens", "rollback_tokens": 12}, False),  # a garble firing cuts back to the response start
+    ({"rollback": "auto", "garble_margin": None}, False),    # no safe prefix: the response start
+])
+def test_the_exposure_bound_covers_every_rollback_a_policy_can_make(tree, backtrack, bounded):
+    from guard.policy.model_check import exposure_lines
+
+    path = _write(tree, monitors=[{"name": "fits", "kind": "probe", "path": "./fits"}], backtrack=backtrack,
+                  stream={"holdback_tokens": 4})
+    (line,) = [x for x in exposure_lines(load_policy(path)) if "reset-aware clients" in x]
+    assert ("at most 8 tokens" in line) == bounded and ("everything shown" in line) != bounded

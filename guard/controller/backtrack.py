@@ -621,6 +621,7 @@ class GuardedGeneration:
                 scores = fresh.get(mon.name, []) if mon.layer is not None else _checked_score(mon, None, out)
                 if len(scores) != len(out):
                     raise MonitorFailure(f"re-check returned {len(scores)} scores for {len(out)} tokens")
+                _require_finite_scores(scores)  # NaN never fires: a silent pass under any setting
             except MonitorFailure as exc:
                 if self._monitor_failed(bound, "output", exc, 0):
                     return True

@@ -25,7 +25,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 
-from guard.controller.events import Event, Failed, Finished, Reset
+from guard.controller.events import Cut, Event, Failed, Finished, Reset
 from guard.controller.record import GenerationRecord
 from guard.errors import EngineError
 from guard.logstore.store import LogStore, new_log_id
@@ -79,8 +79,8 @@ class GenerationLogging:
     A checkpoint is written whenever the running generation is newly flagged (outcome
     ``interrupted`` until completed); the final record replaces it under the same id. Two kinds of
     event are held back until a write is durable, so that whatever a client has seen is in the
-    log even if the process is then killed: a :class:`Reset` (until the checkpoint that records
-    its span) and :class:`Finished` (until the final record; a failed final write turns it into
+    log even if the process is then killed: a :class:`Reset` or :class:`Cut` (until the checkpoint
+    that records its span or firing) and :class:`Finished` (until the final record; a failed final write turns it into
     :class:`Failed`). Events after a held one wait with it, so order is kept. The engine never
     waits: the writer thread releases held events when their write completes.
     """
@@ -113,7 +113,7 @@ class GenerationLogging:
                 self._release(self._added, None)
                 self._emit(event)
                 return
-            hold = (bool(self._held) or (isinstance(event, Reset) and self.keeps(True))
+            hold = (bool(self._held) or (isinstance(event, (Reset, Cut)) and self.keeps(True))
                     or (isinstance(event, Finished) and self.final is not None))
             if not hold:
                 self._emit(event)

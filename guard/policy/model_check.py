@@ -118,7 +118,11 @@ def exposure_lines(policy: Policy) -> list[str]:
     if not acting:
         return ["# stream exposure: no monitor acts on the output, so no client is ever shown text that is retracted"]
     # A reset-token firing and a refuse action cut back to the response start whatever the policy's rule.
-    rules = {"response" if m.kind == "reset_token" or m.action == "refuse" else bt.rollback for m in acting}
+    # rollback auto may find no safe prefix (then the response start), and a garble firing always cuts there.
+    rules = {"response" if m.kind == "reset_token" or m.action == "refuse" or bt.rollback == "auto" else bt.rollback
+             for m in acting}
+    if bt.garble_margin is not None:
+        rules.add("response")
     if "response" in rules:
         per_reset = f"everything shown (up to max_tokens - holdback_tokens = {whole} tokens)"
     elif "sentence" in rules:
