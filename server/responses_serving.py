@@ -37,7 +37,7 @@ from server.responses_protocol import (ContentPartEvent, ErrorEvent, GuardResetE
                                        ResponsesRequest, ResponseUsage, TextDeltaEvent, TextDoneEvent)
 from server.protocol import GuardReset
 from server.limits import check_responses
-from server.serving import EVERYONE, GuardedServing, IsDisconnected, Prepared, guard_info
+from server.serving import EVERYONE, GuardedServing, IsDisconnected, Prepared, client_retracts, guard_info
 
 _PARAMS = {"messages": "input", "max_tokens": "max_output_tokens"}
 """Service error params named by their Responses API field."""
@@ -57,7 +57,7 @@ class ResponsesServing(GuardedServing):
             model=req.model, request_id=rid, messages=req.messages(), max_tokens=req.max_output_tokens,
             temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed, stop=req.stop_tuple(),
             api_key=caller.api_key, allowed_models=caller.policies, group=rid,
-            client_retracts=not req.stream or req.guard_resets() or resets_header)
+            client_retracts=client_retracts(req, resets_header))
         try:
             prepared = await self.prepare([gen], "input")
         except GuardError as exc:

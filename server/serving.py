@@ -309,8 +309,9 @@ def generation(req: SamplingFields, request_id: str, k: int, *, caller: Caller, 
         allowed_models=caller.policies, group=group, client_retracts=client_retracts, **source)
 
 
-def client_retracts(req: SamplingFields, resets_header: bool) -> bool:
-    """Whether the generations may retract shown text: the answer is sent whole at the end, or the
+def client_retracts(req: Any, resets_header: bool) -> bool:
+    """Whether the generations of ``req`` (any request with ``stream`` and ``guard_resets()``: chat,
+    completions, responses) may retract shown text: the answer is sent whole at the end, or the
     client opted in to reset chunks (``stream_options.guard_resets`` or the ``X-Guard-Resets`` header)."""
     return not req.stream or req.guard_resets() or resets_header
 

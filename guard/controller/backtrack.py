@@ -465,12 +465,16 @@ class GuardedGeneration:
         if not acting:
             return False
         pos, bound = acting[0]
+        self._act(pos, bound)
+        return True
+
+    def _act(self, pos: int, bound: BoundMonitor) -> None:
+        """An acting monitor fired at output position ``pos``: refuse, or back off and resample."""
         if bound.action == "refuse":
             self._discard(pos, bound, 0)
             self._refuse()
         else:
             self._backtrack(pos, bound)
-        return True
 
     def _output_monitors(self) -> list[BoundMonitor]:
         return [b for b in self.monitors if b.on_output and b.monitor.name not in self.disabled]
@@ -636,11 +640,7 @@ class GuardedGeneration:
             return False
         pos, bound = min(firings, key=lambda f: f[0])
         self._note_firing(bound, pos, self.states[bound.monitor.name], "recheck")
-        if bound.action == "refuse":
-            self._discard(pos, bound, 0)
-            self._refuse()
-        else:
-            self._backtrack(pos, bound)
+        self._act(pos, bound)
         return True
 
     def _retract_to(self, point: int, monitor: str) -> int:
