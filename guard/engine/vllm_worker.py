@@ -27,8 +27,18 @@ Per model forward (one scheduler step), with eager execution:
 Because records are written before the step's sampled tokens leave the worker, the front end
 always finds the scores of token ``n`` once it has received token ``n + 1`` (the one-step lag).
 
-Only the model runners named in :data:`SUPPORTED_RUNNERS` are supported; anything else raises
-at install time rather than silently never calling the hooks.
+Model runners are recognised by the attributes the guard reads (:func:`runner_kind`: the V1 runner
+and its CPU subclass, Model Runner V2 and its CPU subclass); anything else raises at install time
+rather than silently never calling the hooks.
+
+Under vLLM's parallel serving (:class:`Layout`): with tensor parallelism every rank of a stage
+holds the full residual stream after the all-reduce, runs the monitors and steers (each rank
+samples from the gathered logits, so each must force the same reset), and only rank 0 writes the
+score records; with pipeline parallelism a monitor runs on the stage that holds its layer, each
+stage writes the records of its own monitors (NaN for the others) into the same channel, and the
+front end merges them; only the last stage samples, so only a monitor whose layer it holds forces
+the reset inside the step (the controller acts on the others' scores one token later, as it does
+on the transformers engine).
 """
 
 from __future__ import annotations
@@ -104,6 +114,48 @@ class RequestArgs:
                    ban=tuple(d.get("ban", ())), scale={k: float(v) for k, v in d.get("scale", {}).items()})
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Where this worker sits in vLLM's parallel layout, and what it does for the guard there."""
+
+    tp_rank: int = 0
+    tp_size: int = 1
+    pp_rank: int = 0
+    pp_size: int = 1
+    layers: tuple[int, ...] = ()
+    """Decoder layers this pipeline stage holds (all of them without pipeline parallelism)."""
+
+    @property
+    def reports(self) -> bool:
+        """Whether this worker writes score records: tensor-parallel rank 0 of its stage. Every rank
+        of the stage holds the same residual stream after the all-reduce and runs the monitors (each
+        rank samples from the gathered logits, so each must force the same reset), but one writes."""
+        return self.tp_rank == 0
+
+    @property
+    def last_stage(self) -> bool:
+        """The stage that samples (and so can force the reset token)."""
+        return self.pp_rank == self.pp_size - 1
+
+
+def layout_of(model: Any) -> Layout:
+    """This worker's :class:`Layout` (vLLM's process groups; one rank when there are none)."""
+    blocks = decoder_layers(model)
+    held = tuple(i for i, b in enumerate(blocks) if not _is_missing_layer(b))
+    try:
+        from vllm.distributed.parallel_state import get_pp_group, get_tp_group
+
+        tp, pp = get_tp_group(), get_pp_group()
+        return Layout(tp.rank_in_group, tp.world_size, pp.rank_in_group, pp.world_size, held)
+    except (ImportError, AssertionError):  # no process groups: a single worker
+        return Layout(layers=held)
+
+
+def _is_missing_layer(block: Any) -> bool:
+    """A placeholder for a layer another pipeline stage holds (vLLM's ``PPMissingLayer``)."""
+    return type(block).__name__ == "PPMissingLayer"
+
+
 @dataclass
 class _Live:
     """Worker-side state of one guarded request."""
@@ -144,6 +196,8 @@ class WorkerState:
         self.plan: list[_Planned] = []
         self.row_ids: torch.Tensor | None = None
         self.view: RunnerView | None = None
+        self.layout = Layout()
+        """Where this worker sits in vLLM's parallel layout (set by :func:`install`)."""
         self.hooked_layers: set[int] = set()
         self.handles: list[Any] = []
         self.calls = {"steps": 0, "layer_hooks": 0, "scored_rows": 0}
@@ -200,7 +254,9 @@ class WorkerState:
             if key in args.init:
                 st.extend(0, args.init[key])
             states[key] = st
-        live = _Live(args, states, ScoreWriter(args.channel, list(args.score)))
+        # One writer per stage: the other tensor-parallel ranks compute the same records.
+        writer = ScoreWriter(args.channel, list(args.score)) if self.layout.reports else _NoWriter()
+        live = _Live(args, states, writer)
         self.live[args.key] = live
         return live
 
@@ -306,6 +362,16 @@ class WorkerState:
         self.plan = []
 
 
+class _NoWriter:
+    """The score writer of a tensor-parallel rank other than 0 (its stage's rank 0 writes)."""
+
+    def write(self, position: int, scores: list[float], forced: bool = False, failed: int = 0) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 STATE = WorkerState()
 
 
@@ -345,8 +411,9 @@ class RunnerView:
 class RunnerViewV2:
     """:class:`RunnerView` for Model Runner V2 (``vllm.v1.worker.gpu.model_runner``), which builds a
     fresh ``InputBatch`` per step: its ``prepare_inputs`` and ``add_requests`` are wrapped to keep the
-    step's batch and each request's guard arguments. Written against vLLM 0.32's V2 source; not run
-    here (V2 needs Triton and CUDA)."""
+    step's batch and each request's guard arguments. Written against vLLM 0.32's and 0.33's V2
+    source (what it reads is in :data:`RUNNER_V2` and :data:`guard.engine.vllm_compat.NEEDS`, checked
+    against that source by the tests); not run here (V2 needs Triton)."""
 
     def __init__(self, runner: Any) -> None:
         self.runner = runner
@@ -382,32 +449,60 @@ class RunnerViewV2:
         return {a.key for a in self._args.values() if a is not None}
 
 
-V1_RUNNERS = ("vllm.v1.worker.gpu_model_runner.GPUModelRunner", "vllm.v1.worker.cpu_model_runner.CPUModelRunner")
-V2_RUNNERS = ("vllm.v1.worker.gpu.model_runner.GPUModelRunner",)
-SUPPORTED_RUNNERS = V1_RUNNERS + V2_RUNNERS
-"""Model runners whose batch layout the guard reads: the V1 runner and its CPU subclass
-(:class:`RunnerView`, tested) and Model Runner V2 (:class:`RunnerViewV2`, untested here)."""
+KNOWN_RUNNERS = {"vllm.v1.worker.gpu_model_runner.GPUModelRunner": "v1",
+                 "vllm.v1.worker.cpu_model_runner.CPUModelRunner": "v1",
+                 "vllm.v1.worker.gpu.model_runner.GPUModelRunner": "v2",
+                 "vllm.v1.worker.cpu.model_runner.CPUModelRunner": "v2"}
+"""Runners read from vLLM's source (0.32, 0.33): V1 and its CPU subclass (run here), Model Runner
+V2 and its CPU subclass (checked against the source). Informational: :func:`runner_kind` decides
+by the attributes a runner has, so a subclass or a renamed runner with the same batch works."""
+
+RUNNER_V1 = ("input_batch", "input_batch.req_ids", "input_batch.num_reqs", "query_start_loc",
+             "query_start_loc.np", "requests", "get_model")
+"""What :class:`RunnerView` reads of a V1 runner (``a.b``: attribute ``b`` of attribute ``a``)."""
+RUNNER_V2 = ("req_states", "req_states.req_id_to_index", "prepare_inputs", "add_requests", "get_model")
+"""What :class:`RunnerViewV2` reads of (and wraps on) a Model Runner V2."""
+
+
+def _lacking(obj: Any, paths: tuple[str, ...]) -> list[str]:
+    out = []
+    for path in paths:
+        cur = obj
+        for part in path.split("."):
+            cur = getattr(cur, part, _MISSING)
+            if cur is _MISSING:
+                out.append(path)
+                break
+    return out
+
+
+_MISSING = object()
 
 
 def runner_kind(runner: Any) -> str:
-    """``"v1"`` or ``"v2"`` for a supported model runner; RuntimeError otherwise."""
+    """``"v2"`` or ``"v1"``: which batch layout the runner has, probed by attribute
+    (:data:`RUNNER_V2`, :data:`RUNNER_V1`); RuntimeError naming what is missing otherwise."""
+    v2 = _lacking(runner, RUNNER_V2)
+    if not v2:
+        return "v2"
+    v1 = _lacking(runner, RUNNER_V1)
+    if not v1:
+        return "v1"
     name = f"{type(runner).__module__}.{type(runner).__name__}"
-    for cls in type(runner).__mro__:
-        full = f"{cls.__module__}.{cls.__name__}"
-        if full in V1_RUNNERS:
-            return "v1"
-        if full in V2_RUNNERS:
-            return "v2"
-    raise RuntimeError(f"vLLM model runner {name} is not supported by the guard "
-                       f"(supported: {', '.join(SUPPORTED_RUNNERS)})")
+    raise RuntimeError(f"the guard cannot map batch rows to requests on vLLM model runner {name}: it has neither "
+                       f"the V1 runner's batch (missing: {', '.join(v1)}) nor Model Runner V2's (missing: "
+                       f"{', '.join(v2)})")
 
 
-def install(runner: Any, layers: Iterable[int]) -> None:
-    """Hook the runner's model at ``layers`` (idempotent per layer) and attach the batch view."""
+def install(runner: Any, layers: Iterable[int]) -> list[int]:
+    """Hook the runner's model at those of ``layers`` this pipeline stage holds (idempotent per
+    layer) and attach the batch view; returns the layers hooked here (a layer another stage holds
+    is hooked there)."""
     kind = runner_kind(runner)
-    model = runner.get_model() if hasattr(runner, "get_model") else runner.model
+    model = runner.get_model()
     st = STATE
     if st.view is None:
+        st.layout = layout_of(model)
         st.view = RunnerView(runner) if kind == "v1" else RunnerViewV2(runner)
 
         def pre(_mod, args, kwargs):
@@ -421,11 +516,15 @@ def install(runner: Any, layers: Iterable[int]) -> None:
         st.handles.append(model.register_forward_pre_hook(pre, with_kwargs=True))
         st.handles.append(model.register_forward_hook(post))
     blocks = decoder_layers(model)
+    here = []
     for layer in layers:
-        if layer in st.hooked_layers:
-            continue
         if not 0 <= layer < len(blocks):
             raise ValueError(f"layer {layer} out of range (model has {len(blocks)} layers)")
+        if layer not in st.layout.layers:
+            continue
+        here.append(layer)
+        if layer in st.hooked_layers:
+            continue
 
         def hook(_mod, _args, out, layer=layer):
             if isinstance(out, tuple):
@@ -436,20 +535,22 @@ def install(runner: Any, layers: Iterable[int]) -> None:
 
         st.handles.append(blocks[layer].register_forward_hook(hook))
         st.hooked_layers.add(layer)
+    return here
 
 
 class GuardWorkerExtension:
-    """Mixed into vLLM's worker class (``worker_extension_cls``); methods are collective_rpc targets."""
+    """Mixed into vLLM's worker class (``worker_extension_cls``); methods are collective_rpc targets
+    (run on every worker: every tensor-parallel rank, pipeline stage and data-parallel engine)."""
 
-    def guard_add_monitor(self, key: str, blob: bytes) -> int:
+    def guard_add_monitor(self, key: str, blob: bytes) -> list[int]:
+        """Install a monitor; returns the layers of it this worker hooked (empty on a pipeline
+        stage that does not hold its layer)."""
         STATE.add_monitor(key, blob)
-        install(self.model_runner, [STATE.monitors[key].layer])
-        return len(STATE.monitors)
+        return install(self.model_runner, [STATE.monitors[key].layer])
 
-    def guard_add_steer(self, key: str, layer: int, vector: list[float]) -> int:
+    def guard_add_steer(self, key: str, layer: int, vector: list[float]) -> list[int]:
         STATE.add_steer(key, layer, vector)
-        install(self.model_runner, [layer])
-        return len(STATE.steer)
+        return install(self.model_runner, [layer])
 
     def guard_counters(self) -> dict[str, int]:
         return {**STATE.calls, "live": len(STATE.live), "monitors": len(STATE.monitors)}
@@ -457,3 +558,9 @@ class GuardWorkerExtension:
     def guard_runner(self) -> str:
         r = self.model_runner
         return f"{type(r).__module__}.{type(r).__name__}:{runner_kind(r)}"
+
+    def guard_layout(self) -> dict[str, Any]:
+        """This worker's place in the parallel layout (:class:`Layout`) and whether it reports."""
+        lay = layout_of(self.model_runner.get_model())
+        return {"tp_rank": lay.tp_rank, "tp_size": lay.tp_size, "pp_rank": lay.pp_rank, "pp_size": lay.pp_size,
+                "layers": list(lay.layers), "reports": lay.reports}

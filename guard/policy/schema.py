@@ -99,13 +99,24 @@ class VLLMSpec(Strict):
                                                       "reports it.")
     reset_token_id: int | None = Field(None, ge=0, description="Id to force instead: a reserved id the model never "
                                                                "samples.")
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallelism: workers each holding a slice "
+                                                           "of every layer. Every rank holds the full residual "
+                                                           "stream after the all-reduce: all run the monitors, "
+                                                           "rank 0 reports their scores.")
+    pipeline_parallel_size: int = Field(1, ge=1, description="vLLM pipeline parallelism: stages each holding a run "
+                                                             "of layers; a monitor runs on the stage that holds its "
+                                                             "layer (`guard policy check` prints which).")
+    data_parallel_size: int = Field(1, ge=1, description="vLLM data parallelism: engine cores each running a whole "
+                                                         "replica on its own requests; each gets every monitor.")
 
     def to_options(self):
         from guard.engine.vllm_engine import VLLMOptions
 
         return VLLMOptions(gpu_memory_utilization=self.gpu_memory_utilization, max_num_seqs=self.max_num_seqs,
                            block_size=self.block_size, reset_token=self.reset_token,
-                           reset_token_id=self.reset_token_id)
+                           reset_token_id=self.reset_token_id, tensor_parallel_size=self.tensor_parallel_size,
+                           pipeline_parallel_size=self.pipeline_parallel_size,
+                           data_parallel_size=self.data_parallel_size)
 
 
 class ModelSpec(Strict):
