@@ -538,6 +538,17 @@ def install(runner: Any, layers: Iterable[int]) -> list[int]:
     return here
 
 
+def _pp_receive_buffers(runner: Any, layout: Layout) -> None:
+    """vLLM's V1 runner allocates a later pipeline stage's receive buffers in its warm-up pass, which
+    vLLM's CPU worker skips for eager execution with an explicit KV size (``VLLM_CPU_KVCACHE_SPACE``;
+    seen on 0.32, same code in 0.33): the stage's first step then fails ``assert
+    self.intermediate_tensors is not None``. Allocate them as the warm-up pass does."""
+    if layout.pp_rank == 0 or getattr(runner, "intermediate_tensors", 0) is not None:
+        return
+    runner.intermediate_tensors = runner.model.make_empty_intermediate_tensors(
+        batch_size=runner.max_num_tokens, dtype=runner.model_config.dtype, device=runner.device)
+
+
 class GuardWorkerExtension:
     """Mixed into vLLM's worker class (``worker_extension_cls``); methods are collective_rpc targets
     (run on every worker: every tensor-parallel rank, pipeline stage and data-parallel engine)."""
@@ -560,7 +571,9 @@ class GuardWorkerExtension:
         return f"{type(r).__module__}.{type(r).__name__}:{runner_kind(r)}"
 
     def guard_layout(self) -> dict[str, Any]:
-        """This worker's place in the parallel layout (:class:`Layout`) and whether it reports."""
+        """This worker's place in the parallel layout (:class:`Layout`) and whether it reports. Called
+        once the engine is up."""
         lay = layout_of(self.model_runner.get_model())
+        _pp_receive_buffers(self.model_runner, lay)
         return {"tp_rank": lay.tp_rank, "tp_size": lay.tp_size, "pp_rank": lay.pp_rank, "pp_size": lay.pp_size,
                 "layers": list(lay.layers), "reports": lay.reports}
