@@ -134,6 +134,27 @@ def _scores_match_the_transformers_engine(eng):
         eng.release(seq)
 
 
+def _trigger_fires(eng, layer: int) -> tuple[bool, float]:
+    """An acting monitor on ``layer`` that fires on the first answer token: whether the worker
+    forced the reset (the second step returns no token), and the score it reported."""
+    from guard.engine.base import MonitorRun
+    from guard.monitors.probe import ProbeMonitor
+    from guard.sampling import SamplingParams, make_generator
+
+    trigger = copy.copy(ProbeMonitor.load(ORGANISM / "probe", name="harm"))
+    trigger.name, trigger.threshold, trigger.layer = f"trigger{layer}", 0.0, layer
+    seq = eng.new_sequence(eng.tokenizer.encode_chat([{"role": "user", "content": TEXTS[1]}]), [layer],
+                           [MonitorRun(trigger, True, False, True)])
+    eng.prefill(seq)
+    gen = make_generator(3)
+    first = eng.step(seq, SamplingParams(seed=3), gen)
+    assert first.token_id is not None and first.scores == {}
+    second = eng.step(seq, SamplingParams(seed=3), gen)
+    assert second.fed_start == seq.prompt_len and len(second.scores[trigger.name]) == 1
+    eng.release(seq)
+    return second.token_id is None, second.scores[trigger.name][0]
+
+
 def _engine(tp: int, pp: int):
     if os.environ.get("GUARD_TEST_REQUIRE_VLLM") != "1":
         pytest.importorskip("vllm", reason="vLLM is not installed (deploy/setup.sh --vllm installs it)")
@@ -150,5 +171,25 @@ def test_tensor_parallel_2_scores_equal_a_single_worker():
         assert [(w["tp_rank"], w["reports"], w["layers"]) for w in eng.layout] == [
             (0, True, [0, 1, 2, 3]), (1, False, [0, 1, 2, 3])]
         _scores_match_the_transformers_engine(eng)
+        forced, score = _trigger_fires(eng, 3)
+        assert forced and score > 0.0  # both ranks forced the reset: each samples the gathered logits
+    finally:
+        eng.close()
+
+
+@pytest.mark.slow
+def test_pipeline_parallel_2_scores_equal_a_single_worker():
+    """Stage 0 holds layers 0-1, stage 1 layers 2-3: the monitor on layer 1 runs on stage 0, the one
+    on layer 3 on stage 1, and the front end merges their records. Only the last stage samples: a
+    monitor there forces the reset inside vLLM's step; one on stage 0 reports its firing score
+    and the controller acts on it (the worker cannot force it)."""
+    eng = _engine(1, 2)
+    try:
+        assert [(w["pp_rank"], w["reports"], w["layers"]) for w in eng.layout] == [
+            (0, True, [0, 1]), (1, True, [2, 3])]
+        _scores_match_the_transformers_engine(eng)
+        assert _trigger_fires(eng, 3)[0]
+        forced, score = _trigger_fires(eng, 1)
+        assert not forced and score > 0.0
     finally:
         eng.close()
