@@ -45,6 +45,8 @@ NEEDS: tuple[Need, ...] = (
     Need("vllm.v1.engine.async_llm", "AsyncLLM",
          ("from_vllm_config", "generate", "abort", "collective_rpc", "shutdown"),
          "runs vLLM in-process and talks to its workers"),
+    Need("vllm.v1.engine.core_client", "AsyncMPClient", ("call_utility_all_async",),
+         "the worker counters of every data-parallel engine core (collective_rpc answers with the first's)"),
     Need("vllm.engine.arg_utils", "EngineArgs",
          ("model", "tokenizer", "max_model_len", "enforce_eager", "dtype", "gpu_memory_utilization",
           "max_num_seqs", "seed", "enable_prefix_caching", "worker_extension_cls", "block_size",

@@ -291,8 +291,15 @@ class VLLMEngine(Engine):
             return key
 
     def counters(self) -> dict[str, int]:
-        """The worker's hook counters (steps seen, layer hook calls, rows scored, live requests)."""
-        return self._call(self._llm.collective_rpc("guard_counters"))[0]
+        """The workers' hook counters (steps seen, layer hook calls, rows scored, live requests): the
+        first worker's of each data-parallel engine core, summed over the engine cores."""
+        per_core = self._call(self._llm.engine_core.call_utility_all_async(
+            "collective_rpc", "guard_counters", None, (), None))
+        total: dict[str, int] = {}
+        for workers in per_core:
+            for k, v in workers[0].items():
+                total[k] = total.get(k, 0) + v
+        return total
 
     # -- the Engine interface --------------------------------------------------------------------
 
