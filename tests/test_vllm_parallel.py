@@ -20,7 +20,6 @@ from guard.engine import vllm_parallel
 from guard.engine.vllm_parallel import _pp_indices, layout_lines, stage_layers, stage_of
 from guard.errors import ModelLoadError
 from guard.policy import load_policy
-
 from tests.conftest import ORGANISM
 
 REPO = Path(__file__).resolve().parent.parent
@@ -35,7 +34,7 @@ def test_the_fallback_stage_split_is_vllms():
 
 def test_a_monitor_lives_on_the_stage_holding_its_layer():
     stages = stage_layers(4, 2)
-    assert stages == [range(0, 2), range(2, 4)]
+    assert stages == [range(2), range(2, 4)]
     assert [stage_of(layer, stages) for layer in range(4)] == [0, 0, 1, 1]
     with pytest.raises(ValueError, match="no pipeline stage"):
         stage_of(4, stages)
@@ -155,7 +154,9 @@ def _trigger_fires(eng, layer: int) -> tuple[bool, float]:
     return second.token_id is None, second.scores[trigger.name][0]
 
 
-def _engine(tp: int, pp: int):
+def _engine(tp: int, pp: int, monkeypatch):
+    # Each worker's KV cache: 1 GiB, not a share of the (shared) machine's memory.
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
     if os.environ.get("GUARD_TEST_REQUIRE_VLLM") != "1":
         pytest.importorskip("vllm", reason="vLLM is not installed (deploy/setup.sh --vllm installs it)")
     from guard.engine.vllm_engine import VLLMEngine, VLLMOptions
@@ -165,8 +166,8 @@ def _engine(tp: int, pp: int):
 
 
 @pytest.mark.slow
-def test_tensor_parallel_2_scores_equal_a_single_worker():
-    eng = _engine(2, 1)
+def test_tensor_parallel_2_scores_equal_a_single_worker(monkeypatch):
+    eng = _engine(2, 1, monkeypatch)
     try:
         assert [(w["tp_rank"], w["reports"], w["layers"]) for w in eng.layout] == [
             (0, True, [0, 1, 2, 3]), (1, False, [0, 1, 2, 3])]
@@ -178,12 +179,12 @@ def test_tensor_parallel_2_scores_equal_a_single_worker():
 
 
 @pytest.mark.slow
-def test_pipeline_parallel_2_scores_equal_a_single_worker():
+def test_pipeline_parallel_2_scores_equal_a_single_worker(monkeypatch):
     """Stage 0 holds layers 0-1, stage 1 layers 2-3: the monitor on layer 1 runs on stage 0, the one
     on layer 3 on stage 1, and the front end merges their records. Only the last stage samples: a
     monitor there forces the reset inside vLLM's step; one on stage 0 reports its firing score
     and the controller acts on it (the worker cannot force it)."""
-    eng = _engine(1, 2)
+    eng = _engine(1, 2, monkeypatch)
     try:
         assert [(w["pp_rank"], w["reports"], w["layers"]) for w in eng.layout] == [
             (0, True, [0, 1]), (1, True, [2, 3])]

@@ -114,8 +114,8 @@ def policy_layout_lines(policy: Any) -> list[str]:
     tp, pp, dp = ((spec.tensor_parallel_size, spec.pipeline_parallel_size, spec.data_parallel_size)
                   if spec is not None else (1, 1, 1))
     if not os.path.exists(policy.model.path):
-        return [f"# vllm parallel layout: tensor {tp} x pipeline {pp} x data {dp} = {tp * pp * dp} worker(s) "
-                "(model not local: stages unknown)"]
+        head = f"# vllm parallel layout: tensor {tp} x pipeline {pp} x data {dp} = {tp * pp * dp} worker(s)"
+        return [head + " (model not local: stages unknown)"]
     engine = _load(policy)
     mons = [GuardService._monitor(m, policy, engine).monitor for m in policy.monitors]  # type: ignore[arg-type]
     layered = [(m.name, m.layer) for m in mons if m.layer is not None]
