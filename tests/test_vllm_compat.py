@@ -3,7 +3,7 @@ vLLM (0.32 CPU) and statically against vLLM 0.33's source (its CUDA wheel, which
 it pins torch 2.14 and Model Runner V2 needs Triton).
 
 vLLM 0.33's wheel comes from the package registry through pip (``pip download vllm==0.33.0
---no-deps``, 336 MB: 1.9 s here) into a cache directory (``$GUARD_TEST_CACHE``, default
+--no-deps``, 336 MB: 17 s here uncached, on a loaded machine) into a cache directory (``$GUARD_TEST_CACHE``, default
 ``~/.cache/guard-tests``) and is read member by member with ``zipfile``: nothing is unpacked and no
 vLLM code enters the repository. Without the registry the 0.33 tests skip, except under
 ``GUARD_TEST_REQUIRE_VLLM=1`` (set by ``.ci/run``), where they fail.
