@@ -154,7 +154,7 @@ def _trigger_fires(eng, layer: int) -> tuple[bool, float]:
     return second.token_id is None, second.scores[trigger.name][0]
 
 
-def _engine(tp: int, pp: int, monkeypatch):
+def _engine(tp: int, pp: int, monkeypatch, dp: int = 1):
     # Each worker's KV cache: 1 GiB, not a share of the (shared) machine's memory.
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
     if os.environ.get("GUARD_TEST_REQUIRE_VLLM") != "1":
@@ -162,7 +162,8 @@ def _engine(tp: int, pp: int, monkeypatch):
     from guard.engine.vllm_engine import VLLMEngine, VLLMOptions
 
     return VLLMEngine.load(ORGANISM, name="organism", options=VLLMOptions(
-        block_size=32, max_num_seqs=8, tensor_parallel_size=tp, pipeline_parallel_size=pp))
+        block_size=32, max_num_seqs=8, tensor_parallel_size=tp, pipeline_parallel_size=pp,
+        data_parallel_size=dp))
 
 
 @pytest.mark.slow
@@ -192,5 +193,43 @@ def test_pipeline_parallel_2_scores_equal_a_single_worker(monkeypatch):
         assert _trigger_fires(eng, 3)[0]
         forced, score = _trigger_fires(eng, 1)
         assert not forced and score > 0.0
+    finally:
+        eng.close()
+
+
+@pytest.mark.slow
+def test_data_parallel_2_engine_cores_both_serve_and_report(monkeypatch):
+    """Two engine cores: sequences stepped side by side land on both, every core has the monitor,
+    its requests' scores arrive through their channels, and the counters add up over the cores."""
+    from guard.engine.base import MonitorRun
+    from guard.engine.transformers_engine import TransformersEngine
+    from guard.monitors.probe import ProbeMonitor
+    from guard.sampling import SamplingParams, make_generator
+
+    eng = _engine(1, 1, monkeypatch, dp=2)
+    try:
+        hf = TransformersEngine.load(ORGANISM, name="organism")
+        probe = ProbeMonitor.load(ORGANISM / "probe", name="harm")
+        seqs = [eng.new_sequence(eng.tokenizer.encode_chat([{"role": "user", "content": t}]), [probe.layer],
+                                 [MonitorRun(probe, False, False, True)]) for t in TEXTS * 2]
+        got: list[dict[int, float]] = [{} for _ in seqs]
+        params = [SamplingParams(seed=i, max_tokens=8) for i in range(len(seqs))]
+        gens = [make_generator(i) for i in range(len(seqs))]
+        for seq in seqs:
+            eng.prefill(seq)
+        for i in [i for _ in range(8) for i in range(len(seqs))]:
+            out = eng.step(seqs[i], params[i], gens[i])
+            got[i].update({out.fed_start + j: s for j, s in enumerate(out.scores.get("harm", []))})
+        for i, seq in enumerate(seqs):
+            out = eng.step(seq, params[i], gens[i], sample=False)
+            got[i].update({out.fed_start + j: s for j, s in enumerate(out.scores.get("harm", []))})
+            ref = probe.score(hf.hidden_states(seq.tokens, [probe.layer])[probe.layer], seq.tokens)
+            assert sorted(got[i]) == list(range(seq.prompt_len, len(seq.tokens)))
+            for pos, s in got[i].items():
+                assert s == pytest.approx(ref[pos], abs=1e-4)
+            eng.release(seq)
+        cores = eng.core_counters()
+        assert len(cores) == 2 and all(c["monitors"] == 1 and c["scored_rows"] > 0 for c in cores)
+        assert eng.counters()["scored_rows"] == sum(c["scored_rows"] for c in cores)
     finally:
         eng.close()

@@ -291,15 +291,20 @@ class VLLMEngine(Engine):
             return key
 
     def counters(self) -> dict[str, int]:
-        """The workers' hook counters (steps seen, layer hook calls, rows scored, live requests): the
-        first worker's of each data-parallel engine core, summed over the engine cores."""
-        per_core = self._call(self._llm.engine_core.call_utility_all_async(
-            "collective_rpc", "guard_counters", None, (), None))
+        """The workers' hook counters (steps seen, layer hook calls, rows scored, live requests),
+        summed over the data-parallel engine cores (:meth:`core_counters`)."""
         total: dict[str, int] = {}
-        for workers in per_core:
-            for k, v in workers[0].items():
+        for core in self.core_counters():
+            for k, v in core.items():
                 total[k] = total.get(k, 0) + v
         return total
+
+    def core_counters(self) -> list[dict[str, int]]:
+        """Each data-parallel engine core's hook counters (its first worker's; ``collective_rpc``
+        reaches every engine core but answers with the first's)."""
+        per_core = self._call(self._llm.engine_core.call_utility_all_async(
+            "collective_rpc", "guard_counters", None, (), None))
+        return [workers[0] for workers in per_core]
 
     # -- the Engine interface --------------------------------------------------------------------
 
