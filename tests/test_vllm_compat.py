@@ -11,6 +11,7 @@ vLLM code enters the repository. Without the registry the 0.33 tests skip, excep
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -222,3 +223,19 @@ def test_install_hooks_only_the_layers_this_pipeline_stage_holds(monkeypatch):
         vllm_worker.install(runner, [4])
     for h in vllm_worker.STATE.handles:
         h.remove()
+
+
+def test_vllm_033_takes_the_arguments_the_engine_passes(vllm033):
+    """Keyword arguments the engine passes, beyond member names: AsyncLLM.from_vllm_config(config,
+    disable_log_stats=...) and EngineArgs.create_engine_config() with no arguments."""
+    def params(rel: str, cls: str, fn: str) -> tuple[set[str], int]:
+        tree = ast.parse(vllm033.read(rel).decode())
+        node = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls)
+        f = next(n for n in node.body if isinstance(n, ast.FunctionDef) and n.name == fn)
+        names = {a.arg for a in f.args.args + f.args.kwonlyargs}
+        return names, len(f.args.args) - len(f.args.defaults)  # required positionals, self/cls included
+
+    names, _ = params("vllm/v1/engine/async_llm.py", "AsyncLLM", "from_vllm_config")
+    assert {"vllm_config", "disable_log_stats"} <= names
+    _, required = params("vllm/engine/arg_utils.py", "EngineArgs", "create_engine_config")
+    assert required == 1  # self only
