@@ -165,13 +165,10 @@ def missing_in_source(read: Callable[[str], str | None], needs: tuple[Need, ...]
             out.append(f"{need.module}: no such module")
             continue
         tree = ast.parse(text)
-        if need.name is None:
-            have = _module_names(tree)
-        else:
-            have = _class_members(tree, need.name)
-            if have is None:
-                out.append(f"{need.module}.{need.name}: no such class")
-                continue
+        have = _module_names(tree) if need.name is None else _class_members(tree, need.name)
+        if have is None:
+            out.append(f"{need.module}.{need.name}: no such class")
+            continue
         lacking = [m for m in need.members if m not in have]
         if lacking:
             out.append(f"{need.module}.{need.name or ''}: no {', '.join(lacking)}")
@@ -205,9 +202,9 @@ def _class_members(tree: ast.Module, name: str, seen: frozenset[str] = frozenset
             have.add(node.target.id)
         elif isinstance(node, ast.Assign):
             have |= {t.id for t in node.targets if isinstance(t, ast.Name)}
-    for node in ast.walk(cls):
-        targets = node.targets if isinstance(node, ast.Assign) else (
-            [node.target] if isinstance(node, ast.AnnAssign) else [])
+    for sub in ast.walk(cls):
+        targets = sub.targets if isinstance(sub, ast.Assign) else (
+            [sub.target] if isinstance(sub, ast.AnnAssign) else [])
         for t in targets:
             if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self":
                 have.add(t.attr)

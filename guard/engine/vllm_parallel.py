@@ -39,12 +39,12 @@ def stage_layers(num_layers: int, pp_size: int) -> list[range]:
     return [range(*get_pp_indices(num_layers, rank, pp_size)) for rank in range(pp_size)]
 
 
-def _pp_indices(num_layers: int, rank: int, pp_size: int) -> tuple[int, int]:
-    parts = [num_layers // pp_size] * pp_size
-    for i in range(2, num_layers % pp_size + 2):
+def _pp_indices(num_hidden_layers: int, pp_rank: int, pp_size: int) -> tuple[int, int]:
+    parts = [num_hidden_layers // pp_size] * pp_size
+    for i in range(2, num_hidden_layers % pp_size + 2):
         parts[-i] += 1
-    start = sum(parts[:rank])
-    return start, start + parts[rank]
+    start = sum(parts[:pp_rank])
+    return start, start + parts[pp_rank]
 
 
 def stage_of(layer: int, stages: Sequence[range]) -> int:
