@@ -112,7 +112,7 @@ def test_rollback_auto_keeps_what_a_plain_client_was_shown_after_the_threshold_t
     # any other token fires once the threshold is 0.4, so the resample is cut back again.
     table = {**{t: 0.45 for t in range(tiny_engine.info.vocab_size)}, **{t: 0.21 for t in ids[:fire]},
              ids[fire]: 0.9}
-    cfg = dict(holdback_tokens=0, rollback="auto", garble_margin=None, max_retries=3)
+    cfg = {"holdback_tokens": 0, "rollback": "auto", "garble_margin": None, "max_retries": 3}
     events, rec = _run(tiny_engine, [ScriptedScores(table)], retracting=False, **cfg)
     shown = sum(len(e.token_ids) for e in events if isinstance(e, TextDelta) and e is not events[-2])
     assert rec.spans[0].start == rec.spans[0].fired_at == fire and len(rec.spans) >= 2

@@ -277,7 +277,7 @@ class GuardedGeneration:
         if self.record.flagged:  # its checkpoint says interrupted: the final record says what happened
             try:
                 self._end_unfinished("error")
-            except Exception:  # noqa: BLE001 - the client must still get its Failed event
+            except Exception:  # the client must still get its Failed event
                 log.exception("recording the failed generation %s failed", self.record.request_id)
         self.trace.failed(self.record, exc)
         self.emit(Failed(err))
