@@ -6,7 +6,7 @@ from __future__ import annotations
 from guard.controller.backtrack import BoundMonitor, ControllerConfig, GuardedGeneration
 from guard.controller.events import Cut, Finished, Reset, TextDelta
 from guard.controller.record import GenerationRecord
-from guard.controller.release import near_miss, release_limit
+from guard.controller.release import keep_released, near_miss, release_limit
 from guard.monitors.base import AggregationSpec, Monitor
 from guard.sampling import SamplingParams
 
@@ -122,3 +122,10 @@ def test_rollback_auto_keeps_what_a_plain_client_was_shown_after_the_threshold_t
     assert shown >= rec.spans[1].start
     opted, orec = _run(tiny_engine, [ScriptedScores(table)], retracting=True, **cfg)
     assert orec.spans[1].start == 0 and any(isinstance(e, Reset) for e in opted)
+
+
+def test_keep_released_contract():
+    assert keep_released(0, 10, 6) == 6  # doubted released text is kept
+    assert keep_released(8, 10, 6) == 8  # a later point is left alone
+    assert keep_released(2, 4, 6) == 2  # a firing inside released text: the rollback reaches it anyway
+    assert keep_released(0, 6, 6) == 6  # never past the fired token

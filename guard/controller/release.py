@@ -60,7 +60,8 @@ def near_miss(state: MonitorState, start: int, margin: float) -> int | None:
 
 def keep_released(point: int, fire_pos: int, sent: int) -> int:
     """The rollback point for a non-retracting client: ``point``, raised to ``sent`` (the released
-    tokens) unless the firing itself is inside released text (``fire_pos < sent``).
+    tokens), unless the firing itself is inside released text (``fire_pos < sent``): then ``point``
+    (the rollback reaches released text whatever it keeps, and ends in a Cut).
 
-    Never past ``fire_pos``, so the fired token is always discarded."""
-    return max(point, min(sent, fire_pos))
+    Never past ``fire_pos`` (given ``point <= fire_pos``), so the fired token is always discarded."""
+    return max(point, sent) if fire_pos >= sent else point
