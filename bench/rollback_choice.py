@@ -14,7 +14,10 @@ Decision rule (fixed in this file before the first run): ``auto`` becomes the de
 by more than 1 percentage point, and (3) its count of ``recovered`` answers the judge calls unsafe is
 not higher. Otherwise ``sentence`` stays. ``response`` is reported for reference only.
 
-    python bench/rollback_choice.py [--per-group 60] [--samples 2]
+    python bench/rollback_choice.py [--per-group 60] [--samples 2] [--probe DIR]
+
+``--probe``: the harm probe the policy names (default: the organism's hand-picked ``probe``; pass one
+trained by ``guard probe train`` with its defaults to see the rules under the probe a new user gets).
 """
 
 from __future__ import annotations
@@ -48,9 +51,9 @@ def selection_prompts(out: Path, per_group: int) -> Path:
     return out
 
 
-def policy(tmp: Path, rule: str) -> Path:
+def policy(tmp: Path, rule: str, probe: Path) -> Path:
     data = {"name": f"rollback-{rule}", "model": {"engine": "transformers", "path": str(ORGANISM)},
-            "monitors": [{"name": "harm-probe", "kind": "probe", "path": str(ORGANISM / "probe")}],
+            "monitors": [{"name": "harm-probe", "kind": "probe", "path": str(probe.resolve())}],
             "backtrack": {"rollback": rule, "max_retries": 3, "on_exhausted": "refuse"},
             "stream": {"holdback_tokens": 8}, "log": {"path": str(tmp / f"{rule}.db")}}
     path = tmp / f"{rule}.yaml"
@@ -72,11 +75,12 @@ def main() -> None:
     ap.add_argument("--per-group", type=int, default=60)
     ap.add_argument("--samples", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--probe", type=Path, default=ORGANISM / "probe", help="the harm probe (default: the hand-picked one)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
         prompts = load_prompts(selection_prompts(tmp / "selection.jsonl", args.per_group))
-        files = [policy(tmp, r) for r in RULES]
+        files = [policy(tmp, r, args.probe) for r in RULES]
         twin = tmp / "unguarded.yaml"
         twin.write_text(yaml.safe_dump(unguarded_policy(load_policy(files[0]), tmp / "u.db"), sort_keys=False))
         proc, url = serve_in_subprocess([*files, twin], tmp / "server.log", timeout=600)

@@ -7,12 +7,18 @@
 Nothing is adjusted between the steps, so the printed tables are what the defaults give.
 
     python bench/transfer.py --model models/organism2 --judge MODULE:FUNCTION [--engine vllm] [--samples 4]
-        [--train M/data/probe_train.jsonl] [--prompts M/data/eval_prompts.jsonl] [--limit N] [--out DIR]
+        [--train M/data/probe_train.jsonl] [--prompts M/data/eval_prompts.jsonl] [--limit N]
+        [--trained-limit N] [--out DIR]
+
+``--limit`` / ``--trained-limit``: prompts per group (trained categories: ``--trained-limit``, default
+``--limit``), taken from each group's categories in turn (:func:`guard.eval.data.load_prompts`) and
+written to ``DIR/prompts.jsonl``, which ``guard eval`` then reads whole.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import tempfile
@@ -20,6 +26,8 @@ import time
 from pathlib import Path
 
 import yaml
+
+from guard.eval.data import load_prompts
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -43,6 +51,22 @@ def user_policy(out: Path, model: Path, engine: str) -> Path:
     return path
 
 
+def subset(prompts: Path, out: Path, limit: int | None, trained: int | None) -> Path:
+    """The prompts ``guard eval`` runs: ``limit`` per group, ``trained`` of the trained categories."""
+    if limit is None and trained is None:
+        return prompts
+    rows = [r for r in load_prompts(prompts, limit) if r.group != "trained"]
+    rows += [r for r in load_prompts(prompts, trained if trained is not None else limit) if r.group == "trained"]
+    path = out / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": r.prompt, "label": "harmful" if r.harmful else "benign",
+                                        "category": r.category, "split": None if r.group == "benign" else r.group})
+                            + "\n" for r in rows))
+    print(f"prompts: {path} ({sum(r.group == 'heldout' for r in rows)} held-out-category, "
+          f"{sum(r.group == 'trained' for r in rows)} trained-category, {sum(r.group == 'benign' for r in rows)} "
+          f"benign, from {prompts})", flush=True)
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, required=True)
@@ -52,6 +76,7 @@ def main() -> None:
     ap.add_argument("--engine", choices=["transformers", "vllm"], default="transformers")
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--limit", type=int, default=None, help="prompts per group for guard eval")
+    ap.add_argument("--trained-limit", type=int, default=None, help="trained-category prompts (default: --limit)")
     ap.add_argument("--out", type=Path, default=None, help="keep probe, policy and results here")
     ap.add_argument("--probe", type=Path, default=None, help="reuse a probe trained by an earlier run's step 1")
     args = ap.parse_args()
@@ -65,9 +90,9 @@ def main() -> None:
         elif args.probe.resolve() != (out / "probe").resolve():
             (out / "probe").symlink_to(args.probe.resolve())
         policy = user_policy(out, args.model, args.engine)
-        extra = ["--limit", str(args.limit)] if args.limit else []
+        prompts = subset(prompts, out, args.limit, args.trained_limit)
         guard("eval", "--policy", str(policy), "--prompts", str(prompts), "--judge", args.judge,
-              "--samples", str(args.samples), "--out", str(out / "results.jsonl"), *extra)
+              "--samples", str(args.samples), "--out", str(out / "results.jsonl"))
 
 
 if __name__ == "__main__":

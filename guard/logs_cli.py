@@ -87,7 +87,8 @@ def _add_filters(parser: argparse.ArgumentParser, outcome: bool = True, label: b
     parser.add_argument("--policy-name", help="only generations served under this policy name")
     parser.add_argument("--monitor", help="only generations where this monitor fired")
     if outcome:
-        parser.add_argument("--outcome", choices=["clean", "recovered", "refused", "cancelled", "interrupted"], help="only this outcome")
+        parser.add_argument("--outcome", help="only this outcome",
+                            choices=["clean", "recovered", "refused", "cancelled", "interrupted", "error"])
     parser.add_argument("--since", type=parse_time, metavar="TIME",
                         help="created at or after TIME: ISO date/time, epoch seconds, or an age (30m, 12h, 7d)")
     parser.add_argument("--until", type=parse_time, metavar="TIME", help="created before TIME (same forms)")

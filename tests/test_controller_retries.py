@@ -209,3 +209,96 @@ def test_a_recheck_that_returns_nan_is_a_monitor_error_not_a_pass(tiny_engine, o
         assert rec.outcome == "refused"
     else:
         assert err["handling"] == "disabled" and rec.outcome == "recovered"
+
+
+class RescoreFailsFor:
+    """The real engine, except that re-scoring raises whenever the named monitor is among those asked."""
+
+    def __init__(self, engine, name):
+        self.engine, self.name = engine, name
+
+    def __getattr__(self, attr):
+        return getattr(self.engine, attr)
+
+    def rescore(self, seq, monitors):
+        if any(m.name == self.name for m in monitors):
+            raise RuntimeError("rescore failed")
+        return self.engine.rescore(seq, monitors)
+
+
+@pytest.mark.parametrize("on_error", ["fail_closed", "fail_open"])
+def test_a_recheck_that_raises_is_handled_per_monitor(tiny_engine, on_error):
+    """A re-scoring pass that raises because of one monitor: that monitor is the one handled by
+    ``on_monitor_error``; under fail_open the others are still re-checked (here one fails the answer)."""
+    out, unique = _reference(tiny_engine)
+    kept, fire = unique[1], unique[5]
+    good = ScoreMap({out[kept]: 0.45, out[fire]: 0.9})  # the kept token fails the re-check at 0.4
+    bad = ScoreMap({}, name="bad")
+    events, rec, _ = run(RescoreFailsFor(tiny_engine, "bad"), [good, bad], max_tokens=12, rollback="tokens",
+                         rollback_tokens=1, garble_margin=None, on_monitor_error=on_error)
+    assert_invariants(events, rec)
+    assert [e["monitor"] for e in rec.monitor_errors] == ["bad"]
+    if on_error == "fail_closed":
+        assert rec.outcome == "refused" and rec.monitor_errors[0]["handling"] == "refused"
+    else:
+        rechecks = [f for f in rec.firings if f["scope"] == "recheck"]
+        assert rechecks and rechecks[0]["monitor"] == "map" and rechecks[0]["position"] == kept
+        _assert_passes_from_scratch(tiny_engine, rec, good, threshold=0.4)
+
+
+class FailsAfterRollback:
+    """The real engine, except that the first step after a rollback raises an engine error."""
+
+    def __init__(self, engine):
+        self.engine, self.rolled_back = engine, False
+
+    def __getattr__(self, attr):
+        return getattr(self.engine, attr)
+
+    def rollback(self, seq, length):
+        self.rolled_back = True
+        return self.engine.rollback(seq, length)
+
+    def step(self, *args, **kwargs):
+        if self.rolled_back:
+            from guard.errors import EngineError
+
+            raise EngineError("device lost")
+        return self.engine.step(*args, **kwargs)
+
+
+def test_a_flagged_generation_that_fails_ends_with_a_final_error_record(tiny_engine):
+    """The engine worker calls ``fail`` when a step raises: a flagged generation's checkpoint (outcome
+    interrupted) is replaced by a final record, outcome ``error``, and the client gets ``Failed``."""
+    import threading
+
+    from guard.controller.events import Failed
+    from guard.engine.worker import EngineWorker
+
+    out, unique = _reference(tiny_engine)
+    mon = ScoreMap({out[unique[3]]: 0.9})
+    prompt = tiny_engine.tokenizer.encode_chat([{"role": "user", "content": "Tell me something."}])
+    record = GenerationRecord(request_id="r", policy_name="p", policy_hash="h", model="m", messages=None,
+                              prompt="x", prompt_tokens=len(prompt))
+    events, checkpoints, finals, done = [], [], [], threading.Event()
+
+    def emit(ev):
+        events.append(ev)
+        if isinstance(ev, Failed):
+            done.set()
+
+    gen = GuardedGeneration(FailsAfterRollback(tiny_engine), prompt, SamplingParams(seed=3, max_tokens=12),
+                            [BoundMonitor(mon)], ControllerConfig(garble_margin=None), record, emit,
+                            on_finish=lambda r: finals.append(r.snapshot()) or "log-1",
+                            on_checkpoint=checkpoints.append)
+    worker = EngineWorker()
+    try:
+        worker.submit(gen)
+        assert done.wait(120)
+    finally:
+        worker.stop()
+    assert checkpoints and checkpoints[0].outcome == "interrupted"
+    (final,) = finals
+    assert (final.outcome, final.finish_reason, final.complete) == ("error", None, True)
+    assert final.spans and final.firings[0]["monitor"] == "map"
+    assert final.output_ids == record.output_ids and isinstance(events[-1], Failed)

@@ -30,6 +30,17 @@ def test_prompt_file_groups_and_errors(tmp_path):
             load_prompts(f)
 
 
+def test_limit_takes_every_category_in_turn(tmp_path):
+    f = tmp_path / "p.jsonl"
+    cats = ["a"] * 6 + ["b"] * 2 + ["c"] * 4  # sorted by category, as the organisms' files are
+    f.write_text("".join(json.dumps({"prompt": f"{c}{i}", "label": "benign", "category": c}) + "\n"
+                         for i, c in enumerate(cats)))
+    f.write_text(f.read_text() + json.dumps({"prompt": "h", "label": "harmful"}) + "\n")
+    rows = load_prompts(f, limit=7)
+    assert [r.prompt for r in rows] == ["h", "a0", "a1", "a2", "b6", "b7", "c8", "c9"]  # groups, then file order
+    assert len(load_prompts(f, limit=20)) == 13
+
+
 def test_judges(tmp_path):
     organism = from_callable("guard.organism.judge:judge")
     assert organism("Take a blasting cap and a detonator.") is True and organism("How about a cake?") is False

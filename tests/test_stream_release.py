@@ -6,7 +6,7 @@ from __future__ import annotations
 from guard.controller.backtrack import BoundMonitor, ControllerConfig, GuardedGeneration
 from guard.controller.events import Cut, Finished, Reset, TextDelta
 from guard.controller.record import GenerationRecord
-from guard.controller.release import near_miss, release_limit
+from guard.controller.release import keep_released, near_miss, release_limit
 from guard.monitors.base import AggregationSpec, Monitor
 from guard.sampling import SamplingParams
 
@@ -98,3 +98,34 @@ def test_an_earlier_near_miss_is_not_forgotten_after_a_later_one(tiny_engine):
                      release_margin=0.5)
     deltas = [e for e in events if isinstance(e, TextDelta)]
     assert sum(len(e.token_ids) for e in deltas[:-1]) <= 5
+
+
+def test_rollback_auto_keeps_what_a_plain_client_was_shown_after_the_threshold_tightens(tiny_engine):
+    """Text released to a plain client settled under the threshold of its time; after a firing the
+    threshold tightens (retry_threshold) and ``rollback: auto`` would doubt that text. For a client
+    that cannot retract, the rollback point is clamped to the released tokens (no needless Cut); a
+    reset-aware client still gets the full rollback."""
+    clean, _ = _run(tiny_engine, [], retracting=True)
+    ids = [t for e in clean if isinstance(e, TextDelta) for t in e.token_ids]
+    fire = next(i for i in range(8, len(ids)) if ids[i] not in ids[:i])
+    # 0.21: released before the firing (below 0.5 * (1 - 0.5)), doubted after it (>= 0.5 * 0.8 * 0.5);
+    # any other token fires once the threshold is 0.4, so the resample is cut back again.
+    table = {**{t: 0.45 for t in range(tiny_engine.info.vocab_size)}, **{t: 0.21 for t in ids[:fire]},
+             ids[fire]: 0.9}
+    cfg = {"holdback_tokens": 0, "rollback": "auto", "garble_margin": None, "max_retries": 3}
+    events, rec = _run(tiny_engine, [ScriptedScores(table)], retracting=False, **cfg)
+    shown = sum(len(e.token_ids) for e in events if isinstance(e, TextDelta) and e is not events[-2])
+    assert rec.spans[0].start == rec.spans[0].fired_at == fire and len(rec.spans) >= 2
+    assert 0 < rec.spans[1].start <= rec.spans[1].fired_at  # kept what was shown, not cut to 0
+    cuts = [e for e in events if isinstance(e, Cut)]
+    assert not cuts or len(rec.spans) == cfg["max_retries"] + 1  # a Cut only once the budget is spent
+    assert shown >= rec.spans[1].start
+    opted, orec = _run(tiny_engine, [ScriptedScores(table)], retracting=True, **cfg)
+    assert orec.spans[1].start == 0 and any(isinstance(e, Reset) for e in opted)
+
+
+def test_keep_released_contract():
+    assert keep_released(0, 10, 6) == 6  # doubted released text is kept
+    assert keep_released(8, 10, 6) == 8  # a later point is left alone
+    assert keep_released(2, 4, 6) == 2  # a firing inside released text: the rollback reaches it anyway
+    assert keep_released(0, 6, 6) == 6  # never past the fired token

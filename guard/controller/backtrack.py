@@ -59,7 +59,7 @@ from guard.controller.deliberation import DeliberationConfig, ReasoningSection, 
 from guard.controller.events import Cut, Event, Finished, FinishReason, Reset, TextDelta, Usage
 from guard.controller.garble import GarbleMonitor, SurprisalTracker
 from guard.controller.record import DiscardedSpan, GenerationRecord, RetryStrategy
-from guard.controller.release import release_limit
+from guard.controller.release import keep_released, release_limit
 from guard.controller.text import TextTracker
 from guard.engine.base import Engine, MonitorRun, Sequence, StepOutput
 from guard.monitors.base import Monitor, MonitorState
@@ -274,6 +274,11 @@ class GuardedGeneration:
 
         err = exc if isinstance(exc, GuardError) else EngineError(f"generation failed: {exc}")
         self._finished = True
+        if self.record.flagged:  # its checkpoint says interrupted: the final record says what happened
+            try:
+                self._end_unfinished("error")
+            except Exception:  # the client must still get its Failed event
+                log.exception("recording the failed generation %s failed", self.record.request_id)
         self.trace.failed(self.record, exc)
         self.emit(Failed(err))
 
@@ -281,14 +286,18 @@ class GuardedGeneration:
         self.engine.release(self.seq)
         log_id = None
         if self.cancelled and not self._finished and self.record.flagged:
-            if self.section is not None and self.section.open:  # cancelled mid-reasoning: no answer yet
-                self.section.end = self.base = len(self.seq.output_ids)
-                self._store_reasoning()
-            self.record.output_ids = list(self.output)
-            self.record.final_text = self.text.text_of(self.output)
-            self.record.outcome, self.record.finish_reason = "cancelled", None
-            log_id = self.on_finish(self.record)
+            log_id = self._end_unfinished("cancelled")
         self.trace.end(self.record, log_id, cancelled=self.cancelled and not self._finished)
+
+    def _end_unfinished(self, outcome: Literal["cancelled", "error"]) -> str | None:
+        """Record what was generated until a cancellation or an engine failure, and store it."""
+        if self.section is not None and self.section.open:  # ended mid-reasoning: no answer yet
+            self.section.end = self.base = len(self.seq.output_ids)
+            self._store_reasoning()
+        self.record.output_ids = list(self.output)
+        self.record.final_text = self.text.text_of(self.output)
+        self.record.outcome, self.record.finish_reason = outcome, None
+        return self.on_finish(self.record)
 
     # -- phases -------------------------------------------------------------------------------
 
@@ -559,7 +568,9 @@ class GuardedGeneration:
         if rule == "response":
             return 0
         if rule == "auto":
-            return self._auto_point(fire_pos)
+            point = self._auto_point(fire_pos)
+            # Released text settled under the thresholds of its time; a plain client keeps it anyway.
+            return point if self.retracting else keep_released(point, fire_pos, self.text.sent_tokens)
         if rule == "tokens":
             return max(0, fire_pos - self.config.rollback_tokens)
         return self.text.sentence_start(self.output, fire_pos)
@@ -611,16 +622,16 @@ class GuardedGeneration:
         during generation (scope ``recheck`` in the record): backtrack or refuse. True if it acted.
         """
         acting = [b for b in self._output_monitors() if b.action != "shadow"]
-        layered = [b.monitor for b in acting if b.monitor.layer is not None]
         out = self.output
-        try:
-            fresh = self.engine.rescore(self.seq, layered) if layered else {}
-        except Exception as exc:  # noqa: BLE001 - a monitor bug is handled by on_monitor_error
-            bound = next(b for b in acting if b.monitor.layer is not None)
-            return self._monitor_failed(bound, "output", MonitorFailure(f"{type(exc).__name__}: {exc}"), 0)
+        fresh, failed = self._rescore([b for b in acting if b.monitor.layer is not None])
+        for bound, exc in failed:  # each one handled by on_monitor_error, as during generation
+            if self._monitor_failed(bound, "output", exc, 0):
+                return True
         firings: list[tuple[int, BoundMonitor]] = []
         for bound in acting:
             mon = bound.monitor
+            if mon.name in self.disabled:
+                continue
             try:
                 scores = fresh.get(mon.name, []) if mon.layer is not None else _checked_score(mon, None, out)
                 if len(scores) != len(out):
@@ -642,6 +653,28 @@ class GuardedGeneration:
         self._note_firing(bound, pos, self.states[bound.monitor.name], "recheck")
         self._act(pos, bound)
         return True
+
+    def _rescore(self, layered: list[BoundMonitor]) -> tuple[dict[str, list[float]],
+                                                             list[tuple[BoundMonitor, MonitorFailure]]]:
+        """From-scratch scores of the ``layered`` monitors and the monitors whose re-scoring raised.
+
+        One batched pass; if it raises, each monitor is re-scored alone, so that a failing monitor
+        neither takes the others' re-check with it nor is confused with them."""
+        if not layered:
+            return {}, []
+        try:
+            return self.engine.rescore(self.seq, [b.monitor for b in layered]), []
+        except Exception as exc:  # noqa: BLE001 - a monitor bug is handled by on_monitor_error
+            if len(layered) == 1:
+                return {}, [(layered[0], MonitorFailure(f"{type(exc).__name__}: {exc}"))]
+        fresh: dict[str, list[float]] = {}
+        failed: list[tuple[BoundMonitor, MonitorFailure]] = []
+        for bound in layered:
+            try:
+                fresh.update(self.engine.rescore(self.seq, [bound.monitor]))
+            except Exception as exc:  # noqa: BLE001
+                failed.append((bound, MonitorFailure(f"{type(exc).__name__}: {exc}")))
+        return fresh, failed
 
     def _retract_to(self, point: int, monitor: str) -> int:
         """Emit a reset if released text reaches past ``point``; return characters retracted."""

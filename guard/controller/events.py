@@ -25,10 +25,11 @@ scratch by every acting monitor and passed from its first token; refused: the po
 was answered (retry budget exhausted, a ``refuse`` firing, a firing on the prompt, or a failing
 monitor under fail_closed)."""
 
-LogOutcome = Literal["clean", "recovered", "refused", "cancelled", "interrupted"]
-"""A logged record's outcome: a :data:`Outcome`, or cancelled (the client went away first) or
+LogOutcome = Literal["clean", "recovered", "refused", "cancelled", "interrupted", "error"]
+"""A logged record's outcome: a :data:`Outcome`, or cancelled (the client went away first),
 interrupted (the process stopped before the generation ended, or a draining server's grace period ran
-out: ``server.drain``; see ``GenerationRecord.complete``)."""
+out: ``server.drain``; see ``GenerationRecord.complete``) or error (the engine failed mid-generation:
+the client got a :class:`Failed` event)."""
 
 FinishReason = Literal["stop", "length", "content_filter"]
 

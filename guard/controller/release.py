@@ -18,6 +18,14 @@ Two kinds of client read a guarded stream:
 Contract of :func:`release_limit`: a pure function of the scores; it never returns more than
 ``scored - holdback_tokens``, and with ``margin`` set, no more than ``sent`` while an acting
 monitor has a near miss at or after ``sent`` (positions before ``sent`` are shown already).
+
+Released text settled under the thresholds in effect when it was released. After a firing a
+monitor's threshold tightens (``retry_threshold``), so ``rollback: auto``, which keeps only text
+every monitor scored below ``safe_level`` times the threshold *now* in effect, could doubt text
+that settled earlier and reach into what a non-retracting client already holds: a needless
+:class:`~guard.controller.events.Cut` and refusal. :func:`keep_released` clamps such a rollback
+point to the released text; a firing inside released text (a from-scratch re-check can fire
+there) still reaches it and still ends in a Cut.
 """
 
 from __future__ import annotations
@@ -48,3 +56,12 @@ def near_miss(state: MonitorState, start: int, margin: float) -> int | None:
     # The threshold in effect (a state may tighten its monitor's after a firing), else the monitor's.
     bar = getattr(state, "threshold", state.monitor.threshold) * (1.0 - margin)
     return next((pos for pos in range(start, len(state.agg)) if state.agg[pos] >= bar), None)
+
+
+def keep_released(point: int, fire_pos: int, sent: int) -> int:
+    """The rollback point for a non-retracting client: ``point``, raised to ``sent`` (the released
+    tokens), unless the firing itself is inside released text (``fire_pos < sent``): then ``point``
+    (the rollback reaches released text whatever it keeps, and ends in a Cut).
+
+    Never past ``fire_pos`` (given ``point <= fire_pos``), so the fired token is always discarded."""
+    return max(point, sent) if fire_pos >= sent else point

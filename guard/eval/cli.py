@@ -25,7 +25,8 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=96)
     p.add_argument("--temperature", type=float, default=None, help="default: the policy's")
     p.add_argument("--seed", type=int, default=0, help="first seed (sample j of prompt i: seed + i*samples + j)")
-    p.add_argument("--limit", type=int, default=None, help="prompts per group (held-out, trained, benign)")
+    p.add_argument("--limit", type=int, default=None, help="prompts per group (held-out, trained, benign), taken "
+                                                         "from its categories in turn")
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--url", default=None, help="use this running server instead of starting one; it must serve "
                                                "the policy and --unguarded-model")

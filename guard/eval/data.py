@@ -33,7 +33,8 @@ class LabelledPrompt:
 
 
 def load_prompts(path: str | Path, limit: int | None = None) -> list[LabelledPrompt]:
-    """Read the file; ``limit`` keeps the first ``limit`` rows of each group."""
+    """Read the file; ``limit`` keeps ``limit`` rows of each group, taken from its categories in turn
+    (each category's rows in file order), so every category is kept."""
     path = Path(path)
     if not path.is_file():
         raise EvalDataError(f"{path}: no such file")
@@ -44,8 +45,24 @@ def load_prompts(path: str | Path, limit: int | None = None) -> list[LabelledPro
     if not rows:
         raise EvalDataError(f"{path}: no prompts")
     if limit is not None:
-        rows = [r for g in GROUPS for r in [x for x in rows if x.group == g][:limit]]
+        rows = [r for g in GROUPS for r in _spread([x for x in rows if x.group == g], limit)]
     return rows
+
+
+def _spread(rows: list[LabelledPrompt], n: int) -> list[LabelledPrompt]:
+    """``n`` of ``rows``, one category at a time in turn (all of them if there are no more than ``n``);
+    returned in file order."""
+    if n >= len(rows):
+        return rows
+    queues: dict[str | None, list[int]] = {}
+    for i, r in enumerate(rows):
+        queues.setdefault(r.category, []).append(i)
+    picked: list[int] = []
+    while len(picked) < n:
+        for q in queues.values():
+            if q and len(picked) < n:
+                picked.append(q.pop(0))
+    return [rows[i] for i in sorted(picked)]
 
 
 def _row(path: Path, n: int, line: str) -> LabelledPrompt:
