@@ -73,6 +73,8 @@ class GenerationRequest:
     stop_token_ids: tuple[int, ...] = ()
     logit_bias: dict[int, float] = field(default_factory=dict)
     banned_token_ids: frozenset[int] = frozenset()
+    sampling: dict[str, Any] = field(default_factory=dict)
+    """More :class:`~guard.sampling.SamplingParams` fields (vLLM's sampling extensions)."""
     api_key: str | None = None
     allowed_models: frozenset[str] | None = None
     """The policies the caller's key may use; ``None``: every policy."""
@@ -433,7 +435,7 @@ class GuardService:
             top_k=req.top_k or 0, seed=req.seed,
             max_tokens=req.max_tokens if req.max_tokens is not None else min(d.max_tokens, room),
             stop=tuple(req.stop), stop_token_ids=tuple(req.stop_token_ids), logit_bias=dict(req.logit_bias),
-            banned_token_ids=frozenset(req.banned_token_ids))
+            banned_token_ids=frozenset(req.banned_token_ids), **req.sampling)
         check_token_ids(params, info.vocab_size)
         return PreparedGeneration(req, served, prompt_ids, params)
 

@@ -302,11 +302,13 @@ def generation(req: SamplingFields, request_id: str, k: int, *, caller: Caller, 
     ``group``: the client request's id (its generations share the engine worker's turns)."""
     return GenerationRequest(
         model=req.model, request_id=request_id, max_tokens=max_tokens, temperature=req.temperature,
-        top_p=req.top_p, top_k=req.top_k, seed=None if req.seed is None else _wrap_int64(req.seed + k),
+        top_p=req.top_p, top_k=None if req.top_k == -1 else req.top_k,
+        seed=None if req.seed is None else _wrap_int64(req.seed + k),
         stop=req.stop_tuple(), stop_token_ids=tuple(req.stop_token_ids or ()),
         logit_bias={int(t): b for t, b in (req.logit_bias or {}).items()},
         banned_token_ids=frozenset(req.banned_token_ids or ()), api_key=caller.api_key,
-        allowed_models=caller.policies, group=group, client_retracts=client_retracts, **source)
+        allowed_models=caller.policies, group=group, client_retracts=client_retracts,
+        sampling=req.sampling_extensions(), **source)
 
 
 def client_retracts(req: Any, resets_header: bool) -> bool:
