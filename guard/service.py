@@ -42,6 +42,7 @@ from guard.controller.record import GenerationRecord
 from guard.engine.base import Engine
 from guard.engine.transformers_engine import TransformersEngine
 from guard.engine.worker import EngineWorker
+from guard.handoff import Handoff
 from guard.errors import (ContextLengthError, GuardError, InvalidRequestError, ModelLoadError, NotFoundError,
                           PolicyError)
 from guard.logstore import LogStore
@@ -441,14 +442,11 @@ class GuardService:
 
     async def stream(self, prepared: PreparedGeneration) -> AsyncIterator[Event]:
         """Run one guarded generation; closing this iterator early cancels it."""
-        loop = asyncio.get_running_loop()
+        handoff = Handoff.of(asyncio.get_running_loop())
         events: asyncio.Queue[Event] = asyncio.Queue()
 
         def emit(event: Event) -> None:
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, event)
-            except RuntimeError:  # the loop is closed: nobody is listening any more
-                pass
+            handoff.put(events, event)  # one loop wake-up per burst of events, not per event
 
         def end(err: GuardError) -> None:
             events.put_nowait(Failed(err))

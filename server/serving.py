@@ -147,11 +147,14 @@ class GuardedServing:
         running, checked, getter = len(tasks), time.monotonic(), None
         try:
             while running:
-                # One getter outlives the timeouts so that no event is lost to a cancelled get().
-                getter = getter or asyncio.ensure_future(queue.get())
-                done, _ = await asyncio.wait({getter}, timeout=self.disconnect_poll_s)
-                index, item = getter.result() if done else (None, None)
-                getter = None if done else getter
+                if getter is None and not queue.empty():  # the common case: no task, no timer per event
+                    index, item = queue.get_nowait()
+                else:
+                    # One getter outlives the timeouts so that no event is lost to a cancelled get().
+                    getter = getter or asyncio.ensure_future(queue.get())
+                    done, _ = await asyncio.wait({getter}, timeout=self.disconnect_poll_s)
+                    index, item = getter.result() if done else (None, None)
+                    getter = None if done else getter
                 if time.monotonic() - checked >= self.disconnect_poll_s:
                     if await is_disconnected():
                         log.info("client disconnected; cancelling %d generation(s)", running)

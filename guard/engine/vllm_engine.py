@@ -26,6 +26,12 @@ vLLM generates whole requests in continuous batches. This engine bridges the two
   ignore end-of-sequence, which the controller handles) or, when the request has ended, by a
   one-token scoring request.
 
+Inside an engine worker (:mod:`guard.engine.worker`), a sampling step whose token has not arrived
+raises :class:`~guard.engine.worker.StepPending` (after submitting the request if it needed one,
+and before changing the sequence), and every delivery sets the worker's wake event: the worker
+steps the generations whose tokens are in, so a new request's prefill or one slow request never
+holds up the others. Called from any other thread, steps block until their token is there.
+
 vLLM runs in-process through ``AsyncLLM`` on an event loop in a thread of its own; vLLM's engine
 core runs the model in its worker process, with ``enforce_eager=True`` (forward hooks do not
 run inside compiled graphs or CUDA graphs). Supported: vLLM 0.32 (:data:`SUPPORTED_VLLM`) with the V1
@@ -553,6 +559,8 @@ class VLLMEngine(Engine):
         return True
 
     def _read_scores(self, vs: _VSeq, req: _Request) -> None:
+        if not req.names:  # a request that scores nothing has no channel file
+            return
         for pos, forced, scores, failed in req.reader.read():
             vs.scores.setdefault(pos, {}).update({req.names[k]: s for k, s in scores.items()})
             for k in failed:

@@ -80,6 +80,9 @@ class _Group:
 class EngineWorker:
     """Runs jobs for one engine on a daemon thread."""
 
+    idle_wait_s = 1.0
+    """Longest sleep while every job's step is pending (a safety net: every arrival wakes it)."""
+
     def __init__(self, name: str = "guard-engine", max_active_per_group: int = 16) -> None:
         if max_active_per_group < 1:
             raise ValueError(f"max_active_per_group must be >= 1, got {max_active_per_group}")
@@ -121,7 +124,7 @@ class EngineWorker:
             if not self._pass() and self._groups:
                 # Every job waits for its engine: sleep until something arrives. The timeout is a
                 # safety net only (every arrival sets the event).
-                self._wake.wait(1.0)
+                self._wake.wait(self.idle_wait_s)
         for group in list(self._groups.values()):
             for job in [*group.running, *group.waiting]:
                 job.cancelled = True
