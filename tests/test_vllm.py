@@ -429,22 +429,24 @@ def test_vllm_sampling_extensions_sample_as_on_the_transformers_engine(vllm_engi
     """ignore_eos, min_tokens, repetition_penalty and allowed_token_ids, greedy: both engines give the
     same answer, and each extension changed it (vLLM applies them itself, except min_tokens, which the
     engine turns into a ban of the end tokens on a request that ends where they are allowed again)."""
-    text = BENIGN[1]
     greedy = SamplingParams(temperature=0.0, max_tokens=40, seed=0)
-    plain = _unmonitored(hf_engine, text, greedy)
-    assert plain.finish_reason == "stop" and plain.sampled_tokens < 30  # ends on end-of-sequence
-    allowed = frozenset(plain.output_ids[:3]) | frozenset(range(40, 80)) | hf_engine.info.eos_token_ids
-    variants = {"ignore_eos": greedy.with_changes(ignore_eos=True),
-                "min_tokens": greedy.with_changes(min_tokens=plain.sampled_tokens + 4),
-                "repetition_penalty": greedy.with_changes(repetition_penalty=1.6),
-                "allowed_token_ids": greedy.with_changes(allowed_token_ids=allowed)}
-    for name, params in variants.items():
+    answers = {t: _unmonitored(hf_engine, t, greedy) for t in HARMFUL[:2] + BENIGN}
+    # a prompt whose greedy answer ends on end-of-sequence (the organism refuses briefly), one that runs long
+    short = next(t for t, r in answers.items() if r.finish_reason == "stop" and r.sampled_tokens < 30)
+    long = next(t for t, r in answers.items() if r.finish_reason == "length")
+    allowed = frozenset(answers[long].output_ids[:3]) | frozenset(range(40, 80)) | hf_engine.info.eos_token_ids
+    variants = {"ignore_eos": (short, greedy.with_changes(ignore_eos=True)),
+                "min_tokens": (short, greedy.with_changes(min_tokens=answers[short].sampled_tokens + 4)),
+                "repetition_penalty": (long, greedy.with_changes(repetition_penalty=2.0)),
+                "allowed_token_ids": (long, greedy.with_changes(allowed_token_ids=allowed))}
+    for name, (text, params) in variants.items():
         t = _unmonitored(hf_engine, text, params)
         v = _unmonitored(vllm_engine, text, params)
         assert (v.output_ids, v.finish_reason) == (t.output_ids, t.finish_reason), name
-        assert t.output_ids != plain.output_ids, f"{name} changed nothing"
-    t = _unmonitored(hf_engine, text, variants["ignore_eos"])
-    assert t.finish_reason == "length" and len(t.output_ids) == 40
-    t = _unmonitored(hf_engine, text, variants["min_tokens"])
-    assert len(t.output_ids) >= plain.sampled_tokens + 4
-    assert set(_unmonitored(hf_engine, text, variants["allowed_token_ids"]).output_ids) <= allowed
+        assert t.output_ids != answers[text].output_ids, f"{name} changed nothing"
+        if name == "ignore_eos":
+            assert t.finish_reason == "length" and len(t.output_ids) == 40
+        if name == "min_tokens":
+            assert len(t.output_ids) >= answers[short].sampled_tokens + 4
+        if name == "allowed_token_ids":
+            assert set(t.output_ids) <= allowed
