@@ -514,7 +514,9 @@ class VLLMEngine(Engine):
                 o = out.outputs[0]
                 lps = [d[t].logprob if d and t in d else None for t, d in zip(o.token_ids, o.logprobs or [])]
                 req.items.put(("tokens", list(o.token_ids), out.finished, o.stop_reason, out.num_cached_tokens, lps))
-                if req.wake is not None:
+                # set() takes a lock and notifies; a set event needs neither (the worker clears it
+                # before it looks at the queues, so this item is seen either way)
+                if req.wake is not None and not req.wake.is_set():
                     req.wake.set()
         except asyncio.CancelledError:
             req.items.put(("aborted",))
