@@ -42,9 +42,9 @@ from guard.controller.record import GenerationRecord
 from guard.engine.base import Engine
 from guard.engine.transformers_engine import TransformersEngine
 from guard.engine.worker import EngineWorker
-from guard.handoff import Handoff
 from guard.errors import (ContextLengthError, GuardError, InvalidRequestError, ModelLoadError, NotFoundError,
                           PolicyError)
+from guard.handoff import Handoff
 from guard.logstore import LogStore
 from guard.logstore.writer import GenerationLogging, LogWriter
 from guard.monitors.probe import ProbeMonitor
