@@ -44,6 +44,7 @@ from guard.engine.transformers_engine import TransformersEngine
 from guard.engine.worker import EngineWorker
 from guard.errors import (ContextLengthError, GuardError, InvalidRequestError, ModelLoadError, NotFoundError,
                           PolicyError)
+from guard.handoff import Handoff
 from guard.logstore import LogStore
 from guard.logstore.writer import GenerationLogging, LogWriter
 from guard.monitors.probe import ProbeMonitor
@@ -73,6 +74,8 @@ class GenerationRequest:
     stop_token_ids: tuple[int, ...] = ()
     logit_bias: dict[int, float] = field(default_factory=dict)
     banned_token_ids: frozenset[int] = frozenset()
+    sampling: dict[str, Any] = field(default_factory=dict)
+    """More :class:`~guard.sampling.SamplingParams` fields (vLLM's sampling extensions)."""
     api_key: str | None = None
     allowed_models: frozenset[str] | None = None
     """The policies the caller's key may use; ``None``: every policy."""
@@ -433,20 +436,17 @@ class GuardService:
             top_k=req.top_k or 0, seed=req.seed,
             max_tokens=req.max_tokens if req.max_tokens is not None else min(d.max_tokens, room),
             stop=tuple(req.stop), stop_token_ids=tuple(req.stop_token_ids), logit_bias=dict(req.logit_bias),
-            banned_token_ids=frozenset(req.banned_token_ids))
+            banned_token_ids=frozenset(req.banned_token_ids), **req.sampling)
         check_token_ids(params, info.vocab_size)
         return PreparedGeneration(req, served, prompt_ids, params)
 
     async def stream(self, prepared: PreparedGeneration) -> AsyncIterator[Event]:
         """Run one guarded generation; closing this iterator early cancels it."""
-        loop = asyncio.get_running_loop()
+        handoff = Handoff.of(asyncio.get_running_loop())
         events: asyncio.Queue[Event] = asyncio.Queue()
 
         def emit(event: Event) -> None:
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, event)
-            except RuntimeError:  # the loop is closed: nobody is listening any more
-                pass
+            handoff.put(events, event)  # one loop wake-up per burst of events, not per event
 
         def end(err: GuardError) -> None:
             events.put_nowait(Failed(err))

@@ -15,6 +15,7 @@ are ``None`` serialise as ``null`` the way OpenAI's do, except the extension fie
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -96,7 +97,99 @@ def _check_logit_bias(bias: dict[str, float] | None) -> dict[str, float] | None:
     return bias
 
 
-class SamplingFields(OpenAIRequest):
+VLLM_DEFAULTS: dict[str, Any] = {
+    "use_beam_search": False, "length_penalty": 1.0, "include_stop_str_in_output": False,
+    "skip_special_tokens": True, "spaces_between_special_tokens": True, "truncate_prompt_tokens": None,
+    "truncation_side": None, "prompt_logprobs": None, "logprob_token_ids": None, "bad_words": [],
+    "structured_outputs": None, "guided_json": None, "guided_regex": None, "guided_choice": None,
+    "guided_grammar": None, "watermarking": False, "priority": 0, "request_id": None, "session_id": None,
+    "cache_salt": None, "vllm_xargs": None, "kv_transfer_params": None, "return_token_ids": False,
+    "return_tokens_as_token_ids": False, "return_token_offsets": False, "thinking_token_budget": None,
+    "repetition_detection": None, "stream_interval": None}
+"""vLLM 0.32's request extensions (``ChatCompletionRequest``/``CompletionRequest``) that guard does
+not implement -> vLLM's default, the only value accepted. (Its sampling extensions that guard does
+implement are typed fields of :class:`SamplingFields`.)"""
+
+
+CHAT_VLLM_DEFAULTS: dict[str, Any] = {
+    "echo": False, "add_generation_prompt": True, "continue_final_message": False, "add_special_tokens": False,
+    "documents": None, "chat_template": None, "chat_template_kwargs": None, "mm_processor_kwargs": None,
+    "media_io_kwargs": None}
+"""The same for vLLM's chat-only extensions (chat template handling)."""
+
+
+def _vllm_default_only(value: Any, name: str, defaults: dict[str, Any]) -> Any:
+    if value is not None and value != defaults[name]:
+        raise ValueError(f"{name} (a vLLM extension) is not supported by guard; leave it out or send vLLM's "
+                         f"default ({json.dumps(defaults[name])})")
+    return value
+
+
+class VLLMSamplingFields(OpenAIRequest):
+    """vLLM's request extensions (openai client: ``extra_body={...}``), shared by every endpoint.
+
+    Its sampling extensions are honoured on both engines as vLLM defines them; every other vLLM
+    extension is refused (a 400 naming the field) unless it holds vLLM's default: none is ignored."""
+
+    # --8<-- [start:vllm-sampling-params]
+    stop_token_ids: list[TokenId] | None = Field(None, description="Token ids that end the generation.")
+    min_p: float | None = Field(None, ge=0.0, le=1.0, description="Drop tokens less likely than min_p times the "
+                                                                  "most likely one (after temperature).")
+    repetition_penalty: float | None = Field(None, gt=0.0, description="Divide the positive (multiply the "
+                                             "negative) logits of every token already in the sequence, prompt "
+                                             "included; 1 disables.")
+    ignore_eos: StrictBool | None = Field(None, description="Keep generating after end-of-sequence tokens "
+                                                            "(stop_token_ids still end the answer).")
+    min_tokens: StrictInt | None = Field(None, ge=0, description="End-of-sequence and stop_token_ids are not "
+                                                                 "sampled before this many answer tokens.")
+    allowed_token_ids: list[TokenId] | None = Field(None, min_length=1,
+                                                    description="Only these token ids may be sampled.")
+    # --8<-- [end:vllm-sampling-params]
+    # Not implemented by guard: accepted only with vLLM's default value (VLLM_DEFAULTS).
+    use_beam_search: Any = None
+    length_penalty: Any = None
+    include_stop_str_in_output: Any = None
+    skip_special_tokens: Any = None
+    spaces_between_special_tokens: Any = None
+    truncate_prompt_tokens: Any = None
+    truncation_side: Any = None
+    prompt_logprobs: Any = None
+    logprob_token_ids: Any = None
+    bad_words: Any = None
+    structured_outputs: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    watermarking: Any = None
+    priority: Any = None
+    request_id: Any = None
+    session_id: Any = None
+    cache_salt: Any = None
+    vllm_xargs: Any = None
+    kv_transfer_params: Any = None
+    return_token_ids: Any = None
+    return_tokens_as_token_ids: Any = None
+    return_token_offsets: Any = None
+    thinking_token_budget: Any = None
+    repetition_detection: Any = None
+    stream_interval: Any = None
+
+    @field_validator(*VLLM_DEFAULTS, mode="after")
+    @classmethod
+    def _vllm_default_only(cls, value: Any, info: ValidationInfo) -> Any:
+        return _vllm_default_only(value, info.field_name, VLLM_DEFAULTS)
+
+    def sampling_extensions(self) -> dict[str, Any]:
+        """The vLLM sampling extensions the request set, as ``guard.sampling.SamplingParams`` fields."""
+        out: dict[str, Any] = {k: getattr(self, k) for k in ("min_p", "repetition_penalty", "ignore_eos",
+                                                             "min_tokens") if getattr(self, k) is not None}
+        if self.allowed_token_ids is not None:
+            out["allowed_token_ids"] = frozenset(self.allowed_token_ids)
+        return out
+
+
+class SamplingFields(VLLMSamplingFields):
     """Sampling parameters shared by chat and text completions (OpenAI's, then guard's)."""
 
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="Unsupported: only 0 is accepted.")
@@ -115,8 +208,8 @@ class SamplingFields(OpenAIRequest):
 
     # --8<-- [start:guard-sampling-params]
     # Guard's vendor parameters (openai client: extra_body={...}). Strictly typed.
-    top_k: StrictInt | None = Field(None, ge=0, description="Keep only the k most likely tokens; 0 disables.")
-    stop_token_ids: list[TokenId] | None = Field(None, description="Token ids that end the generation.")
+    top_k: StrictInt | None = Field(None, ge=-1, description="Keep only the k most likely tokens; 0 or -1 "
+                                                             "(vLLM's spelling) disables.")
     banned_token_ids: list[TokenId] | None = Field(None, description="Token ids that are never sampled.")
     # --8<-- [end:guard-sampling-params]
 
@@ -191,6 +284,22 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[Any] | None = Field(None, description="Unsupported.")
     top_logprobs: int | None = Field(None, description="Unsupported.")
 
+    # vLLM's chat extensions guard does not implement: accepted only with vLLM's default value.
+    echo: Any = None
+    add_generation_prompt: Any = None
+    continue_final_message: Any = None
+    add_special_tokens: Any = None
+    documents: Any = None
+    chat_template: Any = None
+    chat_template_kwargs: Any = None
+    mm_processor_kwargs: Any = None
+    media_io_kwargs: Any = None
+
+    @field_validator(*CHAT_VLLM_DEFAULTS, mode="after")
+    @classmethod
+    def _chat_vllm_default_only(cls, value: Any, info: ValidationInfo) -> Any:
+        return _vllm_default_only(value, info.field_name, CHAT_VLLM_DEFAULTS)
+
     @field_validator("logprobs")
     @classmethod
     def _no_logprobs(cls, value: bool | None) -> bool | None:
@@ -233,6 +342,16 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = Field(None, description="Unsupported.")
     max_tokens: int | None = Field(None, ge=1, description="Most output tokens; default: the policy's.")
     suffix: str | None = Field(None, description="Unsupported.")
+    # vLLM's completion extensions guard does not implement: accepted only with vLLM's default value.
+    add_special_tokens: Any = None
+    prompt_embeds: Any = None
+    response_format: Any = None
+
+    @field_validator("add_special_tokens", "prompt_embeds", "response_format", mode="after")
+    @classmethod
+    def _completion_vllm_default_only(cls, value: Any, info: ValidationInfo) -> Any:
+        return _vllm_default_only(value, info.field_name, {"add_special_tokens": True, "prompt_embeds": None,
+                                                           "response_format": None})
 
     @field_validator("echo", "suffix", "logprobs")
     @classmethod

@@ -21,7 +21,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, StrictBool, StrictInt, ValidationInfo, field_validator
 
-from server.protocol import INT64_MAX, INT64_MIN, MAX_STOP, GuardInfo, GuardReset, OpenAIRequest, StopSequence
+from server.protocol import (INT64_MAX, INT64_MIN, MAX_STOP, GuardInfo, GuardReset, OpenAIRequest, StopSequence,
+                             VLLMSamplingFields, _reject_nonzero_penalty)
 
 # --------------------------------------------------------------------------------------------
 # Request
@@ -71,8 +72,8 @@ _UNSUPPORTED = ("background", "conversation", "previous_response_id", "prompt", 
                 "reasoning", "top_logprobs", "max_tool_calls", "context_management")
 
 
-class ResponsesRequest(OpenAIRequest):
-    """``POST /v1/responses``."""
+class ResponsesRequest(VLLMSamplingFields):
+    """``POST /v1/responses`` (with vLLM's sampling extensions, as vLLM's own ``/v1/responses`` has)."""
 
     model: str
     input: str | Annotated[list[InputMessage], Field(min_length=1)]
@@ -90,6 +91,8 @@ class ResponsesRequest(OpenAIRequest):
     parallel_tool_calls: bool | None = Field(None, description="Accepted and ignored (no tools).")
     user: str | None = Field(None, description="Accepted, not used.")
     safety_identifier: str | None = Field(None, description="Accepted, not used.")
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="Unsupported: only 0 is accepted.")
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="Unsupported: only 0 is accepted.")
     # Unsupported: any value other than null / empty is a 400 naming the field.
     background: Any = None
     conversation: Any = None
@@ -105,7 +108,8 @@ class ResponsesRequest(OpenAIRequest):
     # --8<-- [start:guard-responses-params]
     # Guard's vendor parameters (openai client: extra_body={...}). Strictly typed.
     seed: Annotated[StrictInt, Field(ge=INT64_MIN, le=INT64_MAX)] | None = Field(None, description="Sampling seed.")
-    top_k: StrictInt | None = Field(None, ge=0, description="Keep only the k most likely tokens; 0 disables.")
+    top_k: StrictInt | None = Field(None, ge=-1, description="Keep only the k most likely tokens; 0 or -1 "
+                                                             "(vLLM's spelling) disables.")
     stop: StopSequence | Annotated[list[StopSequence], Field(max_length=MAX_STOP)] | None = Field(
         None, description="Up to 4 sequences where generation stops (not included in the output).")
     # --8<-- [end:guard-responses-params]
@@ -116,6 +120,11 @@ class ResponsesRequest(OpenAIRequest):
         if value not in (None, False, [], {}):
             raise ValueError(f"{info.field_name} is not supported by guard (text-only, nothing stored)")
         return value
+
+    @field_validator("frequency_penalty", "presence_penalty")
+    @classmethod
+    def _no_penalties(cls, value: float | None, info: ValidationInfo) -> float | None:
+        return _reject_nonzero_penalty(value, info.field_name)
 
     @field_validator("store")
     @classmethod

@@ -147,11 +147,14 @@ class GuardedServing:
         running, checked, getter = len(tasks), time.monotonic(), None
         try:
             while running:
-                # One getter outlives the timeouts so that no event is lost to a cancelled get().
-                getter = getter or asyncio.ensure_future(queue.get())
-                done, _ = await asyncio.wait({getter}, timeout=self.disconnect_poll_s)
-                index, item = getter.result() if done else (None, None)
-                getter = None if done else getter
+                if getter is None and not queue.empty():  # the common case: no task, no timer per event
+                    index, item = queue.get_nowait()
+                else:
+                    # One getter outlives the timeouts so that no event is lost to a cancelled get().
+                    getter = getter or asyncio.ensure_future(queue.get())
+                    done, _ = await asyncio.wait({getter}, timeout=self.disconnect_poll_s)
+                    index, item = getter.result() if done else (None, None)
+                    getter = None if done else getter
                 if time.monotonic() - checked >= self.disconnect_poll_s:
                     if await is_disconnected():
                         log.info("client disconnected; cancelling %d generation(s)", running)
@@ -302,11 +305,13 @@ def generation(req: SamplingFields, request_id: str, k: int, *, caller: Caller, 
     ``group``: the client request's id (its generations share the engine worker's turns)."""
     return GenerationRequest(
         model=req.model, request_id=request_id, max_tokens=max_tokens, temperature=req.temperature,
-        top_p=req.top_p, top_k=req.top_k, seed=None if req.seed is None else _wrap_int64(req.seed + k),
+        top_p=req.top_p, top_k=None if req.top_k == -1 else req.top_k,
+        seed=None if req.seed is None else _wrap_int64(req.seed + k),
         stop=req.stop_tuple(), stop_token_ids=tuple(req.stop_token_ids or ()),
         logit_bias={int(t): b for t, b in (req.logit_bias or {}).items()},
         banned_token_ids=frozenset(req.banned_token_ids or ()), api_key=caller.api_key,
-        allowed_models=caller.policies, group=group, client_retracts=client_retracts, **source)
+        allowed_models=caller.policies, group=group, client_retracts=client_retracts,
+        sampling=req.sampling_extensions(), **source)
 
 
 def client_retracts(req: Any, resets_header: bool) -> bool:

@@ -408,3 +408,45 @@ def test_a_monitor_that_breaks_in_the_worker_is_a_monitor_error(vllm_engine, hf_
                 assert eng.stats.forced_resets == resets, "the worker forced a reset for a disabled monitor"
         results[label] = (fin.outcome, fin.text)
     assert results["vllm"] == results["transformers"]
+
+
+def _unmonitored(engine, text: str, params: SamplingParams):
+    """A guarded generation without monitors, run to the end; its record."""
+    from guard.controller.backtrack import ControllerConfig, GuardedGeneration
+    from guard.controller.record import GenerationRecord
+
+    rec = GenerationRecord(request_id="t", policy_name="p", policy_hash="h", model="m", messages=None,
+                           prompt=text, prompt_tokens=0)
+    job = GuardedGeneration(engine, _prompt(engine, text), params, [], ControllerConfig(holdback_tokens=0), rec,
+                            emit=lambda e: None)
+    while not job.advance():
+        pass
+    job.close()
+    return rec
+
+
+def test_vllm_sampling_extensions_sample_as_on_the_transformers_engine(vllm_engine, hf_engine):
+    """ignore_eos, min_tokens, repetition_penalty and allowed_token_ids, greedy: both engines give the
+    same answer, and each extension changed it (vLLM applies them itself, except min_tokens, which the
+    engine turns into a ban of the end tokens on a request that ends where they are allowed again)."""
+    greedy = SamplingParams(temperature=0.0, max_tokens=40, seed=0)
+    answers = {t: _unmonitored(hf_engine, t, greedy) for t in HARMFUL[:2] + BENIGN}
+    # a prompt whose greedy answer ends on end-of-sequence (the organism refuses briefly), one that runs long
+    short = next(t for t, r in answers.items() if r.finish_reason == "stop" and r.sampled_tokens < 30)
+    long = next(t for t, r in answers.items() if r.finish_reason == "length")
+    allowed = frozenset(answers[long].output_ids[:3]) | frozenset(range(40, 80)) | hf_engine.info.eos_token_ids
+    variants = {"ignore_eos": (short, greedy.with_changes(ignore_eos=True)),
+                "min_tokens": (short, greedy.with_changes(min_tokens=answers[short].sampled_tokens + 4)),
+                "repetition_penalty": (long, greedy.with_changes(repetition_penalty=2.0)),
+                "allowed_token_ids": (long, greedy.with_changes(allowed_token_ids=allowed))}
+    for name, (text, params) in variants.items():
+        t = _unmonitored(hf_engine, text, params)
+        v = _unmonitored(vllm_engine, text, params)
+        assert (v.output_ids, v.finish_reason) == (t.output_ids, t.finish_reason), name
+        assert t.output_ids != answers[text].output_ids, f"{name} changed nothing"
+        if name == "ignore_eos":
+            assert t.finish_reason == "length" and len(t.output_ids) == 40
+        if name == "min_tokens":
+            assert len(t.output_ids) >= answers[short].sampled_tokens + 4
+        if name == "allowed_token_ids":
+            assert set(t.output_ids) <= allowed

@@ -156,3 +156,57 @@ def test_worker_tests_pass_under_a_cpu_hog():
             hog.kill()
             hog.wait()
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+
+class _Pending:
+    """A job whose step is pending (:class:`StepPending`) until ``arrived`` is set, as a vLLM step is
+    until its token arrives; it then sets the worker's wake event the way an engine does."""
+
+    cancelled = False
+
+    def __init__(self, group: str, steps: int) -> None:
+        self.group, self.steps = group, steps
+        self.arrived = threading.Event()
+        self.tries = 0
+        self.wake = None
+        self.closed = threading.Event()
+
+    def advance(self) -> bool:
+        from guard.engine.worker import StepPending, waker
+
+        self.wake = waker()
+        self.tries += 1
+        if not self.arrived.is_set():
+            raise StepPending()
+        self.steps -= 1
+        return self.steps == 0
+
+    def deliver(self) -> None:
+        self.arrived.set()
+        self.wake.set()
+
+    def fail(self, exc: BaseException) -> None:
+        raise AssertionError(f"a pending step is not a failure: {exc!r}")
+
+    def close(self) -> None:
+        self.closed.set()
+
+
+def test_a_pending_step_holds_up_no_other_job_and_resumes_on_wake():
+    worker = EngineWorker()
+    worker.idle_wait_s = 10 * WAIT_S  # so only the wake event can end its sleep in time
+    try:
+        waiting = _Pending("a", steps=2)
+        sibling = _Pending("a", steps=3)  # same group: takes the group's turns while its sibling waits
+        other = _Pending("b", steps=3)
+        sibling.arrived.set()
+        other.arrived.set()
+        for job in (waiting, sibling, other):
+            worker.submit(job)
+        assert sibling.closed.wait(WAIT_S) and other.closed.wait(WAIT_S)
+        assert not waiting.closed.is_set() and worker.active == 1
+        assert waiting.tries < 100  # it sleeps between tries (a spinning worker tries thousands of times)
+        waiting.deliver()  # the worker is asleep: the wake event brings it back
+        assert waiting.closed.wait(WAIT_S) and worker.active == 0
+    finally:
+        worker.stop()

@@ -719,7 +719,7 @@ class GuardedGeneration:
 
     def _stop_reason(self) -> FinishReason | None:
         last = self.output[-1]
-        if last in self.engine.info.eos_token_ids or last in self.attempt.params.stop_token_ids:
+        if self.attempt.params.ends(last, self.engine.info.eos_token_ids):
             return "stop"
         if self.text.stop_index(self.output) is not None:
             return "stop"
@@ -735,8 +735,7 @@ class GuardedGeneration:
                 return self._finished
         if self.record.spans and (self._garbled(finishing=True) or self._recheck()):
             return self._finished
-        ended_by_token = reason == "stop" and (
-            self.output[-1] in self.engine.info.eos_token_ids or self.output[-1] in self.attempt.params.stop_token_ids)
+        ended_by_token = reason == "stop" and self.attempt.params.ends(self.output[-1], self.engine.info.eos_token_ids)
         keep = self.output[:-1] if ended_by_token else self.text.tokens_before_stop(self.output)
         text = self.text.text_of(keep) if ended_by_token else self.text.final_text(self.output)
         outcome = "recovered" if self.record.spans else "clean"

@@ -182,7 +182,10 @@ class TransformersEngine(Engine):
         token = surprisal = None
         if sample:
             logits = state.pending_logits
-            token = sampling.sample(logits, params, generator, extra_banned)
+            a = seq.answer_start
+            if params.min_tokens and a is not None:
+                extra_banned = extra_banned | params.end_ids_banned(len(seq.tokens) - a, self.info.eos_token_ids)
+            token = sampling.sample(logits, params, generator, extra_banned, history=seq.tokens)
             surprisal = float(-torch.log_softmax(logits.float(), dim=-1)[token])
             seq.tokens.append(token)
             state.pending_logits = None

@@ -26,6 +26,12 @@ vLLM generates whole requests in continuous batches. This engine bridges the two
   ignore end-of-sequence, which the controller handles) or, when the request has ended, by a
   one-token scoring request.
 
+Inside an engine worker (:mod:`guard.engine.worker`), a sampling step whose token has not arrived
+raises :class:`~guard.engine.worker.StepPending` (after submitting the request if it needed one,
+and before changing the sequence), and every delivery sets the worker's wake event: the worker
+steps the generations whose tokens are in, so a new request's prefill or one slow request never
+holds up the others. Called from any other thread, steps block until their token is there.
+
 vLLM runs in-process through ``AsyncLLM`` on an event loop in a thread of its own; vLLM's engine
 core runs the model in its worker process(es), with ``enforce_eager=True`` (forward hooks do not
 run inside compiled graphs or CUDA graphs). Which vLLM is accepted is decided by feature, not by
@@ -63,6 +69,7 @@ from guard.engine.transformers_engine import HFChatTokenizer
 from guard.engine.vllm_compat import check_front_end
 from guard.engine.vllm_parallel import bind_cpu_threads, describe_layout
 from guard.engine.vllm_worker import ARGS_KEY, RequestArgs
+from guard.engine.worker import StepPending, waker
 from guard.errors import ContextLengthError, EngineError, ModelLoadError
 from guard.monitors.base import Monitor
 from guard.sampling import SamplingParams
@@ -126,6 +133,9 @@ class _Request:
     """Surprisal of the token :meth:`VLLMEngine._next_token` handed out last."""
     names: dict[str, str] = field(default_factory=dict)
     """Monitor key in the worker -> monitor name."""
+    wake: threading.Event | None = None
+    """Set after every delivery: the wake event of the engine worker that submitted the request
+    (:func:`guard.engine.worker.waker`), so a pending step is retried as soon as its token is in."""
 
 
 @dataclass
@@ -368,6 +378,8 @@ class VLLMEngine(Engine):
             acts = vs.live_monitors(lambda m: m.output and m.acts) if a is not None else []
             req = self._submit(seq, score=outs, act=acts, score_from=score_from, max_tokens=None, params=params,
                                generator=generator, banned=extra_banned, steer=steer, signature=sig)
+        if waker() is not None and not self._token_ready(seq, req):
+            raise StepPending()  # nothing changed: the worker moves on and retries on arrival
         token, forced = self._next_token(seq, req)
         start = vs.reported
         scores = self._collect(vs, start, n, vs.live_names(names))
@@ -460,7 +472,9 @@ class VLLMEngine(Engine):
                                  for layer, v in (steer or {}).items()))
         return (params.temperature, params.top_p, params.top_k, params.seed, params.max_tokens,
                 tuple(sorted(params.logit_bias.items())), tuple(sorted(params.banned_token_ids)),
-                tuple(params.stop_token_ids), steer_sig, seq.answer_start)
+                tuple(params.stop_token_ids), params.repetition_penalty, params.min_p, params.min_tokens,
+                None if params.allowed_token_ids is None else tuple(sorted(params.allowed_token_ids)),
+                steer_sig, seq.answer_start)
 
     def _consistent(self, seq: Sequence, req: _Request) -> bool:
         """The request's prompt plus what it generated so far is exactly the sequence."""
@@ -489,6 +503,11 @@ class VLLMEngine(Engine):
         elif max_tokens is None:
             # One token past the budget, so the budget's last token gets fed and scored.
             max_tokens = max(1, params.max_tokens - max(0, n - a) + (1 if score else 0))
+        end_bans: frozenset[int] = frozenset()
+        if a is not None and not scoring_only:
+            end_bans = params.end_ids_banned(n - a, self.info.eos_token_ids)
+            if end_bans:  # min_tokens: this request ends where end tokens become allowed again
+                max_tokens = min(max_tokens, params.min_tokens - (n - a))
         max_tokens = min(max_tokens, room)
         vs.n_requests += 1
         vs.reported = score_from  # positions below were reported already, or are never scored
@@ -507,8 +526,8 @@ class VLLMEngine(Engine):
         args = RequestArgs(key=rkey, channel=os.path.join(self._dir, rkey), answer_start=n if a is None else a,
                            score_from=score_from, start=n, score=tuple(keys), act=tuple(act_keys), init=init,
                            steer=tuple(steer_keys), reset_id=self.reset_id, ban_first=tuple(sorted(banned)),
-                           ban=tuple(sorted(params.banned_token_ids | ({self.reset_id} if self.reset.banned
-                                                                       else set()))),
+                           ban=tuple(sorted(params.banned_token_ids | end_bans
+                                            | ({self.reset_id} if self.reset.banned else set()))),
                            scale={k: seq.threshold_scale[m.name] for m, k in zip(score, keys)
                                   if m.name in seq.threshold_scale})
         seed = int(torch.randint(0, 2**62, (1,), generator=generator).item()) if generator is not None else 0
@@ -518,12 +537,15 @@ class VLLMEngine(Engine):
         sp = VSP(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or 0, seed=seed,
                  max_tokens=max_tokens, ignore_eos=True, detokenize=False,
                  stop_token_ids=sorted(set(params.stop_token_ids) | {self.reset_id}),
-                 logit_bias=dict(params.logit_bias) or None, output_kind=RequestOutputKind.DELTA,
+                 logit_bias=dict(params.logit_bias) or None, repetition_penalty=params.repetition_penalty,
+                 min_p=params.min_p, allowed_token_ids=None if params.allowed_token_ids is None
+                 else sorted(params.allowed_token_ids | {self.reset_id}),  # the reset stays forceable
+                 output_kind=RequestOutputKind.DELTA,
                  logprobs=None if scoring_only else 0,  # the sampled token's raw logprob: its surprisal
                  extra_args={ARGS_KEY: args.to_dict()})
         req = _Request(request_id=f"guard-{rkey}", args=args, start_len=n, signature=signature,
                        reader=ScoreReader(args.channel, keys), scoring_only=scoring_only,
-                       names={k: m.name for k, m in zip(keys, score)})
+                       names={k: m.name for k, m in zip(keys, score)}, wake=waker())
         prompt = TokensPrompt(prompt_token_ids=list(seq.tokens))
         if salt is not None:
             prompt["cache_salt"] = salt
@@ -538,11 +560,18 @@ class VLLMEngine(Engine):
                 o = out.outputs[0]
                 lps = [d[t].logprob if d and t in d else None for t, d in zip(o.token_ids, o.logprobs or [])]
                 req.items.put(("tokens", list(o.token_ids), out.finished, o.stop_reason, out.num_cached_tokens, lps))
+                # set() takes a lock and notifies; a set event needs neither (the worker clears it
+                # before it looks at the queues, so this item is seen either way)
+                if req.wake is not None and not req.wake.is_set():
+                    req.wake.set()
         except asyncio.CancelledError:
             req.items.put(("aborted",))
             raise
         except BaseException as exc:  # noqa: BLE001 - delivered to the waiting step
             req.items.put(("error", exc))
+        finally:
+            if req.wake is not None:
+                req.wake.set()
 
     def _receive(self, seq: Sequence, req: _Request, block: bool) -> bool:
         """Move one delivery from vLLM into the request; False if none (non-blocking) or none left."""
@@ -578,6 +607,8 @@ class VLLMEngine(Engine):
         return True
 
     def _read_scores(self, vs: _VSeq, req: _Request) -> None:
+        if not req.names:  # a request that scores nothing has no channel file
+            return
         for pos, forced, scores, failed in req.reader.read():
             vs.scores.setdefault(pos, {}).update({req.names[k]: s for k, s in scores.items()})
             for k in failed:
@@ -585,6 +616,12 @@ class VLLMEngine(Engine):
                                                    "score (the worker's log has the details)")
             if forced:
                 vs.forced.add(pos)
+
+    def _token_ready(self, seq: Sequence, req: _Request) -> bool:
+        """Whether :meth:`_next_token` would return (or fail) without waiting."""
+        while not req.buffered and self._receive(seq, req, block=False):
+            pass
+        return bool(req.buffered) or (req.finished and req.items.empty())
 
     def _next_token(self, seq: Sequence, req: _Request) -> tuple[int, bool]:
         """The next token of the request, and whether it is a reset forced by the worker."""

@@ -9,8 +9,14 @@ jobs. So a request with 128 generations and a request with one progress at the s
 about 1/G of the engine's step rate for G active requests, and a new request starts at the next
 pass. At most ``max_active_per_group`` jobs of a group hold engine state at once; the rest wait
 (in order) for one of them to leave. Engines are only ever called from this thread, so they need
-no locks. (A batched engine can later replace the per-job step inside :meth:`EngineWorker._pass`
-without changing jobs.)
+no locks.
+
+Waiting: an engine that generates ahead on its own (vLLM) may raise :class:`StepPending` from a
+step whose token has not arrived yet, before changing anything, when it runs inside a worker
+(:func:`waker` is not ``None``). The worker then gives the group's turn to its next job that can
+move, and when a whole pass moved nothing it sleeps until the engine sets the worker's wake event
+(something arrived) or a job is submitted. So one slow request (a prefill, a resubmission) never
+holds up the tokens of the others, and the worker never spins.
 """
 
 from __future__ import annotations
@@ -25,6 +31,21 @@ from typing import Protocol
 log = logging.getLogger(__name__)
 
 _anonymous = itertools.count()
+
+
+class StepPending(Exception):
+    """An engine step would wait for a token that has not arrived; nothing was changed (see the
+    module docstring). Raised only where :func:`waker` returns an event."""
+
+
+_local = threading.local()
+
+
+def waker() -> threading.Event | None:
+    """The wake event of the worker whose thread is calling: an engine that raises
+    :class:`StepPending` sets it when what the step waits for arrives. ``None`` outside a worker
+    (steps must then block until their token is there)."""
+    return getattr(_local, "wake", None)
 
 
 class Job(Protocol):
@@ -59,6 +80,9 @@ class _Group:
 class EngineWorker:
     """Runs jobs for one engine on a daemon thread."""
 
+    idle_wait_s = 1.0
+    """Longest sleep while every job's step is pending (a safety net: every arrival wakes it)."""
+
     def __init__(self, name: str = "guard-engine", max_active_per_group: int = 16) -> None:
         if max_active_per_group < 1:
             raise ValueError(f"max_active_per_group must be >= 1, got {max_active_per_group}")
@@ -68,6 +92,8 @@ class EngineWorker:
         self._active = 0
         self._count_lock = threading.Lock()
         self._stopping = False
+        self._wake = threading.Event()
+        """Set when a job is submitted or an engine delivers what a pending step waits for."""
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -82,16 +108,23 @@ class EngineWorker:
         with self._count_lock:  # counted at once, so a caller sees its job as active immediately
             self._active += 1
         self._incoming.put(job)
+        self._wake.set()
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stopping = True
         self._incoming.put(None)
+        self._wake.set()
         self._thread.join(timeout)
 
     def _run(self) -> None:
+        _local.wake = self._wake
         while not self._stopping:
+            self._wake.clear()
             self._take_new(block=not self._groups)
-            self._pass()
+            if not self._pass() and self._groups:
+                # Every job waits for its engine: sleep until something arrives. The timeout is a
+                # safety net only (every arrival sets the event).
+                self._wake.wait(self.idle_wait_s)
         for group in list(self._groups.values()):
             for job in [*group.running, *group.waiting]:
                 job.cancelled = True
@@ -113,27 +146,39 @@ class EngineWorker:
         group = self._groups.setdefault(key, _Group())
         (group.running if len(group.running) < self.max_active_per_group else group.waiting).append(job)
 
-    def _pass(self) -> None:
-        """One step for each group: its next running job (cancelled jobs anywhere are dropped)."""
+    def _pass(self) -> bool:
+        """One step for each group: its next running job that can move (cancelled jobs anywhere are
+        dropped). Returns whether any job moved."""
+        moved = False
         for key, group in list(self._groups.items()):
             for job in [j for j in (*group.running, *group.waiting) if j.cancelled]:
                 (group.running if job in group.running else group.waiting).remove(job)
                 self._drop(job)
-            if group.running:
+                moved = True
+            for _ in range(len(group.running)):
                 job = group.running[0]
                 group.running.rotate(-1)
-                if self._advance(job):
+                done = self._advance(job)
+                if done is None:  # pending: the group's turn goes to its next job
+                    continue
+                moved = True
+                if done:
                     group.running.remove(job)
                     self._drop(job)
+                break
             while group.waiting and len(group.running) < self.max_active_per_group:
                 group.running.append(group.waiting.popleft())
             if not group.running:
                 del self._groups[key]
+        return moved
 
     @staticmethod
-    def _advance(job: Job) -> bool:
+    def _advance(job: Job) -> bool | None:
+        """True: the job finished; False: it moved; None: its step is pending."""
         try:
             return job.advance()
+        except StepPending:
+            return None
         except BaseException as exc:  # noqa: BLE001 - a job's failure must not kill the worker
             log.exception("generation failed")
             job.fail(exc)
