@@ -350,6 +350,7 @@ def _write_validated(policy_file: Path, new_text: str, monitor: str, probe) -> t
     from guard.errors import ModelLoadError
     from guard.monitors.probe import ProbeMonitor, config_fingerprint
     from guard.policy import load_policy
+    from guard.policy.build import aggregation
 
     fd, tmp = tempfile.mkstemp(dir=policy_file.parent, prefix=f".{policy_file.name}.", suffix=".tmp")
     try:
@@ -358,7 +359,7 @@ def _write_validated(policy_file: Path, new_text: str, monitor: str, probe) -> t
         try:
             policy = load_policy(tmp)
             spec = policy.monitor(monitor)
-            agg = spec.aggregation.to_spec() if spec.aggregation is not None else None
+            agg = aggregation(spec.aggregation)
             ProbeMonitor.load(spec.path, name=monitor, layer=spec.layer, threshold=spec.threshold, aggregation=agg)
         except PolicyError as exc:
             raise PolicyError(str(policy_file), [e.replace(tmp, str(policy_file)) for e in exc.errors]) from None

@@ -56,7 +56,7 @@ class ResponsesServing(GuardedServing):
         gen = GenerationRequest(
             model=req.model, request_id=rid, messages=req.messages(), max_tokens=req.max_output_tokens,
             temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed, stop=req.stop_tuple(),
-            api_key=caller.api_key, allowed_models=caller.policies, group=rid,
+            allowed_models=caller.policies, group=rid,
             client_retracts=client_retracts(req, resets_header))
         try:
             prepared = await self.prepare([gen], "input")

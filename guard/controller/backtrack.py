@@ -51,10 +51,11 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 
+from guard.controller.actions import (ACTIONS, Action, OnMonitorError, Rollback, Scope, canonical_action,
+                                     strategy_for_retry)
 from guard.controller.deliberation import DeliberationConfig, ReasoningSection, find_close, forced_prefix
 from guard.controller.events import Cut, Event, Finished, FinishReason, Reset, TextDelta, Usage
 from guard.controller.garble import GarbleMonitor, SurprisalTracker
@@ -66,10 +67,6 @@ from guard.monitors.base import Monitor, MonitorState
 from guard.sampling import SamplingParams, make_generator
 from guard.telemetry import NO_TRACE, GenerationTrace
 
-Rollback = Literal["auto", "tokens", "sentence", "response"]
-Action = Literal["backtrack", "refuse", "shadow"]
-Scope = Literal["prompt", "output", "both"]
-OnMonitorError = Literal["fail_closed", "fail_open"]
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +127,7 @@ class ControllerConfig:
 
     def strategy(self, retry: int) -> Strategy:
         """Strategy for the ``retry``-th retry (1-based); the last one repeats."""
-        return self.strategies[min(retry, len(self.strategies)) - 1]
+        return strategy_for_retry(self.strategies, retry)
 
 
 @dataclass(frozen=True)
@@ -145,9 +142,8 @@ class BoundMonitor:
     scope: Scope = "output"
 
     def __post_init__(self) -> None:
-        if self.action == "log":
-            object.__setattr__(self, "action", "shadow")
-        if self.action not in ("backtrack", "refuse", "shadow"):
+        object.__setattr__(self, "action", canonical_action(self.action))
+        if self.action not in ACTIONS:
             raise ValueError(f"monitor action must be backtrack, refuse or shadow, got {self.action!r}")
 
     @property

@@ -77,13 +77,10 @@ def _load(policy: Policy) -> _ConfigOnlyEngine:
 
 def _monitor_error(spec: Any, policy: Policy, engine: _ConfigOnlyEngine) -> str | None:
     """The error building this monitor against the model would raise (as the service builds it)."""
-    from guard.service import GuardService, _sae_monitor
+    from guard.policy.build import build_monitor  # loads torch: only when a model is checked
 
     try:
-        if spec.kind == "sae":
-            _sae_monitor(spec, engine)  # type: ignore[arg-type]
-        else:
-            GuardService._monitor(spec, policy, engine)  # type: ignore[arg-type]
+        build_monitor(spec, policy, engine)  # type: ignore[arg-type]
     except GuardError as exc:
         return exc.message
     except (OSError, ValueError) as exc:

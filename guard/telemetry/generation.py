@@ -42,6 +42,7 @@ from opentelemetry import metrics, trace
 from opentelemetry.trace import Span, Status, StatusCode
 
 import guard
+from guard.controller.actions import acts
 from guard.controller.events import Event, TextDelta
 from guard.controller.record import GenerationRecord, RetryStrategy
 from guard.telemetry.request_log import REQUEST_LOGGER
@@ -326,7 +327,7 @@ def refusal_reason(record: GenerationRecord) -> str:
     the prompt), ``refuse_action`` (a ``refuse`` monitor on the output) or ``retries_exhausted``."""
     if any(e["handling"] == "refused" for e in record.monitor_errors):
         return "monitor_error"
-    if any(f["scope"] == "prompt" and f["action"] not in ("shadow", "log") for f in record.firings):
+    if any(f["scope"] == "prompt" and acts(f["action"]) for f in record.firings):
         return "prompt"
     if any(f["action"] == "refuse" for f in record.firings):
         return "refuse_action"
