@@ -25,6 +25,7 @@ from guard.controller.record import DiscardedSpan, GenerationRecord
 from guard.errors import InvalidRequestError
 from guard.logstore import LABELS, UNLABELLED, LogStore
 from guard.logstore.connect import is_url, parse_target
+from guard.policy import load_policy
 
 DEFAULT_DB = Path("guard.db")
 URL_ENV = "GUARD_LOG_URL"
@@ -130,8 +131,6 @@ def log_target(args: argparse.Namespace) -> str:
     if getattr(args, "url", None):
         return args.url
     if getattr(args, "policy", None) is not None:
-        from guard.policy import load_policy
-
         return load_policy(args.policy, check_paths=False).log.target(os.environ)
     return os.environ.get(URL_ENV, "").strip() or str(DEFAULT_DB)
 

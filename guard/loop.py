@@ -37,6 +37,7 @@ unlabelled records give no rows. The format is that of :mod:`guard.probe.data`::
 from __future__ import annotations
 
 import json
+import hashlib
 import logging
 import os
 import re
@@ -50,7 +51,10 @@ from typing import IO, Any, Literal, Protocol
 import yaml
 
 from guard.controller.record import GenerationRecord
-from guard.errors import InvalidRequestError, PolicyError
+from guard.errors import InvalidRequestError, ModelLoadError, PolicyError
+from guard.monitors.probe import ProbeMonitor, config_fingerprint
+from guard.policy import load_policy
+from guard.policy.build import aggregation
 
 log = logging.getLogger(__name__)
 
@@ -257,10 +261,6 @@ def promote_probe(probe_dir: str | Path, policy_file: str | Path, monitor: str, 
     the old file or the new one, never a half-written or invalid one. Raises
     :class:`~guard.errors.PolicyError` (file untouched) if the result would not load.
     """
-    import hashlib
-
-    from guard.monitors.probe import ProbeMonitor
-
     policy_file = Path(policy_file)
     text = policy_file.read_text(encoding="utf-8")
     probe = ProbeMonitor.load(probe_dir, name=monitor)
@@ -347,11 +347,6 @@ def _yaml_scalar(value: str) -> str:
 def _write_validated(policy_file: Path, new_text: str, monitor: str, probe) -> tuple[Any, list[str]]:
     """Validate ``new_text`` as the policy, then atomically replace the file; return the monitor's
     validated spec and warnings."""
-    from guard.errors import ModelLoadError
-    from guard.monitors.probe import ProbeMonitor, config_fingerprint
-    from guard.policy import load_policy
-    from guard.policy.build import aggregation
-
     fd, tmp = tempfile.mkstemp(dir=policy_file.parent, prefix=f".{policy_file.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:

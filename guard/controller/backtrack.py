@@ -57,15 +57,16 @@ import torch
 from guard.controller.actions import (ACTIONS, Action, OnMonitorError, Rollback, Scope, canonical_action,
                                      strategy_for_retry)
 from guard.controller.deliberation import DeliberationConfig, ReasoningSection, find_close, forced_prefix
-from guard.controller.events import Cut, Event, Finished, FinishReason, Reset, TextDelta, Usage
+from guard.controller.events import Cut, Event, Failed, Finished, FinishReason, Reset, TextDelta, Usage
 from guard.controller.garble import GarbleMonitor, SurprisalTracker
 from guard.controller.record import DiscardedSpan, GenerationRecord, RetryStrategy
 from guard.controller.release import release_limit
 from guard.controller.text import TextTracker
+from guard.controller.trace import NO_TRACE, GenerationTrace
+from guard.errors import EngineError, GuardError
 from guard.engine.base import Engine, MonitorRun, Sequence, StepOutput
 from guard.monitors.base import Monitor, MonitorState
 from guard.sampling import SamplingParams, make_generator
-from guard.telemetry import NO_TRACE, GenerationTrace
 
 
 log = logging.getLogger(__name__)
@@ -265,9 +266,6 @@ class GuardedGeneration:
         return False
 
     def fail(self, exc: BaseException) -> None:
-        from guard.controller.events import Failed
-        from guard.errors import EngineError, GuardError
-
         err = exc if isinstance(exc, GuardError) else EngineError(f"generation failed: {exc}")
         self._finished = True
         self.trace.failed(self.record, exc)

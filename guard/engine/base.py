@@ -28,44 +28,16 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from guard.errors import ContextLengthError
+from guard.modelinfo import ChatTokenizer, ModelInfo
 from guard.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from guard.monitors.base import Monitor
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """Static facts about the served model."""
-
-    name: str
-    """Model id reported to clients (``/v1/models``)."""
-    num_layers: int
-    d_model: int
-    vocab_size: int
-    context_length: int
-    eos_token_ids: frozenset[int]
-
-
-class ChatTokenizer(Protocol):
-    """What the controller and server need from the model's tokenizer."""
-
-    def encode(self, text: str) -> list[int]: ...
-
-    def decode(self, ids: list[int]) -> str: ...
-
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids of ``messages`` under the model's chat template, ready for the assistant turn."""
-        ...
-
-    def token_id(self, token: str) -> int | None:
-        """Id of a single (special) token, or ``None`` if the vocabulary has no such token."""
-        ...
 
 
 @dataclass(frozen=True)

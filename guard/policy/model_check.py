@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from guard.errors import GuardError
+from guard.controller.deliberation import forced_prefix, system_prompt
+from guard.errors import GuardError, ModelLoadError
 from guard.policy.schema import Policy
 
 
@@ -57,7 +58,6 @@ def _load(policy: Policy) -> _ConfigOnlyEngine:
     from transformers import AutoConfig, AutoTokenizer
 
     from guard.engine.transformers_engine import HFChatTokenizer
-    from guard.errors import ModelLoadError
 
     spec, path = policy.model, Path(policy.model.path)
     if not (path / "config.json").is_file():
@@ -89,8 +89,6 @@ def _monitor_error(spec: Any, policy: Policy, engine: _ConfigOnlyEngine) -> str 
 
 
 def _deliberation_errors(policy: Policy, engine: _ConfigOnlyEngine) -> list[str]:
-    from guard.controller.deliberation import forced_prefix, system_prompt
-
     d = policy.deliberation
     if d.mode == "off" and not any(s.deliberate for s in policy.backtrack.strategies):
         return []

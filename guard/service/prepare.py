@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from guard.controller.deliberation import neutralise_text, system_prompt
+from guard.controller.deliberation import system_prompt
+from guard.neutralise import neutralise_text
 from guard.errors import ContextLengthError, InvalidRequestError
 from guard.sampling import SamplingParams, check_token_ids
 from guard.service.registry import PolicyRegistry, Served
