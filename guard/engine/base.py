@@ -196,13 +196,15 @@ class Engine(ABC):
 
     def check_new_sequence(self, prompt_ids: list[int], layers: Collection[int]) -> None:
         """What every :meth:`new_sequence` checks first: :class:`ContextLengthError` for an empty
-        prompt or one that fills the context, ValueError for a layer the model does not have."""
+        prompt or one that fills the context, ValueError for a layer the model does not have.
+
+        An invariant, not request validation: a server request was checked already, naming the
+        field at fault (:mod:`guard.service.prepare`); the engine knows token ids, not fields."""
         if not prompt_ids:
-            raise ContextLengthError("the prompt is empty", param="messages")
+            raise ContextLengthError("the prompt is empty")
         if len(prompt_ids) >= self.info.context_length:
             raise ContextLengthError(
-                f"the prompt has {len(prompt_ids)} tokens; this model's context is {self.info.context_length}",
-                param="messages")
+                f"the prompt has {len(prompt_ids)} tokens; this model's context is {self.info.context_length}")
         for layer in layers:
             if not 0 <= layer < self.info.num_layers:
                 raise ValueError(f"layer {layer} out of range (model has {self.info.num_layers} layers)")
