@@ -176,17 +176,17 @@ def monitor_views(record: GenerationRecord, served_thresholds: dict[str, float])
     """Per monitor named anywhere in ``record``: its threshold, firing positions and highest score."""
     names: dict[str, None] = {}
     for name in [*record.final_scores, *(m for s in record.spans for m in s.scores), *(s.monitor for s in record.spans),
-                 *(f["monitor"] for f in record.firings), *record.prompt_scores,
-                 *(e["monitor"] for e in record.monitor_errors)]:
+                 *(f.monitor for f in record.firings), *record.prompt_scores,
+                 *(e.monitor for e in record.monitor_errors)]:
         names.setdefault(name)
     views = []
     for name in names:
         known = [s.threshold for s in record.spans if s.monitor == name]
-        known += [f["threshold"] for f in record.firings if f["monitor"] == name and "threshold" in f]
-        firings = [f for f in record.firings if f["monitor"] == name]
+        known += [f.threshold for f in record.firings if f.monitor == name and f.threshold is not None]
+        firings = [f for f in record.firings if f.monitor == name]
         output = {s.fired_at for s in record.spans if s.monitor == name}
-        output |= {f["position"] for f in firings if f.get("scope", "output") == "output"}
-        prompt = sorted({f["position"] for f in firings if f.get("scope") == "prompt"})
+        output |= {f.position for f in firings if f.scope == "output"}
+        prompt = sorted({f.position for f in firings if f.scope == "prompt"})
         scores = [v for s in record.spans for v in s.aggregated.get(name, [])] + record.final_scores.get(name, [])
         views.append(MonitorView(
             name=name, threshold=known[0] if known else served_thresholds.get(name),

@@ -59,7 +59,8 @@ from guard.controller.actions import (ACTIONS, Action, OnMonitorError, Rollback,
 from guard.controller.deliberation import DeliberationConfig, ReasoningSection, find_close, forced_prefix
 from guard.controller.events import Cut, Event, Failed, Finished, FinishReason, Reset, TextDelta, Usage
 from guard.controller.garble import GarbleMonitor, SurprisalTracker
-from guard.controller.record import DiscardedSpan, GenerationRecord, RetryStrategy
+from guard.controller.record import (DiscardedSpan, Firing, GarbleCheck, GenerationRecord, MonitorError,
+                                     RetryStrategy, Steer)
 from guard.controller.release import release_limit
 from guard.controller.text import TextTracker
 from guard.controller.trace import NO_TRACE, GenerationTrace
@@ -477,8 +478,9 @@ class GuardedGeneration:
         """Record a monitor error and apply ``on_monitor_error``; True if the generation was refused."""
         closed = self.config.on_monitor_error == "fail_closed"
         name = bound.monitor.name
-        self.record.monitor_errors.append({"monitor": name, "scope": scope, "error": str(exc), "position": pos,
-                                           "attempt": self.retries, "handling": "refused" if closed else "disabled"})
+        self.record.monitor_errors.append(MonitorError(
+            monitor=name, scope=scope, error=str(exc), position=pos, attempt=self.retries,
+            handling="refused" if closed else "disabled"))
         log.warning("monitor %r failed scoring the %s of %s: %s (%s)", name, scope, self.record.request_id, exc,
                     "refusing: fail_closed" if closed else "disabled for this generation: fail_open")
         if not closed:
@@ -494,10 +496,10 @@ class GuardedGeneration:
     def _note_firing(self, bound: BoundMonitor, pos: int, state: MonitorState, scope: Scope) -> None:
         mon = bound.monitor
         tid = (self.seq.prompt_ids if scope == "prompt" else self.output)[pos]
-        self.record.firings.append({
-            "monitor": mon.name, "action": bound.action, "scope": scope, "position": pos, "token_id": tid,
-            "token": self.text.token_text(tid), "score": state.agg[pos], "threshold": state.threshold,
-            "attempt": self.retries})
+        self.record.firings.append(Firing(
+            monitor=mon.name, action=bound.action, scope=scope, position=pos, token_id=tid,
+            token=self.text.token_text(tid), score=state.agg[pos], threshold=state.threshold,
+            attempt=self.retries))
         if mon.name not in self.record.monitors_fired:
             self.record.monitors_fired.append(mon.name)
         self.trace.firing(self.record.firings[-1])
@@ -581,15 +583,15 @@ class GuardedGeneration:
         if verdict is None:
             return False
         if self.record.retries:
-            self.record.retries[-1].garble = verdict._asdict()
+            self.record.retries[-1].garble = GarbleCheck(**verdict._asdict())
         if not verdict.suspect:
             return False
         pos, name = len(self.output) - 1, self._garble.monitor.name
-        self.record.firings.append({
-            "monitor": name, "action": "backtrack", "scope": "output", "position": pos,
-            "token_id": self.output[pos], "token": self.text.token_text(self.output[pos]),
-            "score": verdict.mean_surprisal, "threshold": verdict.reference + self.surprisal.margin,
-            "attempt": self.retries})
+        self.record.firings.append(Firing(
+            monitor=name, action="backtrack", scope="output", position=pos,
+            token_id=self.output[pos], token=self.text.token_text(self.output[pos]),
+            score=verdict.mean_surprisal, threshold=verdict.reference + self.surprisal.margin,
+            attempt=self.retries))
         if name not in self.record.monitors_fired:
             self.record.monitors_fired.append(name)
         self.trace.firing(self.record.firings[-1])
@@ -671,7 +673,7 @@ class GuardedGeneration:
         vec = bound.monitor.steering_vector() if strat.steer_alpha else None
         if vec is not None and bound.monitor.layer is not None:
             steer = {bound.monitor.layer: -strat.steer_alpha * vec}
-            steer_info = {"monitor": bound.monitor.name, "layer": bound.monitor.layer, "alpha": strat.steer_alpha}
+            steer_info = Steer(monitor=bound.monitor.name, layer=bound.monitor.layer, alpha=strat.steer_alpha)
         self.attempt = _Attempt(params, make_generator(seed), steer, banned)
         self.record.retries.append(RetryStrategy(
             retry=self.retries, seed=seed, temperature=params.temperature, top_p=params.top_p,

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any
 
 from guard.controller.events import Event
-from guard.controller.record import GenerationRecord, RetryStrategy
+from guard.controller.record import Firing, GenerationRecord, RetryStrategy
 
 
 class GenerationTrace:
@@ -34,7 +33,7 @@ class GenerationTrace:
     def monitor_time(self, monitor: str, scope: str, seconds: float, tokens: int) -> None:
         """``monitor`` spent ``seconds`` scoring ``tokens`` tokens of the ``scope`` (prompt or output)."""
 
-    def firing(self, firing: dict[str, Any]) -> None:
+    def firing(self, firing: Firing) -> None:
         """A firing, as appended to ``GenerationRecord.firings``."""
 
     def rollback(self, monitor: str, cut_from: int, cut_to: int, retracted_chars: int, retracted_tokens: int,

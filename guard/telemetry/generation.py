@@ -44,7 +44,7 @@ from opentelemetry.trace import Span, Status, StatusCode
 import guard
 from guard.controller.actions import acts
 from guard.controller.events import Event, TextDelta
-from guard.controller.record import GenerationRecord, RetryStrategy
+from guard.controller.record import Firing, GenerationRecord, RetryStrategy
 from guard.controller.trace import GenerationTrace
 from guard.telemetry.request_log import REQUEST_LOGGER
 
@@ -149,14 +149,15 @@ class _LiveTrace(GenerationTrace):
             acc[0] += seconds
             acc[1] += tokens
 
-    def firing(self, firing: dict[str, Any]) -> None:
+    def firing(self, firing: Firing) -> None:
         attrs = {
-            "guard.monitor": firing["monitor"], "guard.action": firing["action"], "guard.scope": firing["scope"],
-            "guard.position": firing["position"], "guard.score": float(firing["score"]),
-            "guard.threshold": float(firing["threshold"]), "guard.token_id": firing["token_id"],
-            "guard.attempt": firing["attempt"]}
+            "guard.monitor": firing.monitor, "guard.action": firing.action, "guard.scope": firing.scope,
+            "guard.position": firing.position, "guard.score": float(firing.score),
+            "guard.token_id": firing.token_id, "guard.attempt": firing.attempt}
+        if firing.threshold is not None:
+            attrs["guard.threshold"] = float(firing.threshold)
         if self._tel.log_content:  # the token's text is prompt or answer content
-            attrs["guard.token"] = firing["token"]
+            attrs["guard.token"] = firing.token
         self._child("guard.monitor.fire", attrs).end()
 
     def rollback(self, monitor: str, cut_from: int, cut_to: int, retracted_chars: int, retracted_tokens: int,
@@ -174,8 +175,8 @@ class _LiveTrace(GenerationTrace):
             "guard.top_p": retry.top_p, "guard.banned_count": len(retry.banned_first_tokens),
             "guard.deliberate": deliberate}
         if retry.steer:
-            attrs.update({"guard.steer.monitor": retry.steer["monitor"], "guard.steer.layer": retry.steer["layer"],
-                          "guard.steer.alpha": float(retry.steer["alpha"])})
+            attrs.update({"guard.steer.monitor": retry.steer.monitor, "guard.steer.layer": retry.steer.layer,
+                          "guard.steer.alpha": float(retry.steer.alpha)})
         self._attempt = self._child("guard.resample", attrs)
 
     def deliberation_opened(self, trigger: str) -> None:
@@ -240,7 +241,7 @@ class _LiveTrace(GenerationTrace):
             if n:
                 ins.tokens.add(n, {**policy, "kind": kind})
         for f in record.firings:
-            ins.firings.add(1, {**policy, "monitor": f["monitor"], "action": f["action"], "scope": f["scope"]})
+            ins.firings.add(1, {**policy, "monitor": f.monitor, "action": f.action, "scope": f.scope})
         for span in record.spans:
             ins.resets.add(1, {**policy, "monitor": span.monitor, "outcome": outcome})
         if record.retries:
@@ -278,10 +279,10 @@ class _LiveTrace(GenerationTrace):
 def refusal_reason(record: GenerationRecord) -> str:
     """Why a refused generation was refused: ``monitor_error`` (fail_closed), ``prompt`` (a firing on
     the prompt), ``refuse_action`` (a ``refuse`` monitor on the output) or ``retries_exhausted``."""
-    if any(e["handling"] == "refused" for e in record.monitor_errors):
+    if any(e.handling == "refused" for e in record.monitor_errors):
         return "monitor_error"
-    if any(f["scope"] == "prompt" and acts(f["action"]) for f in record.firings):
+    if any(f.scope == "prompt" and acts(f.action) for f in record.firings):
         return "prompt"
-    if any(f["action"] == "refuse" for f in record.firings):
+    if any(f.action == "refuse" for f in record.firings):
         return "refuse_action"
     return "retries_exhausted"
