@@ -65,6 +65,7 @@ from guard.controller.release import release_limit
 from guard.controller.text import TextTracker
 from guard.controller.trace import NO_TRACE, GenerationTrace
 from guard.errors import EngineError, GuardError
+from guard import positions
 from guard.engine.base import Engine, MonitorRun, Sequence, StepOutput
 from guard.monitors.base import Monitor, MonitorState
 from guard.sampling import SamplingParams, make_generator
@@ -326,7 +327,7 @@ class GuardedGeneration:
             sec.end = len(self.seq.output_ids)
         if sec.end is not None:
             self.base = sec.end
-            self.seq.answer_start = self.seq.prompt_len + self.base
+            self.seq.answer_start = positions.answer_start(self.seq.prompt_len, self.base)
             self._store_reasoning()
         return False
 
@@ -350,7 +351,7 @@ class GuardedGeneration:
         if n is not None:
             self.section.end = self.base = n
             self._store_reasoning()
-        self.seq.answer_start = self.seq.prompt_len + self.base if n is not None else None
+        self.seq.answer_start = positions.answer_start(self.seq.prompt_len, self.base) if n is not None else None
         return True
 
     def _store_reasoning(self) -> None:
@@ -405,7 +406,7 @@ class GuardedGeneration:
         skipped).
         """
         fed_start, hidden = out.fed_start, out.hidden
-        plen = self.seq.prompt_len + self.base  # absolute position of answer token 0
+        plen = positions.answer_start(self.seq.prompt_len, self.base)  # position of answer index 0
         firings: list[tuple[int, BoundMonitor]] = []
         for bound in self._output_monitors():
             mon, state = bound.monitor, self.states[bound.monitor.name]
@@ -417,7 +418,7 @@ class GuardedGeneration:
                 ids = self.output[start:]
             elif self.engine.runs_monitors:  # raw scores computed inside the engine
                 scores = out.scores.get(mon.name, [])
-                start = fed_start - plen
+                start = positions.index(plen, fed_start)
                 if start < 0:  # prompt and reasoning positions are not answer tokens
                     scores, start = scores[-start:], 0
                 try:
@@ -432,7 +433,7 @@ class GuardedGeneration:
             else:
                 if mon.layer not in hidden:
                     continue
-                start = fed_start - plen
+                start = positions.index(plen, fed_start)
                 h = hidden[mon.layer]
                 if start < 0:  # prompt and reasoning positions are not answer tokens
                     h, start = h[-start:], 0
@@ -546,7 +547,8 @@ class GuardedGeneration:
             monitor=bound.monitor.name, threshold=bound.monitor.threshold, fired_at=fire_pos,
             fired_token_id=self.output[fire_pos], fired_token=self.text.token_text(self.output[fire_pos]),
             retracted_chars=retracted))
-        self.engine.rollback(self.seq, self.seq.prompt_len + self.base + point)
+        start = positions.answer_start(self.seq.prompt_len, self.base)
+        self.engine.rollback(self.seq, positions.position(start, point))
         for state in self.states.values():
             state.truncate(point)
         self.trace.rollback(bound.monitor.name, point + len(span_ids), point, retracted, max(0, sent - point), started)

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from guard import positions
 from guard.errors import ContextLengthError
 from guard.modelinfo import ChatTokenizer, ModelInfo
 from guard.sampling import SamplingParams
@@ -187,7 +188,7 @@ class Engine(ABC):
         fresh forward pass over the whole sequence: no KV cache, no steering. A monitor's exception
         propagates. The default runs :meth:`hidden_states`; engines that keep activations to
         themselves override it."""
-        a = seq.answer_start if seq.answer_start is not None else seq.prompt_len
+        a = positions.scoring_start(seq.answer_start, seq.prompt_len)
         hidden = self.hidden_states(seq.tokens, {m.layer for m in monitors})
         return {m.name: m.score(hidden[m.layer][a:], seq.tokens[a:]) for m in monitors}
 
