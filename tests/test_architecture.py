@@ -114,3 +114,31 @@ def test_the_log_alias_reads_as_shadow_in_the_policy_and_the_controller():
     spec = ResetTokenMonitorSpec(kind="reset_token", name="r", action="log")
     assert spec.action == "shadow"
     assert BoundMonitor(monitor=None, action="log").action == "shadow"  # type: ignore[arg-type]
+
+
+def test_runtime_defaults_are_the_schemas(tmp_path):
+    """The runtime dataclasses keep defaults for library callers; they must equal the policy
+    schema's, which is where configuration is declared (guard.policy.build maps one to the other)."""
+    import dataclasses
+
+    from guard.controller.backtrack import ControllerConfig, Strategy
+    from guard.controller.deliberation import DeliberationConfig
+    from guard.monitors.base import AggregationSpec
+    from guard.policy import AggregationConfig, Policy
+    from guard.policy.build import aggregation, controller_config, strategy
+    from guard.policy.schema import DeliberationSpec, ResampleStrategy
+
+    policy = Policy(name="p", model={"engine": "vllm", "path": str(tmp_path / "m")},
+                    backtrack={"strategies": [{}]})
+    built = controller_config(policy)
+    assert dataclasses.replace(built, cut_separator=ControllerConfig().cut_separator) == ControllerConfig()
+    assert strategy(ResampleStrategy()) == Strategy()
+    assert aggregation(AggregationConfig()) == AggregationSpec()
+    from guard.engine.vllm_engine import VLLMOptions  # imports no vllm until an engine loads
+    from guard.policy.build import vllm_options
+
+    assert vllm_options(None) == VLLMOptions()
+    d = DeliberationSpec()
+    assert DeliberationConfig() == DeliberationConfig(
+        mode=d.mode, spec="", instruction=d.instruction, placement=d.placement, open_tag=d.open_tag,
+        close_tag=d.close_tag, max_reasoning_tokens=d.max_reasoning_tokens, risk_monitor=d.risk_monitor)
