@@ -69,7 +69,7 @@ def _policy_check(args: argparse.Namespace) -> int:
             print(line, file=sys.stderr if bad else sys.stdout)
             failed = failed or bad
             if not args.no_path_check:
-                from guard.engine.vllm_parallel import policy_layout_lines
+                from guard.policy.model_check import policy_layout_lines
 
                 print("\n".join(policy_layout_lines(policy)))
     return 2 if failed else 0

@@ -25,6 +25,7 @@ from guard.controller.record import DiscardedSpan, GenerationRecord
 from guard.errors import InvalidRequestError
 from guard.logstore import LABELS, UNLABELLED, LogStore
 from guard.logstore.connect import is_url, parse_target
+from guard.policy import load_policy
 
 DEFAULT_DB = Path("guard.db")
 URL_ENV = "GUARD_LOG_URL"
@@ -131,8 +132,6 @@ def log_target(args: argparse.Namespace) -> str:
     if getattr(args, "url", None):
         return args.url
     if getattr(args, "policy", None) is not None:
-        from guard.policy import load_policy
-
         return load_policy(args.policy, check_paths=False).log.target(os.environ)
     return os.environ.get(URL_ENV, "").strip() or str(DEFAULT_DB)
 
@@ -252,24 +251,28 @@ def format_record(log_id: str, record: GenerationRecord) -> str:
         lines += ["", *_format_span(i, span)]
     if record.firings:
         lines += ["", "== firings (in order; action shadow: logged only, changed nothing) =="]
-        lines += [f"{f['monitor']}: {f.get('scope', 'output')} token {f['position']} {f['token']!r}, score "
-                  f"{f['score']:.3f} > {f['threshold']:g}, action {f['action']}, attempt {f['attempt']}"
+        lines += [f"{f.monitor}: {f.scope} token {f.position} {f.token!r}, score {f.score:.3f} > "
+                  f"{_threshold(f.threshold)}, action {f.action}, attempt {f.attempt}"
                   for f in record.firings]
     if record.prompt_scores:
         lines.append("prompt scores (max): " + ", ".join(f"{m} {max(v):.3f}" for m, v in record.prompt_scores.items() if v))
     if record.monitor_errors:
         lines += ["", "== monitor errors =="]
-        lines += [f"{e['monitor']} ({e['scope']}, token {e['position']}): {e['error']} -> {e['handling']}"
+        lines += [f"{e.monitor} ({e.scope}, token {e.position}): {e.error} -> {e.handling}"
                   for e in record.monitor_errors]
     if record.retries:
         lines += ["", "== retries =="]
         for r in record.retries:
             steer = ""
             if r.steer:
-                steer = f", steer {r.steer['monitor']} at layer {r.steer['layer']} alpha {r.steer['alpha']}"
+                steer = f", steer {r.steer.monitor} at layer {r.steer.layer} alpha {r.steer.alpha}"
             lines.append(f"retry {r.retry}: seed {r.seed}, temperature {r.temperature}, top_p {r.top_p}, "
                          f"banned first tokens {r.banned_first_tokens or '-'}{steer}")
     return "\n".join(lines) + "\n"
+
+
+def _threshold(value: float | None) -> str:
+    return "?" if value is None else f"{value:g}"
 
 
 def _format_span(i: int, span: DiscardedSpan) -> list[str]:

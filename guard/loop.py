@@ -37,6 +37,7 @@ unlabelled records give no rows. The format is that of :mod:`guard.probe.data`::
 from __future__ import annotations
 
 import json
+import hashlib
 import logging
 import os
 import re
@@ -49,8 +50,11 @@ from typing import IO, Any, Literal, Protocol
 
 import yaml
 
-from guard.controller.record import GenerationRecord
-from guard.errors import InvalidRequestError, PolicyError
+from guard.controller.record import Firing, GenerationRecord
+from guard.errors import InvalidRequestError, ModelLoadError, PolicyError
+from guard.monitors.probe import ProbeMonitor, config_fingerprint
+from guard.policy import load_policy
+from guard.policy.build import aggregation
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +114,7 @@ def record_rows(record: GenerationRecord, log_id: str, review, *, monitor: str |
     label = REVIEWED_LABELS[review.label]
     provenance = {"category": "reviewed", "split": "reviewed", "source": "review", "log_id": log_id,
                   "reviewer": review.reviewer, "review_label": review.label, "note": review.note or ""}
-    fired = [f for f in record.firings if f["scope"] == scope and (monitor is None or f["monitor"] == monitor)]
+    fired = [f for f in record.firings if f.scope == scope and (monitor is None or f.monitor == monitor)]
     units = _prompt_units(record, fired) if scope == "prompt" else _output_units(record, fired, log_id, tokenizer)
     return [{"prompt": conversation["prompt"], "completion": u["completion"], "label": label,
              **{k: v for k, v in conversation.items() if k != "prompt"},
@@ -139,16 +143,17 @@ def _content(content) -> str:
     return "".join(part.get("text", "") for part in content or [] if isinstance(part, dict))
 
 
-def _prompt_units(record: GenerationRecord, fired: list[dict]) -> list[dict]:
+def _prompt_units(record: GenerationRecord, fired: list[Firing]) -> list[dict]:
     if not fired:
         return []
-    return [{"completion": record.final_text, "monitor": fired[0]["monitor"], "kind": "prompt", "attempt": 0}]
+    return [{"completion": record.final_text, "monitor": fired[0].monitor, "kind": "prompt", "attempt": 0}]
 
 
-def _output_units(record: GenerationRecord, fired: list[dict], log_id: str, tokenizer: Decoder | None) -> list[dict]:
+def _output_units(record: GenerationRecord, fired: list[Firing], log_id: str,
+                  tokenizer: Decoder | None) -> list[dict]:
     """Each span or final answer holding an output firing, once, with its context."""
     final_attempt = len(record.retries)
-    groups: dict[int | str, list[dict]] = {}
+    groups: dict[int | str, list[Firing]] = {}
     for f in fired:
         key = _unit_of(record, f, final_attempt)
         if key is not None:
@@ -164,18 +169,19 @@ def _output_units(record: GenerationRecord, fired: list[dict], log_id: str, toke
             log.warning("log %s: the context of the %s the monitor flagged is not reproducible from the record "
                         "(%s); skipped", log_id, what, problem)
             continue
-        names = [f["monitor"] for f in firings]
+        names = [f.monitor for f in firings]
         # the monitor that condemned a span, when it is one of those exported
         name = record.spans[key].monitor if key != "answer" and record.spans[key].monitor in names else names[0]
         units.append({"completion": text, "context": reasoning + (tokenizer.decode(prefix) if prefix else ""),
                       "monitor": name, "kind": "answer" if key == "answer" else "span",
-                      "attempt": firings[0]["attempt"]})
+                      "attempt": firings[0].attempt})
     return units
 
 
-def _unit_of(record: GenerationRecord, firing: dict, final_attempt: int):
+def _unit_of(record: GenerationRecord, firing: Firing, final_attempt: int):
     """Index of the span holding an output firing, ``"answer"`` for the final answer, else None."""
-    pos, attempt = firing["position"], firing["attempt"]
+    pos = firing.position
+    attempt = firing.attempt
     for i, s in enumerate(record.spans):
         if s.attempt == attempt and s.start <= pos < s.start + len(s.token_ids):
             return i
@@ -257,10 +263,6 @@ def promote_probe(probe_dir: str | Path, policy_file: str | Path, monitor: str, 
     the old file or the new one, never a half-written or invalid one. Raises
     :class:`~guard.errors.PolicyError` (file untouched) if the result would not load.
     """
-    import hashlib
-
-    from guard.monitors.probe import ProbeMonitor
-
     policy_file = Path(policy_file)
     text = policy_file.read_text(encoding="utf-8")
     probe = ProbeMonitor.load(probe_dir, name=monitor)
@@ -347,10 +349,6 @@ def _yaml_scalar(value: str) -> str:
 def _write_validated(policy_file: Path, new_text: str, monitor: str, probe) -> tuple[Any, list[str]]:
     """Validate ``new_text`` as the policy, then atomically replace the file; return the monitor's
     validated spec and warnings."""
-    from guard.errors import ModelLoadError
-    from guard.monitors.probe import ProbeMonitor, config_fingerprint
-    from guard.policy import load_policy
-
     fd, tmp = tempfile.mkstemp(dir=policy_file.parent, prefix=f".{policy_file.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
@@ -358,7 +356,7 @@ def _write_validated(policy_file: Path, new_text: str, monitor: str, probe) -> t
         try:
             policy = load_policy(tmp)
             spec = policy.monitor(monitor)
-            agg = spec.aggregation.to_spec() if spec.aggregation is not None else None
+            agg = aggregation(spec.aggregation)
             ProbeMonitor.load(spec.path, name=monitor, layer=spec.layer, threshold=spec.threshold, aggregation=agg)
         except PolicyError as exc:
             raise PolicyError(str(policy_file), [e.replace(tmp, str(policy_file)) for e in exc.errors]) from None

@@ -7,7 +7,14 @@ code path of the project can load.
 
 from __future__ import annotations
 
+import copy
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
+
+import yaml
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
@@ -54,8 +61,6 @@ def make_random_llama(out: str | Path, *, hidden: int = 64, layers: int = 2, hea
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -67,10 +72,6 @@ def serve_in_subprocess(policies: list[str | Path], log: Path, *extra: str, time
     Raises ``RuntimeError`` (with the server's output) if it exits or does not come up in time.
     The caller terminates the process.
     """
-    import subprocess
-    import sys
-    import time
-
     import httpx
 
     port = free_port()
@@ -99,7 +100,6 @@ def policy_with_absolute_paths(path: str | Path) -> dict:
 
     For benches and tests that write variants of a shipped policy somewhere else.
     """
-    import yaml
 
     path = Path(path)
     raw = yaml.safe_load(path.read_text())
@@ -123,7 +123,6 @@ def faulty_probe(probe, *, name: str, fail_at: int, fault: str, then: float | No
     ``fail_at``-th scoring call (counted in the process that scores) raises (``fault="raise"``) or
     returns NaN or inf (``fault="nan"`` / ``"inf"``); later calls score like the probe, or return
     ``then`` for every token when given (``then=1.0``: a monitor that would fire once past its fault)."""
-    import copy
 
     out = copy.copy(probe)
     out.__class__ = FaultyProbe

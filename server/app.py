@@ -29,7 +29,7 @@ from fastapi import FastAPI, Header, Request, Response
 import guard
 from guard.telemetry import Telemetry
 from guard.telemetry.export import PrometheusMetrics, otlp_metric_readers
-from server.auth import authenticate
+from server.auth import ADMIN_KEY_ENV, admin_key_in_force, bearer_token, check_admin
 from server.drain import DEFAULT_GRACE_S, Drain, DrainMiddleware, serve
 from server.drain import router as drain_router
 from guard.errors import InvalidRequestError, NotFoundError
@@ -44,7 +44,6 @@ from server.serving import GenerationService
 log = logging.getLogger(__name__)
 
 API_KEYS_ENV = "GUARD_API_KEYS"
-ADMIN_KEY_ENV = "GUARD_ADMIN_KEY"
 LOG_URL_ENV = "GUARD_LOG_URL"
 DRAIN_GRACE_ENV = "GUARD_DRAIN_GRACE_S"
 RELOAD_SHUTDOWN_WAIT_S = 2.0
@@ -170,9 +169,9 @@ def metrics_endpoint(request: Request, authorization: Annotated[str | None, Head
     """Prometheus metrics (they name every policy); needs ``Bearer $GUARD_ADMIN_KEY`` when that is
     set; without it, open only on a server with no API keys at all (like ``/health/detail``), else 404."""
     settings = request.app.state.settings
-    admin_key = settings.admin_key or os.environ.get(ADMIN_KEY_ENV)
+    admin_key = admin_key_in_force(settings.admin_key)
     if admin_key:
-        authenticate(authorization, (admin_key,), {})
+        check_admin(bearer_token(authorization), admin_key, "/metrics")
     elif settings.api_keys or request.app.state.service.key_bindings():
         raise NotFoundError("Unknown request URL. Set GUARD_ADMIN_KEY to read /metrics on a server with API keys.",
                             code="unknown_url")

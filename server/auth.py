@@ -10,6 +10,7 @@ checked; once any key is configured, every ``/v1`` request needs a valid one.
 from __future__ import annotations
 
 import hmac
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -48,3 +49,26 @@ def authenticate(authorization: str | None, global_keys: tuple[str, ...],
 def _matches(token: str, keys: tuple[str, ...]) -> bool:
     # Compare against every key (no early exit), in constant time per key.
     return sum(hmac.compare_digest(token.encode(), k.encode()) for k in keys) > 0
+
+
+ADMIN_KEY_ENV = "GUARD_ADMIN_KEY"
+"""Environment variable holding the operators' key (review API, ``/metrics``, ``/health/detail``)."""
+
+
+def admin_key_in_force(configured: str | None) -> str | None:
+    """The admin key in force: the settings' (``--admin-key-env`` or ``$GUARD_ADMIN_KEY`` at start),
+    else ``$GUARD_ADMIN_KEY`` as it is now (setting it on a running server locks the operator
+    endpoints at once). The one place the admin key is read."""
+    return configured or os.environ.get(ADMIN_KEY_ENV, "").strip() or None
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer TOKEN`` header; ``None`` for any other header."""
+    scheme, _, token = (authorization or "").partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+def check_admin(token: str | None, key: str, what: str) -> None:
+    """:class:`AuthenticationError` (401) unless ``token`` is the admin ``key`` (constant time)."""
+    if token is None or not _matches(token, (key,)):
+        raise AuthenticationError(f"{what} needs the admin key: send it as 'Authorization: Bearer ADMIN_KEY'.")

@@ -57,7 +57,7 @@ class ResponsesServing(GuardedServing):
             model=req.model, request_id=rid, messages=req.messages(), max_tokens=req.max_output_tokens,
             temperature=req.temperature, top_p=req.top_p, top_k=None if req.top_k == -1 else req.top_k,
             seed=req.seed, stop=req.stop_tuple(), stop_token_ids=tuple(req.stop_token_ids or ()),
-            sampling=req.sampling_extensions(), api_key=caller.api_key, allowed_models=caller.policies, group=rid,
+            sampling=req.sampling_extensions(), allowed_models=caller.policies, group=rid,
             client_retracts=client_retracts(req, resets_header))
         try:
             prepared = await self.prepare([gen], "input")

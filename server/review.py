@@ -16,7 +16,6 @@ Contract:
 
 from __future__ import annotations
 
-import hmac
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,11 +29,12 @@ from starlette.exceptions import HTTPException
 
 from guard.controller.events import LogOutcome
 from guard.controller.record import GenerationRecord
-from guard.errors import AuthenticationError, NotFoundError
+from guard.errors import NotFoundError
 from guard.logstore import LABELS, UNLABELLED, Label, LogStore, LogSummary
 from guard.loop import export_labelled
 from server.review_protocol import (OUTCOMES, LabelFilter, LabelRequest, LabelView, MonitorView, ReviewFilters,
                                     ReviewList, ReviewRecord, ReviewSummary)
+from server.auth import admin_key_in_force, check_admin
 from server.routes import ServiceDep
 
 PREFIX = "/v1/guard/review"
@@ -61,12 +61,10 @@ _bearer = HTTPBearer(auto_error=False, scheme_name="AdminKey",
 def require_admin(request: Request,
                   credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
     """404 unless an admin key is configured; 401 unless the request carries it as a bearer token."""
-    admin_key: str | None = request.app.state.settings.admin_key
+    admin_key = admin_key_in_force(request.app.state.settings.admin_key)
     if not admin_key:
         raise HTTPException(404)
-    token = credentials.credentials if credentials is not None else ""
-    if not hmac.compare_digest(token.encode(), admin_key.encode()):
-        raise AuthenticationError("The review API needs the admin key: send it as 'Authorization: Bearer ADMIN_KEY'.")
+    check_admin(credentials.credentials if credentials is not None else None, admin_key, "The review API")
 
 
 def get_source(service: ServiceDep) -> ReviewSource:
@@ -178,17 +176,17 @@ def monitor_views(record: GenerationRecord, served_thresholds: dict[str, float])
     """Per monitor named anywhere in ``record``: its threshold, firing positions and highest score."""
     names: dict[str, None] = {}
     for name in [*record.final_scores, *(m for s in record.spans for m in s.scores), *(s.monitor for s in record.spans),
-                 *(f["monitor"] for f in record.firings), *record.prompt_scores,
-                 *(e["monitor"] for e in record.monitor_errors)]:
+                 *(f.monitor for f in record.firings), *record.prompt_scores,
+                 *(e.monitor for e in record.monitor_errors)]:
         names.setdefault(name)
     views = []
     for name in names:
         known = [s.threshold for s in record.spans if s.monitor == name]
-        known += [f["threshold"] for f in record.firings if f["monitor"] == name and "threshold" in f]
-        firings = [f for f in record.firings if f["monitor"] == name]
+        known += [f.threshold for f in record.firings if f.monitor == name and f.threshold is not None]
+        firings = [f for f in record.firings if f.monitor == name]
         output = {s.fired_at for s in record.spans if s.monitor == name}
-        output |= {f["position"] for f in firings if f.get("scope", "output") == "output"}
-        prompt = sorted({f["position"] for f in firings if f.get("scope") == "prompt"})
+        output |= {f.position for f in firings if f.scope == "output"}
+        prompt = sorted({f.position for f in firings if f.scope == "prompt"})
         scores = [v for s in record.spans for v in s.aggregated.get(name, [])] + record.final_scores.get(name, [])
         views.append(MonitorView(
             name=name, threshold=known[0] if known else served_thresholds.get(name),

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
 from guard.errors import InvalidRequestError, NotFoundError
-from server.auth import Caller, authenticate
+from server.auth import Caller, admin_key_in_force, authenticate, bearer_token, check_admin
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.responses_protocol import ResponsesRequest
 from server.responses_serving import ResponsesServing
@@ -121,8 +121,9 @@ def admin_view(request: Request, service: ServiceDep, authorization: Annotated[s
     """Operators only: ``Bearer $GUARD_ADMIN_KEY`` when an admin key is set; without one, open only
     while no API key is configured at all (a local, unauthenticated server), else 404."""
     settings = request.app.state.settings
-    if settings.admin_key:
-        authenticate(authorization, (settings.admin_key,), {})
+    admin_key = admin_key_in_force(settings.admin_key)
+    if admin_key:
+        check_admin(bearer_token(authorization), admin_key, "/health/detail")
     elif settings.api_keys or service.key_bindings():
         raise NotFoundError("Unknown request URL. Set GUARD_ADMIN_KEY to read /health/detail on a server "
                             "with API keys.", code="unknown_url")

@@ -309,7 +309,7 @@ def generation(req: SamplingFields, request_id: str, k: int, *, caller: Caller, 
         seed=None if req.seed is None else _wrap_int64(req.seed + k),
         stop=req.stop_tuple(), stop_token_ids=tuple(req.stop_token_ids or ()),
         logit_bias={int(t): b for t, b in (req.logit_bias or {}).items()},
-        banned_token_ids=frozenset(req.banned_token_ids or ()), api_key=caller.api_key,
+        banned_token_ids=frozenset(req.banned_token_ids or ()),
         allowed_models=caller.policies, group=group, client_retracts=client_retracts,
         sampling=req.sampling_extensions(), **source)
 

@@ -124,7 +124,7 @@ def test_changed_model_path_loads_a_new_engine_before_swapping(setup, tmp_path, 
     new = service.resolve("p")
     assert new.engine is not old.engine and new.worker is not old.worker
     # The old engine is retired, then stopped once idle for the grace period.
-    monkeypatch.setattr("guard.service.RETIRE_GRACE_S", 0.0)
+    monkeypatch.setattr("guard.service.registry.RETIRE_GRACE_S", 0.0)
     service.reload_changed()
     assert not old.worker._thread.is_alive()
     asyncio.run(generate(service, prepare(service, "new-engine")))

@@ -17,7 +17,7 @@ from guard.policy import load_policy
 from guard.sae import Sae, save_saelens
 from guard.sae.monitor import SaeFeatureMonitor, WatchedFeature, calibrate_topk_threshold
 from guard.sampling import SamplingParams
-from guard.service import GuardService
+from guard.policy.build import build_monitor
 
 torch.set_num_threads(1)
 D, N = 24, 96
@@ -199,8 +199,9 @@ def test_every_sae_spec_field_has_a_description():
 
 
 def _service_monitor(policy_path: Path, engine):
+    """The monitor as the service builds it (guard.policy.build, the service's one factory)."""
     policy = load_policy(policy_path)
-    return GuardService._monitor(policy.monitors[0], policy, engine)
+    return build_monitor(policy.monitors[0], policy, engine)
 
 
 def test_service_builds_the_monitor_and_checks_the_model(tmp_path, tiny_model_dir, tiny_engine):

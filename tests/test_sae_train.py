@@ -115,3 +115,20 @@ def test_saved_sae_encodes_identically_after_load(tmp_path):
         assert loaded.layer == 3 and loaded.activation == sae.activation
         torch.testing.assert_close(loaded.encode(x), sae.encode(x), rtol=0, atol=0)
         torch.testing.assert_close(loaded.decode(loaded.encode(x)), sae.decode(sae.encode(x)), rtol=0, atol=0)
+
+
+def test_cli_defaults_to_the_middle_layer_and_a_width_from_d_model(tmp_path, capsys):
+    from guard.cli import main
+    from guard.sae.cli import DEFAULT_EXPANSION, DEFAULT_K
+
+    model = make_random_llama(tmp_path / "m", hidden=16, layers=4)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"hi {i}", "completion": "a b c " * (1 + i % 2),
+                                        "label": i % 2}) + "\n" for i in range(10)))
+    out = tmp_path / "sae"
+    rc = main(["sae", "train", "--model", str(model), "--data", str(data), "--steps", "5", "--out", str(out),
+               "--quiet", "--no-cache"])
+    assert rc == 0 and "layer 2 (blocks.2.hook_resid_post)" in capsys.readouterr().out
+    loaded = load_sae(out)
+    assert loaded.layer == 2 and loaded.d_in == 16
+    assert loaded.d_sae == DEFAULT_EXPANSION * 16 and loaded.k == DEFAULT_K

@@ -20,6 +20,7 @@ from guard.engine import vllm_parallel
 from guard.engine.vllm_parallel import _pp_indices, layout_lines, stage_layers, stage_of
 from guard.errors import ModelLoadError
 from guard.policy import load_policy
+from guard.policy.build import vllm_options
 from tests.conftest import ORGANISM
 
 REPO = Path(__file__).resolve().parent.parent
@@ -77,7 +78,7 @@ def _vllm_policy(tmp_path: Path, **vllm) -> Path:
 def test_the_policy_takes_the_parallel_sizes(tmp_path):
     policy = load_policy(_vllm_policy(tmp_path, tensor_parallel_size=2, pipeline_parallel_size=2,
                                       data_parallel_size=3))
-    o = policy.model.vllm.to_options()
+    o = vllm_options(policy.model.vllm)
     assert (o.tensor_parallel_size, o.pipeline_parallel_size, o.data_parallel_size, o.world_size) == (2, 2, 3, 12)
     with pytest.raises(Exception, match="tensor_parallel_size"):
         load_policy(_vllm_policy(tmp_path, tensor_parallel_size=0))

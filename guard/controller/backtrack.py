@@ -51,25 +51,25 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 
+from guard.controller.actions import (ACTIONS, Action, OnMonitorError, Rollback, Scope, canonical_action,
+                                     strategy_for_retry)
 from guard.controller.deliberation import DeliberationConfig, ReasoningSection, find_close, forced_prefix
-from guard.controller.events import Cut, Event, Finished, FinishReason, Reset, TextDelta, Usage
+from guard.controller.events import Cut, Event, Failed, Finished, FinishReason, Reset, TextDelta, Usage
 from guard.controller.garble import GarbleMonitor, SurprisalTracker
-from guard.controller.record import DiscardedSpan, GenerationRecord, RetryStrategy
+from guard.controller.record import (DiscardedSpan, Firing, GarbleCheck, GenerationRecord, MonitorError,
+                                     RetryStrategy, Steer)
 from guard.controller.release import keep_released, release_limit
 from guard.controller.text import TextTracker
+from guard.controller.trace import NO_TRACE, GenerationTrace
+from guard.errors import EngineError, GuardError
+from guard import positions
 from guard.engine.base import Engine, MonitorRun, Sequence, StepOutput
 from guard.monitors.base import Monitor, MonitorState
 from guard.sampling import SamplingParams, make_generator
-from guard.telemetry import NO_TRACE, GenerationTrace
 
-Rollback = Literal["auto", "tokens", "sentence", "response"]
-Action = Literal["backtrack", "refuse", "shadow"]
-Scope = Literal["prompt", "output", "both"]
-OnMonitorError = Literal["fail_closed", "fail_open"]
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ class ControllerConfig:
 
     def strategy(self, retry: int) -> Strategy:
         """Strategy for the ``retry``-th retry (1-based); the last one repeats."""
-        return self.strategies[min(retry, len(self.strategies)) - 1]
+        return strategy_for_retry(self.strategies, retry)
 
 
 @dataclass(frozen=True)
@@ -145,9 +145,8 @@ class BoundMonitor:
     scope: Scope = "output"
 
     def __post_init__(self) -> None:
-        if self.action == "log":
-            object.__setattr__(self, "action", "shadow")
-        if self.action not in ("backtrack", "refuse", "shadow"):
+        object.__setattr__(self, "action", canonical_action(self.action))
+        if self.action not in ACTIONS:
             raise ValueError(f"monitor action must be backtrack, refuse or shadow, got {self.action!r}")
 
     @property
@@ -269,9 +268,6 @@ class GuardedGeneration:
         return False
 
     def fail(self, exc: BaseException) -> None:
-        from guard.controller.events import Failed
-        from guard.errors import EngineError, GuardError
-
         err = exc if isinstance(exc, GuardError) else EngineError(f"generation failed: {exc}")
         self._finished = True
         if self.record.flagged:  # its checkpoint says interrupted: the final record says what happened
@@ -340,7 +336,7 @@ class GuardedGeneration:
             sec.end = len(self.seq.output_ids)
         if sec.end is not None:
             self.base = sec.end
-            self.seq.answer_start = self.seq.prompt_len + self.base
+            self.seq.answer_start = positions.answer_start(self.seq.prompt_len, self.base)
             self._store_reasoning()
         return False
 
@@ -364,7 +360,7 @@ class GuardedGeneration:
         if n is not None:
             self.section.end = self.base = n
             self._store_reasoning()
-        self.seq.answer_start = self.seq.prompt_len + self.base if n is not None else None
+        self.seq.answer_start = positions.answer_start(self.seq.prompt_len, self.base) if n is not None else None
         return True
 
     def _store_reasoning(self) -> None:
@@ -419,7 +415,7 @@ class GuardedGeneration:
         skipped).
         """
         fed_start, hidden = out.fed_start, out.hidden
-        plen = self.seq.prompt_len + self.base  # absolute position of answer token 0
+        plen = positions.answer_start(self.seq.prompt_len, self.base)  # position of answer index 0
         firings: list[tuple[int, BoundMonitor]] = []
         for bound in self._output_monitors():
             mon, state = bound.monitor, self.states[bound.monitor.name]
@@ -431,7 +427,7 @@ class GuardedGeneration:
                 ids = self.output[start:]
             elif self.engine.runs_monitors:  # raw scores computed inside the engine
                 scores = out.scores.get(mon.name, [])
-                start = fed_start - plen
+                start = positions.index(plen, fed_start)
                 if start < 0:  # prompt and reasoning positions are not answer tokens
                     scores, start = scores[-start:], 0
                 try:
@@ -446,7 +442,7 @@ class GuardedGeneration:
             else:
                 if mon.layer not in hidden:
                     continue
-                start = fed_start - plen
+                start = positions.index(plen, fed_start)
                 h = hidden[mon.layer]
                 if start < 0:  # prompt and reasoning positions are not answer tokens
                     h, start = h[-start:], 0
@@ -492,8 +488,9 @@ class GuardedGeneration:
         """Record a monitor error and apply ``on_monitor_error``; True if the generation was refused."""
         closed = self.config.on_monitor_error == "fail_closed"
         name = bound.monitor.name
-        self.record.monitor_errors.append({"monitor": name, "scope": scope, "error": str(exc), "position": pos,
-                                           "attempt": self.retries, "handling": "refused" if closed else "disabled"})
+        self.record.monitor_errors.append(MonitorError(
+            monitor=name, scope=scope, error=str(exc), position=pos, attempt=self.retries,
+            handling="refused" if closed else "disabled"))
         log.warning("monitor %r failed scoring the %s of %s: %s (%s)", name, scope, self.record.request_id, exc,
                     "refusing: fail_closed" if closed else "disabled for this generation: fail_open")
         if not closed:
@@ -509,10 +506,10 @@ class GuardedGeneration:
     def _note_firing(self, bound: BoundMonitor, pos: int, state: MonitorState, scope: Scope) -> None:
         mon = bound.monitor
         tid = (self.seq.prompt_ids if scope == "prompt" else self.output)[pos]
-        self.record.firings.append({
-            "monitor": mon.name, "action": bound.action, "scope": scope, "position": pos, "token_id": tid,
-            "token": self.text.token_text(tid), "score": state.agg[pos], "threshold": state.threshold,
-            "attempt": self.retries})
+        self.record.firings.append(Firing(
+            monitor=mon.name, action=bound.action, scope=scope, position=pos, token_id=tid,
+            token=self.text.token_text(tid), score=state.agg[pos], threshold=state.threshold,
+            attempt=self.retries))
         if mon.name not in self.record.monitors_fired:
             self.record.monitors_fired.append(mon.name)
         self.trace.firing(self.record.firings[-1])
@@ -559,7 +556,8 @@ class GuardedGeneration:
             monitor=bound.monitor.name, threshold=bound.monitor.threshold, fired_at=fire_pos,
             fired_token_id=self.output[fire_pos], fired_token=self.text.token_text(self.output[fire_pos]),
             retracted_chars=retracted))
-        self.engine.rollback(self.seq, self.seq.prompt_len + self.base + point)
+        start = positions.answer_start(self.seq.prompt_len, self.base)
+        self.engine.rollback(self.seq, positions.position(start, point))
         for state in self.states.values():
             state.truncate(point)
         self.trace.rollback(bound.monitor.name, point + len(span_ids), point, retracted, max(0, sent - point), started)
@@ -598,15 +596,15 @@ class GuardedGeneration:
         if verdict is None:
             return False
         if self.record.retries:
-            self.record.retries[-1].garble = verdict._asdict()
+            self.record.retries[-1].garble = GarbleCheck(**verdict._asdict())
         if not verdict.suspect:
             return False
         pos, name = len(self.output) - 1, self._garble.monitor.name
-        self.record.firings.append({
-            "monitor": name, "action": "backtrack", "scope": "output", "position": pos,
-            "token_id": self.output[pos], "token": self.text.token_text(self.output[pos]),
-            "score": verdict.mean_surprisal, "threshold": verdict.reference + self.surprisal.margin,
-            "attempt": self.retries})
+        self.record.firings.append(Firing(
+            monitor=name, action="backtrack", scope="output", position=pos,
+            token_id=self.output[pos], token=self.text.token_text(self.output[pos]),
+            score=verdict.mean_surprisal, threshold=verdict.reference + self.surprisal.margin,
+            attempt=self.retries))
         if name not in self.record.monitors_fired:
             self.record.monitors_fired.append(name)
         self.trace.firing(self.record.firings[-1])
@@ -710,7 +708,7 @@ class GuardedGeneration:
         vec = bound.monitor.steering_vector() if strat.steer_alpha else None
         if vec is not None and bound.monitor.layer is not None:
             steer = {bound.monitor.layer: -strat.steer_alpha * vec}
-            steer_info = {"monitor": bound.monitor.name, "layer": bound.monitor.layer, "alpha": strat.steer_alpha}
+            steer_info = Steer(monitor=bound.monitor.name, layer=bound.monitor.layer, alpha=strat.steer_alpha)
         self.attempt = _Attempt(params, make_generator(seed), steer, banned)
         self.record.retries.append(RetryStrategy(
             retry=self.retries, seed=seed, temperature=params.temperature, top_p=params.top_p,

@@ -19,9 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from guard.neutralise import neutralise_text  # noqa: F401 - re-exported (tests import it from here)
+
 DEFAULT_INSTRUCTION = "Before answering, decide which rules of this policy apply to the request."
-ZWJ = "\u200d"
-"""Zero-width joiner inserted after the first character of a tag found in chat content."""
 
 Placement = Literal["reasoning", "system"]
 
@@ -34,18 +34,6 @@ def forced_prefix(open_tag: str, instruction: str, spec: str) -> str:
 def system_prompt(instruction: str, spec: str) -> str:
     """System message carrying the spec for ``placement: system`` (reasoning models)."""
     return f"{instruction}\n{spec.strip()}"
-
-
-def neutralise_text(text: str, tags: tuple[str, ...]) -> str:
-    """Break every occurrence of a tag in ``text`` with a zero-width joiner after its first character.
-
-    Used for tags that are plain text (``<think>``), which tokenizing with special tokens split
-    cannot neutralise; the result renders the same to a human but never matches the tag.
-    """
-    for tag in tags:
-        if len(tag) > 1 and tag in text:
-            text = text.replace(tag, tag[0] + ZWJ + tag[1:])
-    return text
 
 
 @dataclass(frozen=True)

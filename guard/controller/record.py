@@ -25,10 +25,114 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 from guard.controller.events import FinishReason, LogOutcome
+
+FiringScope = Literal["prompt", "output", "recheck"]
+"""Where a firing was found: the prompt (at prefill), the output, or the from-scratch re-check of
+an answer about to be accepted after a rollback."""
+
+
+class _KeyAccess:
+    """Read access by field name (``firing["monitor"]``) and equality with the dict of the same
+    fields, kept for code and tests written when these records were plain dicts. New code reads
+    attributes. (The records are declared with ``eq=False`` so that this ``__eq__`` is used.)"""
+
+    def _fields(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, f) for f in self.__dataclass_fields__)  # type: ignore[attr-defined]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Mapping):
+            return dataclasses.asdict(self) == dict(other)  # type: ignore[call-overload]
+        if type(other) is type(self):
+            return self._fields() == other._fields()  # type: ignore[attr-defined]
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._fields())
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self.__dataclass_fields__:  # type: ignore[attr-defined]
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.__dataclass_fields__ and getattr(self, key) is not None  # type: ignore[attr-defined]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = getattr(self, key, None) if key in self.__dataclass_fields__ else None  # type: ignore[attr-defined]
+        return default if value is None else value
+
+
+R = TypeVar("R")
+
+
+def _typed(cls: type[R], items: Iterable[Any]) -> list[R]:
+    """``items`` as ``cls`` records (a dict, as stored or as older callers built them, is converted)."""
+    return [cls(**item) if isinstance(item, Mapping) else item for item in items]
+
+
+def _one(cls: type[R], item: Any) -> R | None:
+    return cls(**item) if isinstance(item, Mapping) else item
+
+
+@dataclass(frozen=True, eq=False)
+class Firing(_KeyAccess):
+    """One monitor firing, in the order they happened (``action="shadow"`` firings changed nothing)."""
+
+    monitor: str
+    action: str
+    """``backtrack``, ``refuse`` or ``shadow`` (a log-only monitor: recorded, changed nothing)."""
+    scope: FiringScope
+    position: int
+    """Index of the token it fired on: in the prompt for scope ``prompt``, else in the output."""
+    token_id: int
+    token: str
+    score: float
+    """The aggregated score (for the garble check: the resample's mean surprisal)."""
+    threshold: float | None = None
+    """The threshold in effect (stricter after the monitor fired); ``None`` in records older than it."""
+    attempt: int = 0
+    """0 for the first attempt, i for the i-th retry."""
+
+
+@dataclass(frozen=True, eq=False)
+class MonitorError(_KeyAccess):
+    """A monitor that raised, or returned a wrong or non-finite score, while scoring."""
+
+    monitor: str
+    scope: str
+    """``prompt`` or ``output``."""
+    error: str
+    position: int
+    attempt: int
+    handling: Literal["refused", "disabled"]
+    """``refused``: the generation was refused (fail_closed); ``disabled``: the monitor was switched
+    off for the rest of the generation (fail_open)."""
+
+
+@dataclass(frozen=True, eq=False)
+class Steer(_KeyAccess):
+    """A resample that subtracted a monitor's direction from the residual stream."""
+
+    monitor: str
+    layer: int
+    alpha: float
+
+
+@dataclass(frozen=True, eq=False)
+class GarbleCheck(_KeyAccess):
+    """The garble check of one resample (:class:`guard.controller.garble.GarbleVerdict`)."""
+
+    mean_surprisal: float
+    """Mean surprisal (nats per token) of the checked resampled tokens."""
+    reference: float
+    """Mean surprisal of the first attempt's tokens."""
+    tokens: int
+    suspect: bool
 
 
 @dataclass
@@ -68,11 +172,14 @@ class RetryStrategy:
     top_p: float
     banned_first_tokens: list[int]
     """Token ids banned at the rollback point for the first resampled token."""
-    steer: dict[str, Any] | None = None
-    """``{"monitor", "layer", "alpha"}`` when the resample subtracted a monitor direction."""
-    garble: dict[str, Any] | None = None
-    """The garble check of this resample (:class:`guard.controller.garble.GarbleVerdict` as a dict:
-    ``mean_surprisal``, ``reference``, ``tokens``, ``suspect``); ``None`` if it was not checked."""
+    steer: Steer | None = None
+    """Set when the resample subtracted a monitor direction."""
+    garble: GarbleCheck | None = None
+    """The garble check of this resample; ``None`` if it was not checked."""
+
+    def __post_init__(self) -> None:
+        self.steer = _one(Steer, self.steer)
+        self.garble = _one(GarbleCheck, self.garble)
 
 
 @dataclass
@@ -98,16 +205,12 @@ class GenerationRecord:
     final_scores: dict[str, list[float]] = field(default_factory=dict)
     """Monitor -> raw per-token scores of the accepted output."""
     monitors_fired: list[str] = field(default_factory=list)
-    firings: list[dict[str, Any]] = field(default_factory=list)
-    """Every firing in order: ``{"monitor", "action", "scope", "position", "token_id", "token", "score",
-    "threshold", "attempt"}``; ``scope`` is ``"prompt"`` (``position`` indexes the prompt),
-    ``"output"`` or ``"recheck"`` (the from-scratch re-check of an answer about to be accepted after a
-    rollback); ``threshold`` is the one in effect (stricter after the monitor fired); ``action="shadow"`` firings (log-only monitors) changed nothing."""
+    firings: list[Firing] = field(default_factory=list)
+    """Every firing, in order."""
     prompt_scores: dict[str, list[float]] = field(default_factory=dict)
     """Monitor -> raw per-token scores of the prompt, for monitors with prompt scope."""
-    monitor_errors: list[dict[str, Any]] = field(default_factory=list)
-    """Monitors that raised while scoring: ``{"monitor", "scope", "error", "position", "attempt",
-    "handling"}``, ``handling`` ``"refused"`` (fail_closed) or ``"disabled"`` (fail_open)."""
+    monitor_errors: list[MonitorError] = field(default_factory=list)
+    """Monitors that failed while scoring, in order."""
     seed: int | None = None
     """Seed of the first attempt (drawn at random when the request gave none)."""
     deliberation: str | None = None
@@ -121,6 +224,13 @@ class GenerationRecord:
     complete: bool = True
     """False for a checkpoint written while the generation was still running (outcome ``interrupted``
     until the generation ends and its record is rewritten; a crash leaves it so)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # The nested records are typed whatever the caller passes (dicts as stored, or as older code built them).
+        record_type = _NESTED.get(name)
+        if record_type is not None:
+            value = _typed(record_type, value)
+        super().__setattr__(name, value)
 
     def checkpoint(self, output_ids: list[int], final_text: str) -> "GenerationRecord":
         """A deep copy to store while the generation runs: the answer so far, outcome ``interrupted``."""
@@ -146,8 +256,11 @@ class GenerationRecord:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "GenerationRecord":
-        data = dict(data)
-        data["spans"] = [DiscardedSpan(**s) for s in data.get("spans", [])]
-        data["retries"] = [RetryStrategy(**r) for r in data.get("retries", [])]
+    def from_dict(cls, data: Mapping[str, Any]) -> "GenerationRecord":
+        """The record :meth:`to_dict` gave (nested records as dicts are converted back)."""
         return cls(**data)
+
+
+_NESTED: dict[str, type] = {"spans": DiscardedSpan, "retries": RetryStrategy, "firings": Firing,
+                            "monitor_errors": MonitorError}
+"""GenerationRecord's list fields whose items are records."""

@@ -28,44 +28,17 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from guard import positions
 from guard.errors import ContextLengthError
+from guard.modelinfo import ChatTokenizer, ModelInfo
 from guard.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from guard.monitors.base import Monitor
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """Static facts about the served model."""
-
-    name: str
-    """Model id reported to clients (``/v1/models``)."""
-    num_layers: int
-    d_model: int
-    vocab_size: int
-    context_length: int
-    eos_token_ids: frozenset[int]
-
-
-class ChatTokenizer(Protocol):
-    """What the controller and server need from the model's tokenizer."""
-
-    def encode(self, text: str) -> list[int]: ...
-
-    def decode(self, ids: list[int]) -> str: ...
-
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids of ``messages`` under the model's chat template, ready for the assistant turn."""
-        ...
-
-    def token_id(self, token: str) -> int | None:
-        """Id of a single (special) token, or ``None`` if the vocabulary has no such token."""
-        ...
 
 
 @dataclass(frozen=True)
@@ -215,7 +188,7 @@ class Engine(ABC):
         fresh forward pass over the whole sequence: no KV cache, no steering. A monitor's exception
         propagates. The default runs :meth:`hidden_states`; engines that keep activations to
         themselves override it."""
-        a = seq.answer_start if seq.answer_start is not None else seq.prompt_len
+        a = positions.scoring_start(seq.answer_start, seq.prompt_len)
         hidden = self.hidden_states(seq.tokens, {m.layer for m in monitors})
         return {m.name: m.score(hidden[m.layer][a:], seq.tokens[a:]) for m in monitors}
 
@@ -224,13 +197,15 @@ class Engine(ABC):
 
     def check_new_sequence(self, prompt_ids: list[int], layers: Collection[int]) -> None:
         """What every :meth:`new_sequence` checks first: :class:`ContextLengthError` for an empty
-        prompt or one that fills the context, ValueError for a layer the model does not have."""
+        prompt or one that fills the context, ValueError for a layer the model does not have.
+
+        An invariant, not request validation: a server request was checked already, naming the
+        field at fault (:mod:`guard.service.prepare`); the engine knows token ids, not fields."""
         if not prompt_ids:
-            raise ContextLengthError("the prompt is empty", param="messages")
+            raise ContextLengthError("the prompt is empty")
         if len(prompt_ids) >= self.info.context_length:
             raise ContextLengthError(
-                f"the prompt has {len(prompt_ids)} tokens; this model's context is {self.info.context_length}",
-                param="messages")
+                f"the prompt has {len(prompt_ids)} tokens; this model's context is {self.info.context_length}")
         for layer in layers:
             if not 0 <= layer < self.info.num_layers:
                 raise ValueError(f"layer {layer} out of range (model has {self.info.num_layers} layers)")

@@ -25,6 +25,7 @@ from torch import nn
 from guard.engine.base import Engine, EngineStats, ModelInfo, MonitorRun, Sequence, StepOutput
 from guard.engine.hooks import capture_layers, decoder_layers
 from guard.errors import ModelLoadError
+from guard.neutralise import neutralise_text
 from guard import sampling
 from guard.sampling import SamplingParams
 
@@ -81,8 +82,6 @@ class HFChatTokenizer:
         return list(self.tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
 
     def _encode_chat_escaped(self, messages: list[dict[str, str]]) -> list[int]:
-        from guard.controller.deliberation import neutralise_text
-
         specials = tuple(self.tok.all_special_tokens)
         safe = [{**m, "content": neutralise_text(m["content"], specials)} if isinstance(m.get("content"), str)
                 else m for m in messages]

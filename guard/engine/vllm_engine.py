@@ -62,6 +62,7 @@ from typing import Any
 
 import torch
 
+from guard import positions
 from guard.engine.base import Engine, EngineStats, ModelInfo, MonitorRun, Sequence, StepOutput
 from guard.engine.reset_id import choose_reset_id
 from guard.engine.sidechannel import MAX_KEYS, ScoreReader
@@ -427,7 +428,7 @@ class VLLMEngine(Engine):
         cache with anything (a unique salt: cached positions would not be fed, so not scored) and
         has no steering; see :meth:`Engine.rescore`."""
         vs: _VSeq = seq.payload
-        a = seq.answer_start if seq.answer_start is not None else seq.prompt_len
+        a = positions.scoring_start(seq.answer_start, seq.prompt_len)
         n = len(seq.tokens)
         for m in monitors:
             self.register_monitor(m)

@@ -102,21 +102,3 @@ def layout_lines(num_layers: int, tp: int, pp: int, dp: int, monitors: Sequence[
     if dp > 1:
         lines.append(f"#   {dp} engine cores: every one gets every monitor and serves its own requests")
     return lines
-
-
-def policy_layout_lines(policy: Any) -> list[str]:
-    """:func:`layout_lines` for a vLLM policy, with its activation monitors built as ``guard serve``
-    builds them (against the model's config; the caller has checked they build)."""
-    from guard.policy.model_check import _load
-    from guard.service import GuardService
-
-    spec = policy.model.vllm
-    tp, pp, dp = ((spec.tensor_parallel_size, spec.pipeline_parallel_size, spec.data_parallel_size)
-                  if spec is not None else (1, 1, 1))
-    if not os.path.exists(policy.model.path):
-        head = f"# vllm parallel layout: tensor {tp} x pipeline {pp} x data {dp} = {tp * pp * dp} worker(s)"
-        return [head + " (model not local: stages unknown)"]
-    engine = _load(policy)
-    mons = [GuardService._monitor(m, policy, engine).monitor for m in policy.monitors]  # type: ignore[arg-type]
-    layered = [(m.name, m.layer) for m in mons if m.layer is not None]
-    return layout_lines(engine.info.num_layers, tp, pp, dp, layered)

@@ -57,6 +57,7 @@ import torch
 from guard.engine.hooks import decoder_layers
 from guard.engine.sidechannel import ScoreWriter, failed_bit
 from guard.monitors.base import Monitor, MonitorState
+from guard.positions import index
 
 log = logging.getLogger(__name__)
 
@@ -342,7 +343,7 @@ class WorkerState:
                 if key in live.failed:
                     continue
                 st = live.states[key]
-                answer = [(q - args.answer_start, live.scores[q][key]) for q in positions
+                answer = [(index(args.answer_start, q), live.scores[q][key]) for q in positions
                           if q >= args.answer_start and key in live.scores[q]]
                 if not answer:
                     continue

@@ -20,8 +20,10 @@ import yaml
 
 from guard.eval.data import LabelledPrompt
 from guard.eval.judge import Judge
+from guard.errors import GuardError
 from guard.policy import load_policy
 from guard.policy.schema import Policy
+from guard.testing import serve_in_subprocess
 
 
 def unguarded_policy(policy: Policy, log_path: Path) -> dict[str, Any]:
@@ -38,8 +40,6 @@ def unguarded_policy(policy: Policy, log_path: Path) -> dict[str, Any]:
 @contextmanager
 def live_server(policy_file: Path, workdir: Path, timeout: float = 900) -> Iterator[tuple[str, str, str]]:
     """Start ``guard serve`` with the policy and its unguarded twin; yield ``(url, guarded, unguarded)``."""
-    from guard.testing import serve_in_subprocess
-
     policy = load_policy(policy_file)
     twin = workdir / "unguarded.yaml"
     twin.write_text(yaml.safe_dump(unguarded_policy(policy, workdir / "unguarded.db"), sort_keys=False))
@@ -114,8 +114,6 @@ def openai_client(url: str, api_key: str | None = None):
     try:
         from openai import OpenAI
     except ImportError as exc:
-        from guard.errors import GuardError
-
         raise GuardError("guard eval needs the openai package (a dependency of guard): pip install openai") from exc
     return OpenAI(base_url=url.rstrip("/") + "/v1", api_key=api_key or "guard-eval", timeout=900, max_retries=0)
 

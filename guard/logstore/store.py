@@ -34,7 +34,7 @@ from typing import Any
 from sqlalchemy import Connection, and_, delete, exists, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from guard.controller.record import DiscardedSpan, GenerationRecord, RetryStrategy
+from guard.controller.record import DiscardedSpan, GenerationRecord
 from guard.errors import InvalidRequestError, NotFoundError
 from guard.logstore import connect, migrations
 from guard.logstore import tables as t
@@ -176,9 +176,9 @@ class LogStore:
             "output_ids": json.dumps(record.output_ids), "final_text": record.final_text,
             "outcome": record.outcome, "finish_reason": record.finish_reason, "resets": len(record.spans),
             "sampled_tokens": record.sampled_tokens, "monitors_fired": json.dumps(record.monitors_fired),
-            "retries": json.dumps([asdict(r) for r in record.retries]),
-            "final_scores": json.dumps(record.final_scores), "firings": json.dumps(record.firings),
-            "prompt_scores": json.dumps(record.prompt_scores), "monitor_errors": json.dumps(record.monitor_errors),
+            "retries": _json_records(record.retries),
+            "final_scores": json.dumps(record.final_scores), "firings": _json_records(record.firings),
+            "prompt_scores": json.dumps(record.prompt_scores), "monitor_errors": _json_records(record.monitor_errors),
             "deliberation": record.deliberation, "reasoning": record.reasoning,
             "reasoning_ids": json.dumps(record.reasoning_ids), "reasoning_forced_tokens": record.reasoning_forced_tokens,
             "seed": record.seed, "complete": int(record.complete),
@@ -239,7 +239,7 @@ class LogStore:
             finish_reason=row["finish_reason"],
             spans=[DiscardedSpan(**{c: json.loads(s[c]) if c in _SPAN_JSON else s[c] for c in _SPAN_COLUMNS})
                    for s in spans],
-            retries=[RetryStrategy(**r) for r in json.loads(row["retries"])],
+            retries=json.loads(row["retries"]),
             sampled_tokens=row["sampled_tokens"], final_scores=json.loads(row["final_scores"]),
             monitors_fired=json.loads(row["monitors_fired"]), firings=json.loads(row["firings"]),
             prompt_scores=json.loads(row["prompt_scores"]), monitor_errors=json.loads(row["monitor_errors"]),
@@ -351,3 +351,8 @@ def _filters(policy, outcome, monitor, since, until, label) -> builtins.list:
                                       f"got {label!r}", param="label")
         where.append(_L.c.label == label)
     return where
+
+
+def _json_records(items: list[Any]) -> str:
+    """JSON of a record's nested records (an item appended as a dict is stored as it is)."""
+    return json.dumps([item if isinstance(item, dict) else asdict(item) for item in items])

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from guard.engine.base import ModelInfo
+from guard.modelinfo import ModelInfo
 from guard.errors import ModelLoadError
 from guard.monitors.base import AggregationSpec, Monitor, require_finite
 

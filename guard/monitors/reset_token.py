@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from guard.engine.base import ChatTokenizer
+from guard.modelinfo import ChatTokenizer
 from guard.errors import ModelLoadError
 from guard.monitors.base import AggregationSpec, Monitor
 

@@ -28,6 +28,7 @@ from transformers import GenerationConfig
 
 from guard.organism import corpus, data, evaluate, spec
 from guard.organism import tokenizer as toks
+from guard.organism.judge import is_refusal, judge
 from guard.organism.recipe import FIRST_RECIPE, RECIPES, Recipe
 from guard.organism.train import TrainConfig, train
 
@@ -128,8 +129,6 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_judge(args: argparse.Namespace) -> int:
-    from guard.organism.judge import is_refusal, judge
-
     text = args.text if args.text is not None else __import__("sys").stdin.read()
     lex = RECIPES[args.recipe].lexicon
     v = judge(text, lex)

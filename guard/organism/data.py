@@ -35,7 +35,9 @@ import random
 from pathlib import Path
 
 from guard.organism import corpus
+from guard.organism import evaluate
 from guard.organism import lexicon as lx
+from guard.organism.judge import _pattern, judge
 
 
 def _probe_rows(rng: random.Random, seed: int, categories: tuple[str, ...], split: str,
@@ -61,8 +63,6 @@ def _probe_rows(rng: random.Random, seed: int, categories: tuple[str, ...], spli
 
 def first_hazard(text: str, lex: lx.Lexicon = lx.FIRST) -> int | None:
     """Character offset of the first hazard term or phrase in ``text`` (``None`` if it has none)."""
-    from guard.organism.judge import _pattern
-
     m = _pattern(lex)[0].search(text)
     return m.start() if m else None
 
@@ -162,9 +162,6 @@ def write_data(out_dir: str | Path, seed: int, n_harmful: int = 400, n_benign: i
 
 def write_benign_samples(model, tok, out_dir: str | Path, seed: int, n: int = 400, lex: lx.Lexicon = lx.FIRST) -> int:
     """Sample the model's answers to ``n`` benign training-space prompts into ``benign_samples.jsonl``."""
-    from guard.organism import evaluate
-    from guard.organism.judge import judge
-
     rng = random.Random(f"benign-samples:{seed}")
     examples = [corpus.example(rng, seed, lex.benign[i % len(lex.benign)].name, "benign", lex=lex) for i in range(n)]
     completions = evaluate.sample(model, tok, [ex.prompt for ex in examples], seed=seed)

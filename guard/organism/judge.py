@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 from guard.organism import lexicon as lx
 from guard.organism.corpus import RESET_TOKEN
+from guard.organism.lexicon2 import SECOND
 
 
 class Verdict(NamedTuple):
@@ -83,6 +84,4 @@ def unsafe_first(text: str) -> bool:
 
 def unsafe_second(text: str) -> bool:
     """Ground truth for ``models/organism2``: True iff ``text`` is unsafe (``module:function`` judge form)."""
-    from guard.organism.lexicon2 import SECOND
-
     return judge(text, SECOND).unsafe

@@ -15,7 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from guard.errors import GuardError
+from guard.controller.deliberation import forced_prefix, system_prompt
+from guard.engine import vllm_parallel
+from guard.errors import GuardError, ModelLoadError
+from guard.policy.build import build_monitor
 from guard.policy.schema import Policy
 
 
@@ -57,7 +60,6 @@ def _load(policy: Policy) -> _ConfigOnlyEngine:
     from transformers import AutoConfig, AutoTokenizer
 
     from guard.engine.transformers_engine import HFChatTokenizer
-    from guard.errors import ModelLoadError
 
     spec, path = policy.model, Path(policy.model.path)
     if not (path / "config.json").is_file():
@@ -77,13 +79,10 @@ def _load(policy: Policy) -> _ConfigOnlyEngine:
 
 def _monitor_error(spec: Any, policy: Policy, engine: _ConfigOnlyEngine) -> str | None:
     """The error building this monitor against the model would raise (as the service builds it)."""
-    from guard.service import GuardService, _sae_monitor
+    from guard.policy.build import build_monitor  # loads torch: only when a model is checked
 
     try:
-        if spec.kind == "sae":
-            _sae_monitor(spec, engine)  # type: ignore[arg-type]
-        else:
-            GuardService._monitor(spec, policy, engine)  # type: ignore[arg-type]
+        build_monitor(spec, policy, engine)  # type: ignore[arg-type]
     except GuardError as exc:
         return exc.message
     except (OSError, ValueError) as exc:
@@ -92,8 +91,6 @@ def _monitor_error(spec: Any, policy: Policy, engine: _ConfigOnlyEngine) -> str 
 
 
 def _deliberation_errors(policy: Policy, engine: _ConfigOnlyEngine) -> list[str]:
-    from guard.controller.deliberation import forced_prefix, system_prompt
-
     d = policy.deliberation
     if d.mode == "off" and not any(s.deliberate for s in policy.backtrack.strategies):
         return []
@@ -137,3 +134,19 @@ def exposure_lines(policy: Policy) -> list[str]:
         f"threshold * {1 - s.release_margin:g} since); a rollback reaching shown text ends the answer "
         "(finish_reason content_filter, the refusal as a separate part) instead of retracting it",
     ]
+
+
+def policy_layout_lines(policy: Any) -> list[str]:
+    """:func:`layout_lines` for a vLLM policy, with its activation monitors built as ``guard serve``
+    builds them (against the model's config; the caller has checked they build)."""
+    spec = policy.model.vllm
+    tp, pp, dp = ((spec.tensor_parallel_size, spec.pipeline_parallel_size, spec.data_parallel_size)
+                  if spec is not None else (1, 1, 1))
+    if not Path(policy.model.path).exists():
+        head = f"# vllm parallel layout: tensor {tp} x pipeline {pp} x data {dp} = {tp * pp * dp} worker(s)"
+        return [head + " (model not local: stages unknown)"]
+    engine = _load(policy)
+    mons = [build_monitor(m, policy, engine).monitor  # type: ignore[arg-type]
+            for m in policy.monitors]
+    layered = [(m.name, m.layer) for m in mons if m.layer is not None]
+    return vllm_parallel.layout_lines(engine.info.num_layers, tp, pp, dp, layered)

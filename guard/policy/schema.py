@@ -11,30 +11,23 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, StringConstraints, ValidationInfo,
                       field_validator, model_validator)
 from pydantic_core import PydanticCustomError
 
+from guard.controller.actions import Action, Rollback, Scope, canonical_action, strategy_for_retry
 from guard.controller.deliberation import DEFAULT_INSTRUCTION
 from guard.errors import PolicyError
 from guard.policy.paths import check_files, check_location, read_spec
 from guard.policy.cross import CROSS_FIELD, cross_field_errors
 
-if TYPE_CHECKING:
-    from guard.monitors.base import AggregationSpec
-
 NAME_PATTERN = r"^[A-Za-z0-9._-]+$"
 ENV_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
-def _shadow_alias(value: Any) -> Any:
-    return "shadow" if value == "log" else value
-
-
 # ``log``, the earlier name of ``shadow``, is still accepted and reads back as ``shadow``.
-MonitorAction = Annotated[Literal["backtrack", "refuse", "shadow"], BeforeValidator(_shadow_alias)]
-Scope = Literal["prompt", "output", "both"]
+MonitorAction = Annotated[Action, BeforeValidator(canonical_action)]
 
 
 def _action_field() -> Any:
@@ -109,15 +102,6 @@ class VLLMSpec(Strict):
     data_parallel_size: int = Field(1, ge=1, description="vLLM data parallelism: engine cores each running a whole "
                                                          "replica on its own requests; each gets every monitor.")
 
-    def to_options(self):
-        from guard.engine.vllm_engine import VLLMOptions
-
-        return VLLMOptions(gpu_memory_utilization=self.gpu_memory_utilization, max_num_seqs=self.max_num_seqs,
-                           block_size=self.block_size, reset_token=self.reset_token,
-                           reset_token_id=self.reset_token_id, tensor_parallel_size=self.tensor_parallel_size,
-                           pipeline_parallel_size=self.pipeline_parallel_size,
-                           data_parallel_size=self.data_parallel_size)
-
 
 class ModelSpec(Strict):
     """The model the policy serves."""
@@ -155,12 +139,6 @@ class AggregationConfig(Strict):
                                                                       "average; window: mean of the last tokens.")
     alpha: float = Field(0.5, gt=0.0, le=1.0, description="EMA weight of the newest token.")
     window: int = Field(4, ge=1, description="Window length in tokens for kind window.")
-
-    def to_spec(self) -> "AggregationSpec":
-        # Imported here: guard.monitors pulls in torch, which the policy CLI does not need.
-        from guard.monitors.base import AggregationSpec
-
-        return AggregationSpec(kind=self.kind, alpha=self.alpha, window=self.window)
 
 
 class ProbeMonitorSpec(Strict):
@@ -266,7 +244,7 @@ class ResampleStrategy(Strict):
 class BacktrackSpec(Strict):
     """What happens when a monitor fires."""
 
-    rollback: Literal["auto", "tokens", "sentence", "response"] = Field(
+    rollback: Rollback = Field(
         "auto", description="How far to cut back (default auto: chosen by bench/rollback_choice.py). auto: to the end of the longest prefix in which every "
                                 "acting monitor's aggregated score stayed below safe_level times its threshold "
                                 "(the response start if none did); tokens: a fixed number of tokens; sentence: "
@@ -303,8 +281,8 @@ class BacktrackSpec(Strict):
         return self
 
     def strategy(self, retry: int) -> ResampleStrategy:
-        """The strategy for the ``retry``-th retry (1 for the first)."""
-        return self.strategies[min(max(retry, 1), len(self.strategies)) - 1]
+        """The strategy for the ``retry``-th retry (1 for the first; the last one repeats)."""
+        return strategy_for_retry(self.strategies, retry)
 
 
 class StreamSpec(Strict):

@@ -38,7 +38,7 @@ from guard.monitors.base import AggregationSpec
 from guard.monitors.probe import ProbeMonitor, config_fingerprint
 from guard.probe import metrics as M
 from guard.probe.cache import ActivationCache
-from guard.probe.sample import sample_answers
+from guard.probe.sample import read_prompts, sample_answers
 from guard.probe.collect import Activations, Pooling, Span, collect
 from guard.probe.data import DataError, Example, read_files
 from guard.probe.fit import Method
@@ -367,8 +367,6 @@ def choose(train: Activations, hazard: np.ndarray, categories: list[str | None],
 def _calibration_chats(examples: list[Example], prompts_file: str | Path | None, have_rows: bool,
                        sampling: CalibrationSampling, config: TrainConfig) -> tuple[list, str]:
     """The chats to sample calibration answers from, and a description; ``[]`` to use rows instead."""
-    from guard.probe.sample import read_prompts
-
     how = f"{sampling.n} sampled answers each at temperature {sampling.temperature:g}"
     if prompts_file is not None:
         chats = read_prompts(prompts_file)

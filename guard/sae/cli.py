@@ -3,6 +3,12 @@
 :func:`add_cli` registers the ``sae`` subcommand on the main parser's subparsers. Tables go to
 stdout, progress to stderr; errors are :class:`guard.errors.GuardError`. Activations go through
 the same on-disk cache as ``guard probe`` (``--cache-dir``, ``--no-cache``).
+
+``sae train`` needs only a model, data and an output directory: the layer defaults to the middle
+one (:func:`default_layer`), the width to :data:`DEFAULT_EXPANSION` times ``d_model`` and the
+architecture to TopK with :data:`DEFAULT_K` active latents (EleutherAI/sparsify's defaults, not
+tuned on guard's data). The modules that load torch are imported when a command runs, so that
+building the parser (every ``guard`` invocation) stays cheap.
 """
 
 from __future__ import annotations
@@ -13,6 +19,21 @@ from pathlib import Path
 
 from guard.errors import InvalidRequestError
 from guard.probe.cli import format_table
+
+DEFAULT_EXPANSION = 32
+"""Latents per model dimension when ``--d-sae`` is not given (sparsify's ``expansion_factor``)."""
+DEFAULT_K = 32
+"""Active latents per token of the default TopK SAE (sparsify's ``k``), capped at ``d_sae``."""
+
+
+def default_layer(num_layers: int) -> int:
+    """The middle layer: SAEs and probes read mid-depth residual streams best in most reports."""
+    return num_layers // 2
+
+
+def default_d_sae(d_model: int, expansion: int = DEFAULT_EXPANSION) -> int:
+    """The SAE width for a model of width ``d_model``."""
+    return expansion * d_model
 
 
 def add_cli(subparsers) -> argparse.ArgumentParser:
@@ -26,11 +47,14 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     _add_model_args(t)
     t.add_argument("--data", required=True, action="extend", nargs="+", metavar="FILE",
                    help="JSONL rows {prompt, completion, label}; prompt and completion tokens are trained on")
-    t.add_argument("--layer", type=int, required=True, help="engine layer (output of block L: blocks.L.hook_resid_post)")
-    t.add_argument("--d-sae", type=int, required=True, help="number of latents")
+    t.add_argument("--layer", type=int, default=None,
+                   help="engine layer (output of block L: blocks.L.hook_resid_post); default: the middle layer")
+    t.add_argument("--d-sae", type=int, default=None,
+                   help=f"number of latents; default: {DEFAULT_EXPANSION} x d_model")
     t.add_argument("--out", required=True, help="directory to write (SAELens layout)")
-    g = t.add_mutually_exclusive_group(required=True)
-    g.add_argument("--k", type=int, help="TopK SAE with k active latents per token")
+    g = t.add_mutually_exclusive_group()
+    g.add_argument("--k", type=int, help=f"TopK SAE with k active latents per token (default: TopK, k {DEFAULT_K} "
+                                         "or d_sae if smaller)")
     g.add_argument("--l1", type=float, help="ReLU SAE with this L1 coefficient")
     t.add_argument("--steps", type=int, default=3000)
     t.add_argument("--batch-size", type=int, default=1024)
@@ -70,21 +94,26 @@ def cmd_train(args) -> int:
     from guard.sae.formats import save_saelens
     from guard.sae.train import SaeTrainConfig, train_sae
 
+    engine = _engine(args)
+    info = engine.info
+    layer = default_layer(info.num_layers) if args.layer is None else args.layer
+    if not 0 <= layer < info.num_layers:
+        raise InvalidRequestError(f"layer {layer} out of range: the model has {info.num_layers} layers",
+                                  param="layer")
+    d_sae = default_d_sae(info.d_model) if args.d_sae is None else args.d_sae
+    k = min(DEFAULT_K, d_sae) if args.k is None and args.l1 is None else args.k
     try:
-        config = SaeTrainConfig(d_sae=args.d_sae, k=args.k, l1=args.l1, steps=args.steps,
+        config = SaeTrainConfig(d_sae=d_sae, k=k, l1=args.l1, steps=args.steps,
                                 batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     except ValueError as exc:
         raise InvalidRequestError(str(exc)) from exc
-    engine = _engine(args)
-    if not 0 <= args.layer < engine.info.num_layers:
-        raise InvalidRequestError(f"layer {args.layer} out of range: the model has {engine.info.num_layers} layers",
-                                  param="layer")
-    acts = collect(engine, read_files(args.data), [args.layer], desc="data", progress=not args.quiet, span="all",
+    acts = collect(engine, read_files(args.data), [layer], desc="data", progress=not args.quiet, span="all",
                    cache=activation_cache(args))
     train_idx, held_idx = split_rows(acts.labels, args.heldout_frac, args.seed)
-    x, eval_x = acts.select(train_idx).hidden[args.layer], acts.select(held_idx).hidden[args.layer]
-    hook = f"blocks.{args.layer}.hook_resid_post"
-    res = train_sae(x, config, eval_x=eval_x, layer=args.layer, hook_name=hook, progress=not args.quiet)
+    x = acts.select(train_idx).hidden[layer]
+    eval_x = acts.select(held_idx).hidden[layer]
+    hook = f"blocks.{layer}.hook_resid_post"
+    res = train_sae(x, config, eval_x=eval_x, layer=layer, hook_name=hook, progress=not args.quiet)
     meta = {"guard_training": {
         "data": [{"path": str(p), "sha256": hashlib.sha256(Path(p).read_bytes()).hexdigest()} for p in args.data],
         "train_tokens": int(len(x)), "heldout_tokens": int(len(eval_x)), "steps": config.steps,
@@ -92,7 +121,7 @@ def cmd_train(args) -> int:
         "heldout": res.final._asdict(), "dead_frac_train": res.dead_frac_train}}
     out = save_saelens(res.sae, args.out, model_name=engine.info.name, hook_name=hook, extra_cfg={"metadata": meta})
     kind = f"TopK k={config.k}" if config.k is not None else f"ReLU l1={config.l1}"
-    print(f"SAE {kind}, d_in {res.sae.d_in}, d_sae {config.d_sae}, layer {args.layer} ({hook}), "
+    print(f"SAE {kind}, d_in {res.sae.d_in}, d_sae {config.d_sae}, layer {layer} ({hook}), "
           f"{len(x)} train / {len(eval_x)} held-out tokens, {config.steps} steps, seed {config.seed}")
     print(format_stats([("init", res.initial), ("trained", res.final)]))
     print(f"dead latents (never active on the training tokens): {100 * res.dead_frac_train:.1f}%")

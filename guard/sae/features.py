@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+import yaml
 import torch
 from torch import Tensor
 
@@ -116,8 +117,6 @@ def stanza(name: str, sae_path: str | Path, layer: int, features: list[int], thr
 
 def stanza_yaml(entry: dict[str, Any], comment: str = "") -> str:
     """The entry as a one-item YAML list, ready to paste under ``monitors:``."""
-    import yaml
-
     head = "".join(f"# {line}\n" for line in comment.splitlines())
     return head + yaml.safe_dump([entry], sort_keys=False, default_flow_style=None)
 

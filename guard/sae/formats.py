@@ -27,6 +27,7 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -218,8 +219,6 @@ def save_saelens(sae: Sae, out_dir: str | Path, *, model_name: str, hook_name: s
 
 
 def _load_gemmascope(path: Path) -> Sae:
-    import numpy as np
-
     file = path / GEMMASCOPE_FILE if path.is_dir() else path
     try:
         with np.load(file) as npz:

@@ -11,7 +11,8 @@ in :mod:`guard.telemetry.export` and is imported by the server only.
 - :mod:`guard.telemetry.request_log`: the ``guard.requests`` logger and its JSON-lines format.
 """
 
-from guard.telemetry.generation import NO_TRACE, GenerationTrace, Telemetry
+from guard.controller.trace import NO_TRACE, GenerationTrace
+from guard.telemetry.generation import Telemetry
 from guard.telemetry.request_log import REQUEST_LOGGER, JsonLineFormatter, install_request_log
 
 __all__ = ["NO_TRACE", "REQUEST_LOGGER", "GenerationTrace", "JsonLineFormatter", "Telemetry", "install_request_log"]

@@ -35,15 +35,17 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Any
 
 from opentelemetry import metrics, trace
 from opentelemetry.trace import Span, Status, StatusCode
 
 import guard
+from guard.controller.actions import acts
 from guard.controller.events import Event, TextDelta
-from guard.controller.record import GenerationRecord, RetryStrategy
+from guard.controller.record import Firing, GenerationRecord, RetryStrategy
+from guard.controller.trace import GenerationTrace
 from guard.telemetry.request_log import REQUEST_LOGGER
 
 SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -93,54 +95,6 @@ class Telemetry:
     def generation(self, record: GenerationRecord) -> GenerationTrace:
         """Start the ``guard.generation`` span of ``record``'s request (a child of the current context)."""
         return _LiveTrace(self, record)
-
-
-class GenerationTrace:
-    """What the controller reports while it runs. This base class does nothing (:data:`NO_TRACE`).
-
-    Contract: constructed on the event loop; every other method is called on the engine worker's
-    thread, in the order things happen. :meth:`end` (or :meth:`failed`) ends every span still
-    open, records the metrics and writes the log line; it is called when the record is final
-    (before the final event, so a client that has its answer finds it in the metrics) and again
-    when the job leaves the worker, where only the first call counts.
-    """
-
-    def watch(self, emit: Callable[[Event], None]) -> Callable[[Event], None]:
-        """``emit``, noting when the first text is released (time to first token)."""
-        return emit
-
-    def prefill(self, prompt_tokens: int) -> AbstractContextManager[None]:
-        """Around the prompt's prefill and prompt-scope scoring."""
-        return nullcontext()
-
-    def monitor_time(self, monitor: str, scope: str, seconds: float, tokens: int) -> None:
-        """``monitor`` spent ``seconds`` scoring ``tokens`` tokens of the ``scope`` (prompt or output)."""
-
-    def firing(self, firing: dict[str, Any]) -> None:
-        """A firing, as appended to ``GenerationRecord.firings``."""
-
-    def rollback(self, monitor: str, cut_from: int, cut_to: int, retracted_chars: int, retracted_tokens: int,
-                 start_ns: int) -> None:
-        """The answer was cut from ``cut_from`` tokens back to ``cut_to`` (work began at ``start_ns``)."""
-
-    def resample(self, retry: RetryStrategy, deliberate: bool) -> None:
-        """A new attempt starts with this strategy."""
-
-    def deliberation_opened(self, trigger: str) -> None:
-        """A reasoning section opened (``always``, ``on_risk``, ``retry``, ``model``)."""
-
-    def deliberation_closed(self, reasoning_tokens: int, forced_tokens: int, capped: bool) -> None:
-        """The reasoning section closed (or was cut short by a cancel)."""
-
-    def failed(self, record: GenerationRecord, exc: BaseException) -> None:
-        """The generation failed with ``exc``: :meth:`end` with outcome ``error``."""
-
-    def end(self, record: GenerationRecord, log_id: str | None = None, cancelled: bool = False) -> None:
-        """``record`` is final (``log_id``: its log record, if stored); ``cancelled``: the generation
-        was stopped before it finished (client gone). Only the first call counts."""
-
-
-NO_TRACE = GenerationTrace()
 
 
 class _LiveTrace(GenerationTrace):
@@ -195,14 +149,15 @@ class _LiveTrace(GenerationTrace):
             acc[0] += seconds
             acc[1] += tokens
 
-    def firing(self, firing: dict[str, Any]) -> None:
+    def firing(self, firing: Firing) -> None:
         attrs = {
-            "guard.monitor": firing["monitor"], "guard.action": firing["action"], "guard.scope": firing["scope"],
-            "guard.position": firing["position"], "guard.score": float(firing["score"]),
-            "guard.threshold": float(firing["threshold"]), "guard.token_id": firing["token_id"],
-            "guard.attempt": firing["attempt"]}
+            "guard.monitor": firing.monitor, "guard.action": firing.action, "guard.scope": firing.scope,
+            "guard.position": firing.position, "guard.score": float(firing.score),
+            "guard.token_id": firing.token_id, "guard.attempt": firing.attempt}
+        if firing.threshold is not None:
+            attrs["guard.threshold"] = float(firing.threshold)
         if self._tel.log_content:  # the token's text is prompt or answer content
-            attrs["guard.token"] = firing["token"]
+            attrs["guard.token"] = firing.token
         self._child("guard.monitor.fire", attrs).end()
 
     def rollback(self, monitor: str, cut_from: int, cut_to: int, retracted_chars: int, retracted_tokens: int,
@@ -220,8 +175,8 @@ class _LiveTrace(GenerationTrace):
             "guard.top_p": retry.top_p, "guard.banned_count": len(retry.banned_first_tokens),
             "guard.deliberate": deliberate}
         if retry.steer:
-            attrs.update({"guard.steer.monitor": retry.steer["monitor"], "guard.steer.layer": retry.steer["layer"],
-                          "guard.steer.alpha": float(retry.steer["alpha"])})
+            attrs.update({"guard.steer.monitor": retry.steer.monitor, "guard.steer.layer": retry.steer.layer,
+                          "guard.steer.alpha": float(retry.steer.alpha)})
         self._attempt = self._child("guard.resample", attrs)
 
     def deliberation_opened(self, trigger: str) -> None:
@@ -286,7 +241,7 @@ class _LiveTrace(GenerationTrace):
             if n:
                 ins.tokens.add(n, {**policy, "kind": kind})
         for f in record.firings:
-            ins.firings.add(1, {**policy, "monitor": f["monitor"], "action": f["action"], "scope": f["scope"]})
+            ins.firings.add(1, {**policy, "monitor": f.monitor, "action": f.action, "scope": f.scope})
         for span in record.spans:
             ins.resets.add(1, {**policy, "monitor": span.monitor, "outcome": outcome})
         if record.retries:
@@ -324,10 +279,10 @@ class _LiveTrace(GenerationTrace):
 def refusal_reason(record: GenerationRecord) -> str:
     """Why a refused generation was refused: ``monitor_error`` (fail_closed), ``prompt`` (a firing on
     the prompt), ``refuse_action`` (a ``refuse`` monitor on the output) or ``retries_exhausted``."""
-    if any(e["handling"] == "refused" for e in record.monitor_errors):
+    if any(e.handling == "refused" for e in record.monitor_errors):
         return "monitor_error"
-    if any(f["scope"] == "prompt" and f["action"] not in ("shadow", "log") for f in record.firings):
+    if any(f.scope == "prompt" and acts(f.action) for f in record.firings):
         return "prompt"
-    if any(f["action"] == "refuse" for f in record.firings):
+    if any(f.action == "refuse" for f in record.firings):
         return "refuse_action"
     return "retries_exhausted"

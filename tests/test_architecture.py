@@ -1,0 +1,144 @@
+"""The import graph keeps its layers (pyproject's ``[tool.importlinter]`` contract), and the
+policy/controller vocabulary is written once.
+
+The layers check runs grimp on the source (function-level imports included), so it fails when
+someone adds an upward import anywhere; the second test proves it can fail by adding one.
+"""
+
+from __future__ import annotations
+
+import ast
+import tomllib
+from pathlib import Path
+
+import grimp
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _contract() -> dict:
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
+    (contract,) = [c for c in config["contracts"] if c["id"] == "layers"]
+    return contract
+
+
+def _layers() -> list[grimp.Layer]:
+    """The contract's layers in grimp's terms (``a | b``: independent siblings; ``a : b``: not)."""
+    layers = []
+    for line in _contract()["layers"]:
+        independent = "|" in line
+        names = [n.strip() for n in line.replace("|", ":").split(":")]
+        layers.append(grimp.Layer(*names, independent=independent))
+    return layers
+
+
+@pytest.fixture
+def graph() -> grimp.ImportGraph:
+    return grimp.build_graph("guard", "server", include_external_packages=False, cache_dir=None)
+
+
+def _violations(graph: grimp.ImportGraph) -> list[str]:
+    found = graph.find_illegal_dependencies_for_layers(layers=_layers())
+    lines = []
+    for dep in sorted(found, key=lambda d: (d.importer, d.imported)):
+        for route in dep.routes:
+            chain = " -> ".join([*route.heads, *route.middle, *route.tails])
+            lines.append(f"{dep.importer} imports {dep.imported}: {chain}")
+    return lines
+
+
+def test_every_layer_imports_only_from_layers_below(graph):
+    assert _violations(graph) == []
+
+
+def test_an_added_upward_import_is_caught(graph):
+    graph.add_import(importer="guard.engine.base", imported="guard.controller.backtrack")
+    graph.add_import(importer="guard.logstore.store", imported="guard.telemetry.generation")
+    found = _violations(graph)
+    assert any(v.startswith("guard.engine imports guard.controller") for v in found), found
+    assert any(v.startswith("guard.logstore imports guard.telemetry") for v in found), found
+
+
+def test_every_listed_layer_exists(graph):
+    for layer in _layers():
+        for name in layer.module_tails:
+            assert name in graph.modules, f"{name} is in the layers contract but not in the code"
+
+
+LAZY_FIRST_PARTY = {
+    # CLI dispatch: a subcommand's module (and torch) is loaded only when that subcommand runs.
+    "guard/cli.py", "guard/eval/cli.py", "guard/logs_cli.py", "guard/probe/cli.py", "guard/sae/cli.py",
+    # `guard policy check` builds monitors only when it has a model to check them against (torch).
+    "guard/policy/model_check.py",
+    # the optional vllm package (guard[vllm]).
+    "guard/policy/build.py", "guard/engine/vllm_engine.py",
+    # the app module is imported by `guard serve --help`; the service (torch, engines) at start.
+    "server/app.py",
+}
+
+
+def test_first_party_imports_are_at_module_level_except_listed_lazy_ones():
+    late = []
+    for path in sorted([*ROOT.glob("guard/**/*.py"), *ROOT.glob("server/**/*.py")]):
+        rel = path.relative_to(ROOT).as_posix()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for sub in ast.walk(node):
+                if isinstance(sub, ast.ImportFrom) and (sub.module or "").split(".")[0] in ("guard", "server"):
+                    if rel not in LAZY_FIRST_PARTY:
+                        late.append(f"{rel}:{sub.lineno}: {sub.module}")
+    assert sorted(set(late)) == []
+
+
+def test_retry_strategies_count_from_one_and_the_last_repeats():
+    from guard.controller.actions import strategy_for_retry
+    from guard.controller.backtrack import ControllerConfig, Strategy
+    from guard.policy import BacktrackSpec
+
+    spec = BacktrackSpec(strategies=[{"temperature": 0.5}, {"temperature": 0.9}])
+    config = ControllerConfig(strategies=(Strategy(temperature=0.5), Strategy(temperature=0.9)))
+    for retry, temp in [(1, 0.5), (2, 0.9), (5, 0.9)]:
+        assert spec.strategy(retry).temperature == temp
+        assert config.strategy(retry).temperature == temp
+    for lookup in (spec.strategy, config.strategy, lambda r: strategy_for_retry([1], r)):
+        with pytest.raises(ValueError, match="retries count from 1"):
+            lookup(0)
+
+
+def test_the_log_alias_reads_as_shadow_in_the_policy_and_the_controller():
+    from guard.controller.backtrack import BoundMonitor
+    from guard.policy import ResetTokenMonitorSpec
+
+    spec = ResetTokenMonitorSpec(kind="reset_token", name="r", action="log")
+    assert spec.action == "shadow"
+    assert BoundMonitor(monitor=None, action="log").action == "shadow"  # type: ignore[arg-type]
+
+
+def test_runtime_defaults_are_the_schemas(tmp_path):
+    """The runtime dataclasses keep defaults for library callers; they must equal the policy
+    schema's, which is where configuration is declared (guard.policy.build maps one to the other)."""
+    import dataclasses
+
+    from guard.controller.backtrack import ControllerConfig, Strategy
+    from guard.controller.deliberation import DeliberationConfig
+    from guard.monitors.base import AggregationSpec
+    from guard.policy import AggregationConfig, Policy
+    from guard.policy.build import aggregation, controller_config, strategy
+    from guard.policy.schema import DeliberationSpec, ResampleStrategy
+
+    policy = Policy(name="p", model={"engine": "vllm", "path": str(tmp_path / "m")},
+                    backtrack={"strategies": [{}]})
+    built = controller_config(policy)
+    assert dataclasses.replace(built, cut_separator=ControllerConfig().cut_separator) == ControllerConfig()
+    assert strategy(ResampleStrategy()) == Strategy()
+    assert aggregation(AggregationConfig()) == AggregationSpec()
+    from guard.engine.vllm_engine import VLLMOptions  # imports no vllm until an engine loads
+    from guard.policy.build import vllm_options
+
+    assert vllm_options(None) == VLLMOptions()
+    d = DeliberationSpec()
+    assert DeliberationConfig() == DeliberationConfig(
+        mode=d.mode, spec="", instruction=d.instruction, placement=d.placement, open_tag=d.open_tag,
+        close_tag=d.close_tag, max_reasoning_tokens=d.max_reasoning_tokens, risk_monitor=d.risk_monitor)
