@@ -72,7 +72,7 @@ class ChatTokenizer(Protocol):
 class MonitorRun:
     """A monitor a sequence wants scored, for engines that run monitors themselves."""
 
-    monitor: "Monitor"
+    monitor: Monitor
     acts: bool
     """Its firing changes the answer (backtrack or refuse): the engine may stop generating at once."""
     prompt: bool
@@ -210,7 +210,7 @@ class Engine(ABC):
     def hidden_states(self, token_ids: list[int], layers: Collection[int]) -> dict[int, torch.Tensor]:
         """Teacher-forced activations ``[len(token_ids), d_model]`` per layer (for probe training)."""
 
-    def rescore(self, seq: Sequence, monitors: "Collection[Monitor]") -> dict[str, list[float]]:
+    def rescore(self, seq: Sequence, monitors: Collection[Monitor]) -> dict[str, list[float]]:
         """Raw scores of every answer token (``seq.tokens[seq.answer_start:]``) per monitor, from one
         fresh forward pass over the whole sequence: no KV cache, no steering. A monitor's exception
         propagates. The default runs :meth:`hidden_states`; engines that keep activations to

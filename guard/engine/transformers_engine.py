@@ -14,18 +14,18 @@ only for the duration of one forward call (:mod:`guard.engine.hooks`).
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
 import functools
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from guard import sampling
 from guard.engine.base import Engine, EngineStats, ModelInfo, MonitorRun, Sequence, StepOutput
 from guard.engine.hooks import capture_layers, decoder_layers
 from guard.errors import ModelLoadError
-from guard import sampling
 from guard.sampling import SamplingParams
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -128,7 +128,7 @@ class TransformersEngine(Engine):
 
     @classmethod
     def load(cls, path: str | Path, *, dtype: str = "auto", device: str = "auto", name: str | None = None,
-             max_context: int | None = None) -> "TransformersEngine":
+             max_context: int | None = None) -> TransformersEngine:
         """Load a local HF model directory (no hub access). Errors are :class:`ModelLoadError`."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -94,7 +94,7 @@ class _Request:
     """Sequence length (prompt + accepted tokens) it was submitted with."""
     signature: tuple
     reader: ScoreReader
-    items: "queue.SimpleQueue[tuple]" = field(default_factory=queue.SimpleQueue)
+    items: queue.SimpleQueue[tuple] = field(default_factory=queue.SimpleQueue)
     buffered: list[int] = field(default_factory=list)
     """Tokens received and not yet handed out."""
     surprisal: list[float | None] = field(default_factory=list)
@@ -201,7 +201,7 @@ class VLLMEngine(Engine):
 
     @classmethod
     def load(cls, path: str | Path, *, dtype: str = "auto", device: str = "auto", name: str | None = None,
-             max_context: int | None = None, options: VLLMOptions = VLLMOptions()) -> "VLLMEngine":
+             max_context: int | None = None, options: VLLMOptions = VLLMOptions()) -> VLLMEngine:
         return cls(path, name=name or Path(path).name, dtype=dtype, max_context=max_context, options=options)
 
     async def _start(self, path: Path, dtype: str, ctx: int):
@@ -398,7 +398,7 @@ class VLLMEngine(Engine):
                 asyncio.run_coroutine_threadsafe(_cancel(handler), self._loop).result(10)
             try:
                 llm.shutdown()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("vLLM shutdown failed")
             self._llm = None
         if self._loop.is_running():

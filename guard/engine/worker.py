@@ -134,7 +134,7 @@ class EngineWorker:
     def _advance(job: Job) -> bool:
         try:
             return job.advance()
-        except BaseException as exc:  # noqa: BLE001 - a job's failure must not kill the worker
+        except BaseException as exc:  # a job's failure must not kill the worker
             log.exception("generation failed")
             job.fail(exc)
             return True
@@ -144,5 +144,5 @@ class EngineWorker:
             self._active -= 1
         try:
             job.close()
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception("closing a job failed")
