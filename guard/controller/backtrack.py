@@ -55,7 +55,12 @@ from typing import Literal
 
 import torch
 
-from guard.controller.deliberation import DeliberationConfig, ReasoningSection, find_close, forced_prefix
+from guard.controller.deliberation import (
+    DeliberationConfig,
+    ReasoningSection,
+    find_close,
+    forced_prefix,
+)
 from guard.controller.events import Cut, Event, Finished, FinishReason, Reset, TextDelta, Usage
 from guard.controller.garble import GarbleMonitor, SurprisalTracker
 from guard.controller.record import DiscardedSpan, GenerationRecord, RetryStrategy
@@ -790,7 +795,7 @@ def _checked_score(monitor: Monitor, hidden: torch.Tensor | None, token_ids: lis
     """``monitor.score``, with any exception or a wrong number of scores as :class:`MonitorFailure`."""
     try:
         scores = monitor.score(hidden, token_ids)
-    except Exception as exc:  # noqa: BLE001 - any monitor bug is handled by the policy's on_monitor_error
+    except Exception as exc:  # any monitor bug is handled by the policy's on_monitor_error
         raise MonitorFailure(f"{type(exc).__name__}: {exc}") from exc
     if len(scores) != len(token_ids):
         raise MonitorFailure(f"returned {len(scores)} scores for {len(token_ids)} tokens")

@@ -122,12 +122,12 @@ class GenerationRecord:
     """False for a checkpoint written while the generation was still running (outcome ``interrupted``
     until the generation ends and its record is rewritten; a crash leaves it so)."""
 
-    def checkpoint(self, output_ids: list[int], final_text: str) -> "GenerationRecord":
+    def checkpoint(self, output_ids: list[int], final_text: str) -> GenerationRecord:
         """A deep copy to store while the generation runs: the answer so far, outcome ``interrupted``."""
         return GenerationRecord.from_dict({**self.to_dict(), "output_ids": list(output_ids), "final_text": final_text,
                                            "outcome": "interrupted", "finish_reason": None, "complete": False})
 
-    def snapshot(self) -> "GenerationRecord":
+    def snapshot(self) -> GenerationRecord:
         """A deep copy (the controller keeps mutating the original)."""
         return GenerationRecord.from_dict(self.to_dict())
 
@@ -146,7 +146,7 @@ class GenerationRecord:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "GenerationRecord":
+    def from_dict(cls, data: dict[str, Any]) -> GenerationRecord:
         data = dict(data)
         data["spans"] = [DiscardedSpan(**s) for s in data.get("spans", [])]
         data["retries"] = [RetryStrategy(**r) for r in data.get("retries", [])]
