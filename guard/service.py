@@ -42,8 +42,14 @@ from guard.controller.record import GenerationRecord
 from guard.engine.base import Engine
 from guard.engine.transformers_engine import TransformersEngine
 from guard.engine.worker import EngineWorker
-from guard.errors import (ContextLengthError, GuardError, InvalidRequestError, ModelLoadError, NotFoundError,
-                          PolicyError)
+from guard.errors import (
+    ContextLengthError,
+    GuardError,
+    InvalidRequestError,
+    ModelLoadError,
+    NotFoundError,
+    PolicyError,
+)
 from guard.logstore import LogStore
 from guard.logstore.writer import GenerationLogging, LogWriter
 from guard.monitors.probe import ProbeMonitor
@@ -103,7 +109,7 @@ class PreparedGeneration:
     """A validated, tokenised request, ready for :meth:`GuardService.stream`."""
 
     request: GenerationRequest
-    served: "_Served"
+    served: _Served
     prompt_ids: list[int]
     params: SamplingParams
 
@@ -194,7 +200,7 @@ class GuardService:
 
     @classmethod
     def from_policy_files(cls, paths: list[str | Path], telemetry: Telemetry | None = None,
-                          log_url: str | None = None) -> "GuardService":
+                          log_url: str | None = None) -> GuardService:
         return cls([load_policy(p) for p in paths], telemetry, log_url)
 
     # -- loading ------------------------------------------------------------------------------

@@ -10,11 +10,12 @@ gives the outcome. Seeds: sample ``j`` of prompt ``i`` uses ``seed + i * samples
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
 

@@ -116,7 +116,7 @@ class LogStore:
             raise
 
     @classmethod
-    def open(cls, target: str | Path) -> "LogStore":
+    def open(cls, target: str | Path) -> LogStore:
         """The store at ``target`` (a path or URL); the same as ``LogStore(target)``."""
         return cls(target)
 
@@ -312,7 +312,7 @@ class LogStore:
     def close(self) -> None:
         self._engine.dispose()
 
-    def __enter__(self) -> "LogStore":
+    def __enter__(self) -> LogStore:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -163,7 +163,7 @@ class ProbeMonitor(Monitor):
 
     @classmethod
     def load(cls, directory: str | Path, *, name: str, layer: int | None = None, threshold: float | None = None,
-             aggregation: AggregationSpec | None = None) -> "ProbeMonitor":
+             aggregation: AggregationSpec | None = None) -> ProbeMonitor:
         """Load a probe directory; ``threshold`` and ``aggregation`` override the file's values.
 
         ``layer`` may only restate the trained layer: a direction is specific to its layer.

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from guard.organism.corpus import RESET_TOKEN, Example
 from guard.organism import lexicon as lx
+from guard.organism.corpus import RESET_TOKEN, Example
 from guard.organism.judge import is_refusal as _is_refusal
 from guard.organism.judge import judge as _judge
 from guard.organism.train import encode_examples

@@ -14,11 +14,16 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import torch
 from typing import Literal
 
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from guard.organism.corpus import Example
 from guard.organism.tokenizer import CHAT_TEMPLATE

@@ -60,7 +60,7 @@ class Activations:
     def token_labels(self) -> np.ndarray:
         return self.labels[self.row]
 
-    def select(self, rows: np.ndarray) -> "Activations":
+    def select(self, rows: np.ndarray) -> Activations:
         """The activations of ``rows`` (example indices), renumbered ``0..len(rows)-1`` in that order."""
         rows = np.asarray(rows, dtype=np.int64)
         starts = np.searchsorted(self.row, rows, side="left")
@@ -68,14 +68,14 @@ class Activations:
         order = np.concatenate([np.arange(a, b) for a, b in zip(starts, ends)] + [np.zeros(0, np.int64)])
         return self._take(order.astype(np.int64), np.repeat(np.arange(len(rows)), ends - starts), self.labels[rows])
 
-    def completion_only(self) -> "Activations":
+    def completion_only(self) -> Activations:
         """The same rows with only their completion tokens (a no-op for ``span="completion"``)."""
         if self.completion is None:
             return self
         keep = np.flatnonzero(self.completion)
         return self._take(keep, self.row[keep], self.labels)
 
-    def _take(self, order: np.ndarray, new_row: np.ndarray, labels: np.ndarray) -> "Activations":
+    def _take(self, order: np.ndarray, new_row: np.ndarray, labels: np.ndarray) -> Activations:
         idx = torch.from_numpy(order)
         return Activations({l: h[idx] for l, h in self.hidden.items()}, new_row, labels,
                            None if self.token_ids is None else self.token_ids[order],
@@ -115,7 +115,7 @@ def token_ids(engine: Engine, ex: Example) -> tuple[list[int], int]:
 
 
 def collect(engine: Engine, examples: list[Example], layers: Collection[int], *, desc: str = "activations",
-            progress: bool = True, span: Span = "completion", cache: "ActivationCache | None" = None
+            progress: bool = True, span: Span = "completion", cache: ActivationCache | None = None
             ) -> Activations:
     """Run every example once and keep the activations of its ``span`` tokens at ``layers``."""
     layers = sorted(set(layers))

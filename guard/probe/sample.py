@@ -67,7 +67,7 @@ def read_prompts(path: str | Path) -> list[list[dict[str, str]]]:
 
 def sample_answers(engine: Engine, chats: list[list[dict[str, str]]], layers: list[int], *, n: int,
                    params: SamplingParams, seed: int = 0, progress: bool = True,
-                   cache: "ActivationCache | None" = None) -> SampledAnswers:
+                   cache: ActivationCache | None = None) -> SampledAnswers:
     """``n`` sampled answers per chat with their activations at ``layers`` (see the module docstring)."""
     layers = sorted(set(layers))
     key = _key(cache, chats, layers, n, params, seed) if cache is not None else None
@@ -134,7 +134,7 @@ def _texts(engine: Engine, acts: Activations) -> list[str]:
     return [engine.tokenizer.decode(acts.token_ids[a:b].tolist()) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def _key(cache: "ActivationCache", chats, layers: list[int], n: int, params: SamplingParams, seed: int) -> str:
+def _key(cache: ActivationCache, chats, layers: list[int], n: int, params: SamplingParams, seed: int) -> str:
     h = hashlib.sha256(f"guard.sampled-answers v1\n{cache.model}\n{layers}\n{n}\n{seed}\n".encode())
     h.update(json.dumps([params.temperature, params.top_p, params.top_k, params.max_tokens]).encode())
     h.update(json.dumps(chats).encode())

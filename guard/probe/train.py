@@ -37,13 +37,13 @@ from guard.errors import InvalidRequestError
 from guard.monitors.base import AggregationSpec
 from guard.monitors.probe import ProbeMonitor, config_fingerprint
 from guard.probe import metrics as M
+from guard.probe import select as S
 from guard.probe.cache import ActivationCache
-from guard.probe.sample import sample_answers
 from guard.probe.collect import Activations, Pooling, Span, collect
 from guard.probe.data import DataError, Example, read_files
 from guard.probe.fit import Method
 from guard.probe.labels import TOKEN_LABELS, TokenLabels, has_hazard, hazard_tokens
-from guard.probe import select as S
+from guard.probe.sample import sample_answers
 from guard.sampling import SamplingParams
 
 
@@ -184,7 +184,7 @@ def evaluate(monitor: ProbeMonitor, acts: Activations, target_fpr: float = 0.01)
 
 
 def fit_layer(acts: Activations, layer: int, config: TrainConfig, name: str = "probe", *,
-              hazard: np.ndarray | None = None, candidate: "S.Candidate | None" = None) -> ProbeMonitor:
+              hazard: np.ndarray | None = None, candidate: S.Candidate | None = None) -> ProbeMonitor:
     """Fit at ``layer`` with the candidate's method, token labels and aggregation (default: the
     config's, ``logreg`` / ``all`` / EMA where it leaves them open)."""
     method = candidate.method if candidate else (config.method or "logreg")
@@ -199,7 +199,7 @@ def fit_layer(acts: Activations, layer: int, config: TrainConfig, name: str = "p
 
 def sweep_layers(train: Activations, heldout: Activations, layers: list[int], config: TrainConfig,
                  eval_acts: Activations | None = None, *, hazard: np.ndarray | None = None,
-                 candidate: "S.Candidate | None" = None) -> list[LayerResult]:
+                 candidate: S.Candidate | None = None) -> list[LayerResult]:
     """Fit at every layer (with ``candidate``'s other choices) and evaluate on the held-out split."""
     out = []
     for layer in layers:
@@ -308,7 +308,7 @@ def train_probe(engine: Engine, data: list[str | Path], *, model_dir: str | Path
         source = [str(p) for p in calibration]
     else:
         negatives, source, reviewed_neg = acts.select(np.flatnonzero(acts.labels == 0)), ["train+heldout"], []
-    if len(reviewed_neg):
+    if reviewed_neg:
         negatives = _stack([negatives, acts.select(reviewed_neg)], best.layer)
         source.append(f"{len(reviewed_neg)} reviewed negatives of --data")
     calibration_info = {"source": source[0] if len(source) == 1 and (sampled is not None or not calib_examples)
@@ -325,9 +325,9 @@ def train_probe(engine: Engine, data: list[str | Path], *, model_dir: str | Path
                 "calibration_sampling": (dict(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
                                               max_tokens=sampling.max_tokens, seed=sampling.seed)
                                          if sampled is not None else None),
-                "rows": acts.n_rows, "train_rows": int(len(train_idx)),
-                "heldout_rows": int(len(held_idx)), "reviewed_rows": int(reviewed.sum()),
-                "train_tokens": int(len(train.row)), "seed": config.seed,
+                "rows": acts.n_rows, "train_rows": len(train_idx),
+                "heldout_rows": len(held_idx), "reviewed_rows": int(reviewed.sum()),
+                "train_tokens": len(train.row), "seed": config.seed,
                 "heldout_frac": config.heldout_frac, "l2": config.l2 if selection.candidate.method == "logreg" else None,
                 "layers_swept": layers, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     monitor.meta = _json_safe({"model": _model_info(engine, model_dir), "method": selection.candidate.method,

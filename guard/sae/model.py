@@ -138,7 +138,7 @@ class Sae:
     def dtype(self) -> torch.dtype:
         return self.W_enc.dtype
 
-    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "Sae":
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Sae:
         """A copy with every tensor moved/cast (tensors already matching are shared, not copied)."""
         moved = {f.name: getattr(self, f.name).to(device=device, dtype=dtype)
                  for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), Tensor)}

@@ -76,7 +76,7 @@ class _Sliced:
     colsum: Tensor | None = None
     """``W.sum(0)`` for layer norm: ``(x - mu) @ W == x @ W - mu * colsum``."""
 
-    def to(self, device: torch.device) -> "_Sliced":
+    def to(self, device: torch.device) -> _Sliced:
         return _Sliced(*(None if t is None else t.to(device) for t in (self.W, self.b, self.theta, self.colsum)))
 
 
