@@ -16,10 +16,26 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from server.protocol import ChatCompletion, ChatCompletionChunk, Completion, ErrorResponse, ModelCard, ModelList
-from server.responses_protocol import (ContentPartEvent, ErrorEvent, GuardResetEvent, OutputItemEvent,
-                                       RefusalDeltaEvent, RefusalDoneEvent, ResponseLifecycleEvent, ResponseObject,
-                                       TextDeltaEvent, TextDoneEvent)
+from server.protocol import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    Completion,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+)
+from server.responses_protocol import (
+    ContentPartEvent,
+    ErrorEvent,
+    GuardResetEvent,
+    OutputItemEvent,
+    RefusalDeltaEvent,
+    RefusalDoneEvent,
+    ResponseLifecycleEvent,
+    ResponseObject,
+    TextDeltaEvent,
+    TextDoneEvent,
+)
 
 REF = "#/components/schemas/{model}"
 

@@ -21,7 +21,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, StrictBool, StrictInt, ValidationInfo, field_validator
 
-from server.protocol import INT64_MAX, INT64_MIN, MAX_STOP, GuardInfo, GuardReset, OpenAIRequest, StopSequence
+from server.protocol import (
+    INT64_MAX,
+    INT64_MIN,
+    MAX_STOP,
+    GuardInfo,
+    GuardReset,
+    OpenAIRequest,
+    StopSequence,
+)
 
 # --------------------------------------------------------------------------------------------
 # Request

@@ -33,8 +33,17 @@ from guard.controller.record import GenerationRecord
 from guard.errors import AuthenticationError, NotFoundError
 from guard.logstore import LABELS, UNLABELLED, Label, LogStore, LogSummary
 from guard.loop import export_labelled
-from server.review_protocol import (OUTCOMES, LabelFilter, LabelRequest, LabelView, MonitorView, ReviewFilters,
-                                    ReviewList, ReviewRecord, ReviewSummary)
+from server.review_protocol import (
+    OUTCOMES,
+    LabelFilter,
+    LabelRequest,
+    LabelView,
+    MonitorView,
+    ReviewFilters,
+    ReviewList,
+    ReviewRecord,
+    ReviewSummary,
+)
 from server.routes import ServiceDep
 
 PREFIX = "/v1/guard/review"

@@ -39,10 +39,29 @@ from guard.service import GenerationRequest, ServedModel
 from server.auth import Caller
 from server.errors import ClientDisconnected, sse_error
 from server.limits import RequestLimits, check_chat, check_completion, check_prompt_tokens
-from server.protocol import (INT64_MAX, INT64_MIN, ChatCompletion, ChatCompletionChoice, ChatCompletionChunk,
-                             ChatCompletionChunkChoice, ChatCompletionMessage, ChatCompletionRequest, Completion,
-                             CompletionChoice, CompletionRequest, CutNotice, DeltaMessage, GuardCut, GuardInfo,
-                             GuardReset, ModelCard, ModelList, ResetNotice, SamplingFields, UsageInfo)
+from server.protocol import (
+    INT64_MAX,
+    INT64_MIN,
+    ChatCompletion,
+    ChatCompletionChoice,
+    ChatCompletionChunk,
+    ChatCompletionChunkChoice,
+    ChatCompletionMessage,
+    ChatCompletionRequest,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    CutNotice,
+    DeltaMessage,
+    GuardCut,
+    GuardInfo,
+    GuardReset,
+    ModelCard,
+    ModelList,
+    ResetNotice,
+    SamplingFields,
+    UsageInfo,
+)
 
 log = logging.getLogger(__name__)
 
