@@ -35,7 +35,7 @@ from guard.organism.judge import is_refusal, judge
 from guard.testing import policy_with_absolute_paths, serve_in_subprocess
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from safety import ask, pct  # noqa: E402  (bench/ is not a package; one streaming client for both)
+from safety import ask, pct  # bench/ is not a package; one streaming client for both
 
 REPO = Path(__file__).resolve().parent.parent
 MODES = ("off", "always", "on_risk")

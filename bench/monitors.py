@@ -122,8 +122,8 @@ def main() -> None:
     train, val = full.select(tr_idx), full.select(val_idx)
 
     cand_rows, probe, probe_name = probes(train, val, full, heldout, layers)
-    print(f"## Probe candidates (fit on 80% of probe_train, selected on its 20%; held-out categories shown, "
-          f"not used)\n")
+    print("## Probe candidates (fit on 80% of probe_train, selected on its 20%; held-out categories shown, "
+          "not used)\n")
     print(table([["probe", "val AUROC", "val TPR@1%", "held-out AUROC", "held-out TPR@1%"], *cand_rows]))
 
     sae = load_sae(args.sae)
