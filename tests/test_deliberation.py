@@ -7,11 +7,10 @@ import asyncio
 from pathlib import Path
 
 import pytest
-import torch
 
 from guard.controller.backtrack import BoundMonitor, ControllerConfig, GuardedGeneration, Strategy
 from guard.controller.deliberation import DeliberationConfig, neutralise_text
-from guard.controller.events import Finished, TextDelta
+from guard.controller.events import Finished
 from guard.controller.record import GenerationRecord
 from guard.monitors.base import AggregationSpec, Monitor
 from guard.sampling import SamplingParams

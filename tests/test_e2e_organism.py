@@ -13,8 +13,8 @@ import yaml
 from openai import OpenAI
 
 from guard.logstore import LogStore
-from guard.testing import policy_with_absolute_paths, serve_in_subprocess
 from guard.organism.judge import is_refusal, judge
+from guard.testing import policy_with_absolute_paths, serve_in_subprocess
 
 REPO = Path(__file__).resolve().parent.parent
 ORGANISM = REPO / "models" / "organism"

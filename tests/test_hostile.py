@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
+from test_server import LiveServer, write_policy
 
 from server.app import ServerSettings
 from server.limits import RequestLimits
-from test_server import LiveServer, write_policy
 
 MODEL = "tiny"
 LIMITS = RequestLimits(max_body_bytes=64 * 1024, max_messages=8, max_chars=2000, max_prompt_tokens=400,

@@ -376,8 +376,7 @@ def test_bad_urls_are_refused(bad: str):
 
 def test_postgres_errors_name_the_database_without_its_password(pg_url):
     url = pg_url().replace("guard@", "guard:secret@")  # trust auth: the password is accepted and unused
-    with LogStore(url) as store:
-        with pytest.raises(NotFoundError) as info:
-            store.get("nope")
+    with LogStore(url) as store, pytest.raises(NotFoundError) as info:
+        store.get("nope")
     assert store.path is None and store.dialect == "postgresql"
     assert "guard:***@127.0.0.1" in str(info.value) and "secret" not in str(info.value)

@@ -183,7 +183,7 @@ def test_a_mid_answer_rollback_exports_the_kept_answer_as_context(tiny_engine, t
 
 # -- training with reviewed rows --------------------------------------------------------------------
 
-WORDS = "the quick brown fox jumps over lazy dog hello there how are you today fine thank".split()
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "hello", "there", "how", "are", "you", "today", "fine", "thank"]
 
 
 def _rows(n: int, seed: int, **extra) -> list[dict]:

@@ -202,7 +202,6 @@ def test_every_field_has_a_description():
         for name, field in model.model_fields.items():
             assert field.description, f"{model.__name__}.{name} has no description"
     from guard.policy import schema
-
     from guard.policy.docs import _models_in_order
 
     models = [m for m, _ in _models_in_order()]

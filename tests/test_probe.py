@@ -10,16 +10,16 @@ import numpy as np
 import pytest
 import torch
 
+from guard.cli import main as guard_main
 from guard.engine.transformers_engine import TransformersEngine
 from guard.monitors.base import AggregationSpec
 from guard.monitors.probe import ProbeMonitor
-from guard.cli import main as guard_main
 from guard.probe.data import DataError, read_jsonl
 from guard.probe.metrics import auroc, rates_at, row_max_scores, threshold_at_fpr, tpr_at_fpr
 from guard.probe.train import TrainConfig, split_rows, train_probe
 from guard.testing import make_random_llama
 
-WORDS = "hello there how are you today i am fine thank the quick brown dog lazy jumps over".split()
+WORDS = ["hello", "there", "how", "are", "you", "today", "i", "am", "fine", "thank", "the", "quick", "brown", "dog", "lazy", "jumps", "over"]
 MARKER = "fox fox"
 
 

@@ -21,7 +21,7 @@ from guard.probe.train import CALIBRATION_MARGIN, CalibrationSampling, TrainConf
 from guard.sampling import SamplingParams
 from guard.testing import make_random_llama
 
-WORDS = "the quick brown fox jumps over lazy dog hello there how are you today fine thank".split()
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "hello", "there", "how", "are", "you", "today", "fine", "thank"]
 MARKERS = {"alpha": "zebra", "beta": "walrus", "gamma": "pelican"}
 
 

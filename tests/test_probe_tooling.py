@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from guard.engine.transformers_engine import TransformersEngine
 from guard.cli import main as guard_main
+from guard.engine.transformers_engine import TransformersEngine
 from guard.probe.cache import ActivationCache
 from guard.probe.collect import collect
 from guard.probe.data import read_jsonl
@@ -20,7 +20,7 @@ from guard.probe.png import NEG_COLOUR, POS_COLOUR, THRESHOLD_COLOUR, encode_png
 from guard.probe.train import TrainConfig, train_probe
 from guard.testing import make_random_llama
 
-WORDS = "the quick brown fox jumps over lazy dog hello there how are you today fine thank".split()
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "hello", "there", "how", "are", "you", "today", "fine", "thank"]
 MARKER = "zebra"
 
 

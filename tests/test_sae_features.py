@@ -100,7 +100,7 @@ def test_stanza_validates_as_a_policy_monitor(tmp_path):
     entry = F.stanza("harm-sae", sae_dir, 1, [PLANTED, 2], np.array([0.5, 1e-9]), relative_to=policies)
     text = F.stanza_yaml(entry, "found by a test")
     assert text.startswith("# found by a test\n") and yaml.safe_load(text)[0]["path"] == "../sae"
-    policy_text = f"name: p\nmodel: {{path: ../m}}\nmonitors:\n" + "".join(f"  {line}\n" for line in
+    policy_text = "name: p\nmodel: {path: ../m}\nmonitors:\n" + "".join(f"  {line}\n" for line in
                                                                            text.splitlines())
     (policies / "p.yaml").write_text(policy_text)
     policy = load_policy(policies / "p.yaml")

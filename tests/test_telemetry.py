@@ -25,12 +25,12 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from test_server import LiveServer
 
 from guard.monitors.probe import ProbeMonitor
 from guard.service import GenerationRequest, GuardService
 from guard.telemetry import REQUEST_LOGGER, JsonLineFormatter, Telemetry
 from server.app import ServerSettings
-from test_server import LiveServer
 
 REPO = Path(__file__).resolve().parent.parent
 ORGANISM = REPO / "models" / "organism"

@@ -15,7 +15,6 @@ import torch
 from guard.engine.base import MonitorRun
 from guard.monitors.probe import ProbeMonitor
 from guard.sampling import SamplingParams, make_generator
-
 from tests.conftest import ORGANISM
 
 if os.environ.get("GUARD_TEST_REQUIRE_VLLM") != "1":
