@@ -198,7 +198,7 @@ class Engine(ABC):
     def rollback(self, seq: Sequence, length: int) -> None:
         """Keep the first ``length`` tokens (``length >= prompt_len``), reusing the KV cache."""
 
-    def disable_monitor(self, seq: Sequence, name: str) -> None:
+    def disable_monitor(self, seq: Sequence, name: str) -> None:  # noqa: B027 - optional hook
         """The controller stopped enforcing monitor ``name`` for ``seq`` (``fail_open``). Engines that
         run monitors themselves must stop acting on it for that sequence; the default does nothing."""
 
@@ -219,7 +219,7 @@ class Engine(ABC):
         hidden = self.hidden_states(seq.tokens, {m.layer for m in monitors})
         return {m.name: m.score(hidden[m.layer][a:], seq.tokens[a:]) for m in monitors}
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook
         """Free the engine's resources (processes, caches). Idempotent; the default does nothing."""
 
     def check_new_sequence(self, prompt_ids: list[int], layers: Collection[int]) -> None:

@@ -49,7 +49,8 @@ def capture_layers(modules: Sequence[nn.Module], capture: Collection[int],
     float32 clone).
 
     If ``steer`` maps a layer to a vector, that vector is added to the layer's output on its way to
-    the next layer; what is captured at that layer is the activation *before* steering. The hooks are removed when the block exits, whatever happens inside.
+    the next layer; what is captured at that layer is the activation *before* steering. The hooks
+    are removed when the block exits, whatever happens inside.
     """
     captured: dict[int, torch.Tensor] = {}
     steer = steer or {}

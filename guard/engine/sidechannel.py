@@ -85,7 +85,7 @@ class ScoreReader:
         for i in range(0, whole, size):
             pos, flags, *scores = self.fmt.unpack_from(data, i)
             out.append((pos, bool(flags & FORCED),
-                        {k: s for k, s in zip(self.keys, scores) if not math.isnan(s)},
+                        {k: s for k, s in zip(self.keys, scores, strict=True) if not math.isnan(s)},
                         {k for i, k in enumerate(self.keys) if flags & failed_bit(i)}))
         return out
 

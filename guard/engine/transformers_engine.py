@@ -65,7 +65,7 @@ class HFChatTokenizer:
         """
         sentinels = [f"\x00guard-content-{i}\x00" for i in range(len(messages))]
         placeheld = [{**m, "content": s} if isinstance(m.get("content"), str) else m
-                     for m, s in zip(messages, sentinels)]
+                     for m, s in zip(messages, sentinels, strict=True)]
         text = self.tok.apply_chat_template(placeheld, add_generation_prompt=True, tokenize=False)
         used = [i for i, m in enumerate(messages) if isinstance(m.get("content"), str)]
         if any(text.count(sentinels[i]) != 1 for i in used):

@@ -452,7 +452,7 @@ class VLLMEngine(Engine):
         keys = [self.register_monitor(m) for m in score]
         act_keys = [self.register_monitor(m) for m in act]
         init = {}
-        for m, k in zip(score, keys):
+        for m, k in zip(score, keys, strict=True):
             raw = [vs.scores.get(p, {}).get(m.name) for p in range(a, min(n, score_from))]
             if any(r is None for r in raw):
                 raise EngineError(f"no score of monitor {m.name!r} for an accepted token of sequence {vs.key}")
@@ -463,7 +463,7 @@ class VLLMEngine(Engine):
                            steer=tuple(steer_keys), reset_id=self.reset_id, ban_first=tuple(sorted(banned)),
                            ban=tuple(sorted(params.banned_token_ids | ({self.reset_id} if self.reset.banned
                                                                        else set()))),
-                           scale={k: seq.threshold_scale[m.name] for m, k in zip(score, keys)
+                           scale={k: seq.threshold_scale[m.name] for m, k in zip(score, keys, strict=True)
                                   if m.name in seq.threshold_scale})
         seed = int(torch.randint(0, 2**62, (1,), generator=generator).item()) if generator is not None else 0
         salt = salt if salt is not None else vs.salt
@@ -477,7 +477,7 @@ class VLLMEngine(Engine):
                  extra_args={ARGS_KEY: args.to_dict()})
         req = _Request(request_id=f"guard-{rkey}", args=args, start_len=n, signature=signature,
                        reader=ScoreReader(args.channel, keys), scoring_only=scoring_only,
-                       names={k: m.name for k, m in zip(keys, score)})
+                       names={k: m.name for k, m in zip(keys, score, strict=True)})
         prompt = TokensPrompt(prompt_token_ids=list(seq.tokens))
         if salt is not None:
             prompt["cache_salt"] = salt
@@ -490,7 +490,10 @@ class VLLMEngine(Engine):
         try:
             async for out in self._llm.generate(prompt, sp, req.request_id):
                 o = out.outputs[0]
-                lps = [d[t].logprob if d and t in d else None for t, d in zip(o.token_ids, o.logprobs or [])]
+                lps = [
+                    d[t].logprob if d and t in d else None
+                    for t, d in zip(o.token_ids, o.logprobs or [], strict=False)
+                ]
                 req.items.put(("tokens", list(o.token_ids), out.finished, o.stop_reason, out.num_cached_tokens, lps))
         except asyncio.CancelledError:
             req.items.put(("aborted",))
@@ -506,7 +509,7 @@ class VLLMEngine(Engine):
             item = req.items.get(block=block, timeout=300 if block else None)
         except queue.Empty:
             if block:
-                raise EngineError(f"vLLM sent nothing for request {req.request_id} in 300 s")
+                raise EngineError(f"vLLM sent nothing for request {req.request_id} in 300 s") from None
             return False
         if item[0] == "error":
             raise EngineError(f"vLLM request failed: {item[1]}") from item[1]
@@ -543,9 +546,8 @@ class VLLMEngine(Engine):
     def _next_token(self, seq: Sequence, req: _Request) -> tuple[int, bool]:
         """The next token of the request, and whether it is a reset forced by the worker."""
         while not req.buffered:
-            if not self._receive(seq, req, block=True):
-                if req.finished:
-                    raise EngineError(f"vLLM request {req.request_id} ended without a token")
+            if not self._receive(seq, req, block=True) and req.finished:
+                raise EngineError(f"vLLM request {req.request_id} ended without a token")
         token = req.buffered.pop(0)
         req.last_surprisal = req.surprisal.pop(0)
         pos = len(seq.tokens)  # absolute position of the new token; it was computed from pos - 1
