@@ -102,7 +102,8 @@ class GenerationRecord:
     """Every firing in order: ``{"monitor", "action", "scope", "position", "token_id", "token", "score",
     "threshold", "attempt"}``; ``scope`` is ``"prompt"`` (``position`` indexes the prompt),
     ``"output"`` or ``"recheck"`` (the from-scratch re-check of an answer about to be accepted after a
-    rollback); ``threshold`` is the one in effect (stricter after the monitor fired); ``action="shadow"`` firings (log-only monitors) changed nothing."""
+    rollback); ``threshold`` is the one in effect (stricter after the monitor fired);
+    ``action="shadow"`` firings (log-only monitors) changed nothing."""
     prompt_scores: dict[str, list[float]] = field(default_factory=dict)
     """Monitor -> raw per-token scores of the prompt, for monitors with prompt scope."""
     monitor_errors: list[dict[str, Any]] = field(default_factory=list)
