@@ -65,7 +65,7 @@ class Activations:
         rows = np.asarray(rows, dtype=np.int64)
         starts = np.searchsorted(self.row, rows, side="left")
         ends = np.searchsorted(self.row, rows, side="right")
-        order = np.concatenate([np.arange(a, b) for a, b in zip(starts, ends)] + [np.zeros(0, np.int64)])
+        order = np.concatenate([np.arange(a, b) for a, b in zip(starts, ends, strict=True)] + [np.zeros(0, np.int64)])
         return self._take(order.astype(np.int64), np.repeat(np.arange(len(rows)), ends - starts), self.labels[rows])
 
     def completion_only(self) -> Activations:
@@ -77,7 +77,7 @@ class Activations:
 
     def _take(self, order: np.ndarray, new_row: np.ndarray, labels: np.ndarray) -> Activations:
         idx = torch.from_numpy(order)
-        return Activations({l: h[idx] for l, h in self.hidden.items()}, new_row, labels,
+        return Activations({layer: h[idx] for layer, h in self.hidden.items()}, new_row, labels,
                            None if self.token_ids is None else self.token_ids[order],
                            None if self.completion is None else self.completion[order])
 
@@ -137,7 +137,7 @@ def collect(engine: Engine, examples: list[Example], layers: Collection[int], *,
 
 def _run(engine: Engine, examples: list[Example], layers: list[int], *, desc: str, progress: bool,
          span: Span) -> Activations:
-    chunks: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
+    chunks: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     rows, ids_out, is_completion = [], [], []
     bar = Progress(desc, len(examples), enabled=progress)
     for i, ex in enumerate(examples):
@@ -156,8 +156,11 @@ def _run(engine: Engine, examples: list[Example], layers: list[int], *, desc: st
         bar.update(i + 1)
     bar.close()
     d = engine.info.d_model
-    cat = (lambda parts, dtype: np.concatenate(parts) if parts else np.zeros(0, dtype))
-    return Activations({l: torch.cat(c) if c else torch.zeros(0, d) for l, c in chunks.items()},
+
+    def cat(parts: list[np.ndarray], dtype: type) -> np.ndarray:
+        return np.concatenate(parts) if parts else np.zeros(0, dtype)
+
+    return Activations({layer: torch.cat(c) if c else torch.zeros(0, d) for layer, c in chunks.items()},
                        cat(rows, np.int64), np.array([ex.label for ex in examples], dtype=np.int64),
                        cat(ids_out, np.int64), None if span != "all" else cat(is_completion, bool))
 

@@ -14,6 +14,7 @@ is read from disk.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -77,7 +78,7 @@ def sample_answers(engine: Engine, chats: list[list[dict[str, str]]], layers: li
             if progress:
                 print(f"calibration answers: {hit.n_rows} from cache {cache.path_of(key)}", file=sys.stderr)
             return SampledAnswers(hit, _texts(engine, hit))
-    chunks: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
+    chunks: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     ids_out: list[np.ndarray] = []
     bar = Progress("calibration answers", len(chats) * n, enabled=progress)
     for i, chat in enumerate(chats):
@@ -94,7 +95,7 @@ def sample_answers(engine: Engine, chats: list[list[dict[str, str]]], layers: li
     if not ids_out:
         raise DataError("every sampled calibration answer was empty; check the prompts and the model")
     rows = [np.full(len(ids), r) for r, ids in enumerate(ids_out)]
-    acts = Activations({l: torch.cat(c) for l, c in chunks.items()}, np.concatenate(rows),
+    acts = Activations({layer: torch.cat(c) for layer, c in chunks.items()}, np.concatenate(rows),
                        np.zeros(len(ids_out), dtype=np.int64), np.concatenate(ids_out))
     if key is not None:
         cache.put(key, acts)
@@ -105,7 +106,7 @@ def _one(engine: Engine, prompt: list[int], layers: list[int], params: SamplingP
          gen: torch.Generator) -> tuple[dict[int, torch.Tensor], list[int]]:
     """One answer: activations of its fed tokens per layer and its token ids (no end-of-sequence)."""
     seq = engine.new_sequence(prompt, layers)
-    parts: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
+    parts: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     eos = engine.info.eos_token_ids | frozenset(params.stop_token_ids)
     try:
         engine.prefill(seq)
@@ -125,13 +126,13 @@ def _one(engine: Engine, prompt: list[int], layers: list[int], params: SamplingP
     finally:
         engine.release(seq)
     d = engine.info.d_model
-    hidden = {l: (torch.cat(p) if p else torch.zeros(0, d))[:len(ids)] for l, p in parts.items()}
+    hidden = {layer: (torch.cat(p) if p else torch.zeros(0, d))[:len(ids)] for layer, p in parts.items()}
     return hidden, list(ids)
 
 
 def _texts(engine: Engine, acts: Activations) -> list[str]:
     bounds = np.searchsorted(acts.row, np.arange(acts.n_rows + 1))
-    return [engine.tokenizer.decode(acts.token_ids[a:b].tolist()) for a, b in zip(bounds[:-1], bounds[1:])]
+    return [engine.tokenizer.decode(acts.token_ids[a:b].tolist()) for a, b in itertools.pairwise(bounds)]
 
 
 def _key(cache: ActivationCache, chats, layers: list[int], n: int, params: SamplingParams, seed: int) -> str:

@@ -267,7 +267,7 @@ def train_probe(engine: Engine, data: list[str | Path], *, model_dir: str | Path
     calib_examples = read_files(list(calibration)) if calibration else []
     cv_layers = sorted(set(layers)) if layers else spread_layers(engine.info.num_layers)
     layers = sorted(set(layers)) if layers else list(range(engine.info.num_layers))
-    bad = [l for l in layers if not 0 <= l < engine.info.num_layers]
+    bad = [layer for layer in layers if not 0 <= layer < engine.info.num_layers]
     if bad:
         raise InvalidRequestError(f"layers {bad} out of range: the model has {engine.info.num_layers} layers "
                                   f"(0..{engine.info.num_layers - 1})", param="layer")
@@ -328,7 +328,8 @@ def train_probe(engine: Engine, data: list[str | Path], *, model_dir: str | Path
                 "rows": acts.n_rows, "train_rows": len(train_idx),
                 "heldout_rows": len(held_idx), "reviewed_rows": int(reviewed.sum()),
                 "train_tokens": len(train.row), "seed": config.seed,
-                "heldout_frac": config.heldout_frac, "l2": config.l2 if selection.candidate.method == "logreg" else None,
+                "heldout_frac": config.heldout_frac,
+                "l2": config.l2 if selection.candidate.method == "logreg" else None,
                 "layers_swept": layers, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     monitor.meta = _json_safe({"model": _model_info(engine, model_dir), "method": selection.candidate.method,
                                "token_labels": selection.candidate.labels,
@@ -398,7 +399,7 @@ def _stack(parts: list[Activations], layer: int) -> Activations:
     """The rows of ``parts`` one after another, at ``layer`` only."""
     offsets = np.cumsum([0] + [p.n_rows for p in parts])
     return Activations({layer: torch.cat([p.hidden[layer] for p in parts])},
-                       np.concatenate([p.row + o for p, o in zip(parts, offsets)]),
+                       np.concatenate([p.row + o for p, o in zip(parts, offsets, strict=True)]),
                        np.concatenate([p.labels for p in parts]))
 
 
