@@ -79,8 +79,8 @@ def read_policy_bytes(path: Path) -> bytes:
         if not stat.S_ISREG(st.st_mode):
             raise PolicyError(str(path), [f"{path}: a policy must be a regular file"])
         if st.st_size > MAX_POLICY_BYTES:
-            raise PolicyError(str(path), [f"{path}: the policy file is {st.st_size} bytes; at most "
-                                          f"{MAX_POLICY_BYTES} are allowed"])
+            raise PolicyError(str(path), [(f"{path}: the policy file is {st.st_size} bytes; at most "
+                                          f"{MAX_POLICY_BYTES} are allowed")])
         with open(path, "rb") as f:
             raw = f.read(MAX_POLICY_BYTES + 1)
     except OSError as e:
@@ -96,13 +96,13 @@ def _decode(path: Path, raw: bytes) -> str:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line, col = _line_col(raw[:e.start].decode("utf-8", errors="replace"))
-        raise PolicyError(str(path), [f"{path}:{line}:{col}: invalid UTF-8 byte 0x{raw[e.start]:02x}; a policy "
-                                      "must be UTF-8 text"]) from None
+        raise PolicyError(str(path), [(f"{path}:{line}:{col}: invalid UTF-8 byte 0x{raw[e.start]:02x}; a policy "
+                                      "must be UTF-8 text")]) from None
     bad = _UNPRINTABLE.search(text)
     if bad is not None:
         line, col = _line_col(text[:bad.start()])
-        raise PolicyError(str(path), [f"{path}:{line}:{col}: character U+{ord(bad.group()):04X} is not allowed in "
-                                      "a policy (YAML text must be printable)"])
+        raise PolicyError(str(path), [(f"{path}:{line}:{col}: character U+{ord(bad.group()):04X} is not allowed in "
+                                      "a policy (YAML text must be printable)")])
     return text
 
 
@@ -154,12 +154,12 @@ def _duplicate_keys(path: Path, node: yaml.Node, trail: Loc = ()) -> list[str]:
         for key, value in node.value:
             name = key.value if isinstance(key, yaml.ScalarNode) else str(key.value)
             if name in seen:
-                errors.append(f"{_position(path, key)}: {_dotted(trail + (name,))}: duplicate key '{name}'")
+                errors.append(f"{_position(path, key)}: {_dotted((*trail, name))}: duplicate key '{name}'")
             seen.add(name)
-            errors += _duplicate_keys(path, value, trail + (name,))
+            errors += _duplicate_keys(path, value, (*trail, name))
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            errors += _duplicate_keys(path, item, trail + (i,))
+            errors += _duplicate_keys(path, item, (*trail, i))
     return errors
 
 
@@ -172,8 +172,8 @@ def _format_errors(path: Path, root: yaml.Node, error: ValidationError,
         for loc, message in cross:
             node, _, trail = _locate(root, loc)
             mark = node.start_mark
-            lines.append(((mark.line, mark.column), f"{path}:{mark.line + 1}:{mark.column + 1}: {_dotted(trail)}: "
-                                                    f"{message}"))
+            lines.append(((mark.line, mark.column), (f"{path}:{mark.line + 1}:{mark.column + 1}: {_dotted(trail)}: "
+                                                    f"{message}")))
     for err in error.errors():
         loc = tuple(err["loc"]) + tuple(err.get("ctx", {}).get("loc_suffix", ()))
         if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
