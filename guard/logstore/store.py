@@ -180,7 +180,8 @@ class LogStore:
             "final_scores": json.dumps(record.final_scores), "firings": json.dumps(record.firings),
             "prompt_scores": json.dumps(record.prompt_scores), "monitor_errors": json.dumps(record.monitor_errors),
             "deliberation": record.deliberation, "reasoning": record.reasoning,
-            "reasoning_ids": json.dumps(record.reasoning_ids), "reasoning_forced_tokens": record.reasoning_forced_tokens,
+            "reasoning_ids": json.dumps(record.reasoning_ids),
+            "reasoning_forced_tokens": record.reasoning_forced_tokens,
             "seed": record.seed, "complete": int(record.complete),
         }
         return {k: self._text(v) for k, v in row.items()}
@@ -243,7 +244,8 @@ class LogStore:
             sampled_tokens=row["sampled_tokens"], final_scores=json.loads(row["final_scores"]),
             monitors_fired=json.loads(row["monitors_fired"]), firings=json.loads(row["firings"]),
             prompt_scores=json.loads(row["prompt_scores"]), monitor_errors=json.loads(row["monitor_errors"]),
-            deliberation=row["deliberation"], reasoning=row["reasoning"], reasoning_ids=json.loads(row["reasoning_ids"]),
+            deliberation=row["deliberation"], reasoning=row["reasoning"],
+            reasoning_ids=json.loads(row["reasoning_ids"]),
             reasoning_forced_tokens=row["reasoning_forced_tokens"], seed=row["seed"], complete=bool(row["complete"]),
         )
 
@@ -259,7 +261,8 @@ class LogStore:
     def resolve_id(self, prefix: str) -> str:
         """The full id starting with ``prefix`` (NotFoundError if none, InvalidRequestError if several)."""
         with self._tx() as db:
-            ids = db.execute(select(_G.c.id).where(_G.c.id.startswith(prefix, autoescape=True)).limit(2)).scalars().all()
+            query = select(_G.c.id).where(_G.c.id.startswith(prefix, autoescape=True)).limit(2)
+            ids = db.execute(query).scalars().all()
         if not ids:
             raise self._not_found(prefix)
         if len(ids) > 1:
