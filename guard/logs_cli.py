@@ -17,7 +17,7 @@ import os
 import re
 import sys
 import time
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TextIO
 
@@ -87,7 +87,8 @@ def _add_filters(parser: argparse.ArgumentParser, outcome: bool = True, label: b
     parser.add_argument("--policy-name", help="only generations served under this policy name")
     parser.add_argument("--monitor", help="only generations where this monitor fired")
     if outcome:
-        parser.add_argument("--outcome", choices=["clean", "recovered", "refused", "cancelled", "interrupted"], help="only this outcome")
+        parser.add_argument("--outcome", choices=["clean", "recovered", "refused", "cancelled",
+                                                  "interrupted"], help="only this outcome")
     parser.add_argument("--since", type=parse_time, metavar="TIME",
                         help="created at or after TIME: ISO date/time, epoch seconds, or an age (30m, 12h, 7d)")
     parser.add_argument("--until", type=parse_time, metavar="TIME", help="created before TIME (same forms)")
@@ -165,7 +166,7 @@ def cmd_list(args: argparse.Namespace, out: TextIO | None = None) -> int:
                       ",".join(r.monitors_fired) or "-", r.label or "-", _oneline(r.preview, 60)))
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
     for row in table:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1], file=out)
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[-1], file=out)
     if not rows:
         print("(no records)", file=out)
     elif total > args.offset + len(rows) or args.offset:
@@ -233,10 +234,10 @@ def format_record(log_id: str, record: GenerationRecord) -> str:
     """The human-readable view of one record."""
     lines = [
         f"log {log_id}  {_time(record.created)}",
-        f"policy {record.policy_name} (sha256 {record.policy_hash[:12]})  model {record.model}  "
-        f"request {record.request_id}",
-        f"outcome {record.outcome}  finish {record.finish_reason}  resets {len(record.spans)}  "
-        f"tokens: prompt {record.prompt_tokens}, answer {len(record.output_ids)}, sampled {record.sampled_tokens}",
+        (f"policy {record.policy_name} (sha256 {record.policy_hash[:12]})  model {record.model}  "
+        f"request {record.request_id}"),
+        (f"outcome {record.outcome}  finish {record.finish_reason}  resets {len(record.spans)}  "
+        f"tokens: prompt {record.prompt_tokens}, answer {len(record.output_ids)}, sampled {record.sampled_tokens}"),
         "", "== conversation ==",
     ]
     if record.messages is not None:
@@ -244,8 +245,8 @@ def format_record(log_id: str, record: GenerationRecord) -> str:
     else:
         lines.append(record.prompt or "")
     if record.deliberation is not None:
-        lines += ["", f"== reasoning ({record.deliberation}; {len(record.reasoning_ids)} tokens, "
-                      f"{record.reasoning_forced_tokens} forced; never sent to the client) ==", record.reasoning]
+        lines += ["", (f"== reasoning ({record.deliberation}; {len(record.reasoning_ids)} tokens, "
+                      f"{record.reasoning_forced_tokens} forced; never sent to the client) =="), record.reasoning]
     lines += ["", "== final answer ==", record.final_text]
     for i, span in enumerate(record.spans):
         lines += ["", *_format_span(i, span)]
@@ -255,7 +256,8 @@ def format_record(log_id: str, record: GenerationRecord) -> str:
                   f"{f['score']:.3f} > {f['threshold']:g}, action {f['action']}, attempt {f['attempt']}"
                   for f in record.firings]
     if record.prompt_scores:
-        lines.append("prompt scores (max): " + ", ".join(f"{m} {max(v):.3f}" for m, v in record.prompt_scores.items() if v))
+        lines.append("prompt scores (max): " + ", ".join(f"{m} {max(v):.3f}" for m,
+                                                         v in record.prompt_scores.items() if v))
     if record.monitor_errors:
         lines += ["", "== monitor errors =="]
         lines += [f"{e['monitor']} ({e['scope']}, token {e['position']}): {e['error']} -> {e['handling']}"
@@ -274,13 +276,13 @@ def format_record(log_id: str, record: GenerationRecord) -> str:
 def _format_span(i: int, span: DiscardedSpan) -> list[str]:
     end = span.start + len(span.token_ids)
     lines = [f"== discarded span {i + 1} (attempt {span.attempt}, output tokens {span.start}..{end - 1}) ==",
-             f"monitor {span.monitor} fired at token {span.fired_at} {span.fired_token!r} (id {span.fired_token_id}),"
-             f" threshold {span.threshold:g}"]
+             (f"monitor {span.monitor} fired at token {span.fired_at} {span.fired_token!r} (id {span.fired_token_id}),"
+             f" threshold {span.threshold:g}")]
     if span.retracted_chars:
         lines.append(f"retracted {span.retracted_chars} characters already sent to the client")
     monitors = list(span.scores)
     lines.append(f"{'pos':>6}  {'id':>7}  {'token':<18}" + "".join(f"  {m + ' raw/agg':>24}" for m in monitors))
-    for k, (tid, tok) in enumerate(zip(span.token_ids, span.tokens)):
+    for k, (tid, tok) in enumerate(zip(span.token_ids, span.tokens, strict=True)):
         pos = span.start + k
         cells = "".join(f"  {_score(span.scores[m], k) + ' / ' + _score(span.aggregated.get(m, []), k):>24}"
                         for m in monitors)
@@ -294,7 +296,7 @@ def _score(scores: list[float], k: int) -> str:
 
 
 def _time(ts: float) -> str:
-    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+    return datetime.fromtimestamp(ts, tz=timezone.utc).astimezone().strftime("%Y-%m-%d %H:%M:%S")  # local time
 
 
 def _oneline(text: str, width: int) -> str:

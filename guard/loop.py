@@ -303,8 +303,8 @@ def _monitor_node(policy_file: Path, text: str, monitor: str
             fields = {k.value: (k, v) for k, v in item.value if isinstance(k, yaml.ScalarNode)}
             if "name" in fields and fields["name"][1].value == monitor:
                 if "kind" not in fields or fields["kind"][1].value != "probe" or "path" not in fields:
-                    raise PolicyError(str(policy_file), [f"{policy_file}: monitor '{monitor}' is not a probe "
-                                                         "monitor with a path"])
+                    raise PolicyError(str(policy_file), [(f"{policy_file}: monitor '{monitor}' is not a probe "
+                                                         "monitor with a path")])
                 return item, fields
     raise PolicyError(str(policy_file), [f"{policy_file}: no monitor named '{monitor}'"])
 

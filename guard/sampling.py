@@ -77,7 +77,8 @@ def make_generator(seed: int | None, device: str | torch.device = "cpu") -> torc
     return gen
 
 
-def process_logits(logits: torch.Tensor, params: SamplingParams, extra_banned: frozenset[int] = frozenset()) -> torch.Tensor:
+def process_logits(logits: torch.Tensor, params: SamplingParams,
+                   extra_banned: frozenset[int] = frozenset()) -> torch.Tensor:
     """Apply bias and bans to a 1-D logits row (float32 copy); temperature is applied by :func:`sample`."""
     out = logits.float().clone()
     if params.logit_bias:

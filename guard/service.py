@@ -300,8 +300,8 @@ class GuardService:
         """Build ``policy`` (a new engine only if its model fields changed) and swap it in for ``src``."""
         other = next((s for s in self._sources if s is not src and s.name == policy.name), None)
         if other is not None:
-            raise PolicyError(str(src.path), [f"{src.path}: name: policy name {policy.name!r} is already served "
-                                              f"from {other.path}"])
+            raise PolicyError(str(src.path), [(f"{src.path}: name: policy name {policy.name!r} is already served "
+                                              f"from {other.path}")])
         old = self._served[src.name]
         new = self._load(policy, created=old.created if policy.name == src.name else None)
         self._served = {(policy.name if name == src.name else name): (new if name == src.name else s)
@@ -389,7 +389,7 @@ class GuardService:
             tok = engine.tokenizer
             if tok.decode(list(record.output_ids)) != record.final_text:
                 continue
-            one = getattr(tok, "token_text", None) or (lambda t: tok.decode([t]))
+            one = getattr(tok, "token_text", None) or (lambda t, tok=tok: tok.decode([t]))
             return [one(t) for t in record.output_ids]
         return None
 

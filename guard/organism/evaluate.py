@@ -100,7 +100,8 @@ def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float(greater / (len(pos) * len(neg)))
 
 
-def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-2, steps: int = 500) -> tuple[np.ndarray, float, np.ndarray, np.ndarray]:
+def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-2,
+                 steps: int = 500) -> tuple[np.ndarray, float, np.ndarray, np.ndarray]:
     """L2 logistic regression on standardised features; returns (w, b, mean, std)."""
     mu, sd = x.mean(0), x.std(0) + 1e-6
     xt = torch.tensor((x - mu) / sd, dtype=torch.float64)

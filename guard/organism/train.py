@@ -121,7 +121,13 @@ def encode_examples(tok: PreTrainedTokenizerFast, examples: Sequence[Example]) -
     enc = tok(texts, add_special_tokens=False)["input_ids"]
     n = len(examples)
     forced_texts = sorted({ex.forced for ex in examples if ex.forced})
-    forced = dict(zip(forced_texts, tok(forced_texts, add_special_tokens=False)["input_ids"])) if forced_texts else {}
+    forced = (
+        dict(
+            zip(forced_texts, tok(forced_texts, add_special_tokens=False)["input_ids"], strict=True)
+        )
+        if forced_texts
+        else {}
+    )
     out = []
     for i, ex in enumerate(examples):
         prompt = [tok.bos_token_id]
@@ -141,13 +147,13 @@ def _encode_templated(tok: PreTrainedTokenizerFast, examples: Sequence[Example])
     def pieces(with_system: bool) -> list[list[int]]:
         roles = (["system"] if with_system else []) + ["user"]
         marks = [f"\x00{i}\x00" for i in range(len(roles))]
-        text = tok.apply_chat_template([{"role": r, "content": m} for r, m in zip(roles, marks)],
+        text = tok.apply_chat_template([{"role": r, "content": m} for r, m in zip(roles, marks, strict=True)],
                                        add_generation_prompt=True, tokenize=False)
         parts = []
         for m in marks:
             head, text = text.split(m, 1)
             parts.append(head)
-        return [tok(p, add_special_tokens=False)["input_ids"] if p else [] for p in parts + [text]]
+        return [tok(p, add_special_tokens=False)["input_ids"] if p else [] for p in [*parts, text]]
 
     shapes = {False: pieces(False), True: pieces(True)}
     n = len(examples)

@@ -26,7 +26,8 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     _add_model_args(t)
     t.add_argument("--data", required=True, action="extend", nargs="+", metavar="FILE",
                    help="JSONL rows {prompt, completion, label}; prompt and completion tokens are trained on")
-    t.add_argument("--layer", type=int, required=True, help="engine layer (output of block L: blocks.L.hook_resid_post)")
+    t.add_argument("--layer", type=int, required=True,
+                   help="engine layer (output of block L: blocks.L.hook_resid_post)")
     t.add_argument("--d-sae", type=int, required=True, help="number of latents")
     t.add_argument("--out", required=True, help="directory to write (SAELens layout)")
     g = t.add_mutually_exclusive_group(required=True)

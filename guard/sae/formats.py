@@ -280,7 +280,7 @@ def _load_goodfire(path: Path) -> Sae:
     if enc.ndim != 2:
         raise ModelLoadError(f"{path}: tensor 'encoder_linear.weight' must be [d_sae, d], got {list(enc.shape)}")
     d_sae, d_in = enc.shape
-    t = _take(tensors, dict(zip(GOODFIRE_KEYS, ((d_sae, d_in), (d_sae,), (d_in, d_sae), (d_in,)))), path)
+    t = _take(tensors, dict(zip(GOODFIRE_KEYS, ((d_sae, d_in), (d_sae,), (d_in, d_sae), (d_in,)), strict=True)), path)
     return _build(path, W_enc=enc.T, b_enc=t["encoder_linear.bias"], W_dec=t["decoder_linear.weight"].T,
                   b_dec=t["decoder_linear.bias"], activation="relu")
 
@@ -358,8 +358,10 @@ def _take(tensors: dict[str, Tensor], expected: dict[str, tuple[int, ...]], wher
         if name not in tensors:
             raise ModelLoadError(f"{where}: tensor '{name}' is missing (has {sorted(tensors)})")
         if tuple(tensors[name].shape) != shape:
-            raise ModelLoadError(f"{where}: tensor '{name}' has shape {list(tensors[name].shape)}, expected {list(shape)}")
+            raise ModelLoadError(f"{where}: tensor '{name}' has shape {list(tensors[name].shape)}, "
+                                 f"expected {list(shape)}")
     extra = sorted(set(tensors) - set(expected))
     if extra:
-        raise ModelLoadError(f"{where}: unexpected tensors {extra} (cannot interpret them; expected {sorted(expected)})")
+        raise ModelLoadError(f"{where}: unexpected tensors {extra} "
+                             f"(cannot interpret them; expected {sorted(expected)})")
     return {name: tensors[name] for name in expected}

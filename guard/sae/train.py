@@ -167,7 +167,8 @@ def _optimise(xs: Tensor, p: dict[str, Tensor], cfg: SaeTrainConfig, gen: torch.
         else:
             fired = (f > 0).any(0)
             since_fired = torch.where(fired, 0, since_fired + 1)
-            loss = loss + cfg.aux_coef * _aux_loss(p, pre, xb - recon.detach(), since_fired > cfg.dead_after, xs.shape[1])
+            loss = loss + cfg.aux_coef * _aux_loss(p, pre, xb - recon.detach(),
+                                                   since_fired > cfg.dead_after, xs.shape[1])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
