@@ -103,7 +103,11 @@ def _validation_info(errors: list[dict[str, Any]]) -> ErrorInfo:
 def _param_path(loc: tuple | list) -> list[str]:
     """``('body', 'messages', 0, 'content', 'str')`` -> ``['messages', '0', 'content']``; query, path
     and header parameters are named without their source (``('query', 'limit')`` -> ``['limit']``)."""
-    parts = [str(p) for p in loc[1:]] if loc and loc[0] in ("body", "query", "path", "header") else [str(p) for p in loc]
+    parts = (
+        [str(p) for p in loc[1:]]
+        if loc and loc[0] in ("body", "query", "path", "header")
+        else [str(p) for p in loc]
+    )
     return [p for p in parts if _FIELD.match(p) and p not in _TYPE_TAGS]
 
 
