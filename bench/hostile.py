@@ -74,21 +74,31 @@ def cases(model: str) -> list[tuple[str, str, dict]]:
 
     msgs = lambda n: [{"role": "user", "content": "hi"}] * n  # noqa: E731
     return [
-        ("10 MB content string", chat, {"json": {"model": model, "messages": [{"role": "user", "content": "x" * 10_000_000}]}}),
-        ("50 MB content string", chat, {"json": {"model": model, "messages": [{"role": "user", "content": "x" * 50_000_000}]}}),
+        ("10 MB content string", chat, {"json": {"model": model, "messages": [{"role": "user",
+                                                                               "content": "x" * 10_000_000}]}}),
+        ("50 MB content string", chat, {"json": {"model": model, "messages": [{"role": "user",
+                                                                               "content": "x" * 50_000_000}]}}),
         ("100,000 messages", chat, {"json": {"model": model, "messages": msgs(100_000)}}),
         ("10 MB chunked body", chat, {"content": chunked(10_000_000), "headers": raw}),
         ("300 messages", chat, {"json": {"model": model, "messages": msgs(300)}}),
-        ("250,000 characters", chat, {"json": {"model": model, "messages": [{"role": "user", "content": "y " * 125_000}]}}),
+        ("250,000 characters", chat, {"json": {"model": model, "messages": [{"role": "user",
+                                                                             "content": "y " * 125_000}]}}),
         ("prompt over the context", comp, {"json": {"model": model, "prompt": "hello " * 30_000}}),
         ("16 prompts x n=8", comp, {"json": {"model": model, "prompt": ["hi"] * 16, "n": 8}}),
         ("token id out of range", comp, {"json": {"model": model, "prompt": [10**9]}}),
-        ("surrogate: user content", chat, {"content": f'{{"model":"{model}","messages":[{{"role":"user","content":{SURROGATE}}}]}}', "headers": raw}),
-        ("surrogate: system content", chat, {"content": f'{{"model":"{model}","messages":[{{"role":"system","content":{SURROGATE}}},{{"role":"user","content":"hi"}}]}}', "headers": raw}),
-        ("surrogate: content part", chat, {"content": f'{{"model":"{model}","messages":[{{"role":"user","content":[{{"type":"text","text":{SURROGATE}}}]}}]}}', "headers": raw}),
-        ("surrogate: chat model", chat, {"content": f'{{"model":{SURROGATE},"messages":[{{"role":"user","content":"hi"}}]}}', "headers": raw}),
+        ("surrogate: user content", chat,
+         {"content": f'{{"model":"{model}","messages":[{{"role":"user","content":{SURROGATE}}}]}}', "headers": raw}),
+        ("surrogate: system content", chat,
+         {"content": f'{{"model":"{model}","messages":[{{"role":"system","content":{SURROGATE}}},'
+                     '{"role":"user","content":"hi"}]}', "headers": raw}),
+        ("surrogate: content part", chat,
+         {"content": f'{{"model":"{model}","messages":[{{"role":"user","content":'
+                     f'[{{"type":"text","text":{SURROGATE}}}]}}]}}', "headers": raw}),
+        ("surrogate: chat model", chat,
+         {"content": f'{{"model":{SURROGATE},"messages":[{{"role":"user","content":"hi"}}]}}', "headers": raw}),
         ("surrogate: prompt string", comp, {"content": f'{{"model":"{model}","prompt":{SURROGATE}}}', "headers": raw}),
-        ("surrogate: prompt list", comp, {"content": f'{{"model":"{model}","prompt":["ok",{SURROGATE}]}}', "headers": raw}),
+        ("surrogate: prompt list", comp,
+         {"content": f'{{"model":"{model}","prompt":["ok",{SURROGATE}]}}', "headers": raw}),
         ("surrogate: completion model", comp, {"content": f'{{"model":{SURROGATE},"prompt":"hi"}}', "headers": raw}),
     ]
 

@@ -78,7 +78,7 @@ def prompts() -> list[str]:
     rows = [json.loads(line) for line in (ORGANISM / "data" / "eval_prompts.jsonl").read_text().splitlines()]
     benign = [r["prompt"] for r in rows if r["split"] == "benign"][:8]
     harmful = [r["prompt"] for r in rows if r["split"] != "benign"][:8]
-    return [p for pair in zip(benign, harmful) for p in pair]
+    return [p for pair in zip(benign, harmful, strict=True) for p in pair]
 
 
 def client_loop(url: str, index: int, max_tokens: int, stop: threading.Event, results: list[Result]) -> None:
@@ -180,7 +180,7 @@ def main() -> None:
         print(f"  {r.error}")
     print(f"requests spanning a swap  {spanning}")
     print(f"responses found in log    {sum(h is not None for h in seen)}/{len(ok)}")
-    print(f"distinct policy hashes    {len(set(h for h in seen if h))} seen by responses "
+    print(f"distinct policy hashes    {len({h for h in seen if h})} seen by responses "
           f"(of {len(hashes)} versions served)")
     unknown = [h for h in seen if h and h not in hashes]
     print(f"hashes not from a version {len(unknown)}")

@@ -93,7 +93,7 @@ def sae_monitor(sae, train, val, full, watch_options=(1, 2, 3, 5, 8)):
         if best_key is None or key > best_key:
             best, best_key = idx, key
     thr, _ = F.joint_thresholds(rm_full[full.labels == 0][:, best], TARGET_FPR)
-    mon = SaeFeatureMonitor("sae", sae, [WatchedFeature(i, float(t)) for i, t in zip(best, thr)])
+    mon = SaeFeatureMonitor("sae", sae, [WatchedFeature(i, float(t)) for i, t in zip(best, thr, strict=True)])
     return mon, ranked, choice_rows
 
 

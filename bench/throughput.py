@@ -113,9 +113,9 @@ def print_rates(counts: dict[str, int], seconds: dict[str, float], guarded: str)
     print(f"| {'run':<{width}} | {'tokens':>7} | {'seconds in worker':>17} | {'tok/s':>8} |")
     print(f"|{'-' * (width + 2)}|{'-' * 9}|{'-' * 19}|{'-' * 10}|")
     rates = {}
-    for label in counts:
-        rates[label] = counts[label] / seconds[label]
-        print(f"| {label:<{width}} | {counts[label]:>7} | {seconds[label]:>17.2f} | {rates[label]:>8.1f} |")
+    for label, count in counts.items():
+        rates[label] = count / seconds[label]
+        print(f"| {label:<{width}} | {count:>7} | {seconds[label]:>17.2f} | {rates[label]:>8.1f} |")
     return rates[guarded] / rates["unguarded"]
 
 

@@ -107,7 +107,8 @@ def main() -> None:
     print(f"| generations clean / recovered / refused | {outcomes['clean']} / {outcomes['recovered']} / "
           f"{outcomes['refused']} |")
     print(f"| rollbacks | {s['rollbacks'] - s0['rollbacks']} |")
-    print(f"| resets forced by the worker (reset token in vLLM's stream) | {s['forced_resets'] - s0['forced_resets']} |")
+    forced = s["forced_resets"] - s0["forced_resets"]
+    print(f"| resets forced by the worker (reset token in vLLM's stream) | {forced} |")
     print(f"| resampling requests (prompt + accepted token ids) | {len(resub)} |")
     print(f"| their tokens served by vLLM's prefix cache | {sum(c for _, c in resub)} |")
     print(f"| their tokens recomputed | {sum(recomputed)} |")
