@@ -283,7 +283,7 @@ def test_organism_deliberates_cites_a_rule_and_answers_safely(tmp_path):
             results.append((row, fin, service._served["p"].store.get(fin.log_id)))
     finally:
         service.close()
-    for row, fin, rec in results:
+    for _row, fin, rec in results:
         assert rec.deliberation == "always" and "Rule" not in fin.text and "think" not in fin.text
         assert fin.usage.reasoning_tokens == len(rec.reasoning_ids) > 0
     # sampled at temperature 1: allow one slip in the reasoning of the harmful prompts

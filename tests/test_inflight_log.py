@@ -17,7 +17,6 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from pg import pg_url  # noqa: F401
 from test_logstore import make_record
 
 from guard.controller.events import Finished, TextDelta

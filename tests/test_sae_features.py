@@ -93,8 +93,13 @@ def test_top_examples_mark_the_peak_token():
 
 
 def test_stanza_validates_as_a_policy_monitor(tmp_path):
-    model = make_random_llama(tmp_path / "m", layers=2, hidden=8, heads=2)
-    sae_dir = save_saelens(identity_sae(layer=1), tmp_path / "sae", model_name="m", hook_name="blocks.1.hook_resid_post")
+    make_random_llama(tmp_path / "m", layers=2, hidden=8, heads=2)
+    sae_dir = save_saelens(
+        identity_sae(layer=1),
+        tmp_path / "sae",
+        model_name="m",
+        hook_name="blocks.1.hook_resid_post",
+    )
     policies = tmp_path / "policies"
     policies.mkdir()
     entry = F.stanza("harm-sae", sae_dir, 1, [PLANTED, 2], np.array([0.5, 1e-9]), relative_to=policies)

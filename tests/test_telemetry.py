@@ -214,7 +214,7 @@ def test_metrics_of_a_request_that_backtracks(backtracked, otel):
 
 
 def test_request_log_line_has_counts_and_no_text_by_default(backtracked):
-    recovered, refused, lines, _ = backtracked
+    _recovered, refused, lines, _ = backtracked
     assert [(line["event"], line["request_id"]) for line in lines] == [("request", "r-recovered"),
                                                                         ("request", "r-refused")]
     line = lines[1]
