@@ -23,6 +23,7 @@ import math
 import os
 import struct
 from pathlib import Path
+from typing import BinaryIO
 
 FORCED = 1
 MAX_KEYS = 30
@@ -65,7 +66,7 @@ class ScoreReader:
         self.path = str(path)
         self.keys = list(keys)
         self.fmt = _fmt(len(keys))
-        self._file = None
+        self._file: BinaryIO | None = None
         """Opened once the worker has created the file; reads continue where the last one ended."""
         self._partial = b""
 

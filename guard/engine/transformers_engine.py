@@ -18,15 +18,18 @@ import functools
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
 from guard import sampling
 from guard.engine.base import Engine, EngineStats, ModelInfo, MonitorRun, Sequence, StepOutput
 from guard.engine.hooks import capture_layers, decoder_layers
-from guard.errors import ModelLoadError
+from guard.errors import EngineError, ModelLoadError
 from guard.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -112,7 +115,7 @@ class _SeqState:
 class TransformersEngine(Engine):
     """Engine over a HF ``PreTrainedModel``. Call from one thread at a time (the engine worker)."""
 
-    def __init__(self, model: nn.Module, tokenizer, *, name: str, max_context: int | None = None) -> None:
+    def __init__(self, model: PreTrainedModel, tokenizer, *, name: str, max_context: int | None = None) -> None:
         self.model = model.eval()
         self.tokenizer = HFChatTokenizer(tokenizer)
         self.layers = decoder_layers(model)
@@ -146,7 +149,9 @@ class TransformersEngine(Engine):
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot load model from {path}: {exc}") from exc
-        return cls(model.to(device), tok, name=name or path.name, max_context=max_context)
+        # transformers types PreTrainedModel.to through a decorator that loses its signature.
+        model = model.to(device)  # type: ignore[arg-type]
+        return cls(model, tok, name=name or path.name, max_context=max_context)
 
     # -- the Engine interface -------------------------------------------------------------
 
@@ -182,6 +187,8 @@ class TransformersEngine(Engine):
         token = surprisal = None
         if sample:
             logits = state.pending_logits
+            if logits is None:
+                raise EngineError("step(sample=True) on a sequence with nothing fed since its last sample")
             token = sampling.sample(logits, params, generator, extra_banned)
             surprisal = float(-torch.log_softmax(logits.float(), dim=-1)[token])
             seq.tokens.append(token)

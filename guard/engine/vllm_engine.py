@@ -378,9 +378,14 @@ class VLLMEngine(Engine):
                            banned=frozenset(), steer=None, scoring_only=True, salt=f"rescore-{uuid.uuid4().hex}")
         self._drain(seq, req)
         self._read_scores(vs, req)
-        scores = {m.name: [vs.scores.get(p, {}).get(m.name) for p in range(a, n)] for m in monitors}
+        scores: dict[str, list[float]] = {}
+        missing = []
+        for m in monitors:
+            got = [vs.scores.get(p, {}).get(m.name) for p in range(a, n)]
+            scores[m.name] = [x for x in got if x is not None]
+            if len(scores[m.name]) < len(got):
+                missing.append(m.name)
         self._end(vs)
-        missing = [name for name, s in scores.items() if any(x is None for x in s)]
         if missing:
             raise EngineError(f"vLLM re-scored no score of {', '.join(missing)} for some answer positions")
         return scores
@@ -441,6 +446,7 @@ class VLLMEngine(Engine):
         if max_tokens is None and a is None:
             max_tokens = room  # reasoning: the controller closes the section
         elif max_tokens is None:
+            assert a is not None  # narrowed by the branch above
             # One token past the budget, so the budget's last token gets fed and scored.
             max_tokens = max(1, params.max_tokens - max(0, n - a) + (1 if score else 0))
         max_tokens = min(max_tokens, room)
@@ -451,14 +457,15 @@ class VLLMEngine(Engine):
             raise EngineError(f"a sequence may run at most {MAX_KEYS} monitors in vLLM's worker, not {len(score)}")
         keys = [self.register_monitor(m) for m in score]
         act_keys = [self.register_monitor(m) for m in act]
-        init = {}
+        init: dict[str, list[float]] = {}
+        answer_start = n if a is None else a  # no answer yet (reasoning): nothing accepted to carry
         for m, k in zip(score, keys, strict=True):
-            raw = [vs.scores.get(p, {}).get(m.name) for p in range(a, min(n, score_from))]
-            if any(r is None for r in raw):
+            raw = [vs.scores.get(p, {}).get(m.name) for p in range(answer_start, min(n, score_from))]
+            init[k] = [r for r in raw if r is not None]
+            if len(init[k]) < len(raw):
                 raise EngineError(f"no score of monitor {m.name!r} for an accepted token of sequence {vs.key}")
-            init[k] = raw
         steer_keys = [self._steer_key(layer, vec) for layer, vec in (steer or {}).items()]
-        args = RequestArgs(key=rkey, channel=os.path.join(self._dir, rkey), answer_start=n if a is None else a,
+        args = RequestArgs(key=rkey, channel=os.path.join(self._dir, rkey), answer_start=answer_start,
                            score_from=score_from, start=n, score=tuple(keys), act=tuple(act_keys), init=init,
                            steer=tuple(steer_keys), reset_id=self.reset_id, ban_first=tuple(sorted(banned)),
                            ban=tuple(sorted(params.banned_token_ids | ({self.reset_id} if self.reset.banned
@@ -478,7 +485,8 @@ class VLLMEngine(Engine):
         req = _Request(request_id=f"guard-{rkey}", args=args, start_len=n, signature=signature,
                        reader=ScoreReader(args.channel, keys), scoring_only=scoring_only,
                        names={k: m.name for k, m in zip(keys, score, strict=True)})
-        prompt = TokensPrompt(prompt_token_ids=list(seq.tokens))
+        # vLLM imports NotRequired from typing (3.11+): checked as 3.10, its optional keys look required.
+        prompt = TokensPrompt(prompt_token_ids=list(seq.tokens))  # type: ignore[typeddict-item]
         if salt is not None:
             prompt["cache_salt"] = salt
         asyncio.run_coroutine_threadsafe(self._generate(req, prompt, sp), self._loop)
@@ -586,8 +594,15 @@ class VLLMEngine(Engine):
             return
         if not req.finished:
             req.finished = True
-            self._loop.call_soon_threadsafe(lambda rid=req.request_id: asyncio.ensure_future(
-                self._llm.abort(rid)) if self._llm is not None else None)
+            llm, rid = self._llm, req.request_id
+
+            def abort() -> None:
+                if llm is not None:
+                    task = asyncio.ensure_future(llm.abort(rid))
+                    _ABORTS.add(task)  # the loop keeps only a weak reference to a task
+                    task.add_done_callback(_ABORTS.discard)
+
+            self._loop.call_soon_threadsafe(abort)
         req.reader.remove()
 
 
@@ -603,6 +618,10 @@ def _expects_v2_runner() -> bool:
         return env == "1"
     major, minor = (int(x) for x in vllm.__version__.split(".")[:2])
     return (major, minor) >= (0, 33)
+
+
+_ABORTS: set[asyncio.Future] = set()
+"""Abort tasks still running (held so they are not garbage-collected half-way)."""
 
 
 async def _cancel(task: asyncio.Task) -> None:

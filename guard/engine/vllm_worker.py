@@ -143,7 +143,7 @@ class WorkerState:
         processor of the same step, then cleared)."""
         self.plan: list[_Planned] = []
         self.row_ids: torch.Tensor | None = None
-        self.view: RunnerView | None = None
+        self.view: RunnerView | RunnerViewV2 | None = None
         self.hooked_layers: set[int] = set()
         self.handles: list[Any] = []
         self.calls = {"steps": 0, "layer_hooks": 0, "scored_rows": 0}
@@ -441,9 +441,14 @@ def install(runner: Any, layers: Iterable[int]) -> None:
 class GuardWorkerExtension:
     """Mixed into vLLM's worker class (``worker_extension_cls``); methods are collective_rpc targets."""
 
+    model_runner: Any
+    """vLLM's model runner: an attribute of the worker class this is mixed into."""
+
     def guard_add_monitor(self, key: str, blob: bytes) -> int:
         STATE.add_monitor(key, blob)
-        install(self.model_runner, [STATE.monitors[key].layer])
+        layer = STATE.monitors[key].layer
+        assert layer is not None  # add_monitor refuses a monitor without a layer
+        install(self.model_runner, [layer])
         return len(STATE.monitors)
 
     def guard_add_steer(self, key: str, layer: int, vector: list[float]) -> int:
