@@ -308,7 +308,7 @@ def train_probe(engine: Engine, data: list[str | Path], *, model_dir: str | Path
         source = [str(p) for p in calibration]
     else:
         negatives, source, reviewed_neg = acts.select(np.flatnonzero(acts.labels == 0)), ["train+heldout"], []
-    if reviewed_neg:
+    if len(reviewed_neg):
         negatives = _stack([negatives, acts.select(reviewed_neg)], best.layer)
         source.append(f"{len(reviewed_neg)} reviewed negatives of --data")
     calibration_info = {"source": source[0] if len(source) == 1 and (sampled is not None or not calib_examples)
