@@ -51,7 +51,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 
@@ -74,6 +74,8 @@ from guard.telemetry import NO_TRACE, GenerationTrace
 Rollback = Literal["auto", "tokens", "sentence", "response"]
 Action = Literal["backtrack", "refuse", "shadow"]
 Scope = Literal["prompt", "output", "both"]
+FiringScope = Literal["prompt", "output", "recheck"]
+"""Where a firing was seen: the prompt, the answer as generated, or the re-check of a final answer."""
 OnMonitorError = Literal["fail_closed", "fail_open"]
 
 log = logging.getLogger(__name__)
@@ -150,7 +152,7 @@ class BoundMonitor:
     scope: Scope = "output"
 
     def __post_init__(self) -> None:
-        if self.action == "log":
+        if cast(str, self.action) == "log":  # the earlier name, outside the declared type
             object.__setattr__(self, "action", "shadow")
         if self.action not in ("backtrack", "refuse", "shadow"):
             raise ValueError(f"monitor action must be backtrack, refuse or shadow, got {self.action!r}")
@@ -307,6 +309,7 @@ class GuardedGeneration:
     def _open_section(self, trigger: str) -> None:
         """Force the opener and spec at the current answer start (which must be empty)."""
         d = self.delib
+        assert d is not None  # a section opens only under a deliberation config
         ids = self.engine.tokenizer.encode(forced_prefix(d.open_tag, d.instruction, d.spec))
         self.section = ReasoningSection(start=len(self.seq.output_ids), forced_tokens=len(ids))
         self.seq.tokens.extend(ids)
@@ -318,6 +321,7 @@ class GuardedGeneration:
     def _reason(self) -> bool:
         """One reasoning step: sample, look for the close tag, force it past the budget."""
         sec, d = self.section, self.delib
+        assert sec is not None and d is not None  # called only while a section is open
         eos = frozenset(self.engine.info.eos_token_ids) | frozenset(self.attempt.params.stop_token_ids)
         params = self.attempt.params.with_changes(banned_token_ids=self.attempt.params.banned_token_ids | eos)
         if self.engine.step(self.seq, params, self.attempt.generator).token_id is None:
@@ -365,6 +369,7 @@ class GuardedGeneration:
 
     def _store_reasoning(self) -> None:
         sec, rec = self.section, self.record
+        assert sec is not None  # called when a section closes
         ids = self.seq.output_ids[sec.start:sec.end]
         rec.reasoning_ids = list(ids)
         rec.reasoning = "".join(self.text.token_text(t) for t in ids)
@@ -502,7 +507,7 @@ class GuardedGeneration:
         self._refuse()
         return True
 
-    def _note_firing(self, bound: BoundMonitor, pos: int, state: MonitorState, scope: Scope) -> None:
+    def _note_firing(self, bound: BoundMonitor, pos: int, state: MonitorState, scope: FiringScope) -> None:
         mon = bound.monitor
         tid = (self.seq.prompt_ids if scope == "prompt" else self.output)[pos]
         self.record.firings.append({
@@ -599,7 +604,7 @@ class GuardedGeneration:
         self.record.firings.append({
             "monitor": name, "action": "backtrack", "scope": "output", "position": pos,
             "token_id": self.output[pos], "token": self.text.token_text(self.output[pos]),
-            "score": verdict.mean_surprisal, "threshold": verdict.reference + self.surprisal.margin,
+            "score": verdict.mean_surprisal, "threshold": verdict.reference + (self.surprisal.margin or 0.0),
             "attempt": self.retries})
         if name not in self.record.monitors_fired:
             self.record.monitors_fired.append(name)
@@ -667,6 +672,7 @@ class GuardedGeneration:
         old = self.attempt
         params = old.params
         seed = params.seed
+        assert seed is not None  # the first attempt's params carry the seed drawn in __init__
         if strat.reseed:
             seed = (self.record.seed or 0) + 1_000_003 * self.retries
         params = params.with_changes(
