@@ -30,7 +30,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -443,7 +443,7 @@ class GuardService:
         check_token_ids(params, info.vocab_size)
         return PreparedGeneration(req, served, prompt_ids, params)
 
-    async def stream(self, prepared: PreparedGeneration) -> AsyncIterator[Event]:
+    async def stream(self, prepared: PreparedGeneration) -> AsyncGenerator[Event, None]:
         """Run one guarded generation; closing this iterator early cancels it."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()

@@ -160,6 +160,8 @@ class DrainingServer(uvicorn.Server):
 
 def serve(app, host: str, port: int, log_level: str = "info") -> None:
     """Run ``app`` (from :func:`server.app.create_app`) with uvicorn, draining on the first signal."""
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=INTERRUPT_WAIT_S)
+    # uvicorn annotates the timeout as an int; it is used as asyncio.wait_for's (float) timeout.
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=INTERRUPT_WAIT_S)  # type: ignore[arg-type]
     DrainingServer(config, app.state.drain,
                    lambda: getattr(getattr(app.state, "service", None), "interrupt", None)).run()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -77,7 +78,7 @@ def install_error_handlers(app: FastAPI) -> None:
         app.add_exception_handler(exc_type, handle)
 
 
-def _validation_info(errors: list[dict[str, Any]]) -> ErrorInfo:
+def _validation_info(errors: Sequence[dict[str, Any]]) -> ErrorInfo:
     """The most specific pydantic error, with ``param`` the dotted path of the offending field."""
     if not errors:
         return ErrorInfo(message="Invalid request body.", type="invalid_request_error")

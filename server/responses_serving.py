@@ -131,7 +131,7 @@ class ResponsesServing(GuardedServing):
                 return  # the client is gone
             for part in _closing_events(item_id, text if cut else finished.text, cut):
                 yield send(part)
-            parts = [OutputText(text=text if cut else finished.text)]
+            parts: list[OutputText | OutputRefusal] = [OutputText(text=text if cut else finished.text)]
             parts += [OutputRefusal(refusal=cut.refusal)] if cut else []
             item = OutputMessage(id=item_id, status=_item_status(finished), content=parts)
             yield send(OutputItemEvent(type="response.output_item.done", item=item))
