@@ -14,11 +14,13 @@ import re
 import stat
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
 
 from guard.errors import PolicyError
 from guard.policy.cross import CROSS_FIELD, cross_field_errors
@@ -38,7 +40,7 @@ def load_policy(path: str | Path, *, check_paths: bool = True) -> Policy:
     raw = read_policy_bytes(path)
     text = _decode(path, raw)
     node, data = _parse(path, text)
-    if not isinstance(data, dict):
+    if not isinstance(data, dict) or node is None:
         where = _position(path, node)
         raise PolicyError(str(path), [f"{where}: <root>: the policy must be a mapping with at least name and model"])
     context = {"base_dir": path.parent.resolve(), "check_paths": check_paths}
@@ -164,7 +166,7 @@ def _duplicate_keys(path: Path, node: yaml.Node, trail: Loc = ()) -> list[str]:
 
 
 def _format_errors(path: Path, root: yaml.Node, error: ValidationError,
-                   cross: list[tuple[Loc, str]] = ()) -> list[str]:
+                   cross: Sequence[tuple[Loc, str]] = ()) -> list[str]:
     """Every error as ``file:line:col: field: message``, sorted by position. ``cross``: the policy's
     cross-section errors, added when field errors kept the policy's own check from running."""
     lines: list[tuple[tuple[int, int], str]] = []
@@ -216,7 +218,7 @@ def _locate(root: yaml.Node, loc: Loc) -> tuple[yaml.Node, yaml.Node | None, Loc
     return node, key, tuple(trail)
 
 
-def _message(err: dict[str, Any], loc: Loc, trail: Loc) -> str:
+def _message(err: ErrorDetails, loc: Loc, trail: Loc) -> str:
     kind, ctx = err["type"], err.get("ctx", {})
     if kind == "extra_forbidden":
         allowed = ", ".join(_allowed_fields(loc[:-1]))

@@ -555,7 +555,7 @@ class Policy(Strict):
         """The file the policy was loaded from, if any."""
         return self._source_path
 
-    def monitor(self, name: str) -> ProbeMonitorSpec | ResetTokenMonitorSpec:
+    def monitor(self, name: str) -> ProbeMonitorSpec | ResetTokenMonitorSpec | SaeMonitorSpec:
         """The monitor called ``name`` (KeyError if none)."""
         for m in self.monitors:
             if m.name == name:
