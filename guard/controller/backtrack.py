@@ -184,6 +184,9 @@ class _Attempt:
 class GuardedGeneration:
     """A :class:`guard.engine.worker.Job` that generates one guarded answer."""
 
+    group: str | None = None
+    """The engine worker's turn group (the client request this generation belongs to)."""
+
     def __init__(self, engine: Engine, prompt_ids: list[int], params: SamplingParams,
                  monitors: list[BoundMonitor], config: ControllerConfig, record: GenerationRecord,
                  emit: Callable[[Event], None],
