@@ -52,6 +52,7 @@ from guard.errors import (
 )
 from guard.logstore import LogStore
 from guard.logstore.writer import GenerationLogging, LogWriter
+from guard.monitors.base import Monitor
 from guard.monitors.probe import ProbeMonitor
 from guard.monitors.reset_token import ResetTokenMonitor
 from guard.policy import Policy, load_policy
@@ -235,6 +236,7 @@ class GuardService:
         key = (spec.engine, str(Path(spec.path).resolve()), spec.dtype, spec.device, spec.max_context,
                spec.vllm.model_dump_json() if spec.vllm is not None else None)
         if key not in self._engines:
+            engine: Engine
             if spec.engine == "vllm":
                 from guard.engine.vllm_engine import VLLMEngine, VLLMOptions
 
@@ -249,6 +251,7 @@ class GuardService:
 
     @staticmethod
     def _monitor(spec, policy: Policy, engine: Engine) -> BoundMonitor:
+        mon: Monitor
         if spec.kind == "probe":
             agg = spec.aggregation.to_spec() if spec.aggregation is not None else None
             mon = ProbeMonitor.load(spec.path, name=spec.name, layer=spec.layer, threshold=spec.threshold,
@@ -269,7 +272,7 @@ class GuardService:
         Blocking (it may load a model): the server calls it in a thread. Never raises for a bad
         file: the error is logged and kept for :meth:`health` until a later edit fixes it.
         """
-        swapped = []
+        swapped: list[str] = []
         for src in self._sources:
             if self._closed:
                 return swapped
