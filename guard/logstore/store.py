@@ -104,7 +104,8 @@ class LogStore:
     def __init__(self, target: str | Path):
         self.url = connect.parse_target(target)
         self.dialect = self.url.get_backend_name()
-        self.path: Path | None = Path(self.url.database) if self.dialect == "sqlite" else None
+        self.path: Path | None = (Path(self.url.database) if self.dialect == "sqlite" and self.url.database
+                                  else None)
         """The SQLite file; ``None`` on Postgres."""
         self.where = str(self.path) if self.path else self.url.render_as_string(hide_password=True)
         """Where the log is, for messages (no password)."""
@@ -301,13 +302,13 @@ class LogStore:
     def policies(self) -> builtins.list[str]:
         """Distinct policy names in the log, sorted."""
         with self._tx() as db:
-            return db.execute(select(_G.c.policy_name).distinct().order_by(_G.c.policy_name)).scalars().all()
+            return list(db.execute(select(_G.c.policy_name).distinct().order_by(_G.c.policy_name)).scalars())
 
     def monitors(self) -> builtins.list[str]:
         """Distinct names of monitors that fired (or condemned a span) in the log, sorted."""
         m = t.generation_monitors
         with self._tx() as db:
-            return db.execute(select(m.c.monitor).distinct().order_by(m.c.monitor)).scalars().all()
+            return list(db.execute(select(m.c.monitor).distinct().order_by(m.c.monitor)).scalars())
 
     def _not_found(self, log_id: str) -> NotFoundError:
         return NotFoundError(f"no log record with id {log_id!r} in {self.where}", param="id", code="log_not_found")
