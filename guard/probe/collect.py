@@ -123,14 +123,14 @@ def collect(engine: Engine, examples: list[Example], layers: Collection[int], *,
         if not 0 <= layer < engine.info.num_layers:
             raise ValueError(f"layer {layer} out of range (model has {engine.info.num_layers} layers)")
     key = cache.key(examples, layers, span) if cache is not None else None
-    if key is not None:
+    if cache is not None and key is not None:
         hit = cache.get(key)
         if hit is not None:
             if progress:
                 print(f"{desc}: {len(examples)} rows from cache {cache.path_of(key)}", file=sys.stderr)
             return hit
     acts = _run(engine, examples, layers, desc=desc, progress=progress, span=span)
-    if key is not None:
+    if cache is not None and key is not None:
         cache.put(key, acts)
     return acts
 

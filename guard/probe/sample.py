@@ -72,7 +72,7 @@ def sample_answers(engine: Engine, chats: list[list[dict[str, str]]], layers: li
     """``n`` sampled answers per chat with their activations at ``layers`` (see the module docstring)."""
     layers = sorted(set(layers))
     key = _key(cache, chats, layers, n, params, seed) if cache is not None else None
-    if key is not None:
+    if cache is not None and key is not None:
         hit = cache.get(key)
         if hit is not None:
             if progress:
@@ -97,7 +97,7 @@ def sample_answers(engine: Engine, chats: list[list[dict[str, str]]], layers: li
     rows = [np.full(len(ids), r) for r, ids in enumerate(ids_out)]
     acts = Activations({layer: torch.cat(c) for layer, c in chunks.items()}, np.concatenate(rows),
                        np.zeros(len(ids_out), dtype=np.int64), np.concatenate(ids_out))
-    if key is not None:
+    if cache is not None and key is not None:
         cache.put(key, acts)
     return SampledAnswers(acts, _texts(engine, acts))
 
@@ -131,8 +131,11 @@ def _one(engine: Engine, prompt: list[int], layers: list[int], params: SamplingP
 
 
 def _texts(engine: Engine, acts: Activations) -> list[str]:
+    if acts.token_ids is None:
+        raise ValueError("sampled answers carry their token ids; these activations have none")
+    token_ids = acts.token_ids
     bounds = np.searchsorted(acts.row, np.arange(acts.n_rows + 1))
-    return [engine.tokenizer.decode(acts.token_ids[a:b].tolist()) for a, b in itertools.pairwise(bounds)]
+    return [engine.tokenizer.decode(token_ids[a:b].tolist()) for a, b in itertools.pairwise(bounds)]
 
 
 def _key(cache: ActivationCache, chats, layers: list[int], n: int, params: SamplingParams, seed: int) -> str:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -239,8 +240,8 @@ class Selection(NamedTuple):
 
 
 def train_probe(engine: Engine, data: list[str | Path], *, model_dir: str | Path | None = None,
-                layers: list[int] | None = None, eval_data: list[str | Path] = (),
-                calibration: list[str | Path] = (), config: TrainConfig | None = None,
+                layers: list[int] | None = None, eval_data: Sequence[str | Path] = (),
+                calibration: Sequence[str | Path] = (), config: TrainConfig | None = None,
                 name: str = "probe", progress: bool = True, cache: ActivationCache | None = None,
                 calibrate_prompts: str | Path | None = None,
                 sampling: CalibrationSampling | None = None) -> TrainResult:
@@ -307,7 +308,8 @@ def train_probe(engine: Engine, data: list[str | Path], *, model_dir: str | Path
                             desc="calibration data", progress=progress, cache=cache, span=config.span)
         source = [str(p) for p in calibration]
     else:
-        negatives, source, reviewed_neg = acts.select(np.flatnonzero(acts.labels == 0)), ["train+heldout"], []
+        negatives, source = acts.select(np.flatnonzero(acts.labels == 0)), ["train+heldout"]
+        reviewed_neg = np.zeros(0, dtype=np.int64)
     if len(reviewed_neg):
         negatives = _stack([negatives, acts.select(reviewed_neg)], best.layer)
         source.append(f"{len(reviewed_neg)} reviewed negatives of --data")
