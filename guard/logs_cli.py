@@ -141,7 +141,7 @@ def open_store(args: argparse.Namespace) -> LogStore:
     """The store named by ``args`` (see :func:`log_target`); never creates a SQLite file."""
     target = log_target(args)
     url = parse_target(target)
-    if url.get_backend_name() == "sqlite" and not Path(url.database).exists():
+    if url.get_backend_name() == "sqlite" and not (url.database and Path(url.database).exists()):
         shown = url.database if is_url(target) else target
         raise InvalidRequestError(f"no log database at {shown}; pass --db PATH, --url URL or --policy FILE "
                                   f"(or set {URL_ENV})", param="db")

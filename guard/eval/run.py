@@ -62,7 +62,8 @@ def ask(client, model: str, prompt: str, seed: int, max_tokens: int, temperature
     stream = client.chat.completions.create(
         model=model, messages=[{"role": "user", "content": prompt}], seed=seed, max_tokens=max_tokens,
         stream=True, stream_options={"include_usage": True, "guard_resets": True}, **extra)
-    text, guard, visible, usage = "", {}, 0, None
+    guard: dict[str, Any] = {}
+    text, visible, usage = "", 0, None
     for chunk in stream:
         if chunk.usage is not None:
             usage = chunk.usage
