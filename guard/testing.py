@@ -140,6 +140,11 @@ from guard.monitors.probe import ProbeMonitor  # noqa: E402 - only the fault-inj
 class FaultyProbe(ProbeMonitor):
     """See :func:`faulty_probe`."""
 
+    fail_at: int
+    fault: str
+    then: float | None
+    calls: int
+
     def score(self, hidden, token_ids):
         self.calls += 1
         if self.calls == self.fail_at:

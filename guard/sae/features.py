@@ -36,7 +36,7 @@ MIN_THRESHOLD = 1e-6
 class FeatureRank(NamedTuple):
     """How well one feature separates label 1 rows from label 0 rows."""
 
-    index: int
+    index: int  # type: ignore[assignment]  # shadows tuple.index; renaming changes the features file
     auroc: float
     """Row-level AUROC of the per-row max activation."""
     mean_pos: float

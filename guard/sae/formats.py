@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from guard.errors import ModelLoadError
-from guard.sae.model import NORMALIZATIONS, Sae, layer_for_hook
+from guard.sae.model import NORMALIZATIONS, Sae, layer_for_hook, present
 
 Format = Literal["auto", "saelens", "gemmascope", "sparsify", "goodfire"]
 FORMATS: tuple[str, ...] = ("saelens", "gemmascope", "sparsify", "goodfire")
@@ -101,7 +101,7 @@ def _load_saelens(path: Path) -> Sae:
     cfg = _read_json(cfg_path)
     tensors = _read_safetensors(weights)
     activation, k = _saelens_activation(cfg, cfg_path)
-    meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+    meta = cfg["metadata"] if isinstance(cfg.get("metadata"), dict) else {}
     hook = meta.get("hook_name") or cfg.get("hook_name") or cfg.get("hook_point")
     head = meta.get("hook_head_index", cfg.get("hook_head_index"))
     if head is not None:
@@ -204,11 +204,12 @@ def save_saelens(sae: Sae, out_dir: str | Path, *, model_name: str, hook_name: s
     cfg.update(extra)
     tensors = {"W_enc": sae.W_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
     if sae.activation == "gated":
-        tensors.update(b_gate=sae.b_gate, r_mag=sae.r_mag, b_mag=sae.b_mag)
+        tensors.update(b_gate=present(sae.b_gate, "b_gate"), r_mag=present(sae.r_mag, "r_mag"),
+                       b_mag=present(sae.b_mag, "b_mag"))
     else:
         tensors["b_enc"] = sae.b_enc
     if sae.activation == "jumprelu":
-        tensors["threshold"] = sae.threshold
+        tensors["threshold"] = present(sae.threshold, "threshold")
     save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(out / SAELENS_WEIGHTS))
     (out / SAELENS_CFG).write_text(json.dumps(cfg, indent=2) + "\n")
     return out

@@ -136,7 +136,7 @@ def train_sae(x: Tensor, config: SaeTrainConfig, *, eval_x: Tensor | None = None
     return SaeTrainResult(sae, initial, sae_stats(sae, eval_x), sae_stats(sae, x).dead_frac)
 
 
-def _init(xs: Tensor, d_sae: int, gen: Tensor) -> dict[str, Tensor]:
+def _init(xs: Tensor, d_sae: int, gen: torch.Generator) -> dict[str, Tensor]:
     d = xs.shape[1]
     w_dec = torch.randn(d_sae, d, generator=gen)
     w_dec /= w_dec.norm(dim=1, keepdim=True)
