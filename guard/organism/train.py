@@ -74,7 +74,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class TrainResult:
-    model: LlamaForCausalLM
+    model: LlamaForCausalLM | Qwen3ForCausalLM
     final_loss: float
     """Mean assistant-token loss over the last 10% of steps."""
     seconds: float
@@ -89,14 +89,15 @@ def build_model(shape: ModelShape, tok: PreTrainedTokenizerFast) -> LlamaForCaus
             head_dim=shape.hidden_size // shape.num_heads,
             intermediate_size=shape.intermediate_size, max_position_embeddings=shape.max_position_embeddings,
             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-            tie_word_embeddings=True, use_sliding_window=False, attn_implementation="sdpa",
+            # attn_implementation goes through **kwargs, which transformers' typed __init__ leaves out.
+            tie_word_embeddings=True, use_sliding_window=False, attn_implementation="sdpa",  # type: ignore[call-arg]
         ))
     cfg = LlamaConfig(
         vocab_size=len(tok), hidden_size=shape.hidden_size, num_hidden_layers=shape.num_layers,
         num_attention_heads=shape.num_heads, num_key_value_heads=shape.num_heads,
         intermediate_size=shape.intermediate_size, max_position_embeddings=shape.max_position_embeddings,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=True, attn_implementation="sdpa",
+        tie_word_embeddings=True, attn_implementation="sdpa",  # type: ignore[call-arg]  # as above
     )
     return LlamaForCausalLM(cfg)
 
@@ -149,6 +150,7 @@ def _encode_templated(tok: PreTrainedTokenizerFast, examples: Sequence[Example])
         marks = [f"\x00{i}\x00" for i in range(len(roles))]
         text = tok.apply_chat_template([{"role": r, "content": m} for r, m in zip(roles, marks, strict=True)],
                                        add_generation_prompt=True, tokenize=False)
+        assert isinstance(text, str)  # tokenize=False: the rendered text
         parts = []
         for m in marks:
             head, text = text.split(m, 1)
