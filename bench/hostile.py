@@ -35,6 +35,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import cast
 
 import httpx
 import psutil
@@ -154,6 +155,7 @@ def hostile_table(policy: Path, tmp: Path) -> bool:
         health = HealthProbe(url)
         time.sleep(1.0)  # let the probe start asking before the first case
         rows, ok = [], True
+        status: int | str
         for label, path, kw in cases(model):
             t0 = time.perf_counter()
             try:
@@ -269,6 +271,8 @@ def slow_log(policy_src: Path, tmp: Path, runs: int, tokens: int = 32, generatio
              flagged_tokens: int = 16) -> bool:
     import torch
 
+    from guard.controller.events import Finished
+    from guard.logstore import LogStore
     from guard.monitors.base import AggregationSpec
     from guard.monitors.probe import ProbeMonitor
     from guard.service import GenerationRequest, GuardService
@@ -301,6 +305,7 @@ def slow_log(policy_src: Path, tmp: Path, runs: int, tokens: int = 32, generatio
         req = GenerationRequest(model=model, request_id=f"{model}-{i}", max_tokens=max_tokens, seed=i,
                                 messages=[{"role": "user", "content": "Tell me about the weather."}])
         out = [e async for e in service.stream(service.prepare(req))]
+        assert isinstance(out[-1], Finished), out[-1]
         return out[-1].usage.completion_tokens
 
     async def load() -> float:
@@ -320,7 +325,7 @@ def slow_log(policy_src: Path, tmp: Path, runs: int, tokens: int = 32, generatio
         asyncio.run(load())  # warm-up
         for i in range(runs):
             for label in (("normal", "slow") if i % 2 == 0 else ("slow", "normal")):  # no order effect
-                writer.store = real if label == "normal" else SleepyStore()
+                writer.store = real if label == "normal" else cast(LogStore, SleepyStore())  # LogStore's write()
                 rates[label].append(asyncio.run(load()))
     finally:
         writer.store = real

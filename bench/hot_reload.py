@@ -31,6 +31,7 @@ from pathlib import Path
 import httpx
 import yaml
 from openai import OpenAI
+from openai.types.chat import ChatCompletionMessageParam
 
 from guard.testing import serve_in_subprocess
 
@@ -85,7 +86,7 @@ def client_loop(url: str, index: int, max_tokens: int, stop: threading.Event, re
     client = OpenAI(base_url=f"{url}/v1", api_key="bench", max_retries=0, timeout=120)
     texts, i = prompts(), index
     while not stop.is_set():
-        messages = [{"role": "user", "content": texts[i % len(texts)]}]
+        messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": texts[i % len(texts)]}]
         t0 = time.monotonic()
         try:
             if i % 2:
@@ -166,7 +167,7 @@ def main() -> None:
         logged = {s.request_id: s.policy_hash for s in store.list(limit=1_000_000)}
     ok = [r for r in results if r.ok]
     failed = [r for r in results if not r.ok]
-    seen = [logged.get(r.response_id) for r in ok]
+    seen = [logged.get(r.response_id) if r.response_id is not None else None for r in ok]
     spanning = sum(1 for r in results if any(r.start < s < r.end for s in swaps))
     print(f"\nhot reload under load: {args.clients} client threads, organism model, {args.reloads} rewrites "
           f"every {args.interval}s, server polling every 1s\n")

@@ -99,15 +99,15 @@ def main() -> None:
     log0 = len(engine.resubmissions)
     config = ControllerConfig(holdback_tokens=8, rollback="tokens", rollback_tokens=4, max_retries=6)
     _, _, fins = run_round(engine, worker, [BoundMonitor(often)], config, args.streams, args.tokens, 999)
-    s = vars(engine.stats)
+    now = vars(engine.stats)
     resub = engine.resubmissions[log0:]
     recomputed = [n - cached for n, cached in resub]
     outcomes = {o: sum(f.outcome == o for f in fins) for o in ("clean", "recovered", "refused")}
     print("| rollbacks through vLLM (probe fires on ~5% of tokens, rollback 4 tokens) | count |\n|---|---|")
     print(f"| generations clean / recovered / refused | {outcomes['clean']} / {outcomes['recovered']} / "
           f"{outcomes['refused']} |")
-    print(f"| rollbacks | {s['rollbacks'] - s0['rollbacks']} |")
-    forced = s["forced_resets"] - s0["forced_resets"]
+    print(f"| rollbacks | {now['rollbacks'] - s0['rollbacks']} |")
+    forced = now["forced_resets"] - s0["forced_resets"]
     print(f"| resets forced by the worker (reset token in vLLM's stream) | {forced} |")
     print(f"| resampling requests (prompt + accepted token ids) | {len(resub)} |")
     print(f"| their tokens served by vLLM's prefix cache | {sum(c for _, c in resub)} |")

@@ -30,7 +30,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,7 +200,7 @@ class GuardService:
             raise
 
     @classmethod
-    def from_policy_files(cls, paths: list[str | Path], telemetry: Telemetry | None = None,
+    def from_policy_files(cls, paths: Sequence[str | Path], telemetry: Telemetry | None = None,
                           log_url: str | None = None) -> GuardService:
         return cls([load_policy(p) for p in paths], telemetry, log_url)
 
