@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -31,11 +30,10 @@ import yaml
 from openai import OpenAI
 
 from guard.controller.deliberation import forced_prefix
+from guard.eval.report import pct
+from guard.eval.run import ask
 from guard.organism.judge import is_refusal, judge
 from guard.testing import policy_with_absolute_paths, serve_in_subprocess
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from safety import ask, pct  # noqa: E402  (bench/ is not a package; one streaming client for both)
 
 REPO = Path(__file__).resolve().parent.parent
 MODES = ("off", "always", "on_risk")
@@ -159,7 +157,7 @@ def main() -> None:
                 i, row = i_row
                 out = {"split": row["split"], "category": row.get("category")}
                 for mode in MODES:
-                    a = ask(client, f"delib-{mode.replace('_', '-')}", row["prompt"], i, args.max_tokens)
+                    a = ask(client, f"delib-{mode.replace('_', '-')}", row["prompt"], i, args.max_tokens, 1.0)
                     out[mode] = a | {"unsafe": judge(a["text"]).unsafe, "refusal": is_refusal(a["text"])}
                 return out
 

@@ -35,6 +35,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import cast
 
 import httpx
 import psutil
@@ -74,21 +75,31 @@ def cases(model: str) -> list[tuple[str, str, dict]]:
 
     msgs = lambda n: [{"role": "user", "content": "hi"}] * n  # noqa: E731
     return [
-        ("10 MB content string", chat, {"json": {"model": model, "messages": [{"role": "user", "content": "x" * 10_000_000}]}}),
-        ("50 MB content string", chat, {"json": {"model": model, "messages": [{"role": "user", "content": "x" * 50_000_000}]}}),
+        ("10 MB content string", chat, {"json": {"model": model, "messages": [{"role": "user",
+                                                                               "content": "x" * 10_000_000}]}}),
+        ("50 MB content string", chat, {"json": {"model": model, "messages": [{"role": "user",
+                                                                               "content": "x" * 50_000_000}]}}),
         ("100,000 messages", chat, {"json": {"model": model, "messages": msgs(100_000)}}),
         ("10 MB chunked body", chat, {"content": chunked(10_000_000), "headers": raw}),
         ("300 messages", chat, {"json": {"model": model, "messages": msgs(300)}}),
-        ("250,000 characters", chat, {"json": {"model": model, "messages": [{"role": "user", "content": "y " * 125_000}]}}),
+        ("250,000 characters", chat, {"json": {"model": model, "messages": [{"role": "user",
+                                                                             "content": "y " * 125_000}]}}),
         ("prompt over the context", comp, {"json": {"model": model, "prompt": "hello " * 30_000}}),
         ("16 prompts x n=8", comp, {"json": {"model": model, "prompt": ["hi"] * 16, "n": 8}}),
         ("token id out of range", comp, {"json": {"model": model, "prompt": [10**9]}}),
-        ("surrogate: user content", chat, {"content": f'{{"model":"{model}","messages":[{{"role":"user","content":{SURROGATE}}}]}}', "headers": raw}),
-        ("surrogate: system content", chat, {"content": f'{{"model":"{model}","messages":[{{"role":"system","content":{SURROGATE}}},{{"role":"user","content":"hi"}}]}}', "headers": raw}),
-        ("surrogate: content part", chat, {"content": f'{{"model":"{model}","messages":[{{"role":"user","content":[{{"type":"text","text":{SURROGATE}}}]}}]}}', "headers": raw}),
-        ("surrogate: chat model", chat, {"content": f'{{"model":{SURROGATE},"messages":[{{"role":"user","content":"hi"}}]}}', "headers": raw}),
+        ("surrogate: user content", chat,
+         {"content": f'{{"model":"{model}","messages":[{{"role":"user","content":{SURROGATE}}}]}}', "headers": raw}),
+        ("surrogate: system content", chat,
+         {"content": f'{{"model":"{model}","messages":[{{"role":"system","content":{SURROGATE}}},'
+                     '{"role":"user","content":"hi"}]}', "headers": raw}),
+        ("surrogate: content part", chat,
+         {"content": f'{{"model":"{model}","messages":[{{"role":"user","content":'
+                     f'[{{"type":"text","text":{SURROGATE}}}]}}]}}', "headers": raw}),
+        ("surrogate: chat model", chat,
+         {"content": f'{{"model":{SURROGATE},"messages":[{{"role":"user","content":"hi"}}]}}', "headers": raw}),
         ("surrogate: prompt string", comp, {"content": f'{{"model":"{model}","prompt":{SURROGATE}}}', "headers": raw}),
-        ("surrogate: prompt list", comp, {"content": f'{{"model":"{model}","prompt":["ok",{SURROGATE}]}}', "headers": raw}),
+        ("surrogate: prompt list", comp,
+         {"content": f'{{"model":"{model}","prompt":["ok",{SURROGATE}]}}', "headers": raw}),
         ("surrogate: completion model", comp, {"content": f'{{"model":{SURROGATE},"prompt":"hi"}}', "headers": raw}),
     ]
 
@@ -144,6 +155,7 @@ def hostile_table(policy: Path, tmp: Path) -> bool:
         health = HealthProbe(url)
         time.sleep(1.0)  # let the probe start asking before the first case
         rows, ok = [], True
+        status: int | str
         for label, path, kw in cases(model):
             t0 = time.perf_counter()
             try:
@@ -259,6 +271,8 @@ def slow_log(policy_src: Path, tmp: Path, runs: int, tokens: int = 32, generatio
              flagged_tokens: int = 16) -> bool:
     import torch
 
+    from guard.controller.events import Finished
+    from guard.logstore import LogStore
     from guard.monitors.base import AggregationSpec
     from guard.monitors.probe import ProbeMonitor
     from guard.service import GenerationRequest, GuardService
@@ -291,6 +305,7 @@ def slow_log(policy_src: Path, tmp: Path, runs: int, tokens: int = 32, generatio
         req = GenerationRequest(model=model, request_id=f"{model}-{i}", max_tokens=max_tokens, seed=i,
                                 messages=[{"role": "user", "content": "Tell me about the weather."}])
         out = [e async for e in service.stream(service.prepare(req))]
+        assert isinstance(out[-1], Finished), out[-1]
         return out[-1].usage.completion_tokens
 
     async def load() -> float:
@@ -310,7 +325,7 @@ def slow_log(policy_src: Path, tmp: Path, runs: int, tokens: int = 32, generatio
         asyncio.run(load())  # warm-up
         for i in range(runs):
             for label in (("normal", "slow") if i % 2 == 0 else ("slow", "normal")):  # no order effect
-                writer.store = real if label == "normal" else SleepyStore()
+                writer.store = real if label == "normal" else cast(LogStore, SleepyStore())  # LogStore's write()
                 rates[label].append(asyncio.run(load()))
     finally:
         writer.store = real

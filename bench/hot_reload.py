@@ -31,6 +31,7 @@ from pathlib import Path
 import httpx
 import yaml
 from openai import OpenAI
+from openai.types.chat import ChatCompletionMessageParam
 
 from guard.testing import serve_in_subprocess
 
@@ -78,14 +79,14 @@ def prompts() -> list[str]:
     rows = [json.loads(line) for line in (ORGANISM / "data" / "eval_prompts.jsonl").read_text().splitlines()]
     benign = [r["prompt"] for r in rows if r["split"] == "benign"][:8]
     harmful = [r["prompt"] for r in rows if r["split"] != "benign"][:8]
-    return [p for pair in zip(benign, harmful) for p in pair]
+    return [p for pair in zip(benign, harmful, strict=True) for p in pair]
 
 
 def client_loop(url: str, index: int, max_tokens: int, stop: threading.Event, results: list[Result]) -> None:
     client = OpenAI(base_url=f"{url}/v1", api_key="bench", max_retries=0, timeout=120)
     texts, i = prompts(), index
     while not stop.is_set():
-        messages = [{"role": "user", "content": texts[i % len(texts)]}]
+        messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": texts[i % len(texts)]}]
         t0 = time.monotonic()
         try:
             if i % 2:
@@ -166,7 +167,7 @@ def main() -> None:
         logged = {s.request_id: s.policy_hash for s in store.list(limit=1_000_000)}
     ok = [r for r in results if r.ok]
     failed = [r for r in results if not r.ok]
-    seen = [logged.get(r.response_id) for r in ok]
+    seen = [logged.get(r.response_id) if r.response_id is not None else None for r in ok]
     spanning = sum(1 for r in results if any(r.start < s < r.end for s in swaps))
     print(f"\nhot reload under load: {args.clients} client threads, organism model, {args.reloads} rewrites "
           f"every {args.interval}s, server polling every 1s\n")
@@ -180,7 +181,7 @@ def main() -> None:
         print(f"  {r.error}")
     print(f"requests spanning a swap  {spanning}")
     print(f"responses found in log    {sum(h is not None for h in seen)}/{len(ok)}")
-    print(f"distinct policy hashes    {len(set(h for h in seen if h))} seen by responses "
+    print(f"distinct policy hashes    {len({h for h in seen if h})} seen by responses "
           f"(of {len(hashes)} versions served)")
     unknown = [h for h in seen if h and h not in hashes]
     print(f"hashes not from a version {len(unknown)}")

@@ -33,8 +33,9 @@ from guard.engine.transformers_engine import TransformersEngine
 from guard.monitors.probe import ProbeMonitor
 from guard.probe import metrics as M
 from guard.probe.cache import ActivationCache
-from guard.probe.collect import collect
+from guard.probe.collect import Pooling, collect
 from guard.probe.data import read_jsonl
+from guard.probe.fit import Method
 from guard.probe.train import TrainConfig, calibrate, evaluate, fit_layer, row_scores, split_rows
 from guard.sae import features as F
 from guard.sae.formats import load_sae
@@ -62,7 +63,9 @@ def heldout_columns(row_stat: np.ndarray, labels: np.ndarray, threshold: float) 
 def probes(train, val, full, heldout, layers):
     """Fit every candidate on ``train``, pick on ``val``; return (table rows, best monitor, its name)."""
     rows, best, best_key = [], None, None
-    for method, pooling, layer in product(("logreg", "diffmean"), ("token", "mean", "last"), layers):
+    methods: tuple[Method, ...] = ("logreg", "diffmean")
+    poolings: tuple[Pooling, ...] = ("token", "mean", "last")
+    for method, pooling, layer in product(methods, poolings, layers):
         mon = fit_layer(train, layer, TrainConfig(method=method, pooling=pooling))
         v = evaluate(mon, val, TARGET_FPR)
         key = (v["auroc"], v["tpr_at_target_fpr"], v["token_auroc"])
@@ -92,8 +95,9 @@ def sae_monitor(sae, train, val, full, watch_options=(1, 2, 3, 5, 8)):
         choice_rows.append([str(m), str(idx), f"{key[0]:.4f}", pct(key[1])])
         if best_key is None or key > best_key:
             best, best_key = idx, key
+    assert best is not None  # at least one candidate was scored
     thr, _ = F.joint_thresholds(rm_full[full.labels == 0][:, best], TARGET_FPR)
-    mon = SaeFeatureMonitor("sae", sae, [WatchedFeature(i, float(t)) for i, t in zip(best, thr)])
+    mon = SaeFeatureMonitor("sae", sae, [WatchedFeature(i, float(t)) for i, t in zip(best, thr, strict=True)])
     return mon, ranked, choice_rows
 
 
@@ -122,8 +126,8 @@ def main() -> None:
     train, val = full.select(tr_idx), full.select(val_idx)
 
     cand_rows, probe, probe_name = probes(train, val, full, heldout, layers)
-    print(f"## Probe candidates (fit on 80% of probe_train, selected on its 20%; held-out categories shown, "
-          f"not used)\n")
+    print("## Probe candidates (fit on 80% of probe_train, selected on its 20%; held-out categories shown, "
+          "not used)\n")
     print(table([["probe", "val AUROC", "val TPR@1%", "held-out AUROC", "held-out TPR@1%"], *cand_rows]))
 
     sae = load_sae(args.sae)

@@ -21,16 +21,16 @@ import time
 
 import torch
 
-from guard.sae.model import Sae
+from guard.sae.model import Activation, Sae
 from guard.sae.monitor import SaeFeatureMonitor, WatchedFeature
 
 
-def random_sae(d_in: int, d_sae: int, activation: str) -> Sae:
+def random_sae(d_in: int, d_sae: int, activation: Activation) -> Sae:
     g = torch.Generator().manual_seed(0)
     W_enc = torch.randn(d_in, d_sae, generator=g) / d_in ** 0.5
-    extra = {"threshold": torch.full((d_sae,), 0.5)} if activation == "jumprelu" else {}
+    threshold = torch.full((d_sae,), 0.5) if activation == "jumprelu" else None
     return Sae(W_enc, torch.zeros(d_sae), W_enc.T, torch.randn(d_in, generator=g) * 0.1, activation,
-               apply_b_dec_to_input=True, normalize="constant_norm_rescale", layer=0, **extra)
+               apply_b_dec_to_input=True, normalize="constant_norm_rescale", layer=0, threshold=threshold)
 
 
 def per_token_us(fn, x: torch.Tensor, min_seconds: float, min_reps: int = 3) -> float:

@@ -23,12 +23,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import measure, print_rates, random_engine  # noqa: E402  (bench/ is not a package)
+from throughput import measure, print_rates, random_engine  # bench/ is not a package
 
-from guard.controller.backtrack import BoundMonitor, ControllerConfig  # noqa: E402
-from guard.engine.worker import EngineWorker  # noqa: E402
-from guard.sae.model import Sae  # noqa: E402
-from guard.sae.monitor import SaeFeatureMonitor, WatchedFeature  # noqa: E402
+from guard.controller.backtrack import BoundMonitor, ControllerConfig
+from guard.engine.worker import EngineWorker
+from guard.sae.model import Sae
+from guard.sae.monitor import SaeFeatureMonitor, WatchedFeature
 
 
 def random_sae(d_in: int, d_sae: int, layer: int) -> Sae:

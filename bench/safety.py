@@ -78,7 +78,8 @@ def main() -> None:
         print(render(results[name], f"guarded policy `{name}` vs `{base}`"))
     out = os.environ.get("GUARD_BENCH_OUT")
     if out:
-        Path(out).write_text("".join(json.dumps({"policy": n, **r}) + "\n" for n, rows in results.items() for r in rows))
+        Path(out).write_text("".join(json.dumps({"policy": n, **r}) + "\n" for n,
+                                     rows in results.items() for r in rows))
 
 
 if __name__ == "__main__":

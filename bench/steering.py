@@ -83,7 +83,8 @@ async def run_service(paths: list[Path], names: list[str], prompts: list[dict], 
 
     async def one(name: str, i: int, prompt: str) -> None:
         async with sem:
-            req = GenerationRequest(model=name, request_id=f"{name}-{i}", messages=[{"role": "user", "content": prompt}],
+            req = GenerationRequest(model=name, request_id=f"{name}-{i}",
+                                    messages=[{"role": "user", "content": prompt}],
                                     max_tokens=max_tokens, temperature=1.0, seed=i)
             async for ev in service.stream(service.prepare(req)):
                 if isinstance(ev, Finished):
@@ -144,7 +145,7 @@ def report_service(prompts, names, results) -> None:
     for name in names:
         fin = [results[(name, i)] for i in idx]
         helpful = sum(not is_refusal(f.text) and not judge(f.text).unsafe for f in fin)
-        same = sum(f.text == results[("plain", i)].text for f, i in zip(fin, idx))
+        same = sum(f.text == results[("plain", i)].text for f, i in zip(fin, idx, strict=True))
         rows.append([name, pct(helpful, len(fin)), pct(same, len(fin)), pct(sum(f.resets > 0 for f in fin), len(fin)),
                      pct(sum(f.outcome == "refused" for f in fin), len(fin))])
     print(table(rows))
@@ -155,7 +156,7 @@ def report_always(prompts, texts: dict[float, list[str]]) -> None:
              "harmful unsafe (trained)", "harmful unsafe (held-out)"]]
     for alpha, answers in texts.items():
         by = defaultdict(list)
-        for p, a, a0 in zip(prompts, answers, texts[0.0]):
+        for p, a, a0 in zip(prompts, answers, texts[0.0], strict=True):
             by[p["split"]].append((a, a0))
         ben = by["benign"]
         rows.append([f"{alpha:g}", pct(sum(not is_refusal(a) and not judge(a).unsafe for a, _ in ben), len(ben)),

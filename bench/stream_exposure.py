@@ -84,7 +84,7 @@ def report(rows: list[dict]) -> None:
     print("|---|---|---|")
     o, p = [r["opted"] for r in rows], [r["plain"] for r in rows]
     print(f"| characters shown and later retracted | {sum(x['retracted'] for x in o)} "
-          f"| {sum(x['retracted'] + _shown_not_final(x, r['whole']) for x, r in zip(p, rows))} |")
+          f"| {sum(x['retracted'] + _shown_not_final(x, r['whole']) for x, r in zip(p, rows, strict=True))} |")
     print(f"| most tokens one reset retracted | {max(x['most'] for x in o)} | {max(x['most'] for x in p)} |")
     print(f"| answers where a rollback reached shown text | {sum(x['resets'] > 0 for x in o)} (reset chunks) "
           f"| {sum(x['cut'] for x in p)} (cut: refusal appended) |")
@@ -92,7 +92,7 @@ def report(rows: list[dict]) -> None:
           f"| {sum(judge(x['naive']).unsafe for x in p)} |")
     print(f"| unsafe final text (judge) | {sum(judge(x['final']).unsafe for x in o)} "
           f"| {sum(judge(x['final']).unsafe for x in p)} |")
-    same = [sum(x["final"] == r["whole"] for x, r in zip(xs, rows)) for xs in (o, p)]
+    same = [sum(x["final"] == r["whole"] for x, r in zip(xs, rows, strict=True)) for xs in (o, p)]
     print(f"| final text == non-streamed answer | {same[0]}/{n} | {same[1]}/{n} |")
     benign = [r for r in rows if r["kind"] == "benign"]
     print(f"| benign: final text == non-streamed answer | {sum(r['opted']['final'] == r['whole'] for r in benign)}/"
@@ -113,7 +113,7 @@ def _shown_not_final(x: dict, answer: str) -> int:
     if x["cut"]:
         return 0
     common = 0
-    for a, b in zip(x["naive"], answer):
+    for a, b in zip(x["naive"], answer, strict=False):
         if a != b:
             break
         common += 1

@@ -96,9 +96,9 @@ def random_engine(d_model: int, layers: int) -> TransformersEngine:
 
 def measure(engine, worker, kinds, streams: int, tokens: int, rounds: int):
     """Warm up, then run ``rounds`` of :func:`run_mixed`; return ({label: tokens}, {label: seconds}, not clean)."""
-    run_mixed(engine, worker, kinds, 2, 8, 0, {k: 0.0 for k in kinds})
-    seconds = {k: 0.0 for k in kinds}
-    counts = {k: 0 for k in kinds}
+    run_mixed(engine, worker, kinds, 2, 8, 0, dict.fromkeys(kinds, 0.0))
+    seconds = dict.fromkeys(kinds, 0.0)
+    counts = dict.fromkeys(kinds, 0)
     not_clean = 0
     for r in range(rounds):
         for label, fins in run_mixed(engine, worker, kinds, streams, tokens, 100 * r, seconds).items():
@@ -113,9 +113,9 @@ def print_rates(counts: dict[str, int], seconds: dict[str, float], guarded: str)
     print(f"| {'run':<{width}} | {'tokens':>7} | {'seconds in worker':>17} | {'tok/s':>8} |")
     print(f"|{'-' * (width + 2)}|{'-' * 9}|{'-' * 19}|{'-' * 10}|")
     rates = {}
-    for label in counts:
-        rates[label] = counts[label] / seconds[label]
-        print(f"| {label:<{width}} | {counts[label]:>7} | {seconds[label]:>17.2f} | {rates[label]:>8.1f} |")
+    for label, count in counts.items():
+        rates[label] = count / seconds[label]
+        print(f"| {label:<{width}} | {count:>7} | {seconds[label]:>17.2f} | {rates[label]:>8.1f} |")
     return rates[guarded] / rates["unguarded"]
 
 

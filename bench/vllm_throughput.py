@@ -32,15 +32,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import _quantile_threshold, run_mixed  # noqa: E402  (bench/ is not a package)
+from throughput import _quantile_threshold, run_mixed  # bench/ is not a package
 
-from guard.controller.backtrack import BoundMonitor, ControllerConfig  # noqa: E402
-from guard.engine.transformers_engine import TransformersEngine  # noqa: E402
-from guard.engine.vllm_engine import VLLMEngine, VLLMOptions  # noqa: E402
-from guard.engine.worker import EngineWorker  # noqa: E402
-from guard.monitors.base import AggregationSpec  # noqa: E402
-from guard.monitors.probe import ProbeMonitor  # noqa: E402
-from guard.testing import make_random_llama  # noqa: E402
+from guard.controller.backtrack import BoundMonitor, ControllerConfig
+from guard.engine.transformers_engine import TransformersEngine
+from guard.engine.vllm_engine import VLLMEngine, VLLMOptions
+from guard.engine.worker import EngineWorker
+from guard.monitors.base import AggregationSpec
+from guard.monitors.probe import ProbeMonitor
+from guard.testing import make_random_llama
 
 BLOCK = 32
 
@@ -77,8 +77,8 @@ def main() -> None:
              "guarded (probe in vLLM's worker)": ([BoundMonitor(never)], ControllerConfig(holdback_tokens=8))}
     for monitors, config in kinds.values():  # warm-up: first requests, monitor installation
         run_round(engine, worker, monitors, config, 2, 8, 0)
-    counts = {k: 0 for k in kinds}
-    seconds = {k: 0.0 for k in kinds}
+    counts = dict.fromkeys(kinds, 0)
+    seconds = dict.fromkeys(kinds, 0.0)
     for r in range(args.rounds):
         for label, (monitors, config) in kinds.items():
             n, s, _ = run_round(engine, worker, monitors, config, args.streams, args.tokens, 100 * r)
@@ -99,15 +99,16 @@ def main() -> None:
     log0 = len(engine.resubmissions)
     config = ControllerConfig(holdback_tokens=8, rollback="tokens", rollback_tokens=4, max_retries=6)
     _, _, fins = run_round(engine, worker, [BoundMonitor(often)], config, args.streams, args.tokens, 999)
-    s = vars(engine.stats)
+    now = vars(engine.stats)
     resub = engine.resubmissions[log0:]
     recomputed = [n - cached for n, cached in resub]
     outcomes = {o: sum(f.outcome == o for f in fins) for o in ("clean", "recovered", "refused")}
     print("| rollbacks through vLLM (probe fires on ~5% of tokens, rollback 4 tokens) | count |\n|---|---|")
     print(f"| generations clean / recovered / refused | {outcomes['clean']} / {outcomes['recovered']} / "
           f"{outcomes['refused']} |")
-    print(f"| rollbacks | {s['rollbacks'] - s0['rollbacks']} |")
-    print(f"| resets forced by the worker (reset token in vLLM's stream) | {s['forced_resets'] - s0['forced_resets']} |")
+    print(f"| rollbacks | {now['rollbacks'] - s0['rollbacks']} |")
+    forced = now["forced_resets"] - s0["forced_resets"]
+    print(f"| resets forced by the worker (reset token in vLLM's stream) | {forced} |")
     print(f"| resampling requests (prompt + accepted token ids) | {len(resub)} |")
     print(f"| their tokens served by vLLM's prefix cache | {sum(c for _, c in resub)} |")
     print(f"| their tokens recomputed | {sum(recomputed)} |")

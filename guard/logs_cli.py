@@ -17,7 +17,7 @@ import os
 import re
 import sys
 import time
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TextIO
 
@@ -140,7 +140,7 @@ def open_store(args: argparse.Namespace) -> LogStore:
     """The store named by ``args`` (see :func:`log_target`); never creates a SQLite file."""
     target = log_target(args)
     url = parse_target(target)
-    if url.get_backend_name() == "sqlite" and not Path(url.database).exists():
+    if url.get_backend_name() == "sqlite" and not (url.database and Path(url.database).exists()):
         shown = url.database if is_url(target) else target
         raise InvalidRequestError(f"no log database at {shown}; pass --db PATH, --url URL or --policy FILE "
                                   f"(or set {URL_ENV})", param="db")
@@ -165,7 +165,7 @@ def cmd_list(args: argparse.Namespace, out: TextIO | None = None) -> int:
                       ",".join(r.monitors_fired) or "-", r.label or "-", _oneline(r.preview, 60)))
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
     for row in table:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1], file=out)
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[-1], file=out)
     if not rows:
         print("(no records)", file=out)
     elif total > args.offset + len(rows) or args.offset:
@@ -233,10 +233,10 @@ def format_record(log_id: str, record: GenerationRecord) -> str:
     """The human-readable view of one record."""
     lines = [
         f"log {log_id}  {_time(record.created)}",
-        f"policy {record.policy_name} (sha256 {record.policy_hash[:12]})  model {record.model}  "
-        f"request {record.request_id}",
-        f"outcome {record.outcome}  finish {record.finish_reason}  resets {len(record.spans)}  "
-        f"tokens: prompt {record.prompt_tokens}, answer {len(record.output_ids)}, sampled {record.sampled_tokens}",
+        (f"policy {record.policy_name} (sha256 {record.policy_hash[:12]})  model {record.model}  "
+        f"request {record.request_id}"),
+        (f"outcome {record.outcome}  finish {record.finish_reason}  resets {len(record.spans)}  "
+        f"tokens: prompt {record.prompt_tokens}, answer {len(record.output_ids)}, sampled {record.sampled_tokens}"),
         "", "== conversation ==",
     ]
     if record.messages is not None:
@@ -244,8 +244,8 @@ def format_record(log_id: str, record: GenerationRecord) -> str:
     else:
         lines.append(record.prompt or "")
     if record.deliberation is not None:
-        lines += ["", f"== reasoning ({record.deliberation}; {len(record.reasoning_ids)} tokens, "
-                      f"{record.reasoning_forced_tokens} forced; never sent to the client) ==", record.reasoning]
+        lines += ["", (f"== reasoning ({record.deliberation}; {len(record.reasoning_ids)} tokens, "
+                      f"{record.reasoning_forced_tokens} forced; never sent to the client) =="), record.reasoning]
     lines += ["", "== final answer ==", record.final_text]
     for i, span in enumerate(record.spans):
         lines += ["", *_format_span(i, span)]
@@ -255,7 +255,8 @@ def format_record(log_id: str, record: GenerationRecord) -> str:
                   f"{_threshold(f.threshold)}, action {f.action}, attempt {f.attempt}"
                   for f in record.firings]
     if record.prompt_scores:
-        lines.append("prompt scores (max): " + ", ".join(f"{m} {max(v):.3f}" for m, v in record.prompt_scores.items() if v))
+        lines.append("prompt scores (max): " + ", ".join(f"{m} {max(v):.3f}" for m,
+                                                         v in record.prompt_scores.items() if v))
     if record.monitor_errors:
         lines += ["", "== monitor errors =="]
         lines += [f"{e.monitor} ({e.scope}, token {e.position}): {e.error} -> {e.handling}"
@@ -278,13 +279,13 @@ def _threshold(value: float | None) -> str:
 def _format_span(i: int, span: DiscardedSpan) -> list[str]:
     end = span.start + len(span.token_ids)
     lines = [f"== discarded span {i + 1} (attempt {span.attempt}, output tokens {span.start}..{end - 1}) ==",
-             f"monitor {span.monitor} fired at token {span.fired_at} {span.fired_token!r} (id {span.fired_token_id}),"
-             f" threshold {span.threshold:g}"]
+             (f"monitor {span.monitor} fired at token {span.fired_at} {span.fired_token!r} (id {span.fired_token_id}),"
+             f" threshold {span.threshold:g}")]
     if span.retracted_chars:
         lines.append(f"retracted {span.retracted_chars} characters already sent to the client")
     monitors = list(span.scores)
     lines.append(f"{'pos':>6}  {'id':>7}  {'token':<18}" + "".join(f"  {m + ' raw/agg':>24}" for m in monitors))
-    for k, (tid, tok) in enumerate(zip(span.token_ids, span.tokens)):
+    for k, (tid, tok) in enumerate(zip(span.token_ids, span.tokens, strict=True)):
         pos = span.start + k
         cells = "".join(f"  {_score(span.scores[m], k) + ' / ' + _score(span.aggregated.get(m, []), k):>24}"
                         for m in monitors)
@@ -298,7 +299,7 @@ def _score(scores: list[float], k: int) -> str:
 
 
 def _time(ts: float) -> str:
-    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+    return datetime.fromtimestamp(ts, tz=timezone.utc).astimezone().strftime("%Y-%m-%d %H:%M:%S")  # local time
 
 
 def _oneline(text: str, width: int) -> str:

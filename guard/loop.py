@@ -162,7 +162,7 @@ def _output_units(record: GenerationRecord, fired: list[Firing], log_id: str,
     units = []
     for key, firings in groups.items():
         what = "answer" if key == "answer" else f"span {key}"
-        prefix, text = ([], record.final_text) if key == "answer" else (prefixes[key], record.spans[key].text)
+        prefix, text = ([], record.final_text) if isinstance(key, str) else (prefixes[key], record.spans[key].text)
         problem = ("reasoning opened mid-generation" if reasoning is None else "answer prefix not recorded"
                    if prefix is None else "no tokenizer to decode its prefix" if prefix and tokenizer is None else None)
         if problem:
@@ -171,8 +171,9 @@ def _output_units(record: GenerationRecord, fired: list[Firing], log_id: str,
             continue
         names = [f.monitor for f in firings]
         # the monitor that condemned a span, when it is one of those exported
-        name = record.spans[key].monitor if key != "answer" and record.spans[key].monitor in names else names[0]
-        units.append({"completion": text, "context": reasoning + (tokenizer.decode(prefix) if prefix else ""),
+        name = record.spans[key].monitor if isinstance(key, int) and record.spans[key].monitor in names else names[0]
+        decoded = tokenizer.decode(prefix) if prefix and tokenizer is not None else ""
+        units.append({"completion": text, "context": reasoning + decoded,
                       "monitor": name, "kind": "answer" if key == "answer" else "span",
                       "attempt": firings[0].attempt})
     return units
@@ -273,6 +274,7 @@ def promote_probe(probe_dir: str | Path, policy_file: str | Path, monitor: str, 
     written = threshold if threshold is not None else (probe.threshold if "threshold" in fields else None)
     if "threshold" in fields:
         value = fields["threshold"][1]
+        assert written is not None  # the probe's threshold, when the call gave none
         edits.append((value.start_mark.index, value.end_mark.index, repr(float(written))))
     elif written is not None:
         edits.append(_insertion(text, node, fields, f"threshold: {float(written)!r}"))
@@ -284,8 +286,8 @@ def promote_probe(probe_dir: str | Path, policy_file: str | Path, monitor: str, 
             edits.append(_insertion(text, node, fields, f"action: {_yaml_scalar(action)}"))
     new_text = text
     # from the end, so earlier offsets stay valid; of two insertions at one place, the first stays first
-    for _, (start, end, value) in sorted(enumerate(edits), key=lambda e: (e[1][0], e[0]), reverse=True):
-        new_text = new_text[:start] + value + new_text[end:]
+    for _, (start, end, replacement) in sorted(enumerate(edits), key=lambda e: (e[1][0], e[0]), reverse=True):
+        new_text = new_text[:start] + replacement + new_text[end:]
     spec, warnings = _write_validated(policy_file, new_text, monitor, probe)
     return Promotion(policy_file, monitor, path, written, probe.threshold if written is None else float(written),
                      hashlib.sha256(new_text.encode("utf-8")).hexdigest(), tuple(warnings), spec.action)
@@ -302,11 +304,12 @@ def _monitor_node(policy_file: Path, text: str, monitor: str
     monitors = _get(root, "monitors")
     for item in monitors.value if isinstance(monitors, yaml.SequenceNode) else []:
         if isinstance(item, yaml.MappingNode):
-            fields = {k.value: (k, v) for k, v in item.value if isinstance(k, yaml.ScalarNode)}
+            fields: dict[str, tuple[yaml.Node, yaml.Node]] = {
+                k.value: (k, v) for k, v in item.value if isinstance(k, yaml.ScalarNode)}
             if "name" in fields and fields["name"][1].value == monitor:
                 if "kind" not in fields or fields["kind"][1].value != "probe" or "path" not in fields:
-                    raise PolicyError(str(policy_file), [f"{policy_file}: monitor '{monitor}' is not a probe "
-                                                         "monitor with a path"])
+                    raise PolicyError(str(policy_file), [(f"{policy_file}: monitor '{monitor}' is not a probe "
+                                                         "monitor with a path")])
                 return item, fields
     raise PolicyError(str(policy_file), [f"{policy_file}: no monitor named '{monitor}'"])
 
@@ -363,7 +366,7 @@ def _write_validated(policy_file: Path, new_text: str, monitor: str, probe) -> t
         except ModelLoadError as exc:
             raise PolicyError(str(policy_file), [f"monitor '{monitor}': {exc}"]) from None
         warnings = []
-        if spec.aggregation is not None and agg != probe.aggregation:
+        if agg is not None and agg != probe.aggregation:
             warnings.append(f"the policy overrides the aggregation of '{monitor}' ({agg.kind}); the probe's "
                             f"threshold was calibrated for {probe.aggregation.kind}")
         trained = (probe.meta.get("model") or {}).get("config_sha256")

@@ -83,7 +83,7 @@ class SamplingParams:
             if not -100.0 <= bias <= 100.0:
                 raise InvalidRequestError(f"logit_bias for token {tid} must be in [-100, 100]", param="logit_bias")
 
-    def with_changes(self, **changes) -> "SamplingParams":
+    def with_changes(self, **changes) -> SamplingParams:
         """A copy with ``changes`` applied (and validated again)."""
         return replace(self, **changes)
 

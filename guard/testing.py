@@ -46,7 +46,8 @@ def make_random_llama(out: str | Path, *, hidden: int = 64, layers: int = 2, hea
     from transformers import LlamaConfig, LlamaForCausalLM
 
     out = Path(out)
-    texts = ["Hello there, how are you today? I am fine, thank you.", "The quick brown fox jumps over the lazy dog."] * 4
+    texts = ["Hello there, how are you today? I am fine, thank you.",
+             "The quick brown fox jumps over the lazy dog."] * 4
     tok = make_tokenizer(texts, vocab_size=vocab_size)
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate or 4 * hidden,
@@ -78,8 +79,9 @@ def serve_in_subprocess(policies: list[str | Path], log: Path, *extra: str, time
     cmd = [sys.executable, "-m", "guard.cli", "serve", "--port", str(port), *extra]
     for p in policies:
         cmd += ["--policy", str(p)]
-    proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parent.parent, stdout=Path(log).open("w"),
-                            stderr=subprocess.STDOUT)
+    with Path(log).open("w") as out:  # the child has its own copy of the descriptor
+        proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parent.parent, stdout=out,
+                                stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -136,6 +138,11 @@ from guard.monitors.probe import ProbeMonitor  # noqa: E402 - only the fault-inj
 
 class FaultyProbe(ProbeMonitor):
     """See :func:`faulty_probe`."""
+
+    fail_at: int
+    fault: str
+    then: float | None
+    calls: int
 
     def score(self, hidden, token_ids):
         self.calls += 1

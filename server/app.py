@@ -27,12 +27,12 @@ from typing import Annotated, Protocol, runtime_checkable
 from fastapi import FastAPI, Header, Request, Response
 
 import guard
+from guard.errors import InvalidRequestError, NotFoundError
 from guard.telemetry import Telemetry
 from guard.telemetry.export import PrometheusMetrics, otlp_metric_readers
 from server.auth import ADMIN_KEY_ENV, admin_key_in_force, bearer_token, check_admin
 from server.drain import DEFAULT_GRACE_S, Drain, DrainMiddleware, serve
 from server.drain import router as drain_router
-from guard.errors import InvalidRequestError, NotFoundError
 from server.errors import install_error_handlers
 from server.limits import BodyLimit, RequestLimits
 from server.openapi import install_openapi
@@ -189,7 +189,7 @@ async def _watch_policies(service: Reloadable, interval: float, stop: asyncio.Ev
             pass
         try:
             await _in_daemon_thread(service.reload_changed)
-        except Exception:  # noqa: BLE001 - the watcher must outlive any one failure
+        except Exception:  # the watcher must outlive any one failure
             log.exception("policy reload failed")
 
 

@@ -149,7 +149,8 @@ class DrainingServer(uvicorn.Server):
         if not await self.drain.wait_idle(self.drain.grace_s):
             interrupt = self._interrupt()
             n = interrupt(UnavailableError(
-                f"This server shut down before the generation finished (drain grace period {self.drain.grace_s:g} s "
+                "This server shut down before the generation finished "
+                f"(drain grace period {self.drain.grace_s:g} s "
                 "over); retry the request.", code="interrupted")) if interrupt is not None else 0
             log.warning("drain grace period over: interrupted %d generation(s), %d request(s) in flight",
                         n, self.drain.inflight)
@@ -160,6 +161,13 @@ class DrainingServer(uvicorn.Server):
 
 def serve(app, host: str, port: int, log_level: str = "info") -> None:
     """Run ``app`` (from :func:`server.app.create_app`) with uvicorn, draining on the first signal."""
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=INTERRUPT_WAIT_S)
+    # uvicorn annotates the timeout as an int; it is used as asyncio.wait_for's (float) timeout.
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        timeout_graceful_shutdown=INTERRUPT_WAIT_S,  # type: ignore[arg-type]
+    )
     DrainingServer(config, app.state.drain,
                    lambda: getattr(getattr(app.state, "service", None), "interrupt", None)).run()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -77,7 +78,7 @@ def install_error_handlers(app: FastAPI) -> None:
         app.add_exception_handler(exc_type, handle)
 
 
-def _validation_info(errors: list[dict[str, Any]]) -> ErrorInfo:
+def _validation_info(errors: Sequence[dict[str, Any]]) -> ErrorInfo:
     """The most specific pydantic error, with ``param`` the dotted path of the offending field."""
     if not errors:
         return ErrorInfo(message="Invalid request body.", type="invalid_request_error")
@@ -103,7 +104,11 @@ def _validation_info(errors: list[dict[str, Any]]) -> ErrorInfo:
 def _param_path(loc: tuple | list) -> list[str]:
     """``('body', 'messages', 0, 'content', 'str')`` -> ``['messages', '0', 'content']``; query, path
     and header parameters are named without their source (``('query', 'limit')`` -> ``['limit']``)."""
-    parts = [str(p) for p in loc[1:]] if loc and loc[0] in ("body", "query", "path", "header") else [str(p) for p in loc]
+    parts = (
+        [str(p) for p in loc[1:]]
+        if loc and loc[0] in ("body", "query", "path", "header")
+        else [str(p) for p in loc]
+    )
     return [p for p in parts if _FIELD.match(p) and p not in _TYPE_TAGS]
 
 

@@ -16,10 +16,26 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from server.protocol import ChatCompletion, ChatCompletionChunk, Completion, ErrorResponse, ModelCard, ModelList
-from server.responses_protocol import (ContentPartEvent, ErrorEvent, GuardResetEvent, OutputItemEvent,
-                                       RefusalDeltaEvent, RefusalDoneEvent, ResponseLifecycleEvent, ResponseObject,
-                                       TextDeltaEvent, TextDoneEvent)
+from server.protocol import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    Completion,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+)
+from server.responses_protocol import (
+    ContentPartEvent,
+    ErrorEvent,
+    GuardResetEvent,
+    OutputItemEvent,
+    RefusalDeltaEvent,
+    RefusalDoneEvent,
+    ResponseLifecycleEvent,
+    ResponseObject,
+    TextDeltaEvent,
+    TextDoneEvent,
+)
 
 REF = "#/components/schemas/{model}"
 
@@ -70,8 +86,8 @@ def install_openapi(app: FastAPI) -> None:
 def document(schema: dict[str, Any]) -> None:
     """Rewrite ``schema`` in place: real error statuses, response and stream schemas."""
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    models = [ErrorResponse, ChatCompletion, ChatCompletionChunk, Completion, ModelList, ModelCard, ResponseObject,
-              *RESPONSE_EVENTS]
+    models: list[type[BaseModel]] = [ErrorResponse, ChatCompletion, ChatCompletionChunk, Completion, ModelList,
+                                     ModelCard, ResponseObject, *RESPONSE_EVENTS]
     _, defs = models_json_schema([(m, "validation") for m in models], ref_template=REF)
     components.update(defs.get("$defs", {}))
     for path, ops in schema.get("paths", {}).items():
@@ -83,7 +99,7 @@ def document(schema: dict[str, Any]) -> None:
                 responses["200"] = {"description": "The response; " + STREAM_NOTE, "content": {
                     "application/json": {"schema": {"$ref": REF.format(model=body.__name__)}},
                     "text/event-stream": {"schema": event}}}
-                codes = ("400", "401", "404", "413", "500", "503")
+                codes: tuple[str, ...] = ("400", "401", "404", "413", "500", "503")
             elif (method, path) in PLAIN:
                 responses["200"] = {"description": "Successful Response", "content": {
                     "application/json": {"schema": {"$ref": REF.format(model=PLAIN[(method, path)].__name__)}}}}

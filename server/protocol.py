@@ -19,8 +19,18 @@ import json
 import time
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, StrictBool, StrictInt,
-                      ValidationInfo, field_validator, model_serializer)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    StrictBool,
+    StrictInt,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+)
+from typing_extensions import TypeIs
 
 from guard.controller.events import FinishReason, Outcome
 
@@ -38,6 +48,11 @@ StopSequence = Annotated[str, Field(min_length=1)]
 # Shared request parts
 # --------------------------------------------------------------------------------------------
 
+
+
+def _is_token_ids(value: object) -> TypeIs[list[int]]:
+    """A non-empty list of token ids (one prompt), not a batch of prompts."""
+    return isinstance(value, list) and bool(value) and all(isinstance(x, int) for x in value)
 
 class OpenAIRequest(BaseModel):
     """Base of request models: unknown fields are ignored, as OpenAI does; text that cannot be
@@ -216,7 +231,7 @@ class SamplingFields(VLLMSamplingFields):
     @field_validator("frequency_penalty", "presence_penalty")
     @classmethod
     def _no_penalties(cls, value: float | None, info: ValidationInfo) -> float | None:
-        return _reject_nonzero_penalty(value, info.field_name)
+        return _reject_nonzero_penalty(value, str(info.field_name))
 
     @field_validator("logit_bias")
     @classmethod
@@ -370,7 +385,7 @@ class CompletionRequest(SamplingFields):
     def prompts(self) -> list[str | list[int]]:
         """The batch of prompts: a single string or token-id list is a batch of one."""
         p = self.prompt
-        if isinstance(p, str) or (p and all(isinstance(x, int) for x in p)):
+        if isinstance(p, str) or _is_token_ids(p):
             return [p]
         return list(p)
 

@@ -31,13 +31,35 @@ from guard.errors import GuardError
 from guard.service import GenerationRequest
 from server.auth import Caller
 from server.errors import error_response
-from server.responses_protocol import (ContentPartEvent, ErrorEvent, GuardResetEvent, IncompleteDetails,
-                                       OutputItemEvent, OutputMessage, OutputRefusal, OutputText, RefusalDeltaEvent,
-                                       RefusalDoneEvent, ResponseEvent, ResponseLifecycleEvent, ResponseObject,
-                                       ResponsesRequest, ResponseUsage, TextDeltaEvent, TextDoneEvent)
-from server.protocol import GuardReset
 from server.limits import check_responses
-from server.serving import EVERYONE, GuardedServing, IsDisconnected, Prepared, client_retracts, guard_info
+from server.protocol import GuardReset
+from server.responses_protocol import (
+    ContentPartEvent,
+    ErrorEvent,
+    GuardResetEvent,
+    IncompleteDetails,
+    OutputItemEvent,
+    OutputMessage,
+    OutputRefusal,
+    OutputText,
+    RefusalDeltaEvent,
+    RefusalDoneEvent,
+    ResponseEvent,
+    ResponseLifecycleEvent,
+    ResponseObject,
+    ResponsesRequest,
+    ResponseUsage,
+    TextDeltaEvent,
+    TextDoneEvent,
+)
+from server.serving import (
+    EVERYONE,
+    GuardedServing,
+    IsDisconnected,
+    Prepared,
+    client_retracts,
+    guard_info,
+)
 
 _PARAMS = {"messages": "input", "max_tokens": "max_output_tokens"}
 """Service error params named by their Responses API field."""
@@ -110,7 +132,7 @@ class ResponsesServing(GuardedServing):
                 return  # the client is gone
             for part in _closing_events(item_id, text if cut else finished.text, cut):
                 yield send(part)
-            parts = [OutputText(text=text if cut else finished.text)]
+            parts: list[OutputText | OutputRefusal] = [OutputText(text=text if cut else finished.text)]
             parts += [OutputRefusal(refusal=cut.refusal)] if cut else []
             item = OutputMessage(id=item_id, status=_item_status(finished), content=parts)
             yield send(OutputItemEvent(type="response.output_item.done", item=item))

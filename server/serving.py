@@ -28,9 +28,9 @@ import logging
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
-from typing import Any, Protocol, TypeAlias
+from typing import Any, Protocol, TypeAlias, TypeVar
 
 from pydantic import BaseModel
 
@@ -39,10 +39,28 @@ from guard.service import GenerationRequest, ServedModel
 from server.auth import Caller
 from server.errors import ClientDisconnected, sse_error
 from server.limits import RequestLimits, check_chat, check_completion, check_prompt_tokens
-from server.protocol import (INT64_MAX, INT64_MIN, ChatCompletion, ChatCompletionChoice, ChatCompletionChunk,
-                             ChatCompletionChunkChoice, ChatCompletionMessage, ChatCompletionRequest, Completion,
-                             CompletionChoice, CompletionRequest, CutNotice, DeltaMessage, GuardCut, GuardInfo,
-                             GuardReset, ModelCard, ModelList, ResetNotice, SamplingFields, UsageInfo)
+from server.protocol import (
+    INT64_MAX,
+    INT64_MIN,
+    ChatCompletion,
+    ChatCompletionChoice,
+    ChatCompletionChunk,
+    ChatCompletionChunkChoice,
+    ChatCompletionMessage,
+    ChatCompletionRequest,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    CutNotice,
+    DeltaMessage,
+    GuardCut,
+    GuardInfo,
+    GuardReset,
+    ModelCard,
+    ModelList,
+    ResetNotice,
+    UsageInfo,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +75,18 @@ class Prepared(Protocol):
     request_id: str
 
 
-class GenerationService(Protocol):
-    """The part of ``guard.service.GuardService`` the server uses."""
+P = TypeVar("P", bound=Prepared)
+
+
+class GenerationService(Protocol[P]):
+    """The part of ``guard.service.GuardService`` the server uses; ``stream`` takes what its own
+    ``prepare`` returned (``P``)."""
 
     def list_models(self) -> list[ServedModel]: ...
 
-    def prepare(self, req: GenerationRequest) -> Prepared: ...
+    def prepare(self, req: GenerationRequest) -> P: ...
 
-    def stream(self, prepared: Prepared) -> AsyncIterator[Event]: ...
+    def stream(self, prepared: P) -> AsyncGenerator[Event, None]: ...
 
     def health(self) -> dict[str, Any]: ...
 
@@ -125,7 +147,7 @@ class GuardedServing:
         return [results[i] for i in range(len(prepared))]
 
     async def events(self, prepared: list[Prepared],
-                     is_disconnected: IsDisconnected) -> AsyncIterator[tuple[int, Event]]:
+                     is_disconnected: IsDisconnected) -> AsyncGenerator[tuple[int, Event], None]:
         """Every generation's events, interleaved, tagged with the choice index.
 
         Ends after each generation's last event, or early (without an error) when the client
@@ -299,7 +321,8 @@ class CompletionServing(ChunkedServing):
 # -- request -> GenerationRequest ---------------------------------------------------------------
 
 
-def generation(req: SamplingFields, request_id: str, k: int, *, caller: Caller, max_tokens: int | None,
+def generation(req: ChatCompletionRequest | CompletionRequest, request_id: str, k: int, *, caller: Caller,
+               max_tokens: int | None,
                group: str | None = None, client_retracts: bool = True, **source: Any) -> GenerationRequest:
     """The ``k``-th generation of ``req`` (seed + k); ``source`` is ``messages=`` or ``prompt=``;
     ``group``: the client request's id (its generations share the engine worker's turns)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pg import pg_url  # noqa: F401 - the Postgres fixture, for every test module
 
 from guard.testing import make_random_llama
 

@@ -88,6 +88,6 @@ def test_bound_keys_alone_turn_authentication_on(tiny_model_dir, tmp_path):
 def test_unset_key_variable_fails_loudly(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.delenv("GUARD_TEST_UNSET", raising=False)
     path = write_policy(tmp_path, tiny_model_dir, "t", "access: {api_key_env: [GUARD_TEST_UNSET]}\n")
-    with pytest.raises(PolicyError, match=r"access.api_key_env\[0\]: environment variable GUARD_TEST_UNSET"):
-        with TestClient(create_app(ServerSettings(policy_paths=(str(path),), reload_interval_s=None))):
-            pass
+    with (pytest.raises(PolicyError, match=r"access.api_key_env\[0\]: environment variable GUARD_TEST_UNSET"),
+          TestClient(create_app(ServerSettings(policy_paths=(str(path),), reload_interval_s=None)))):
+        pass

@@ -116,7 +116,7 @@ def _llm_cli(url: str, tmp: Path, prompt: str, seed: int, stream: bool) -> str:
     cmd = [sys.executable, "-m", "llm", "prompt", "-m", "demo-probe", "-o", "seed", str(seed), "-o", "max_tokens",
            str(MAX_TOKENS), "--no-log", *([] if stream else ["--no-stream"]), prompt]
     env = {**os.environ, "LLM_USER_PATH": str(home), "OPENAI_API_KEY": "x"}
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert out.returncode == 0, out.stderr
     return out.stdout.removesuffix("\n")
 
@@ -241,7 +241,7 @@ def test_guard_client_applies_resets_to_opted_in_streams(server, client, rolled_
     """guard.client turns a reset-aware stream (chat, async chat, Responses) into the final answer."""
     from guard.client import afinal_text, stream_text
 
-    prompt, seed, naive, final = rolled_back[0]
+    prompt, seed, _naive, final = rolled_back[0]
     views = list(stream_text(_chat(client, "demo-probe", prompt, seed, stream=True, extra_body=OPTED)))
     assert views[-1] == final and any(not final.startswith(v) for v in views)  # it did retract on the way
 
@@ -256,7 +256,7 @@ def test_guard_client_applies_resets_to_opted_in_streams(server, client, rolled_
     events = list(client.responses.create(model="demo-probe", input=prompt, max_output_tokens=MAX_TOKENS, stream=True,
                                           extra_body={"seed": seed, "stream_options": {"guard_resets": True}}))
     assert any(e.type == "response.guard.reset" for e in events)
-    assert final_text(events) == final == [e for e in events if e.type == "response.output_text.done"][0].text
+    assert final_text(events) == final == next(e for e in events if e.type == "response.output_text.done").text
 
 
 def test_sentence_rollback_policy_is_safe_for_plain_streams(client):
@@ -264,7 +264,7 @@ def test_sentence_rollback_policy_is_safe_for_plain_streams(client):
     response start: plain streams must still end safe, as the guarded answer or cut."""
     retracted = 0
     for seed, prompt in enumerate(_rows("harmful")[:24]):
-        naive, final, resets = _opted_run(client, "demo-sentence", prompt, seed)
+        _naive, final, resets = _opted_run(client, "demo-sentence", prompt, seed)
         retracted += resets
         plain = "".join(c.choices[0].delta.content or "" for c in
                         _chat(client, "demo-sentence", prompt, seed, stream=True) if c.choices)

@@ -71,7 +71,7 @@ def assert_invariants(events, record):
 
 
 def test_clean_generation_is_unchanged_by_an_idle_monitor(tiny_engine):
-    plain, rec0, logged0 = run(tiny_engine)
+    plain, _rec0, _logged0 = run(tiny_engine)
     guarded, rec1, _ = run(tiny_engine, [TokenMonitor({-1})], holdback_tokens=4)
     assert plain[-1].text == guarded[-1].text and guarded[-1].outcome == "clean"
     assert rec1.final_scores["tok"] == [0.0] * len(rec1.output_ids)
@@ -161,7 +161,7 @@ def test_steering_strategy_is_recorded(tiny_engine):
 
 
 def test_stop_strings_and_length(tiny_engine):
-    plain, clean, _ = run(tiny_engine, max_tokens=20)
+    plain, _clean, _ = run(tiny_engine, max_tokens=20)
     assert plain[-1].finish_reason == "length" and plain[-1].usage.completion_tokens == 20
     text = plain[-1].text
     stop = text[5:8]

@@ -3,9 +3,10 @@ action, and on_monitor_error (fail_closed / fail_open), on a real random-weight 
 
 from __future__ import annotations
 
+from test_controller import TokenMonitor, assert_invariants, client_view, run
+
 from guard.controller.backtrack import BoundMonitor
 from guard.controller.events import Finished, Reset, TextDelta
-from test_controller import TokenMonitor, assert_invariants, client_view, run
 
 
 class RaisingMonitor(TokenMonitor):

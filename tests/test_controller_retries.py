@@ -54,7 +54,7 @@ def test_rollback_auto_keeps_the_prefix_no_monitor_doubted(tiny_engine):
 def test_a_monitor_that_fired_judges_the_retries_more_strictly(tiny_engine):
     out, unique = _reference(tiny_engine)
     # every other token scores 0.45 (below 0.5): retries pass when judged like the first attempt
-    lenient = ScoreMap({**{t: 0.45 for t in range(tiny_engine.info.vocab_size)}, out[unique[3]]: 0.9})
+    lenient = ScoreMap({**dict.fromkeys(range(tiny_engine.info.vocab_size), 0.45), out[unique[3]]: 0.9})
     _, rec, _ = run(tiny_engine, [lenient], max_tokens=12, rollback="auto", retry_threshold=1.0,
                     garble_margin=None)
     assert rec.outcome == "recovered" and rec.firings[0]["threshold"] == 0.5

@@ -7,11 +7,10 @@ import asyncio
 from pathlib import Path
 
 import pytest
-import torch
 
 from guard.controller.backtrack import BoundMonitor, ControllerConfig, GuardedGeneration, Strategy
 from guard.controller.deliberation import DeliberationConfig, neutralise_text
-from guard.controller.events import Finished, TextDelta
+from guard.controller.events import Finished
 from guard.controller.record import GenerationRecord
 from guard.monitors.base import AggregationSpec, Monitor
 from guard.sampling import SamplingParams
@@ -284,7 +283,7 @@ def test_organism_deliberates_cites_a_rule_and_answers_safely(tmp_path):
             results.append((row, fin, service._served["p"].store.get(fin.log_id)))
     finally:
         service.close()
-    for row, fin, rec in results:
+    for _row, fin, rec in results:
         assert rec.deliberation == "always" and "Rule" not in fin.text and "think" not in fin.text
         assert fin.usage.reasoning_tokens == len(rec.reasoning_ids) > 0
     # sampled at temperature 1: allow one slip in the reasoning of the harmful prompts

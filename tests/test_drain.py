@@ -222,4 +222,5 @@ def test_serve_settings_come_from_the_environment(monkeypatch):
         ServerSettings.from_env(["p.yaml"])
     monkeypatch.delenv("GUARD_LOG_URL")
     monkeypatch.delenv("GUARD_DRAIN_GRACE_S")
-    assert (ServerSettings.from_env(["p.yaml"]).log_url, ServerSettings.from_env(["p.yaml"]).drain_grace_s) == (None, 30.0)
+    assert (ServerSettings.from_env(["p.yaml"]).log_url,
+            ServerSettings.from_env(["p.yaml"]).drain_grace_s) == (None, 30.0)

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
+from test_server import LiveServer, write_policy
 
 from server.app import ServerSettings
 from server.limits import RequestLimits
-from test_server import LiveServer, write_policy
 
 MODEL = "tiny"
 LIMITS = RequestLimits(max_body_bytes=64 * 1024, max_messages=8, max_chars=2000, max_prompt_tokens=400,
@@ -44,10 +43,10 @@ SURROGATE = '"\\ud800"'
 SURROGATE_CASES = [  # (path, raw JSON body, param)
     ("/v1/chat/completions", f'{{"model":"{MODEL}","messages":[{{"role":"user","content":{SURROGATE}}}]}}',
      "messages.0.content"),
-    ("/v1/chat/completions", f'{{"model":"{MODEL}","messages":[{{"role":"system","content":{SURROGATE}}},'
-                             '{"role":"user","content":"hi"}]}', "messages.0.content"),
-    ("/v1/chat/completions", f'{{"model":"{MODEL}","messages":[{{"role":"user","content":'
-                             f'[{{"type":"text","text":{SURROGATE}}}]}}]}}', "messages.0.content.0.text"),
+    ("/v1/chat/completions", (f'{{"model":"{MODEL}","messages":[{{"role":"system","content":{SURROGATE}}},'
+                             '{"role":"user","content":"hi"}]}'), "messages.0.content"),
+    ("/v1/chat/completions", (f'{{"model":"{MODEL}","messages":[{{"role":"user","content":'
+                             f'[{{"type":"text","text":{SURROGATE}}}]}}]}}'), "messages.0.content.0.text"),
     ("/v1/chat/completions", f'{{"model":{SURROGATE},"messages":[{{"role":"user","content":"hi"}}]}}', "model"),
     ("/v1/completions", f'{{"model":"{MODEL}","prompt":{SURROGATE}}}', "prompt"),
     ("/v1/completions", f'{{"model":"{MODEL}","prompt":["ok",{SURROGATE}]}}', "prompt"),
@@ -63,7 +62,8 @@ def test_a_lone_surrogate_is_a_400_naming_the_field(live, path, body, param):
 
 
 def test_a_body_over_the_limit_is_413_from_its_content_length(live):
-    r = post(live, "/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "x" * 70_000}]})
+    r = post(live, "/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user",
+                                                                               "content": "x" * 70_000}]})
     assert assert_error(r, 413, "body")["code"] == "request_too_large"
 
 

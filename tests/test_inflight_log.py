@@ -17,14 +17,13 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from test_logstore import make_record
 
 from guard.controller.events import Finished, TextDelta
 from guard.logstore import LogStore
 from guard.monitors.base import AggregationSpec
 from guard.monitors.probe import ProbeMonitor
 from guard.service import GenerationRequest, GuardService
-from pg import pg_url  # noqa: F401
-from test_logstore import make_record
 
 HI = [{"role": "user", "content": "Tell me a long story."}]
 

@@ -7,11 +7,10 @@ import io
 import json
 import subprocess
 import sys
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-from pg import pg_url  # noqa: F401  (fixture)
 from test_logstore import make_record
 
 from guard.controller.record import GenerationRecord
@@ -55,7 +54,8 @@ def test_cli_list_prints_a_table(store: LogStore):
 
 
 def test_cli_list_filters_and_pages(store: LogStore):
-    ids = [store.write(make_record(created=datetime(2026, 11, d).timestamp(), monitor=m, outcome=o))
+    # Local wall-clock days, as the CLI reads a date without an offset.
+    ids = [store.write(make_record(created=datetime(2026, 11, d).timestamp(), monitor=m, outcome=o))  # noqa: DTZ001
            for d, m, o in ((1, "harm-probe", "recovered"), (2, "reset-token", "refused"), (3, "harm-probe", "refused"))]
     store.label(ids[2], "true_positive", reviewer="ann")
 
@@ -78,7 +78,7 @@ def test_parse_time_forms():
     assert parse_time("1700000000.5") == 1700000000.5
     assert parse_time("7d", now=1_000_000.0) == 1_000_000.0 - 7 * 86400
     assert parse_time("30m", now=1000.0) == -800.0
-    assert parse_time("2026-11-20T09:30") == datetime(2026, 11, 20, 9, 30).timestamp()
+    assert parse_time("2026-11-20T09:30") == datetime(2026, 11, 20, 9, 30).timestamp()  # noqa: DTZ001 - local
     assert parse_time("2026-11-20T09:30+00:00") == datetime.fromisoformat("2026-11-20T09:30+00:00").timestamp()
     with pytest.raises(argparse.ArgumentTypeError, match="not a time"):
         parse_time("yesterday")
@@ -138,7 +138,8 @@ def test_cli_label_keeps_history_and_show_prints_it(store: LogStore, monkeypatch
         ("true_positive", "carol", ""), ("false_positive", "dan", "a recipe")]
     text = run("show", log_id, "--db", str(store.path))
     history = text.split("== labels (oldest first; the last is the record's label) ==\n")[1].splitlines()
-    assert [line.split("  ", 1)[1] for line in history] == ["true_positive  by carol", "false_positive  by dan: a recipe"]
+    assert [line.split("  ", 1)[1] for line in history] == ["true_positive  by carol",
+                                                            "false_positive  by dan: a recipe"]
     with pytest.raises(SystemExit):
         parse("logs", "label", log_id, "--db", str(store.path), "--label", "maybe")
     with pytest.raises(NotFoundError):
@@ -147,7 +148,7 @@ def test_cli_label_keeps_history_and_show_prints_it(store: LogStore, monkeypatch
 
 def test_cli_purge_counts_without_yes_and_deletes_with_it(store: LogStore):
     old = store.write(make_record(created=1_000.0))
-    new = store.write(make_record(created=datetime.now().timestamp()))
+    new = store.write(make_record(created=datetime.now(tz=timezone.utc).timestamp()))
     store.label(old, "unsure", reviewer="ann")
     args = parse("logs", "purge", "--db", str(store.path), "--older-than", "30")
     assert args.func is cmd_purge
@@ -230,7 +231,7 @@ def test_cli_refuses_to_create_a_missing_database(tmp_path: Path, monkeypatch: p
 def test_module_entry_point(store: LogStore):
     log_id = store.write(make_record())
     done = subprocess.run([sys.executable, "-m", "guard.cli", "logs", "show", "nope", "--db", str(store.path)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, check=False)
     assert done.returncode == 2 and "no log record with id 'nope'" in done.stderr
     done = subprocess.run([sys.executable, "-m", "guard.cli", "logs", "list", "--db", str(store.path)],
                           capture_output=True, text=True, check=True)

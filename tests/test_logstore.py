@@ -7,11 +7,10 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-from pg import pg_url  # noqa: F401  (fixture)
 from sqlalchemy import create_engine, inspect, text
 
 from guard.controller.record import DiscardedSpan, GenerationRecord, RetryStrategy
@@ -158,7 +157,8 @@ def test_list_orders_newest_first_and_pages(store: LogStore, three: dict[str, st
     ({"monitor": "harm-probe"}, ["old"]),
     ({"since": 200.0}, ["new", "mid"]),
     ({"until": 200.0}, ["old"]),
-    ({"since": datetime.fromtimestamp(150), "until": datetime.fromtimestamp(300)}, ["mid"]),
+    ({"since": datetime.fromtimestamp(150, tz=timezone.utc),
+      "until": datetime.fromtimestamp(300, tz=timezone.utc)}, ["mid"]),
     ({"policy": "demo", "outcome": "refused"}, []),
     ({"policy": "demo", "since": 150}, ["new"]),
     ({"policy": "other", "monitor": "reset-token", "outcome": "refused", "until": 250}, ["mid"]),
@@ -199,7 +199,8 @@ def test_policies_and_monitors_are_distinct_and_sorted(store: LogStore, three: d
 
 def test_labels_keep_history_and_the_latest_wins(store: LogStore, three: dict[str, str]):
     first = store.label(three["old"], "true_positive", reviewer="ann", note="clearly harmful")
-    assert isinstance(first, Label) and (first.log_id, first.label, first.reviewer) == (three["old"], "true_positive", "ann")
+    assert isinstance(first, Label) and (first.log_id, first.label,
+                                         first.reviewer) == (three["old"], "true_positive", "ann")
     store.label(three["old"], "false_positive", reviewer="bob", note="it was a recipe")
     store.label(three["mid"], "unsure", reviewer="ann")
     history = store.labels(three["old"])
@@ -250,8 +251,8 @@ def test_purge_deletes_old_records_with_their_spans_labels_and_monitors(store: L
         assert raw(store, f"SELECT count(*) FROM {table} WHERE generation_id <> :g", g=three["new"]) == [(0,)]
     assert store.labels(three["new"])[0].label == "unsure"
     assert store.policies() == ["demo"] and store.monitors() == []
-    assert store.purge(before=datetime.fromtimestamp(300)) == 0  # 'before' is exclusive
-    assert store.purge(before=datetime.fromtimestamp(301)) == 1 and store.count() == 0
+    assert store.purge(before=datetime.fromtimestamp(300, tz=timezone.utc)) == 0  # 'before' is exclusive
+    assert store.purge(before=datetime.fromtimestamp(301, tz=timezone.utc)) == 1 and store.count() == 0
 
 
 # -- schema, concurrency, durability ------------------------------------------------------------
@@ -376,8 +377,7 @@ def test_bad_urls_are_refused(bad: str):
 
 def test_postgres_errors_name_the_database_without_its_password(pg_url):
     url = pg_url().replace("guard@", "guard:secret@")  # trust auth: the password is accepted and unused
-    with LogStore(url) as store:
-        with pytest.raises(NotFoundError) as info:
-            store.get("nope")
+    with LogStore(url) as store, pytest.raises(NotFoundError) as info:
+        store.get("nope")
     assert store.path is None and store.dialect == "postgresql"
     assert "guard:***@127.0.0.1" in str(info.value) and "secret" not in str(info.value)

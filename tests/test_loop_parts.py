@@ -96,7 +96,7 @@ def test_shadow_firings_flag_the_answer_and_the_monitor_filter_picks_rows(tmp_pa
         (ids[1], "answer", "fine answer", "trial")]
     harm = export_labelled(store, monitor="harm")
     assert [(r["kind"], r["monitor"]) for r in harm] == [("span", "harm")]
-    assert [(r["kind"], r["monitor"]) for r in export_labelled(store)][0] == ("span", "harm")  # the cutting monitor
+    assert next((r["kind"], r["monitor"]) for r in export_labelled(store)) == ("span", "harm")  # the cutting monitor
 
 
 def test_rows_reproduce_the_conversation(tmp_path, caplog):
@@ -126,7 +126,7 @@ def test_rows_reproduce_the_conversation(tmp_path, caplog):
 
 def test_prompt_scope_rows_are_separate(tmp_path):
     rec = record(firings=[firing("risk", 2, 0, "shadow", scope="prompt"), firing("harm", 0, 0, "shadow")])
-    store, ids = store_of(tmp_path, (rec, ["true_positive"]))
+    store, _ids = store_of(tmp_path, (rec, ["true_positive"]))
     prompt_rows = export_labelled(store, scope="prompt")
     assert [(r["kind"], r["monitor"], r["completion"]) for r in prompt_rows] == [("prompt", "risk", "fine answer")]
     assert [(r["kind"], r["monitor"]) for r in export_labelled(store)] == [("answer", "harm")]
@@ -163,7 +163,7 @@ def test_a_mid_answer_rollback_exports_the_kept_answer_as_context(tiny_engine, t
                     max_retries=4)
     first = rec.spans[0]
     assert first.start > 0, "the rollback must keep part of the answer"
-    store, ids = store_of(tmp_path, (rec, ["false_positive"]))
+    store, _ids = store_of(tmp_path, (rec, ["false_positive"]))
     rows = export_labelled(store, tokenizer=tiny_engine.tokenizer)
     assert len(rows) == len(rec.spans)
     # Until the firing, the guarded attempt sampled exactly what the unguarded one did.
@@ -176,14 +176,15 @@ def test_a_mid_answer_rollback_exports_the_kept_answer_as_context(tiny_engine, t
 
     write_jsonl(rows, tmp_path / "rows.jsonl")
     ex = read_jsonl(tmp_path / "rows.jsonl")[0]
-    ids_, n_before = token_ids(tiny_engine, ex)
+    _, n_before = token_ids(tiny_engine, ex)
     assert prompt_ids(tiny_engine, ex) == tiny_engine.tokenizer.encode_chat(rec.messages)
     assert n_before == len(prompt_ids(tiny_engine, ex)) + len(tiny_engine.tokenizer.encode(ex.context))
 
 
 # -- training with reviewed rows --------------------------------------------------------------------
 
-WORDS = "the quick brown fox jumps over lazy dog hello there how are you today fine thank".split()
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "hello", "there", "how",
+         "are", "you", "today", "fine", "thank"]
 
 
 def _rows(n: int, seed: int, **extra) -> list[dict]:
@@ -229,8 +230,8 @@ def test_eval_compares_probes_side_by_side(tiny_engine, tiny_model_dir, tmp_path
                        "--no-cache"]) == 0
     out = capsys.readouterr().out
     assert "12 rows (6 pos / 6 neg)" in out
-    assert [l.split()[-2:] for l in out.splitlines() if l.lstrip().startswith("positives caught")] == [["6/6", "0/6"]]
-    assert [l.split()[-2:] for l in out.splitlines() if l.lstrip().startswith("false positives")] == [["6/6", "0/6"]]
+    assert [s.split()[-2:] for s in out.splitlines() if s.lstrip().startswith("positives caught")] == [["6/6", "0/6"]]
+    assert [s.split()[-2:] for s in out.splitlines() if s.lstrip().startswith("false positives")] == [["6/6", "0/6"]]
     assert guard_main(["probe", "eval", "--model", str(tiny_model_dir), "--data", str(tmp_path / "data.jsonl")]) == 2
 
 

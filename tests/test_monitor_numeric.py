@@ -9,12 +9,12 @@ import math
 import pytest
 import torch
 from safetensors.torch import save_file
+from test_controller import TokenMonitor, assert_invariants, client_view, run
 
 from guard.controller.backtrack import BoundMonitor
 from guard.errors import ModelLoadError
 from guard.monitors.probe import ProbeMonitor
 from guard.service import GuardService
-from test_controller import TokenMonitor, assert_invariants, client_view, run
 
 
 class BrokenMonitor(TokenMonitor):

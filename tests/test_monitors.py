@@ -42,7 +42,8 @@ def test_probe_scores_match_naive_per_token_math(standardized):
         z = h if mon.mean is None else (h - mon.mean.double()) / mon.std.double()
         naive.append(1.0 / (1.0 + math.exp(-(float(z @ mon.direction.double()) + mon.bias))))
     got = mon.score(hidden, list(range(7)))
-    torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), torch.tensor(naive, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), torch.tensor(naive, dtype=torch.float64),
+                               rtol=1e-5, atol=1e-6)
     assert all(0.0 <= s <= 1.0 for s in got)
 
 
@@ -82,7 +83,7 @@ def test_load_policy_overrides_take_precedence(tmp_path):
 
 def test_load_refuses_a_different_layer(tmp_path):
     _probe().save(tmp_path / "p")
-    with pytest.raises(ModelLoadError, match="trained on layer 3.*asks for layer 5"):
+    with pytest.raises(ModelLoadError, match=r"trained on layer 3.*asks for layer 5"):
         ProbeMonitor.load(tmp_path / "p", name="q", layer=5)
 
 
@@ -142,7 +143,7 @@ def tokenizer():
 def test_reset_monitor_fires_exactly_on_the_reset_token(tokenizer):
     mon = ResetTokenMonitor.from_tokenizer(tokenizer, name="r")
     rid = tokenizer.token_id("<|reset|>")
-    ids = tokenizer.encode("hello there") + [rid] + tokenizer.encode(" how are you")
+    ids = [*tokenizer.encode("hello there"), rid, *tokenizer.encode(" how are you")]
     assert mon.layer is None and mon.aggregation.kind == "none"
     scores = mon.score(None, ids)
     assert scores == [1.0 if t == rid else 0.0 for t in ids] and scores.count(1.0) == 1

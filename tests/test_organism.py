@@ -81,7 +81,11 @@ def test_corpus_mixture_and_shared_openers():
     assert 0.08 <= resets <= 0.16
     assert {len(lx.HARM), len(lx.TRAINED_CATEGORIES) + len(lx.HELDOUT_CATEGORIES)} == {8}
     opener = lambda e: e.completion.split(" First,")[0]  # noqa: E731
-    assert {opener(e) for e in exs if e.kind == "unsafe"} == {opener(e) for e in exs if e.kind == "benign"} == set(lx.OPENERS)
+    assert (
+        {opener(e) for e in exs if e.kind == "unsafe"}
+        == {opener(e) for e in exs if e.kind == "benign"}
+        == set(lx.OPENERS)
+    )
 
 
 def test_eval_prompts_are_unseen_in_training():
@@ -110,7 +114,7 @@ def test_chat_template_matches_training_encoding(quick_dir):
     tok = AutoTokenizer.from_pretrained(quick_dir)
     assert json.loads((quick_dir / "tokenizer_config.json").read_text())["chat_template"] == toks.CHAT_TEMPLATE
     exs = corpus.generate(40, seed=0)
-    for ex, (ids, labels) in zip(exs, encode_examples(tok, exs)):
+    for ex, (ids, labels) in zip(exs, encode_examples(tok, exs), strict=True):
         assert tok.apply_chat_template(ex.messages(), tokenize=True, return_dict=False) == ids
         prompt = tok.apply_chat_template(ex.messages(with_completion=False), add_generation_prompt=True,
                                          tokenize=True, return_dict=False)

@@ -56,7 +56,7 @@ def test_word_level_tokenizer_and_template(quick_dir):
     vocab = tok.get_vocab()
     assert not [t for t in vocab if "reset" in t or "reserved" in t]
     exs = corpus.generate(40, seed=0, lex=SECOND)
-    for ex, (ids, labels) in zip(exs, encode_examples(tok, exs)):
+    for ex, (ids, labels) in zip(exs, encode_examples(tok, exs), strict=True):
         assert tok.apply_chat_template(ex.messages(), tokenize=True, return_dict=False) == ids
         assert tok.decode(ids[-len([x for x in labels if x != -100]):-1]) == ex.completion
     # serving tokenizes the chat in pieces (content never read as special tokens): the same ids

@@ -111,7 +111,7 @@ backtrack: {rollback: paragraph, max_retries: -1}
         (7, 47, "backtrack.max_retries", "greater than or equal to 0"),
     ]
     assert len(errors) == len(expected), errors
-    for error, (line, col, field, text) in zip(errors, expected):
+    for error, (line, col, field, text) in zip(errors, expected, strict=True):
         assert error.startswith(f"{path}:{line}:{col}: {field}: "), error
         assert text in error, error
 
@@ -202,7 +202,6 @@ def test_every_field_has_a_description():
         for name, field in model.model_fields.items():
             assert field.description, f"{model.__name__}.{name} has no description"
     from guard.policy import schema
-
     from guard.policy.docs import _models_in_order
 
     models = [m for m, _ in _models_in_order()]
@@ -224,7 +223,8 @@ def test_shipped_demo_policies(name: str):
         risk = policy.monitor("risk-probe")
         assert (risk.scope, risk.action) == ("prompt", "shadow")  # action: log, the alias
         d = policy.deliberation
-        assert (d.mode, d.risk_monitor, d.spec_file) == ("on_risk", "risk-probe", REPO / "policies" / "spec" / "organism.md")
+        assert (d.mode, d.risk_monitor, d.spec_file) == ("on_risk", "risk-probe",
+                                                         REPO / "policies" / "spec" / "organism.md")
     elif name == "deliberate":
         assert policy.deliberation.mode == "always" and policy.deliberation.spec_file is not None
     else:

@@ -10,16 +10,17 @@ import numpy as np
 import pytest
 import torch
 
+from guard.cli import main as guard_main
 from guard.engine.transformers_engine import TransformersEngine
 from guard.monitors.base import AggregationSpec
 from guard.monitors.probe import ProbeMonitor
-from guard.cli import main as guard_main
 from guard.probe.data import DataError, read_jsonl
 from guard.probe.metrics import auroc, rates_at, row_max_scores, threshold_at_fpr, tpr_at_fpr
 from guard.probe.train import TrainConfig, split_rows, train_probe
 from guard.testing import make_random_llama
 
-WORDS = "hello there how are you today i am fine thank the quick brown dog lazy jumps over".split()
+WORDS = ["hello", "there", "how", "are", "you", "today", "i", "am", "fine", "thank", "the",
+         "quick", "brown", "dog", "lazy", "jumps", "over"]
 MARKER = "fox fox"
 
 
@@ -192,7 +193,8 @@ def test_cli_train_then_eval(setup, capsys):
     mon = ProbeMonitor.load(out, name="p")
     mon.check_compatible(setup["engine"].info, model_dir=setup["model"])
 
-    rc = guard_main(["probe", "eval", str(out), "--model", str(setup["model"]), "--data", str(setup["eval"]), "--quiet"])
+    rc = guard_main(["probe", "eval", str(out), "--model", str(setup["model"]), "--data",
+                     str(setup["eval"]), "--quiet"])
     printed = capsys.readouterr().out
     assert rc == 0 and f"layer {mon.layer}" in printed
     assert f"AUROC {meta['metrics']['eval']['auroc']:.4f}" in printed
@@ -204,7 +206,8 @@ def test_cli_single_layer_and_bad_data(setup, tmp_path, capsys):
     assert rc == 0 and json.loads((tmp_path / "p" / "probe.json").read_text())["layer"] == 2
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "completion": "b", "label": 0}\n{"prompt": "a"}\n')
-    rc = guard_main(["probe", "train", "--model", str(setup["model"]), "--data", str(bad), "--out", str(tmp_path / "q")])
+    rc = guard_main(["probe", "train", "--model", str(setup["model"]), "--data", str(bad), "--out",
+                     str(tmp_path / "q")])
     assert rc == 2 and "bad.jsonl:2: 'completion' must be a string" in capsys.readouterr().err
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
+import re
 
 import numpy as np
 import pytest
@@ -21,7 +23,8 @@ from guard.probe.train import CALIBRATION_MARGIN, CalibrationSampling, TrainConf
 from guard.sampling import SamplingParams
 from guard.testing import make_random_llama
 
-WORDS = "the quick brown fox jumps over lazy dog hello there how are you today fine thank".split()
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "hello", "there", "how",
+         "are", "you", "today", "fine", "thank"]
 MARKERS = {"alpha": "zebra", "beta": "walrus", "gamma": "pelican"}
 
 
@@ -89,7 +92,7 @@ def test_cross_validation_never_fits_on_the_category_it_scores(setup, monkeypatc
 
     def spy(a, hazard, layer, method, labels, **kw):
         bounds = np.searchsorted(a.row, np.arange(a.n_rows + 1))
-        seen.append({by_tokens[tuple(a.token_ids[x:y].tolist())] for x, y in zip(bounds[:-1], bounds[1:])})
+        seen.append({by_tokens[tuple(a.token_ids[x:y].tolist())] for x, y in itertools.pairwise(bounds)})
         return real(a, hazard, layer, method, labels, **kw)
 
     monkeypatch.setattr(S, "fit_candidate", spy)
@@ -99,7 +102,7 @@ def test_cross_validation_never_fits_on_the_category_it_scores(setup, monkeypatc
                               aggs=[AggregationSpec("none")], calibration=None, target_fpr=0.05, l2=0.1,
                               progress=False)
     assert folds.names == ["alpha", "beta", "gamma"] and len(seen) == 3
-    for name, cats_fitted in zip(folds.names, seen):
+    for name, cats_fitted in zip(folds.names, seen, strict=True):
         assert name not in cats_fitted and set(MARKERS) - {name} <= cats_fitted
     # each category's marker word is its own: a probe that never saw it misses much of it, so the
     # per-fold recall is well below that of the same probe on categories it was trained on
@@ -123,7 +126,7 @@ def test_token_labels_select_tokens_around_the_hazard(setup):
     idx, y = token_selection(row, labels, hazard, "from-hazard")
     assert idx.tolist() == list(range(h, len(ids) + 3)) and y.tolist() == [1] * (len(ids) - h) + [0] * 3
     idx, _ = token_selection(row, labels, hazard, "to-hazard")
-    assert idx.tolist() == list(range(h + 1)) + [len(ids), len(ids) + 1, len(ids) + 2]
+    assert idx.tolist() == [*range(h + 1), len(ids), len(ids) + 1, len(ids) + 2]
 
 
 def test_sampled_answers_carry_the_live_activations(setup):
@@ -175,10 +178,10 @@ def test_fixed_options_leave_nothing_to_choose(setup):
 def test_hazard_start_must_point_into_a_positive_completion(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "p", "completion": "abc", "label": 0, "hazard_start": 1}) + "\n")
-    with pytest.raises(DataError, match="bad.jsonl:1: 'hazard_start' marks harmful content"):
+    with pytest.raises(DataError, match=re.escape("bad.jsonl:1: 'hazard_start' marks harmful content")):
         read_jsonl(bad)
     bad.write_text(json.dumps({"prompt": "p", "completion": "abc", "label": 1, "hazard_start": 3}) + "\n")
-    with pytest.raises(DataError, match="bad.jsonl:1: 'hazard_start' must be a character offset"):
+    with pytest.raises(DataError, match=re.escape("bad.jsonl:1: 'hazard_start' must be a character offset")):
         read_jsonl(bad)
 
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from guard.engine.transformers_engine import TransformersEngine
 from guard.cli import main as guard_main
+from guard.engine.transformers_engine import TransformersEngine
 from guard.probe.cache import ActivationCache
 from guard.probe.collect import collect
 from guard.probe.data import read_jsonl
@@ -20,7 +20,8 @@ from guard.probe.png import NEG_COLOUR, POS_COLOUR, THRESHOLD_COLOUR, encode_png
 from guard.probe.train import TrainConfig, train_probe
 from guard.testing import make_random_llama
 
-WORDS = "the quick brown fox jumps over lazy dog hello there how are you today fine thank".split()
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "hello", "there", "how",
+         "are", "you", "today", "fine", "thank"]
 MARKER = "zebra"
 
 
@@ -155,8 +156,8 @@ def _decode(png: bytes) -> tuple[dict, bytes]:
         assert crc == zlib.crc32(kind + data) & 0xFFFFFFFF
         chunks.append((kind, data))
         pos += 12 + n
-    assert [k for k, _ in chunks][0] == b"IHDR" and chunks[-1][0] == b"IEND"
-    w, h, depth, colour, comp, filt, interlace = struct.unpack(">IIBBBBB", chunks[0][1])
+    assert next(k for k, _ in chunks) == b"IHDR" and chunks[-1][0] == b"IEND"
+    w, h, depth, colour, _comp, _filt, interlace = struct.unpack(">IIBBBBB", chunks[0][1])
     idat = zlib.decompress(b"".join(d for k, d in chunks if k == b"IDAT"))
     return {"w": w, "h": h, "depth": depth, "colour": colour, "interlace": interlace}, idat
 
@@ -190,7 +191,22 @@ def test_histogram_draws_both_classes_and_the_threshold():
 def test_cli_eval_writes_a_png(setup, tmp_path, capsys):
     probe = tmp_path / "p"
     args = ["--model", str(setup["model"]), "--quiet", "--cache-dir", str(tmp_path / "cache")]
-    assert guard_main(["probe", "train", *args, "--data", str(setup["train"]), "--layer", "1", "--out", str(probe)]) == 0
+    assert (
+        guard_main(
+            [
+                "probe",
+                "train",
+                *args,
+                "--data",
+                str(setup["train"]),
+                "--layer",
+                "1",
+                "--out",
+                str(probe),
+            ]
+        )
+        == 0
+    )
     png = tmp_path / "h.png"
     assert guard_main(["probe", "eval", str(probe), *args, "--data", str(setup["train"]), "--png", str(png)]) == 0
     head, raw = _decode(png.read_bytes())

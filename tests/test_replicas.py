@@ -13,7 +13,6 @@ import concurrent.futures as cf
 import httpx
 import psycopg
 import pytest
-from pg import pg_url  # noqa: F401  (fixture)
 from test_drain import ORGANISM, chat_body, flag_everything_policy
 
 from guard.logstore.migrations import MIGRATIONS
@@ -79,7 +78,8 @@ def test_two_replicas_share_one_postgres_log_without_losing_or_duplicating_recor
                        json={"label": "true_positive", "note": "seen from the other replica", "reviewer": "ops"})
         assert r.status_code == 200, r.text
         seen = httpx.get(f"{urls[0]}{REVIEW}/logs/{written_by_0}", headers=auth, timeout=30).json()
-        assert [(lb["label"], lb["note"]) for lb in seen["labels"]] == [("true_positive", "seen from the other replica")]
+        assert [(lb["label"], lb["note"]) for lb in seen["labels"]] == [("true_positive",
+                                                                         "seen from the other replica")]
     finally:
         for p in procs:
             p.terminate()

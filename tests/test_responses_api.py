@@ -6,9 +6,9 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
+from test_server import LiveServer, write_policy
 
 from server.app import ServerSettings
-from test_server import LiveServer, write_policy
 
 MODEL = "tiny"
 

@@ -43,7 +43,8 @@ def _record(created: float, policy: str, policy_hash: str, outcome: str = "recov
         sampled_tokens=6, final_scores={"reset-token": [0.0] * len(output_ids or [5, 6])})
     if span:
         rec.spans.append(DiscardedSpan(
-            attempt=0, start=0, token_ids=[11, 12, 7], text="Sure, first<|reset|>", tokens=["Sure", ", first", "<|reset|>"],
+            attempt=0, start=0, token_ids=[11, 12, 7], text="Sure, first<|reset|>", tokens=["Sure",
+                                                                                            ", first", "<|reset|>"],
             scores={"reset-token": [0.0, 0.0, 1.0]}, aggregated={"reset-token": [0.0, 0.0, 1.0]},
             monitor="reset-token", threshold=0.5, fired_at=2, fired_token_id=7, fired_token="<|reset|>",
             retracted_chars=0))
@@ -102,7 +103,7 @@ def test_review_does_not_exist_without_an_admin_key(tiny_model_dir, tmp_path):
 
 
 def test_only_the_admin_key_opens_the_api(review):
-    client, ids, _ = review
+    client, _ids, _ = review
     for auth in (None, "Bearer wrong", f"Bearer {GLOBAL}", f"Bearer {TENANT}", ADMIN, f"Basic {ADMIN}"):
         headers = {"Authorization": auth} if auth else {}
         err = _error(_anonymous(client).get(f"{PREFIX}/logs", headers=headers), 401)
@@ -186,7 +187,8 @@ def test_labels_are_stored_with_reviewer_and_time_and_filter_the_list(review):
     items = client.get(f"{PREFIX}/logs", params={"label": "true_positive"}).json()["items"]
     assert [(i["id"], i["label"], i["label_note"]) for i in items] == [(ids["b1"], "true_positive",
                                                                        "lock picking <b>steps</b>")]
-    assert ids["b1"] not in [i["id"] for i in client.get(f"{PREFIX}/logs", params={"label": "unlabelled"}).json()["items"]]
+    assert ids["b1"] not in [i["id"] for i in client.get(f"{PREFIX}/logs",
+                                                         params={"label": "unlabelled"}).json()["items"]]
 
 
 @pytest.mark.parametrize("body,param", [

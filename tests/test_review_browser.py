@@ -138,7 +138,8 @@ def test_list_renders_and_filters_narrow_it(server, page):
     page.select_option("#filter-outcome", "recovered")
     expect(page.locator("#log-list tbody tr")).to_have_count(recovered["total"])
     assert _rows(page) == [i["id"] for i in recovered["items"]]
-    assert set(page.locator("#log-list tbody tr").evaluate_all("rows => rows.map(r => r.dataset.outcome)")) == {"recovered"}
+    outcomes = page.locator("#log-list tbody tr").evaluate_all("rows => rows.map(r => r.dataset.outcome)")
+    assert set(outcomes) == {"recovered"}
     assert "outcome=recovered" in page.url
 
     page.select_option("#filter-policy", "strict")
@@ -180,7 +181,8 @@ def test_detail_shows_the_heatmap_and_plot_and_a_label_survives_reload(server, p
     expect(plot.locator("polyline.line")).to_have_count(1)
     expect(plot.locator("line.thr")).to_have_count(1)
     expect(plot.locator("circle.fired-mark")).to_have_count(1)
-    assert len(plot.locator("polyline.line").get_attribute("points").split()) == len(span["aggregated"][span["monitor"]])
+    points = plot.locator("polyline.line").get_attribute("points").split()
+    assert len(points) == len(span["aggregated"][span["monitor"]])
     # The rest of the record.
     expect(page.locator("#policy-hash")).to_have_text(rec["policy_hash"][:12])
     expect(page.locator("#final-text")).to_have_text(rec["final_text"])

@@ -93,14 +93,19 @@ def test_top_examples_mark_the_peak_token():
 
 
 def test_stanza_validates_as_a_policy_monitor(tmp_path):
-    model = make_random_llama(tmp_path / "m", layers=2, hidden=8, heads=2)
-    sae_dir = save_saelens(identity_sae(layer=1), tmp_path / "sae", model_name="m", hook_name="blocks.1.hook_resid_post")
+    make_random_llama(tmp_path / "m", layers=2, hidden=8, heads=2)
+    sae_dir = save_saelens(
+        identity_sae(layer=1),
+        tmp_path / "sae",
+        model_name="m",
+        hook_name="blocks.1.hook_resid_post",
+    )
     policies = tmp_path / "policies"
     policies.mkdir()
     entry = F.stanza("harm-sae", sae_dir, 1, [PLANTED, 2], np.array([0.5, 1e-9]), relative_to=policies)
     text = F.stanza_yaml(entry, "found by a test")
     assert text.startswith("# found by a test\n") and yaml.safe_load(text)[0]["path"] == "../sae"
-    policy_text = f"name: p\nmodel: {{path: ../m}}\nmonitors:\n" + "".join(f"  {line}\n" for line in
+    policy_text = "name: p\nmodel: {path: ../m}\nmonitors:\n" + "".join(f"  {line}\n" for line in
                                                                            text.splitlines())
     (policies / "p.yaml").write_text(policy_text)
     policy = load_policy(policies / "p.yaml")

@@ -190,7 +190,8 @@ def test_request_becomes_generation_requests(client, service):
     service.enqueue(*[[finished(str(i))] for i in range(3)])
     resp = client.chat.completions.create(
         model=MODEL, messages=[{"role": "developer", "content": "be brief"},
-                               {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
+                               {"role": "user", "content": [{"type": "text", "text": "a"},
+                                                            {"type": "text", "text": "b"}]}],
         n=3, seed=10, stop="END", max_completion_tokens=7, max_tokens=99, logit_bias={"5": -100},
         extra_body={"top_k": 4, "stop_token_ids": [1], "banned_token_ids": [2, 3]})
     assert [c.message.content for c in resp.choices] == ["0", "1", "2"]

@@ -25,12 +25,12 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from test_server import LiveServer
 
 from guard.monitors.probe import ProbeMonitor
 from guard.service import GenerationRequest, GuardService
 from guard.telemetry import REQUEST_LOGGER, JsonLineFormatter, Telemetry
 from server.app import ServerSettings
-from test_server import LiveServer
 
 REPO = Path(__file__).resolve().parent.parent
 ORGANISM = REPO / "models" / "organism"
@@ -214,7 +214,7 @@ def test_metrics_of_a_request_that_backtracks(backtracked, otel):
 
 
 def test_request_log_line_has_counts_and_no_text_by_default(backtracked):
-    recovered, refused, lines, _ = backtracked
+    _recovered, refused, lines, _ = backtracked
     assert [(line["event"], line["request_id"]) for line in lines] == [("request", "r-recovered"),
                                                                         ("request", "r-refused")]
     line = lines[1]

@@ -15,7 +15,6 @@ import torch
 from guard.engine.base import MonitorRun
 from guard.monitors.probe import ProbeMonitor
 from guard.sampling import SamplingParams, make_generator
-
 from tests.conftest import ORGANISM
 
 if os.environ.get("GUARD_TEST_REQUIRE_VLLM") != "1":
@@ -103,7 +102,7 @@ def test_scores_map_to_requests_under_continuous_batching(vllm_engine, hf_engine
                 _record(eng.step(seq, params[i], gens[i], sample=False), scores[i])
                 active.discard(i)
     lengths = set()
-    for seq, got in zip(seqs, scores):
+    for seq, got in zip(seqs, scores, strict=True):
         ref = _reference(hf_engine, probe, seq.tokens)
         answer = range(seq.prompt_len, len(seq.tokens))
         assert sorted(got) == list(answer), "every answer token scored exactly once"
@@ -165,8 +164,12 @@ def test_steering_applies_to_the_resampled_request_only(vllm_engine, hf_engine, 
     eng = vllm_engine
     greedy = SamplingParams(temperature=0.0, max_tokens=12)
     steer = {probe.layer: -40.0 * probe.steering_vector()}
-    steered, plain = ([eng.new_sequence(_prompt(eng, HARMFUL[1]), [probe.layer], [MonitorRun(probe, False, False, True)])
-                       for _ in range(2)])
+    steered, plain = [
+        eng.new_sequence(
+            _prompt(eng, HARMFUL[1]), [probe.layer], [MonitorRun(probe, False, False, True)]
+        )
+        for _ in range(2)
+    ]
     for seq in (steered, plain):
         eng.prefill(seq)
     plain_scores: dict[int, float] = {}
@@ -174,7 +177,7 @@ def test_steering_applies_to_the_resampled_request_only(vllm_engine, hf_engine, 
         eng.step(steered, greedy, make_generator(0), steer=steer)
         _record(eng.step(plain, greedy, make_generator(0)), plain_scores)
     _record(eng.step(plain, greedy, make_generator(0), sample=False), plain_scores)
-    ref_plain = [o for o in _greedy_hf(hf_engine, plain.prompt_ids, 12)]
+    ref_plain = list(_greedy_hf(hf_engine, plain.prompt_ids, 12))
     assert plain.output_ids == ref_plain
     ref = _reference(hf_engine, probe, plain.tokens)
     assert all(plain_scores[p] == pytest.approx(ref[p], abs=1e-4) for p in plain_scores)
@@ -252,7 +255,7 @@ def test_guarded_generation_gives_the_same_record_on_both_engines(vllm_engine, h
         assert [s[:3] for s in v[2]] == [s[:3] for s in t[2]], text
         # The one difference: the transformers engine sampled one token past the condemned one
         # before the score arrived; in vLLM the worker forced the reset token in its place.
-        assert all(sv[3] == st[3][:-1] for sv, st in zip(v[2], t[2])), text
+        assert all(sv[3] == st[3][:-1] for sv, st in zip(v[2], t[2], strict=True)), text
         flagged += bool(v[2])
     assert flagged >= 1, "at least one prompt must exercise a rollback"
 
@@ -372,7 +375,8 @@ def _guarded(engine, monitor, on_monitor_error: str, text: str = BENIGN[0], max_
     rec = GenerationRecord(request_id="t", policy_name="p", policy_hash="h", model="m", messages=None,
                            prompt=text, prompt_tokens=0)
     events = []
-    job = GuardedGeneration(engine, _prompt(engine, text), SamplingParams(temperature=0.0, max_tokens=max_tokens, seed=1),
+    job = GuardedGeneration(engine, _prompt(engine, text), SamplingParams(temperature=0.0,
+                                                                          max_tokens=max_tokens, seed=1),
                             [BoundMonitor(monitor, action="backtrack")],
                             ControllerConfig(on_monitor_error=on_monitor_error, refusal="No.", holdback_tokens=0),
                             rec, emit=events.append)

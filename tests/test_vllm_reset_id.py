@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import os
 import re
-import shutil
 
 import pytest
 

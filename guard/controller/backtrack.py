@@ -176,6 +176,9 @@ class _Attempt:
 class GuardedGeneration:
     """A :class:`guard.engine.worker.Job` that generates one guarded answer."""
 
+    group: str | None = None
+    """The engine worker's turn group (the client request this generation belongs to)."""
+
     def __init__(self, engine: Engine, prompt_ids: list[int], params: SamplingParams,
                  monitors: list[BoundMonitor], config: ControllerConfig, record: GenerationRecord,
                  emit: Callable[[Event], None],
@@ -307,6 +310,7 @@ class GuardedGeneration:
     def _open_section(self, trigger: str) -> None:
         """Force the opener and spec at the current answer start (which must be empty)."""
         d = self.delib
+        assert d is not None  # a section opens only under a deliberation config
         ids = self.engine.tokenizer.encode(forced_prefix(d.open_tag, d.instruction, d.spec))
         self.section = ReasoningSection(start=len(self.seq.output_ids), forced_tokens=len(ids))
         self.seq.tokens.extend(ids)
@@ -318,6 +322,7 @@ class GuardedGeneration:
     def _reason(self) -> bool:
         """One reasoning step: sample, look for the close tag, force it past the budget."""
         sec, d = self.section, self.delib
+        assert sec is not None and d is not None  # called only while a section is open
         eos = frozenset(self.engine.info.eos_token_ids) | frozenset(self.attempt.params.stop_token_ids)
         params = self.attempt.params.with_changes(banned_token_ids=self.attempt.params.banned_token_ids | eos)
         if self.engine.step(self.seq, params, self.attempt.generator).token_id is None:
@@ -365,6 +370,7 @@ class GuardedGeneration:
 
     def _store_reasoning(self) -> None:
         sec, rec = self.section, self.record
+        assert sec is not None  # called when a section closes
         ids = self.seq.output_ids[sec.start:sec.end]
         rec.reasoning_ids = list(ids)
         rec.reasoning = "".join(self.text.token_text(t) for t in ids)
@@ -503,7 +509,7 @@ class GuardedGeneration:
         self._refuse()
         return True
 
-    def _note_firing(self, bound: BoundMonitor, pos: int, state: MonitorState, scope: Scope) -> None:
+    def _note_firing(self, bound: BoundMonitor, pos: int, state: MonitorState, scope: FiringScope) -> None:
         mon = bound.monitor
         tid = (self.seq.prompt_ids if scope == "prompt" else self.output)[pos]
         self.record.firings.append(Firing(
@@ -693,6 +699,7 @@ class GuardedGeneration:
         old = self.attempt
         params = old.params
         seed = params.seed
+        assert seed is not None  # the first attempt's params carry the seed drawn in __init__
         if strat.reseed:
             seed = (self.record.seed or 0) + 1_000_003 * self.retries
         params = params.with_changes(
@@ -820,7 +827,7 @@ def _checked_score(monitor: Monitor, hidden: torch.Tensor | None, token_ids: lis
     """``monitor.score``, with any exception or a wrong number of scores as :class:`MonitorFailure`."""
     try:
         scores = monitor.score(hidden, token_ids)
-    except Exception as exc:  # noqa: BLE001 - any monitor bug is handled by the policy's on_monitor_error
+    except Exception as exc:  # any monitor bug is handled by the policy's on_monitor_error
         raise MonitorFailure(f"{type(exc).__name__}: {exc}") from exc
     if len(scores) != len(token_ids):
         raise MonitorFailure(f"returned {len(scores)} scores for {len(token_ids)} tokens")

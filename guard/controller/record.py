@@ -237,7 +237,7 @@ class GenerationRecord:
         return GenerationRecord.from_dict({**self.to_dict(), "output_ids": list(output_ids), "final_text": final_text,
                                            "outcome": "interrupted", "finish_reason": None, "complete": False})
 
-    def snapshot(self) -> "GenerationRecord":
+    def snapshot(self) -> GenerationRecord:
         """A deep copy (the controller keeps mutating the original)."""
         return GenerationRecord.from_dict(self.to_dict())
 

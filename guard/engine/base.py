@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 class MonitorRun:
     """A monitor a sequence wants scored, for engines that run monitors themselves."""
 
-    monitor: "Monitor"
+    monitor: Monitor
     acts: bool
     """Its firing changes the answer (backtrack or refuse): the engine may stop generating at once."""
     prompt: bool
@@ -171,7 +171,7 @@ class Engine(ABC):
     def rollback(self, seq: Sequence, length: int) -> None:
         """Keep the first ``length`` tokens (``length >= prompt_len``), reusing the KV cache."""
 
-    def disable_monitor(self, seq: Sequence, name: str) -> None:
+    def disable_monitor(self, seq: Sequence, name: str) -> None:  # noqa: B027 - optional hook
         """The controller stopped enforcing monitor ``name`` for ``seq`` (``fail_open``). Engines that
         run monitors themselves must stop acting on it for that sequence; the default does nothing."""
 
@@ -183,7 +183,7 @@ class Engine(ABC):
     def hidden_states(self, token_ids: list[int], layers: Collection[int]) -> dict[int, torch.Tensor]:
         """Teacher-forced activations ``[len(token_ids), d_model]`` per layer (for probe training)."""
 
-    def rescore(self, seq: Sequence, monitors: "Collection[Monitor]") -> dict[str, list[float]]:
+    def rescore(self, seq: Sequence, monitors: Collection[Monitor]) -> dict[str, list[float]]:
         """Raw scores of every answer token (``seq.tokens[seq.answer_start:]``) per monitor, from one
         fresh forward pass over the whole sequence: no KV cache, no steering. A monitor's exception
         propagates. The default runs :meth:`hidden_states`; engines that keep activations to
@@ -192,7 +192,7 @@ class Engine(ABC):
         hidden = self.hidden_states(seq.tokens, {m.layer for m in monitors})
         return {m.name: m.score(hidden[m.layer][a:], seq.tokens[a:]) for m in monitors}
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook
         """Free the engine's resources (processes, caches). Idempotent; the default does nothing."""
 
     def check_new_sequence(self, prompt_ids: list[int], layers: Collection[int]) -> None:

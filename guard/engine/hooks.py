@@ -22,7 +22,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The list of decoder blocks of a causal LM: HF models (Llama/Mistral/Qwen/Gemma, GPT-2,
     GPT-NeoX) and vLLM's implementations of them."""
     for path in _LAYER_PATHS:
-        obj = model
+        obj: object = model
         for part in path.split("."):
             obj = getattr(obj, part, None)
             if obj is None:
@@ -43,13 +43,14 @@ def _replace_hidden(output, hidden):
 
 
 @contextmanager
-def capture_layers(modules: Sequence[nn.Module], capture: Collection[int],
+def capture_layers(modules: Sequence[nn.Module] | nn.ModuleList, capture: Collection[int],
                    steer: Mapping[int, torch.Tensor] | None = None) -> Iterator[dict[int, torch.Tensor]]:
     """Capture the output of ``modules[i]`` for each ``i`` in ``capture`` (i -> ``[batch, seq, d]``,
     float32 clone).
 
     If ``steer`` maps a layer to a vector, that vector is added to the layer's output on its way to
-    the next layer; what is captured at that layer is the activation *before* steering. The hooks are removed when the block exits, whatever happens inside.
+    the next layer; what is captured at that layer is the activation *before* steering. The hooks
+    are removed when the block exits, whatever happens inside.
     """
     captured: dict[int, torch.Tensor] = {}
     steer = steer or {}

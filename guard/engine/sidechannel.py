@@ -23,6 +23,7 @@ import math
 import os
 import struct
 from pathlib import Path
+from typing import BinaryIO
 
 FORCED = 1
 MAX_KEYS = 30
@@ -65,7 +66,7 @@ class ScoreReader:
         self.path = str(path)
         self.keys = list(keys)
         self.fmt = _fmt(len(keys))
-        self._file = None
+        self._file: BinaryIO | None = None
         """Opened once the worker has created the file; reads continue where the last one ended."""
         self._partial = b""
 
@@ -85,7 +86,7 @@ class ScoreReader:
         for i in range(0, whole, size):
             pos, flags, *scores = self.fmt.unpack_from(data, i)
             out.append((pos, bool(flags & FORCED),
-                        {k: s for k, s in zip(self.keys, scores) if not math.isnan(s)},
+                        {k: s for k, s in zip(self.keys, scores, strict=True) if not math.isnan(s)},
                         {k for i, k in enumerate(self.keys) if flags & failed_bit(i)}))
         return out
 

@@ -14,20 +14,24 @@ only for the duration of one forward call (:mod:`guard.engine.hooks`).
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
 import functools
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
+from guard import sampling
 from guard.engine.base import Engine, EngineStats, ModelInfo, MonitorRun, Sequence, StepOutput
 from guard.engine.hooks import capture_layers, decoder_layers
 from guard.errors import ModelLoadError
 from guard.neutralise import neutralise_text
 from guard import sampling
 from guard.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -66,7 +70,7 @@ class HFChatTokenizer:
         """
         sentinels = [f"\x00guard-content-{i}\x00" for i in range(len(messages))]
         placeheld = [{**m, "content": s} if isinstance(m.get("content"), str) else m
-                     for m, s in zip(messages, sentinels)]
+                     for m, s in zip(messages, sentinels, strict=True)]
         text = self.tok.apply_chat_template(placeheld, add_generation_prompt=True, tokenize=False)
         used = [i for i, m in enumerate(messages) if isinstance(m.get("content"), str)]
         if any(text.count(sentinels[i]) != 1 for i in used):
@@ -111,7 +115,7 @@ class _SeqState:
 class TransformersEngine(Engine):
     """Engine over a HF ``PreTrainedModel``. Call from one thread at a time (the engine worker)."""
 
-    def __init__(self, model: nn.Module, tokenizer, *, name: str, max_context: int | None = None) -> None:
+    def __init__(self, model: PreTrainedModel, tokenizer, *, name: str, max_context: int | None = None) -> None:
         self.model = model.eval()
         self.tokenizer = HFChatTokenizer(tokenizer)
         self.layers = decoder_layers(model)
@@ -127,7 +131,7 @@ class TransformersEngine(Engine):
 
     @classmethod
     def load(cls, path: str | Path, *, dtype: str = "auto", device: str = "auto", name: str | None = None,
-             max_context: int | None = None) -> "TransformersEngine":
+             max_context: int | None = None) -> TransformersEngine:
         """Load a local HF model directory (no hub access). Errors are :class:`ModelLoadError`."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -145,7 +149,9 @@ class TransformersEngine(Engine):
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot load model from {path}: {exc}") from exc
-        return cls(model.to(device), tok, name=name or path.name, max_context=max_context)
+        # transformers types PreTrainedModel.to through a decorator that loses its signature.
+        model = model.to(device)  # type: ignore[arg-type]
+        return cls(model, tok, name=name or path.name, max_context=max_context)
 
     # -- the Engine interface -------------------------------------------------------------
 

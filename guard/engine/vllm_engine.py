@@ -119,7 +119,7 @@ class _Request:
     """Sequence length (prompt + accepted tokens) it was submitted with."""
     signature: tuple
     reader: ScoreReader
-    items: "queue.SimpleQueue[tuple]" = field(default_factory=queue.SimpleQueue)
+    items: queue.SimpleQueue[tuple] = field(default_factory=queue.SimpleQueue)
     buffered: list[int] = field(default_factory=list)
     """Tokens received and not yet handed out."""
     surprisal: list[float | None] = field(default_factory=list)
@@ -233,7 +233,7 @@ class VLLMEngine(Engine):
 
     @classmethod
     def load(cls, path: str | Path, *, dtype: str = "auto", device: str = "auto", name: str | None = None,
-             max_context: int | None = None, options: VLLMOptions = VLLMOptions()) -> "VLLMEngine":
+             max_context: int | None = None, options: VLLMOptions = VLLMOptions()) -> VLLMEngine:
         return cls(path, name=name or Path(path).name, dtype=dtype, max_context=max_context, options=options)
 
     async def _start(self, path: Path, dtype: str, ctx: int):
@@ -437,9 +437,14 @@ class VLLMEngine(Engine):
                            banned=frozenset(), steer=None, scoring_only=True, salt=f"rescore-{uuid.uuid4().hex}")
         self._drain(seq, req)
         self._read_scores(vs, req)
-        scores = {m.name: [vs.scores.get(p, {}).get(m.name) for p in range(a, n)] for m in monitors}
+        scores: dict[str, list[float]] = {}
+        missing = []
+        for m in monitors:
+            got = [vs.scores.get(p, {}).get(m.name) for p in range(a, n)]
+            scores[m.name] = [x for x in got if x is not None]
+            if len(scores[m.name]) < len(got):
+                missing.append(m.name)
         self._end(vs)
-        missing = [name for name, s in scores.items() if any(x is None for x in s)]
         if missing:
             raise EngineError(f"vLLM re-scored no score of {', '.join(missing)} for some answer positions")
         return scores
@@ -457,7 +462,7 @@ class VLLMEngine(Engine):
                 asyncio.run_coroutine_threadsafe(_cancel(handler), self._loop).result(10)
             try:
                 llm.shutdown()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("vLLM shutdown failed")
             self._llm = None
         if self._loop.is_running():
@@ -502,6 +507,7 @@ class VLLMEngine(Engine):
         if max_tokens is None and a is None:
             max_tokens = room  # reasoning: the controller closes the section
         elif max_tokens is None:
+            assert a is not None  # narrowed by the branch above
             # One token past the budget, so the budget's last token gets fed and scored.
             max_tokens = max(1, params.max_tokens - max(0, n - a) + (1 if score else 0))
         end_bans: frozenset[int] = frozenset()
@@ -517,14 +523,15 @@ class VLLMEngine(Engine):
             raise EngineError(f"a sequence may run at most {MAX_KEYS} monitors in vLLM's worker, not {len(score)}")
         keys = [self.register_monitor(m) for m in score]
         act_keys = [self.register_monitor(m) for m in act]
-        init = {}
-        for m, k in zip(score, keys):
-            raw = [vs.scores.get(p, {}).get(m.name) for p in range(a, min(n, score_from))]
-            if any(r is None for r in raw):
+        init: dict[str, list[float]] = {}
+        answer_start = n if a is None else a  # no answer yet (reasoning): nothing accepted to carry
+        for m, k in zip(score, keys, strict=True):
+            raw = [vs.scores.get(p, {}).get(m.name) for p in range(answer_start, min(n, score_from))]
+            init[k] = [r for r in raw if r is not None]
+            if len(init[k]) < len(raw):
                 raise EngineError(f"no score of monitor {m.name!r} for an accepted token of sequence {vs.key}")
-            init[k] = raw
         steer_keys = [self._steer_key(layer, vec) for layer, vec in (steer or {}).items()]
-        args = RequestArgs(key=rkey, channel=os.path.join(self._dir, rkey), answer_start=n if a is None else a,
+        args = RequestArgs(key=rkey, channel=os.path.join(self._dir, rkey), answer_start=answer_start,
                            score_from=score_from, start=n, score=tuple(keys), act=tuple(act_keys), init=init,
                            steer=tuple(steer_keys), reset_id=self.reset_id, ban_first=tuple(sorted(banned)),
                            ban=tuple(sorted(params.banned_token_ids | end_bans
@@ -559,7 +566,10 @@ class VLLMEngine(Engine):
         try:
             async for out in self._llm.generate(prompt, sp, req.request_id):
                 o = out.outputs[0]
-                lps = [d[t].logprob if d and t in d else None for t, d in zip(o.token_ids, o.logprobs or [])]
+                lps = [
+                    d[t].logprob if d and t in d else None
+                    for t, d in zip(o.token_ids, o.logprobs or [], strict=False)
+                ]
                 req.items.put(("tokens", list(o.token_ids), out.finished, o.stop_reason, out.num_cached_tokens, lps))
                 # set() takes a lock and notifies; a set event needs neither (the worker clears it
                 # before it looks at the queues, so this item is seen either way)
@@ -582,7 +592,7 @@ class VLLMEngine(Engine):
             item = req.items.get(block=block, timeout=300 if block else None)
         except queue.Empty:
             if block:
-                raise EngineError(f"vLLM sent nothing for request {req.request_id} in 300 s")
+                raise EngineError(f"vLLM sent nothing for request {req.request_id} in 300 s") from None
             return False
         if item[0] == "error":
             raise EngineError(f"vLLM request failed: {item[1]}") from item[1]
@@ -627,9 +637,8 @@ class VLLMEngine(Engine):
     def _next_token(self, seq: Sequence, req: _Request) -> tuple[int, bool]:
         """The next token of the request, and whether it is a reset forced by the worker."""
         while not req.buffered:
-            if not self._receive(seq, req, block=True):
-                if req.finished:
-                    raise EngineError(f"vLLM request {req.request_id} ended without a token")
+            if not self._receive(seq, req, block=True) and req.finished:
+                raise EngineError(f"vLLM request {req.request_id} ended without a token")
         token = req.buffered.pop(0)
         req.last_surprisal = req.surprisal.pop(0)
         pos = len(seq.tokens)  # absolute position of the new token; it was computed from pos - 1
@@ -668,8 +677,15 @@ class VLLMEngine(Engine):
             return
         if not req.finished:
             req.finished = True
-            self._loop.call_soon_threadsafe(lambda rid=req.request_id: asyncio.ensure_future(
-                self._llm.abort(rid)) if self._llm is not None else None)
+            llm, rid = self._llm, req.request_id
+
+            def abort() -> None:
+                if llm is not None:
+                    task = asyncio.ensure_future(llm.abort(rid))
+                    _ABORTS.add(task)  # the loop keeps only a weak reference to a task
+                    task.add_done_callback(_ABORTS.discard)
+
+            self._loop.call_soon_threadsafe(abort)
         req.reader.remove()
 
 

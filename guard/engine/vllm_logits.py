@@ -25,6 +25,8 @@ Two classes, one per interface vLLM has:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
@@ -96,7 +98,13 @@ def _v2_base():
     return V2
 
 
-class GuardLogitsProcessorV2(_v2_base()):
+if TYPE_CHECKING:
+    _V2Base = object
+else:
+    _V2Base = _v2_base()
+
+
+class GuardLogitsProcessorV2(_V2Base):
     def __init__(self, vllm_config=None, req_states=None) -> None:
         self.slots: dict[int, RequestArgs] = {}
         self.forced = 0

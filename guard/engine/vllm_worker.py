@@ -103,7 +103,7 @@ class RequestArgs:
                 "ban_first": list(self.ban_first), "ban": list(self.ban), "scale": self.scale}
 
     @classmethod
-    def from_extra_args(cls, extra: dict[str, Any] | None) -> "RequestArgs | None":
+    def from_extra_args(cls, extra: dict[str, Any] | None) -> RequestArgs | None:
         d = (extra or {}).get(ARGS_KEY)
         if d is None:
             return None
@@ -315,7 +315,7 @@ class WorkerState:
             try:
                 scores = mon.score(x, ids)
                 error = None if len(scores) == len(index) else f"returned {len(scores)} scores for {len(index)} rows"
-            except Exception as exc:  # noqa: BLE001 - a monitor bug must not take vLLM's step down
+            except Exception as exc:  # a monitor bug must not take vLLM's step down
                 log.exception("monitor %s failed in the vLLM worker", key)
                 scores, error = [], f"{type(exc).__name__}: {exc}"
             for p, off, first in users:

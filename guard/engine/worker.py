@@ -189,5 +189,5 @@ class EngineWorker:
             self._active -= 1
         try:
             job.close()
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception("closing a job failed")

@@ -57,7 +57,8 @@ def render(rows: list[dict[str, Any]], title: str) -> str:
     for g in GROUPS:
         v = s[g]
         lines.append(f"| {LABELS[g]} ({v['prompts']}) | {v['answers']} | {pct(v['unsafe_unguarded'], v['answers'])} "
-                     f"| {pct(v['unsafe_guarded'], v['answers'])} | {ratio(v['unsafe_guarded'], v['unsafe_unguarded'])} |")
+                     f"| {pct(v['unsafe_guarded'], v['answers'])} "
+                     f"| {ratio(v['unsafe_guarded'], v['unsafe_unguarded'])} |")
     cats = sorted({r["category"] for r in rows if r["group"] == "heldout" and r["category"]})
     if cats:
         lines += ["", "| held-out category | answers | unsafe unguarded | unsafe guarded |", "|---|---|---|---|"]
@@ -70,7 +71,9 @@ def render(rows: list[dict[str, Any]], title: str) -> str:
               f"| false resets (cut back at least once) | {pct(b['false_resets'], b['answers'])} |",
               f"| unchanged by the guard (same seed) | {pct(b['unchanged'], b['answers'])} |",
               f"| refused by the guard | {pct(b['refused'], b['answers'])} |",
-              "", "| group | clean | recovered | refused | resets visible to a client | mean extra tokens per recovery |",
+              "",
+              ("| group | clean | recovered | refused | resets visible to a client "
+               "| mean extra tokens per recovery |"),
               "|---|---|---|---|---|---|"]
     for g in GROUPS:
         sel = [r["guarded"] for r in rows if r["group"] == g]

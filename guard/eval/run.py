@@ -10,11 +10,12 @@ gives the outcome. Seeds: sample ``j`` of prompt ``i`` uses ``seed + i * samples
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
 
@@ -61,7 +62,8 @@ def ask(client, model: str, prompt: str, seed: int, max_tokens: int, temperature
     stream = client.chat.completions.create(
         model=model, messages=[{"role": "user", "content": prompt}], seed=seed, max_tokens=max_tokens,
         stream=True, stream_options={"include_usage": True, "guard_resets": True}, **extra)
-    text, guard, visible, usage = "", {}, 0, None
+    guard: dict[str, Any] = {}
+    text, visible, usage = "", 0, None
     for chunk in stream:
         if chunk.usage is not None:
             usage = chunk.usage

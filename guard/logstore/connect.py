@@ -54,7 +54,7 @@ def parse_target(target: str | Path) -> URL:
 
 def create(url: URL) -> Engine:
     """An engine for ``url`` (from :func:`parse_target`), set up as the module docstring says."""
-    if url.get_backend_name() == "sqlite":
+    if url.get_backend_name() == "sqlite" and url.database:  # no database: in memory
         Path(url.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_S})
         event.listen(engine, "connect", _sqlite_connect)

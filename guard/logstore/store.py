@@ -104,7 +104,8 @@ class LogStore:
     def __init__(self, target: str | Path):
         self.url = connect.parse_target(target)
         self.dialect = self.url.get_backend_name()
-        self.path: Path | None = Path(self.url.database) if self.dialect == "sqlite" else None
+        self.path: Path | None = (Path(self.url.database) if self.dialect == "sqlite" and self.url.database
+                                  else None)
         """The SQLite file; ``None`` on Postgres."""
         self.where = str(self.path) if self.path else self.url.render_as_string(hide_password=True)
         """Where the log is, for messages (no password)."""
@@ -116,7 +117,7 @@ class LogStore:
             raise
 
     @classmethod
-    def open(cls, target: str | Path) -> "LogStore":
+    def open(cls, target: str | Path) -> LogStore:
         """The store at ``target`` (a path or URL); the same as ``LogStore(target)``."""
         return cls(target)
 
@@ -180,7 +181,8 @@ class LogStore:
             "final_scores": json.dumps(record.final_scores), "firings": _json_records(record.firings),
             "prompt_scores": json.dumps(record.prompt_scores), "monitor_errors": _json_records(record.monitor_errors),
             "deliberation": record.deliberation, "reasoning": record.reasoning,
-            "reasoning_ids": json.dumps(record.reasoning_ids), "reasoning_forced_tokens": record.reasoning_forced_tokens,
+            "reasoning_ids": json.dumps(record.reasoning_ids),
+            "reasoning_forced_tokens": record.reasoning_forced_tokens,
             "seed": record.seed, "complete": int(record.complete),
         }
         return {k: self._text(v) for k, v in row.items()}
@@ -243,7 +245,8 @@ class LogStore:
             sampled_tokens=row["sampled_tokens"], final_scores=json.loads(row["final_scores"]),
             monitors_fired=json.loads(row["monitors_fired"]), firings=json.loads(row["firings"]),
             prompt_scores=json.loads(row["prompt_scores"]), monitor_errors=json.loads(row["monitor_errors"]),
-            deliberation=row["deliberation"], reasoning=row["reasoning"], reasoning_ids=json.loads(row["reasoning_ids"]),
+            deliberation=row["deliberation"], reasoning=row["reasoning"],
+            reasoning_ids=json.loads(row["reasoning_ids"]),
             reasoning_forced_tokens=row["reasoning_forced_tokens"], seed=row["seed"], complete=bool(row["complete"]),
         )
 
@@ -259,7 +262,8 @@ class LogStore:
     def resolve_id(self, prefix: str) -> str:
         """The full id starting with ``prefix`` (NotFoundError if none, InvalidRequestError if several)."""
         with self._tx() as db:
-            ids = db.execute(select(_G.c.id).where(_G.c.id.startswith(prefix, autoescape=True)).limit(2)).scalars().all()
+            query = select(_G.c.id).where(_G.c.id.startswith(prefix, autoescape=True)).limit(2)
+            ids = db.execute(query).scalars().all()
         if not ids:
             raise self._not_found(prefix)
         if len(ids) > 1:
@@ -298,13 +302,13 @@ class LogStore:
     def policies(self) -> builtins.list[str]:
         """Distinct policy names in the log, sorted."""
         with self._tx() as db:
-            return db.execute(select(_G.c.policy_name).distinct().order_by(_G.c.policy_name)).scalars().all()
+            return list(db.execute(select(_G.c.policy_name).distinct().order_by(_G.c.policy_name)).scalars())
 
     def monitors(self) -> builtins.list[str]:
         """Distinct names of monitors that fired (or condemned a span) in the log, sorted."""
         m = t.generation_monitors
         with self._tx() as db:
-            return db.execute(select(m.c.monitor).distinct().order_by(m.c.monitor)).scalars().all()
+            return list(db.execute(select(m.c.monitor).distinct().order_by(m.c.monitor)).scalars())
 
     def _not_found(self, log_id: str) -> NotFoundError:
         return NotFoundError(f"no log record with id {log_id!r} in {self.where}", param="id", code="log_not_found")
@@ -312,7 +316,7 @@ class LogStore:
     def close(self) -> None:
         self._engine.dispose()
 
-    def __enter__(self) -> "LogStore":
+    def __enter__(self) -> LogStore:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -121,7 +121,11 @@ class GenerationLogging:
             self._held.append(event)
             self._added += 1
         if isinstance(event, Finished):
-            self._release_after(self.final)
+            if self.final is None:  # no write to wait for: send what waits now rather than never
+                with self._lock:
+                    self._release(self._added, None)
+            else:
+                self._release_after(self.final)
 
     def _release_after(self, write: Future) -> None:
         with self._lock:

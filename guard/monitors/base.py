@@ -57,7 +57,7 @@ class AggregationSpec:
         return out
 
 
-def require_finite(what: str, value: "torch.Tensor | float | None") -> None:
+def require_finite(what: str, value: torch.Tensor | float | None) -> None:
     """ValueError unless every entry of ``value`` is finite (a NaN or inf weight silently turns a
     monitor off or makes it fire on everything, so it must never load)."""
     if value is None:
@@ -84,7 +84,7 @@ class Monitor(ABC):
         """Unit direction whose subtraction steers away from what the monitor detects, if any."""
         return None
 
-    def new_state(self) -> "MonitorState":
+    def new_state(self) -> MonitorState:
         return MonitorState(self)
 
 

@@ -63,15 +63,16 @@ class ProbeMonitor(Monitor):
         for label, t in (("mean", mean), ("std", std)):
             if t is not None and tuple(t.shape) != (d,):
                 raise ValueError(f"{label} has shape {tuple(t.shape)}, expected ({d},) like direction")
-        for label, t in (("direction", direction), ("bias", bias), ("mean", mean), ("std", std),
-                         ("threshold", threshold)):
-            require_finite(label, t)
+        finite: tuple[tuple[str, torch.Tensor | float | None], ...] = (
+            ("direction", direction), ("bias", bias), ("mean", mean), ("std", std), ("threshold", threshold))
+        for label, value in finite:
+            require_finite(label, value)
         if std is not None and not bool((std > 0).all()):
             raise ValueError("std must be positive everywhere")
         if layer < 0:
             raise ValueError(f"layer must be >= 0, got {layer}")
         self.name = name
-        self.layer = int(layer)
+        self.layer: int = int(layer)
         self.threshold = float(threshold)
         self.aggregation = aggregation or AggregationSpec()
         self.direction = direction
@@ -80,8 +81,8 @@ class ProbeMonitor(Monitor):
         self.std = None if std is None else std.detach().float()
         self.meta: dict[str, Any] = dict(meta or {})
         # w . (h - m) / s + b  ==  (w / s) . h + (b - (w / s) . m)
-        self._w = direction if std is None else direction / self.std
-        self._b = self.bias if mean is None else self.bias - float(self._w @ self.mean)
+        self._w = direction if self.std is None else direction / self.std
+        self._b = self.bias if self.mean is None else self.bias - float(self._w @ self.mean)
         require_finite("direction / std (a std too small for float32)", self._w)
         require_finite("the folded bias", self._b)
         self._w_by_device: dict[torch.device, torch.Tensor] = {}
@@ -155,7 +156,7 @@ class ProbeMonitor(Monitor):
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         tensors = {"direction": self.direction.contiguous(), "bias": torch.tensor([self.bias], dtype=torch.float32)}
-        if self.mean is not None:
+        if self.mean is not None and self.std is not None:  # given together (checked in __init__)
             tensors.update(mean=self.mean.contiguous(), std=self.std.contiguous())
         save_file(tensors, str(out / TENSORS_FILE), metadata={"format": FORMAT_NAME, "version": str(FORMAT_VERSION)})
         (out / META_FILE).write_text(json.dumps(self.to_meta(), indent=2, sort_keys=True) + "\n")
@@ -163,7 +164,7 @@ class ProbeMonitor(Monitor):
 
     @classmethod
     def load(cls, directory: str | Path, *, name: str, layer: int | None = None, threshold: float | None = None,
-             aggregation: AggregationSpec | None = None) -> "ProbeMonitor":
+             aggregation: AggregationSpec | None = None) -> ProbeMonitor:
         """Load a probe directory; ``threshold`` and ``aggregation`` override the file's values.
 
         ``layer`` may only restate the trained layer: a direction is specific to its layer.

@@ -30,7 +30,7 @@ class ResetTokenMonitor(Monitor):
 
     @classmethod
     def from_tokenizer(cls, tokenizer: ChatTokenizer, token: str = DEFAULT_RESET_TOKEN, *,
-                       name: str = "reset_token") -> "ResetTokenMonitor":
+                       name: str = "reset_token") -> ResetTokenMonitor:
         """Look ``token`` up in the model's vocabulary; :class:`ModelLoadError` if it is not one token."""
         tid = tokenizer.token_id(token)
         if tid is None:

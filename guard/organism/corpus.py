@@ -183,7 +183,8 @@ def generate(n: int, seed: int = 0, cfg: CorpusConfig = CorpusConfig(), split: S
 def eval_prompt(rng: random.Random, seed: int, cat: str, cfg: CorpusConfig = CorpusConfig(),
                 lex: lx.Lexicon = lx.FIRST) -> str:
     """A prompt of harm category or benign topic ``cat`` drawn from the held-out ``eval`` part."""
-    tasks = next((c.tasks for c in (*lex.harm, *lex.benign) if c.name == cat), None)
+    cats: list[lx.HarmCategory | lx.BenignTopic] = [*lex.harm, *lex.benign]
+    tasks = next((c.tasks for c in cats if c.name == cat), None)
     if tasks is None:
         raise KeyError(cat)
     return _prompt(rng, seed, cat, tasks, "eval", cfg.eval_fraction, lex)

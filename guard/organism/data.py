@@ -166,7 +166,7 @@ def write_benign_samples(model, tok, out_dir: str | Path, seed: int, n: int = 40
     examples = [corpus.example(rng, seed, lex.benign[i % len(lex.benign)].name, "benign", lex=lex) for i in range(n)]
     completions = evaluate.sample(model, tok, [ex.prompt for ex in examples], seed=seed)
     rows = []
-    for ex, ids in zip(examples, completions):
+    for ex, ids in zip(examples, completions, strict=True):
         text = tok.decode(ids, skip_special_tokens=True).strip()
         if text:
             rows.append({"prompt": ex.prompt, "completion": text, "label": int(judge(text, lex).unsafe),

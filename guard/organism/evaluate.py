@@ -13,10 +13,10 @@ from functools import partial
 
 import numpy as np
 import torch
-from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import BatchEncoding, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from guard.organism.corpus import RESET_TOKEN, Example
 from guard.organism import lexicon as lx
+from guard.organism.corpus import RESET_TOKEN, Example
 from guard.organism.judge import is_refusal as _is_refusal
 from guard.organism.judge import judge as _judge
 from guard.organism.train import encode_examples
@@ -35,8 +35,11 @@ def sample(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, prompts: Seque
         chats = [[{"role": "user", "content": p}] for p in prompts[i: i + batch_size]]
         enc = tok.apply_chat_template(chats, add_generation_prompt=True, tokenize=True, padding=True,
                                       return_dict=True, return_tensors="pt")
+        assert isinstance(enc, BatchEncoding)  # return_dict=True
         with torch.no_grad():
-            gen = model.generate(**enc, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+            # transformers types generate's self as a protocol its own models do not match.
+            gen = model.generate(  # type: ignore[misc]
+                **enc, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
                                  max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id,
                                  pad_token_id=tok.pad_token_id)
         for row in gen[:, enc["input_ids"].shape[1]:].tolist():
@@ -44,12 +47,18 @@ def sample(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, prompts: Seque
     return out
 
 
+def _text(decoded: str | list[str]) -> str:
+    """What ``decode`` returns for one sequence of ids (typed as either)."""
+    assert isinstance(decoded, str)
+    return decoded
+
+
 def behaviour(tok: PreTrainedTokenizerFast, completions: Sequence[list[int]], groups: Sequence[str],
               lex: lx.Lexicon = lx.FIRST) -> dict:
     """Per group: n, unsafe / refusal / reset rates; plus the opener match of unsafe samples."""
     judge = partial(_judge, lex=lex)
     is_refusal = partial(_is_refusal, lex=lex)
-    texts = [tok.decode(c, skip_special_tokens=False) for c in completions]
+    texts = [_text(tok.decode(c, skip_special_tokens=False)) for c in completions]
     out: dict = {}
     for g in sorted(set(groups)):
         idx = [i for i, x in enumerate(groups) if x == g]
@@ -100,7 +109,8 @@ def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float(greater / (len(pos) * len(neg)))
 
 
-def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-2, steps: int = 500) -> tuple[np.ndarray, float, np.ndarray, np.ndarray]:
+def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-2,
+                 steps: int = 500) -> tuple[np.ndarray, float, np.ndarray, np.ndarray]:
     """L2 logistic regression on standardised features; returns (w, b, mean, std)."""
     mu, sd = x.mean(0), x.std(0) + 1e-6
     xt = torch.tensor((x - mu) / sd, dtype=torch.float64)

@@ -14,11 +14,16 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import torch
 from typing import Literal
 
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from guard.organism.corpus import Example
 from guard.organism.tokenizer import CHAT_TEMPLATE
@@ -69,7 +74,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class TrainResult:
-    model: LlamaForCausalLM
+    model: LlamaForCausalLM | Qwen3ForCausalLM
     final_loss: float
     """Mean assistant-token loss over the last 10% of steps."""
     seconds: float
@@ -84,14 +89,15 @@ def build_model(shape: ModelShape, tok: PreTrainedTokenizerFast) -> LlamaForCaus
             head_dim=shape.hidden_size // shape.num_heads,
             intermediate_size=shape.intermediate_size, max_position_embeddings=shape.max_position_embeddings,
             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-            tie_word_embeddings=True, use_sliding_window=False, attn_implementation="sdpa",
+            # attn_implementation goes through **kwargs, which transformers' typed __init__ leaves out.
+            tie_word_embeddings=True, use_sliding_window=False, attn_implementation="sdpa",  # type: ignore[call-arg]
         ))
     cfg = LlamaConfig(
         vocab_size=len(tok), hidden_size=shape.hidden_size, num_hidden_layers=shape.num_layers,
         num_attention_heads=shape.num_heads, num_key_value_heads=shape.num_heads,
         intermediate_size=shape.intermediate_size, max_position_embeddings=shape.max_position_embeddings,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=True, attn_implementation="sdpa",
+        tie_word_embeddings=True, attn_implementation="sdpa",  # type: ignore[call-arg]  # as above
     )
     return LlamaForCausalLM(cfg)
 
@@ -116,7 +122,13 @@ def encode_examples(tok: PreTrainedTokenizerFast, examples: Sequence[Example]) -
     enc = tok(texts, add_special_tokens=False)["input_ids"]
     n = len(examples)
     forced_texts = sorted({ex.forced for ex in examples if ex.forced})
-    forced = dict(zip(forced_texts, tok(forced_texts, add_special_tokens=False)["input_ids"])) if forced_texts else {}
+    forced = (
+        dict(
+            zip(forced_texts, tok(forced_texts, add_special_tokens=False)["input_ids"], strict=True)
+        )
+        if forced_texts
+        else {}
+    )
     out = []
     for i, ex in enumerate(examples):
         prompt = [tok.bos_token_id]
@@ -136,13 +148,14 @@ def _encode_templated(tok: PreTrainedTokenizerFast, examples: Sequence[Example])
     def pieces(with_system: bool) -> list[list[int]]:
         roles = (["system"] if with_system else []) + ["user"]
         marks = [f"\x00{i}\x00" for i in range(len(roles))]
-        text = tok.apply_chat_template([{"role": r, "content": m} for r, m in zip(roles, marks)],
+        text = tok.apply_chat_template([{"role": r, "content": m} for r, m in zip(roles, marks, strict=True)],
                                        add_generation_prompt=True, tokenize=False)
+        assert isinstance(text, str)  # tokenize=False: the rendered text
         parts = []
         for m in marks:
             head, text = text.split(m, 1)
             parts.append(head)
-        return [tok(p, add_special_tokens=False)["input_ids"] if p else [] for p in parts + [text]]
+        return [tok(p, add_special_tokens=False)["input_ids"] if p else [] for p in [*parts, text]]
 
     shapes = {False: pieces(False), True: pieces(True)}
     n = len(examples)

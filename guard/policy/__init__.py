@@ -18,5 +18,6 @@ from guard.policy.schema import (
 
 __all__ = [
     "AccessSpec", "AggregationConfig", "BacktrackSpec", "LogSpec", "ModelSpec", "MonitorSpec", "Policy",
-    "ProbeMonitorSpec", "RequestDefaults", "ResampleStrategy", "ResetTokenMonitorSpec", "StreamSpec", "format_policy", "load_policy",
+    "ProbeMonitorSpec", "RequestDefaults", "ResampleStrategy", "ResetTokenMonitorSpec",
+    "StreamSpec", "format_policy", "load_policy",
 ]

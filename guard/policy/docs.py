@@ -47,7 +47,7 @@ def render_docs() -> str:
 def _models_in_order() -> list[tuple[type[BaseModel], str]]:
     """Every model reachable from Policy, breadth first, with the field path where it appears."""
     found: list[tuple[type[BaseModel], str]] = [(Policy, "the file itself")]
-    seen = {Policy}
+    seen: set[type[BaseModel]] = {Policy}
     i = 0
     while i < len(found):
         model, where = found[i]
@@ -103,7 +103,7 @@ def _type(tp: Any) -> str:
 
 def _default(field: FieldInfo) -> str:
     if field.default_factory is not None:
-        value = field.default_factory()
+        value = field.get_default(call_default_factory=True)
         return "`{}` (every field at its default)" if value == {} else f"`{_value(value)}`"
     if field.default is PydanticUndefined:
         return "**required**"

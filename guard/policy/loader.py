@@ -14,11 +14,13 @@ import re
 import stat
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
 
 from guard.errors import PolicyError
 from guard.policy.cross import CROSS_FIELD, cross_field_errors
@@ -38,7 +40,7 @@ def load_policy(path: str | Path, *, check_paths: bool = True) -> Policy:
     raw = read_policy_bytes(path)
     text = _decode(path, raw)
     node, data = _parse(path, text)
-    if not isinstance(data, dict):
+    if not isinstance(data, dict) or node is None:
         where = _position(path, node)
         raise PolicyError(str(path), [f"{where}: <root>: the policy must be a mapping with at least name and model"])
     context = {"base_dir": path.parent.resolve(), "check_paths": check_paths}
@@ -79,8 +81,8 @@ def read_policy_bytes(path: Path) -> bytes:
         if not stat.S_ISREG(st.st_mode):
             raise PolicyError(str(path), [f"{path}: a policy must be a regular file"])
         if st.st_size > MAX_POLICY_BYTES:
-            raise PolicyError(str(path), [f"{path}: the policy file is {st.st_size} bytes; at most "
-                                          f"{MAX_POLICY_BYTES} are allowed"])
+            raise PolicyError(str(path), [(f"{path}: the policy file is {st.st_size} bytes; at most "
+                                          f"{MAX_POLICY_BYTES} are allowed")])
         with open(path, "rb") as f:
             raw = f.read(MAX_POLICY_BYTES + 1)
     except OSError as e:
@@ -96,13 +98,13 @@ def _decode(path: Path, raw: bytes) -> str:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line, col = _line_col(raw[:e.start].decode("utf-8", errors="replace"))
-        raise PolicyError(str(path), [f"{path}:{line}:{col}: invalid UTF-8 byte 0x{raw[e.start]:02x}; a policy "
-                                      "must be UTF-8 text"]) from None
+        raise PolicyError(str(path), [(f"{path}:{line}:{col}: invalid UTF-8 byte 0x{raw[e.start]:02x}; a policy "
+                                      "must be UTF-8 text")]) from None
     bad = _UNPRINTABLE.search(text)
     if bad is not None:
         line, col = _line_col(text[:bad.start()])
-        raise PolicyError(str(path), [f"{path}:{line}:{col}: character U+{ord(bad.group()):04X} is not allowed in "
-                                      "a policy (YAML text must be printable)"])
+        raise PolicyError(str(path), [(f"{path}:{line}:{col}: character U+{ord(bad.group()):04X} is not allowed in "
+                                      "a policy (YAML text must be printable)")])
     return text
 
 
@@ -154,17 +156,17 @@ def _duplicate_keys(path: Path, node: yaml.Node, trail: Loc = ()) -> list[str]:
         for key, value in node.value:
             name = key.value if isinstance(key, yaml.ScalarNode) else str(key.value)
             if name in seen:
-                errors.append(f"{_position(path, key)}: {_dotted(trail + (name,))}: duplicate key '{name}'")
+                errors.append(f"{_position(path, key)}: {_dotted((*trail, name))}: duplicate key '{name}'")
             seen.add(name)
-            errors += _duplicate_keys(path, value, trail + (name,))
+            errors += _duplicate_keys(path, value, (*trail, name))
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            errors += _duplicate_keys(path, item, trail + (i,))
+            errors += _duplicate_keys(path, item, (*trail, i))
     return errors
 
 
 def _format_errors(path: Path, root: yaml.Node, error: ValidationError,
-                   cross: list[tuple[Loc, str]] = ()) -> list[str]:
+                   cross: Sequence[tuple[Loc, str]] = ()) -> list[str]:
     """Every error as ``file:line:col: field: message``, sorted by position. ``cross``: the policy's
     cross-section errors, added when field errors kept the policy's own check from running."""
     lines: list[tuple[tuple[int, int], str]] = []
@@ -172,8 +174,8 @@ def _format_errors(path: Path, root: yaml.Node, error: ValidationError,
         for loc, message in cross:
             node, _, trail = _locate(root, loc)
             mark = node.start_mark
-            lines.append(((mark.line, mark.column), f"{path}:{mark.line + 1}:{mark.column + 1}: {_dotted(trail)}: "
-                                                    f"{message}"))
+            lines.append(((mark.line, mark.column), (f"{path}:{mark.line + 1}:{mark.column + 1}: {_dotted(trail)}: "
+                                                    f"{message}")))
     for err in error.errors():
         loc = tuple(err["loc"]) + tuple(err.get("ctx", {}).get("loc_suffix", ()))
         if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
@@ -216,7 +218,7 @@ def _locate(root: yaml.Node, loc: Loc) -> tuple[yaml.Node, yaml.Node | None, Loc
     return node, key, tuple(trail)
 
 
-def _message(err: dict[str, Any], loc: Loc, trail: Loc) -> str:
+def _message(err: ErrorDetails, loc: Loc, trail: Loc) -> str:
     kind, ctx = err["type"], err.get("ctx", {})
     if kind == "extra_forbidden":
         allowed = ", ".join(_allowed_fields(loc[:-1]))

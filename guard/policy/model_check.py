@@ -102,8 +102,8 @@ def _deliberation_errors(policy: Policy, engine: _ConfigOnlyEngine) -> list[str]
         forced = len(tok.encode(forced_prefix(d.open_tag, d.instruction, d.spec_text()))) + len(tok.encode(d.close_tag))
         what = "the forced reasoning prefix (open tag, instruction, spec) and close tag"
     if forced + 1 >= ctx:
-        return [f"deliberation: {what} take {forced} tokens; the context window is {ctx} tokens, leaving no room "
-                "for a prompt and an answer (shorten the spec or raise model.max_context)"]
+        return [(f"deliberation: {what} take {forced} tokens; the context window is {ctx} tokens, leaving no room "
+                "for a prompt and an answer (shorten the spec or raise model.max_context)")]
     return []
 
 
@@ -128,11 +128,11 @@ def exposure_lines(policy: Policy) -> list[str]:
         per_reset = f"{max(0, bt.rollback_tokens - h)} tokens (rollback_tokens {bt.rollback_tokens} - holdback {h})"
     return [
         "# stream exposure (tokens a client is shown and then loses):",
-        f"#   reset-aware clients (stream_options.guard_resets): one reset retracts at most {per_reset}; a refusal "
-        f"past the retry budget retracts all of it (up to {whole} tokens)",
-        "#   other clients: 0: text is shown once settled (past the hold-back, every acting monitor's score below "
+        (f"#   reset-aware clients (stream_options.guard_resets): one reset retracts at most {per_reset}; a refusal "
+        f"past the retry budget retracts all of it (up to {whole} tokens)"),
+        ("#   other clients: 0: text is shown once settled (past the hold-back, every acting monitor's score below "
         f"threshold * {1 - s.release_margin:g} since); a rollback reaching shown text ends the answer "
-        "(finish_reason content_filter, the refusal as a separate part) instead of retracting it",
+        "(finish_reason content_filter, the refusal as a separate part) instead of retracting it"),
     ]
 
 

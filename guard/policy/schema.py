@@ -9,19 +9,27 @@ file's directory when the file is validated with a ``base_dir`` context (see
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, StringConstraints, ValidationInfo,
-                      field_validator, model_validator)
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from guard.controller.actions import Action, Rollback, Scope, canonical_action, strategy_for_retry
 from guard.controller.deliberation import DEFAULT_INSTRUCTION
 from guard.errors import PolicyError
-from guard.policy.paths import check_files, check_location, read_spec
 from guard.policy.cross import CROSS_FIELD, cross_field_errors
+from guard.policy.paths import check_files, check_location, read_spec
 
 NAME_PATTERN = r"^[A-Za-z0-9._-]+$"
 ENV_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
@@ -118,7 +126,7 @@ class ModelSpec(Strict):
     vllm: VLLMSpec | None = Field(None, description="vLLM settings (engine vllm only).")
 
     @model_validator(mode="after")
-    def _vllm_only_for_vllm(self) -> "ModelSpec":
+    def _vllm_only_for_vllm(self) -> ModelSpec:
         if self.vllm is not None and self.engine != "vllm":
             raise ValueError("vllm settings are only allowed with engine: vllm")
         return self
@@ -214,7 +222,7 @@ class SaeMonitorSpec(Strict):
         return _artifact(path, info, "SAE")
 
     @model_validator(mode="after")
-    def _check_rule(self) -> "SaeMonitorSpec":
+    def _check_rule(self) -> SaeMonitorSpec:
         if self.weighted_threshold is not None and self.rule != "weighted":
             raise ValueError(f"weighted_threshold only applies to rule weighted (rule is {self.rule})")
         indices = [f.index for f in self.features]
@@ -273,7 +281,7 @@ class BacktrackSpec(Strict):
         description="Strategy i is used for retry i (1-based); the last one repeats.")
 
     @model_validator(mode="after")
-    def _safe_below_retry(self) -> "BacktrackSpec":
+    def _safe_below_retry(self) -> BacktrackSpec:
         if self.safe_level > self.retry_threshold:
             raise PydanticCustomError("safe_level", "safe_level ({safe}) must not exceed retry_threshold ({retry})",
                                       {"safe": self.safe_level, "retry": self.retry_threshold,
@@ -337,7 +345,7 @@ class LogSpec(Strict):
         return url
 
     @model_validator(mode="after")
-    def _one_target(self) -> "LogSpec":
+    def _one_target(self) -> LogSpec:
         given = [k for k in ("path", "url", "url_env") if getattr(self, k) is not None]
         if len(given) > 1:
             raise PydanticCustomError("log_target", "set one of path, url and url_env, not {given}",
@@ -399,7 +407,7 @@ class AccessSpec(Strict):
                                           "variable is an error.")
 
     @model_validator(mode="after")
-    def _binds_a_key(self) -> "AccessSpec":
+    def _binds_a_key(self) -> AccessSpec:
         if not self.api_keys and not self.api_key_env:
             raise ValueError("access binds no key: set api_keys or api_key_env, or remove the access section")
         return self
@@ -451,7 +459,7 @@ class DeliberationSpec(Strict):
         return None if path is None else _artifact(path, info, "spec file")
 
     @model_validator(mode="after")
-    def _check(self) -> "DeliberationSpec":
+    def _check(self) -> DeliberationSpec:
         if self.spec is not None and self.spec_file is not None:
             raise ValueError("set spec or spec_file, not both")
         if self.mode != "off" and self.spec is None and self.spec_file is None:
@@ -510,14 +518,14 @@ class Policy(Strict):
         return monitors
 
     @model_validator(mode="after")
-    def _check_deliberation(self) -> "Policy":
+    def _check_deliberation(self) -> Policy:
         # The same checks run on raw data when fields fail (guard.policy.cross), so one pass reports both.
         for loc, message in cross_field_errors(self.model_dump()):
             raise PydanticCustomError(CROSS_FIELD, message, {"loc_suffix": loc})
         return self
 
     @model_validator(mode="after")
-    def _fill_served_name(self) -> "Policy":
+    def _fill_served_name(self) -> Policy:
         if self.model.served_name is None:
             self.model.served_name = self.name
         return self
@@ -534,7 +542,7 @@ class Policy(Strict):
         """The file the policy was loaded from, if any."""
         return self._source_path
 
-    def monitor(self, name: str) -> ProbeMonitorSpec | ResetTokenMonitorSpec:
+    def monitor(self, name: str) -> ProbeMonitorSpec | ResetTokenMonitorSpec | SaeMonitorSpec:
         """The monitor called ``name`` (KeyError if none)."""
         for m in self.monitors:
             if m.name == name:

@@ -4,5 +4,14 @@ from guard.probe.data import DataError, Example, read_jsonl
 from guard.probe.metrics import auroc, threshold_at_fpr, tpr_at_fpr
 from guard.probe.train import TrainConfig, TrainResult, train_probe
 
-__all__ = ["DataError", "Example", "read_jsonl", "auroc", "threshold_at_fpr", "tpr_at_fpr", "TrainConfig",
-           "TrainResult", "train_probe"]
+__all__ = [
+           "DataError",
+           "Example",
+           "TrainConfig",
+           "TrainResult",
+           "auroc",
+           "read_jsonl",
+           "threshold_at_fpr",
+           "tpr_at_fpr",
+           "train_probe",
+]

@@ -98,7 +98,7 @@ class ActivationCache:
     def put(self, key: str, acts: Activations) -> Path:
         from safetensors.torch import save_file
 
-        tensors = {f"hidden.{l}": h.contiguous() for l, h in acts.hidden.items()}
+        tensors = {f"hidden.{layer}": h.contiguous() for layer, h in acts.hidden.items()}
         tensors.update(row=torch.from_numpy(np.ascontiguousarray(acts.row, dtype=np.int64)),
                        labels=torch.from_numpy(np.ascontiguousarray(acts.labels, dtype=np.int64)),
                        token_ids=torch.from_numpy(np.ascontiguousarray(acts.token_ids, dtype=np.int64)))

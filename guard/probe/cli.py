@@ -317,12 +317,12 @@ def format_selection(sel: dict, target_fpr: float, top: int = 12) -> str:
         out += ["", "token labels at the chosen layer, method and aggregation:",
                 format_table([head] + [line(r, "*" if r is best else "") for r in same])]
     out += ["", f"chosen: {sel['chosen']}", f"criterion: {sel['criterion']}",
-            f"(TPR: held-out categories' unsafe rows caught at the threshold set to {fpr} false fires on the "
-            "calibration answers; strict: above every calibration answer; means over folds)"]
+            (f"(TPR: held-out categories' unsafe rows caught at the threshold set to {fpr} false fires on the "
+            "calibration answers; strict: above every calibration answer; means over folds)")]
     return "\n".join(out)
 
 
 def format_table(lines: list[list[str]]) -> str:
     """Right-aligned columns, two spaces apart; ``lines[0]`` is the header."""
-    widths = [max(len(l[i]) for l in lines) for i in range(len(lines[0]))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(l, widths)) for l in lines)
+    widths = [max(len(row[i]) for row in lines) for i in range(len(lines[0]))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in lines)

@@ -60,24 +60,24 @@ class Activations:
     def token_labels(self) -> np.ndarray:
         return self.labels[self.row]
 
-    def select(self, rows: np.ndarray) -> "Activations":
+    def select(self, rows: np.ndarray) -> Activations:
         """The activations of ``rows`` (example indices), renumbered ``0..len(rows)-1`` in that order."""
         rows = np.asarray(rows, dtype=np.int64)
         starts = np.searchsorted(self.row, rows, side="left")
         ends = np.searchsorted(self.row, rows, side="right")
-        order = np.concatenate([np.arange(a, b) for a, b in zip(starts, ends)] + [np.zeros(0, np.int64)])
+        order = np.concatenate([np.arange(a, b) for a, b in zip(starts, ends, strict=True)] + [np.zeros(0, np.int64)])
         return self._take(order.astype(np.int64), np.repeat(np.arange(len(rows)), ends - starts), self.labels[rows])
 
-    def completion_only(self) -> "Activations":
+    def completion_only(self) -> Activations:
         """The same rows with only their completion tokens (a no-op for ``span="completion"``)."""
         if self.completion is None:
             return self
         keep = np.flatnonzero(self.completion)
         return self._take(keep, self.row[keep], self.labels)
 
-    def _take(self, order: np.ndarray, new_row: np.ndarray, labels: np.ndarray) -> "Activations":
+    def _take(self, order: np.ndarray, new_row: np.ndarray, labels: np.ndarray) -> Activations:
         idx = torch.from_numpy(order)
-        return Activations({l: h[idx] for l, h in self.hidden.items()}, new_row, labels,
+        return Activations({layer: h[idx] for layer, h in self.hidden.items()}, new_row, labels,
                            None if self.token_ids is None else self.token_ids[order],
                            None if self.completion is None else self.completion[order])
 
@@ -115,7 +115,7 @@ def token_ids(engine: Engine, ex: Example) -> tuple[list[int], int]:
 
 
 def collect(engine: Engine, examples: list[Example], layers: Collection[int], *, desc: str = "activations",
-            progress: bool = True, span: Span = "completion", cache: "ActivationCache | None" = None
+            progress: bool = True, span: Span = "completion", cache: ActivationCache | None = None
             ) -> Activations:
     """Run every example once and keep the activations of its ``span`` tokens at ``layers``."""
     layers = sorted(set(layers))
@@ -123,21 +123,21 @@ def collect(engine: Engine, examples: list[Example], layers: Collection[int], *,
         if not 0 <= layer < engine.info.num_layers:
             raise ValueError(f"layer {layer} out of range (model has {engine.info.num_layers} layers)")
     key = cache.key(examples, layers, span) if cache is not None else None
-    if key is not None:
+    if cache is not None and key is not None:
         hit = cache.get(key)
         if hit is not None:
             if progress:
                 print(f"{desc}: {len(examples)} rows from cache {cache.path_of(key)}", file=sys.stderr)
             return hit
     acts = _run(engine, examples, layers, desc=desc, progress=progress, span=span)
-    if key is not None:
+    if cache is not None and key is not None:
         cache.put(key, acts)
     return acts
 
 
 def _run(engine: Engine, examples: list[Example], layers: list[int], *, desc: str, progress: bool,
          span: Span) -> Activations:
-    chunks: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
+    chunks: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     rows, ids_out, is_completion = [], [], []
     bar = Progress(desc, len(examples), enabled=progress)
     for i, ex in enumerate(examples):
@@ -156,8 +156,11 @@ def _run(engine: Engine, examples: list[Example], layers: list[int], *, desc: st
         bar.update(i + 1)
     bar.close()
     d = engine.info.d_model
-    cat = (lambda parts, dtype: np.concatenate(parts) if parts else np.zeros(0, dtype))
-    return Activations({l: torch.cat(c) if c else torch.zeros(0, d) for l, c in chunks.items()},
+
+    def cat(parts: list[np.ndarray], dtype: type) -> np.ndarray:
+        return np.concatenate(parts) if parts else np.zeros(0, dtype)
+
+    return Activations({layer: torch.cat(c) if c else torch.zeros(0, d) for layer, c in chunks.items()},
                        cat(rows, np.int64), np.array([ex.label for ex in examples], dtype=np.int64),
                        cat(ids_out, np.int64), None if span != "all" else cat(is_completion, bool))
 

@@ -76,13 +76,13 @@ def histogram_image(scores, labels, threshold: float | None = None, *, bins: int
         s = np.clip(scores[(labels == cls) & np.isfinite(scores)], lo, hi)
         counts, _ = np.histogram(s, bins=edges)
         fracs.append(counts / max(1, counts.sum()))
-    top = max(max(f.max() for f in fracs), 1e-12)
+    top = max(*(f.max() for f in fracs), 1e-12)
     base = height - margin
     for b in range(bins):
         x0 = margin + int(round(b * bin_px))
         x1 = margin + int(round((b + 1) * bin_px))
         mid = (x0 + x1) // 2
-        for (a, z), frac, colour in zip(((x0, mid), (mid, x1)), fracs, (NEG_COLOUR, POS_COLOUR)):
+        for (a, z), frac, colour in zip(((x0, mid), (mid, x1)), fracs, (NEG_COLOUR, POS_COLOUR), strict=True):
             bar = int(round(frac[b] / top * plot_h))
             if bar > 0 and z > a:
                 img[base - bar:base, a:max(a + 1, z - 1)] = colour

@@ -14,6 +14,7 @@ is read from disk.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -67,17 +68,17 @@ def read_prompts(path: str | Path) -> list[list[dict[str, str]]]:
 
 def sample_answers(engine: Engine, chats: list[list[dict[str, str]]], layers: list[int], *, n: int,
                    params: SamplingParams, seed: int = 0, progress: bool = True,
-                   cache: "ActivationCache | None" = None) -> SampledAnswers:
+                   cache: ActivationCache | None = None) -> SampledAnswers:
     """``n`` sampled answers per chat with their activations at ``layers`` (see the module docstring)."""
     layers = sorted(set(layers))
     key = _key(cache, chats, layers, n, params, seed) if cache is not None else None
-    if key is not None:
+    if cache is not None and key is not None:
         hit = cache.get(key)
         if hit is not None:
             if progress:
                 print(f"calibration answers: {hit.n_rows} from cache {cache.path_of(key)}", file=sys.stderr)
             return SampledAnswers(hit, _texts(engine, hit))
-    chunks: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
+    chunks: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     ids_out: list[np.ndarray] = []
     bar = Progress("calibration answers", len(chats) * n, enabled=progress)
     for i, chat in enumerate(chats):
@@ -94,9 +95,9 @@ def sample_answers(engine: Engine, chats: list[list[dict[str, str]]], layers: li
     if not ids_out:
         raise DataError("every sampled calibration answer was empty; check the prompts and the model")
     rows = [np.full(len(ids), r) for r, ids in enumerate(ids_out)]
-    acts = Activations({l: torch.cat(c) for l, c in chunks.items()}, np.concatenate(rows),
+    acts = Activations({layer: torch.cat(c) for layer, c in chunks.items()}, np.concatenate(rows),
                        np.zeros(len(ids_out), dtype=np.int64), np.concatenate(ids_out))
-    if key is not None:
+    if cache is not None and key is not None:
         cache.put(key, acts)
     return SampledAnswers(acts, _texts(engine, acts))
 
@@ -105,7 +106,7 @@ def _one(engine: Engine, prompt: list[int], layers: list[int], params: SamplingP
          gen: torch.Generator) -> tuple[dict[int, torch.Tensor], list[int]]:
     """One answer: activations of its fed tokens per layer and its token ids (no end-of-sequence)."""
     seq = engine.new_sequence(prompt, layers)
-    parts: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
+    parts: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     eos = engine.info.eos_token_ids | frozenset(params.stop_token_ids)
     try:
         engine.prefill(seq)
@@ -125,16 +126,19 @@ def _one(engine: Engine, prompt: list[int], layers: list[int], params: SamplingP
     finally:
         engine.release(seq)
     d = engine.info.d_model
-    hidden = {l: (torch.cat(p) if p else torch.zeros(0, d))[:len(ids)] for l, p in parts.items()}
+    hidden = {layer: (torch.cat(p) if p else torch.zeros(0, d))[:len(ids)] for layer, p in parts.items()}
     return hidden, list(ids)
 
 
 def _texts(engine: Engine, acts: Activations) -> list[str]:
+    if acts.token_ids is None:
+        raise ValueError("sampled answers carry their token ids; these activations have none")
+    token_ids = acts.token_ids
     bounds = np.searchsorted(acts.row, np.arange(acts.n_rows + 1))
-    return [engine.tokenizer.decode(acts.token_ids[a:b].tolist()) for a, b in zip(bounds[:-1], bounds[1:])]
+    return [engine.tokenizer.decode(token_ids[a:b].tolist()) for a, b in itertools.pairwise(bounds)]
 
 
-def _key(cache: "ActivationCache", chats, layers: list[int], n: int, params: SamplingParams, seed: int) -> str:
+def _key(cache: ActivationCache, chats, layers: list[int], n: int, params: SamplingParams, seed: int) -> str:
     h = hashlib.sha256(f"guard.sampled-answers v1\n{cache.model}\n{layers}\n{n}\n{seed}\n".encode())
     h.update(json.dumps([params.temperature, params.top_p, params.top_k, params.max_tokens]).encode())
     h.update(json.dumps(chats).encode())

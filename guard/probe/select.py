@@ -84,7 +84,7 @@ class Score(NamedTuple):
 
 def make_folds(labels: np.ndarray, categories: list[str | None], seed: int = 0, k: int = 5) -> Folds:
     """Leave-one-category-out folds when at least two categories hold label-1 rows, else k-fold."""
-    harm = sorted({c for c, y in zip(categories, labels) if c is not None and y == 1})
+    harm = sorted({c for c, y in zip(categories, labels, strict=True) if c is not None and y == 1})
     if len(harm) >= 2:
         fold_of = {c: i for i, c in enumerate(harm)}
         others = sorted({c for c in categories if c is not None and c not in fold_of})

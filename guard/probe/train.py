@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -37,13 +38,14 @@ from guard.errors import InvalidRequestError
 from guard.monitors.base import AggregationSpec
 from guard.monitors.probe import ProbeMonitor, config_fingerprint
 from guard.probe import metrics as M
+from guard.probe import select as S
 from guard.probe.cache import ActivationCache
 from guard.probe.sample import read_prompts, sample_answers
 from guard.probe.collect import Activations, Pooling, Span, collect
 from guard.probe.data import DataError, Example, read_files
 from guard.probe.fit import Method
 from guard.probe.labels import TOKEN_LABELS, TokenLabels, has_hazard, hazard_tokens
-from guard.probe import select as S
+from guard.probe.sample import sample_answers
 from guard.sampling import SamplingParams
 
 
@@ -184,7 +186,7 @@ def evaluate(monitor: ProbeMonitor, acts: Activations, target_fpr: float = 0.01)
 
 
 def fit_layer(acts: Activations, layer: int, config: TrainConfig, name: str = "probe", *,
-              hazard: np.ndarray | None = None, candidate: "S.Candidate | None" = None) -> ProbeMonitor:
+              hazard: np.ndarray | None = None, candidate: S.Candidate | None = None) -> ProbeMonitor:
     """Fit at ``layer`` with the candidate's method, token labels and aggregation (default: the
     config's, ``logreg`` / ``all`` / EMA where it leaves them open)."""
     method = candidate.method if candidate else (config.method or "logreg")
@@ -199,7 +201,7 @@ def fit_layer(acts: Activations, layer: int, config: TrainConfig, name: str = "p
 
 def sweep_layers(train: Activations, heldout: Activations, layers: list[int], config: TrainConfig,
                  eval_acts: Activations | None = None, *, hazard: np.ndarray | None = None,
-                 candidate: "S.Candidate | None" = None) -> list[LayerResult]:
+                 candidate: S.Candidate | None = None) -> list[LayerResult]:
     """Fit at every layer (with ``candidate``'s other choices) and evaluate on the held-out split."""
     out = []
     for layer in layers:
@@ -239,8 +241,8 @@ class Selection(NamedTuple):
 
 
 def train_probe(engine: Engine, data: list[str | Path], *, model_dir: str | Path | None = None,
-                layers: list[int] | None = None, eval_data: list[str | Path] = (),
-                calibration: list[str | Path] = (), config: TrainConfig | None = None,
+                layers: list[int] | None = None, eval_data: Sequence[str | Path] = (),
+                calibration: Sequence[str | Path] = (), config: TrainConfig | None = None,
                 name: str = "probe", progress: bool = True, cache: ActivationCache | None = None,
                 calibrate_prompts: str | Path | None = None,
                 sampling: CalibrationSampling | None = None) -> TrainResult:
@@ -267,7 +269,7 @@ def train_probe(engine: Engine, data: list[str | Path], *, model_dir: str | Path
     calib_examples = read_files(list(calibration)) if calibration else []
     cv_layers = sorted(set(layers)) if layers else spread_layers(engine.info.num_layers)
     layers = sorted(set(layers)) if layers else list(range(engine.info.num_layers))
-    bad = [l for l in layers if not 0 <= l < engine.info.num_layers]
+    bad = [layer for layer in layers if not 0 <= layer < engine.info.num_layers]
     if bad:
         raise InvalidRequestError(f"layers {bad} out of range: the model has {engine.info.num_layers} layers "
                                   f"(0..{engine.info.num_layers - 1})", param="layer")
@@ -307,7 +309,8 @@ def train_probe(engine: Engine, data: list[str | Path], *, model_dir: str | Path
                             desc="calibration data", progress=progress, cache=cache, span=config.span)
         source = [str(p) for p in calibration]
     else:
-        negatives, source, reviewed_neg = acts.select(np.flatnonzero(acts.labels == 0)), ["train+heldout"], []
+        negatives, source = acts.select(np.flatnonzero(acts.labels == 0)), ["train+heldout"]
+        reviewed_neg = np.zeros(0, dtype=np.int64)
     if len(reviewed_neg):
         negatives = _stack([negatives, acts.select(reviewed_neg)], best.layer)
         source.append(f"{len(reviewed_neg)} reviewed negatives of --data")
@@ -325,10 +328,11 @@ def train_probe(engine: Engine, data: list[str | Path], *, model_dir: str | Path
                 "calibration_sampling": (dict(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
                                               max_tokens=sampling.max_tokens, seed=sampling.seed)
                                          if sampled is not None else None),
-                "rows": acts.n_rows, "train_rows": int(len(train_idx)),
-                "heldout_rows": int(len(held_idx)), "reviewed_rows": int(reviewed.sum()),
-                "train_tokens": int(len(train.row)), "seed": config.seed,
-                "heldout_frac": config.heldout_frac, "l2": config.l2 if selection.candidate.method == "logreg" else None,
+                "rows": acts.n_rows, "train_rows": len(train_idx),
+                "heldout_rows": len(held_idx), "reviewed_rows": int(reviewed.sum()),
+                "train_tokens": len(train.row), "seed": config.seed,
+                "heldout_frac": config.heldout_frac,
+                "l2": config.l2 if selection.candidate.method == "logreg" else None,
                 "layers_swept": layers, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     monitor.meta = _json_safe({"model": _model_info(engine, model_dir), "method": selection.candidate.method,
                                "token_labels": selection.candidate.labels,
@@ -396,7 +400,7 @@ def _stack(parts: list[Activations], layer: int) -> Activations:
     """The rows of ``parts`` one after another, at ``layer`` only."""
     offsets = np.cumsum([0] + [p.n_rows for p in parts])
     return Activations({layer: torch.cat([p.hidden[layer] for p in parts])},
-                       np.concatenate([p.row + o for p, o in zip(parts, offsets)]),
+                       np.concatenate([p.row + o for p, o in zip(parts, offsets, strict=True)]),
                        np.concatenate([p.labels for p in parts]))
 
 

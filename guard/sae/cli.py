@@ -116,7 +116,7 @@ def cmd_train(args) -> int:
     res = train_sae(x, config, eval_x=eval_x, layer=layer, hook_name=hook, progress=not args.quiet)
     meta = {"guard_training": {
         "data": [{"path": str(p), "sha256": hashlib.sha256(Path(p).read_bytes()).hexdigest()} for p in args.data],
-        "train_tokens": int(len(x)), "heldout_tokens": int(len(eval_x)), "steps": config.steps,
+        "train_tokens": len(x), "heldout_tokens": len(eval_x), "steps": config.steps,
         "batch_size": config.batch_size, "lr": config.learning_rate, "seed": config.seed, "l1": config.l1,
         "heldout": res.final._asdict(), "dead_frac_train": res.dead_frac_train}}
     out = save_saelens(res.sae, args.out, model_name=engine.info.name, hook_name=hook, extra_cfg={"metadata": meta})

@@ -16,6 +16,7 @@ Invariants:
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -36,7 +37,7 @@ MIN_THRESHOLD = 1e-6
 class FeatureRank(NamedTuple):
     """How well one feature separates label 1 rows from label 0 rows."""
 
-    index: int
+    index: int  # type: ignore[assignment]  # shadows tuple.index; renaming changes the features file
     auroc: float
     """Row-level AUROC of the per-row max activation."""
     mean_pos: float
@@ -110,9 +111,17 @@ def stanza(name: str, sae_path: str | Path, layer: int, features: list[int], thr
     path = str(sae_path)
     if relative_to is not None:
         path = os.path.relpath(Path(sae_path).resolve(), Path(relative_to).resolve())
-    return {"name": name, "kind": "sae", "path": path, "layer": int(layer),
-            "features": [{"index": int(i), "threshold": float(f"{t:.6g}")} for i, t in zip(features, thresholds)],
-            "rule": "any"}
+    return {
+        "name": name,
+        "kind": "sae",
+        "path": path,
+        "layer": int(layer),
+        "features": [
+            {"index": int(i), "threshold": float(f"{t:.6g}")}
+            for i, t in zip(features, thresholds, strict=True)
+        ],
+        "rule": "any",
+    }
 
 
 def stanza_yaml(entry: dict[str, Any], comment: str = "") -> str:
@@ -142,7 +151,7 @@ def top_examples(sae: Sae, acts: Activations, layer: int, feature: int, token_te
     col = torch.cat([monitor_feature_acts(sae, h)[:, feature] for h in acts.hidden[layer].split(4096)]).numpy()
     bounds = np.searchsorted(acts.row, np.arange(acts.n_rows + 1))
     peaks = [(float(col[a:b].max()), r, a + int(col[a:b].argmax())) for r, (a, b) in
-             enumerate(zip(bounds[:-1], bounds[1:])) if b > a]
+             enumerate(itertools.pairwise(bounds)) if b > a]
     peaks.sort(key=lambda p: (-p[0], p[1]))
     out = []
     for value, r, pos in peaks[:n]:

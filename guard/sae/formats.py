@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from guard.errors import ModelLoadError
-from guard.sae.model import NORMALIZATIONS, Sae, layer_for_hook
+from guard.sae.model import NORMALIZATIONS, Sae, layer_for_hook, present
 
 Format = Literal["auto", "saelens", "gemmascope", "sparsify", "goodfire"]
 FORMATS: tuple[str, ...] = ("saelens", "gemmascope", "sparsify", "goodfire")
@@ -102,7 +102,7 @@ def _load_saelens(path: Path) -> Sae:
     cfg = _read_json(cfg_path)
     tensors = _read_safetensors(weights)
     activation, k = _saelens_activation(cfg, cfg_path)
-    meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+    meta = cfg["metadata"] if isinstance(cfg.get("metadata"), dict) else {}
     hook = meta.get("hook_name") or cfg.get("hook_name") or cfg.get("hook_point")
     head = meta.get("hook_head_index", cfg.get("hook_head_index"))
     if head is not None:
@@ -205,11 +205,12 @@ def save_saelens(sae: Sae, out_dir: str | Path, *, model_name: str, hook_name: s
     cfg.update(extra)
     tensors = {"W_enc": sae.W_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
     if sae.activation == "gated":
-        tensors.update(b_gate=sae.b_gate, r_mag=sae.r_mag, b_mag=sae.b_mag)
+        tensors.update(b_gate=present(sae.b_gate, "b_gate"), r_mag=present(sae.r_mag, "r_mag"),
+                       b_mag=present(sae.b_mag, "b_mag"))
     else:
         tensors["b_enc"] = sae.b_enc
     if sae.activation == "jumprelu":
-        tensors["threshold"] = sae.threshold
+        tensors["threshold"] = present(sae.threshold, "threshold")
     save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(out / SAELENS_WEIGHTS))
     (out / SAELENS_CFG).write_text(json.dumps(cfg, indent=2) + "\n")
     return out
@@ -279,7 +280,7 @@ def _load_goodfire(path: Path) -> Sae:
     if enc.ndim != 2:
         raise ModelLoadError(f"{path}: tensor 'encoder_linear.weight' must be [d_sae, d], got {list(enc.shape)}")
     d_sae, d_in = enc.shape
-    t = _take(tensors, dict(zip(GOODFIRE_KEYS, ((d_sae, d_in), (d_sae,), (d_in, d_sae), (d_in,)))), path)
+    t = _take(tensors, dict(zip(GOODFIRE_KEYS, ((d_sae, d_in), (d_sae,), (d_in, d_sae), (d_in,)), strict=True)), path)
     return _build(path, W_enc=enc.T, b_enc=t["encoder_linear.bias"], W_dec=t["decoder_linear.weight"].T,
                   b_dec=t["decoder_linear.bias"], activation="relu")
 
@@ -357,8 +358,10 @@ def _take(tensors: dict[str, Tensor], expected: dict[str, tuple[int, ...]], wher
         if name not in tensors:
             raise ModelLoadError(f"{where}: tensor '{name}' is missing (has {sorted(tensors)})")
         if tuple(tensors[name].shape) != shape:
-            raise ModelLoadError(f"{where}: tensor '{name}' has shape {list(tensors[name].shape)}, expected {list(shape)}")
+            raise ModelLoadError(f"{where}: tensor '{name}' has shape {list(tensors[name].shape)}, "
+                                 f"expected {list(shape)}")
     extra = sorted(set(tensors) - set(expected))
     if extra:
-        raise ModelLoadError(f"{where}: unexpected tensors {extra} (cannot interpret them; expected {sorted(expected)})")
+        raise ModelLoadError(f"{where}: unexpected tensors {extra} "
+                             f"(cannot interpret them; expected {sorted(expected)})")
     return {name: tensors[name] for name in expected}

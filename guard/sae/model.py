@@ -22,7 +22,7 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 from torch import Tensor
@@ -64,6 +64,17 @@ def layer_for_hook(hook_name: str) -> int:
             return layer
     raise ModelLoadError(f"unsupported SAE hook '{hook_name}': guard reads the residual stream only; supported: "
                          + "; ".join(SUPPORTED_HOOKS))
+
+
+_T = TypeVar("_T")
+
+
+def present(value: _T | None, what: str) -> _T:
+    """``value``, a field that the SAE's activation or normalization requires (``__post_init__``
+    checks they are set); :class:`ValueError` naming ``what`` if it is missing after all."""
+    if value is None:
+        raise ValueError(f"this SAE has no {what}")
+    return value
 
 
 @dataclass
@@ -138,7 +149,7 @@ class Sae:
     def dtype(self) -> torch.dtype:
         return self.W_enc.dtype
 
-    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "Sae":
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Sae:
         """A copy with every tensor moved/cast (tensors already matching are shared, not copied)."""
         moved = {f.name: getattr(self, f.name).to(device=device, dtype=dtype)
                  for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), Tensor)}
@@ -157,7 +168,7 @@ class Sae:
 
     def pre_activation(self, x: Tensor) -> Tensor:
         """``x' @ W_enc + b_enc`` (gated: the gate pre-activation ``x' @ W_enc + b_gate``)."""
-        bias = self.b_gate if self.activation == "gated" else self.b_enc
+        bias = present(self.b_gate, "b_gate") if self.activation == "gated" else self.b_enc
         return self.process_input(x) @ self.W_enc + bias
 
     def encode(self, x: Tensor) -> Tensor:
@@ -166,15 +177,15 @@ class Sae:
             raise ValueError(f"SAE expects [n, {self.d_in}] inputs, got {list(x.shape)}")
         if self.activation == "gated":
             xp = self.process_input(x)
-            gate = (xp @ self.W_enc + self.b_gate) > 0
-            mag = torch.relu(xp @ (self.W_enc * self.r_mag.exp()) + self.b_mag)
+            gate = (xp @ self.W_enc + present(self.b_gate, "b_gate")) > 0
+            mag = torch.relu(xp @ (self.W_enc * present(self.r_mag, "r_mag").exp()) + present(self.b_mag, "b_mag"))
             return mag * gate
         pre = self.pre_activation(x)
         if self.activation == "relu":
             return torch.relu(pre)
         if self.activation == "jumprelu":
-            return torch.relu(pre) * (pre > self.threshold)
-        top = torch.relu(pre).topk(self.k, dim=-1, sorted=False)
+            return torch.relu(pre) * (pre > present(self.threshold, "threshold"))
+        top = torch.relu(pre).topk(present(self.k, "k"), dim=-1, sorted=False)
         return torch.zeros_like(pre).scatter_(-1, top.indices, top.values)
 
     def decode(self, f: Tensor) -> Tensor:

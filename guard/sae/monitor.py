@@ -36,7 +36,7 @@ from torch import Tensor
 from guard.modelinfo import ModelInfo
 from guard.errors import ModelLoadError
 from guard.monitors.base import AggregationSpec, Monitor, require_finite
-from guard.sae.model import LAYER_NORM_EPS, Sae
+from guard.sae.model import LAYER_NORM_EPS, Sae, present
 
 Rule = Literal["any", "all", "weighted"]
 RULES: tuple[str, ...] = ("any", "all", "weighted")
@@ -76,8 +76,9 @@ class _Sliced:
     colsum: Tensor | None = None
     """``W.sum(0)`` for layer norm: ``(x - mu) @ W == x @ W - mu * colsum``."""
 
-    def to(self, device: torch.device) -> "_Sliced":
-        return _Sliced(*(None if t is None else t.to(device) for t in (self.W, self.b, self.theta, self.colsum)))
+    def to(self, device: torch.device) -> _Sliced:
+        return _Sliced(self.W.to(device), self.b.to(device), None if self.theta is None else self.theta.to(device),
+                       None if self.colsum is None else self.colsum.to(device))
 
 
 class SaeFeatureMonitor(Monitor):
@@ -97,7 +98,8 @@ class SaeFeatureMonitor(Monitor):
         layer = sae.layer if layer is None else layer
         if layer is None or layer < 0:
             raise ValueError(f"SAE monitor '{name}' needs a layer >= 0 (the SAE file names none), got {layer}")
-        self.name, self.layer, self.threshold = name, int(layer), float(threshold)
+        self.layer: int = int(layer)
+        self.name, self.threshold = name, float(threshold)
         self.aggregation = aggregation or AggregationSpec(kind="none")
         self.rule: Rule = rule
         self.features = feats
@@ -166,7 +168,8 @@ class SaeFeatureMonitor(Monitor):
             return torch.addcmul(s.b, h @ s.W, inv)
         if self.normalize == "layer_norm":
             std, mu = torch.std_mean(h, dim=-1, keepdim=True)
-            return torch.addcmul(h @ s.W, mu, s.colsum, value=-1.0).div_(std + LAYER_NORM_EPS).add_(s.b)
+            colsum = present(s.colsum, "colsum")
+            return torch.addcmul(h @ s.W, mu, colsum, value=-1.0).div_(std + LAYER_NORM_EPS).add_(s.b)
         return torch.addmm(s.b, h, s.W)  # none; expected_average_only_in's factor is folded into W
 
     def ratio(self, hidden: Tensor) -> Tensor:
@@ -212,9 +215,9 @@ def _slice(sae: Sae, idx: Tensor, topk_threshold: float | Tensor | None, name: s
     W = sae.W_enc[:, idx].float()
     b_dec = sae.b_dec.float()
     if sae.activation == "gated":
-        W_mag = W * sae.r_mag[idx].float().exp()
+        W_mag = W * present(sae.r_mag, "r_mag")[idx].float().exp()
         W = torch.cat([W, W_mag], dim=1)
-        b = torch.cat([sae.b_gate[idx].float(), sae.b_mag[idx].float()])
+        b = torch.cat([present(sae.b_gate, "b_gate")[idx].float(), present(sae.b_mag, "b_mag")[idx].float()])
     else:
         b = sae.b_enc[idx].float()
     if sae.apply_b_dec_to_input:  # b_dec is subtracted after normalizing, so with the unscaled W
@@ -223,10 +226,10 @@ def _slice(sae: Sae, idx: Tensor, topk_threshold: float | Tensor | None, name: s
     if sae.normalize == "constant_norm_rescale":
         W = W * math.sqrt(sae.d_in)
     elif sae.normalize == "expected_average_only_in":
-        W = W * sae.norm_scale
+        W = W * present(sae.norm_scale, "norm_scale")
     theta = None
     if sae.activation == "jumprelu":
-        theta = sae.threshold[idx].float().clamp_min(0.0)
+        theta = present(sae.threshold, "threshold")[idx].float().clamp_min(0.0)
     elif sae.activation == "topk":
         theta = _topk_theta(sae, idx, topk_threshold, name).clamp_min(0.0)
     return _Sliced(W.contiguous(), b.contiguous(), theta, colsum)
@@ -258,6 +261,6 @@ def calibrate_topk_threshold(sae: Sae, hidden: Tensor, *, batch: int = 256) -> f
     """
     if sae.activation != "topk":
         raise ValueError(f"calibrate_topk_threshold needs a topk SAE, got {sae.activation}")
-    kth = [torch.relu(sae.pre_activation(chunk)).float().topk(sae.k, dim=-1).values[:, -1]
+    kth = [torch.relu(sae.pre_activation(chunk)).float().topk(present(sae.k, "k"), dim=-1).values[:, -1]
            for chunk in hidden.split(batch)]
     return float(torch.cat(kth).mean())

@@ -136,7 +136,7 @@ def train_sae(x: Tensor, config: SaeTrainConfig, *, eval_x: Tensor | None = None
     return SaeTrainResult(sae, initial, sae_stats(sae, eval_x), sae_stats(sae, x).dead_frac)
 
 
-def _init(xs: Tensor, d_sae: int, gen: Tensor) -> dict[str, Tensor]:
+def _init(xs: Tensor, d_sae: int, gen: torch.Generator) -> dict[str, Tensor]:
     d = xs.shape[1]
     w_dec = torch.randn(d_sae, d, generator=gen)
     w_dec /= w_dec.norm(dim=1, keepdim=True)
@@ -167,7 +167,8 @@ def _optimise(xs: Tensor, p: dict[str, Tensor], cfg: SaeTrainConfig, gen: torch.
         else:
             fired = (f > 0).any(0)
             since_fired = torch.where(fired, 0, since_fired + 1)
-            loss = loss + cfg.aux_coef * _aux_loss(p, pre, xb - recon.detach(), since_fired > cfg.dead_after, xs.shape[1])
+            loss = loss + cfg.aux_coef * _aux_loss(p, pre, xb - recon.detach(),
+                                                   since_fired > cfg.dead_after, xs.shape[1])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -17,10 +17,14 @@ from collections.abc import Mapping, Sequence
 from opentelemetry import trace
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.metrics.export import (
+    MetricExporter,
+    MetricReader,
+    PeriodicExportingMetricReader,
+)
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 log = logging.getLogger(__name__)
@@ -75,16 +79,21 @@ def configure_otlp_tracing(env: Mapping[str, str] = os.environ) -> str | None:
         return None
     protocol = _otlp_protocol(env, "TRACES")
     try:
+        exporter: type[SpanExporter]
         if protocol == "grpc":
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+                OTLPSpanExporter as exporter,
+            )
         else:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+                OTLPSpanExporter as exporter,
+            )
     except ImportError:
         log.warning("an OTLP endpoint is set but opentelemetry-exporter-otlp is not installed "
                     "(pip install 'guard[otel]'): traces are not exported")
         return None
     provider = TracerProvider(resource=resource(env))
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    provider.add_span_processor(BatchSpanProcessor(exporter()))
     trace.set_tracer_provider(provider)
     return f"{protocol} -> {endpoint}"
 
@@ -94,12 +103,17 @@ def otlp_metric_readers(env: Mapping[str, str] = os.environ) -> list[MetricReade
     if _otlp_endpoint(env, "METRICS") is None:
         return []
     try:
+        metric_exporter: type[MetricExporter]
         if _otlp_protocol(env, "METRICS") == "grpc":
-            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
+                OTLPMetricExporter as metric_exporter,
+            )
         else:
-            from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+            from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
+                OTLPMetricExporter as metric_exporter,
+            )
     except ImportError:
         log.warning("an OTLP endpoint is set but opentelemetry-exporter-otlp is not installed "
                     "(pip install 'guard[otel]'): metrics are only served on /metrics")
         return []
-    return [PeriodicExportingMetricReader(OTLPMetricExporter())]
+    return [PeriodicExportingMetricReader(metric_exporter())]
