@@ -36,8 +36,8 @@ unlabelled records give no rows. The format is that of :mod:`guard.probe.data`::
 
 from __future__ import annotations
 
-import json
 import hashlib
+import json
 import logging
 import os
 import re

@@ -21,8 +21,17 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, StrictBool, StrictInt, ValidationInfo, field_validator
 
-from server.protocol import (INT64_MAX, INT64_MIN, MAX_STOP, GuardInfo, GuardReset, OpenAIRequest, StopSequence,
-                             VLLMSamplingFields, _reject_nonzero_penalty)
+from server.protocol import (
+    INT64_MAX,
+    INT64_MIN,
+    MAX_STOP,
+    GuardInfo,
+    GuardReset,
+    OpenAIRequest,
+    StopSequence,
+    VLLMSamplingFields,
+    _reject_nonzero_penalty,
+)
 
 # --------------------------------------------------------------------------------------------
 # Request

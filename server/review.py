@@ -32,9 +32,18 @@ from guard.controller.record import GenerationRecord
 from guard.errors import NotFoundError
 from guard.logstore import LABELS, UNLABELLED, Label, LogStore, LogSummary
 from guard.loop import export_labelled
-from server.review_protocol import (OUTCOMES, LabelFilter, LabelRequest, LabelView, MonitorView, ReviewFilters,
-                                    ReviewList, ReviewRecord, ReviewSummary)
 from server.auth import admin_key_in_force, check_admin
+from server.review_protocol import (
+    OUTCOMES,
+    LabelFilter,
+    LabelRequest,
+    LabelView,
+    MonitorView,
+    ReviewFilters,
+    ReviewList,
+    ReviewRecord,
+    ReviewSummary,
+)
 from server.routes import ServiceDep
 
 PREFIX = "/v1/guard/review"

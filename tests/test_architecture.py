@@ -8,11 +8,11 @@ someone adds an upward import anywhere; the second test proves it can fail by ad
 from __future__ import annotations
 
 import ast
-import tomllib
 from pathlib import Path
 
 import grimp
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -14,10 +14,10 @@ from guard.controller.backtrack import ControllerConfig, GuardedGeneration
 from guard.controller.record import GenerationRecord
 from guard.errors import ModelLoadError, PolicyError
 from guard.policy import load_policy
+from guard.policy.build import build_monitor
 from guard.sae import Sae, save_saelens
 from guard.sae.monitor import SaeFeatureMonitor, WatchedFeature, calibrate_topk_threshold
 from guard.sampling import SamplingParams
-from guard.policy.build import build_monitor
 
 torch.set_num_threads(1)
 D, N = 24, 96

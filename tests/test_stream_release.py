@@ -110,7 +110,7 @@ def test_rollback_auto_keeps_what_a_plain_client_was_shown_after_the_threshold_t
     fire = next(i for i in range(8, len(ids)) if ids[i] not in ids[:i])
     # 0.21: released before the firing (below 0.5 * (1 - 0.5)), doubted after it (>= 0.5 * 0.8 * 0.5);
     # any other token fires once the threshold is 0.4, so the resample is cut back again.
-    table = {**{t: 0.45 for t in range(tiny_engine.info.vocab_size)}, **{t: 0.21 for t in ids[:fire]},
+    table = {**dict.fromkeys(range(tiny_engine.info.vocab_size), 0.45), **dict.fromkeys(ids[:fire], 0.21),
              ids[fire]: 0.9}
     cfg = {"holdback_tokens": 0, "rollback": "auto", "garble_margin": None, "max_retries": 3}
     events, rec = _run(tiny_engine, [ScriptedScores(table)], retracting=False, **cfg)

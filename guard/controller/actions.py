@@ -11,6 +11,8 @@ from typing import Any, Literal, TypeVar
 Rollback = Literal["auto", "tokens", "sentence", "response"]
 Action = Literal["backtrack", "refuse", "shadow"]
 Scope = Literal["prompt", "output", "both"]
+FiringScope = Literal["prompt", "output", "recheck"]
+"""Where a firing was seen: the prompt, the output as it streamed, or the from-scratch re-check."""
 OnMonitorError = Literal["fail_closed", "fail_open"]
 
 ACTIONS: tuple[str, ...] = ("backtrack", "refuse", "shadow")

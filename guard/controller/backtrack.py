@@ -51,25 +51,54 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
-from guard.controller.actions import (ACTIONS, Action, OnMonitorError, Rollback, Scope, canonical_action,
-                                     strategy_for_retry)
-from guard.controller.deliberation import DeliberationConfig, ReasoningSection, find_close, forced_prefix
-from guard.controller.events import Cut, Event, Failed, Finished, FinishReason, Reset, TextDelta, Usage
+from guard import positions
+from guard.controller.actions import (
+    ACTIONS,
+    Action,
+    FiringScope,
+    OnMonitorError,
+    Rollback,
+    Scope,
+    canonical_action,
+    strategy_for_retry,
+)
+from guard.controller.deliberation import (
+    DeliberationConfig,
+    ReasoningSection,
+    find_close,
+    forced_prefix,
+)
+from guard.controller.events import (
+    Cut,
+    Event,
+    Failed,
+    Finished,
+    FinishReason,
+    Reset,
+    TextDelta,
+    Usage,
+)
 from guard.controller.garble import GarbleMonitor, SurprisalTracker
-from guard.controller.record import (DiscardedSpan, Firing, GarbleCheck, GenerationRecord, MonitorError,
-                                     RetryStrategy, Steer)
+from guard.controller.record import (
+    DiscardedSpan,
+    Firing,
+    GarbleCheck,
+    GenerationRecord,
+    MonitorError,
+    RetryStrategy,
+    Steer,
+)
 from guard.controller.release import keep_released, release_limit
 from guard.controller.text import TextTracker
 from guard.controller.trace import NO_TRACE, GenerationTrace
-from guard.errors import EngineError, GuardError
-from guard import positions
 from guard.engine.base import Engine, MonitorRun, Sequence, StepOutput
+from guard.errors import EngineError, GuardError
 from guard.monitors.base import Monitor, MonitorState
 from guard.sampling import SamplingParams, make_generator
-
 
 log = logging.getLogger(__name__)
 

@@ -232,7 +232,7 @@ class GenerationRecord:
             value = _typed(record_type, value)
         super().__setattr__(name, value)
 
-    def checkpoint(self, output_ids: list[int], final_text: str) -> "GenerationRecord":
+    def checkpoint(self, output_ids: list[int], final_text: str) -> GenerationRecord:
         """A deep copy to store while the generation runs: the answer so far, outcome ``interrupted``."""
         return GenerationRecord.from_dict({**self.to_dict(), "output_ids": list(output_ids), "final_text": final_text,
                                            "outcome": "interrupted", "finish_reason": None, "complete": False})
@@ -256,7 +256,7 @@ class GenerationRecord:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "GenerationRecord":
+    def from_dict(cls, data: Mapping[str, Any]) -> GenerationRecord:
         """The record :meth:`to_dict` gave (nested records as dicts are converted back)."""
         return cls(**data)
 

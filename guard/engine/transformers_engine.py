@@ -27,7 +27,6 @@ from guard.engine.base import Engine, EngineStats, ModelInfo, MonitorRun, Sequen
 from guard.engine.hooks import capture_layers, decoder_layers
 from guard.errors import ModelLoadError
 from guard.neutralise import neutralise_text
-from guard import sampling
 from guard.sampling import SamplingParams
 
 if TYPE_CHECKING:

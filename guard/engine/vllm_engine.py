@@ -689,6 +689,10 @@ class VLLMEngine(Engine):
         req.reader.remove()
 
 
+_ABORTS: set[asyncio.Future] = set()
+"""Abort tasks still running (the event loop keeps only a weak reference to a task)."""
+
+
 async def _cancel(task: asyncio.Task) -> None:
     task.cancel()
     try:

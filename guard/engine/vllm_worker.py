@@ -163,7 +163,7 @@ class _Live:
 
     args: RequestArgs
     states: dict[str, MonitorState]
-    writer: "ScoreWriter | _NoWriter"
+    writer: ScoreWriter | _NoWriter
     scores: dict[int, dict[str, float]] = field(default_factory=dict)
     """This step's scores: absolute position -> monitor key -> raw score."""
     failed: set[str] = field(default_factory=set)

@@ -179,7 +179,7 @@ class EngineWorker:
             return job.advance()
         except StepPending:
             return None
-        except BaseException as exc:  # noqa: BLE001 - a job's failure must not kill the worker
+        except BaseException as exc:
             log.exception("generation failed")
             job.fail(exc)
             return True

@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from guard.modelinfo import ModelInfo
 from guard.errors import ModelLoadError
+from guard.modelinfo import ModelInfo
 from guard.monitors.base import AggregationSpec, Monitor, require_finite
 
 FORMAT_NAME = "guard.probe"

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from guard.modelinfo import ChatTokenizer
 from guard.errors import ModelLoadError
+from guard.modelinfo import ChatTokenizer
 from guard.monitors.base import AggregationSpec, Monitor
 
 DEFAULT_RESET_TOKEN = "<|reset|>"

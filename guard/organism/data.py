@@ -34,8 +34,7 @@ import json
 import random
 from pathlib import Path
 
-from guard.organism import corpus
-from guard.organism import evaluate
+from guard.organism import corpus, evaluate
 from guard.organism import lexicon as lx
 from guard.organism.judge import _pattern, judge
 

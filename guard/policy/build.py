@@ -26,8 +26,16 @@ from guard.errors import ModelLoadError
 from guard.monitors.base import AggregationSpec
 from guard.monitors.probe import ProbeMonitor
 from guard.monitors.reset_token import ResetTokenMonitor
-from guard.policy.schema import (AggregationConfig, ModelSpec, Policy, ProbeMonitorSpec, ResampleStrategy,
-                                 ResetTokenMonitorSpec, SaeMonitorSpec, VLLMSpec)
+from guard.policy.schema import (
+    AggregationConfig,
+    ModelSpec,
+    Policy,
+    ProbeMonitorSpec,
+    ResampleStrategy,
+    ResetTokenMonitorSpec,
+    SaeMonitorSpec,
+    VLLMSpec,
+)
 from guard.sae.formats import load_sae
 from guard.sae.monitor import SaeFeatureMonitor, WatchedFeature
 

@@ -40,12 +40,11 @@ from guard.monitors.probe import ProbeMonitor, config_fingerprint
 from guard.probe import metrics as M
 from guard.probe import select as S
 from guard.probe.cache import ActivationCache
-from guard.probe.sample import read_prompts, sample_answers
 from guard.probe.collect import Activations, Pooling, Span, collect
 from guard.probe.data import DataError, Example, read_files
 from guard.probe.fit import Method
 from guard.probe.labels import TOKEN_LABELS, TokenLabels, has_hazard, hazard_tokens
-from guard.probe.sample import sample_answers
+from guard.probe.sample import read_prompts, sample_answers
 from guard.sampling import SamplingParams
 
 

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-import yaml
 import torch
+import yaml
 from torch import Tensor
 
 from guard.probe import metrics as M

@@ -33,8 +33,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from guard.modelinfo import ModelInfo
 from guard.errors import ModelLoadError
+from guard.modelinfo import ModelInfo
 from guard.monitors.base import AggregationSpec, Monitor, require_finite
 from guard.sae.model import LAYER_NORM_EPS, Sae, present
 

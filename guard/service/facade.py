@@ -52,7 +52,7 @@ class GuardService:
 
     @classmethod
     def from_policy_files(cls, paths: list[str | Path], telemetry: Telemetry | None = None,
-                          log_url: str | None = None) -> "GuardService":
+                          log_url: str | None = None) -> GuardService:
         return cls([load_policy(p) for p in paths], telemetry, log_url)
 
     @property

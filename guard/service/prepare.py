@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from guard.controller.deliberation import system_prompt
-from guard.neutralise import neutralise_text
 from guard.errors import ContextLengthError, InvalidRequestError
+from guard.neutralise import neutralise_text
 from guard.sampling import SamplingParams, check_token_ids
 from guard.service.registry import PolicyRegistry, Served
 
