@@ -27,8 +27,8 @@ vLLM generates whole requests in continuous batches. This engine bridges the two
   one-token scoring request.
 
 vLLM runs in-process through ``AsyncLLM`` on an event loop in a thread of its own; vLLM's engine
-core runs the model in its worker process, with ``enforce_eager=True`` (forward hooks do not
-run inside compiled graphs or CUDA graphs). Supported: vLLM 0.32 (:data:`SUPPORTED_VLLM`) with the V1
+core runs the model in its worker process, compiled as vLLM compiles it by default (monitors and
+steering are the ``guard::layer`` op inside the graph; ``VLLMOptions.enforce_eager`` runs eagerly). Supported: vLLM 0.32 (:data:`SUPPORTED_VLLM`) with the V1
 model runner and its CPU subclass (tested) or Model Runner V2 (written against its interface, not
 run here); the runner is checked at start-up and anything else is refused.
 """
@@ -82,6 +82,10 @@ class VLLMOptions:
     reset_token_id: int | None = None
     """Use this id instead (a reserved, never-sampled id)."""
     seed: int = 0
+    enforce_eager: bool = False
+    """Run vLLM's model eagerly (no torch.compile, no CUDA graphs). Off by default: the monitors
+    and steering run as the ``guard::layer`` op inside the compiled graph
+    (:mod:`guard.engine.vllm_worker`)."""
 
 
 @dataclass
@@ -213,7 +217,7 @@ class VLLMEngine(Engine):
         o = self.options
         on_cpu = not torch.cuda.is_available()
         kwargs: dict[str, Any] = dict(
-            model=str(path), tokenizer=str(path), max_model_len=ctx, enforce_eager=True,
+            model=str(path), tokenizer=str(path), max_model_len=ctx, enforce_eager=o.enforce_eager,
             dtype=("float32" if on_cpu else "auto") if dtype == "auto" else dtype,
             gpu_memory_utilization=o.gpu_memory_utilization, max_num_seqs=o.max_num_seqs, seed=o.seed,
             enable_prefix_caching=True,

@@ -99,13 +99,15 @@ class VLLMSpec(Strict):
                                                       "reports it.")
     reset_token_id: int | None = Field(None, ge=0, description="Id to force instead: a reserved id the model never "
                                                                "samples.")
+    enforce_eager: bool = Field(False, description="Run the model eagerly (no torch.compile, no CUDA graphs). Off: "
+                                "monitors and steering run inside vLLM's compiled graph as the guard::layer op.")
 
     def to_options(self):
         from guard.engine.vllm_engine import VLLMOptions
 
         return VLLMOptions(gpu_memory_utilization=self.gpu_memory_utilization, max_num_seqs=self.max_num_seqs,
                            block_size=self.block_size, reset_token=self.reset_token,
-                           reset_token_id=self.reset_token_id)
+                           reset_token_id=self.reset_token_id, enforce_eager=self.enforce_eager)
 
 
 class ModelSpec(Strict):
