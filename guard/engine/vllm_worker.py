@@ -5,24 +5,31 @@ vLLM loads this module in its worker through ``worker_extension_cls``
 guard's front end (:mod:`guard.engine.vllm_engine`) talks to it with ``collective_rpc`` and with
 per-request arguments in ``SamplingParams.extra_args["guard"]`` (:class:`RequestArgs`).
 
-Per model forward (one scheduler step), with eager execution:
+Inside the model: when the worker's model runner has loaded the model, and before vLLM compiles
+it, :func:`install` puts the registered custom op ``guard::layer`` (:func:`layer_op`) after every
+decoder block, through a forward hook that dynamo traces into the graph. The op is opaque to the
+compiler, so it runs on every forward, compiled or eager: it scores *all* rows of the block's
+residual stream (block output = hidden + residual, as vLLM's Llama-style blocks return them) with
+every monitor of that layer (:meth:`guard.monitors.base.Monitor.score_tensor`: pure tensor math)
+into the layer's persistent score buffer, and adds this step's steering rows (a persistent
+``[rows, vectors]`` coefficient buffer times the layer's vectors) to the block output, after the
+monitors read it. Fixed buffers, no host sync, no branch on values: what CUDA graphs can capture.
+A monitor that raises leaves NaN in its column (:attr:`WorkerState.op_errors` says why).
 
-1. a pre-hook on the model reads the batch actually being run from the model runner
-   (:class:`RunnerView`): which rows belong to which request and at which positions. Only
-   requests that carry guard arguments are planned;
-2. a hook on each monitored decoder layer reads the residual stream (block output = hidden +
-   residual, as vLLM's Llama-style blocks return them), gathers the rows of the planned requests
-   at positions ``>= score_from``, and scores them with every monitor of that layer in one batched
-   call (:meth:`guard.monitors.base.Monitor.score`: pure tensor math). Steering vectors are added
-   to the block output *after* the monitors read it, for the rows of the requests that asked;
-   A monitor that raises or returns a non-finite score fails for the requests it was scoring:
-   from then on it reports NaN with its failure bit for them and never acts for them, and vLLM's
-   step goes on (the front end turns the bit into a monitor error for ``on_monitor_error``);
-3. a post-hook on the model runs each request's monitor states (the same
+Around each forward, on the host (:func:`_wrap_step`):
+
+1. before: read the batch actually being run from the model runner (:class:`RunnerView`): which
+   rows belong to which request, and fill the steering coefficients of the requests that steer at
+   positions ``>= score_from``. Only requests that carry guard arguments are planned;
+2. after: copy back the score rows of the planned requests at positions ``>= score_from`` (padded
+   and unguarded rows are never read), run each request's monitor states (the same
    :class:`~guard.monitors.base.MonitorState` the controller uses, seeded with the accepted
-   output's raw scores), appends one record per scored position to the request's score channel
-   (:mod:`guard.engine.sidechannel`) and, when an acting monitor fires, marks the request so the
-   logits processor forces the reset token for the token sampled in this same step.
+   output's raw scores), append one record per scored position to the request's score channel
+   (:mod:`guard.engine.sidechannel`) and, when an acting monitor fires, mark the request so the
+   logits processor forces the reset token for the token sampled in this same step. A monitor that
+   raised or returned a non-finite score fails for the requests it was scoring: from then on it
+   reports NaN with its failure bit for them and never acts for them, and vLLM's step goes on (the
+   front end turns the bit into a monitor error for ``on_monitor_error``).
 
 Because records are written before the step's sampled tokens leave the worker, the front end
 always finds the scores of token ``n`` once it has received token ``n + 1`` (the one-step lag).
