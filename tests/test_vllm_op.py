@@ -155,3 +155,10 @@ class ListOnly(Monitor):
 
     def score(self, hidden, token_ids):
         return [0.0] * len(token_ids)
+
+
+def test_compiled_is_the_default_and_a_policy_can_force_eager():
+    from guard.policy.schema import VLLMSpec
+
+    assert VLLMSpec().to_options().enforce_eager is False
+    assert VLLMSpec(enforce_eager=True).to_options().enforce_eager is True
