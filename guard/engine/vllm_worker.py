@@ -322,7 +322,7 @@ class WorkerState:
             return
         starts = self._row_starts()
         self.plan = []
-        layers = {self.column[k][0] for p in scoring for k in p.live.args.score}
+        layers = {self.column[k][0] for p in scoring for k in p.live.args.score} & self.hooked_layers
         rows = max(p.rows.stop for p in scoring)
         host = {layer: self.buffers[layer][:rows].cpu().numpy() for layer in layers}
         for p, pos0 in zip(plan, starts):
@@ -330,8 +330,14 @@ class WorkerState:
                 self._report(p, pos0, host)
 
     def _report(self, p: _Planned, pos0: int, host: dict[int, np.ndarray]) -> None:
+        """Records of one request's reported rows. Only monitors whose layer this worker holds
+        (``host``) score, fail or act here; the others read NaN (a pipeline stage that does not hold
+        a monitor's layer leaves it to the stage that does) and no record is written without one."""
         live, args = p.live, p.live.args
-        newly = [k for k in args.score if k in self.op_errors and k not in live.failed]
+        here = [k for k in args.score if self.column[k][0] in host]
+        if not here:
+            return
+        newly = [k for k in here if k in self.op_errors and k not in live.failed]
         for k in newly:
             log.error("monitor %s failed in the vLLM worker: %s", k, self.op_errors[k])
         live.failed.update(newly)
@@ -339,8 +345,12 @@ class WorkerState:
         lo = p.rows.start + first - pos0
         if lo >= p.rows.stop:
             return
-        scores = np.stack([host[layer][lo:p.rows.stop, col] for layer, col in map(self.column.get, args.score)], 1)
+        scores = np.full((p.rows.stop - lo, len(args.score)), math.nan)
         for i, k in enumerate(args.score):
+            if k not in here:
+                continue
+            layer, col = self.column[k]
+            scores[:, i] = host[layer][lo:p.rows.stop, col]
             if k not in live.failed and not np.isfinite(scores[:, i]).all():
                 log.error("monitor %s returned a non-finite score in the vLLM worker", k)
                 live.failed.add(k)
@@ -350,7 +360,7 @@ class WorkerState:
         forced = False
         a0 = max(first, args.answer_start)  # first answer position among the reported rows
         for i, k in enumerate(args.score):
-            if k in live.failed or a0 >= first + len(scores):
+            if k in live.failed or k not in here or a0 >= first + len(scores):
                 continue
             fire = live.states[k].extend(a0 - args.answer_start, scores[a0 - first:, i].tolist())
             forced = forced or (fire is not None and k in args.act)
@@ -492,13 +502,14 @@ def _layer_hook(layer: int):
     return hook
 
 
-def install(runner: Any, layers: Iterable[int] | None = None) -> None:
+def install(runner: Any, layers: Iterable[int] | None = None) -> list[int]:
     """Put the ``guard::layer`` op after each decoder block in ``layers`` (all when ``None``;
     idempotent per layer) and wrap the runner's forward with the host-side step.
 
     Runs right after the runner loaded the model (:class:`GuardWorkerExtension`), before vLLM
     compiles it, so dynamo traces the hooks into the graph; a hook added after the compile would
-    never run, which :meth:`GuardWorkerExtension.guard_add_monitor` refuses."""
+    never run, which :meth:`GuardWorkerExtension.guard_add_monitor` refuses. Returns the layers
+    of ``layers`` hooked here (a layer another pipeline stage holds is hooked there)."""
     kind = runner_kind(runner)
     model = runner.get_model() if hasattr(runner, "get_model") else runner.model
     st = STATE
@@ -517,6 +528,7 @@ def install(runner: Any, layers: Iterable[int] | None = None) -> None:
             continue
         st.handles.append(blocks[layer].register_forward_hook(_layer_hook(layer)))
         st.hooked_layers.add(layer)
+    return sorted(st.hooked_layers & set(range(len(blocks)) if layers is None else layers))
 
 
 def _wrap_step(runner: Any, model: Any, kind: str) -> None:
@@ -575,15 +587,16 @@ class GuardWorkerExtension:
 
         runner.load_model = load_model
 
-    def guard_add_monitor(self, key: str, blob: bytes) -> int:
+    def guard_add_monitor(self, key: str, blob: bytes) -> list[int]:
+        """Install a monitor; returns the layers of it this worker hooked (empty on a pipeline
+        stage that does not hold its layer)."""
         STATE.add_monitor(key, blob)
-        _require_hooked(STATE.monitors[key].layer)
-        return len(STATE.monitors)
+        return _hooked_here(self.model_runner, STATE.monitors[key].layer)
 
-    def guard_add_steer(self, key: str, layer: int, vector: list[float]) -> int:
-        _require_hooked(layer)
+    def guard_add_steer(self, key: str, layer: int, vector: list[float]) -> list[int]:
+        here = _hooked_here(self.model_runner, layer)
         STATE.add_steer(key, layer, vector)
-        return len(STATE.steer)
+        return here
 
     def guard_counters(self) -> dict[str, int]:
         return {**STATE.calls, "live": len(STATE.live), "monitors": len(STATE.monitors)}
@@ -599,7 +612,15 @@ class GuardWorkerExtension:
         return f"{type(r).__module__}.{type(r).__name__}:{runner_kind(r)}"
 
 
-def _require_hooked(layer: int) -> None:
+def _hooked_here(runner: Any, layer: int) -> list[int]:
+    """``[layer]`` if this worker's op reads it, ``[]`` if another pipeline stage holds it;
+    RuntimeError if it is held here but has no op (it would never run in the compiled graph)."""
+    blocks = decoder_layers(runner.get_model())
+    if not 0 <= layer < len(blocks):
+        raise ValueError(f"layer {layer} out of range (model has {len(blocks)} layers)")
+    if type(blocks[layer]).__name__ == "PPMissingLayer":
+        return []
     if layer not in STATE.hooked_layers:
         raise RuntimeError(f"layer {layer} has no guard op: the guard installs its ops when vLLM loads the "
                            "model (before compiling it), and this worker has none there")
+    return [layer]
