@@ -108,6 +108,8 @@ class VLLMSpec(Strict):
                                                              "layer (`guard policy check` prints which).")
     data_parallel_size: int = Field(1, ge=1, description="vLLM data parallelism: engine cores each running a whole "
                                                          "replica on its own requests; each gets every monitor.")
+    enforce_eager: bool = Field(False, description="Run the model eagerly (no torch.compile, no CUDA graphs). Off: "
+                                "monitors and steering run inside vLLM's compiled graph as the guard::layer op.")
 
     def to_options(self):
         from guard.engine.vllm_engine import VLLMOptions
@@ -116,7 +118,7 @@ class VLLMSpec(Strict):
                            block_size=self.block_size, reset_token=self.reset_token,
                            reset_token_id=self.reset_token_id, tensor_parallel_size=self.tensor_parallel_size,
                            pipeline_parallel_size=self.pipeline_parallel_size,
-                           data_parallel_size=self.data_parallel_size)
+                           data_parallel_size=self.data_parallel_size, enforce_eager=self.enforce_eager)
 
 
 class ModelSpec(Strict):
