@@ -609,7 +609,8 @@ def install(runner: Any, layers: Iterable[int] | None = None) -> list[int]:
         st.layout = layout_of(model)
         st.view = RunnerView(runner) if kind == "v1" else RunnerViewV2(runner)
         st.max_rows = int(getattr(runner, "max_num_tokens", st.max_rows))
-        st.device = next(model.parameters()).device
+        param = next(model.parameters(), None)
+        st.device = st.device if param is None else param.device
         _wrap_step(runner, model, kind)
     blocks = decoder_layers(model)
     for layer in range(len(blocks)) if layers is None else layers:
