@@ -223,7 +223,7 @@ class WorkerState:
         self.max_rows = 8192
         """Rows of the persistent buffers (the runner's ``max_num_tokens``, set at install)."""
         self.device = torch.device("cpu")
-        self.view: RunnerView | None = None
+        self.view: RunnerView | RunnerViewV2 | None = None
         self.layout = Layout()
         """Where this worker sits in vLLM's parallel layout (set by :func:`install`)."""
         self.hooked_layers: set[int] = set()
@@ -322,8 +322,11 @@ class WorkerState:
     def _row_starts(self) -> list[int]:
         """Absolute position of each planned request's first row (one small device read)."""
         if self._starts is None:
+            positions = self.positions
+            if self.plan and positions is None:
+                raise RuntimeError("vLLM's model forward was called without positions")
             first = torch.as_tensor([p.rows.start for p in self.plan], dtype=torch.long)
-            self._starts = self.positions[first.to(self.positions.device)].tolist() if self.plan else []
+            self._starts = positions[first.to(positions.device)].tolist() if positions is not None else []
         return self._starts
 
     def _set_steering(self) -> None:
@@ -672,6 +675,9 @@ class GuardWorkerExtension:
     which takes precedence over the worker's instance attribute) and wraps that runner's
     ``load_model`` so :func:`install` runs right after it."""
 
+    vllm_config: Any
+    """The worker's (this class is mixed into vLLM's worker)."""
+
     @property
     def model_runner(self):
         try:
@@ -697,7 +703,10 @@ class GuardWorkerExtension:
         """Install a monitor; returns the layers of it this worker hooked (empty on a pipeline
         stage that does not hold its layer)."""
         STATE.add_monitor(key, blob)
-        return _hooked_here(self.model_runner, STATE.monitors[key].layer)
+        layer = STATE.monitors[key].layer
+        if layer is None:
+            raise ValueError(f"monitor {key!r} reads no layer: only activation monitors run in the vLLM worker")
+        return _hooked_here(self.model_runner, layer)
 
     def guard_add_steer(self, key: str, layer: int, vector: list[float]) -> list[int]:
         here = _hooked_here(self.model_runner, layer)
