@@ -144,12 +144,15 @@ class FaultyProbe(ProbeMonitor):
     then: float | None
     calls: int
 
-    def score(self, hidden, token_ids):
+    def score_tensor(self, hidden):
+        import torch
+
         self.calls += 1
+        n = hidden.shape[0]
         if self.calls == self.fail_at:
             if self.fault == "raise":
                 raise RuntimeError("injected monitor fault")
-            return [float(self.fault)] * len(token_ids)
+            return torch.full((n,), float(self.fault), dtype=torch.float64, device=hidden.device)
         if self.calls > self.fail_at and self.then is not None:
-            return [self.then] * len(token_ids)
-        return super().score(hidden, token_ids)
+            return torch.full((n,), float(self.then), dtype=torch.float64, device=hidden.device)
+        return super().score_tensor(hidden)

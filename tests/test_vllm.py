@@ -64,8 +64,12 @@ def _reference(hf_engine, monitor, tokens: list[int]) -> list[float]:
 
 
 def test_runs_the_v1_cpu_runner_and_its_hooks_fire(vllm_engine, probe):
+    """With vLLM's default compilation (inductor on CPU): the guard's op runs inside the compiled
+    model, so every score comparison in this module is made with compilation on."""
     eng = vllm_engine
     assert eng.runner == "vllm.v1.worker.cpu_model_runner.CPUModelRunner:v1"
+    compilation = eng._call(eng._llm.collective_rpc("guard_compilation"))[0]
+    assert compilation["mode"] != "NONE" and compilation["backend"] == "inductor", compilation
     before = eng.counters()
     seq = eng.new_sequence(_prompt(eng, BENIGN[0]), [probe.layer], [MonitorRun(probe, False, False, True)])
     eng.prefill(seq)

@@ -56,7 +56,9 @@ def test_layout_lines_say_where_each_monitor_runs():
 
 def test_cpu_workers_get_equal_core_shares_unless_bound_by_the_user(monkeypatch):
     cores = sorted(os.sched_getaffinity(0))
-    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    # Empty counts as unset; setenv (unlike delenv of an unset name) restores "unset" afterwards, so
+    # the value bind_cpu_threads writes does not leak into the engines started by later tests.
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "")
     vllm_parallel.bind_cpu_threads(1)
     assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == ",".join(map(str, cores))
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "7|8")

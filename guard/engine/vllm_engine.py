@@ -33,8 +33,9 @@ steps the generations whose tokens are in, so a new request's prefill or one slo
 holds up the others. Called from any other thread, steps block until their token is there.
 
 vLLM runs in-process through ``AsyncLLM`` on an event loop in a thread of its own; vLLM's engine
-core runs the model in its worker process(es), with ``enforce_eager=True`` (forward hooks do not
-run inside compiled graphs or CUDA graphs). Which vLLM is accepted is decided by feature, not by
+core runs the model in its worker process(es), compiled as vLLM compiles it by default: monitors
+and steering are the ``guard::layer`` op inside the graph (:mod:`guard.engine.vllm_worker`);
+``VLLMOptions.enforce_eager`` runs eagerly. Which vLLM is accepted is decided by feature, not by
 version (:mod:`guard.engine.vllm_compat`): what the front end uses is probed at start-up, the
 model runner's batch layout inside the worker (:func:`guard.engine.vllm_worker.runner_kind`: the V1
 runner and its CPU subclass, run here on vLLM 0.32; Model Runner V2, checked against vLLM 0.33's
@@ -97,6 +98,10 @@ class VLLMOptions:
     """Stages each holding a contiguous run of layers (vLLM's pipeline parallelism)."""
     data_parallel_size: int = 1
     """Engine cores each running a whole replica on its own requests (vLLM's data parallelism)."""
+    enforce_eager: bool = False
+    """Run vLLM's model eagerly (no torch.compile, no CUDA graphs). Off by default: the monitors
+    and steering run as the ``guard::layer`` op inside the compiled graph
+    (:mod:`guard.engine.vllm_worker`)."""
 
     def __post_init__(self) -> None:
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
@@ -245,7 +250,7 @@ class VLLMEngine(Engine):
         o = self.options
         on_cpu = not torch.cuda.is_available()
         kwargs: dict[str, Any] = dict(
-            model=str(path), tokenizer=str(path), max_model_len=ctx, enforce_eager=True,
+            model=str(path), tokenizer=str(path), max_model_len=ctx, enforce_eager=o.enforce_eager,
             dtype=("float32" if on_cpu else "auto") if dtype == "auto" else dtype,
             gpu_memory_utilization=o.gpu_memory_utilization, max_num_seqs=o.max_num_seqs, seed=o.seed,
             enable_prefix_caching=True,

@@ -5,24 +5,31 @@ vLLM loads this module in its worker through ``worker_extension_cls``
 guard's front end (:mod:`guard.engine.vllm_engine`) talks to it with ``collective_rpc`` and with
 per-request arguments in ``SamplingParams.extra_args["guard"]`` (:class:`RequestArgs`).
 
-Per model forward (one scheduler step), with eager execution:
+Inside the model: when the worker's model runner has loaded the model, and before vLLM compiles
+it, :func:`install` puts the registered custom op ``guard::layer`` (:func:`layer_op`) after every
+decoder block, through a forward hook that dynamo traces into the graph. The op is opaque to the
+compiler, so it runs on every forward, compiled or eager: it scores *all* rows of the block's
+residual stream (block output = hidden + residual, as vLLM's Llama-style blocks return them) with
+every monitor of that layer (:meth:`guard.monitors.base.Monitor.score_tensor`: pure tensor math)
+into the layer's persistent score buffer, and adds this step's steering rows (a persistent
+``[rows, vectors]`` coefficient buffer times the layer's vectors) to the block output, after the
+monitors read it. Fixed buffers, no host sync, no branch on values: what CUDA graphs can capture.
+A monitor that raises leaves NaN in its column (:attr:`WorkerState.op_errors` says why).
 
-1. a pre-hook on the model reads the batch actually being run from the model runner
-   (:class:`RunnerView`): which rows belong to which request and at which positions. Only
-   requests that carry guard arguments are planned;
-2. a hook on each monitored decoder layer reads the residual stream (block output = hidden +
-   residual, as vLLM's Llama-style blocks return them), gathers the rows of the planned requests
-   at positions ``>= score_from``, and scores them with every monitor of that layer in one batched
-   call (:meth:`guard.monitors.base.Monitor.score`: pure tensor math). Steering vectors are added
-   to the block output *after* the monitors read it, for the rows of the requests that asked;
-   A monitor that raises or returns a non-finite score fails for the requests it was scoring:
-   from then on it reports NaN with its failure bit for them and never acts for them, and vLLM's
-   step goes on (the front end turns the bit into a monitor error for ``on_monitor_error``);
-3. a post-hook on the model runs each request's monitor states (the same
+Around each forward, on the host (:func:`_wrap_step`):
+
+1. before: read the batch actually being run from the model runner (:class:`RunnerView`): which
+   rows belong to which request, and fill the steering coefficients of the requests that steer at
+   positions ``>= score_from``. Only requests that carry guard arguments are planned;
+2. after: copy back the score rows of the planned requests at positions ``>= score_from`` (padded
+   and unguarded rows are never read), run each request's monitor states (the same
    :class:`~guard.monitors.base.MonitorState` the controller uses, seeded with the accepted
-   output's raw scores), appends one record per scored position to the request's score channel
-   (:mod:`guard.engine.sidechannel`) and, when an acting monitor fires, marks the request so the
-   logits processor forces the reset token for the token sampled in this same step.
+   output's raw scores), append one record per scored position to the request's score channel
+   (:mod:`guard.engine.sidechannel`) and, when an acting monitor fires, mark the request so the
+   logits processor forces the reset token for the token sampled in this same step. A monitor that
+   raised or returned a non-finite score fails for the requests it was scoring: from then on it
+   reports NaN with its failure bit for them and never acts for them, and vLLM's step goes on (the
+   front end turns the bit into a monitor error for ``on_monitor_error``).
 
 Because records are written before the step's sampled tokens leave the worker, the front end
 always finds the scores of token ``n`` once it has received token ``n + 1`` (the one-step lag).
@@ -57,7 +64,6 @@ import torch
 from guard.engine.hooks import decoder_layers
 from guard.engine.sidechannel import ScoreWriter, failed_bit
 from guard.monitors.base import Monitor, MonitorState
-from guard.positions import index
 
 log = logging.getLogger(__name__)
 
@@ -164,8 +170,6 @@ class _Live:
     args: RequestArgs
     states: dict[str, MonitorState]
     writer: ScoreWriter | _NoWriter
-    scores: dict[int, dict[str, float]] = field(default_factory=dict)
-    """This step's scores: absolute position -> monitor key -> raw score."""
     failed: set[str] = field(default_factory=set)
     """Monitor keys that raised or returned a non-finite score for this request: from then on they
     report NaN with their failure bit and never act (the front end applies ``on_monitor_error``)."""
@@ -176,33 +180,58 @@ class _Planned:
     live: _Live
     rows: slice
     """Rows of this request in the flattened batch."""
-    pos0: int
-    """Absolute position of its first row."""
 
 
 class WorkerState:
-    """Everything the guard keeps in one worker process (one per process: :data:`STATE`)."""
+    """Everything the guard keeps in one worker process (one per process: :data:`STATE`).
+
+    Two halves meet here. Inside the model's forward (compiled or not), :meth:`run_layer` is the
+    body of the ``guard::layer`` op: it scores *every* row with every monitor of the layer into
+    the layer's persistent score buffer and adds the step's steering rows, reading nothing but
+    tensors. Around the forward, on the host, :meth:`begin_step` plans which rows belong to which
+    guarded request (and fills the steering coefficients) and :meth:`end_step` reads the buffers
+    back for those rows only, runs the monitor states and writes the score channel.
+    """
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.monitors: dict[str, Monitor] = {}
         self.by_layer: dict[int, list[tuple[str, Monitor]]] = {}
-        """Layer -> the installed monitors reading it, as ``(key, monitor)``."""
-        self.steer: dict[str, tuple[int, torch.Tensor]] = {}
+        """Layer -> the installed monitors reading it, as ``(key, monitor)``; a monitor's index in
+        its layer's list is its column in that layer's score buffer."""
+        self.column: dict[str, tuple[int, int]] = {}
+        """Monitor key -> (layer, column of the layer's score buffer)."""
+        self.buffers: dict[int, torch.Tensor] = {}
+        """Layer -> ``[max_rows, monitors of the layer]`` float64 scores of the last forward's rows."""
+        self.steer: dict[str, tuple[int, int]] = {}
+        """Steering key -> (layer, index of its vector in the layer's steering matrix)."""
+        self.steer_vectors: dict[int, torch.Tensor] = {}
+        """Layer -> ``[vectors, d]`` steering matrix (float32, on the model's device)."""
+        self.steer_coef: dict[int, torch.Tensor] = {}
+        """Layer -> ``[max_rows, vectors]`` coefficients (0 or 1) of this step's rows."""
+        self._coef_dirty: set[int] = set()
         self.live: dict[str, _Live] = {}
         """Guard request key -> state."""
         self.fired: set[str] = set()
         """Guard request keys whose next sampled token must be the reset token (read by the logits
         processor of the same step, then cleared)."""
         self.plan: list[_Planned] = []
-        self.row_ids: torch.Tensor | None = None
-        self.view: RunnerView | None = None
+        self.positions: torch.Tensor | None = None
+        self._starts: list[int] | None = None
+        self.op_errors: dict[str, str] = {}
+        """Monitor key -> why it raised inside this forward's ``guard::layer`` op."""
+        self.max_rows = 8192
+        """Rows of the persistent buffers (the runner's ``max_num_tokens``, set at install)."""
+        self.device = torch.device("cpu")
+        self.view: RunnerView | RunnerViewV2 | None = None
         self.layout = Layout()
         """Where this worker sits in vLLM's parallel layout (set by :func:`install`)."""
         self.hooked_layers: set[int] = set()
         self.handles: list[Any] = []
         self.calls = {"steps": 0, "layer_hooks": 0, "scored_rows": 0}
-        """Counters that prove the hooks really ran (tests read them through collective_rpc)."""
+        """Counters that prove the hooks really ran (tests read them through collective_rpc):
+        ``layer_hooks`` counts executions of the ``guard::layer`` op, ``scored_rows`` the rows
+        reported to guarded requests."""
 
     # -- configuration (collective_rpc) ---------------------------------------------------------
 
@@ -210,17 +239,66 @@ class WorkerState:
         monitor = pickle.loads(blob)
         if not isinstance(monitor, Monitor) or monitor.layer is None:
             raise TypeError(f"monitor {key!r} is not an activation monitor")
+        if type(monitor).score_tensor is Monitor.score_tensor:
+            raise TypeError(f"monitor {key!r} ({type(monitor).__name__}) has no score_tensor: vLLM's worker "
+                            "scores inside the model's graph, which needs tensor-in, tensor-out scoring")
+        mons = self.by_layer.setdefault(monitor.layer, [])
         self.monitors[key] = monitor
-        self.by_layer.setdefault(monitor.layer, []).append((key, monitor))
+        self.column[key] = (monitor.layer, len(mons))
+        mons.append((key, monitor))
+        self.buffers[monitor.layer] = _grown(self.buffers.get(monitor.layer), self.max_rows, len(mons),
+                                             torch.float64, self.device, math.nan)
 
     def add_steer(self, key: str, layer: int, vector: list[float]) -> None:
-        self.steer[key] = (layer, torch.tensor(vector, dtype=torch.float32))
+        old = self.steer_vectors.get(layer)
+        vec = torch.tensor([vector], dtype=torch.float32, device=self.device)
+        self.steer_vectors[layer] = vec if old is None else torch.cat([old, vec])
+        self.steer[key] = (layer, self.steer_vectors[layer].shape[0] - 1)
+        self.steer_coef[layer] = _grown(self.steer_coef.get(layer), self.max_rows,
+                                        self.steer_vectors[layer].shape[0], torch.float32, self.device, 0.0)
 
-    # -- per step --------------------------------------------------------------------------------
+    # -- inside the forward (the body of the guard::layer op) ------------------------------------
 
-    def begin_step(self, input_ids: torch.Tensor | None, positions: torch.Tensor) -> None:
+    def run_layer(self, layer: int, hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """Score all rows of ``layer``'s residual stream (``hidden + residual``, as vLLM's
+        Llama-style blocks return them) into its buffer; return the block output ``hidden`` with
+        this step's steering added (a new tensor: the op's output may not alias its input).
+
+        Tensor math on persistent buffers only: no host sync and no branch on data, so the same
+        body is captured by CUDA graphs. Padded rows are scored too and never read. A monitor that
+        raises fills its column with NaN and is recorded in :attr:`op_errors`."""
+        self.calls["layer_hooks"] += 1
+        mons = self.by_layer.get(layer)
+        if mons:
+            stream = hidden if residual is None else hidden + residual
+            self._score_rows(layer, stream, mons)
+        coef = self.steer_coef.get(layer)
+        if coef is None:
+            return hidden.clone()
+        n = hidden.shape[0]
+        return hidden + (coef[:n] @ self.steer_vectors[layer]).to(hidden.dtype)
+
+    def _score_rows(self, layer: int, stream: torch.Tensor, mons: list[tuple[str, Monitor]]) -> None:
+        n = stream.shape[0]
+        buf = self.buffers[layer]
+        if n > buf.shape[0]:  # more rows than the runner said it would run (eager only)
+            buf = self.buffers[layer] = _grown(buf, n, buf.shape[1], torch.float64, buf.device, math.nan)
+        x = stream.float()
+        for col, (key, mon) in enumerate(mons):
+            try:
+                buf[:n, col] = mon.score_tensor(x)
+            except Exception as exc:  # noqa: BLE001 - a monitor bug must not take vLLM's step down
+                self.op_errors[key] = f"{type(exc).__name__}: {exc}"
+                buf[:n, col] = math.nan
+
+    # -- around the forward (host) ---------------------------------------------------------------
+
+    def begin_step(self, positions: torch.Tensor | None) -> None:
+        """Plan the rows of the guarded requests of the batch about to run; set their steering."""
         self.plan = []
         self.fired.clear()
+        self.op_errors = {}
+        self.positions, self._starts = positions, None
         view = self.view
         if view is None:
             return
@@ -229,8 +307,6 @@ class WorkerState:
         if batch is None:
             return
         req_ids, qsl, extra = batch
-        live_keys = set()
-        starts = positions[torch.as_tensor(qsl[:-1], dtype=torch.long)].tolist() if len(req_ids) else []
         for i, rid in enumerate(req_ids):
             args = extra(i, rid)
             if args is None:
@@ -238,11 +314,39 @@ class WorkerState:
             live = self.live.get(args.key)
             if live is None:
                 live = self._open(args)
-            live_keys.add(args.key)
             if qsl[i + 1] > qsl[i]:
-                self.plan.append(_Planned(live, slice(int(qsl[i]), int(qsl[i + 1])), int(starts[i])))
-        self.row_ids = input_ids
+                self.plan.append(_Planned(live, slice(int(qsl[i]), int(qsl[i + 1]))))
+        self._set_steering()
         self._close_finished(view.alive_keys())
+
+    def _row_starts(self) -> list[int]:
+        """Absolute position of each planned request's first row (one small device read)."""
+        if self._starts is None:
+            positions = self.positions
+            if self.plan and positions is None:
+                raise RuntimeError("vLLM's model forward was called without positions")
+            first = torch.as_tensor([p.rows.start for p in self.plan], dtype=torch.long)
+            self._starts = positions[first.to(positions.device)].tolist() if positions is not None else []
+        return self._starts
+
+    def _set_steering(self) -> None:
+        """Coefficient 1 for (row, vector) where the row's request steers with that vector at a
+        position ``>= score_from``; 0 elsewhere."""
+        wanted = [p for p in self.plan if p.live.args.steer]
+        if not wanted and not self._coef_dirty:
+            return
+        host = {layer: torch.zeros(c.shape) for layer, c in self.steer_coef.items() if layer in self._coef_dirty}
+        starts = dict(zip((id(p) for p in self.plan), self._row_starts())) if wanted else {}
+        for p in wanted:
+            lo = p.rows.start + max(0, p.live.args.score_from - starts[id(p)])
+            for skey in p.live.args.steer:
+                layer, j = self.steer[skey]
+                if layer not in host:
+                    host[layer] = torch.zeros(self.steer_coef[layer].shape)
+                host[layer][lo:p.rows.stop, j] = 1.0
+        for layer, h in host.items():
+            self.steer_coef[layer].copy_(h, non_blocking=True)
+        self._coef_dirty = {layer for layer in host if wanted}
 
     def _open(self, args: RequestArgs) -> _Live:
         states = {}
@@ -267,100 +371,75 @@ class WorkerState:
         for key in [k for k in self.live if k not in alive]:
             self.live.pop(key).writer.close()
 
-    def on_layer(self, layer: int, hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor | None:
-        """Score the planned rows at ``layer`` and steer; returns the new ``hidden`` if steered."""
-        if not self.plan:
-            return None
-        self.calls["layer_hooks"] += 1
-        stream = hidden if residual is None else hidden + residual
-        mons = self.by_layer.get(layer)
-        if mons:
-            self._score_layer(layer, stream, mons)
-        steered = None
-        for p in self.plan:
-            for skey in p.live.args.steer:
-                s_layer, vec = self.steer[skey]
-                if s_layer != layer:
-                    continue
-                lo = max(p.rows.start, p.rows.start + p.live.args.score_from - p.pos0)
-                if lo >= p.rows.stop:
-                    continue
-                if steered is None:
-                    steered = hidden.clone()
-                steered[lo:p.rows.stop] += vec.to(steered.dtype).to(steered.device)
-        return steered
-
-    def _score_layer(self, layer: int, stream: torch.Tensor, mons: list[tuple[str, Monitor]]) -> None:
-        index: list[int] = []
-        owners: list[tuple[_Planned, int, int]] = []  # planned, first row offset in index, first position
-        for p in self.plan:
-            if not any(k in p.live.args.score for k, _ in mons):
-                continue
-            first = max(p.pos0, p.live.args.score_from)
-            lo = p.rows.start + first - p.pos0
-            if lo >= p.rows.stop:
-                continue
-            owners.append((p, len(index), first))
-            index.extend(range(lo, p.rows.stop))
-        if not index:
-            return
-        idx = torch.tensor(index, dtype=torch.long, device=stream.device)
-        x = stream.index_select(0, idx).float()
-        ids = self.row_ids.index_select(0, idx).tolist() if self.row_ids is not None else [0] * len(index)
-        self.calls["scored_rows"] += len(index)
-        for key, mon in mons:
-            users = [o for o in owners if key in o[0].live.args.score]
-            if not users:
-                continue
-            try:
-                scores = mon.score(x, ids)
-                error = None if len(scores) == len(index) else f"returned {len(scores)} scores for {len(index)} rows"
-            except Exception as exc:  # a monitor bug must not take vLLM's step down
-                log.exception("monitor %s failed in the vLLM worker", key)
-                scores, error = [], f"{type(exc).__name__}: {exc}"
-            for p, off, first in users:
-                n = p.rows.stop - (p.rows.start + first - p.pos0)
-                mine = [float(v) for v in scores[off:off + n]] if error is None else []
-                if error is None and not all(math.isfinite(v) for v in mine):
-                    log.error("monitor %s returned a non-finite score in the vLLM worker", key)
-                    mine = []
-                if key in p.live.failed or not mine:
-                    p.live.failed.add(key)
-                    mine = [math.nan] * n
-                for j in range(n):
-                    p.live.scores.setdefault(first + j, {})[key] = mine[j]
-
     def end_step(self) -> None:
-        """Run monitor states, write the records, mark firings for the logits processor."""
-        for p in self.plan:
-            live = p.live
-            if not live.scores:
-                continue
-            args = live.args
-            positions = sorted(live.scores)
-            forced = False
-            for key in args.score:
-                if key in live.failed:
-                    continue
-                st = live.states[key]
-                answer = [(index(args.answer_start, q), live.scores[q][key]) for q in positions
-                          if q >= args.answer_start and key in live.scores[q]]
-                if not answer:
-                    continue
-                fire = st.extend(answer[0][0], [s for _, s in answer])
-                if fire is not None and key in args.act:
-                    forced = True
-            last = positions[-1]
-            failed = 0
-            for i, k in enumerate(args.score):
-                failed |= failed_bit(i) if k in live.failed else 0
-            for q in positions:
-                live.writer.write(q, [live.scores[q].get(k, float("nan")) for k in args.score],
-                                  forced=forced and q == last, failed=failed)
-            live.scores = {}
-            if forced:
-                self.fired.add(args.key)
+        """Read the planned rows' scores back, run monitor states, write the records, mark firings
+        for the logits processor."""
+        plan = self.plan
+        scoring = [p for p in plan if p.live.args.score]
+        if not scoring:
+            self.plan = []
+            return
+        starts = self._row_starts()
         self.plan = []
+        layers = {self.column[k][0] for p in scoring for k in p.live.args.score} & self.hooked_layers
+        rows = max(p.rows.stop for p in scoring)
+        host = {layer: self.buffers[layer][:rows].cpu().numpy() for layer in layers}
+        for p, pos0 in zip(plan, starts):
+            if p.live.args.score:
+                self._report(p, pos0, host)
+
+    def _report(self, p: _Planned, pos0: int, host: dict[int, np.ndarray]) -> None:
+        """Records of one request's reported rows. Only monitors whose layer this worker holds
+        (``host``) score, fail or act here; the others read NaN (a pipeline stage that does not hold
+        a monitor's layer leaves it to the stage that does) and no record is written without one."""
+        live, args = p.live, p.live.args
+        here = [k for k in args.score if self.column[k][0] in host]
+        if not here:
+            return
+        newly = [k for k in here if k in self.op_errors and k not in live.failed]
+        for k in newly:
+            log.error("monitor %s failed in the vLLM worker: %s", k, self.op_errors[k])
+        live.failed.update(newly)
+        first = max(pos0, args.score_from)
+        lo = p.rows.start + first - pos0
+        if lo >= p.rows.stop:
+            return
+        scores = np.full((p.rows.stop - lo, len(args.score)), math.nan)
+        for i, k in enumerate(args.score):
+            if k not in here:
+                continue
+            layer, col = self.column[k]
+            scores[:, i] = host[layer][lo:p.rows.stop, col]
+            if k not in live.failed and not np.isfinite(scores[:, i]).all():
+                log.error("monitor %s returned a non-finite score in the vLLM worker", k)
+                live.failed.add(k)
+            if k in live.failed:
+                scores[:, i] = math.nan
+        self.calls["scored_rows"] += len(scores)
+        forced = False
+        a0 = max(first, args.answer_start)  # first answer position among the reported rows
+        for i, k in enumerate(args.score):
+            if k in live.failed or k not in here or a0 >= first + len(scores):
+                continue
+            fire = live.states[k].extend(a0 - args.answer_start, scores[a0 - first:, i].tolist())
+            forced = forced or (fire is not None and k in args.act)
+        failed = 0
+        for i, k in enumerate(args.score):
+            failed |= failed_bit(i) if k in live.failed else 0
+        last = len(scores) - 1
+        for j, row in enumerate(scores.tolist()):
+            live.writer.write(first + j, row, forced=forced and j == last, failed=failed)
+        if forced:
+            self.fired.add(args.key)
+
+
+def _grown(old: torch.Tensor | None, rows: int, cols: int, dtype: torch.dtype, device: torch.device,
+           fill: float) -> torch.Tensor:
+    """A ``[rows, cols]`` buffer holding ``old``'s columns (a monitor or vector added after install)."""
+    new = torch.full((rows, cols), fill, dtype=dtype, device=device)
+    if old is not None:
+        new[:min(rows, old.shape[0]), :old.shape[1]] = old[:rows]
+    return new
 
 
 class _NoWriter:
@@ -495,48 +574,85 @@ def runner_kind(runner: Any) -> str:
                        f"{', '.join(v2)})")
 
 
-def install(runner: Any, layers: Iterable[int]) -> list[int]:
-    """Hook the runner's model at those of ``layers`` this pipeline stage holds (idempotent per
-    layer) and attach the batch view; returns the layers hooked here (a layer another stage holds
-    is hooked there)."""
+@torch.library.custom_op("guard::layer", mutates_args=())
+def layer_op(hidden: torch.Tensor, residual: torch.Tensor | None, layer: int) -> torch.Tensor:
+    """The guard's op after decoder block ``layer``: :meth:`WorkerState.run_layer` of :data:`STATE`.
+
+    Opaque to torch.compile (dynamo records one call; inductor calls it as an extern kernel), so
+    the monitors and steering vectors installed when it runs are the ones applied. Its output
+    replaces the block's hidden output, which keeps the op in the graph."""
+    return STATE.run_layer(layer, hidden, residual)
+
+
+@layer_op.register_fake
+def _layer_op_fake(hidden: torch.Tensor, residual: torch.Tensor | None, layer: int) -> torch.Tensor:
+    return torch.empty_like(hidden)
+
+
+def _layer_hook(layer: int):
+    def hook(_mod, _args, out):
+        if isinstance(out, tuple):
+            return (layer_op(out[0], out[1] if len(out) > 1 else None, layer), *out[1:])
+        return layer_op(out, None, layer)
+    return hook
+
+
+def install(runner: Any, layers: Iterable[int] | None = None) -> list[int]:
+    """Put the ``guard::layer`` op after each decoder block in ``layers`` (all when ``None``;
+    idempotent per layer) and wrap the runner's forward with the host-side step.
+
+    Runs right after the runner loaded the model (:class:`GuardWorkerExtension`), before vLLM
+    compiles it, so dynamo traces the hooks into the graph; a hook added after the compile would
+    never run, which :meth:`GuardWorkerExtension.guard_add_monitor` refuses. Returns the layers
+    of ``layers`` hooked here (a layer another pipeline stage holds is hooked there)."""
     kind = runner_kind(runner)
     model = runner.get_model()
     st = STATE
     if st.view is None:
         st.layout = layout_of(model)
         st.view = RunnerView(runner) if kind == "v1" else RunnerViewV2(runner)
-
-        def pre(_mod, args, kwargs):
-            input_ids = kwargs.get("input_ids", args[0] if args else None)
-            positions = kwargs.get("positions", args[1] if len(args) > 1 else None)
-            st.begin_step(input_ids, positions)
-
-        def post(_mod, _args, _out):
-            st.end_step()
-
-        st.handles.append(model.register_forward_pre_hook(pre, with_kwargs=True))
-        st.handles.append(model.register_forward_hook(post))
+        st.max_rows = int(getattr(runner, "max_num_tokens", st.max_rows))
+        param = next(model.parameters(), None)
+        st.device = st.device if param is None else param.device
+        _wrap_step(runner, model, kind)
     blocks = decoder_layers(model)
-    here = []
-    for layer in layers:
-        if not 0 <= layer < len(blocks):
-            raise ValueError(f"layer {layer} out of range (model has {len(blocks)} layers)")
-        if layer not in st.layout.layers:
-            continue
-        here.append(layer)
+    for layer in range(len(blocks)) if layers is None else layers:
         if layer in st.hooked_layers:
             continue
-
-        def hook(_mod, _args, out, layer=layer):
-            if isinstance(out, tuple):
-                new = st.on_layer(layer, out[0], out[1] if len(out) > 1 else None)
-                return None if new is None else (new, *out[1:])
-            new = st.on_layer(layer, out, None)
-            return new
-
-        st.handles.append(blocks[layer].register_forward_hook(hook))
+        if not 0 <= layer < len(blocks):
+            raise ValueError(f"layer {layer} out of range (model has {len(blocks)} layers)")
+        if layer not in st.layout.layers:  # held by another pipeline stage
+            continue
+        st.handles.append(blocks[layer].register_forward_hook(_layer_hook(layer)))
         st.hooked_layers.add(layer)
-    return here
+    return sorted(st.hooked_layers & set(range(len(blocks)) if layers is None else layers))
+
+
+def _wrap_step(runner: Any, model: Any, kind: str) -> None:
+    """Run :meth:`WorkerState.begin_step` before and :meth:`WorkerState.end_step` after each
+    forward of a scheduled batch, on the host: around the V1 runner's ``_model_forward`` (called
+    for every batch, whatever replays the graph: a full CUDA graph runs no module hook), or, for
+    runners without it, as hooks on the (uncompiled) outer model."""
+    st = STATE
+    forward = getattr(runner, "_model_forward", None) if kind == "v1" else None
+    if forward is not None:
+        def model_forward(*args, **kwargs):
+            st.begin_step(kwargs.get("positions", args[1] if len(args) > 1 else None))
+            out = forward(*args, **kwargs)
+            st.end_step()
+            return out
+
+        runner._model_forward = model_forward
+        return
+
+    def pre(_mod, args, kwargs):
+        st.begin_step(kwargs.get("positions", args[1] if len(args) > 1 else None))
+
+    def post(_mod, _args, _out):
+        st.end_step()
+
+    st.handles.append(model.register_forward_pre_hook(pre, with_kwargs=True))
+    st.handles.append(model.register_forward_hook(post))
 
 
 def _pp_receive_buffers(runner: Any, layout: Layout) -> None:
@@ -552,20 +668,59 @@ def _pp_receive_buffers(runner: Any, layout: Layout) -> None:
 
 class GuardWorkerExtension:
     """Mixed into vLLM's worker class (``worker_extension_cls``); methods are collective_rpc targets
-    (run on every worker: every tensor-parallel rank, pipeline stage and data-parallel engine)."""
+    (run on every worker: every tensor-parallel rank, pipeline stage and data-parallel engine).
+
+    vLLM 0.32 has no extension callback between loading the model and compiling it, so the
+    extension sees the model runner being assigned (``model_runner`` is a data descriptor here,
+    which takes precedence over the worker's instance attribute) and wraps that runner's
+    ``load_model`` so :func:`install` runs right after it."""
+
+    vllm_config: Any
+    """The worker's (this class is mixed into vLLM's worker)."""
+
+    @property
+    def model_runner(self):
+        try:
+            return self.__dict__["_guard_model_runner"]
+        except KeyError:
+            raise AttributeError("model_runner") from None
+
+    @model_runner.setter
+    def model_runner(self, runner) -> None:
+        self.__dict__["_guard_model_runner"] = runner
+        if runner is None:  # the worker's __init__, before the device is set up
+            return
+        load = runner.load_model
+
+        def load_model(*args, **kwargs):
+            out = load(*args, **kwargs)
+            install(runner)
+            return out
+
+        runner.load_model = load_model
 
     def guard_add_monitor(self, key: str, blob: bytes) -> list[int]:
         """Install a monitor; returns the layers of it this worker hooked (empty on a pipeline
         stage that does not hold its layer)."""
         STATE.add_monitor(key, blob)
-        return install(self.model_runner, [STATE.monitors[key].layer])
+        layer = STATE.monitors[key].layer
+        if layer is None:
+            raise ValueError(f"monitor {key!r} reads no layer: only activation monitors run in the vLLM worker")
+        return _hooked_here(self.model_runner, layer)
 
     def guard_add_steer(self, key: str, layer: int, vector: list[float]) -> list[int]:
+        here = _hooked_here(self.model_runner, layer)
         STATE.add_steer(key, layer, vector)
-        return install(self.model_runner, [layer])
+        return here
 
     def guard_counters(self) -> dict[str, int]:
         return {**STATE.calls, "live": len(STATE.live), "monitors": len(STATE.monitors)}
+
+    def guard_compilation(self) -> dict[str, str]:
+        """How vLLM runs the model here: compilation mode, backend and CUDA graph mode."""
+        c = self.vllm_config.compilation_config
+        return {"mode": getattr(c.mode, "name", str(c.mode)), "backend": str(c.backend),
+                "cudagraph_mode": getattr(c.cudagraph_mode, "name", str(c.cudagraph_mode))}
 
     def guard_runner(self) -> str:
         r = self.model_runner
@@ -578,3 +733,20 @@ class GuardWorkerExtension:
         _pp_receive_buffers(self.model_runner, lay)
         return {"tp_rank": lay.tp_rank, "tp_size": lay.tp_size, "pp_rank": lay.pp_rank, "pp_size": lay.pp_size,
                 "layers": list(lay.layers), "reports": lay.reports}
+
+
+def _hooked_here(runner: Any, layer: int) -> list[int]:
+    """``[layer]`` if this worker's op reads it, ``[]`` if another pipeline stage holds it;
+    RuntimeError if it is held here but has no op (it would never run in the compiled graph)."""
+    if STATE.view is None:
+        raise RuntimeError("the guard's ops are not installed in this worker: GuardWorkerExtension installs "
+                           "them when vLLM's model runner loads the model")
+    blocks = decoder_layers(runner.get_model())
+    if not 0 <= layer < len(blocks):
+        raise ValueError(f"layer {layer} out of range (model has {len(blocks)} layers)")
+    if layer not in STATE.layout.layers:  # held by another pipeline stage
+        return []
+    if layer not in STATE.hooked_layers:
+        raise RuntimeError(f"layer {layer} has no guard op: the guard installs its ops when vLLM loads the "
+                           "model (before compiling it), and this worker has none there")
+    return [layer]

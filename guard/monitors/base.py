@@ -5,7 +5,9 @@ A monitor is split in two so engines can run the expensive half wherever the act
 
 - :class:`Monitor` is stateless: ``layer`` names the activation it reads (``None`` for monitors
   that only look at token ids) and :meth:`Monitor.score` maps ``[n, d_model]`` activations of n
-  tokens (plus their ids) to ``n`` raw scores, each in [0, 1]. It must be pure tensor math.
+  tokens (plus their ids) to ``n`` raw scores, each in [0, 1]. Activation monitors compute them
+  in :meth:`Monitor.score_tensor` (pure tensor math), which every engine ends up calling: the
+  controller through ``score`` on the transformers engine, vLLM's worker inside the model graph.
 - :class:`MonitorState` is per generation: it keeps the raw score of every output token, the
   aggregated score (EMA, window mean or raw) and answers whether the monitor fires. Truncating it
   to a length restores exactly the state it had at that length, which is what a rollback needs.
@@ -79,6 +81,15 @@ class Monitor(ABC):
     @abstractmethod
     def score(self, hidden: torch.Tensor | None, token_ids: list[int]) -> list[float]:
         """Raw per-token scores for ``len(token_ids)`` tokens; ``hidden`` is ``[n, d]`` or ``None``."""
+
+    def score_tensor(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[n, d]`` activations -> ``[n]`` raw scores, on ``hidden``'s device.
+
+        The batched entry point of activation monitors, and the only one vLLM's worker calls: it
+        runs inside the model's compiled graph (and CUDA graphs), so it must be tensor math with
+        no host sync, no Python branch on values and no dependence on token ids. ``score`` of an
+        activation monitor must equal ``score_tensor(hidden).tolist()``."""
+        raise NotImplementedError(f"{type(self).__name__} does not score tensors")
 
     def steering_vector(self) -> torch.Tensor | None:
         """Unit direction whose subtraction steers away from what the monitor detects, if any."""

@@ -110,6 +110,8 @@ class VLLMSpec(Strict):
                                                              "layer (`guard policy check` prints which).")
     data_parallel_size: int = Field(1, ge=1, description="vLLM data parallelism: engine cores each running a whole "
                                                          "replica on its own requests; each gets every monitor.")
+    enforce_eager: bool = Field(False, description="Run the model eagerly (no torch.compile, no CUDA graphs). Off: "
+                                "monitors and steering run inside vLLM's compiled graph as the guard::layer op.")
 
 
 class ModelSpec(Strict):
