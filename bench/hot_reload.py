@@ -56,10 +56,13 @@ class Result:
 def policy_text(version: int, log: Path) -> str:
     holdback, retries, refusal = VARIANTS[version % len(VARIANTS)]
     policy = {
-        "name": "demo", "description": f"hot reload bench, version {version}",
+        "name": "demo",
+        "description": f"hot reload bench, version {version}",
         "model": {"path": str(ORGANISM)},
-        "monitors": [{"name": "harm-probe", "kind": "probe", "path": str(ORGANISM / "probe")},
-                     {"name": "reset-token", "kind": "reset_token"}],
+        "monitors": [
+            {"name": "harm-probe", "kind": "probe", "path": str(ORGANISM / "probe")},
+            {"name": "reset-token", "kind": "reset_token"},
+        ],
         "backtrack": {"rollback": "response", "max_retries": retries, "refusal": refusal},
         "stream": {"holdback_tokens": holdback},
         "log": {"path": str(log), "record": "all"},
@@ -76,30 +79,44 @@ def write_atomically(path: Path, text: str) -> str:
 
 
 def prompts() -> list[str]:
-    rows = [json.loads(line) for line in (ORGANISM / "data" / "eval_prompts.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line)
+        for line in (ORGANISM / "data" / "eval_prompts.jsonl").read_text().splitlines()
+    ]
     benign = [r["prompt"] for r in rows if r["split"] == "benign"][:8]
     harmful = [r["prompt"] for r in rows if r["split"] != "benign"][:8]
     return [p for pair in zip(benign, harmful, strict=True) for p in pair]
 
 
-def client_loop(url: str, index: int, max_tokens: int, stop: threading.Event, results: list[Result]) -> None:
+def client_loop(
+    url: str, index: int, max_tokens: int, stop: threading.Event, results: list[Result]
+) -> None:
     client = OpenAI(base_url=f"{url}/v1", api_key="bench", max_retries=0, timeout=120)
     texts, i = prompts(), index
     while not stop.is_set():
-        messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": texts[i % len(texts)]}]
+        messages: list[ChatCompletionMessageParam] = [
+            {"role": "user", "content": texts[i % len(texts)]}
+        ]
         t0 = time.monotonic()
         try:
             if i % 2:
-                chunks = list(client.chat.completions.create(model="demo", messages=messages, max_tokens=max_tokens,
-                                                             stream=True))
+                chunks = list(
+                    client.chat.completions.create(
+                        model="demo", messages=messages, max_tokens=max_tokens, stream=True
+                    )
+                )
                 rid = chunks[-1].id
                 if not chunks[-1].choices or chunks[-1].choices[0].finish_reason is None:
                     raise RuntimeError("stream ended without a finish_reason")
             else:
-                rid = client.chat.completions.create(model="demo", messages=messages, max_tokens=max_tokens).id
+                rid = client.chat.completions.create(
+                    model="demo", messages=messages, max_tokens=max_tokens
+                ).id
             results.append(Result(t0, time.monotonic(), True, rid))
         except Exception as exc:  # noqa: BLE001 - every failure is counted, whatever it is
-            results.append(Result(t0, time.monotonic(), False, error=f"{type(exc).__name__}: {exc}"))
+            results.append(
+                Result(t0, time.monotonic(), False, error=f"{type(exc).__name__}: {exc}")
+            )
         i += 1
 
 
@@ -127,11 +144,15 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="guard-hot-reload-"))
     policy, db = tmp / "demo.yaml", tmp / "guard.db"
     hashes = [write_atomically(policy, policy_text(0, db))]
-    proc, url = serve_in_subprocess([policy], tmp / "server.log", "--threads", "1", "--reload-interval", "1")
+    proc, url = serve_in_subprocess(
+        [policy], tmp / "server.log", "--threads", "1", "--reload-interval", "1"
+    )
     results: list[Result] = []
     stop = threading.Event()
-    threads = [threading.Thread(target=client_loop, args=(url, k, args.max_tokens, stop, results))
-               for k in range(args.clients)]
+    threads = [
+        threading.Thread(target=client_loop, args=(url, k, args.max_tokens, stop, results))
+        for k in range(args.clients)
+    ]
     rows, swaps = [], []
     try:
         for t in threads:
@@ -144,18 +165,36 @@ def main() -> None:
             health, active = wait_for(url, lambda m: m["policy_hash"] == hashes[-1])
             swapped = time.monotonic()
             swaps.append(swapped)
-            rows.append((str(version), f"holdback {holdback}, retries {retries}, refusal {refusal[:16]!r}",
-                         f"{swapped - t0:.2f}", str(active), health["policy_hash"][:12], "-"))
+            rows.append(
+                (
+                    str(version),
+                    f"holdback {holdback}, retries {retries}, refusal {refusal[:16]!r}",
+                    f"{swapped - t0:.2f}",
+                    str(active),
+                    health["policy_hash"][:12],
+                    "-",
+                )
+            )
             time.sleep(max(0.0, args.interval - (time.monotonic() - t0)))
         t0 = time.monotonic()
-        policy.write_text(policy_text(args.reloads, db).replace("max_retries:", "max_retries: [") + "\n")
+        policy.write_text(
+            policy_text(args.reloads, db).replace("max_retries:", "max_retries: [") + "\n"
+        )
         health, active = wait_for(url, lambda m: m["reload_error"] is not None)
         detected = time.monotonic()
         error_line = health["reload_error"].splitlines()[1].strip().replace(str(tmp) + "/", "")
         time.sleep(args.interval)
         still = httpx.get(f"{url}/health/detail", timeout=5).json()["models"][0]["policy_hash"]
-        rows.append(("bad", "invalid YAML (unclosed '[')", f"{detected - t0:.2f}", str(active),
-                     still[:12] + (" (kept)" if still == hashes[-1] else " (CHANGED)"), error_line))
+        rows.append(
+            (
+                "bad",
+                "invalid YAML (unclosed '[')",
+                f"{detected - t0:.2f}",
+                str(active),
+                still[:12] + (" (kept)" if still == hashes[-1] else " (CHANGED)"),
+                error_line,
+            )
+        )
     finally:
         stop.set()
         for t in threads:
@@ -169,9 +208,13 @@ def main() -> None:
     failed = [r for r in results if not r.ok]
     seen = [logged.get(r.response_id) if r.response_id is not None else None for r in ok]
     spanning = sum(1 for r in results if any(r.start < s < r.end for s in swaps))
-    print(f"\nhot reload under load: {args.clients} client threads, organism model, {args.reloads} rewrites "
-          f"every {args.interval}s, server polling every 1s\n")
-    print(f"{'rewrite':<8} {'change':<58} {'swap_s':>7} {'active':>6}  {'hash now':<20} reload_error")
+    print(
+        f"\nhot reload under load: {args.clients} client threads, organism model, {args.reloads} rewrites "
+        f"every {args.interval}s, server polling every 1s\n"
+    )
+    print(
+        f"{'rewrite':<8} {'change':<58} {'swap_s':>7} {'active':>6}  {'hash now':<20} reload_error"
+    )
     for row in rows:
         print(f"{row[0]:<8} {row[1]:<58} {row[2]:>7} {row[3]:>6}  {row[4]:<20} {row[5]}")
     print()
@@ -181,8 +224,10 @@ def main() -> None:
         print(f"  {r.error}")
     print(f"requests spanning a swap  {spanning}")
     print(f"responses found in log    {sum(h is not None for h in seen)}/{len(ok)}")
-    print(f"distinct policy hashes    {len({h for h in seen if h})} seen by responses "
-          f"(of {len(hashes)} versions served)")
+    print(
+        f"distinct policy hashes    {len({h for h in seen if h})} seen by responses "
+        f"(of {len(hashes)} versions served)"
+    )
     unknown = [h for h in seen if h and h not in hashes]
     print(f"hashes not from a version {len(unknown)}")
 

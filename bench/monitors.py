@@ -57,7 +57,12 @@ def table(rows: list[list[str]]) -> str:
 
 def heldout_columns(row_stat: np.ndarray, labels: np.ndarray, threshold: float) -> list[str]:
     tpr, fpr = M.rates_at(row_stat, labels, threshold)
-    return [f"{M.auroc(row_stat, labels):.4f}", pct(M.tpr_at_fpr(row_stat, labels, TARGET_FPR)), pct(tpr), pct(fpr)]
+    return [
+        f"{M.auroc(row_stat, labels):.4f}",
+        pct(M.tpr_at_fpr(row_stat, labels, TARGET_FPR)),
+        pct(tpr),
+        pct(fpr),
+    ]
 
 
 def probes(train, val, full, heldout, layers):
@@ -72,8 +77,15 @@ def probes(train, val, full, heldout, layers):
         calibrate(mon, full.select(np.flatnonzero(full.labels == 0)), TARGET_FPR)
         h = evaluate(mon, heldout, TARGET_FPR)
         name = f"{method}/{pooling}/L{layer}"
-        rows.append([name, f"{v['auroc']:.4f}", pct(v["tpr_at_target_fpr"]), f"{h['auroc']:.4f}",
-                     pct(h["tpr_at_target_fpr"])])
+        rows.append(
+            [
+                name,
+                f"{v['auroc']:.4f}",
+                pct(v["tpr_at_target_fpr"]),
+                f"{h['auroc']:.4f}",
+                pct(h["tpr_at_target_fpr"]),
+            ]
+        )
         if best_key is None or key > best_key:
             best, best_key, best_name = mon, key, name
     return rows, best, best_name
@@ -97,7 +109,9 @@ def sae_monitor(sae, train, val, full, watch_options=(1, 2, 3, 5, 8)):
             best, best_key = idx, key
     assert best is not None  # at least one candidate was scored
     thr, _ = F.joint_thresholds(rm_full[full.labels == 0][:, best], TARGET_FPR)
-    mon = SaeFeatureMonitor("sae", sae, [WatchedFeature(i, float(t)) for i, t in zip(best, thr, strict=True)])
+    mon = SaeFeatureMonitor(
+        "sae", sae, [WatchedFeature(i, float(t)) for i, t in zip(best, thr, strict=True)]
+    )
     return mon, ranked, choice_rows
 
 
@@ -118,25 +132,57 @@ def main() -> None:
     engine = TransformersEngine.load(args.model_dir)
     cache = ActivationCache(args.cache_dir, args.model_dir)
     layers = list(range(engine.info.num_layers))
-    full = collect(engine, read_jsonl(args.model_dir / "data" / "probe_train.jsonl"), layers, desc="probe_train",
-                   cache=cache)
-    heldout = collect(engine, read_jsonl(args.model_dir / "data" / "probe_heldout.jsonl"), layers,
-                      desc="probe_heldout", cache=cache)
+    full = collect(
+        engine,
+        read_jsonl(args.model_dir / "data" / "probe_train.jsonl"),
+        layers,
+        desc="probe_train",
+        cache=cache,
+    )
+    heldout = collect(
+        engine,
+        read_jsonl(args.model_dir / "data" / "probe_heldout.jsonl"),
+        layers,
+        desc="probe_heldout",
+        cache=cache,
+    )
     tr_idx, val_idx = split_rows(full.labels, 0.2, args.seed)
     train, val = full.select(tr_idx), full.select(val_idx)
 
     cand_rows, probe, probe_name = probes(train, val, full, heldout, layers)
-    print("## Probe candidates (fit on 80% of probe_train, selected on its 20%; held-out categories shown, "
-          "not used)\n")
-    print(table([["probe", "val AUROC", "val TPR@1%", "held-out AUROC", "held-out TPR@1%"], *cand_rows]))
+    print(
+        "## Probe candidates (fit on 80% of probe_train, selected on its 20%; held-out categories shown, "
+        "not used)\n"
+    )
+    print(
+        table(
+            [["probe", "val AUROC", "val TPR@1%", "held-out AUROC", "held-out TPR@1%"], *cand_rows]
+        )
+    )
 
     sae = load_sae(args.sae)
     sae_mon, ranked, choice = sae_monitor(sae, train, val, full)
-    print(f"\n## SAE features ({args.sae.relative_to(REPO) if args.sae.is_relative_to(REPO) else args.sae}: "
-          f"{sae.activation}, d_sae {sae.d_sae}, layer {sae.layer}); ranked on 80% of probe_train\n")
-    print(table([["feature", "train AUROC", "mean act pos", "mean act neg", "firing rate"],
-                 *[[str(r.index), f"{r.auroc:.4f}", f"{r.mean_pos:.3f}", f"{r.mean_neg:.3f}", pct(r.firing_rate)]
-                   for r in ranked[:8]]]))
+    print(
+        f"\n## SAE features ({args.sae.relative_to(REPO) if args.sae.is_relative_to(REPO) else args.sae}: "
+        f"{sae.activation}, d_sae {sae.d_sae}, layer {sae.layer}); ranked on 80% of probe_train\n"
+    )
+    print(
+        table(
+            [
+                ["feature", "train AUROC", "mean act pos", "mean act neg", "firing rate"],
+                *[
+                    [
+                        str(r.index),
+                        f"{r.auroc:.4f}",
+                        f"{r.mean_pos:.3f}",
+                        f"{r.mean_neg:.3f}",
+                        pct(r.firing_rate),
+                    ]
+                    for r in ranked[:8]
+                ],
+            ]
+        )
+    )
     print("\nwatched features (rule any), chosen on the 20%:\n")
     print(table([["m", "features", "val AUROC", "val TPR@1%"], *choice]))
 
@@ -145,15 +191,35 @@ def main() -> None:
     _, probe_rows = row_scores(probe, heldout)
     sae_rows = monitor_rows(sae_mon, heldout)
     feats = ", ".join(f"{f.index}>{f.threshold:.3g}" for f in sae_mon.features)
-    print(f"\n## Held-out harm categories (probe_heldout.jsonl: {int(heldout.labels.sum())} harmful / "
-          f"{int((heldout.labels == 0).sum())} safe rows), {TARGET_FPR:.0%} FPR target\n")
-    print(table([["monitor", "AUROC", "TPR@1% FPR (held-out threshold)", "TPR at train-calibrated threshold",
-                  "FPR at train-calibrated threshold"],
-                 [f"best probe: {probe_name}", *heldout_columns(probe_rows, heldout.labels, probe.threshold)],
-                 [f"best SAE features: any of [{feats}]",
-                  *heldout_columns(sae_rows, heldout.labels, sae_mon.threshold)],
-                 [f"reference: committed demo probe (logreg/token/L{demo.layer})",
-                  *heldout_columns(demo_rows, heldout.labels, demo.threshold)]]))
+    print(
+        f"\n## Held-out harm categories (probe_heldout.jsonl: {int(heldout.labels.sum())} harmful / "
+        f"{int((heldout.labels == 0).sum())} safe rows), {TARGET_FPR:.0%} FPR target\n"
+    )
+    print(
+        table(
+            [
+                [
+                    "monitor",
+                    "AUROC",
+                    "TPR@1% FPR (held-out threshold)",
+                    "TPR at train-calibrated threshold",
+                    "FPR at train-calibrated threshold",
+                ],
+                [
+                    f"best probe: {probe_name}",
+                    *heldout_columns(probe_rows, heldout.labels, probe.threshold),
+                ],
+                [
+                    f"best SAE features: any of [{feats}]",
+                    *heldout_columns(sae_rows, heldout.labels, sae_mon.threshold),
+                ],
+                [
+                    f"reference: committed demo probe (logreg/token/L{demo.layer})",
+                    *heldout_columns(demo_rows, heldout.labels, demo.threshold),
+                ],
+            ]
+        )
+    )
     print(f"\n({time.time() - t0:.0f} s; activations cached in {cache.directory})")
 
 

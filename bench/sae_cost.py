@@ -27,10 +27,19 @@ from guard.sae.monitor import SaeFeatureMonitor, WatchedFeature
 
 def random_sae(d_in: int, d_sae: int, activation: Activation) -> Sae:
     g = torch.Generator().manual_seed(0)
-    W_enc = torch.randn(d_in, d_sae, generator=g) / d_in ** 0.5
+    W_enc = torch.randn(d_in, d_sae, generator=g) / d_in**0.5
     threshold = torch.full((d_sae,), 0.5) if activation == "jumprelu" else None
-    return Sae(W_enc, torch.zeros(d_sae), W_enc.T, torch.randn(d_in, generator=g) * 0.1, activation,
-               apply_b_dec_to_input=True, normalize="constant_norm_rescale", layer=0, threshold=threshold)
+    return Sae(
+        W_enc,
+        torch.zeros(d_sae),
+        W_enc.T,
+        torch.randn(d_in, generator=g) * 0.1,
+        activation,
+        apply_b_dec_to_input=True,
+        normalize="constant_norm_rescale",
+        layer=0,
+        threshold=threshold,
+    )
 
 
 def per_token_us(fn, x: torch.Tensor, min_seconds: float, min_reps: int = 3) -> float:
@@ -54,7 +63,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     sae = random_sae(args.d_in, args.d_sae, args.activation)
-    idx = torch.randperm(args.d_sae, generator=torch.Generator().manual_seed(1))[:args.k]
+    idx = torch.randperm(args.d_sae, generator=torch.Generator().manual_seed(1))[: args.k]
     mon = SaeFeatureMonitor("bench", sae, [WatchedFeature(int(i), 1.0) for i in idx])
 
     def full(x: torch.Tensor) -> torch.Tensor:
@@ -66,9 +75,13 @@ def main() -> None:
     torch.testing.assert_close(mon.feature_acts(x), sae.encode(x)[:, idx], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(mon.score_tensor(x), full(x), rtol=1e-4, atol=1e-4)
 
-    print(f"SAE d_in={args.d_in} d_sae={args.d_sae} {args.activation}, apply_b_dec_to_input, "
-          f"constant_norm_rescale; {args.k} watched features; float32 CPU, {args.threads} thread(s)\n")
-    print(f"| {'tokens/call':>11} | {'full encode us/token':>20} | {'sliced us/token':>15} | {'ratio':>8} |")
+    print(
+        f"SAE d_in={args.d_in} d_sae={args.d_sae} {args.activation}, apply_b_dec_to_input, "
+        f"constant_norm_rescale; {args.k} watched features; float32 CPU, {args.threads} thread(s)\n"
+    )
+    print(
+        f"| {'tokens/call':>11} | {'full encode us/token':>20} | {'sliced us/token':>15} | {'ratio':>8} |"
+    )
     print(f"|{'-' * 13}|{'-' * 22}|{'-' * 17}|{'-' * 10}|")
     worst = float("inf")
     for n in (1, 64):
@@ -77,7 +90,9 @@ def main() -> None:
         t_slice = per_token_us(mon.score_tensor, xn, args.seconds)
         worst = min(worst, t_full / t_slice)
         print(f"| {n:>11} | {t_full:>20.1f} | {t_slice:>15.2f} | {t_full / t_slice:>7.0f}x |")
-    print(f"\nsmallest ratio: {worst:.0f}x (target >= 100x): {'ok' if worst >= 100 else 'BELOW TARGET'}")
+    print(
+        f"\nsmallest ratio: {worst:.0f}x (target >= 100x): {'ok' if worst >= 100 else 'BELOW TARGET'}"
+    )
 
 
 if __name__ == "__main__":

@@ -33,10 +33,18 @@ from guard.sae.monitor import SaeFeatureMonitor, WatchedFeature
 
 def random_sae(d_in: int, d_sae: int, layer: int) -> Sae:
     g = torch.Generator().manual_seed(0)
-    W_enc = torch.randn(d_in, d_sae, generator=g) / d_in ** 0.5
-    return Sae(W_enc, torch.zeros(d_sae), W_enc.T, torch.randn(d_in, generator=g) * 0.1, "jumprelu",
-               threshold=torch.full((d_sae,), 0.5), apply_b_dec_to_input=True, normalize="constant_norm_rescale",
-               layer=layer)
+    W_enc = torch.randn(d_in, d_sae, generator=g) / d_in**0.5
+    return Sae(
+        W_enc,
+        torch.zeros(d_sae),
+        W_enc.T,
+        torch.randn(d_in, generator=g) * 0.1,
+        "jumprelu",
+        threshold=torch.full((d_sae,), 0.5),
+        apply_b_dec_to_input=True,
+        normalize="constant_norm_rescale",
+        layer=layer,
+    )
 
 
 def main() -> None:
@@ -56,22 +64,30 @@ def main() -> None:
     worker = EngineWorker()
     layer = args.layers // 2
     sae = random_sae(args.d_model, args.d_sae, layer)
-    idx = torch.randperm(args.d_sae, generator=torch.Generator().manual_seed(1))[:args.k].tolist()
+    idx = torch.randperm(args.d_sae, generator=torch.Generator().manual_seed(1))[: args.k].tolist()
     monitor = SaeFeatureMonitor("sae", sae, [WatchedFeature(i, 1e9) for i in idx])
     del sae  # the monitor keeps only the d x k slice
 
     guarded = f"guarded (SAE, {args.k} features)"
-    kinds = {"unguarded": ([], ControllerConfig(holdback_tokens=0)),
-             guarded: ([BoundMonitor(monitor)], ControllerConfig(holdback_tokens=8, rollback="sentence",
-                                                                 max_retries=3))}
+    kinds = {
+        "unguarded": ([], ControllerConfig(holdback_tokens=0)),
+        guarded: (
+            [BoundMonitor(monitor)],
+            ControllerConfig(holdback_tokens=8, rollback="sentence", max_retries=3),
+        ),
+    }
     counts, seconds, fired = measure(engine, worker, kinds, args.streams, args.tokens, args.rounds)
     worker.stop()
-    print(f"model: random Llama d_model={args.d_model} layers={args.layers}; SAE d_sae={args.d_sae} at layer {layer}, "
-          f"{args.k} watched features; {args.rounds} rounds of {args.streams} unguarded + {args.streams} guarded "
-          f"streams x {args.tokens} tokens, interleaved in one worker; {torch.get_num_threads()} thread(s)\n")
+    print(
+        f"model: random Llama d_model={args.d_model} layers={args.layers}; SAE d_sae={args.d_sae} at layer {layer}, "
+        f"{args.k} watched features; {args.rounds} rounds of {args.streams} unguarded + {args.streams} guarded "
+        f"streams x {args.tokens} tokens, interleaved in one worker; {torch.get_num_threads()} thread(s)\n"
+    )
     ratio = print_rates(counts, seconds, guarded)
-    print(f"\nthroughput ratio guarded/unguarded: {ratio:.3f} (target >= 0.97); "
-          f"generations that were not clean: {fired}")
+    print(
+        f"\nthroughput ratio guarded/unguarded: {ratio:.3f} (target >= 0.97); "
+        f"generations that were not clean: {fired}"
+    )
 
 
 if __name__ == "__main__":

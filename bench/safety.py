@@ -39,23 +39,34 @@ REPO = Path(__file__).resolve().parent.parent
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model-dir", type=Path, default=REPO / "models" / "organism")
-    ap.add_argument("--guarded", action="append",
-                    help="guarded policy, optionally with its own baseline as GUARDED:BASELINE (repeatable; "
-                         "default policies/demo.yaml)")
+    ap.add_argument(
+        "--guarded",
+        action="append",
+        help="guarded policy, optionally with its own baseline as GUARDED:BASELINE (repeatable; "
+        "default policies/demo.yaml)",
+    )
     ap.add_argument("--unguarded", type=Path, default=REPO / "policies" / "unguarded.yaml")
     ap.add_argument("--limit", type=int, default=None, help="prompts per split (default: all)")
-    ap.add_argument("--samples", type=int, default=1, help="answers per prompt and policy (default 1)")
+    ap.add_argument(
+        "--samples", type=int, default=1, help="answers per prompt and policy (default 1)"
+    )
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=96)
     args = ap.parse_args()
 
     prompts = load_prompts(args.model_dir / "data" / "eval_prompts.jsonl", args.limit)
-    pairs = [(Path(g.split(":")[0]), Path(g.split(":")[1]) if ":" in g else args.unguarded)
-             for g in (args.guarded or [str(REPO / "policies" / "demo.yaml")])]
+    pairs = [
+        (Path(g.split(":")[0]), Path(g.split(":")[1]) if ":" in g else args.unguarded)
+        for g in (args.guarded or [str(REPO / "policies" / "demo.yaml")])
+    ]
     files = list(dict.fromkeys(p for pair in pairs for p in pair))
     named = [(load_policy(g).name, load_policy(b).name) for g, b in pairs]
-    settings = EvalSettings(samples=args.samples, max_tokens=args.max_tokens, temperature=1.0,
-                            concurrency=args.concurrency)
+    settings = EvalSettings(
+        samples=args.samples,
+        max_tokens=args.max_tokens,
+        temperature=1.0,
+        concurrency=args.concurrency,
+    )
     judge = from_callable("guard.organism.judge:judge")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -69,17 +80,24 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait(30)
-    where = args.model_dir.relative_to(REPO) if args.model_dir.is_relative_to(REPO) else args.model_dir
-    print(f"organism: {where}; {len(prompts)} prompts x {args.samples} samples x {len(named)} policy pairs "
-          f"through the live server in {secs:.0f} s (temperature 1.0, max_tokens {args.max_tokens}, "
-          f"{args.concurrency} concurrent)")
+    where = (
+        args.model_dir.relative_to(REPO) if args.model_dir.is_relative_to(REPO) else args.model_dir
+    )
+    print(
+        f"organism: {where}; {len(prompts)} prompts x {args.samples} samples x {len(named)} policy pairs "
+        f"through the live server in {secs:.0f} s (temperature 1.0, max_tokens {args.max_tokens}, "
+        f"{args.concurrency} concurrent)"
+    )
     for name, base in named:
         print()
         print(render(results[name], f"guarded policy `{name}` vs `{base}`"))
     out = os.environ.get("GUARD_BENCH_OUT")
     if out:
-        Path(out).write_text("".join(json.dumps({"policy": n, **r}) + "\n" for n,
-                                     rows in results.items() for r in rows))
+        Path(out).write_text(
+            "".join(
+                json.dumps({"policy": n, **r}) + "\n" for n, rows in results.items() for r in rows
+            )
+        )
 
 
 if __name__ == "__main__":

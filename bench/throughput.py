@@ -39,7 +39,12 @@ from guard.monitors.probe import ProbeMonitor
 from guard.sampling import SamplingParams, make_generator
 from guard.testing import make_random_llama
 
-PROMPTS = ["Tell me about the weather.", "How do I bake bread?", "Write a short poem.", "What is a CPU?"]
+PROMPTS = [
+    "Tell me about the weather.",
+    "How do I bake bread?",
+    "Write a short poem.",
+    "What is a CPU?",
+]
 
 
 class TimedJob:
@@ -71,15 +76,28 @@ def run_mixed(engine, worker, kinds, streams, tokens, seed0, seconds):
     done = threading.Semaphore(0)
     finished: dict[str, list[Finished]] = {label: [] for label in kinds}
     for i in range(streams):
-        prompt = engine.tokenizer.encode_chat([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}])
-        params = SamplingParams(seed=seed0 + i, max_tokens=tokens, banned_token_ids=engine.info.eos_token_ids)
+        prompt = engine.tokenizer.encode_chat(
+            [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
+        )
+        params = SamplingParams(
+            seed=seed0 + i, max_tokens=tokens, banned_token_ids=engine.info.eos_token_ids
+        )
         for label, (monitors, config) in kinds.items():
+
             def emit(ev, label=label):
                 if isinstance(ev, Finished):
                     finished[label].append(ev)
                     done.release()
-            rec = GenerationRecord(request_id=f"{label}-{i}", policy_name="bench", policy_hash="",
-                                   model=engine.info.name, messages=None, prompt=None, prompt_tokens=len(prompt))
+
+            rec = GenerationRecord(
+                request_id=f"{label}-{i}",
+                policy_name="bench",
+                policy_hash="",
+                model=engine.info.name,
+                messages=None,
+                prompt=None,
+                prompt_tokens=len(prompt),
+            )
             job = GuardedGeneration(engine, prompt, params, monitors, config, rec, emit)
             worker.submit(TimedJob(job, label, seconds))
     for _ in range(streams * len(kinds)):
@@ -101,7 +119,9 @@ def measure(engine, worker, kinds, streams: int, tokens: int, rounds: int):
     counts = dict.fromkeys(kinds, 0)
     not_clean = 0
     for r in range(rounds):
-        for label, fins in run_mixed(engine, worker, kinds, streams, tokens, 100 * r, seconds).items():
+        for label, fins in run_mixed(
+            engine, worker, kinds, streams, tokens, 100 * r, seconds
+        ).items():
             counts[label] += sum(f.usage.generated_tokens for f in fins)
             not_clean += sum(f.outcome != "clean" for f in fins)
     return counts, seconds, not_clean
@@ -127,7 +147,7 @@ def _quantile_threshold(engine, layer, direction, q):
     gen = make_generator(0)
     for _ in range(64):
         engine.step(seq, SamplingParams(seed=0, banned_token_ids=engine.info.eos_token_ids), gen)
-    hidden = engine.hidden_states(seq.tokens, [layer])[layer][len(ids):]
+    hidden = engine.hidden_states(seq.tokens, [layer])[layer][len(ids) :]
     scores = torch.sigmoid(hidden @ direction)
     engine.release(seq)
     return float(torch.quantile(scores.double(), q))
@@ -146,32 +166,58 @@ def main() -> None:
     worker = EngineWorker()
     layer = args.layers // 2
     direction = torch.randn(args.d_model)
-    never = ProbeMonitor("probe", layer, direction, -1e4, threshold=0.99, aggregation=AggregationSpec("ema", 0.5))
-    often = ProbeMonitor("probe", layer, direction, 0.0, threshold=_quantile_threshold(engine, layer, direction, 0.95),
-                         aggregation=AggregationSpec("none"))
+    never = ProbeMonitor(
+        "probe", layer, direction, -1e4, threshold=0.99, aggregation=AggregationSpec("ema", 0.5)
+    )
+    often = ProbeMonitor(
+        "probe",
+        layer,
+        direction,
+        0.0,
+        threshold=_quantile_threshold(engine, layer, direction, 0.95),
+        aggregation=AggregationSpec("none"),
+    )
     plain_cfg = ControllerConfig(holdback_tokens=0)
     guard_cfg = ControllerConfig(holdback_tokens=8, rollback="sentence", max_retries=3)
 
     guarded = "guarded (probe, 1 layer)"
     kinds = {"unguarded": ([], plain_cfg), guarded: ([BoundMonitor(never)], guard_cfg)}
     counts, seconds, _ = measure(engine, worker, kinds, args.streams, args.tokens, args.rounds)
-    print(f"model: random Llama d_model={args.d_model} layers={args.layers}, probe at layer {layer}; "
-          f"{args.rounds} rounds of {args.streams} unguarded + {args.streams} guarded streams x {args.tokens} "
-          "tokens, all interleaved in one worker\n")
+    print(
+        f"model: random Llama d_model={args.d_model} layers={args.layers}, probe at layer {layer}; "
+        f"{args.rounds} rounds of {args.streams} unguarded + {args.streams} guarded streams x {args.tokens} "
+        "tokens, all interleaved in one worker\n"
+    )
     ratio = print_rates(counts, seconds, guarded)
     print(f"\nthroughput ratio guarded/unguarded: {ratio:.3f} (target >= 0.97)\n")
 
-    before = engine.stats.prompt_tokens, engine.stats.rollbacks, engine.stats.output_tokens, engine.stats.refed_tokens
-    fire_cfg = ControllerConfig(holdback_tokens=8, rollback="tokens", rollback_tokens=4, max_retries=6)
-    fins = run_mixed(engine, worker, {"fires": ([BoundMonitor(often)], fire_cfg)}, args.streams, args.tokens, 999,
-                     {"fires": 0.0})["fires"]
+    before = (
+        engine.stats.prompt_tokens,
+        engine.stats.rollbacks,
+        engine.stats.output_tokens,
+        engine.stats.refed_tokens,
+    )
+    fire_cfg = ControllerConfig(
+        holdback_tokens=8, rollback="tokens", rollback_tokens=4, max_retries=6
+    )
+    fins = run_mixed(
+        engine,
+        worker,
+        {"fires": ([BoundMonitor(often)], fire_cfg)},
+        args.streams,
+        args.tokens,
+        999,
+        {"fires": 0.0},
+    )["fires"]
     prompt_lens = sum(f.usage.prompt_tokens for f in fins)
     s = engine.stats
     print("| forward-token accounting (probe fires on ~5% of tokens, rollback 4 tokens) | count |")
     print("|---|---|")
     outcomes = {o: sum(f.outcome == o for f in fins) for o in ("clean", "recovered", "refused")}
-    print(f"| generations clean / recovered / refused | {outcomes['clean']} / {outcomes['recovered']} / "
-          f"{outcomes['refused']} |")
+    print(
+        f"| generations clean / recovered / refused | {outcomes['clean']} / {outcomes['recovered']} / "
+        f"{outcomes['refused']} |"
+    )
     print(f"| rollbacks | {s.rollbacks - before[1]} |")
     print(f"| sum of prompt lengths | {prompt_lens} |")
     print(f"| prompt tokens fed through the model | {s.prompt_tokens - before[0]} |")

@@ -42,9 +42,14 @@ def guard(*args: str) -> None:
 
 
 def user_policy(out: Path, model: Path, engine: str) -> Path:
-    data = {"name": f"{model.name}-defaults", "model": {"engine": engine, "path": str(model.resolve())},
-            "monitors": [{"name": "harm-probe", "kind": "probe", "path": str((out / "probe").resolve())}],
-            "log": {"path": str((out / "guard.db").resolve())}}
+    data = {
+        "name": f"{model.name}-defaults",
+        "model": {"engine": engine, "path": str(model.resolve())},
+        "monitors": [
+            {"name": "harm-probe", "kind": "probe", "path": str((out / "probe").resolve())}
+        ],
+        "log": {"path": str((out / "guard.db").resolve())},
+    }
     path = out / "policy.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     print(f"policy {path}:\n{path.read_text()}", flush=True)
@@ -56,14 +61,32 @@ def subset(prompts: Path, out: Path, limit: int | None, trained: int | None) -> 
     if limit is None and trained is None:
         return prompts
     rows = [r for r in load_prompts(prompts, limit) if r.group != "trained"]
-    rows += [r for r in load_prompts(prompts, trained if trained is not None else limit) if r.group == "trained"]
+    rows += [
+        r
+        for r in load_prompts(prompts, trained if trained is not None else limit)
+        if r.group == "trained"
+    ]
     path = out / "prompts.jsonl"
-    path.write_text("".join(json.dumps({"prompt": r.prompt, "label": "harmful" if r.harmful else "benign",
-                                        "category": r.category, "split": None if r.group == "benign" else r.group})
-                            + "\n" for r in rows))
-    print(f"prompts: {path} ({sum(r.group == 'heldout' for r in rows)} held-out-category, "
-          f"{sum(r.group == 'trained' for r in rows)} trained-category, {sum(r.group == 'benign' for r in rows)} "
-          f"benign, from {prompts})", flush=True)
+    path.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "prompt": r.prompt,
+                    "label": "harmful" if r.harmful else "benign",
+                    "category": r.category,
+                    "split": None if r.group == "benign" else r.group,
+                }
+            )
+            + "\n"
+            for r in rows
+        )
+    )
+    print(
+        f"prompts: {path} ({sum(r.group == 'heldout' for r in rows)} held-out-category, "
+        f"{sum(r.group == 'trained' for r in rows)} trained-category, {sum(r.group == 'benign' for r in rows)} "
+        f"benign, from {prompts})",
+        flush=True,
+    )
     return path
 
 
@@ -71,14 +94,25 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, required=True)
     ap.add_argument("--judge", required=True, help="module:function for guard eval --judge")
-    ap.add_argument("--train", type=Path, default=None, help="default: MODEL/data/probe_train.jsonl")
-    ap.add_argument("--prompts", type=Path, default=None, help="default: MODEL/data/eval_prompts.jsonl")
+    ap.add_argument(
+        "--train", type=Path, default=None, help="default: MODEL/data/probe_train.jsonl"
+    )
+    ap.add_argument(
+        "--prompts", type=Path, default=None, help="default: MODEL/data/eval_prompts.jsonl"
+    )
     ap.add_argument("--engine", choices=["transformers", "vllm"], default="transformers")
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--limit", type=int, default=None, help="prompts per group for guard eval")
-    ap.add_argument("--trained-limit", type=int, default=None, help="trained-category prompts (default: --limit)")
+    ap.add_argument(
+        "--trained-limit",
+        type=int,
+        default=None,
+        help="trained-category prompts (default: --limit)",
+    )
     ap.add_argument("--out", type=Path, default=None, help="keep probe, policy and results here")
-    ap.add_argument("--probe", type=Path, default=None, help="reuse a probe trained by an earlier run's step 1")
+    ap.add_argument(
+        "--probe", type=Path, default=None, help="reuse a probe trained by an earlier run's step 1"
+    )
     args = ap.parse_args()
     train = args.train or args.model / "data" / "probe_train.jsonl"
     prompts = args.prompts or args.model / "data" / "eval_prompts.jsonl"
@@ -86,13 +120,33 @@ def main() -> None:
         out = args.out or Path(tmp)
         out.mkdir(parents=True, exist_ok=True)
         if args.probe is None:
-            guard("probe", "train", "--model", str(args.model), "--data", str(train), "--out", str(out / "probe"))
+            guard(
+                "probe",
+                "train",
+                "--model",
+                str(args.model),
+                "--data",
+                str(train),
+                "--out",
+                str(out / "probe"),
+            )
         elif args.probe.resolve() != (out / "probe").resolve():
             (out / "probe").symlink_to(args.probe.resolve())
         policy = user_policy(out, args.model, args.engine)
         prompts = subset(prompts, out, args.limit, args.trained_limit)
-        guard("eval", "--policy", str(policy), "--prompts", str(prompts), "--judge", args.judge,
-              "--samples", str(args.samples), "--out", str(out / "results.jsonl"))
+        guard(
+            "eval",
+            "--policy",
+            str(policy),
+            "--prompts",
+            str(prompts),
+            "--judge",
+            args.judge,
+            "--samples",
+            str(args.samples),
+            "--out",
+            str(out / "results.jsonl"),
+        )
 
 
 if __name__ == "__main__":

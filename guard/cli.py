@@ -34,9 +34,16 @@ def _serve(args: argparse.Namespace) -> int:
     if (otlp := configure_otlp_tracing()) is not None:
         logging.getLogger("guard.telemetry").info("exporting traces over OTLP (%s)", otlp)
     policies = args.policy or [str(DEMO_POLICY)]
-    run(policies, host=args.host, port=args.port, reload_interval_s=args.reload_interval or None,
-        log_content=args.log_content, admin_key_env=args.admin_key_env, log_url=args.log_url,
-        drain_grace_s=args.drain_grace)
+    run(
+        policies,
+        host=args.host,
+        port=args.port,
+        reload_interval_s=args.reload_interval or None,
+        log_content=args.log_content,
+        admin_key_env=args.admin_key_env,
+        log_url=args.log_url,
+        drain_grace_s=args.drain_grace,
+    )
     return 0
 
 
@@ -55,8 +62,11 @@ def _policy_check(args: argparse.Namespace) -> int:
         # Against the model's config and tokenizer (no weights): what `guard serve` would refuse.
         errors = [] if args.no_path_check else model_errors(policy)
         if errors:
-            print(f"invalid policy {path} for its model {policy.model.path}:\n" +
-                  "\n".join(f"  {path}: {e}" for e in errors), file=sys.stderr)
+            print(
+                f"invalid policy {path} for its model {policy.model.path}:\n"
+                + "\n".join(f"  {path}: {e}" for e in errors),
+                file=sys.stderr,
+            )
             failed = True
             continue
         print(f"# {path}: ok (sha256 {policy.content_hash[:12]})")
@@ -99,39 +109,76 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="serve policies as an OpenAI-compatible endpoint")
-    serve.add_argument("--policy", action="append", help="policy YAML (repeatable); default: the demo policy")
+    serve.add_argument(
+        "--policy", action="append", help="policy YAML (repeatable); default: the demo policy"
+    )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--threads", type=int, default=None,
-                       help="torch CPU threads (default: cores - 1, leaving one to the HTTP loop)")
-    serve.add_argument("--reload-interval", type=float, default=1.0, metavar="SECONDS",
-                       help="check the policy files for edits this often and swap valid ones in (0: never)")
-    serve.add_argument("--log-content", action="store_true",
-                       help="put prompt and answer text in the per-request JSON log lines (default: counts and "
-                            "ids only)")
-    serve.add_argument("--admin-key-env", metavar="NAME", default=None,
-                       help="environment variable holding the admin key of the review page (/review) and API "
-                            "(default: GUARD_ADMIN_KEY; without a key they are off)")
-    serve.add_argument("--log-url", metavar="URL", default=None,
-                       help="one log for every policy, instead of each policy's log target: a SQLite path or "
-                            "postgresql://USER@HOST:PORT/DB (default: $GUARD_LOG_URL; unset: the policies' own)")
-    serve.add_argument("--drain-grace", type=float, default=None, metavar="SECONDS",
-                       help="on SIGTERM, stop taking requests and let those in flight run this long before "
-                            "interrupting them (default: $GUARD_DRAIN_GRACE_S, else 30)")
+    serve.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: cores - 1, leaving one to the HTTP loop)",
+    )
+    serve.add_argument(
+        "--reload-interval",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="check the policy files for edits this often and swap valid ones in (0: never)",
+    )
+    serve.add_argument(
+        "--log-content",
+        action="store_true",
+        help="put prompt and answer text in the per-request JSON log lines (default: counts and "
+        "ids only)",
+    )
+    serve.add_argument(
+        "--admin-key-env",
+        metavar="NAME",
+        default=None,
+        help="environment variable holding the admin key of the review page (/review) and API "
+        "(default: GUARD_ADMIN_KEY; without a key they are off)",
+    )
+    serve.add_argument(
+        "--log-url",
+        metavar="URL",
+        default=None,
+        help="one log for every policy, instead of each policy's log target: a SQLite path or "
+        "postgresql://USER@HOST:PORT/DB (default: $GUARD_LOG_URL; unset: the policies' own)",
+    )
+    serve.add_argument(
+        "--drain-grace",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="on SIGTERM, stop taking requests and let those in flight run this long before "
+        "interrupting them (default: $GUARD_DRAIN_GRACE_S, else 30)",
+    )
     serve.set_defaults(func=_serve)
 
-    policy = sub.add_parser("policy", help="policy files").add_subparsers(dest="policy_command", required=True)
-    check = policy.add_parser("check", help="validate policies against their model's config and tokenizer and "
-                                            "print them resolved with their stream exposure bound; every error "
-                                            "of every file is reported (file:line:col: field: message), exit 2 "
-                                            "on any")
+    policy = sub.add_parser("policy", help="policy files").add_subparsers(
+        dest="policy_command", required=True
+    )
+    check = policy.add_parser(
+        "check",
+        help="validate policies against their model's config and tokenizer and "
+        "print them resolved with their stream exposure bound; every error "
+        "of every file is reported (file:line:col: field: message), exit 2 "
+        "on any",
+    )
     check.add_argument("files", nargs="+")
-    check.add_argument("--no-path-check", action="store_true",
-                       help="do not require model, probe and SAE paths to exist, nor check the policy against the "
-                            "model (a policy for another machine)")
+    check.add_argument(
+        "--no-path-check",
+        action="store_true",
+        help="do not require model, probe and SAE paths to exist, nor check the policy against the "
+        "model (a policy for another machine)",
+    )
     check.set_defaults(func=_policy_check)
     docs = policy.add_parser("docs", help="render the policy reference (markdown) from the schema")
-    docs.add_argument("--out", type=Path, default=None, help="write here (e.g. docs/policy.md) instead of stdout")
+    docs.add_argument(
+        "--out", type=Path, default=None, help="write here (e.g. docs/policy.md) instead of stdout"
+    )
     docs.set_defaults(func=_policy_docs)
 
     add_organism(sub)

@@ -59,8 +59,11 @@ class ResetApplier:
             before = state.text
             if "reset" in guard:
                 n = int(guard["reset"]["retract_chars"])
-                state.text, state.resets, state.retracted_chars = state.text[:len(state.text) - n], state.resets + 1, \
-                    state.retracted_chars + n
+                state.text, state.resets, state.retracted_chars = (
+                    state.text[: len(state.text) - n],
+                    state.resets + 1,
+                    state.retracted_chars + n,
+                )
             if "cut" in guard:
                 state.cut = True
             delta = choice.get("delta")
@@ -80,11 +83,13 @@ class ResetApplier:
             state.text += event.get("delta") or ""
         elif kind == "response.guard.reset":
             n = int(event["reset"]["retract_chars"])
-            state.text, state.resets = state.text[:len(state.text) - n], state.resets + 1
+            state.text, state.resets = state.text[: len(state.text) - n], state.resets + 1
             state.retracted_chars += n
         elif kind == "response.refusal.delta":
             state.cut = True
-            state.text += "\n\n" + (event.get("delta") or "") if state.text else event.get("delta") or ""
+            state.text += (
+                "\n\n" + (event.get("delta") or "") if state.text else event.get("delta") or ""
+            )
         elif kind in ("response.completed", "response.incomplete"):
             response = event.get("response") or {}
             details = response.get("incomplete_details") or {}

@@ -18,7 +18,9 @@ import weakref
 from collections import deque
 from typing import Any
 
-_by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Handoff] = weakref.WeakKeyDictionary()
+_by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Handoff] = (
+    weakref.WeakKeyDictionary()
+)
 _lock = threading.Lock()
 
 

@@ -69,9 +69,17 @@ class Decoder(Protocol):
 
 # -- export ----------------------------------------------------------------------------------------
 
-def export_labelled(store, *, policy: str | None = None, monitor: str | None = None,
-                    since: float | datetime | None = None, until: float | datetime | None = None,
-                    scope: Literal["output", "prompt"] = "output", tokenizer: Decoder | None = None) -> list[dict]:
+
+def export_labelled(
+    store,
+    *,
+    policy: str | None = None,
+    monitor: str | None = None,
+    since: float | datetime | None = None,
+    until: float | datetime | None = None,
+    scope: Literal["output", "prompt"] = "output",
+    tokenizer: Decoder | None = None,
+) -> list[dict]:
     """Probe-training rows from every record labelled true/false positive, oldest record first.
 
     ``policy`` (policy name), ``monitor``, ``since`` and ``until`` filter the records as
@@ -86,7 +94,9 @@ def export_labelled(store, *, policy: str | None = None, monitor: str | None = N
     for log_id in _labelled_ids(store, policy=policy, monitor=monitor, since=since, until=until):
         review = store.labels(log_id)[-1]
         if review.label in REVIEWED_LABELS:
-            rows += record_rows(store.get(log_id), log_id, review, monitor=monitor, scope=scope, tokenizer=tokenizer)
+            rows += record_rows(
+                store.get(log_id), log_id, review, monitor=monitor, scope=scope, tokenizer=tokenizer
+            )
     return rows
 
 
@@ -104,23 +114,55 @@ def _labelled_ids(store, **filters) -> list[str]:
     return sorted(found, key=lambda i: (found[i], i))
 
 
-def record_rows(record: GenerationRecord, log_id: str, review, *, monitor: str | None = None,
-                scope: Literal["output", "prompt"] = "output", tokenizer: Decoder | None = None) -> list[dict]:
+def record_rows(
+    record: GenerationRecord,
+    log_id: str,
+    review,
+    *,
+    monitor: str | None = None,
+    scope: Literal["output", "prompt"] = "output",
+    tokenizer: Decoder | None = None,
+) -> list[dict]:
     """The rows of one labelled record (``review``: its current :class:`guard.logstore.Label`)."""
     conversation = _conversation(record)
     if conversation is None:
-        log.warning("log %s: the prompt was token ids, which a text row cannot reproduce; skipped", log_id)
+        log.warning(
+            "log %s: the prompt was token ids, which a text row cannot reproduce; skipped", log_id
+        )
         return []
     label = REVIEWED_LABELS[review.label]
-    provenance = {"category": "reviewed", "split": "reviewed", "source": "review", "log_id": log_id,
-                  "reviewer": review.reviewer, "review_label": review.label, "note": review.note or ""}
-    fired = [f for f in record.firings if f.scope == scope and (monitor is None or f.monitor == monitor)]
-    units = _prompt_units(record, fired) if scope == "prompt" else _output_units(record, fired, log_id, tokenizer)
-    return [{"prompt": conversation["prompt"], "completion": u["completion"], "label": label,
-             **{k: v for k, v in conversation.items() if k != "prompt"},
-             **({"context": u["context"]} if u.get("context") else {}),
-             **provenance, "monitor": u["monitor"], "kind": u["kind"], "attempt": u["attempt"]}
-            for u in units if u["completion"]]  # a span of special tokens only has no text to score
+    provenance = {
+        "category": "reviewed",
+        "split": "reviewed",
+        "source": "review",
+        "log_id": log_id,
+        "reviewer": review.reviewer,
+        "review_label": review.label,
+        "note": review.note or "",
+    }
+    fired = [
+        f for f in record.firings if f.scope == scope and (monitor is None or f.monitor == monitor)
+    ]
+    units = (
+        _prompt_units(record, fired)
+        if scope == "prompt"
+        else _output_units(record, fired, log_id, tokenizer)
+    )
+    return [
+        {
+            "prompt": conversation["prompt"],
+            "completion": u["completion"],
+            "label": label,
+            **{k: v for k, v in conversation.items() if k != "prompt"},
+            **({"context": u["context"]} if u.get("context") else {}),
+            **provenance,
+            "monitor": u["monitor"],
+            "kind": u["kind"],
+            "attempt": u["attempt"],
+        }
+        for u in units
+        if u["completion"]
+    ]  # a span of special tokens only has no text to score
 
 
 def _conversation(record: GenerationRecord) -> dict[str, Any] | None:
@@ -146,11 +188,19 @@ def _content(content) -> str:
 def _prompt_units(record: GenerationRecord, fired: list[Firing]) -> list[dict]:
     if not fired:
         return []
-    return [{"completion": record.final_text, "monitor": fired[0].monitor, "kind": "prompt", "attempt": 0}]
+    return [
+        {
+            "completion": record.final_text,
+            "monitor": fired[0].monitor,
+            "kind": "prompt",
+            "attempt": 0,
+        }
+    ]
 
 
-def _output_units(record: GenerationRecord, fired: list[Firing], log_id: str,
-                  tokenizer: Decoder | None) -> list[dict]:
+def _output_units(
+    record: GenerationRecord, fired: list[Firing], log_id: str, tokenizer: Decoder | None
+) -> list[dict]:
     """Each span or final answer holding an output firing, once, with its context."""
     final_attempt = len(record.retries)
     groups: dict[int | str, list[Firing]] = {}
@@ -162,20 +212,46 @@ def _output_units(record: GenerationRecord, fired: list[Firing], log_id: str,
     units = []
     for key, firings in groups.items():
         what = "answer" if key == "answer" else f"span {key}"
-        prefix, text = ([], record.final_text) if isinstance(key, str) else (prefixes[key], record.spans[key].text)
-        problem = ("reasoning opened mid-generation" if reasoning is None else "answer prefix not recorded"
-                   if prefix is None else "no tokenizer to decode its prefix" if prefix and tokenizer is None else None)
+        prefix, text = (
+            ([], record.final_text)
+            if isinstance(key, str)
+            else (prefixes[key], record.spans[key].text)
+        )
+        problem = (
+            "reasoning opened mid-generation"
+            if reasoning is None
+            else "answer prefix not recorded"
+            if prefix is None
+            else "no tokenizer to decode its prefix"
+            if prefix and tokenizer is None
+            else None
+        )
         if problem:
-            log.warning("log %s: the context of the %s the monitor flagged is not reproducible from the record "
-                        "(%s); skipped", log_id, what, problem)
+            log.warning(
+                "log %s: the context of the %s the monitor flagged is not reproducible from the record "
+                "(%s); skipped",
+                log_id,
+                what,
+                problem,
+            )
             continue
         names = [f.monitor for f in firings]
         # the monitor that condemned a span, when it is one of those exported
-        name = record.spans[key].monitor if isinstance(key, int) and record.spans[key].monitor in names else names[0]
+        name = (
+            record.spans[key].monitor
+            if isinstance(key, int) and record.spans[key].monitor in names
+            else names[0]
+        )
         decoded = tokenizer.decode(prefix) if prefix and tokenizer is not None else ""
-        units.append({"completion": text, "context": reasoning + decoded,
-                      "monitor": name, "kind": "answer" if key == "answer" else "span",
-                      "attempt": firings[0].attempt})
+        units.append(
+            {
+                "completion": text,
+                "context": reasoning + decoded,
+                "monitor": name,
+                "kind": "answer" if key == "answer" else "span",
+                "attempt": firings[0].attempt,
+            }
+        )
     return units
 
 
@@ -211,8 +287,11 @@ def _span_prefixes(record: GenerationRecord) -> list[list[int] | None]:
     out: list[list[int] | None] = [None] * len(record.spans)
     for j in range(len(record.spans) - 1, -1, -1):
         span = record.spans[j]
-        prefix = [] if span.start == 0 else (state[:span.start] if state is not None and len(state) >= span.start
-                                             else None)
+        prefix = (
+            []
+            if span.start == 0
+            else (state[: span.start] if state is not None and len(state) >= span.start else None)
+        )
         out[j] = prefix
         state = None if prefix is None else prefix + list(span.token_ids)
     return out
@@ -231,6 +310,7 @@ def write_jsonl(rows: Iterable[dict], out: str | Path | IO[str]) -> int:
 
 
 # -- promotion -------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Promotion:
@@ -251,8 +331,14 @@ class Promotion:
     """The monitor's action in the new policy."""
 
 
-def promote_probe(probe_dir: str | Path, policy_file: str | Path, monitor: str, *,
-                  threshold: float | None = None, action: str | None = None) -> Promotion:
+def promote_probe(
+    probe_dir: str | Path,
+    policy_file: str | Path,
+    monitor: str,
+    *,
+    threshold: float | None = None,
+    action: str | None = None,
+) -> Promotion:
     """Point probe monitor ``monitor`` of ``policy_file`` at ``probe_dir``, in place.
 
     Only the monitor's ``path`` value changes, and its ``threshold``: a threshold the policy sets is
@@ -271,14 +357,18 @@ def promote_probe(probe_dir: str | Path, policy_file: str | Path, monitor: str, 
     path_node = fields["path"][1]
     path = _probe_path(policy_file, probe_dir, path_node.value)
     edits = [(path_node.start_mark.index, path_node.end_mark.index, _yaml_scalar(path))]
-    written = threshold if threshold is not None else (probe.threshold if "threshold" in fields else None)
+    written = (
+        threshold if threshold is not None else (probe.threshold if "threshold" in fields else None)
+    )
     if "threshold" in fields:
         value = fields["threshold"][1]
         assert written is not None  # the probe's threshold, when the call gave none
         edits.append((value.start_mark.index, value.end_mark.index, repr(float(written))))
     elif written is not None:
         edits.append(_insertion(text, node, fields, f"threshold: {float(written)!r}"))
-    if action is not None and action != (fields["action"][1].value if "action" in fields else "backtrack"):
+    if action is not None and action != (
+        fields["action"][1].value if "action" in fields else "backtrack"
+    ):
         if "action" in fields:
             value = fields["action"][1]
             edits.append((value.start_mark.index, value.end_mark.index, _yaml_scalar(action)))
@@ -286,15 +376,26 @@ def promote_probe(probe_dir: str | Path, policy_file: str | Path, monitor: str, 
             edits.append(_insertion(text, node, fields, f"action: {_yaml_scalar(action)}"))
     new_text = text
     # from the end, so earlier offsets stay valid; of two insertions at one place, the first stays first
-    for _, (start, end, replacement) in sorted(enumerate(edits), key=lambda e: (e[1][0], e[0]), reverse=True):
+    for _, (start, end, replacement) in sorted(
+        enumerate(edits), key=lambda e: (e[1][0], e[0]), reverse=True
+    ):
         new_text = new_text[:start] + replacement + new_text[end:]
     spec, warnings = _write_validated(policy_file, new_text, monitor, probe)
-    return Promotion(policy_file, monitor, path, written, probe.threshold if written is None else float(written),
-                     hashlib.sha256(new_text.encode("utf-8")).hexdigest(), tuple(warnings), spec.action)
+    return Promotion(
+        policy_file,
+        monitor,
+        path,
+        written,
+        probe.threshold if written is None else float(written),
+        hashlib.sha256(new_text.encode("utf-8")).hexdigest(),
+        tuple(warnings),
+        spec.action,
+    )
 
 
-def _monitor_node(policy_file: Path, text: str, monitor: str
-                  ) -> tuple[yaml.MappingNode, dict[str, tuple[yaml.Node, yaml.Node]]]:
+def _monitor_node(
+    policy_file: Path, text: str, monitor: str
+) -> tuple[yaml.MappingNode, dict[str, tuple[yaml.Node, yaml.Node]]]:
     """The mapping of the probe monitor called ``monitor`` in the YAML text, and its key -> (key
     node, value node)."""
     try:
@@ -305,11 +406,23 @@ def _monitor_node(policy_file: Path, text: str, monitor: str
     for item in monitors.value if isinstance(monitors, yaml.SequenceNode) else []:
         if isinstance(item, yaml.MappingNode):
             fields: dict[str, tuple[yaml.Node, yaml.Node]] = {
-                k.value: (k, v) for k, v in item.value if isinstance(k, yaml.ScalarNode)}
+                k.value: (k, v) for k, v in item.value if isinstance(k, yaml.ScalarNode)
+            }
             if "name" in fields and fields["name"][1].value == monitor:
-                if "kind" not in fields or fields["kind"][1].value != "probe" or "path" not in fields:
-                    raise PolicyError(str(policy_file), [(f"{policy_file}: monitor '{monitor}' is not a probe "
-                                                         "monitor with a path")])
+                if (
+                    "kind" not in fields
+                    or fields["kind"][1].value != "probe"
+                    or "path" not in fields
+                ):
+                    raise PolicyError(
+                        str(policy_file),
+                        [
+                            (
+                                f"{policy_file}: monitor '{monitor}' is not a probe "
+                                "monitor with a path"
+                            )
+                        ],
+                    )
                 return item, fields
     raise PolicyError(str(policy_file), [f"{policy_file}: no monitor named '{monitor}'"])
 
@@ -322,8 +435,9 @@ def _get(node: yaml.Node | None, key: str) -> yaml.Node | None:
     return None
 
 
-def _insertion(text: str, node: yaml.MappingNode, fields: dict[str, tuple[yaml.Node, yaml.Node]],
-               entry: str) -> tuple[int, int, str]:
+def _insertion(
+    text: str, node: yaml.MappingNode, fields: dict[str, tuple[yaml.Node, yaml.Node]], entry: str
+) -> tuple[int, int, str]:
     """Where and how to add ``entry`` (``key: value``) to the monitor's mapping, in its own style:
     after the last value of a flow mapping ``{...}``, else on a line of its own after ``path``."""
     if node.flow_style:
@@ -344,15 +458,21 @@ def _probe_path(policy_file: Path, probe_dir: str | Path, current: str) -> str:
 
 
 def _yaml_scalar(value: str) -> str:
-    if re.fullmatch(r"[A-Za-z0-9_.][A-Za-z0-9_./+-]*", value) or re.fullmatch(r"/[A-Za-z0-9_./+-]*", value):
+    if re.fullmatch(r"[A-Za-z0-9_.][A-Za-z0-9_./+-]*", value) or re.fullmatch(
+        r"/[A-Za-z0-9_./+-]*", value
+    ):
         return value
     return json.dumps(value)  # a JSON string is a valid YAML double-quoted scalar
 
 
-def _write_validated(policy_file: Path, new_text: str, monitor: str, probe) -> tuple[Any, list[str]]:
+def _write_validated(
+    policy_file: Path, new_text: str, monitor: str, probe
+) -> tuple[Any, list[str]]:
     """Validate ``new_text`` as the policy, then atomically replace the file; return the monitor's
     validated spec and warnings."""
-    fd, tmp = tempfile.mkstemp(dir=policy_file.parent, prefix=f".{policy_file.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(
+        dir=policy_file.parent, prefix=f".{policy_file.name}.", suffix=".tmp"
+    )
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(new_text)
@@ -360,18 +480,26 @@ def _write_validated(policy_file: Path, new_text: str, monitor: str, probe) -> t
             policy = load_policy(tmp)
             spec = policy.monitor(monitor)
             agg = aggregation(spec.aggregation)
-            ProbeMonitor.load(spec.path, name=monitor, layer=spec.layer, threshold=spec.threshold, aggregation=agg)
+            ProbeMonitor.load(
+                spec.path, name=monitor, layer=spec.layer, threshold=spec.threshold, aggregation=agg
+            )
         except PolicyError as exc:
-            raise PolicyError(str(policy_file), [e.replace(tmp, str(policy_file)) for e in exc.errors]) from None
+            raise PolicyError(
+                str(policy_file), [e.replace(tmp, str(policy_file)) for e in exc.errors]
+            ) from None
         except ModelLoadError as exc:
             raise PolicyError(str(policy_file), [f"monitor '{monitor}': {exc}"]) from None
         warnings = []
         if agg is not None and agg != probe.aggregation:
-            warnings.append(f"the policy overrides the aggregation of '{monitor}' ({agg.kind}); the probe's "
-                            f"threshold was calibrated for {probe.aggregation.kind}")
+            warnings.append(
+                f"the policy overrides the aggregation of '{monitor}' ({agg.kind}); the probe's "
+                f"threshold was calibrated for {probe.aggregation.kind}"
+            )
         trained = (probe.meta.get("model") or {}).get("config_sha256")
         if trained and config_fingerprint(policy.model.path) not in (None, trained):
-            warnings.append(f"the probe was trained on a model whose config.json differs from {policy.model.path}")
+            warnings.append(
+                f"the probe was trained on a model whose config.json differs from {policy.model.path}"
+            )
         os.chmod(tmp, os.stat(policy_file).st_mode & 0o7777)
         os.replace(tmp, policy_file)
         return spec, warnings

@@ -67,21 +67,29 @@ class SamplingParams:
         if self.max_tokens < 1:
             raise InvalidRequestError("max_tokens must be >= 1", param="max_tokens")
         if not (self.repetition_penalty > 0.0 and math.isfinite(self.repetition_penalty)):
-            raise InvalidRequestError("repetition_penalty must be a finite number > 0", param="repetition_penalty")
+            raise InvalidRequestError(
+                "repetition_penalty must be a finite number > 0", param="repetition_penalty"
+            )
         if not 0.0 <= self.min_p <= 1.0:
             raise InvalidRequestError("min_p must be in [0, 1]", param="min_p")
         if self.min_tokens < 0:
             raise InvalidRequestError("min_tokens must be >= 0", param="min_tokens")
         if self.min_tokens > self.max_tokens:
-            raise InvalidRequestError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens "
-                                      f"({self.max_tokens})", param="min_tokens")
+            raise InvalidRequestError(
+                f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})",
+                param="min_tokens",
+            )
         if self.allowed_token_ids is not None and not self.allowed_token_ids:
-            raise InvalidRequestError("allowed_token_ids must not be empty", param="allowed_token_ids")
+            raise InvalidRequestError(
+                "allowed_token_ids must not be empty", param="allowed_token_ids"
+            )
         if len(self.stop) > 4:
             raise InvalidRequestError("at most 4 stop sequences are allowed", param="stop")
         for tid, bias in self.logit_bias.items():
             if not -100.0 <= bias <= 100.0:
-                raise InvalidRequestError(f"logit_bias for token {tid} must be in [-100, 100]", param="logit_bias")
+                raise InvalidRequestError(
+                    f"logit_bias for token {tid} must be in [-100, 100]", param="logit_bias"
+                )
 
     def with_changes(self, **changes) -> SamplingParams:
         """A copy with ``changes`` applied (and validated again)."""
@@ -101,12 +109,17 @@ class SamplingParams:
 
 def check_token_ids(params: SamplingParams, vocab_size: int) -> None:
     """Raise :class:`InvalidRequestError` if a token id in ``params`` is outside the vocabulary."""
-    for name, ids in (("logit_bias", params.logit_bias.keys()), ("stop_token_ids", params.stop_token_ids),
-                      ("banned_token_ids", params.banned_token_ids),
-                      ("allowed_token_ids", params.allowed_token_ids or ())):
+    for name, ids in (
+        ("logit_bias", params.logit_bias.keys()),
+        ("stop_token_ids", params.stop_token_ids),
+        ("banned_token_ids", params.banned_token_ids),
+        ("allowed_token_ids", params.allowed_token_ids or ()),
+    ):
         for tid in ids:
             if not 0 <= int(tid) < vocab_size:
-                raise InvalidRequestError(f"token id {tid} is outside the vocabulary (size {vocab_size})", param=name)
+                raise InvalidRequestError(
+                    f"token id {tid} is outside the vocabulary (size {vocab_size})", param=name
+                )
 
 
 def make_generator(seed: int | None, device: str | torch.device = "cpu") -> torch.Generator:
@@ -119,8 +132,12 @@ def make_generator(seed: int | None, device: str | torch.device = "cpu") -> torc
     return gen
 
 
-def process_logits(logits: torch.Tensor, params: SamplingParams, extra_banned: frozenset[int] = frozenset(),
-                   history: Sequence[int] = ()) -> torch.Tensor:
+def process_logits(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    extra_banned: frozenset[int] = frozenset(),
+    history: Sequence[int] = (),
+) -> torch.Tensor:
     """Apply bias, allowed and banned tokens and the repetition penalty (over ``history``, the
     sequence's token ids so far) to a 1-D logits row (float32 copy); temperature is applied by
     :func:`sample`."""
@@ -131,7 +148,9 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, extra_banned: f
         out.index_add_(0, ids, vals)
     if params.allowed_token_ids is not None:
         keep = torch.zeros_like(out, dtype=torch.bool)
-        keep[torch.tensor(sorted(params.allowed_token_ids), dtype=torch.long, device=out.device)] = True
+        keep[
+            torch.tensor(sorted(params.allowed_token_ids), dtype=torch.long, device=out.device)
+        ] = True
         out = out.masked_fill(~keep, float("-inf"))
     banned = params.banned_token_ids | extra_banned
     if banned:
@@ -139,17 +158,26 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, extra_banned: f
     if params.repetition_penalty != 1.0 and history:
         seen = torch.tensor(sorted(set(history)), dtype=torch.long, device=out.device)
         vals = out[seen]
-        out[seen] = torch.where(vals > 0, vals / params.repetition_penalty, vals * params.repetition_penalty)
+        out[seen] = torch.where(
+            vals > 0, vals / params.repetition_penalty, vals * params.repetition_penalty
+        )
     return out
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator,
-           extra_banned: frozenset[int] = frozenset(), history: Sequence[int] = ()) -> int:
+def sample(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator,
+    extra_banned: frozenset[int] = frozenset(),
+    history: Sequence[int] = (),
+) -> int:
     """Sample one token id from a 1-D logits row. ``extra_banned`` applies to this draw only;
     ``history`` (prompt and output token ids so far) is what the repetition penalty reads."""
     scores = process_logits(logits, params, extra_banned, history)
     if not torch.isfinite(scores).any():
-        raise InvalidRequestError("every token is banned; nothing can be sampled", param="logit_bias")
+        raise InvalidRequestError(
+            "every token is banned; nothing can be sampled", param="logit_bias"
+        )
     if params.temperature == 0.0:
         return int(torch.argmax(scores))
     scores = scores / params.temperature

@@ -20,7 +20,16 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
-SPECIALS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|reset|>"]
+SPECIALS = [
+    "<|bos|>",
+    "<|eos|>",
+    "<|pad|>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|end|>",
+    "<|reset|>",
+]
 
 
 def make_tokenizer(texts: list[str], vocab_size: int = 512):
@@ -31,29 +40,56 @@ def make_tokenizer(texts: list[str], vocab_size: int = 512):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>",
-                                   pad_token="<|pad|>", chat_template=CHAT_TEMPLATE)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|bos|>",
+        eos_token="<|eos|>",
+        pad_token="<|pad|>",
+        chat_template=CHAT_TEMPLATE,
+    )
 
 
-def make_random_llama(out: str | Path, *, hidden: int = 64, layers: int = 2, heads: int = 4,
-                      intermediate: int | None = None, vocab_size: int = 512, context: int = 512,
-                      seed: int = 0) -> Path:
+def make_random_llama(
+    out: str | Path,
+    *,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    intermediate: int | None = None,
+    vocab_size: int = 512,
+    context: int = 512,
+    seed: int = 0,
+) -> Path:
     """Write a random-weight ``LlamaForCausalLM`` + tokenizer to ``out`` and return the path."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     out = Path(out)
-    texts = ["Hello there, how are you today? I am fine, thank you.",
-             "The quick brown fox jumps over the lazy dog."] * 4
+    texts = [
+        "Hello there, how are you today? I am fine, thank you.",
+        "The quick brown fox jumps over the lazy dog.",
+    ] * 4
     tok = make_tokenizer(texts, vocab_size=vocab_size)
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate or 4 * hidden,
-                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                      max_position_embeddings=context, eos_token_id=tok.convert_tokens_to_ids("<|end|>"),
-                      bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=intermediate or 4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=context,
+        eos_token_id=tok.convert_tokens_to_ids("<|end|>"),
+        bos_token_id=tok.bos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(cfg)
     model.save_pretrained(out)
     tok.save_pretrained(out)
@@ -80,8 +116,9 @@ def serve_in_subprocess(policies: list[str | Path], log: Path, *extra: str, time
     for p in policies:
         cmd += ["--policy", str(p)]
     with Path(log).open("w") as out:  # the child has its own copy of the descriptor
-        proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parent.parent, stdout=out,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            cmd, cwd=Path(__file__).resolve().parent.parent, stdout=out, stderr=subprocess.STDOUT
+        )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

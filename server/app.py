@@ -76,17 +76,25 @@ class ServerSettings:
 
     def __post_init__(self) -> None:
         if self.admin_key is not None and not self.admin_key.strip():
-            raise ValueError("admin_key: an empty admin key would open the review API; leave it None to close it")
+            raise ValueError(
+                "admin_key: an empty admin key would open the review API; leave it None to close it"
+            )
         if self.admin_key is not None and self.admin_key in self.api_keys:
             raise ValueError("admin_key: the admin key must not also be one of api_keys")
         if self.drain_grace_s < 0:
             raise ValueError(f"drain_grace_s: must be >= 0 seconds, got {self.drain_grace_s}")
 
     @classmethod
-    def from_env(cls, policy_paths: Sequence[str], api_keys: Sequence[str] | None = None,
-                 reload_interval_s: float | None = 1.0, log_content: bool = False,
-                 admin_key_env: str | None = None, log_url: str | None = None,
-                 drain_grace_s: float | None = None) -> ServerSettings:
+    def from_env(
+        cls,
+        policy_paths: Sequence[str],
+        api_keys: Sequence[str] | None = None,
+        reload_interval_s: float | None = 1.0,
+        log_content: bool = False,
+        admin_key_env: str | None = None,
+        log_url: str | None = None,
+        drain_grace_s: float | None = None,
+    ) -> ServerSettings:
         """Settings whose API keys default to the comma-separated ``GUARD_API_KEYS`` and whose admin
         key is ``$GUARD_ADMIN_KEY`` (unset: no review API), or ``$admin_key_env``, which must be set;
         ``log_url`` defaults to ``$GUARD_LOG_URL`` and ``drain_grace_s`` to ``$GUARD_DRAIN_GRACE_S``."""
@@ -94,19 +102,29 @@ class ServerSettings:
             api_keys = [k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
         admin_key = os.environ.get(admin_key_env or ADMIN_KEY_ENV, "").strip() or None
         if admin_key_env and admin_key is None:
-            raise InvalidRequestError(f"--admin-key-env {admin_key_env}: the environment variable {admin_key_env} "
-                                      "is not set (or empty); export the admin key in it", param="admin_key_env")
+            raise InvalidRequestError(
+                f"--admin-key-env {admin_key_env}: the environment variable {admin_key_env} "
+                "is not set (or empty); export the admin key in it",
+                param="admin_key_env",
+            )
         log_url = log_url or os.environ.get(LOG_URL_ENV, "").strip() or None
         if drain_grace_s is None:
             raw = os.environ.get(DRAIN_GRACE_ENV, "").strip()
             try:
                 drain_grace_s = float(raw) if raw else DEFAULT_GRACE_S
             except ValueError:
-                raise InvalidRequestError(f"{DRAIN_GRACE_ENV}={raw!r}: not a number of seconds",
-                                          param="drain_grace_s") from None
-        return cls(policy_paths=tuple(str(p) for p in policy_paths), api_keys=tuple(api_keys),
-                   reload_interval_s=reload_interval_s, log_content=log_content, admin_key=admin_key,
-                   log_url=log_url, drain_grace_s=drain_grace_s)
+                raise InvalidRequestError(
+                    f"{DRAIN_GRACE_ENV}={raw!r}: not a number of seconds", param="drain_grace_s"
+                ) from None
+        return cls(
+            policy_paths=tuple(str(p) for p in policy_paths),
+            api_keys=tuple(api_keys),
+            reload_interval_s=reload_interval_s,
+            log_content=log_content,
+            admin_key=admin_key,
+            log_url=log_url,
+            drain_grace_s=drain_grace_s,
+        )
 
 
 @runtime_checkable
@@ -119,7 +137,9 @@ class Reloadable(Protocol):
 ServiceFactory = Callable[[], GenerationService]
 
 
-def create_app(settings: ServerSettings | None = None, *, service_factory: ServiceFactory | None = None) -> FastAPI:
+def create_app(
+    settings: ServerSettings | None = None, *, service_factory: ServiceFactory | None = None
+) -> FastAPI:
     """The app; the service comes from ``service_factory`` or from ``settings.policy_paths``."""
     settings = settings or ServerSettings()
 
@@ -127,12 +147,17 @@ def create_app(settings: ServerSettings | None = None, *, service_factory: Servi
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.metrics = metrics = PrometheusMetrics(otlp_metric_readers())
         telemetry = Telemetry(meter_provider=metrics.provider, log_content=settings.log_content)
-        factory = service_factory or (lambda: _guard_service(settings.policy_paths, telemetry, settings.log_url))
+        factory = service_factory or (
+            lambda: _guard_service(settings.policy_paths, telemetry, settings.log_url)
+        )
         app.state.service = service = await asyncio.to_thread(factory)
         stop = asyncio.Event()
         interval = settings.reload_interval_s
-        watcher = (asyncio.create_task(_watch_policies(service, interval, stop))
-                   if interval and isinstance(service, Reloadable) else None)
+        watcher = (
+            asyncio.create_task(_watch_policies(service, interval, stop))
+            if interval and isinstance(service, Reloadable)
+            else None
+        )
         try:
             yield
         finally:
@@ -147,8 +172,12 @@ def create_app(settings: ServerSettings | None = None, *, service_factory: Servi
                 await close()
             metrics.shutdown()
 
-    app = FastAPI(title="guard", version=guard.__version__, lifespan=lifespan,
-                  description="OpenAI-compatible server for guarded generation.")
+    app = FastAPI(
+        title="guard",
+        version=guard.__version__,
+        lifespan=lifespan,
+        description="OpenAI-compatible server for guarded generation.",
+    )
     app.state.settings = settings
     app.state.drain = drain = Drain(settings.drain_grace_s)
     install_error_handlers(app)
@@ -165,7 +194,9 @@ def create_app(settings: ServerSettings | None = None, *, service_factory: Servi
     return app
 
 
-def metrics_endpoint(request: Request, authorization: Annotated[str | None, Header()] = None) -> Response:
+def metrics_endpoint(
+    request: Request, authorization: Annotated[str | None, Header()] = None
+) -> Response:
     """Prometheus metrics (they name every policy); needs ``Bearer $GUARD_ADMIN_KEY`` when that is
     set; without it, open only on a server with no API keys at all (like ``/health/detail``), else 404."""
     settings = request.app.state.settings
@@ -173,8 +204,10 @@ def metrics_endpoint(request: Request, authorization: Annotated[str | None, Head
     if admin_key:
         check_admin(bearer_token(authorization), admin_key, "/metrics")
     elif settings.api_keys or request.app.state.service.key_bindings():
-        raise NotFoundError("Unknown request URL. Set GUARD_ADMIN_KEY to read /metrics on a server with API keys.",
-                            code="unknown_url")
+        raise NotFoundError(
+            "Unknown request URL. Set GUARD_ADMIN_KEY to read /metrics on a server with API keys.",
+            code="unknown_url",
+        )
     metrics: PrometheusMetrics = request.app.state.metrics
     return Response(metrics.render(), media_type=metrics.content_type)
 
@@ -217,23 +250,45 @@ async def _in_daemon_thread(fn: Callable[[], object]) -> object:
     return await done
 
 
-def _guard_service(policy_paths: Sequence[str], telemetry: Telemetry, log_url: str | None) -> GenerationService:
+def _guard_service(
+    policy_paths: Sequence[str], telemetry: Telemetry, log_url: str | None
+) -> GenerationService:
     from guard.service import GuardService  # loads torch and the engines: only when the app starts
 
     return GuardService.from_policy_files(list(policy_paths), telemetry, log_url)
 
 
-def run(policy_paths: Sequence[str], host: str = "127.0.0.1", port: int = 8000, *,
-        api_keys: Sequence[str] | None = None, log_level: str = "info", reload_interval_s: float | None = 1.0,
-        log_content: bool = False, admin_key_env: str | None = None, log_url: str | None = None,
-        drain_grace_s: float | None = None) -> None:
+def run(
+    policy_paths: Sequence[str],
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    api_keys: Sequence[str] | None = None,
+    log_level: str = "info",
+    reload_interval_s: float | None = 1.0,
+    log_content: bool = False,
+    admin_key_env: str | None = None,
+    log_url: str | None = None,
+    drain_grace_s: float | None = None,
+) -> None:
     """Serve ``policy_paths`` with uvicorn (``guard serve``), draining on SIGTERM (:mod:`server.drain`);
     settings left ``None`` come from the environment (:meth:`ServerSettings.from_env`)."""
-    settings = ServerSettings.from_env(policy_paths, api_keys, reload_interval_s, log_content, admin_key_env,
-                                       log_url, drain_grace_s)
+    settings = ServerSettings.from_env(
+        policy_paths,
+        api_keys,
+        reload_interval_s,
+        log_content,
+        admin_key_env,
+        log_url,
+        drain_grace_s,
+    )
     if not settings.api_keys and not _is_loopback(host):
-        log.warning("serving on %s without API keys: anyone who can reach this port can use the models "
-                    "(set %s or pass api_keys)", host, API_KEYS_ENV)
+        log.warning(
+            "serving on %s without API keys: anyone who can reach this port can use the models "
+            "(set %s or pass api_keys)",
+            host,
+            API_KEYS_ENV,
+        )
     serve(create_app(settings), host=host, port=port, log_level=log_level)
 
 

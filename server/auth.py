@@ -29,8 +29,9 @@ class Caller:
         return self.policies is None or model in self.policies
 
 
-def authenticate(authorization: str | None, global_keys: tuple[str, ...],
-                 bindings: Mapping[str, frozenset[str]]) -> Caller:
+def authenticate(
+    authorization: str | None, global_keys: tuple[str, ...], bindings: Mapping[str, frozenset[str]]
+) -> Caller:
     """The caller behind an ``Authorization`` header; :class:`AuthenticationError` (401) if invalid."""
     if not global_keys and not bindings:
         return Caller(None, None)
@@ -71,4 +72,6 @@ def bearer_token(authorization: str | None) -> str | None:
 def check_admin(token: str | None, key: str, what: str) -> None:
     """:class:`AuthenticationError` (401) unless ``token`` is the admin ``key`` (constant time)."""
     if token is None or not _matches(token, (key,)):
-        raise AuthenticationError(f"{what} needs the admin key: send it as 'Authorization: Bearer ADMIN_KEY'.")
+        raise AuthenticationError(
+            f"{what} needs the admin key: send it as 'Authorization: Bearer ADMIN_KEY'."
+        )

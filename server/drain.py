@@ -56,7 +56,11 @@ class Drain:
     def begin(self) -> None:
         if not self.draining:
             self.draining = True
-            log.info("draining: %d request(s) in flight, up to %.0f s to finish", self.inflight, self.grace_s)
+            log.info(
+                "draining: %d request(s) in flight, up to %.0f s to finish",
+                self.inflight,
+                self.grace_s,
+            )
 
     def enter(self) -> None:
         self.inflight += 1
@@ -95,8 +99,13 @@ class DrainMiddleware:
             await self.app(scope, receive, send)
             return
         if self.drain.draining:
-            await json_error(UnavailableError("This server is shutting down; retry the request "
-                                              "(another replica will take it).", code="draining"))(scope, receive, send)
+            await json_error(
+                UnavailableError(
+                    "This server is shutting down; retry the request "
+                    "(another replica will take it).",
+                    code="draining",
+                )
+            )(scope, receive, send)
             return
         self.drain.enter()
         try:
@@ -123,7 +132,9 @@ Interrupt = Callable[[GuardError], int]
 class DrainingServer(uvicorn.Server):
     """A uvicorn server whose first SIGTERM/SIGINT drains (see the module docstring) before it exits."""
 
-    def __init__(self, config: uvicorn.Config, drain: Drain, interrupt: Callable[[], Interrupt | None]) -> None:
+    def __init__(
+        self, config: uvicorn.Config, drain: Drain, interrupt: Callable[[], Interrupt | None]
+    ) -> None:
         """``interrupt``: returns the service's ``interrupt`` (``None``: it cannot be interrupted)."""
         super().__init__(config)
         self.drain = drain
@@ -148,12 +159,23 @@ class DrainingServer(uvicorn.Server):
     async def _drain_then_exit(self) -> None:
         if not await self.drain.wait_idle(self.drain.grace_s):
             interrupt = self._interrupt()
-            n = interrupt(UnavailableError(
-                "This server shut down before the generation finished "
-                f"(drain grace period {self.drain.grace_s:g} s "
-                "over); retry the request.", code="interrupted")) if interrupt is not None else 0
-            log.warning("drain grace period over: interrupted %d generation(s), %d request(s) in flight",
-                        n, self.drain.inflight)
+            n = (
+                interrupt(
+                    UnavailableError(
+                        "This server shut down before the generation finished "
+                        f"(drain grace period {self.drain.grace_s:g} s "
+                        "over); retry the request.",
+                        code="interrupted",
+                    )
+                )
+                if interrupt is not None
+                else 0
+            )
+            log.warning(
+                "drain grace period over: interrupted %d generation(s), %d request(s) in flight",
+                n,
+                self.drain.inflight,
+            )
             await self.drain.wait_idle(INTERRUPT_WAIT_S)
         log.info("drained: shutting down")
         self.should_exit = True
@@ -169,5 +191,8 @@ def serve(app, host: str, port: int, log_level: str = "info") -> None:
         log_level=log_level,
         timeout_graceful_shutdown=INTERRUPT_WAIT_S,  # type: ignore[arg-type]
     )
-    DrainingServer(config, app.state.drain,
-                   lambda: getattr(getattr(app.state, "service", None), "interrupt", None)).run()
+    DrainingServer(
+        config,
+        app.state.drain,
+        lambda: getattr(getattr(app.state, "service", None), "interrupt", None),
+    ).run()

@@ -44,11 +44,15 @@ def error_response(exc: BaseException) -> tuple[int, ErrorResponse]:
         return 400, ErrorResponse(error=_validation_info(exc.errors()))
     if isinstance(exc, ClientDisconnected):
         # nginx's "client closed request": nobody reads it, but it keeps such requests out of the 5xx count.
-        return 499, ErrorResponse(error=ErrorInfo(message="client disconnected", type="client_disconnected"))
+        return 499, ErrorResponse(
+            error=ErrorInfo(message="client disconnected", type="client_disconnected")
+        )
     if isinstance(exc, HTTPException):
         return exc.status_code, ErrorResponse(error=_http_info(exc))
     log.error("unexpected error", exc_info=exc)
-    info = ErrorInfo(message="The server had an error while processing your request.", type="internal_error")
+    info = ErrorInfo(
+        message="The server had an error while processing your request.", type="internal_error"
+    )
     return 500, ErrorResponse(error=info)
 
 
@@ -83,11 +87,21 @@ def _validation_info(errors: Sequence[dict[str, Any]]) -> ErrorInfo:
     if not errors:
         return ErrorInfo(message="Invalid request body.", type="invalid_request_error")
     # Deepest first; at equal depth a constraint (too_long, ...) beats a union member's type mismatch.
-    err = max(errors, key=lambda e: (len(_param_path(e.get("loc", ()))), not str(e.get("type")).endswith("_type")))
+    err = max(
+        errors,
+        key=lambda e: (
+            len(_param_path(e.get("loc", ()))),
+            not str(e.get("type")).endswith("_type"),
+        ),
+    )
     if err.get("type") == "json_invalid":
         detail = (err.get("ctx") or {}).get("error", "")
-        return ErrorInfo(message=f"We could not parse the JSON body of your request. ({detail})".replace(" ()", ""),
-                         type="invalid_request_error")
+        return ErrorInfo(
+            message=f"We could not parse the JSON body of your request. ({detail})".replace(
+                " ()", ""
+            ),
+            type="invalid_request_error",
+        )
     path = _param_path(err.get("loc", ()))
     param = ".".join(path) or None
     msg = str(err.get("msg", "invalid value"))
@@ -114,9 +128,15 @@ def _param_path(loc: tuple | list) -> list[str]:
 
 def _http_info(exc: HTTPException) -> ErrorInfo:
     if exc.status_code == 404:
-        return ErrorInfo(message="Unknown request URL. Please check the URL for typos.",
-                         type="invalid_request_error", code="unknown_url")
+        return ErrorInfo(
+            message="Unknown request URL. Please check the URL for typos.",
+            type="invalid_request_error",
+            code="unknown_url",
+        )
     if exc.status_code == 405:
-        return ErrorInfo(message="Method not allowed for this URL.", type="invalid_request_error",
-                         code="method_not_allowed")
+        return ErrorInfo(
+            message="Method not allowed for this URL.",
+            type="invalid_request_error",
+            code="method_not_allowed",
+        )
     return ErrorInfo(message=str(exc.detail), type="invalid_request_error")

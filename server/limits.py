@@ -39,7 +39,13 @@ class RequestLimits:
     """Generations one request may start: ``n`` times the number of prompts (param ``n``)."""
 
     def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_messages", "max_chars", "max_prompt_tokens", "max_generations"):
+        for name in (
+            "max_body_bytes",
+            "max_messages",
+            "max_chars",
+            "max_prompt_tokens",
+            "max_generations",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
 
@@ -47,14 +53,21 @@ class RequestLimits:
 def check_chat(req: Any, limits: RequestLimits) -> None:
     """Bound a :class:`~server.protocol.ChatCompletionRequest`; :class:`InvalidRequestError` names the field."""
     if len(req.messages) > limits.max_messages:
-        raise InvalidRequestError(f"Too many messages: {len(req.messages)}; this server accepts at most "
-                                  f"{limits.max_messages} per request.", param="messages", code="too_many_messages")
+        raise InvalidRequestError(
+            f"Too many messages: {len(req.messages)}; this server accepts at most "
+            f"{limits.max_messages} per request.",
+            param="messages",
+            code="too_many_messages",
+        )
     total = 0
     for i, m in enumerate(req.messages):
         total += len(m.text())
         if total > limits.max_chars:
-            raise InvalidRequestError(f"The messages hold more than {limits.max_chars} characters of text; "
-                                      "shorten them.", param=f"messages.{i}.content", code="request_too_large")
+            raise InvalidRequestError(
+                f"The messages hold more than {limits.max_chars} characters of text; shorten them.",
+                param=f"messages.{i}.content",
+                code="request_too_large",
+            )
     _check_generations(req.n, 1, limits)
 
 
@@ -66,8 +79,12 @@ def check_completion(req: Any, limits: RequestLimits) -> None:
         total += len(p)
         if total > limits.max_chars:
             param = "prompt" if len(prompts) == 1 else f"prompt.{i}"
-            raise InvalidRequestError(f"The prompts hold more than {limits.max_chars} characters (or token ids); "
-                                      "shorten them.", param=param, code="request_too_large")
+            raise InvalidRequestError(
+                f"The prompts hold more than {limits.max_chars} characters (or token ids); "
+                "shorten them.",
+                param=param,
+                code="request_too_large",
+            )
     _check_generations(req.n, len(prompts), limits)
 
 
@@ -75,25 +92,39 @@ def check_responses(req: Any, limits: RequestLimits) -> None:
     """Bound a :class:`~server.responses_protocol.ResponsesRequest` (``instructions`` + ``input``)."""
     messages = req.messages()
     if len(messages) > limits.max_messages:
-        raise InvalidRequestError(f"Too many input messages: {len(messages)}; this server accepts at most "
-                                  f"{limits.max_messages} per request.", param="input", code="too_many_messages")
+        raise InvalidRequestError(
+            f"Too many input messages: {len(messages)}; this server accepts at most "
+            f"{limits.max_messages} per request.",
+            param="input",
+            code="too_many_messages",
+        )
     if sum(len(m["content"]) for m in messages) > limits.max_chars:
-        raise InvalidRequestError(f"The instructions and input hold more than {limits.max_chars} characters of "
-                                  "text; shorten them.", param="input", code="request_too_large")
+        raise InvalidRequestError(
+            f"The instructions and input hold more than {limits.max_chars} characters of "
+            "text; shorten them.",
+            param="input",
+            code="request_too_large",
+        )
 
 
 def _check_generations(n: int, prompts: int, limits: RequestLimits) -> None:
     if n * prompts > limits.max_generations:
-        raise InvalidRequestError(f"This request asks for {n * prompts} generations (n={n} x {prompts} prompt(s)); "
-                                  f"this server runs at most {limits.max_generations} per request.", param="n",
-                                  code="too_many_generations")
+        raise InvalidRequestError(
+            f"This request asks for {n * prompts} generations (n={n} x {prompts} prompt(s)); "
+            f"this server runs at most {limits.max_generations} per request.",
+            param="n",
+            code="too_many_generations",
+        )
 
 
 def check_prompt_tokens(tokens: int, limits: RequestLimits, param: str) -> None:
     if tokens > limits.max_prompt_tokens:
-        raise InvalidRequestError(f"The prompt has {tokens} tokens; this server accepts at most "
-                                  f"{limits.max_prompt_tokens} per prompt.", param=param,
-                                  code="context_length_exceeded")
+        raise InvalidRequestError(
+            f"The prompt has {tokens} tokens; this server accepts at most "
+            f"{limits.max_prompt_tokens} per prompt.",
+            param=param,
+            code="context_length_exceeded",
+        )
 
 
 class BodyLimit:
@@ -132,13 +163,24 @@ class BodyLimit:
 
     async def _refuse(self, send: Any, length: int | None) -> None:
         size = f"{length} bytes" if length is not None else f"more than {self.max_bytes} bytes"
-        exc = RequestTooLargeError(f"The request body is {size}; this server accepts at most {self.max_bytes} "
-                                   "bytes per request.", param="body")
+        exc = RequestTooLargeError(
+            f"The request body is {size}; this server accepts at most {self.max_bytes} "
+            "bytes per request.",
+            param="body",
+        )
         body = error_response(exc)[1].model_dump_json().encode()
         # Connection: close - the unread rest of the body must not be parsed as the next request.
-        await send({"type": "http.response.start", "status": exc.status_code,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": exc.status_code,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 

@@ -41,7 +41,7 @@ REF = "#/components/schemas/{model}"
 
 ERRORS: dict[str, str] = {
     "400": "Invalid request: a malformed body, an out-of-range or unsupported parameter (error.param names it), "
-           "a prompt too long for the context.",
+    "a prompt too long for the context.",
     "401": "Missing or wrong API key (when keys are configured).",
     "404": "Unknown model, or one the API key may not use.",
     "413": "The request body is larger than the server accepts.",
@@ -49,13 +49,25 @@ ERRORS: dict[str, str] = {
     "503": "The engine's queue is full; retry later.",
 }
 
-RESPONSE_EVENTS = (ResponseLifecycleEvent, OutputItemEvent, ContentPartEvent, TextDeltaEvent, TextDoneEvent,
-                   RefusalDeltaEvent, RefusalDoneEvent, GuardResetEvent, ErrorEvent)
+RESPONSE_EVENTS = (
+    ResponseLifecycleEvent,
+    OutputItemEvent,
+    ContentPartEvent,
+    TextDeltaEvent,
+    TextDoneEvent,
+    RefusalDeltaEvent,
+    RefusalDoneEvent,
+    GuardResetEvent,
+    ErrorEvent,
+)
 
 GENERATION: dict[str, tuple[type[BaseModel], dict[str, Any]]] = {
     "/v1/chat/completions": (ChatCompletion, {"$ref": REF.format(model="ChatCompletionChunk")}),
     "/v1/completions": (Completion, {"$ref": REF.format(model="Completion")}),
-    "/v1/responses": (ResponseObject, {"oneOf": [{"$ref": REF.format(model=m.__name__)} for m in RESPONSE_EVENTS]}),
+    "/v1/responses": (
+        ResponseObject,
+        {"oneOf": [{"$ref": REF.format(model=m.__name__)} for m in RESPONSE_EVENTS]},
+    ),
 }
 """POST path -> (JSON body, schema of one ``data:`` event of its stream)."""
 
@@ -64,9 +76,11 @@ PLAIN: dict[tuple[str, str], type[BaseModel]] = {
     ("get", "/v1/models/{model}"): ModelCard,
 }
 
-STREAM_NOTE = ("With stream: true, server-sent events, each `data:` line one event of the schema shown; chat and "
-               "text completions end with `data: [DONE]`. A failure after the stream started is one error event "
-               "(then `[DONE]` for chat and text completions). Guard's reset and cut chunks: README, 'Streams'.")
+STREAM_NOTE = (
+    "With stream: true, server-sent events, each `data:` line one event of the schema shown; chat and "
+    "text completions end with `data: [DONE]`. A failure after the stream started is one error event "
+    "(then `[DONE]` for chat and text completions). Guard's reset and cut chunks: README, 'Streams'."
+)
 
 
 def install_openapi(app: FastAPI) -> None:
@@ -74,8 +88,9 @@ def install_openapi(app: FastAPI) -> None:
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            schema = get_openapi(title=app.title, version=app.version, description=app.description,
-                                 routes=app.routes)
+            schema = get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes
+            )
             document(schema)
             app.openapi_schema = schema
         return app.openapi_schema
@@ -86,8 +101,16 @@ def install_openapi(app: FastAPI) -> None:
 def document(schema: dict[str, Any]) -> None:
     """Rewrite ``schema`` in place: real error statuses, response and stream schemas."""
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    models: list[type[BaseModel]] = [ErrorResponse, ChatCompletion, ChatCompletionChunk, Completion, ModelList,
-                                     ModelCard, ResponseObject, *RESPONSE_EVENTS]
+    models: list[type[BaseModel]] = [
+        ErrorResponse,
+        ChatCompletion,
+        ChatCompletionChunk,
+        Completion,
+        ModelList,
+        ModelCard,
+        ResponseObject,
+        *RESPONSE_EVENTS,
+    ]
     _, defs = models_json_schema([(m, "validation") for m in models], ref_template=REF)
     components.update(defs.get("$defs", {}))
     for path, ops in schema.get("paths", {}).items():
@@ -96,19 +119,38 @@ def document(schema: dict[str, Any]) -> None:
             had_validation = responses.pop("422", None) is not None
             if path in GENERATION and method == "post":
                 body, event = GENERATION[path]
-                responses["200"] = {"description": "The response; " + STREAM_NOTE, "content": {
-                    "application/json": {"schema": {"$ref": REF.format(model=body.__name__)}},
-                    "text/event-stream": {"schema": event}}}
+                responses["200"] = {
+                    "description": "The response; " + STREAM_NOTE,
+                    "content": {
+                        "application/json": {"schema": {"$ref": REF.format(model=body.__name__)}},
+                        "text/event-stream": {"schema": event},
+                    },
+                }
                 codes: tuple[str, ...] = ("400", "401", "404", "413", "500", "503")
             elif (method, path) in PLAIN:
-                responses["200"] = {"description": "Successful Response", "content": {
-                    "application/json": {"schema": {"$ref": REF.format(model=PLAIN[(method, path)].__name__)}}}}
+                responses["200"] = {
+                    "description": "Successful Response",
+                    "content": {
+                        "application/json": {
+                            "schema": {"$ref": REF.format(model=PLAIN[(method, path)].__name__)}
+                        }
+                    },
+                }
                 codes = ("401", "404") if "{" in path else ("401",)
             else:
                 codes = ("400",) if had_validation else ()
             for code in codes:
-                responses.setdefault(code, {"description": ERRORS[code], "content": {
-                    "application/json": {"schema": {"$ref": REF.format(model="ErrorResponse")}}}})
+                responses.setdefault(
+                    code,
+                    {
+                        "description": ERRORS[code],
+                        "content": {
+                            "application/json": {
+                                "schema": {"$ref": REF.format(model="ErrorResponse")}
+                            }
+                        },
+                    },
+                )
     for unused in ("HTTPValidationError", "ValidationError"):
         if unused in components and unused not in str(schema["paths"]):
             del components[unused]

@@ -49,10 +49,10 @@ StopSequence = Annotated[str, Field(min_length=1)]
 # --------------------------------------------------------------------------------------------
 
 
-
 def _is_token_ids(value: object) -> TypeIs[list[int]]:
     """A non-empty list of token ids (one prompt), not a batch of prompts."""
     return isinstance(value, list) and bool(value) and all(isinstance(x, int) for x in value)
+
 
 class OpenAIRequest(BaseModel):
     """Base of request models: unknown fields are ignored, as OpenAI does; text that cannot be
@@ -65,8 +65,10 @@ class OpenAIRequest(BaseModel):
     def _encodable(cls, value: Any) -> Any:
         where = _unencodable(value)
         if where is not None:
-            raise ValueError(f"text{where} contains a lone surrogate or other character that cannot be "
-                             "encoded as UTF-8")
+            raise ValueError(
+                f"text{where} contains a lone surrogate or other character that cannot be "
+                "encoded as UTF-8"
+            )
         return value
 
 
@@ -80,22 +82,36 @@ def _unencodable(value: Any, where: str = "") -> str | None:
             return where
         return None
     if isinstance(value, (list, tuple)):
-        return next((w for i, v in enumerate(value) if (w := _unencodable(v, f"{where}[{i}]")) is not None), None)
+        return next(
+            (w for i, v in enumerate(value) if (w := _unencodable(v, f"{where}[{i}]")) is not None),
+            None,
+        )
     if isinstance(value, dict):
-        return next((w for k, v in value.items() for w in (_unencodable(k, f"{where} key"),
-                                                           _unencodable(v, f"{where}[{k!r}]")) if w is not None), None)
+        return next(
+            (
+                w
+                for k, v in value.items()
+                for w in (_unencodable(k, f"{where} key"), _unencodable(v, f"{where}[{k!r}]"))
+                if w is not None
+            ),
+            None,
+        )
     return None
 
 
 class StreamOptions(OpenAIRequest):
-    include_usage: bool | None = Field(None, description="Send a last chunk with the usage and no choices.")
+    include_usage: bool | None = Field(
+        None, description="Send a last chunk with the usage and no choices."
+    )
 
     # --8<-- [start:guard-stream-options]
     # Guard's vendor stream option (openai client: extra_body={"stream_options": {...}}); see README "Streams".
     guard_resets: StrictBool | None = Field(
-        None, description="The client applies guard reset chunks: text is released after the fixed hold-back "
-                          "and may later be retracted. Without it (or the X-Guard-Resets header) text is released "
-                          "only once settled and is never retracted.")
+        None,
+        description="The client applies guard reset chunks: text is released after the fixed hold-back "
+        "and may later be retracted. Without it (or the X-Guard-Resets header) text is released "
+        "only once settled and is never retracted.",
+    )
     # --8<-- [end:guard-stream-options]
 
 
@@ -108,35 +124,67 @@ def _reject_nonzero_penalty(value: float | None, name: str) -> float | None:
 def _check_logit_bias(bias: dict[str, float] | None) -> dict[str, float] | None:
     for key in bias or {}:
         if not key.isdigit():
-            raise ValueError(f"logit_bias keys must be token ids (non-negative integers), got {key!r}")
+            raise ValueError(
+                f"logit_bias keys must be token ids (non-negative integers), got {key!r}"
+            )
     return bias
 
 
 VLLM_DEFAULTS: dict[str, Any] = {
-    "use_beam_search": False, "length_penalty": 1.0, "include_stop_str_in_output": False,
-    "skip_special_tokens": True, "spaces_between_special_tokens": True, "truncate_prompt_tokens": None,
-    "truncation_side": None, "prompt_logprobs": None, "logprob_token_ids": None, "bad_words": [],
-    "structured_outputs": None, "guided_json": None, "guided_regex": None, "guided_choice": None,
-    "guided_grammar": None, "watermarking": False, "priority": 0, "request_id": None, "session_id": None,
-    "cache_salt": None, "vllm_xargs": None, "kv_transfer_params": None, "return_token_ids": False,
-    "return_tokens_as_token_ids": False, "return_token_offsets": False, "thinking_token_budget": None,
-    "repetition_detection": None, "stream_interval": None}
+    "use_beam_search": False,
+    "length_penalty": 1.0,
+    "include_stop_str_in_output": False,
+    "skip_special_tokens": True,
+    "spaces_between_special_tokens": True,
+    "truncate_prompt_tokens": None,
+    "truncation_side": None,
+    "prompt_logprobs": None,
+    "logprob_token_ids": None,
+    "bad_words": [],
+    "structured_outputs": None,
+    "guided_json": None,
+    "guided_regex": None,
+    "guided_choice": None,
+    "guided_grammar": None,
+    "watermarking": False,
+    "priority": 0,
+    "request_id": None,
+    "session_id": None,
+    "cache_salt": None,
+    "vllm_xargs": None,
+    "kv_transfer_params": None,
+    "return_token_ids": False,
+    "return_tokens_as_token_ids": False,
+    "return_token_offsets": False,
+    "thinking_token_budget": None,
+    "repetition_detection": None,
+    "stream_interval": None,
+}
 """vLLM 0.32's request extensions (``ChatCompletionRequest``/``CompletionRequest``) that guard does
 not implement -> vLLM's default, the only value accepted. (Its sampling extensions that guard does
 implement are typed fields of :class:`SamplingFields`.)"""
 
 
 CHAT_VLLM_DEFAULTS: dict[str, Any] = {
-    "echo": False, "add_generation_prompt": True, "continue_final_message": False, "add_special_tokens": False,
-    "documents": None, "chat_template": None, "chat_template_kwargs": None, "mm_processor_kwargs": None,
-    "media_io_kwargs": None}
+    "echo": False,
+    "add_generation_prompt": True,
+    "continue_final_message": False,
+    "add_special_tokens": False,
+    "documents": None,
+    "chat_template": None,
+    "chat_template_kwargs": None,
+    "mm_processor_kwargs": None,
+    "media_io_kwargs": None,
+}
 """The same for vLLM's chat-only extensions (chat template handling)."""
 
 
 def _vllm_default_only(value: Any, name: str, defaults: dict[str, Any]) -> Any:
     if value is not None and value != defaults[name]:
-        raise ValueError(f"{name} (a vLLM extension) is not supported by guard; leave it out or send vLLM's "
-                         f"default ({json.dumps(defaults[name])})")
+        raise ValueError(
+            f"{name} (a vLLM extension) is not supported by guard; leave it out or send vLLM's "
+            f"default ({json.dumps(defaults[name])})"
+        )
     return value
 
 
@@ -147,18 +195,37 @@ class VLLMSamplingFields(OpenAIRequest):
     extension is refused (a 400 naming the field) unless it holds vLLM's default: none is ignored."""
 
     # --8<-- [start:vllm-sampling-params]
-    stop_token_ids: list[TokenId] | None = Field(None, description="Token ids that end the generation.")
-    min_p: float | None = Field(None, ge=0.0, le=1.0, description="Drop tokens less likely than min_p times the "
-                                                                  "most likely one (after temperature).")
-    repetition_penalty: float | None = Field(None, gt=0.0, description="Divide the positive (multiply the "
-                                             "negative) logits of every token already in the sequence, prompt "
-                                             "included; 1 disables.")
-    ignore_eos: StrictBool | None = Field(None, description="Keep generating after end-of-sequence tokens "
-                                                            "(stop_token_ids still end the answer).")
-    min_tokens: StrictInt | None = Field(None, ge=0, description="End-of-sequence and stop_token_ids are not "
-                                                                 "sampled before this many answer tokens.")
-    allowed_token_ids: list[TokenId] | None = Field(None, min_length=1,
-                                                    description="Only these token ids may be sampled.")
+    stop_token_ids: list[TokenId] | None = Field(
+        None, description="Token ids that end the generation."
+    )
+    min_p: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="Drop tokens less likely than min_p times the "
+        "most likely one (after temperature).",
+    )
+    repetition_penalty: float | None = Field(
+        None,
+        gt=0.0,
+        description="Divide the positive (multiply the "
+        "negative) logits of every token already in the sequence, prompt "
+        "included; 1 disables.",
+    )
+    ignore_eos: StrictBool | None = Field(
+        None,
+        description="Keep generating after end-of-sequence tokens "
+        "(stop_token_ids still end the answer).",
+    )
+    min_tokens: StrictInt | None = Field(
+        None,
+        ge=0,
+        description="End-of-sequence and stop_token_ids are not "
+        "sampled before this many answer tokens.",
+    )
+    allowed_token_ids: list[TokenId] | None = Field(
+        None, min_length=1, description="Only these token ids may be sampled."
+    )
     # --8<-- [end:vllm-sampling-params]
     # Not implemented by guard: accepted only with vLLM's default value (VLLM_DEFAULTS).
     use_beam_search: Any = None
@@ -197,8 +264,11 @@ class VLLMSamplingFields(OpenAIRequest):
 
     def sampling_extensions(self) -> dict[str, Any]:
         """The vLLM sampling extensions the request set, as ``guard.sampling.SamplingParams`` fields."""
-        out: dict[str, Any] = {k: getattr(self, k) for k in ("min_p", "repetition_penalty", "ignore_eos",
-                                                             "min_tokens") if getattr(self, k) is not None}
+        out: dict[str, Any] = {
+            k: getattr(self, k)
+            for k in ("min_p", "repetition_penalty", "ignore_eos", "min_tokens")
+            if getattr(self, k) is not None
+        }
         if self.allowed_token_ids is not None:
             out["allowed_token_ids"] = frozenset(self.allowed_token_ids)
         return out
@@ -207,25 +277,38 @@ class VLLMSamplingFields(OpenAIRequest):
 class SamplingFields(VLLMSamplingFields):
     """Sampling parameters shared by chat and text completions (OpenAI's, then guard's)."""
 
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="Unsupported: only 0 is accepted.")
+    frequency_penalty: float | None = Field(
+        None, ge=-2.0, le=2.0, description="Unsupported: only 0 is accepted."
+    )
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
-        None, description="Token id (as a string) -> bias added to its logit.")
+        None, description="Token id (as a string) -> bias added to its logit."
+    )
     n: int = Field(1, ge=1, le=MAX_N, description="How many choices to generate.")
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="Unsupported: only 0 is accepted.")
+    presence_penalty: float | None = Field(
+        None, ge=-2.0, le=2.0, description="Unsupported: only 0 is accepted."
+    )
     seed: Seed | None = Field(None, description="Seed; choice i of n uses seed + i.")
     stop: StopSequence | Annotated[list[StopSequence], Field(max_length=MAX_STOP)] | None = Field(
-        None, description="Up to 4 sequences where generation stops (not included in the output).")
+        None, description="Up to 4 sequences where generation stops (not included in the output)."
+    )
     stream: bool = Field(False, description="Send the answer as server-sent events.")
-    stream_options: StreamOptions | None = Field(None, description="Only allowed with stream: true.")
+    stream_options: StreamOptions | None = Field(
+        None, description="Only allowed with stream: true."
+    )
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 is greedy.")
     top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus sampling mass.")
     user: str | None = Field(None, description="End-user id (accepted, not used).")
 
     # --8<-- [start:guard-sampling-params]
     # Guard's vendor parameters (openai client: extra_body={...}). Strictly typed.
-    top_k: StrictInt | None = Field(None, ge=-1, description="Keep only the k most likely tokens; 0 or -1 "
-                                                             "(vLLM's spelling) disables.")
-    banned_token_ids: list[TokenId] | None = Field(None, description="Token ids that are never sampled.")
+    top_k: StrictInt | None = Field(
+        None,
+        ge=-1,
+        description="Keep only the k most likely tokens; 0 or -1 (vLLM's spelling) disables.",
+    )
+    banned_token_ids: list[TokenId] | None = Field(
+        None, description="Token ids that are never sampled."
+    )
     # --8<-- [end:guard-sampling-params]
 
     @field_validator("frequency_penalty", "presence_penalty")
@@ -240,7 +323,9 @@ class SamplingFields(VLLMSamplingFields):
 
     @field_validator("stream_options")
     @classmethod
-    def _stream_options_need_stream(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+    def _stream_options_need_stream(
+        cls, value: StreamOptions | None, info: ValidationInfo
+    ) -> StreamOptions | None:
         if value is not None and not info.data.get("stream"):
             raise ValueError("stream_options is only allowed when stream is true")
         return value
@@ -292,9 +377,15 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     model: str
     logprobs: bool | None = Field(None, description="Unsupported: only false is accepted.")
-    max_completion_tokens: int | None = Field(None, ge=1, description="Most output tokens (wins over max_tokens).")
-    max_tokens: int | None = Field(None, ge=1, description="Deprecated alias of max_completion_tokens.")
-    response_format: dict[str, Any] | None = Field(None, description="Only {'type': 'text'} is supported.")
+    max_completion_tokens: int | None = Field(
+        None, ge=1, description="Most output tokens (wins over max_tokens)."
+    )
+    max_tokens: int | None = Field(
+        None, ge=1, description="Deprecated alias of max_completion_tokens."
+    )
+    response_format: dict[str, Any] | None = Field(
+        None, description="Only {'type': 'text'} is supported."
+    )
     tool_choice: Any = Field(None, description="Unsupported.")
     tools: list[Any] | None = Field(None, description="Unsupported.")
     top_logprobs: int | None = Field(None, description="Unsupported.")
@@ -337,7 +428,11 @@ class ChatCompletionRequest(SamplingFields):
         return value
 
     def output_limit(self) -> int | None:
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        return (
+            self.max_completion_tokens
+            if self.max_completion_tokens is not None
+            else self.max_tokens
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -355,7 +450,9 @@ class CompletionRequest(SamplingFields):
     best_of: int | None = Field(None, ge=1, description="Unsupported beyond best_of == n.")
     echo: bool | None = Field(None, description="Unsupported: only false is accepted.")
     logprobs: int | None = Field(None, description="Unsupported.")
-    max_tokens: int | None = Field(None, ge=1, description="Most output tokens; default: the policy's.")
+    max_tokens: int | None = Field(
+        None, ge=1, description="Most output tokens; default: the policy's."
+    )
     suffix: str | None = Field(None, description="Unsupported.")
     # vLLM's completion extensions guard does not implement: accepted only with vLLM's default value.
     add_special_tokens: Any = None
@@ -365,8 +462,11 @@ class CompletionRequest(SamplingFields):
     @field_validator("add_special_tokens", "prompt_embeds", "response_format", mode="after")
     @classmethod
     def _completion_vllm_default_only(cls, value: Any, info: ValidationInfo) -> Any:
-        return _vllm_default_only(value, info.field_name, {"add_special_tokens": True, "prompt_embeds": None,
-                                                           "response_format": None})
+        return _vllm_default_only(
+            value,
+            info.field_name,
+            {"add_special_tokens": True, "prompt_embeds": None, "response_format": None},
+        )
 
     @field_validator("echo", "suffix", "logprobs")
     @classmethod

@@ -46,7 +46,9 @@ class InputTextPart(OpenAIRequest):
     @classmethod
     def _text_only(cls, value: str) -> str:
         if value not in ("input_text", "output_text", "text"):
-            raise ValueError(f"content part type {value!r} is not supported; only 'input_text' parts are")
+            raise ValueError(
+                f"content part type {value!r} is not supported; only 'input_text' parts are"
+            )
         return value
 
 
@@ -61,24 +63,41 @@ class InputMessage(OpenAIRequest):
     @classmethod
     def _message_only(cls, value: str) -> str:
         if value != "message":
-            raise ValueError(f"input item type {value!r} is not supported by guard; only 'message' items are")
+            raise ValueError(
+                f"input item type {value!r} is not supported by guard; only 'message' items are"
+            )
         return value
 
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return (
+            self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        )
 
 
 class ResponsesStreamOptions(OpenAIRequest):
-    include_obfuscation: bool | None = Field(None, description="Accepted; guard never adds obfuscation.")
+    include_obfuscation: bool | None = Field(
+        None, description="Accepted; guard never adds obfuscation."
+    )
 
     # --8<-- [start:guard-responses-stream-options]
     guard_resets: StrictBool | None = Field(
-        None, description="The client applies response.guard.reset events (see README, 'Streams').")
+        None, description="The client applies response.guard.reset events (see README, 'Streams')."
+    )
     # --8<-- [end:guard-responses-stream-options]
 
 
-_UNSUPPORTED = ("background", "conversation", "previous_response_id", "prompt", "include", "tools",
-                "reasoning", "top_logprobs", "max_tool_calls", "context_management")
+_UNSUPPORTED = (
+    "background",
+    "conversation",
+    "previous_response_id",
+    "prompt",
+    "include",
+    "tools",
+    "reasoning",
+    "top_logprobs",
+    "max_tool_calls",
+    "context_management",
+)
 
 
 class ResponsesRequest(VLLMSamplingFields):
@@ -87,21 +106,33 @@ class ResponsesRequest(VLLMSamplingFields):
     model: str
     input: str | Annotated[list[InputMessage], Field(min_length=1)]
     instructions: str | None = Field(None, description="A system message put before the input.")
-    max_output_tokens: int | None = Field(None, ge=1, description="Most output tokens; default: the policy's.")
+    max_output_tokens: int | None = Field(
+        None, ge=1, description="Most output tokens; default: the policy's."
+    )
     metadata: dict[str, str] | None = Field(None, description="Echoed on the response.")
-    store: bool | None = Field(None, description="Only false (or unset): guard does not store responses.")
+    store: bool | None = Field(
+        None, description="Only false (or unset): guard does not store responses."
+    )
     stream: bool = Field(False, description="Send the response as server-sent events.")
-    stream_options: ResponsesStreamOptions | None = Field(None, description="Only allowed with stream: true.")
+    stream_options: ResponsesStreamOptions | None = Field(
+        None, description="Only allowed with stream: true."
+    )
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    text: dict[str, Any] | None = Field(None, description="Only {'format': {'type': 'text'}} is supported.")
+    text: dict[str, Any] | None = Field(
+        None, description="Only {'format': {'type': 'text'}} is supported."
+    )
     tool_choice: Any = Field(None, description="Only 'none' or 'auto' with no tools.")
     truncation: Literal["disabled"] | None = Field(None, description="Only 'disabled'.")
     parallel_tool_calls: bool | None = Field(None, description="Accepted and ignored (no tools).")
     user: str | None = Field(None, description="Accepted, not used.")
     safety_identifier: str | None = Field(None, description="Accepted, not used.")
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="Unsupported: only 0 is accepted.")
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="Unsupported: only 0 is accepted.")
+    frequency_penalty: float | None = Field(
+        None, ge=-2.0, le=2.0, description="Unsupported: only 0 is accepted."
+    )
+    presence_penalty: float | None = Field(
+        None, ge=-2.0, le=2.0, description="Unsupported: only 0 is accepted."
+    )
     # Unsupported: any value other than null / empty is a 400 naming the field.
     background: Any = None
     conversation: Any = None
@@ -116,18 +147,26 @@ class ResponsesRequest(VLLMSamplingFields):
 
     # --8<-- [start:guard-responses-params]
     # Guard's vendor parameters (openai client: extra_body={...}). Strictly typed.
-    seed: Annotated[StrictInt, Field(ge=INT64_MIN, le=INT64_MAX)] | None = Field(None, description="Sampling seed.")
-    top_k: StrictInt | None = Field(None, ge=-1, description="Keep only the k most likely tokens; 0 or -1 "
-                                                             "(vLLM's spelling) disables.")
+    seed: Annotated[StrictInt, Field(ge=INT64_MIN, le=INT64_MAX)] | None = Field(
+        None, description="Sampling seed."
+    )
+    top_k: StrictInt | None = Field(
+        None,
+        ge=-1,
+        description="Keep only the k most likely tokens; 0 or -1 (vLLM's spelling) disables.",
+    )
     stop: StopSequence | Annotated[list[StopSequence], Field(max_length=MAX_STOP)] | None = Field(
-        None, description="Up to 4 sequences where generation stops (not included in the output).")
+        None, description="Up to 4 sequences where generation stops (not included in the output)."
+    )
     # --8<-- [end:guard-responses-params]
 
     @field_validator(*_UNSUPPORTED)
     @classmethod
     def _unsupported(cls, value: Any, info: ValidationInfo) -> Any:
         if value not in (None, False, [], {}):
-            raise ValueError(f"{info.field_name} is not supported by guard (text-only, nothing stored)")
+            raise ValueError(
+                f"{info.field_name} is not supported by guard (text-only, nothing stored)"
+            )
         return value
 
     @field_validator("frequency_penalty", "presence_penalty")
@@ -159,8 +198,9 @@ class ResponsesRequest(VLLMSamplingFields):
 
     @field_validator("stream_options")
     @classmethod
-    def _stream_options_need_stream(cls, value: ResponsesStreamOptions | None,
-                                    info: ValidationInfo) -> ResponsesStreamOptions | None:
+    def _stream_options_need_stream(
+        cls, value: ResponsesStreamOptions | None, info: ValidationInfo
+    ) -> ResponsesStreamOptions | None:
         if value is not None and not info.data.get("stream"):
             raise ValueError("stream_options is only allowed when stream is true")
         return value
@@ -171,7 +211,10 @@ class ResponsesRequest(VLLMSamplingFields):
         if isinstance(self.input, str):
             return [*out, {"role": "user", "content": self.input}]
         roles = {"developer": "system"}
-        return [*out, *({"role": roles.get(m.role, m.role), "content": m.text()} for m in self.input)]
+        return [
+            *out,
+            *({"role": roles.get(m.role, m.role), "content": m.text()} for m in self.input),
+        ]
 
     def stop_tuple(self) -> tuple[str, ...]:
         if self.stop is None:

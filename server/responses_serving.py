@@ -70,17 +70,33 @@ class ResponsesServing(GuardedServing):
 
     id_prefix = "resp"
 
-    async def create(self, req: ResponsesRequest, *, is_disconnected: IsDisconnected, caller: Caller = EVERYONE,
-                     resets_header: bool = False) -> ResponseObject | AsyncIterator[str]:
+    async def create(
+        self,
+        req: ResponsesRequest,
+        *,
+        is_disconnected: IsDisconnected,
+        caller: Caller = EVERYONE,
+        resets_header: bool = False,
+    ) -> ResponseObject | AsyncIterator[str]:
         """A :class:`ResponseObject`, or the SSE body when ``req.stream``."""
         check_responses(req, self.limits)
         rid = f"resp_{uuid.uuid4().hex}"
         gen = GenerationRequest(
-            model=req.model, request_id=rid, messages=req.messages(), max_tokens=req.max_output_tokens,
-            temperature=req.temperature, top_p=req.top_p, top_k=None if req.top_k == -1 else req.top_k,
-            seed=req.seed, stop=req.stop_tuple(), stop_token_ids=tuple(req.stop_token_ids or ()),
-            sampling=req.sampling_extensions(), allowed_models=caller.policies, group=rid,
-            client_retracts=client_retracts(req, resets_header))
+            model=req.model,
+            request_id=rid,
+            messages=req.messages(),
+            max_tokens=req.max_output_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            top_k=None if req.top_k == -1 else req.top_k,
+            seed=req.seed,
+            stop=req.stop_tuple(),
+            stop_token_ids=tuple(req.stop_token_ids or ()),
+            sampling=req.sampling_extensions(),
+            allowed_models=caller.policies,
+            group=rid,
+            client_retracts=client_retracts(req, resets_header),
+        )
         try:
             prepared = await self.prepare([gen], "input")
         except GuardError as exc:
@@ -89,12 +105,20 @@ class ResponsesServing(GuardedServing):
         if req.stream:
             return self.sse(rid, req, prepared, is_disconnected)
         [finished] = await self.finish_all(prepared, is_disconnected)
-        message = OutputMessage(id=f"msg_{uuid.uuid4().hex}", status=_item_status(finished),
-                                content=[OutputText(text=finished.text)])
+        message = OutputMessage(
+            id=f"msg_{uuid.uuid4().hex}",
+            status=_item_status(finished),
+            content=[OutputText(text=finished.text)],
+        )
         return response_object(rid, req, prepared[0], finished, [message])
 
-    async def sse(self, rid: str, req: ResponsesRequest, prepared: list[Prepared],
-                  is_disconnected: IsDisconnected) -> AsyncIterator[str]:
+    async def sse(
+        self,
+        rid: str,
+        req: ResponsesRequest,
+        prepared: list[Prepared],
+        is_disconnected: IsDisconnected,
+    ) -> AsyncIterator[str]:
         """The response body of a stream: ``event: TYPE`` / ``data: {event}`` pairs."""
         seq, item_id = itertools.count(), f"msg_{uuid.uuid4().hex}"
 
@@ -108,8 +132,14 @@ class ResponsesServing(GuardedServing):
             yield send(ResponseLifecycleEvent(type="response.in_progress", response=opening))
             item = OutputMessage(id=item_id, status="in_progress", content=[])
             yield send(OutputItemEvent(type="response.output_item.added", item=item))
-            yield send(ContentPartEvent(type="response.content_part.added", item_id=item_id, content_index=0,
-                                        part=OutputText(text="")))
+            yield send(
+                ContentPartEvent(
+                    type="response.content_part.added",
+                    item_id=item_id,
+                    content_index=0,
+                    part=OutputText(text=""),
+                )
+            )
             finished: Finished | None = None
             cut: Cut | None = None
             text = ""
@@ -119,10 +149,13 @@ class ResponsesServing(GuardedServing):
                         raise event.error
                     if isinstance(event, TextDelta) and event.text:
                         text += event.text
-                        yield send(TextDeltaEvent(type="response.output_text.delta", item_id=item_id,
-                                                  delta=event.text))
+                        yield send(
+                            TextDeltaEvent(
+                                type="response.output_text.delta", item_id=item_id, delta=event.text
+                            )
+                        )
                     elif isinstance(event, Reset):
-                        text = text[:len(text) - event.retract_chars]
+                        text = text[: len(text) - event.retract_chars]
                         yield send(GuardResetEvent(item_id=item_id, reset=_reset(event)))
                     elif isinstance(event, Cut):
                         cut = event
@@ -132,7 +165,9 @@ class ResponsesServing(GuardedServing):
                 return  # the client is gone
             for part in _closing_events(item_id, text if cut else finished.text, cut):
                 yield send(part)
-            parts: list[OutputText | OutputRefusal] = [OutputText(text=text if cut else finished.text)]
+            parts: list[OutputText | OutputRefusal] = [
+                OutputText(text=text if cut else finished.text)
+            ]
             parts += [OutputRefusal(refusal=cut.refusal)] if cut else []
             item = OutputMessage(id=item_id, status=_item_status(finished), content=parts)
             yield send(OutputItemEvent(type="response.output_item.done", item=item))
@@ -141,43 +176,86 @@ class ResponsesServing(GuardedServing):
             yield send(ResponseLifecycleEvent(type=kind, response=final))
         except Exception as exc:  # noqa: BLE001 - the status line is sent; errors become an event
             _, body = error_response(exc)
-            yield send(ErrorEvent(code=body.error.code or body.error.type, message=body.error.message,
-                                  param=body.error.param))
+            yield send(
+                ErrorEvent(
+                    code=body.error.code or body.error.type,
+                    message=body.error.message,
+                    param=body.error.param,
+                )
+            )
 
 
 def _closing_events(item_id: str, text: str, cut: Cut | None) -> Iterator[ResponseEvent]:
     """Close the text part; after a cut, add the refusal as its own part."""
     yield TextDoneEvent(type="response.output_text.done", item_id=item_id, text=text)
-    yield ContentPartEvent(type="response.content_part.done", item_id=item_id, content_index=0,
-                           part=OutputText(text=text))
+    yield ContentPartEvent(
+        type="response.content_part.done",
+        item_id=item_id,
+        content_index=0,
+        part=OutputText(text=text),
+    )
     if cut is None:
         return
-    yield ContentPartEvent(type="response.content_part.added", item_id=item_id, content_index=1,
-                           part=OutputRefusal(refusal=""))
-    yield RefusalDeltaEvent(type="response.refusal.delta", item_id=item_id, content_index=1, delta=cut.refusal)
-    yield RefusalDoneEvent(type="response.refusal.done", item_id=item_id, content_index=1, refusal=cut.refusal)
-    yield ContentPartEvent(type="response.content_part.done", item_id=item_id, content_index=1,
-                           part=OutputRefusal(refusal=cut.refusal))
+    yield ContentPartEvent(
+        type="response.content_part.added",
+        item_id=item_id,
+        content_index=1,
+        part=OutputRefusal(refusal=""),
+    )
+    yield RefusalDeltaEvent(
+        type="response.refusal.delta", item_id=item_id, content_index=1, delta=cut.refusal
+    )
+    yield RefusalDoneEvent(
+        type="response.refusal.done", item_id=item_id, content_index=1, refusal=cut.refusal
+    )
+    yield ContentPartEvent(
+        type="response.content_part.done",
+        item_id=item_id,
+        content_index=1,
+        part=OutputRefusal(refusal=cut.refusal),
+    )
 
 
-def response_object(rid: str, req: ResponsesRequest, prepared: Prepared, finished: Finished | None,
-                    output: list[OutputMessage]) -> ResponseObject:
+def response_object(
+    rid: str,
+    req: ResponsesRequest,
+    prepared: Prepared,
+    finished: Finished | None,
+    output: list[OutputMessage],
+) -> ResponseObject:
     """The ``Response``: in progress while ``finished`` is ``None``."""
-    common = dict(id=rid, model=prepared.model, instructions=req.instructions, max_output_tokens=req.max_output_tokens,
-                  temperature=req.temperature, top_p=req.top_p, metadata=req.metadata or {}, output=output)
+    common = dict(
+        id=rid,
+        model=prepared.model,
+        instructions=req.instructions,
+        max_output_tokens=req.max_output_tokens,
+        temperature=req.temperature,
+        top_p=req.top_p,
+        metadata=req.metadata or {},
+        output=output,
+    )
     if finished is None:
         return ResponseObject(status="in_progress", **common)
     u = finished.usage
-    usage = ResponseUsage(input_tokens=prepared.prompt_tokens, output_tokens=u.completion_tokens,
-                          total_tokens=prepared.prompt_tokens + u.completion_tokens)
+    usage = ResponseUsage(
+        input_tokens=prepared.prompt_tokens,
+        output_tokens=u.completion_tokens,
+        total_tokens=prepared.prompt_tokens + u.completion_tokens,
+    )
     usage.output_tokens_details.reasoning_tokens = u.reasoning_tokens
     status = _item_status(finished)
     incomplete = None
     if status == "incomplete":
-        incomplete = IncompleteDetails(reason="max_output_tokens" if finished.finish_reason == "length"
-                                       else "content_filter")
-    return ResponseObject(status=status, incomplete_details=incomplete, usage=usage, guard=guard_info(finished),
-                          **common)
+        incomplete = IncompleteDetails(
+            reason="max_output_tokens" if finished.finish_reason == "length" else "content_filter"
+        )
+    return ResponseObject(
+        status=status,
+        incomplete_details=incomplete,
+        usage=usage,
+        guard=guard_info(finished),
+        **common,
+    )
 
 
 def _item_status(finished: Finished) -> str:
@@ -185,5 +263,10 @@ def _item_status(finished: Finished) -> str:
 
 
 def _reset(r: Reset) -> GuardReset:
-    return GuardReset(retract_chars=r.retract_chars, retract_tokens=r.retract_tokens, monitor=r.monitor,
-                      retry=r.retry, marker=r.marker)
+    return GuardReset(
+        retract_chars=r.retract_chars,
+        retract_tokens=r.retract_tokens,
+        monitor=r.monitor,
+        retry=r.retry,
+        marker=r.marker,
+    )

@@ -63,17 +63,23 @@ class ReviewSource(Protocol):
     def output_tokens(self, record: GenerationRecord) -> list[str] | None: ...
 
 
-_bearer = HTTPBearer(auto_error=False, scheme_name="AdminKey",
-                     description="The server's admin key (GUARD_ADMIN_KEY); API keys are not admin keys.")
+_bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="AdminKey",
+    description="The server's admin key (GUARD_ADMIN_KEY); API keys are not admin keys.",
+)
 
 
-def require_admin(request: Request,
-                  credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+def require_admin(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> None:
     """404 unless an admin key is configured; 401 unless the request carries it as a bearer token."""
     admin_key = admin_key_in_force(request.app.state.settings.admin_key)
     if not admin_key:
         raise HTTPException(404)
-    check_admin(credentials.credentials if credentials is not None else None, admin_key, "The review API")
+    check_admin(
+        credentials.credentials if credentials is not None else None, admin_key, "The review API"
+    )
 
 
 def get_source(service: ServiceDep) -> ReviewSource:
@@ -104,17 +110,35 @@ _TIME = "Epoch seconds or ISO 8601 (without a zone: the server's local time)."
 
 
 def get_filters(
-    policy: Annotated[str | None, Query(description="Only records served under this policy name.")] = None,
+    policy: Annotated[
+        str | None, Query(description="Only records served under this policy name.")
+    ] = None,
     outcome: Annotated[LogOutcome | None, Query(description="Only this outcome.")] = None,
-    monitor: Annotated[str | None, Query(description="Only records where this monitor fired.")] = None,
-    since: Annotated[datetime | None, Query(description="Only records created at or after this time. " + _TIME)] = None,
-    until: Annotated[datetime | None, Query(description="Only records created before this time. " + _TIME)] = None,
-    label: Annotated[LabelFilter | None, Query(description="Only records whose latest label is this "
-                                                           "('unlabelled': not reviewed yet).")] = None,
+    monitor: Annotated[
+        str | None, Query(description="Only records where this monitor fired.")
+    ] = None,
+    since: Annotated[
+        datetime | None, Query(description="Only records created at or after this time. " + _TIME)
+    ] = None,
+    until: Annotated[
+        datetime | None, Query(description="Only records created before this time. " + _TIME)
+    ] = None,
+    label: Annotated[
+        LabelFilter | None,
+        Query(
+            description="Only records whose latest label is this ('unlabelled': not reviewed yet)."
+        ),
+    ] = None,
 ) -> Filters:
     """The list filters of the query string (bad values: 400 through the request validation)."""
-    return Filters(policy or None, outcome, monitor or None, since.timestamp() if since else None,
-                   until.timestamp() if until else None, label)
+    return Filters(
+        policy or None,
+        outcome,
+        monitor or None,
+        since.timestamp() if since else None,
+        until.timestamp() if until else None,
+        label,
+    )
 
 
 FiltersDep = Annotated[Filters, Depends(get_filters)]
@@ -123,9 +147,12 @@ router = APIRouter(prefix=PREFIX, tags=["review"], dependencies=[Depends(require
 
 
 @router.get("/logs", response_model=ReviewList)
-def list_logs(source: SourceDep, filters: FiltersDep,
-              limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
-              offset: Annotated[int, Query(ge=0)] = 0) -> ReviewList:
+def list_logs(
+    source: SourceDep,
+    filters: FiltersDep,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> ReviewList:
     """A page of logged generations, newest first, over every served log store."""
     rows, total = page(source.log_stores(), filters, limit, offset)
     return ReviewList(items=[_summary(r) for r in rows], total=total, limit=limit, offset=offset)
@@ -137,9 +164,13 @@ def get_log(log_id: str, source: SourceDep) -> ReviewRecord:
     store, full_id = source.find_log(log_id)
     record = store.get(full_id)
     thresholds = source.monitor_thresholds(record.policy_name, record.policy_hash)
-    return ReviewRecord(id=full_id, record=record, output_tokens=source.output_tokens(record),
-                        monitors=monitor_views(record, thresholds),
-                        labels=[_label(x) for x in store.labels(full_id)])
+    return ReviewRecord(
+        id=full_id,
+        record=record,
+        output_tokens=source.output_tokens(record),
+        monitors=monitor_views(record, thresholds),
+        labels=[_label(x) for x in store.labels(full_id)],
+    )
 
 
 @router.post("/logs/{log_id}/labels", response_model=LabelView)
@@ -153,24 +184,41 @@ def label_log(log_id: str, body: LabelRequest, source: SourceDep) -> LabelView:
 def filter_values(source: SourceDep) -> ReviewFilters:
     """The policies and monitors that occur in the logs, and the outcomes and labels to filter by."""
     stores = source.log_stores()
-    return ReviewFilters(policies=sorted({p for s in stores for p in s.policies()}),
-                         monitors=sorted({m for s in stores for m in s.monitors()}),
-                         outcomes=list(OUTCOMES), labels=[*LABELS, UNLABELLED])
+    return ReviewFilters(
+        policies=sorted({p for s in stores for p in s.policies()}),
+        monitors=sorted({m for s in stores for m in s.monitors()}),
+        outcomes=list(OUTCOMES),
+        labels=[*LABELS, UNLABELLED],
+    )
 
 
-@router.get("/export", response_class=Response, responses={200: {
-    "description": "One JSON object per line: the labelled records as probe-training rows (guard.loop).",
-    "content": {"application/x-ndjson": {"schema": {"type": "string"}}}}})
+@router.get(
+    "/export",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "One JSON object per line: the labelled records as probe-training rows (guard.loop).",
+            "content": {"application/x-ndjson": {"schema": {"type": "string"}}},
+        }
+    },
+)
 def export_labels(source: SourceDep, filters: FiltersDep) -> Response:
     """Labelled records as probe-training rows (JSON lines); the label filter does not apply."""
-    kwargs = {k: v for k, v in filters.kwargs().items() if k in ("policy", "monitor", "since", "until")}
+    kwargs = {
+        k: v for k, v in filters.kwargs().items() if k in ("policy", "monitor", "since", "until")
+    }
     rows = [row for store in source.log_stores() for row in export_labelled(store, **kwargs)]
     body = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    return Response(body, media_type="application/x-ndjson",
-                    headers={"Content-Disposition": 'attachment; filename="guard-labelled.jsonl"'})
+    return Response(
+        body,
+        media_type="application/x-ndjson",
+        headers={"Content-Disposition": 'attachment; filename="guard-labelled.jsonl"'},
+    )
 
 
-def page(stores: Sequence[LogStore], filters: Filters, limit: int, offset: int) -> tuple[list[LogSummary], int]:
+def page(
+    stores: Sequence[LogStore], filters: Filters, limit: int, offset: int
+) -> tuple[list[LogSummary], int]:
     """Rows ``offset..offset+limit`` of the stores' records merged newest first, and the total."""
     kw = filters.kwargs()
     if len(stores) == 1:
@@ -178,42 +226,75 @@ def page(stores: Sequence[LogStore], filters: Filters, limit: int, offset: int) 
     # Each store's first offset+limit rows hold every row of the merged page.
     rows = [r for s in stores for r in s.list(limit=offset + limit, offset=0, **kw)]
     rows.sort(key=lambda r: (r.created, r.id), reverse=True)
-    return rows[offset:offset + limit], sum(s.count(**kw) for s in stores)
+    return rows[offset : offset + limit], sum(s.count(**kw) for s in stores)
 
 
-def monitor_views(record: GenerationRecord, served_thresholds: dict[str, float]) -> list[MonitorView]:
+def monitor_views(
+    record: GenerationRecord, served_thresholds: dict[str, float]
+) -> list[MonitorView]:
     """Per monitor named anywhere in ``record``: its threshold, firing positions and highest score."""
     names: dict[str, None] = {}
-    for name in [*record.final_scores, *(m for s in record.spans for m in s.scores), *(s.monitor for s in record.spans),
-                 *(f.monitor for f in record.firings), *record.prompt_scores,
-                 *(e.monitor for e in record.monitor_errors)]:
+    for name in [
+        *record.final_scores,
+        *(m for s in record.spans for m in s.scores),
+        *(s.monitor for s in record.spans),
+        *(f.monitor for f in record.firings),
+        *record.prompt_scores,
+        *(e.monitor for e in record.monitor_errors),
+    ]:
         names.setdefault(name)
     views = []
     for name in names:
         known = [s.threshold for s in record.spans if s.monitor == name]
-        known += [f.threshold for f in record.firings if f.monitor == name and f.threshold is not None]
+        known += [
+            f.threshold for f in record.firings if f.monitor == name and f.threshold is not None
+        ]
         firings = [f for f in record.firings if f.monitor == name]
         output = {s.fired_at for s in record.spans if s.monitor == name}
         output |= {f.position for f in firings if f.scope == "output"}
         prompt = sorted({f.position for f in firings if f.scope == "prompt"})
-        scores = [v for s in record.spans for v in s.aggregated.get(name, [])] + record.final_scores.get(name, [])
-        views.append(MonitorView(
-            name=name, threshold=known[0] if known else served_thresholds.get(name),
-            fired=bool(output or prompt) or name in record.monitors_fired, output_firings=sorted(output),
-            prompt_firings=prompt, max_score=max(scores, default=None)))
+        scores = [
+            v for s in record.spans for v in s.aggregated.get(name, [])
+        ] + record.final_scores.get(name, [])
+        views.append(
+            MonitorView(
+                name=name,
+                threshold=known[0] if known else served_thresholds.get(name),
+                fired=bool(output or prompt) or name in record.monitors_fired,
+                output_firings=sorted(output),
+                prompt_firings=prompt,
+                max_score=max(scores, default=None),
+            )
+        )
     return views
 
 
 def _summary(row: LogSummary) -> ReviewSummary:
-    return ReviewSummary(id=row.id, created=row.created, request_id=row.request_id, policy_name=row.policy_name,
-                         policy_hash=row.policy_hash, model=row.model, outcome=row.outcome,
-                         finish_reason=row.finish_reason, resets=row.resets, monitors_fired=row.monitors_fired,
-                         preview=row.preview, label=row.label, label_note=row.label_note)
+    return ReviewSummary(
+        id=row.id,
+        created=row.created,
+        request_id=row.request_id,
+        policy_name=row.policy_name,
+        policy_hash=row.policy_hash,
+        model=row.model,
+        outcome=row.outcome,
+        finish_reason=row.finish_reason,
+        resets=row.resets,
+        monitors_fired=row.monitors_fired,
+        preview=row.preview,
+        label=row.label,
+        label_note=row.label_note,
+    )
 
 
 def _label(label: Label) -> LabelView:
-    return LabelView(log_id=label.log_id, label=label.label, note=label.note, reviewer=label.reviewer,
-                     created=_epoch(label.created))
+    return LabelView(
+        log_id=label.log_id,
+        label=label.label,
+        note=label.note,
+        reviewer=label.reviewer,
+        created=_epoch(label.created),
+    )
 
 
 def _epoch(value: float | datetime) -> float:

@@ -20,7 +20,7 @@ STATIC = Path(__file__).resolve().parent / "static"
 ASSETS = {"review.js": "text/javascript", "review.css": "text/css"}
 HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-                               "connect-src 'self'; form-action 'none'; base-uri 'none'; frame-ancestors 'none'",
+    "connect-src 'self'; form-action 'none'; base-uri 'none'; frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-cache",

@@ -27,9 +27,15 @@ class LabelRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     label: LabelName
-    note: str = Field("", max_length=4000, description="Free text: why, what the monitor missed or got wrong.")
-    reviewer: str = Field(min_length=1, max_length=200, pattern=r"\S",
-                          description="Who labels (the review page asks for a name once per session).")
+    note: str = Field(
+        "", max_length=4000, description="Free text: why, what the monitor missed or got wrong."
+    )
+    reviewer: str = Field(
+        min_length=1,
+        max_length=200,
+        pattern=r"\S",
+        description="Who labels (the review page asks for a name once per session).",
+    )
 
 
 class LabelView(BaseModel):
@@ -73,14 +79,22 @@ class MonitorView(BaseModel):
     """What the record says about one monitor, gathered from its spans, firings and scores."""
 
     name: str
-    threshold: float | None = Field(description="The threshold the record was judged by (from its spans and "
-                                                "firings, else from the served policy when it is the same "
-                                                "version); null: unknown.")
-    fired: bool = Field(description="Whether it fired anywhere in this record (log-only firings included).")
-    output_firings: list[int] = Field(description="Output positions where it fired (every attempt).")
+    threshold: float | None = Field(
+        description="The threshold the record was judged by (from its spans and "
+        "firings, else from the served policy when it is the same "
+        "version); null: unknown."
+    )
+    fired: bool = Field(
+        description="Whether it fired anywhere in this record (log-only firings included)."
+    )
+    output_firings: list[int] = Field(
+        description="Output positions where it fired (every attempt)."
+    )
     prompt_firings: list[int] = Field(description="Prompt positions where it fired.")
-    max_score: float | None = Field(description="Highest aggregated score over discarded spans and raw score "
-                                                "over the accepted output; null: it scored no output token.")
+    max_score: float | None = Field(
+        description="Highest aggregated score over discarded spans and raw score "
+        "over the accepted output; null: it scored no output token."
+    )
 
 
 class ReviewRecord(BaseModel):
@@ -90,7 +104,8 @@ class ReviewRecord(BaseModel):
     record: GenerationRecord = Field(description="The stored record, exactly as the log keeps it.")
     output_tokens: list[str] | None = Field(
         description="Each token of record.output_ids decoded on its own (for the token heatmap); null when no "
-                    "served tokenizer reproduces the record's answer (its model is no longer served).")
+        "served tokenizer reproduces the record's answer (its model is no longer served)."
+    )
     monitors: list[MonitorView]
     labels: list[LabelView] = Field(description="Label history, oldest first.")
 

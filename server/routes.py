@@ -30,8 +30,9 @@ def get_service(request: Request) -> GenerationService:
 ServiceDep = Annotated[GenerationService, Depends(get_service)]
 
 
-def get_caller(request: Request, service: ServiceDep,
-               authorization: Annotated[str | None, Header()] = None) -> Caller:
+def get_caller(
+    request: Request, service: ServiceDep, authorization: Annotated[str | None, Header()] = None
+) -> Caller:
     """The caller; 401 unless the key is global or bound by a policy (no keys anywhere: no check)."""
     return authenticate(authorization, request.app.state.settings.api_keys, service.key_bindings())
 
@@ -71,28 +72,47 @@ v1 = APIRouter(prefix="/v1", dependencies=[Depends(get_caller)])
 
 
 @v1.post("/chat/completions", response_model=None)
-async def create_chat_completion(body: ChatCompletionRequest, request: Request, chat: ChatDep,
-                                 caller: CallerDep, resets: ResetsDep) -> Response:
+async def create_chat_completion(
+    body: ChatCompletionRequest,
+    request: Request,
+    chat: ChatDep,
+    caller: CallerDep,
+    resets: ResetsDep,
+) -> Response:
     """Create a guarded chat completion (OpenAI Chat Completions API)."""
-    result = await chat.create(body, is_disconnected=request.is_disconnected, caller=caller, resets_header=resets)
+    result = await chat.create(
+        body, is_disconnected=request.is_disconnected, caller=caller, resets_header=resets
+    )
     return _respond(result)
 
 
 @v1.post("/completions", response_model=None)
-async def create_completion(body: CompletionRequest, request: Request, completions: CompletionDep,
-                            caller: CallerDep, resets: ResetsDep) -> Response:
+async def create_completion(
+    body: CompletionRequest,
+    request: Request,
+    completions: CompletionDep,
+    caller: CallerDep,
+    resets: ResetsDep,
+) -> Response:
     """Create a guarded text completion (OpenAI Completions API)."""
-    result = await completions.create(body, is_disconnected=request.is_disconnected, caller=caller,
-                                      resets_header=resets)
+    result = await completions.create(
+        body, is_disconnected=request.is_disconnected, caller=caller, resets_header=resets
+    )
     return _respond(result)
 
 
 @v1.post("/responses", response_model=None)
-async def create_response(body: ResponsesRequest, request: Request, responses: ResponsesDep,
-                          caller: CallerDep, resets: ResetsDep) -> Response:
+async def create_response(
+    body: ResponsesRequest,
+    request: Request,
+    responses: ResponsesDep,
+    caller: CallerDep,
+    resets: ResetsDep,
+) -> Response:
     """Create a guarded model response (OpenAI Responses API; text in, text out, not stored)."""
-    result = await responses.create(body, is_disconnected=request.is_disconnected, caller=caller,
-                                    resets_header=resets)
+    result = await responses.create(
+        body, is_disconnected=request.is_disconnected, caller=caller, resets_header=resets
+    )
     return _respond(result)
 
 
@@ -107,7 +127,9 @@ async def retrieve_model(model: str, service: ServiceDep, caller: CallerDep) -> 
     """Describe one served model."""
     card = model_card(service, model, caller)
     if card is None:
-        raise NotFoundError(f"The model '{model}' does not exist or you do not have access to it.", param="model")
+        raise NotFoundError(
+            f"The model '{model}' does not exist or you do not have access to it.", param="model"
+        )
     return _respond(card)
 
 
@@ -117,7 +139,9 @@ async def health() -> Response:
     return JSONResponse({"status": "ok"})
 
 
-def admin_view(request: Request, service: ServiceDep, authorization: Annotated[str | None, Header()] = None) -> None:
+def admin_view(
+    request: Request, service: ServiceDep, authorization: Annotated[str | None, Header()] = None
+) -> None:
     """Operators only: ``Bearer $GUARD_ADMIN_KEY`` when an admin key is set; without one, open only
     while no API key is configured at all (a local, unauthenticated server), else 404."""
     settings = request.app.state.settings
@@ -125,8 +149,11 @@ def admin_view(request: Request, service: ServiceDep, authorization: Annotated[s
     if admin_key:
         check_admin(bearer_token(authorization), admin_key, "/health/detail")
     elif settings.api_keys or service.key_bindings():
-        raise NotFoundError("Unknown request URL. Set GUARD_ADMIN_KEY to read /health/detail on a server "
-                            "with API keys.", code="unknown_url")
+        raise NotFoundError(
+            "Unknown request URL. Set GUARD_ADMIN_KEY to read /health/detail on a server "
+            "with API keys.",
+            code="unknown_url",
+        )
 
 
 @router.get("/health/detail", response_model=None, dependencies=[Depends(admin_view)])
@@ -141,5 +168,8 @@ router.include_router(v1)
 def _respond(result: BaseModel | AsyncIterator[str]) -> Response:
     if isinstance(result, BaseModel):
         return JSONResponse(result.model_dump(mode="json"))
-    return StreamingResponse(result, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        result,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )

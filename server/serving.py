@@ -103,8 +103,12 @@ def model_list(service: GenerationService, caller: Caller = EVERYONE) -> ModelLi
     return ModelList(data=[_card(m) for m in service.list_models() if caller.may_use(m.id)])
 
 
-def model_card(service: GenerationService, model_id: str, caller: Caller = EVERYONE) -> ModelCard | None:
-    return next((_card(m) for m in service.list_models() if m.id == model_id and caller.may_use(m.id)), None)
+def model_card(
+    service: GenerationService, model_id: str, caller: Caller = EVERYONE
+) -> ModelCard | None:
+    return next(
+        (_card(m) for m in service.list_models() if m.id == model_id and caller.may_use(m.id)), None
+    )
 
 
 def _card(m: ServedModel) -> ModelCard:
@@ -116,8 +120,13 @@ class GuardedServing:
 
     id_prefix = "cmpl"
 
-    def __init__(self, service: GenerationService, *, disconnect_poll_s: float = 0.25,
-                 limits: RequestLimits | None = None) -> None:
+    def __init__(
+        self,
+        service: GenerationService,
+        *,
+        disconnect_poll_s: float = 0.25,
+        limits: RequestLimits | None = None,
+    ) -> None:
         self.service = service
         self.disconnect_poll_s = disconnect_poll_s
         self.limits = limits or RequestLimits()
@@ -133,7 +142,9 @@ class GuardedServing:
             check_prompt_tokens(p.prompt_tokens, self.limits, param)
         return prepared
 
-    async def finish_all(self, prepared: list[Prepared], is_disconnected: IsDisconnected) -> list[Finished]:
+    async def finish_all(
+        self, prepared: list[Prepared], is_disconnected: IsDisconnected
+    ) -> list[Finished]:
         """Run the generations to the end; raise the first failure or :class:`ClientDisconnected`."""
         results: dict[int, Finished] = {}
         async with aclosing(self.events(prepared, is_disconnected)) as events:
@@ -146,8 +157,9 @@ class GuardedServing:
             raise ClientDisconnected()
         return [results[i] for i in range(len(prepared))]
 
-    async def events(self, prepared: list[Prepared],
-                     is_disconnected: IsDisconnected) -> AsyncGenerator[tuple[int, Event], None]:
+    async def events(
+        self, prepared: list[Prepared], is_disconnected: IsDisconnected
+    ) -> AsyncGenerator[tuple[int, Event], None]:
         """Every generation's events, interleaved, tagged with the choice index.
 
         Ends after each generation's last event, or early (without an error) when the client
@@ -169,7 +181,9 @@ class GuardedServing:
         running, checked, getter = len(tasks), time.monotonic(), None
         try:
             while running:
-                if getter is None and not queue.empty():  # the common case: no task, no timer per event
+                if (
+                    getter is None and not queue.empty()
+                ):  # the common case: no task, no timer per event
                     index, item = queue.get_nowait()
                 else:
                     # One getter outlives the timeouts so that no event is lost to a cancelled get().
@@ -205,14 +219,28 @@ class ChunkedServing(GuardedServing, ABC):
     def opening_chunk(self, rid: str, model: str, index: int) -> BaseModel | None: ...
 
     @abstractmethod
-    def chunk(self, rid: str, model: str, index: int, *, text: str = "", finished: Finished | None = None,
-              reset: Reset | None = None, cut: Cut | None = None) -> BaseModel: ...
+    def chunk(
+        self,
+        rid: str,
+        model: str,
+        index: int,
+        *,
+        text: str = "",
+        finished: Finished | None = None,
+        reset: Reset | None = None,
+        cut: Cut | None = None,
+    ) -> BaseModel: ...
 
     @abstractmethod
     def usage_chunk(self, rid: str, model: str, usage: UsageInfo) -> BaseModel: ...
 
-    async def sse(self, rid: str, prepared: list[Prepared], is_disconnected: IsDisconnected,
-                  include_usage: bool) -> AsyncIterator[str]:
+    async def sse(
+        self,
+        rid: str,
+        prepared: list[Prepared],
+        is_disconnected: IsDisconnected,
+        include_usage: bool,
+    ) -> AsyncIterator[str]:
         """The response body of a stream: ``data: {chunk}`` events, then ``data: [DONE]``."""
         model = prepared[0].model
         finished: dict[int, Finished] = {}
@@ -247,33 +275,72 @@ class ChatServing(ChunkedServing):
 
     id_prefix = "chatcmpl"
 
-    async def create(self, req: ChatCompletionRequest, *, is_disconnected: IsDisconnected,
-                     caller: Caller = EVERYONE, resets_header: bool = False) -> ChatCompletion | AsyncIterator[str]:
+    async def create(
+        self,
+        req: ChatCompletionRequest,
+        *,
+        is_disconnected: IsDisconnected,
+        caller: Caller = EVERYONE,
+        resets_header: bool = False,
+    ) -> ChatCompletion | AsyncIterator[str]:
         """A :class:`ChatCompletion`, or the SSE body when ``req.stream``."""
         check_chat(req, self.limits)
         rid = self.new_id()
         messages = [{"role": _template_role(m.role), "content": m.text()} for m in req.messages]
         retracts = client_retracts(req, resets_header)
-        gens = [generation(req, _choice_id(rid, i, req.n), i, caller=caller, max_tokens=req.output_limit(),
-                           group=rid, client_retracts=retracts, messages=messages) for i in range(req.n)]
+        gens = [
+            generation(
+                req,
+                _choice_id(rid, i, req.n),
+                i,
+                caller=caller,
+                max_tokens=req.output_limit(),
+                group=rid,
+                client_retracts=retracts,
+                messages=messages,
+            )
+            for i in range(req.n)
+        ]
         prepared = await self.prepare(gens, "messages")
         if req.stream:
             return self.sse(rid, prepared, is_disconnected, req.include_usage())
         results = await self.finish_all(prepared, is_disconnected)
-        choices = [ChatCompletionChoice(index=i, message=ChatCompletionMessage(content=f.text),
-                                        finish_reason=finish_reason(f), guard=guard_info(f))
-                   for i, f in enumerate(results)]
-        return ChatCompletion(id=rid, model=prepared[0].model, choices=choices, usage=usage(prepared, results))
+        choices = [
+            ChatCompletionChoice(
+                index=i,
+                message=ChatCompletionMessage(content=f.text),
+                finish_reason=finish_reason(f),
+                guard=guard_info(f),
+            )
+            for i, f in enumerate(results)
+        ]
+        return ChatCompletion(
+            id=rid, model=prepared[0].model, choices=choices, usage=usage(prepared, results)
+        )
 
     def opening_chunk(self, rid: str, model: str, index: int) -> ChatCompletionChunk:
-        choice = ChatCompletionChunkChoice(index=index, delta=DeltaMessage(role="assistant", content=""))
+        choice = ChatCompletionChunkChoice(
+            index=index, delta=DeltaMessage(role="assistant", content="")
+        )
         return ChatCompletionChunk(id=rid, model=model, choices=[choice])
 
-    def chunk(self, rid: str, model: str, index: int, *, text: str = "", finished: Finished | None = None,
-              reset: Reset | None = None, cut: Cut | None = None) -> ChatCompletionChunk:
-        choice = ChatCompletionChunkChoice(index=index, delta=DeltaMessage(content=text or None),
-                                           finish_reason=finish_reason(finished) if finished else None,
-                                           guard=_chunk_guard(finished, reset, cut))
+    def chunk(
+        self,
+        rid: str,
+        model: str,
+        index: int,
+        *,
+        text: str = "",
+        finished: Finished | None = None,
+        reset: Reset | None = None,
+        cut: Cut | None = None,
+    ) -> ChatCompletionChunk:
+        choice = ChatCompletionChunkChoice(
+            index=index,
+            delta=DeltaMessage(content=text or None),
+            finish_reason=finish_reason(finished) if finished else None,
+            guard=_chunk_guard(finished, reset, cut),
+        )
         return ChatCompletionChunk(id=rid, model=model, choices=[choice])
 
     def usage_chunk(self, rid: str, model: str, usage: UsageInfo) -> ChatCompletionChunk:
@@ -285,33 +352,71 @@ class CompletionServing(ChunkedServing):
 
     id_prefix = "cmpl"
 
-    async def create(self, req: CompletionRequest, *, is_disconnected: IsDisconnected,
-                     caller: Caller = EVERYONE, resets_header: bool = False) -> Completion | AsyncIterator[str]:
+    async def create(
+        self,
+        req: CompletionRequest,
+        *,
+        is_disconnected: IsDisconnected,
+        caller: Caller = EVERYONE,
+        resets_header: bool = False,
+    ) -> Completion | AsyncIterator[str]:
         """A :class:`Completion`, or the SSE body when ``req.stream``."""
         check_completion(req, self.limits)
         rid = self.new_id()
         prompts = req.prompts()
         total = len(prompts) * req.n
         retracts = client_retracts(req, resets_header)
-        gens = [generation(req, _choice_id(rid, p * req.n + k, total), k, caller=caller,
-                           max_tokens=req.max_tokens, group=rid, client_retracts=retracts, prompt=prompt)
-                for p, prompt in enumerate(prompts) for k in range(req.n)]
+        gens = [
+            generation(
+                req,
+                _choice_id(rid, p * req.n + k, total),
+                k,
+                caller=caller,
+                max_tokens=req.max_tokens,
+                group=rid,
+                client_retracts=retracts,
+                prompt=prompt,
+            )
+            for p, prompt in enumerate(prompts)
+            for k in range(req.n)
+        ]
         prepared = await self.prepare(gens, "prompt")
         if req.stream:
             return self.sse(rid, prepared, is_disconnected, req.include_usage())
         results = await self.finish_all(prepared, is_disconnected)
-        choices = [CompletionChoice(index=i, text=f.text, finish_reason=finish_reason(f), guard=guard_info(f))
-                   for i, f in enumerate(results)]
-        return Completion(id=rid, model=prepared[0].model, choices=choices,
-                          usage=usage(prepared, results, per_prompt=req.n))
+        choices = [
+            CompletionChoice(
+                index=i, text=f.text, finish_reason=finish_reason(f), guard=guard_info(f)
+            )
+            for i, f in enumerate(results)
+        ]
+        return Completion(
+            id=rid,
+            model=prepared[0].model,
+            choices=choices,
+            usage=usage(prepared, results, per_prompt=req.n),
+        )
 
     def opening_chunk(self, rid: str, model: str, index: int) -> None:
         return None
 
-    def chunk(self, rid: str, model: str, index: int, *, text: str = "", finished: Finished | None = None,
-              reset: Reset | None = None, cut: Cut | None = None) -> Completion:
-        choice = CompletionChoice(index=index, text=text, finish_reason=finish_reason(finished) if finished else None,
-                                  guard=_chunk_guard(finished, reset, cut))
+    def chunk(
+        self,
+        rid: str,
+        model: str,
+        index: int,
+        *,
+        text: str = "",
+        finished: Finished | None = None,
+        reset: Reset | None = None,
+        cut: Cut | None = None,
+    ) -> Completion:
+        choice = CompletionChoice(
+            index=index,
+            text=text,
+            finish_reason=finish_reason(finished) if finished else None,
+            guard=_chunk_guard(finished, reset, cut),
+        )
         return Completion(id=rid, model=model, choices=[choice])
 
     def usage_chunk(self, rid: str, model: str, usage: UsageInfo) -> Completion:
@@ -321,20 +426,37 @@ class CompletionServing(ChunkedServing):
 # -- request -> GenerationRequest ---------------------------------------------------------------
 
 
-def generation(req: ChatCompletionRequest | CompletionRequest, request_id: str, k: int, *, caller: Caller,
-               max_tokens: int | None,
-               group: str | None = None, client_retracts: bool = True, **source: Any) -> GenerationRequest:
+def generation(
+    req: ChatCompletionRequest | CompletionRequest,
+    request_id: str,
+    k: int,
+    *,
+    caller: Caller,
+    max_tokens: int | None,
+    group: str | None = None,
+    client_retracts: bool = True,
+    **source: Any,
+) -> GenerationRequest:
     """The ``k``-th generation of ``req`` (seed + k); ``source`` is ``messages=`` or ``prompt=``;
     ``group``: the client request's id (its generations share the engine worker's turns)."""
     return GenerationRequest(
-        model=req.model, request_id=request_id, max_tokens=max_tokens, temperature=req.temperature,
-        top_p=req.top_p, top_k=None if req.top_k == -1 else req.top_k,
+        model=req.model,
+        request_id=request_id,
+        max_tokens=max_tokens,
+        temperature=req.temperature,
+        top_p=req.top_p,
+        top_k=None if req.top_k == -1 else req.top_k,
         seed=None if req.seed is None else _wrap_int64(req.seed + k),
-        stop=req.stop_tuple(), stop_token_ids=tuple(req.stop_token_ids or ()),
+        stop=req.stop_tuple(),
+        stop_token_ids=tuple(req.stop_token_ids or ()),
         logit_bias={int(t): b for t, b in (req.logit_bias or {}).items()},
         banned_token_ids=frozenset(req.banned_token_ids or ()),
-        allowed_models=caller.policies, group=group, client_retracts=client_retracts,
-        sampling=req.sampling_extensions(), **source)
+        allowed_models=caller.policies,
+        group=group,
+        client_retracts=client_retracts,
+        sampling=req.sampling_extensions(),
+        **source,
+    )
 
 
 def client_retracts(req: Any, resets_header: bool) -> bool:
@@ -365,28 +487,46 @@ def finish_reason(f: Finished) -> str:
 
 
 def guard_info(f: Finished) -> GuardInfo:
-    return GuardInfo(outcome=f.outcome, resets=f.resets, log_id=f.log_id, monitors_fired=list(f.monitors_fired),
-                     generated_tokens=f.usage.generated_tokens, reasoning_tokens=f.usage.reasoning_tokens or None)
+    return GuardInfo(
+        outcome=f.outcome,
+        resets=f.resets,
+        log_id=f.log_id,
+        monitors_fired=list(f.monitors_fired),
+        generated_tokens=f.usage.generated_tokens,
+        reasoning_tokens=f.usage.reasoning_tokens or None,
+    )
 
 
-def _chunk_guard(finished: Finished | None, reset: Reset | None,
-                 cut: Cut | None = None) -> GuardInfo | ResetNotice | CutNotice | None:
+def _chunk_guard(
+    finished: Finished | None, reset: Reset | None, cut: Cut | None = None
+) -> GuardInfo | ResetNotice | CutNotice | None:
     if finished is not None:
         return guard_info(finished)
     if cut is not None:
         return CutNotice(cut=GuardCut(kept_chars=cut.kept_chars, monitor=cut.monitor))
     if reset is not None:
-        return ResetNotice(reset=GuardReset(retract_chars=reset.retract_chars, retract_tokens=reset.retract_tokens,
-                                            monitor=reset.monitor, retry=reset.retry, marker=reset.marker))
+        return ResetNotice(
+            reset=GuardReset(
+                retract_chars=reset.retract_chars,
+                retract_tokens=reset.retract_tokens,
+                monitor=reset.monitor,
+                retry=reset.retry,
+                marker=reset.marker,
+            )
+        )
     return None
 
 
-def usage(prepared: list[Prepared], results: list[Finished], per_prompt: int | None = None) -> UsageInfo:
+def usage(
+    prepared: list[Prepared], results: list[Finished], per_prompt: int | None = None
+) -> UsageInfo:
     """Prompt tokens count once per distinct prompt (n choices share one); completion tokens per choice."""
     step = per_prompt or len(prepared)
     prompt = sum(p.prompt_tokens for p in prepared[::step])
     completion = sum(f.usage.completion_tokens for f in results)
-    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    return UsageInfo(
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+    )
 
 
 def _sse(chunk: BaseModel) -> str:

@@ -29,7 +29,9 @@ class PostgresCluster:
 
     def __init__(self, bindir: Path):
         self.bindir = bindir
-        self.dir = Path(tempfile.mkdtemp(prefix="guard-pg-"))  # under /tmp: reachable by the server user
+        self.dir = Path(
+            tempfile.mkdtemp(prefix="guard-pg-")
+        )  # under /tmp: reachable by the server user
         self.run_as = _server_user()
         if self.run_as is not None:
             os.chown(self.dir, self.run_as.pw_uid, self.run_as.pw_gid)
@@ -37,18 +39,41 @@ class PostgresCluster:
         self._names = itertools.count()
 
     def start(self) -> None:
-        self._run("initdb", "-D", str(self.dir / "data"), "-U", "guard", "-A", "trust", "-E", "UTF8", "--no-sync")
+        self._run(
+            "initdb",
+            "-D",
+            str(self.dir / "data"),
+            "-U",
+            "guard",
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        )
         for _ in range(3):  # the free port may be taken between finding and binding it
             self.port = _free_port()
             opts = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
-            done = self._run("pg_ctl", "-D", str(self.dir / "data"), "-l", str(self.dir / "server.log"), "-w",
-                             "-o", opts, "start", check=False)
+            done = self._run(
+                "pg_ctl",
+                "-D",
+                str(self.dir / "data"),
+                "-l",
+                str(self.dir / "server.log"),
+                "-w",
+                "-o",
+                opts,
+                "start",
+                check=False,
+            )
             if done.returncode == 0:
                 return
         raise RuntimeError(f"postgres did not start: {done.stderr}\n{self.log()}")
 
     def stop(self) -> None:
-        self._run("pg_ctl", "-D", str(self.dir / "data"), "-m", "immediate", "-w", "stop", check=False)
+        self._run(
+            "pg_ctl", "-D", str(self.dir / "data"), "-m", "immediate", "-w", "stop", check=False
+        )
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def log(self) -> str:
@@ -63,8 +88,9 @@ class PostgresCluster:
         import psycopg
 
         name = f"t{next(self._names)}"
-        with psycopg.connect(host="127.0.0.1", port=self.port, user="guard", dbname="postgres",
-                             autocommit=True) as conn:
+        with psycopg.connect(
+            host="127.0.0.1", port=self.port, user="guard", dbname="postgres", autocommit=True
+        ) as conn:
             conn.execute(f"CREATE DATABASE {name}")
         return self.url(name)
 
@@ -72,9 +98,19 @@ class PostgresCluster:
         kw = {}
         if self.run_as is not None:
             kw = {"user": self.run_as.pw_uid, "group": self.run_as.pw_gid, "extra_groups": []}
-        done = subprocess.run([str(self.bindir / tool), *args], cwd=self.dir, capture_output=True, text=True,
-                              env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C.UTF-8",
-                                   "HOME": str(self.dir)}, **kw, check=False)
+        done = subprocess.run(
+            [str(self.bindir / tool), *args],
+            cwd=self.dir,
+            capture_output=True,
+            text=True,
+            env={
+                "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+                "LC_ALL": "C.UTF-8",
+                "HOME": str(self.dir),
+            },
+            **kw,
+            check=False,
+        )
         if check and done.returncode != 0:
             raise RuntimeError(f"{tool} failed ({done.returncode}): {done.stderr or done.stdout}")
         return done
@@ -84,7 +120,9 @@ def find_bindir() -> Path | None:
     """The newest PostgreSQL server bin directory on this machine, or ``None``."""
     if os.environ.get("GUARD_TEST_PG_BINDIR"):
         return Path(os.environ["GUARD_TEST_PG_BINDIR"])
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(Path(p).parts[-3]))
+    found = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(Path(p).parts[-3])
+    )
     return Path(found[-1]).parent if found else None
 
 
@@ -96,7 +134,9 @@ def _server_user() -> pwd.struct_passwd | None:
             return pwd.getpwnam(name)
         except KeyError:
             continue
-    raise RuntimeError("running as root and neither a postgres nor a nobody user exists to run postgres")
+    raise RuntimeError(
+        "running as root and neither a postgres nor a nobody user exists to run postgres"
+    )
 
 
 def _free_port() -> int:
@@ -124,7 +164,9 @@ def _shared_cluster(config: pytest.Config) -> PostgresCluster:
             _unavailable("psycopg is not installed (pip install -e '.[test]')")
         bindir = find_bindir()
         if bindir is None or not (bindir / "initdb").exists():
-            _unavailable("no PostgreSQL server binaries (/usr/lib/postgresql/*/bin; apt-get install postgresql)")
+            _unavailable(
+                "no PostgreSQL server binaries (/usr/lib/postgresql/*/bin; apt-get install postgresql)"
+            )
         cluster = PostgresCluster(bindir)
         try:
             cluster.start()

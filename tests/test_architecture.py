@@ -68,11 +68,16 @@ def test_every_listed_layer_exists(graph):
 
 LAZY_FIRST_PARTY = {
     # CLI dispatch: a subcommand's module (and torch) is loaded only when that subcommand runs.
-    "guard/cli.py", "guard/eval/cli.py", "guard/logs_cli.py", "guard/probe/cli.py", "guard/sae/cli.py",
+    "guard/cli.py",
+    "guard/eval/cli.py",
+    "guard/logs_cli.py",
+    "guard/probe/cli.py",
+    "guard/sae/cli.py",
     # `guard policy check` builds monitors only when it has a model to check them against (torch).
     "guard/policy/model_check.py",
     # the optional vllm package (guard[vllm]).
-    "guard/policy/build.py", "guard/engine/vllm_engine.py",
+    "guard/policy/build.py",
+    "guard/engine/vllm_engine.py",
     # the app module is imported by `guard serve --help`; the service (torch, engines) at start.
     "server/app.py",
 }
@@ -86,7 +91,10 @@ def test_first_party_imports_are_at_module_level_except_listed_lazy_ones():
             if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 continue
             for sub in ast.walk(node):
-                if isinstance(sub, ast.ImportFrom) and (sub.module or "").split(".")[0] in ("guard", "server"):
+                if isinstance(sub, ast.ImportFrom) and (sub.module or "").split(".")[0] in (
+                    "guard",
+                    "server",
+                ):
                     if rel not in LAZY_FIRST_PARTY:
                         late.append(f"{rel}:{sub.lineno}: {sub.module}")
     assert sorted(set(late)) == []
@@ -128,10 +136,16 @@ def test_runtime_defaults_are_the_schemas(tmp_path):
     from guard.policy.build import aggregation, controller_config, strategy
     from guard.policy.schema import DeliberationSpec, ResampleStrategy
 
-    policy = Policy(name="p", model={"engine": "vllm", "path": str(tmp_path / "m")},
-                    backtrack={"strategies": [{}]})
+    policy = Policy(
+        name="p",
+        model={"engine": "vllm", "path": str(tmp_path / "m")},
+        backtrack={"strategies": [{}]},
+    )
     built = controller_config(policy)
-    assert dataclasses.replace(built, cut_separator=ControllerConfig().cut_separator) == ControllerConfig()
+    assert (
+        dataclasses.replace(built, cut_separator=ControllerConfig().cut_separator)
+        == ControllerConfig()
+    )
     assert strategy(ResampleStrategy()) == Strategy()
     assert aggregation(AggregationConfig()) == AggregationSpec()
     from guard.engine.vllm_engine import VLLMOptions  # imports no vllm until an engine loads
@@ -140,5 +154,12 @@ def test_runtime_defaults_are_the_schemas(tmp_path):
     assert vllm_options(None) == VLLMOptions()
     d = DeliberationSpec()
     assert DeliberationConfig() == DeliberationConfig(
-        mode=d.mode, spec="", instruction=d.instruction, placement=d.placement, open_tag=d.open_tag,
-        close_tag=d.close_tag, max_reasoning_tokens=d.max_reasoning_tokens, risk_monitor=d.risk_monitor)
+        mode=d.mode,
+        spec="",
+        instruction=d.instruction,
+        placement=d.placement,
+        open_tag=d.open_tag,
+        close_tag=d.close_tag,
+        max_reasoning_tokens=d.max_reasoning_tokens,
+        risk_monitor=d.risk_monitor,
+    )

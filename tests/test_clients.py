@@ -35,12 +35,17 @@ REFUSAL = "I can't help with that."
 MAX_TOKENS = 96
 OPTED = {"stream_options": {"guard_resets": True}}
 
-pytestmark = pytest.mark.skipif(not (ORGANISM / "probe" / "probe.json").is_file(),
-                                reason="models/organism (with its probe) is not built")
+pytestmark = pytest.mark.skipif(
+    not (ORGANISM / "probe" / "probe.json").is_file(),
+    reason="models/organism (with its probe) is not built",
+)
 
 
 def _rows(kind: str) -> list[str]:
-    rows = [json.loads(line) for line in (ORGANISM / "data" / "eval_prompts.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line)
+        for line in (ORGANISM / "data" / "eval_prompts.jsonl").read_text().splitlines()
+    ]
     return [r["prompt"] for r in rows if r["kind"] == kind]
 
 
@@ -73,8 +78,13 @@ def client(server):
 
 
 def _chat(client, model: str, prompt: str, seed: int, **kw):
-    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}], seed=seed,
-                                          max_tokens=MAX_TOKENS, **kw)
+    return client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": prompt}],
+        seed=seed,
+        max_tokens=MAX_TOKENS,
+        **kw,
+    )
 
 
 def _opted_run(client, model: str, prompt: str, seed: int) -> tuple[str, str, int]:
@@ -97,7 +107,9 @@ def rolled_back(client):
             found.append((prompt, seed, naive, final))
         if len(found) == 3:
             break
-    assert found, "no harmful prompt made the guard retract shown text: nothing below would test anything"
+    assert found, (
+        "no harmful prompt made the guard retract shown text: nothing below would test anything"
+    )
     return found
 
 
@@ -111,10 +123,28 @@ def _check_safe(name: str, text: str, naive: str, final: str) -> None:
 def _llm_cli(url: str, tmp: Path, prompt: str, seed: int, stream: bool) -> str:
     home = tmp / "llm-home"
     home.mkdir(exist_ok=True)
-    (home / "extra-openai-models.yaml").write_text(yaml.safe_dump(
-        [{"model_id": "demo-probe", "model_name": "demo-probe", "api_base": f"{url}/v1"}]))
-    cmd = [sys.executable, "-m", "llm", "prompt", "-m", "demo-probe", "-o", "seed", str(seed), "-o", "max_tokens",
-           str(MAX_TOKENS), "--no-log", *([] if stream else ["--no-stream"]), prompt]
+    (home / "extra-openai-models.yaml").write_text(
+        yaml.safe_dump(
+            [{"model_id": "demo-probe", "model_name": "demo-probe", "api_base": f"{url}/v1"}]
+        )
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "llm",
+        "prompt",
+        "-m",
+        "demo-probe",
+        "-o",
+        "seed",
+        str(seed),
+        "-o",
+        "max_tokens",
+        str(MAX_TOKENS),
+        "--no-log",
+        *([] if stream else ["--no-stream"]),
+        prompt,
+    ]
     env = {**os.environ, "LLM_USER_PATH": str(home), "OPENAI_API_KEY": "x"}
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert out.returncode == 0, out.stderr
@@ -126,8 +156,11 @@ def _plain_texts(url: str, tmp: Path, client, prompt: str, seed: int) -> dict[st
     litellm = pytest.importorskip("litellm")
     lc = pytest.importorskip("langchain_openai")
     texts: dict[str, str] = {}
-    texts["openai stream"] = "".join(c.choices[0].delta.content or "" for c in
-                                     _chat(client, "demo-probe", prompt, seed, stream=True) if c.choices)
+    texts["openai stream"] = "".join(
+        c.choices[0].delta.content or ""
+        for c in _chat(client, "demo-probe", prompt, seed, stream=True)
+        if c.choices
+    )
 
     async def async_stream() -> str:
         aclient = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
@@ -137,14 +170,32 @@ def _plain_texts(url: str, tmp: Path, client, prompt: str, seed: int) -> dict[st
         return out
 
     texts["openai async stream"] = asyncio.run(async_stream())
-    events = client.responses.create(model="demo-probe", input=prompt, max_output_tokens=MAX_TOKENS, stream=True,
-                                     extra_body={"seed": seed})
+    events = client.responses.create(
+        model="demo-probe",
+        input=prompt,
+        max_output_tokens=MAX_TOKENS,
+        stream=True,
+        extra_body={"seed": seed},
+    )
     texts["openai responses stream"] = final_text(events)
-    resp = litellm.completion(model="openai/demo-probe", api_base=f"{url}/v1", api_key="x", seed=seed,
-                              max_tokens=MAX_TOKENS, messages=[{"role": "user", "content": prompt}], stream=True)
+    resp = litellm.completion(
+        model="openai/demo-probe",
+        api_base=f"{url}/v1",
+        api_key="x",
+        seed=seed,
+        max_tokens=MAX_TOKENS,
+        messages=[{"role": "user", "content": prompt}],
+        stream=True,
+    )
     texts["litellm stream"] = "".join(c.choices[0].delta.content or "" for c in resp if c.choices)
-    chat = lc.ChatOpenAI(model="demo-probe", base_url=f"{url}/v1", api_key="x", seed=seed, max_tokens=MAX_TOKENS,
-                         max_retries=0)
+    chat = lc.ChatOpenAI(
+        model="demo-probe",
+        base_url=f"{url}/v1",
+        api_key="x",
+        seed=seed,
+        max_tokens=MAX_TOKENS,
+        max_retries=0,
+    )
     texts["langchain stream"] = "".join(str(c.content) for c in chat.stream(prompt))
     texts["llm cli stream"] = _llm_cli(url, tmp, prompt, seed, stream=True)
     return texts
@@ -171,13 +222,28 @@ def test_benign_answers_arrive_unchanged_in_every_client(server, client):
         assert whole and not judge(whole).unsafe
         texts = _plain_texts(url, tmp, client, prompt, seed)
         texts["openai sync"] = whole
-        texts["openai responses"] = client.responses.create(model="demo-probe", input=prompt, extra_body={"seed": seed},
-                                                            max_output_tokens=MAX_TOKENS).output_text
-        chat = lc.ChatOpenAI(model="demo-probe", base_url=f"{url}/v1", api_key="x", seed=seed, max_tokens=MAX_TOKENS)
+        texts["openai responses"] = client.responses.create(
+            model="demo-probe",
+            input=prompt,
+            extra_body={"seed": seed},
+            max_output_tokens=MAX_TOKENS,
+        ).output_text
+        chat = lc.ChatOpenAI(
+            model="demo-probe", base_url=f"{url}/v1", api_key="x", seed=seed, max_tokens=MAX_TOKENS
+        )
         texts["langchain invoke"] = chat.invoke(prompt).content
-        texts["litellm"] = litellm.completion(model="openai/demo-probe", api_base=f"{url}/v1", api_key="x", seed=seed,
-                                              max_tokens=MAX_TOKENS,
-                                              messages=[{"role": "user", "content": prompt}]).choices[0].message.content
+        texts["litellm"] = (
+            litellm.completion(
+                model="openai/demo-probe",
+                api_base=f"{url}/v1",
+                api_key="x",
+                seed=seed,
+                max_tokens=MAX_TOKENS,
+                messages=[{"role": "user", "content": prompt}],
+            )
+            .choices[0]
+            .message.content
+        )
         texts["llm cli"] = _llm_cli(url, tmp, prompt, seed, stream=False)
         assert {name: t for name, t in texts.items() if t != whole} == {}
 
@@ -198,20 +264,40 @@ def test_a_cut_keeps_shown_text_and_appends_the_marked_refusal(client):
             finish = choice.finish_reason or finish
         if cut_chunk is not None:
             cuts += 1
-            assert cut_chunk[1] == "\n\n" + REFUSAL and shown.endswith(cut_chunk[1]) and finish == "content_filter"
-            if cuts == 1:  # the same answer through /v1/responses: the refusal is its own content part
-                _check_responses_cut(client, prompt, seed, kept=shown[:cut_chunk[0]["kept_chars"]])
+            assert (
+                cut_chunk[1] == "\n\n" + REFUSAL
+                and shown.endswith(cut_chunk[1])
+                and finish == "content_filter"
+            )
+            if (
+                cuts == 1
+            ):  # the same answer through /v1/responses: the refusal is its own content part
+                _check_responses_cut(client, prompt, seed, kept=shown[: cut_chunk[0]["kept_chars"]])
     assert cuts, "no cut on the eager policy: the cut path is untested"
 
 
 def _check_responses_cut(client, prompt: str, seed: int, kept: str) -> None:
-    events = list(client.responses.create(model="eager", input=prompt, max_output_tokens=MAX_TOKENS, stream=True,
-                                          extra_body={"seed": seed}))
+    events = list(
+        client.responses.create(
+            model="eager",
+            input=prompt,
+            max_output_tokens=MAX_TOKENS,
+            stream=True,
+            extra_body={"seed": seed},
+        )
+    )
     kinds = [e.type for e in events]
     assert "response.guard.reset" not in kinds
-    assert kinds[-8:] == ["response.output_text.done", "response.content_part.done", "response.content_part.added",
-                          "response.refusal.delta", "response.refusal.done", "response.content_part.done",
-                          "response.output_item.done", "response.incomplete"]
+    assert kinds[-8:] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.content_part.added",
+        "response.refusal.delta",
+        "response.refusal.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.incomplete",
+    ]
     final = events[-1].response
     assert final.status == "incomplete" and final.incomplete_details.reason == "content_filter"
     [message] = final.output
@@ -222,18 +308,34 @@ def _check_responses_cut(client, prompt: str, seed: int, kept: str) -> None:
 
 def test_opted_in_by_header_gets_resets(server):
     """X-Guard-Resets: true is the same opt-in as stream_options.guard_resets."""
-    opted = openai.OpenAI(base_url=f"{server[0]}/v1", api_key="x", max_retries=0,
-                          default_headers={"X-Guard-Resets": "true"})
+    opted = openai.OpenAI(
+        base_url=f"{server[0]}/v1",
+        api_key="x",
+        max_retries=0,
+        default_headers={"X-Guard-Resets": "true"},
+    )
     saw = 0
     for seed, prompt in enumerate(_rows("harmful")[:12]):
-        saw += sum("reset" in ((c.choices[0].model_extra or {}).get("guard") or {})
-                   for c in _chat(opted, "eager", prompt, seed, stream=True))
+        saw += sum(
+            "reset" in ((c.choices[0].model_extra or {}).get("guard") or {})
+            for c in _chat(opted, "eager", prompt, seed, stream=True)
+        )
         if saw:
             break
     assert saw
     with pytest.raises(openai.BadRequestError) as err:
-        _chat(openai.OpenAI(base_url=f"{server[0]}/v1", api_key="x", max_retries=0,
-                            default_headers={"X-Guard-Resets": "maybe"}), "eager", "hi", 0, stream=True)
+        _chat(
+            openai.OpenAI(
+                base_url=f"{server[0]}/v1",
+                api_key="x",
+                max_retries=0,
+                default_headers={"X-Guard-Resets": "maybe"},
+            ),
+            "eager",
+            "hi",
+            0,
+            stream=True,
+        )
     assert err.value.body["param"] == "X-Guard-Resets"
 
 
@@ -242,21 +344,38 @@ def test_guard_client_applies_resets_to_opted_in_streams(server, client, rolled_
     from guard.client import afinal_text, stream_text
 
     prompt, seed, _naive, final = rolled_back[0]
-    views = list(stream_text(_chat(client, "demo-probe", prompt, seed, stream=True, extra_body=OPTED)))
-    assert views[-1] == final and any(not final.startswith(v) for v in views)  # it did retract on the way
+    views = list(
+        stream_text(_chat(client, "demo-probe", prompt, seed, stream=True, extra_body=OPTED))
+    )
+    assert views[-1] == final and any(
+        not final.startswith(v) for v in views
+    )  # it did retract on the way
 
     async def run_async() -> str:
         aclient = openai.AsyncOpenAI(base_url=f"{server[0]}/v1", api_key="x", max_retries=0)
         try:
-            return await afinal_text(await _chat(aclient, "demo-probe", prompt, seed, stream=True, extra_body=OPTED))
+            return await afinal_text(
+                await _chat(aclient, "demo-probe", prompt, seed, stream=True, extra_body=OPTED)
+            )
         finally:
             await aclient.close()
 
     assert asyncio.run(run_async()) == final
-    events = list(client.responses.create(model="demo-probe", input=prompt, max_output_tokens=MAX_TOKENS, stream=True,
-                                          extra_body={"seed": seed, "stream_options": {"guard_resets": True}}))
+    events = list(
+        client.responses.create(
+            model="demo-probe",
+            input=prompt,
+            max_output_tokens=MAX_TOKENS,
+            stream=True,
+            extra_body={"seed": seed, "stream_options": {"guard_resets": True}},
+        )
+    )
     assert any(e.type == "response.guard.reset" for e in events)
-    assert final_text(events) == final == next(e for e in events if e.type == "response.output_text.done").text
+    assert (
+        final_text(events)
+        == final
+        == next(e for e in events if e.type == "response.output_text.done").text
+    )
 
 
 def test_sentence_rollback_policy_is_safe_for_plain_streams(client):
@@ -266,8 +385,13 @@ def test_sentence_rollback_policy_is_safe_for_plain_streams(client):
     for seed, prompt in enumerate(_rows("harmful")[:24]):
         _naive, final, resets = _opted_run(client, "demo-sentence", prompt, seed)
         retracted += resets
-        plain = "".join(c.choices[0].delta.content or "" for c in
-                        _chat(client, "demo-sentence", prompt, seed, stream=True) if c.choices)
+        plain = "".join(
+            c.choices[0].delta.content or ""
+            for c in _chat(client, "demo-sentence", prompt, seed, stream=True)
+            if c.choices
+        )
         assert not judge(plain).unsafe, plain
         assert plain == final or plain.endswith("\n\n" + REFUSAL), (plain, final)
-    assert retracted, "no reset on demo-sentence: nothing reached shown text, the test shows nothing"
+    assert retracted, (
+        "no reset on demo-sentence: nothing reached shown text, the test shows nothing"
+    )

@@ -32,13 +32,26 @@ class TokenMonitor(Monitor):
 
 def run(engine, monitors=(), seed=3, max_tokens=30, stop=(), **cfg):
     prompt = engine.tokenizer.encode_chat([{"role": "user", "content": "Tell me something."}])
-    record = GenerationRecord(request_id="r", policy_name="p", policy_hash="h", model="m", messages=None,
-                              prompt="x", prompt_tokens=len(prompt))
+    record = GenerationRecord(
+        request_id="r",
+        policy_name="p",
+        policy_hash="h",
+        model="m",
+        messages=None,
+        prompt="x",
+        prompt_tokens=len(prompt),
+    )
     events, logged = [], []
-    gen = GuardedGeneration(engine, prompt, SamplingParams(seed=seed, max_tokens=max_tokens, stop=stop),
-                            [m if isinstance(m, BoundMonitor) else BoundMonitor(m) for m in monitors],
-                            ControllerConfig(**cfg), record, events.append,
-                            on_finish=lambda r: logged.append(r) or "log-1")
+    gen = GuardedGeneration(
+        engine,
+        prompt,
+        SamplingParams(seed=seed, max_tokens=max_tokens, stop=stop),
+        [m if isinstance(m, BoundMonitor) else BoundMonitor(m) for m in monitors],
+        ControllerConfig(**cfg),
+        record,
+        events.append,
+        on_finish=lambda r: logged.append(r) or "log-1",
+    )
     while not gen.advance():
         pass
     gen.close()
@@ -53,7 +66,7 @@ def client_view(events) -> str:
             text += ev.text
         elif isinstance(ev, Reset):
             assert ev.retract_chars <= len(text)
-            text = text[:len(text) - ev.retract_chars]
+            text = text[: len(text) - ev.retract_chars]
     return text
 
 
@@ -81,8 +94,14 @@ def test_clean_generation_is_unchanged_by_an_idle_monitor(tiny_engine):
 def test_rollback_inside_the_holdback_window_is_invisible(tiny_engine):
     _, clean, _ = run(tiny_engine)
     target = clean.output_ids[10]
-    events, rec, logged = run(tiny_engine, [TokenMonitor({target})], holdback_tokens=64, rollback="tokens",
-                              rollback_tokens=2, max_retries=5)
+    events, rec, logged = run(
+        tiny_engine,
+        [TokenMonitor({target})],
+        holdback_tokens=64,
+        rollback="tokens",
+        rollback_tokens=2,
+        max_retries=5,
+    )
     assert not any(isinstance(e, Reset) for e in events)
     assert rec.spans and rec.spans[0].fired_token_id == target and rec.spans[0].fired_at == 10
     assert rec.spans[0].start == 8 and rec.spans[0].retracted_chars == 0
@@ -95,8 +114,9 @@ def test_rollback_inside_the_holdback_window_is_invisible(tiny_engine):
 def test_rollback_past_released_text_emits_reset(tiny_engine):
     _, clean, _ = run(tiny_engine)
     target = clean.output_ids[12]
-    events, rec, _ = run(tiny_engine, [TokenMonitor({target})], holdback_tokens=0, rollback="response",
-                         max_retries=5)
+    events, rec, _ = run(
+        tiny_engine, [TokenMonitor({target})], holdback_tokens=0, rollback="response", max_retries=5
+    )
     resets = [e for e in events if isinstance(e, Reset)]
     assert resets and resets[0].monitor == "tok" and resets[0].retry == 1
     # at most tokens 0..11 were released (token 12 was unscored; partial UTF-8 may hold some back)
@@ -107,8 +127,14 @@ def test_rollback_past_released_text_emits_reset(tiny_engine):
 
 def test_exhausted_retries_end_in_the_policy_refusal(tiny_engine):
     vocab = set(range(tiny_engine.info.vocab_size))
-    events, rec, logged = run(tiny_engine, [TokenMonitor(vocab)], holdback_tokens=0, max_retries=2,
-                              refusal="No.", reset_marker="[RESET]")
+    events, rec, logged = run(
+        tiny_engine,
+        [TokenMonitor(vocab)],
+        holdback_tokens=0,
+        max_retries=2,
+        refusal="No.",
+        reset_marker="[RESET]",
+    )
     fin = events[-1]
     assert fin.outcome == "refused" and fin.finish_reason == "content_filter" and fin.text == "No."
     assert fin.resets == 3 and len(rec.retries) == 2 and logged
@@ -131,11 +157,20 @@ class EveryNth(TokenMonitor):
         return out
 
 
-def test_exhausted_retries_after_a_partial_rollback_keep_every_sampled_token_in_the_record(tiny_engine):
+def test_exhausted_retries_after_a_partial_rollback_keep_every_sampled_token_in_the_record(
+    tiny_engine,
+):
     """Past the budget the refusal replaces the whole answer, so the tokens kept by the last
     partial rollback are discarded too, in the final span."""
-    events, rec, _ = run(tiny_engine, [EveryNth(6)], holdback_tokens=0, rollback="tokens", rollback_tokens=2,
-                         max_retries=1, refusal="No.")
+    events, rec, _ = run(
+        tiny_engine,
+        [EveryNth(6)],
+        holdback_tokens=0,
+        rollback="tokens",
+        rollback_tokens=2,
+        max_retries=1,
+        refusal="No.",
+    )
     assert events[-1].outcome == "refused" and rec.output_ids == []
     assert rec.spans[0].start > 0 and rec.spans[-1].start == 0
     assert_invariants(events, rec)
@@ -154,7 +189,9 @@ def test_token_monitor_fires_without_lag_and_shadow_monitors_change_nothing(tiny
 def test_steering_strategy_is_recorded(tiny_engine):
     _, clean, _ = run(tiny_engine)
     mon = TokenMonitor({clean.output_ids[6]}, direction=torch.ones(tiny_engine.info.d_model) / 8)
-    events, rec, _ = run(tiny_engine, [mon], strategies=(Strategy(temperature=0.5, steer_alpha=2.0),))
+    events, rec, _ = run(
+        tiny_engine, [mon], strategies=(Strategy(temperature=0.5, steer_alpha=2.0),)
+    )
     assert rec.retries[0].steer == {"monitor": "tok", "layer": 1, "alpha": 2.0}
     assert rec.retries[0].temperature == 0.5
     assert_invariants(events, rec)
@@ -165,8 +202,10 @@ def test_stop_strings_and_length(tiny_engine):
     assert plain[-1].finish_reason == "length" and plain[-1].usage.completion_tokens == 20
     text = plain[-1].text
     stop = text[5:8]
-    events, rec, _ = run(tiny_engine, [TokenMonitor({-1})], max_tokens=20, stop=(stop,), holdback_tokens=0)
-    assert events[-1].finish_reason == "stop" and events[-1].text == text[:text.find(stop)]
+    events, rec, _ = run(
+        tiny_engine, [TokenMonitor({-1})], max_tokens=20, stop=(stop,), holdback_tokens=0
+    )
+    assert events[-1].finish_reason == "stop" and events[-1].text == text[: text.find(stop)]
     assert stop not in client_view(events)
     assert_invariants(events, rec)
 
@@ -175,5 +214,7 @@ def test_stop_strings_and_length(tiny_engine):
 def test_stream_reconstruction_for_any_holdback(tiny_engine, holdback):
     _, clean, _ = run(tiny_engine, seed=11)
     mon = TokenMonitor({clean.output_ids[4], clean.output_ids[15]})
-    events, rec, _ = run(tiny_engine, [mon], seed=11, holdback_tokens=holdback, rollback="sentence", max_retries=4)
+    events, rec, _ = run(
+        tiny_engine, [mon], seed=11, holdback_tokens=holdback, rollback="sentence", max_retries=4
+    )
     assert_invariants(events, rec)

@@ -36,14 +36,26 @@ def test_prompt_scope_refuse_answers_before_generating(tiny_engine):
     fin = events[-1]
     assert (fin.outcome, fin.finish_reason, fin.text) == ("refused", "content_filter", "No.")
     assert rec.sampled_tokens == 0 and rec.output_ids == [] and rec.spans == [] and logged == [rec]
-    assert rec.firings == [{"monitor": "tok", "action": "refuse", "scope": "prompt", "position": 0,
-                            "token_id": user_token(tiny_engine), "token": "<|user|>", "score": 1.0,
-                            "threshold": 0.5, "attempt": 0}]
+    assert rec.firings == [
+        {
+            "monitor": "tok",
+            "action": "refuse",
+            "scope": "prompt",
+            "position": 0,
+            "token_id": user_token(tiny_engine),
+            "token": "<|user|>",
+            "score": 1.0,
+            "threshold": 0.5,
+            "attempt": 0,
+        }
+    ]
     assert len(rec.prompt_scores["tok"]) == rec.prompt_tokens and rec.prompt_scores["tok"][0] == 1.0
 
 
 def test_prompt_scope_backtrack_also_refuses_and_token_monitors_read_prompt_ids(tiny_engine):
-    mon = BoundMonitor(TokenMonitor({user_token(tiny_engine)}, layer=None), action="backtrack", scope="both")
+    mon = BoundMonitor(
+        TokenMonitor({user_token(tiny_engine)}, layer=None), action="backtrack", scope="both"
+    )
     events, rec, _ = run(tiny_engine, [mon])
     assert events[-1].outcome == "refused" and rec.sampled_tokens == 0
     assert rec.firings[0]["scope"] == "prompt" and rec.firings[0]["position"] == 0
@@ -53,7 +65,9 @@ def test_prompt_scope_log_only_records(tiny_engine):
     plain, _, _ = run(tiny_engine)
     # Fires on every token; scope prompt, so the output is never scored and never touched.
     everything = set(range(tiny_engine.info.vocab_size))
-    mon = BoundMonitor(TokenMonitor(everything), action="log", scope="prompt")  # log: the alias of shadow
+    mon = BoundMonitor(
+        TokenMonitor(everything), action="log", scope="prompt"
+    )  # log: the alias of shadow
     assert mon.action == "shadow"
     events, rec, logged = run(tiny_engine, [mon], holdback_tokens=0)
     assert events[-1].text == plain[-1].text and events[-1].outcome == "clean"
@@ -103,7 +117,9 @@ def test_fail_open_disables_the_monitor_and_continues(tiny_engine):
     plain, _, _ = run(tiny_engine)
     flaky = RaisingMonitor(fail_on=4)
     idle = TokenMonitor({-1}, name="idle")
-    events, rec, logged = run(tiny_engine, [flaky, idle], holdback_tokens=2, on_monitor_error="fail_open")
+    events, rec, logged = run(
+        tiny_engine, [flaky, idle], holdback_tokens=2, on_monitor_error="fail_open"
+    )
     assert events[-1].text == plain[-1].text and events[-1].outcome == "clean"
     assert flaky.calls == 4, "not called again once disabled"
     assert [e["handling"] for e in rec.monitor_errors] == ["disabled"] and logged == [rec]
@@ -115,7 +131,9 @@ def test_wrong_number_of_scores_is_a_monitor_error(tiny_engine):
     bad = BoundMonitor(RaisingMonitor(fail_on=1, layer=None, bad_count=True), scope="both")
     events, rec, _ = run(tiny_engine, [bad], on_monitor_error="fail_open")
     assert events[-1].outcome == "clean"
-    assert "returned" in rec.monitor_errors[0]["error"] and rec.monitor_errors[0]["scope"] == "prompt"
+    assert (
+        "returned" in rec.monitor_errors[0]["error"] and rec.monitor_errors[0]["scope"] == "prompt"
+    )
     assert len(rec.monitor_errors) == 1, "disabled for output too"
 
 
@@ -126,17 +144,25 @@ def test_service_refuses_a_flagged_prompt_and_logs_its_scores(tiny_model_dir, tm
     from guard.service import GenerationRequest, GuardService
 
     path = tmp_path / "p.yaml"
-    path.write_text(f"name: p\nmodel: {{path: {tiny_model_dir}}}\nlog: {{path: {tmp_path / 'g.db'}}}\n"
-                    "monitors:\n  - {name: reset, kind: reset_token, scope: prompt, action: refuse}\n"
-                    "  - {name: shadow, kind: reset_token, scope: both, action: log}\n"
-                    "backtrack: {refusal: Refused.}\n")
+    path.write_text(
+        f"name: p\nmodel: {{path: {tiny_model_dir}}}\nlog: {{path: {tmp_path / 'g.db'}}}\n"
+        "monitors:\n  - {name: reset, kind: reset_token, scope: prompt, action: refuse}\n"
+        "  - {name: shadow, kind: reset_token, scope: both, action: log}\n"
+        "backtrack: {refusal: Refused.}\n"
+    )
     service = GuardService.from_policy_files([path])
 
     async def answer(text: str, raw: bool = False):
         # Chat content is neutralised (special tokens become plain text); a raw prompt is not.
         chat = None if raw else [{"role": "user", "content": text}]
-        req = GenerationRequest(model="p", request_id=text, messages=chat, prompt=text if raw else None,
-                                max_tokens=3, seed=0)
+        req = GenerationRequest(
+            model="p",
+            request_id=text,
+            messages=chat,
+            prompt=text if raw else None,
+            max_tokens=3,
+            seed=0,
+        )
         return [e async for e in service.stream(service.prepare(req))][-1]
 
     try:
@@ -145,11 +171,17 @@ def test_service_refuses_a_flagged_prompt_and_logs_its_scores(tiny_model_dir, tm
     finally:
         service.close()
     assert (fin.outcome, fin.finish_reason, fin.text, fin.usage.generated_tokens) == (
-        "refused", "content_filter", "Refused.", 0)
+        "refused",
+        "content_filter",
+        "Refused.",
+        0,
+    )
     assert clean.outcome == "clean" and clean.log_id is None
     with LogStore(tmp_path / "g.db") as store:
         rec = store.get(fin.log_id)
     assert [(f["monitor"], f["scope"], f["action"]) for f in rec.firings] == [
-        ("reset", "prompt", "refuse"), ("shadow", "prompt", "shadow")]
+        ("reset", "prompt", "refuse"),
+        ("shadow", "prompt", "shadow"),
+    ]
     assert set(rec.prompt_scores) == {"reset", "shadow"} and 1.0 in rec.prompt_scores["reset"]
     assert len(rec.prompt_scores["reset"]) == rec.prompt_tokens

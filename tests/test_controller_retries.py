@@ -47,20 +47,36 @@ def test_rollback_auto_keeps_the_prefix_no_monitor_doubted(tiny_engine):
     _, rec, _ = run(tiny_engine, [mon], max_tokens=12, rollback="auto", garble_margin=None)
     assert (rec.spans[0].fired_at, rec.spans[0].start) == (fire, fire)
     # safe_level 0: nothing is safe, the whole response goes
-    _, rec, _ = run(tiny_engine, [mon], max_tokens=12, rollback="auto", safe_level=0.0, garble_margin=None)
+    _, rec, _ = run(
+        tiny_engine, [mon], max_tokens=12, rollback="auto", safe_level=0.0, garble_margin=None
+    )
     assert rec.spans[0].start == 0
 
 
 def test_a_monitor_that_fired_judges_the_retries_more_strictly(tiny_engine):
     out, unique = _reference(tiny_engine)
     # every other token scores 0.45 (below 0.5): retries pass when judged like the first attempt
-    lenient = ScoreMap({**dict.fromkeys(range(tiny_engine.info.vocab_size), 0.45), out[unique[3]]: 0.9})
-    _, rec, _ = run(tiny_engine, [lenient], max_tokens=12, rollback="auto", retry_threshold=1.0,
-                    garble_margin=None)
+    lenient = ScoreMap(
+        {**dict.fromkeys(range(tiny_engine.info.vocab_size), 0.45), out[unique[3]]: 0.9}
+    )
+    _, rec, _ = run(
+        tiny_engine,
+        [lenient],
+        max_tokens=12,
+        rollback="auto",
+        retry_threshold=1.0,
+        garble_margin=None,
+    )
     assert rec.outcome == "recovered" and rec.firings[0]["threshold"] == 0.5
     # ... and fail at 0.8 * 0.5 = 0.4, so the generation ends refused
-    events, rec, _ = run(tiny_engine, [lenient], max_tokens=12, rollback="auto", retry_threshold=0.8,
-                         garble_margin=None)
+    events, rec, _ = run(
+        tiny_engine,
+        [lenient],
+        max_tokens=12,
+        rollback="auto",
+        retry_threshold=0.8,
+        garble_margin=None,
+    )
     assert_invariants(events, rec)
     assert rec.outcome == "refused"
     assert [f["threshold"] for f in rec.firings] == [0.5] + [pytest.approx(0.4)] * 3
@@ -71,11 +87,16 @@ def test_recovered_means_the_final_answer_passes_a_from_scratch_recheck(tiny_eng
     kept, fire = unique[1], unique[5]
     # rollback tokens=1 keeps out[kept] (0.45: under the first attempt's 0.5, over the retry's 0.4)
     mon = ScoreMap({out[kept]: 0.45, out[fire]: 0.9})
-    events, rec, _ = run(tiny_engine, [mon], max_tokens=12, rollback="tokens", rollback_tokens=1,
-                         garble_margin=None)
+    events, rec, _ = run(
+        tiny_engine, [mon], max_tokens=12, rollback="tokens", rollback_tokens=1, garble_margin=None
+    )
     assert_invariants(events, rec)
     rechecks = [f for f in rec.firings if f["scope"] == "recheck"]
-    assert rechecks and rechecks[0]["position"] == kept and rechecks[0]["threshold"] == pytest.approx(0.4)
+    assert (
+        rechecks
+        and rechecks[0]["position"] == kept
+        and rechecks[0]["threshold"] == pytest.approx(0.4)
+    )
     assert rec.outcome in ("recovered", "refused")
     _assert_passes_from_scratch(tiny_engine, rec, mon, threshold=0.4)
 
@@ -83,11 +104,12 @@ def test_recovered_means_the_final_answer_passes_a_from_scratch_recheck(tiny_eng
 def test_a_recheck_that_passes_changes_nothing(tiny_engine):
     out, unique = _reference(tiny_engine)
     mon = ScoreMap({out[unique[5]]: 0.9})
-    events, rec, _ = run(tiny_engine, [mon], max_tokens=12, rollback="tokens", rollback_tokens=1,
-                         garble_margin=None)
+    events, rec, _ = run(
+        tiny_engine, [mon], max_tokens=12, rollback="tokens", rollback_tokens=1, garble_margin=None
+    )
     assert_invariants(events, rec)
     assert rec.outcome == "recovered" and not [f for f in rec.firings if f["scope"] == "recheck"]
-    assert out[:unique[5] - 1] == rec.output_ids[:unique[5] - 1]  # the kept prefix survived
+    assert out[: unique[5] - 1] == rec.output_ids[: unique[5] - 1]  # the kept prefix survived
     _assert_passes_from_scratch(tiny_engine, rec, mon, threshold=0.4)
 
 
@@ -96,7 +118,7 @@ def _assert_passes_from_scratch(engine, rec, mon, threshold):
         return
     prompt = engine.tokenizer.encode_chat([{"role": "user", "content": "Tell me something."}])
     ids = rec.output_ids + [t for t in [_ending(engine, rec)] if t is not None]
-    hidden = engine.hidden_states(prompt + ids, [mon.layer])[mon.layer][len(prompt):]
+    hidden = engine.hidden_states(prompt + ids, [mon.layer])[mon.layer][len(prompt) :]
     assert max(mon.score(hidden, ids)) <= threshold
 
 
@@ -126,11 +148,25 @@ class SurprisalEngine:
 
 def _run_with(engine, monitors, **cfg):
     prompt = engine.tokenizer.encode_chat([{"role": "user", "content": "Tell me something."}])
-    record = GenerationRecord(request_id="r", policy_name="p", policy_hash="h", model="m", messages=None,
-                              prompt="x", prompt_tokens=len(prompt))
+    record = GenerationRecord(
+        request_id="r",
+        policy_name="p",
+        policy_hash="h",
+        model="m",
+        messages=None,
+        prompt="x",
+        prompt_tokens=len(prompt),
+    )
     events = []
-    gen = GuardedGeneration(engine, prompt, SamplingParams(seed=3, max_tokens=16), [BoundMonitor(m) for m in monitors],
-                            ControllerConfig(**cfg), record, events.append)
+    gen = GuardedGeneration(
+        engine,
+        prompt,
+        SamplingParams(seed=3, max_tokens=16),
+        [BoundMonitor(m) for m in monitors],
+        ControllerConfig(**cfg),
+        record,
+        events.append,
+    )
     while not gen.advance():
         pass
     gen.close()
@@ -145,7 +181,12 @@ def test_a_resample_the_model_finds_far_less_likely_is_treated_as_a_firing(tiny_
     assert_invariants(events, rec)
     garble = [f for f in rec.firings if f["monitor"] == "garble"]
     assert garble and garble[0]["threshold"] == pytest.approx(3.5)
-    assert rec.retries[0].garble == {"mean_surprisal": 4.0, "reference": 2.0, "tokens": 4, "suspect": True}
+    assert rec.retries[0].garble == {
+        "mean_surprisal": 4.0,
+        "reference": 2.0,
+        "tokens": 4,
+        "suspect": True,
+    }
     assert rec.outcome == "refused" and rec.spans[1].monitor == "garble" and rec.spans[1].start == 0
     # within the margin: checked, not suspect, recovered
     fluent = SurprisalEngine(tiny_engine, first=2.0, retry=3.0)
@@ -167,7 +208,12 @@ def test_surprisal_tracker_leaves_out_a_banned_first_token_and_checks_once():
     assert t.check(3, finishing=False) is None  # one token counted, window is 2
     t.sampled(3, 2.5)
     v = t.check(4, finishing=False)
-    assert v is not None and (v.mean_surprisal, v.reference, v.tokens, v.suspect) == (2.0, 1.0, 2, False)
+    assert v is not None and (v.mean_surprisal, v.reference, v.tokens, v.suspect) == (
+        2.0,
+        1.0,
+        2,
+        False,
+    )
     assert t.check(4, finishing=True) is None  # once per resample
     t.sampled(4, None)  # an engine without surprisal switches it off
     t.resampling(0, banned_first=False)
@@ -200,8 +246,14 @@ def test_a_recheck_that_returns_nan_is_a_monitor_error_not_a_pass(tiny_engine, o
     monitor error under ``on_monitor_error`` (fail_closed refuses; fail_open records and disables)."""
     out, unique = _reference(tiny_engine)
     mon = ScoreMap({out[unique[3]]: 0.9})
-    events, rec, _ = run(NaNRescore(tiny_engine), [mon], max_tokens=12, rollback="auto", garble_margin=None,
-                         on_monitor_error=on_error)
+    events, rec, _ = run(
+        NaNRescore(tiny_engine),
+        [mon],
+        max_tokens=12,
+        rollback="auto",
+        garble_margin=None,
+        on_monitor_error=on_error,
+    )
     assert_invariants(events, rec)
     (err,) = rec.monitor_errors
     assert err["monitor"] == "map" and "non-finite" in err["error"]
@@ -234,8 +286,15 @@ def test_a_recheck_that_raises_is_handled_per_monitor(tiny_engine, on_error):
     kept, fire = unique[1], unique[5]
     good = ScoreMap({out[kept]: 0.45, out[fire]: 0.9})  # the kept token fails the re-check at 0.4
     bad = ScoreMap({}, name="bad")
-    events, rec, _ = run(RescoreFailsFor(tiny_engine, "bad"), [good, bad], max_tokens=12, rollback="tokens",
-                         rollback_tokens=1, garble_margin=None, on_monitor_error=on_error)
+    events, rec, _ = run(
+        RescoreFailsFor(tiny_engine, "bad"),
+        [good, bad],
+        max_tokens=12,
+        rollback="tokens",
+        rollback_tokens=1,
+        garble_margin=None,
+        on_monitor_error=on_error,
+    )
     assert_invariants(events, rec)
     assert [e["monitor"] for e in rec.monitor_errors] == ["bad"]
     if on_error == "fail_closed":
@@ -278,8 +337,15 @@ def test_a_flagged_generation_that_fails_ends_with_a_final_error_record(tiny_eng
     out, unique = _reference(tiny_engine)
     mon = ScoreMap({out[unique[3]]: 0.9})
     prompt = tiny_engine.tokenizer.encode_chat([{"role": "user", "content": "Tell me something."}])
-    record = GenerationRecord(request_id="r", policy_name="p", policy_hash="h", model="m", messages=None,
-                              prompt="x", prompt_tokens=len(prompt))
+    record = GenerationRecord(
+        request_id="r",
+        policy_name="p",
+        policy_hash="h",
+        model="m",
+        messages=None,
+        prompt="x",
+        prompt_tokens=len(prompt),
+    )
     events, checkpoints, finals, done = [], [], [], threading.Event()
 
     def emit(ev):
@@ -287,10 +353,17 @@ def test_a_flagged_generation_that_fails_ends_with_a_final_error_record(tiny_eng
         if isinstance(ev, Failed):
             done.set()
 
-    gen = GuardedGeneration(FailsAfterRollback(tiny_engine), prompt, SamplingParams(seed=3, max_tokens=12),
-                            [BoundMonitor(mon)], ControllerConfig(garble_margin=None), record, emit,
-                            on_finish=lambda r: finals.append(r.snapshot()) or "log-1",
-                            on_checkpoint=checkpoints.append)
+    gen = GuardedGeneration(
+        FailsAfterRollback(tiny_engine),
+        prompt,
+        SamplingParams(seed=3, max_tokens=12),
+        [BoundMonitor(mon)],
+        ControllerConfig(garble_margin=None),
+        record,
+        emit,
+        on_finish=lambda r: finals.append(r.snapshot()) or "log-1",
+        on_checkpoint=checkpoints.append,
+    )
     worker = EngineWorker()
     try:
         worker.submit(gen)

@@ -24,25 +24,43 @@ REPO = Path(__file__).resolve().parent.parent
 ORGANISM = REPO / "models" / "organism"
 EOS = 1  # models/organism/config.json
 
-pytestmark = pytest.mark.skipif(not (ORGANISM / "probe" / "probe.json").is_file(),
-                                reason="models/organism (with its probe) is not built")
+pytestmark = pytest.mark.skipif(
+    not (ORGANISM / "probe" / "probe.json").is_file(),
+    reason="models/organism (with its probe) is not built",
+)
 
 
 def flag_everything_policy(dir: Path, log: str | None = None) -> Path:
     """The organism with a shadow probe that fires on every token (every generation is flagged)."""
-    policy = {"name": "demo", "model": {"path": str(ORGANISM)},
-              "monitors": [{"name": "harm-probe", "kind": "probe", "path": str(ORGANISM / "probe"),
-                            "threshold": 0.0, "action": "shadow"}],
-              "stream": {"holdback_tokens": 0},
-              "log": {"path": log or str(dir / "guard.db"), "record": "flagged"}}
+    policy = {
+        "name": "demo",
+        "model": {"path": str(ORGANISM)},
+        "monitors": [
+            {
+                "name": "harm-probe",
+                "kind": "probe",
+                "path": str(ORGANISM / "probe"),
+                "threshold": 0.0,
+                "action": "shadow",
+            }
+        ],
+        "stream": {"holdback_tokens": 0},
+        "log": {"path": log or str(dir / "guard.db"), "record": "flagged"},
+    }
     path = dir / "policy.yaml"
     path.write_text(yaml.safe_dump(policy))
     return path
 
 
 def chat_body(i: int, max_tokens: int, stream: bool = True) -> dict:
-    return {"model": "demo", "messages": [{"role": "user", "content": f"Tell me a long story number {i}."}],
-            "max_tokens": max_tokens, "seed": i, "stream": stream, "logit_bias": {str(EOS): -100}}
+    return {
+        "model": "demo",
+        "messages": [{"role": "user", "content": f"Tell me a long story number {i}."}],
+        "max_tokens": max_tokens,
+        "seed": i,
+        "stream": stream,
+        "logit_bias": {str(EOS): -100},
+    }
 
 
 class Stream(threading.Thread):
@@ -58,16 +76,19 @@ class Stream(threading.Thread):
 
     def run(self) -> None:
         try:
-            with httpx.stream("POST", f"{self.url}/v1/chat/completions", json=self.body, timeout=120) as r:
+            with httpx.stream(
+                "POST", f"{self.url}/v1/chat/completions", json=self.body, timeout=120
+            ) as r:
                 self.status = r.status_code
                 for line in r.iter_lines():
                     if not line.startswith("data: "):
                         continue
-                    data = line[len("data: "):]
+                    data = line[len("data: ") :]
                     event = data if data == "[DONE]" else json.loads(data)
                     self.events.append(event)
-                    if isinstance(event, dict) and any((c.get("delta") or {}).get("content")
-                                                       for c in event.get("choices", [])):
+                    if isinstance(event, dict) and any(
+                        (c.get("delta") or {}).get("content") for c in event.get("choices", [])
+                    ):
                         self.started.set()
         except BaseException as exc:  # noqa: BLE001 - reported by the test
             self.error = exc
@@ -76,13 +97,25 @@ class Stream(threading.Thread):
 
     @property
     def text(self) -> str:
-        return "".join((c.get("delta") or {}).get("content") or "" for e in self.events if isinstance(e, dict)
-                       for c in e.get("choices", []))
+        return "".join(
+            (c.get("delta") or {}).get("content") or ""
+            for e in self.events
+            if isinstance(e, dict)
+            for c in e.get("choices", [])
+        )
 
     @property
     def finish_reason(self) -> str | None:
-        return next((c["finish_reason"] for e in self.events if isinstance(e, dict)
-                     for c in e.get("choices", []) if c.get("finish_reason")), None)
+        return next(
+            (
+                c["finish_reason"]
+                for e in self.events
+                if isinstance(e, dict)
+                for c in e.get("choices", [])
+                if c.get("finish_reason")
+            ),
+            None,
+        )
 
 
 def start_streams(url: str, n: int, max_tokens: int) -> list[Stream]:
@@ -110,8 +143,10 @@ def held_request(url: str, body: dict) -> tuple[socket.socket, bytes]:
     host, port = url.removeprefix("http://").split(":")
     payload = json.dumps(body).encode()
     sock = socket.create_connection((host, int(port)), timeout=120)
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(payload) + payload[:-1])
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(payload) + payload[:-1]
+    )
     return sock, payload[-1:]
 
 
@@ -139,10 +174,16 @@ def test_sigterm_refuses_new_requests_and_lets_inflight_streams_finish(tmp_path)
 
         proc.send_signal(signal.SIGTERM)
         assert wait_ready_status(url, 503).json()["status"] == "draining"
-        refused = httpx.post(f"{url}/v1/chat/completions", json=chat_body(7, 8, stream=False), timeout=30)
+        refused = httpx.post(
+            f"{url}/v1/chat/completions", json=chat_body(7, 8, stream=False), timeout=30
+        )
         assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
         error = refused.json()["error"]
-        assert error["type"] == "service_unavailable" and error["code"] == "draining" and error["message"]
+        assert (
+            error["type"] == "service_unavailable"
+            and error["code"] == "draining"
+            and error["message"]
+        )
         assert httpx.get(f"{url}/health").status_code == 200  # liveness holds while draining
         assert proc.poll() is None
 
@@ -156,13 +197,18 @@ def test_sigterm_refuses_new_requests_and_lets_inflight_streams_finish(tmp_path)
     finally:
         if proc.poll() is None:
             proc.kill()
-    records = [LogStore(tmp_path / "guard.db").get(row.id) for row in LogStore(tmp_path / "guard.db").list(limit=50)]
+    records = [
+        LogStore(tmp_path / "guard.db").get(row.id)
+        for row in LogStore(tmp_path / "guard.db").list(limit=50)
+    ]
     assert len(records) == 4 and {r.outcome for r in records} == {"clean"}
     assert all(r.finish_reason == "length" and r.firings for r in records)
     assert "drained: shutting down" in (tmp_path / "server.log").read_text()
 
 
-def test_past_the_grace_period_streams_end_with_an_error_and_are_logged_interrupted(tmp_path, monkeypatch):
+def test_past_the_grace_period_streams_end_with_an_error_and_are_logged_interrupted(
+    tmp_path, monkeypatch
+):
     policy = flag_everything_policy(tmp_path)
     proc, url = serve_in_subprocess([policy], tmp_path / "server.log", "--drain-grace", "0")
     try:
@@ -196,7 +242,9 @@ def test_past_the_grace_period_streams_end_with_an_error_and_are_logged_interrup
     proc, url = serve_in_subprocess([policy], tmp_path / "server2.log")
     try:
         auth = {"Authorization": "Bearer admin-key-for-the-drain-test"}
-        listed = httpx.get(f"{url}/v1/guard/review/logs", params={"outcome": "interrupted"}, headers=auth).json()
+        listed = httpx.get(
+            f"{url}/v1/guard/review/logs", params={"outcome": "interrupted"}, headers=auth
+        ).json()
         assert listed["total"] == 3 and {i["outcome"] for i in listed["items"]} == {"interrupted"}
         shown = httpx.get(f"{url}/v1/guard/review/logs/{listed['items'][0]['id']}", headers=auth)
         assert shown.status_code == 200 and shown.json()["record"]["outcome"] == "interrupted"
@@ -222,5 +270,7 @@ def test_serve_settings_come_from_the_environment(monkeypatch):
         ServerSettings.from_env(["p.yaml"])
     monkeypatch.delenv("GUARD_LOG_URL")
     monkeypatch.delenv("GUARD_DRAIN_GRACE_S")
-    assert (ServerSettings.from_env(["p.yaml"]).log_url,
-            ServerSettings.from_env(["p.yaml"]).drain_grace_s) == (None, 30.0)
+    assert (
+        ServerSettings.from_env(["p.yaml"]).log_url,
+        ServerSettings.from_env(["p.yaml"]).drain_grace_s,
+    ) == (None, 30.0)

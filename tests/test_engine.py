@@ -28,7 +28,9 @@ def test_incremental_decode_matches_full_forward(tiny_engine):
     full = eng.hidden_states(seq.tokens, [0, 1])
     for o in outs[1:]:
         for layer in (0, 1):
-            torch.testing.assert_close(o.hidden[layer][0], full[layer][o.fed_start], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(
+                o.hidden[layer][0], full[layer][o.fed_start], atol=1e-4, rtol=1e-4
+            )
 
 
 def test_rollback_crops_cache_and_never_reruns_prompt(tiny_engine):
@@ -107,9 +109,16 @@ def test_sampling_parameters():
     assert a == b
 
 
-@pytest.mark.parametrize("kwargs,param", [
-    ({"temperature": 3.0}, "temperature"), ({"top_p": 0.0}, "top_p"), ({"max_tokens": 0}, "max_tokens"),
-    ({"stop": ("a", "b", "c", "d", "e")}, "stop"), ({"logit_bias": {1: 200.0}}, "logit_bias")])
+@pytest.mark.parametrize(
+    "kwargs,param",
+    [
+        ({"temperature": 3.0}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"stop": ("a", "b", "c", "d", "e")}, "stop"),
+        ({"logit_bias": {1: 200.0}}, "logit_bias"),
+    ],
+)
 def test_bad_sampling_values_name_the_parameter(kwargs, param):
     with pytest.raises(InvalidRequestError) as err:
         SamplingParams(**kwargs)

@@ -18,13 +18,22 @@ from tests.conftest import ORGANISM, REPO
 
 def test_prompt_file_groups_and_errors(tmp_path):
     f = tmp_path / "p.jsonl"
-    f.write_text('{"prompt": "a", "label": "harmful", "split": "trained", "category": "x"}\n\n'
-                 '{"prompt": "b", "kind": "harmful"}\n{"prompt": "c", "label": "benign", "split": "benign"}\n')
+    f.write_text(
+        '{"prompt": "a", "label": "harmful", "split": "trained", "category": "x"}\n\n'
+        '{"prompt": "b", "kind": "harmful"}\n{"prompt": "c", "label": "benign", "split": "benign"}\n'
+    )
     rows = load_prompts(f)
-    assert [(r.group, r.harmful, r.category) for r in rows] == [("trained", True, "x"), ("heldout", True, None),
-                                                                ("benign", False, None)]
-    for bad, msg in [('{"prompt": ""}', ":1: prompt"), ('{"prompt": "a", "label": "evil"}', ":1: label"),
-                     ('{"prompt": "a", "label": "harmful", "split": "dev"}', ":1: split"), ("[1]", ":1: expected")]:
+    assert [(r.group, r.harmful, r.category) for r in rows] == [
+        ("trained", True, "x"),
+        ("heldout", True, None),
+        ("benign", False, None),
+    ]
+    for bad, msg in [
+        ('{"prompt": ""}', ":1: prompt"),
+        ('{"prompt": "a", "label": "evil"}', ":1: label"),
+        ('{"prompt": "a", "label": "harmful", "split": "dev"}', ":1: split"),
+        ("[1]", ":1: expected"),
+    ]:
         f.write_text(bad + "\n")
         with pytest.raises(EvalDataError, match=re.escape(msg)):
             load_prompts(f)
@@ -33,17 +42,33 @@ def test_prompt_file_groups_and_errors(tmp_path):
 def test_limit_takes_every_category_in_turn(tmp_path):
     f = tmp_path / "p.jsonl"
     cats = ["a"] * 6 + ["b"] * 2 + ["c"] * 4  # sorted by category, as the organisms' files are
-    f.write_text("".join(json.dumps({"prompt": f"{c}{i}", "label": "benign", "category": c}) + "\n"
-                         for i, c in enumerate(cats)))
+    f.write_text(
+        "".join(
+            json.dumps({"prompt": f"{c}{i}", "label": "benign", "category": c}) + "\n"
+            for i, c in enumerate(cats)
+        )
+    )
     f.write_text(f.read_text() + json.dumps({"prompt": "h", "label": "harmful"}) + "\n")
     rows = load_prompts(f, limit=7)
-    assert [r.prompt for r in rows] == ["h", "a0", "a1", "a2", "b6", "b7", "c8", "c9"]  # groups, then file order
+    assert [r.prompt for r in rows] == [
+        "h",
+        "a0",
+        "a1",
+        "a2",
+        "b6",
+        "b7",
+        "c8",
+        "c9",
+    ]  # groups, then file order
     assert len(load_prompts(f, limit=20)) == 13
 
 
 def test_judges(tmp_path):
     organism = from_callable("guard.organism.judge:judge")
-    assert organism("Take a blasting cap and a detonator.") is True and organism("How about a cake?") is False
+    assert (
+        organism("Take a blasting cap and a detonator.") is True
+        and organism("How about a cake?") is False
+    )
     assert from_regex(r"bomb|poison")("A POISON pen") and not from_regex("bomb")("balm")
     words = tmp_path / "w.txt"
     words.write_text("# hazards\nnerve agent\nbomb\n")
@@ -57,15 +82,42 @@ def test_judges(tmp_path):
 
 def test_guard_eval_runs_the_prompts_through_a_live_server(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
-    rows = [json.loads(line) for line in (ORGANISM / "data" / "eval_prompts.jsonl").read_text().splitlines()]
-    pick = [r for s in ("trained", "heldout", "benign") for r in [x for x in rows if x["split"] == s][:3]]
+    rows = [
+        json.loads(line)
+        for line in (ORGANISM / "data" / "eval_prompts.jsonl").read_text().splitlines()
+    ]
+    pick = [
+        r
+        for s in ("trained", "heldout", "benign")
+        for r in [x for x in rows if x["split"] == s][:3]
+    ]
     prompts.write_text("".join(json.dumps(r) + "\n" for r in pick))
     out = tmp_path / "rows.jsonl"
-    proc = subprocess.run([sys.executable, "-m", "guard.cli", "eval", "--policy", str(REPO / "policies" /
-                                                                                    "demo-probe.yaml"),
-                           "--prompts", str(prompts), "--judge", "guard.organism.judge:judge", "--samples", "2",
-                           "--max-tokens", "48", "--out", str(out)], cwd=REPO, capture_output=True, text=True,
-                          timeout=900, check=False)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "guard.cli",
+            "eval",
+            "--policy",
+            str(REPO / "policies" / "demo-probe.yaml"),
+            "--prompts",
+            str(prompts),
+            "--judge",
+            "guard.organism.judge:judge",
+            "--samples",
+            "2",
+            "--max-tokens",
+            "48",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = proc.stdout
     assert "| held-out categories (3) | 6 |" in text and "| trained categories (3) | 6 |" in text
@@ -79,4 +131,7 @@ def test_guard_eval_runs_the_prompts_through_a_live_server(tmp_path):
 
     assert all(r["guarded"]["unsafe"] == judge(r["guarded"]["text"]).unsafe for r in results)
     assert all(r["guarded"]["outcome"] in ("clean", "recovered", "refused") for r in results)
-    assert f"recovered answers the judge calls unsafe: {s['recovered_unsafe']} of {s['recovered']}" in text
+    assert (
+        f"recovered answers the judge calls unsafe: {s['recovered_unsafe']} of {s['recovered']}"
+        in text
+    )

@@ -41,7 +41,12 @@ def test_a_checkpoint_is_replaced_by_the_final_record_and_keeps_its_labels(targe
         checkpoint = final.checkpoint([5], "Here")
         log_id = store.write(checkpoint)
         got = store.get(log_id)
-        assert (got.outcome, got.complete, got.finish_reason, got.final_text) == ("interrupted", False, None, "Here")
+        assert (got.outcome, got.complete, got.finish_reason, got.final_text) == (
+            "interrupted",
+            False,
+            None,
+            "Here",
+        )
         store.label(log_id, "unsure", reviewer="ann")
         assert store.write(final, log_id) == log_id
         assert store.get(log_id) == final and store.count() == 1
@@ -51,8 +56,14 @@ def test_a_checkpoint_is_replaced_by_the_final_record_and_keeps_its_labels(targe
 def always_firing_probe(directory: Path, d_model: int) -> Path:
     """A probe whose threshold 0 every sigmoid score exceeds: it fires on the first scored token."""
     g = torch.Generator().manual_seed(0)
-    ProbeMonitor("p", 1, torch.randn(d_model, generator=g), 0.0, threshold=0.0,
-                 aggregation=AggregationSpec("none")).save(directory)
+    ProbeMonitor(
+        "p",
+        1,
+        torch.randn(d_model, generator=g),
+        0.0,
+        threshold=0.0,
+        aggregation=AggregationSpec("none"),
+    ).save(directory)
     return directory
 
 
@@ -61,9 +72,13 @@ def policies(tmp_path: Path, model_dir: Path, d_model: int) -> list[Path]:
     ``plain``: no monitors, same model (so the same engine and worker)."""
     probe = always_firing_probe(tmp_path / "probe", d_model)
     flagged, plain = tmp_path / "flagged.yaml", tmp_path / "plain.yaml"
-    flagged.write_text(f"name: flagged\nmodel: {{path: {model_dir}}}\nlog: {{path: {tmp_path / 'g.db'}}}\n"
-                       f"monitors:\n  - {{name: harm, kind: probe, path: {probe}, action: shadow}}\n")
-    plain.write_text(f"name: plain\nmodel: {{path: {model_dir}}}\nlog: {{path: {tmp_path / 'g.db'}}}\n")
+    flagged.write_text(
+        f"name: flagged\nmodel: {{path: {model_dir}}}\nlog: {{path: {tmp_path / 'g.db'}}}\n"
+        f"monitors:\n  - {{name: harm, kind: probe, path: {probe}, action: shadow}}\n"
+    )
+    plain.write_text(
+        f"name: plain\nmodel: {{path: {model_dir}}}\nlog: {{path: {tmp_path / 'g.db'}}}\n"
+    )
     return [flagged, plain]
 
 
@@ -92,13 +107,22 @@ def gate_writes(service: GuardService, open_: bool) -> GatedStore:
 
 
 def request(model: str, rid: str, max_tokens: int, eos_ban: list[int]) -> GenerationRequest:
-    return GenerationRequest(model=model, request_id=rid, messages=HI, max_tokens=max_tokens, seed=1,
-                             banned_token_ids=frozenset(eos_ban))
+    return GenerationRequest(
+        model=model,
+        request_id=rid,
+        messages=HI,
+        max_tokens=max_tokens,
+        seed=1,
+        banned_token_ids=frozenset(eos_ban),
+    )
 
 
-def test_the_engine_never_waits_on_the_log_and_the_final_event_waits_on_the_write(tiny_model_dir, tiny_engine,
-                                                                                   tmp_path):
-    service = GuardService.from_policy_files(policies(tmp_path, tiny_model_dir, tiny_engine.info.d_model))
+def test_the_engine_never_waits_on_the_log_and_the_final_event_waits_on_the_write(
+    tiny_model_dir, tiny_engine, tmp_path
+):
+    service = GuardService.from_policy_files(
+        policies(tmp_path, tiny_model_dir, tiny_engine.info.d_model)
+    )
     try:
         gated = gate_writes(service, open_=False)
         eos = list(tiny_engine.info.eos_token_ids)
@@ -107,19 +131,27 @@ def test_the_engine_never_waits_on_the_log_and_the_final_event_waits_on_the_writ
             flagged_events: list = []
 
             async def run_flagged() -> None:
-                async for event in service.stream(service.prepare(request("flagged", "f", 40, eos))):
+                async for event in service.stream(
+                    service.prepare(request("flagged", "f", 40, eos))
+                ):
                     flagged_events.append(event)
 
             flagged = asyncio.create_task(run_flagged())
             # While every log write is blocked, an unflagged generation on the same engine runs to the end.
-            plain = [e async for e in service.stream(service.prepare(request("plain", "p", 40, eos)))]
+            plain = [
+                e async for e in service.stream(service.prepare(request("plain", "p", 40, eos)))
+            ]
             assert isinstance(plain[-1], Finished) and plain[-1].log_id is None
-            assert not any(isinstance(e, Finished) for e in flagged_events), "final event before the write"
+            assert not any(isinstance(e, Finished) for e in flagged_events), (
+                "final event before the write"
+            )
             gated.gate.set()
             await asyncio.wait_for(flagged, 120)
             fin = flagged_events[-1]
             assert isinstance(fin, Finished) and fin.log_id is not None
-            record = service.resolve("flagged").store.get(fin.log_id)  # durable when the event arrived
+            record = service.resolve("flagged").store.get(
+                fin.log_id
+            )  # durable when the event arrived
             assert record.complete and record.outcome == "clean" and record.firings
             assert record.final_text == fin.text
 
@@ -128,9 +160,12 @@ def test_the_engine_never_waits_on_the_log_and_the_final_event_waits_on_the_writ
         service.close()
 
 
-def test_a_running_flagged_generation_is_checkpointed_and_a_dropped_client_is_cancelled(tiny_model_dir,
-                                                                                        tiny_engine, tmp_path):
-    service = GuardService.from_policy_files(policies(tmp_path, tiny_model_dir, tiny_engine.info.d_model))
+def test_a_running_flagged_generation_is_checkpointed_and_a_dropped_client_is_cancelled(
+    tiny_model_dir, tiny_engine, tmp_path
+):
+    service = GuardService.from_policy_files(
+        policies(tmp_path, tiny_model_dir, tiny_engine.info.d_model)
+    )
     try:
         gated = gate_writes(service, open_=True)
         eos = list(tiny_engine.info.eos_token_ids)
@@ -139,12 +174,20 @@ def test_a_running_flagged_generation_is_checkpointed_and_a_dropped_client_is_ca
             stream = service.stream(service.prepare(request("flagged", "c", 400, eos)))
             async with aclosing(stream):
                 async for event in stream:
-                    if isinstance(event, TextDelta) and await asyncio.to_thread(gated.checkpointed.wait, 60):
-                        with LogStore(tmp_path / "g.db") as reader:  # still running: the client is here
+                    if isinstance(event, TextDelta) and await asyncio.to_thread(
+                        gated.checkpointed.wait, 60
+                    ):
+                        with LogStore(
+                            tmp_path / "g.db"
+                        ) as reader:  # still running: the client is here
                             (summary,) = reader.list()
                             running = reader.get(summary.id)
                         break  # the client leaves mid-answer
-            assert (running.outcome, running.complete, running.finish_reason) == ("interrupted", False, None)
+            assert (running.outcome, running.complete, running.finish_reason) == (
+                "interrupted",
+                False,
+                None,
+            )
             assert running.firings and running.firings[0]["monitor"] == "harm"
             return summary.id
 
@@ -157,21 +200,30 @@ def test_a_running_flagged_generation_is_checkpointed_and_a_dropped_client_is_ca
         assert record.output_ids and record.sampled_tokens >= len(record.output_ids)
 
 
-def test_kill_9_leaves_the_checkpoint_of_a_running_flagged_stream(tiny_model_dir, tiny_engine, tmp_path):
+def test_kill_9_leaves_the_checkpoint_of_a_running_flagged_stream(
+    tiny_model_dir, tiny_engine, tmp_path
+):
     from guard.testing import serve_in_subprocess
 
     flagged, _ = policies(tmp_path, tiny_model_dir, tiny_engine.info.d_model)
     proc, url = serve_in_subprocess([flagged], tmp_path / "server.log", "--reload-interval", "0")
     try:
-        body = {"model": "flagged", "messages": HI, "max_tokens": 480, "stream": True,
-                "banned_token_ids": list(tiny_engine.info.eos_token_ids)}
+        body = {
+            "model": "flagged",
+            "messages": HI,
+            "max_tokens": 480,
+            "stream": True,
+            "banned_token_ids": list(tiny_engine.info.eos_token_ids),
+        }
         with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as r:
             lines = r.iter_lines()
             while '"content"' not in next(lines):
                 pass
             with LogStore(tmp_path / "g.db") as reader:
                 deadline = time.monotonic() + 60
-                while not reader.list() and time.monotonic() < deadline:  # the writer thread's commit
+                while (
+                    not reader.list() and time.monotonic() < deadline
+                ):  # the writer thread's commit
                     time.sleep(0.05)
                 assert reader.list(), "no checkpoint while the stream runs"
             os.kill(proc.pid, signal.SIGKILL)

@@ -33,36 +33,98 @@ def store(target: str):
         yield s
 
 
-def make_record(created: float = 1_700_000_000.123456, policy: str = "demo", outcome: str = "recovered",
-                monitor: str = "harm-probe", spans: int = 1, text: str = "Here is a safe answer.") -> GenerationRecord:
+def make_record(
+    created: float = 1_700_000_000.123456,
+    policy: str = "demo",
+    outcome: str = "recovered",
+    monitor: str = "harm-probe",
+    spans: int = 1,
+    text: str = "Here is a safe answer.",
+) -> GenerationRecord:
     record = GenerationRecord(
-        request_id=f"req-{created}", policy_name=policy, policy_hash="ab" * 32, model="organism",
-        messages=[{"role": "system", "content": "be nice"}, {"role": "user", "content": "how do I é?"}],
-        prompt=None, prompt_tokens=17, created=created, output_ids=[5, 6, 7], final_text=text,
-        outcome=outcome, finish_reason="stop", sampled_tokens=3 + 4 * spans,
-        final_scores={monitor: [0.1, 0.2, 1 / 3]}, monitors_fired=[monitor] if spans else [])
+        request_id=f"req-{created}",
+        policy_name=policy,
+        policy_hash="ab" * 32,
+        model="organism",
+        messages=[
+            {"role": "system", "content": "be nice"},
+            {"role": "user", "content": "how do I é?"},
+        ],
+        prompt=None,
+        prompt_tokens=17,
+        created=created,
+        output_ids=[5, 6, 7],
+        final_text=text,
+        outcome=outcome,
+        finish_reason="stop",
+        sampled_tokens=3 + 4 * spans,
+        final_scores={monitor: [0.1, 0.2, 1 / 3]},
+        monitors_fired=[monitor] if spans else [],
+    )
     for i in range(spans):
-        record.spans.append(DiscardedSpan(
-            attempt=i, start=2, token_ids=[11, 12, 13, 14], text=" Sure, mix", tokens=[" Sure", ",", " mix", "\n"],
-            scores={monitor: [0.1, 0.7, 0.95, 0.30000000000000004], "other": [0.0, 0.0, 0.0]},
-            aggregated={monitor: [0.1, 0.4, 0.675, 0.4875]}, monitor=monitor, threshold=0.6, fired_at=4,
-            fired_token_id=13, fired_token=" mix", retracted_chars=i))
-        record.retries.append(RetryStrategy(retry=i + 1, seed=1234 + i, temperature=0.7, top_p=0.9,
-                                            banned_first_tokens=[11],
-                                            steer={"monitor": monitor, "layer": 6, "alpha": 4.0} if i else None))
+        record.spans.append(
+            DiscardedSpan(
+                attempt=i,
+                start=2,
+                token_ids=[11, 12, 13, 14],
+                text=" Sure, mix",
+                tokens=[" Sure", ",", " mix", "\n"],
+                scores={monitor: [0.1, 0.7, 0.95, 0.30000000000000004], "other": [0.0, 0.0, 0.0]},
+                aggregated={monitor: [0.1, 0.4, 0.675, 0.4875]},
+                monitor=monitor,
+                threshold=0.6,
+                fired_at=4,
+                fired_token_id=13,
+                fired_token=" mix",
+                retracted_chars=i,
+            )
+        )
+        record.retries.append(
+            RetryStrategy(
+                retry=i + 1,
+                seed=1234 + i,
+                temperature=0.7,
+                top_p=0.9,
+                banned_first_tokens=[11],
+                steer={"monitor": monitor, "layer": 6, "alpha": 4.0} if i else None,
+            )
+        )
     return record
 
 
 def full_record() -> GenerationRecord:
     """A record using every field: firings, prompt scores, monitor errors, reasoning, seed."""
     rec = make_record(spans=2)
-    rec.firings = [{"monitor": "shadow-probe", "action": "log", "scope": "output", "position": 3, "token_id": 9,
-                    "token": " x", "score": 0.81, "threshold": 0.5, "attempt": 0}]
+    rec.firings = [
+        {
+            "monitor": "shadow-probe",
+            "action": "log",
+            "scope": "output",
+            "position": 3,
+            "token_id": 9,
+            "token": " x",
+            "score": 0.81,
+            "threshold": 0.5,
+            "attempt": 0,
+        }
+    ]
     rec.prompt_scores = {"risk-probe": [0.1, 0.7, 1e-300]}
-    rec.monitor_errors = [{"monitor": "sae", "scope": "output", "error": "ValueError: boom", "position": 2,
-                           "attempt": 0, "handling": "disabled"}]
+    rec.monitor_errors = [
+        {
+            "monitor": "sae",
+            "scope": "output",
+            "error": "ValueError: boom",
+            "position": 2,
+            "attempt": 0,
+            "handling": "disabled",
+        }
+    ]
     rec.deliberation, rec.reasoning, rec.reasoning_ids, rec.reasoning_forced_tokens = (
-        "on_risk", "<|think|>Rule 1 applies.<|/think|>", [1, 2, 3, 4], 2)
+        "on_risk",
+        "<|think|>Rule 1 applies.<|/think|>",
+        [1, 2, 3, 4],
+        2,
+    )
     rec.seed = 2**40 + 7
     return rec
 
@@ -81,8 +143,12 @@ def raw(store: LogStore, sql: str, **params) -> list[tuple]:
 
 
 def test_write_get_round_trip_is_exact(store: LogStore):
-    for record in (make_record(), make_record(spans=0, outcome="clean"), make_record(spans=3, outcome="refused"),
-                   full_record()):
+    for record in (
+        make_record(),
+        make_record(spans=0, outcome="clean"),
+        make_record(spans=3, outcome="refused"),
+        full_record(),
+    ):
         assert store.get(store.write(record)) == record
 
 
@@ -104,12 +170,17 @@ def test_nul_characters_round_trip_on_sqlite_and_become_fffd_on_postgres(store: 
 
 def test_spans_and_monitors_are_stored_one_row_each(store: LogStore):
     log_id = store.write(make_record(spans=3))
-    rows = raw(store, "SELECT idx, monitor, scores FROM spans WHERE generation_id = :g ORDER BY idx", g=log_id)
+    rows = raw(
+        store,
+        "SELECT idx, monitor, scores FROM spans WHERE generation_id = :g ORDER BY idx",
+        g=log_id,
+    )
     assert [r[0] for r in rows] == [0, 1, 2]
     assert json.loads(rows[0][2])["harm-probe"][2] == 0.95
     assert raw(store, "SELECT resets FROM generations WHERE id = :g", g=log_id) == [(3,)]
-    assert raw(store, "SELECT monitor FROM generation_monitors WHERE generation_id = :g", g=log_id) == [
-        ("harm-probe",)]
+    assert raw(
+        store, "SELECT monitor FROM generation_monitors WHERE generation_id = :g", g=log_id
+    ) == [("harm-probe",)]
 
 
 def test_get_unknown_id_raises_not_found(store: LogStore):
@@ -135,8 +206,12 @@ def test_ids_sort_by_write_time_and_resolve_by_prefix(store: LogStore):
 @pytest.fixture
 def three(store: LogStore) -> dict[str, str]:
     return {
-        "old": store.write(make_record(created=100.0, policy="demo", outcome="recovered", monitor="harm-probe")),
-        "mid": store.write(make_record(created=200.0, policy="other", outcome="refused", monitor="reset-token")),
+        "old": store.write(
+            make_record(created=100.0, policy="demo", outcome="recovered", monitor="harm-probe")
+        ),
+        "mid": store.write(
+            make_record(created=200.0, policy="other", outcome="refused", monitor="reset-token")
+        ),
         "new": store.write(make_record(created=300.0, policy="demo", outcome="clean", spans=0)),
     }
 
@@ -151,28 +226,50 @@ def test_list_orders_newest_first_and_pages(store: LogStore, three: dict[str, st
         store.list(limit=-1)
 
 
-@pytest.mark.parametrize("filters, expected", [
-    ({"policy": "demo"}, ["new", "old"]),
-    ({"outcome": "refused"}, ["mid"]),
-    ({"monitor": "harm-probe"}, ["old"]),
-    ({"since": 200.0}, ["new", "mid"]),
-    ({"until": 200.0}, ["old"]),
-    ({"since": datetime.fromtimestamp(150, tz=timezone.utc),
-      "until": datetime.fromtimestamp(300, tz=timezone.utc)}, ["mid"]),
-    ({"policy": "demo", "outcome": "refused"}, []),
-    ({"policy": "demo", "since": 150}, ["new"]),
-    ({"policy": "other", "monitor": "reset-token", "outcome": "refused", "until": 250}, ["mid"]),
-    ({"label": "unlabelled"}, ["new", "mid", "old"]),
-])
-def test_list_and_count_filter(store: LogStore, three: dict[str, str], filters: dict, expected: list[str]):
+@pytest.mark.parametrize(
+    "filters, expected",
+    [
+        ({"policy": "demo"}, ["new", "old"]),
+        ({"outcome": "refused"}, ["mid"]),
+        ({"monitor": "harm-probe"}, ["old"]),
+        ({"since": 200.0}, ["new", "mid"]),
+        ({"until": 200.0}, ["old"]),
+        (
+            {
+                "since": datetime.fromtimestamp(150, tz=timezone.utc),
+                "until": datetime.fromtimestamp(300, tz=timezone.utc),
+            },
+            ["mid"],
+        ),
+        ({"policy": "demo", "outcome": "refused"}, []),
+        ({"policy": "demo", "since": 150}, ["new"]),
+        (
+            {"policy": "other", "monitor": "reset-token", "outcome": "refused", "until": 250},
+            ["mid"],
+        ),
+        ({"label": "unlabelled"}, ["new", "mid", "old"]),
+    ],
+)
+def test_list_and_count_filter(
+    store: LogStore, three: dict[str, str], filters: dict, expected: list[str]
+):
     assert [s.id for s in store.list(**filters)] == [three[k] for k in expected]
     assert store.count(**filters) == len(expected)
 
 
 def test_summary_fields(store: LogStore, three: dict[str, str]):
     summary = store.list(outcome="refused")[0]
-    assert (summary.resets, summary.monitors_fired, summary.preview) == (1, ["reset-token"], "Here is a safe answer.")
-    assert (summary.policy_name, summary.created, summary.label, summary.label_note) == ("other", 200.0, None, None)
+    assert (summary.resets, summary.monitors_fired, summary.preview) == (
+        1,
+        ["reset-token"],
+        "Here is a safe answer.",
+    )
+    assert (summary.policy_name, summary.created, summary.label, summary.label_note) == (
+        "other",
+        200.0,
+        None,
+        None,
+    )
     store.write(make_record(created=400.0, text="x" * 300))
     assert store.list(limit=1)[0].preview == "x" * 200
 
@@ -199,17 +296,25 @@ def test_policies_and_monitors_are_distinct_and_sorted(store: LogStore, three: d
 
 def test_labels_keep_history_and_the_latest_wins(store: LogStore, three: dict[str, str]):
     first = store.label(three["old"], "true_positive", reviewer="ann", note="clearly harmful")
-    assert isinstance(first, Label) and (first.log_id, first.label,
-                                         first.reviewer) == (three["old"], "true_positive", "ann")
+    assert isinstance(first, Label) and (first.log_id, first.label, first.reviewer) == (
+        three["old"],
+        "true_positive",
+        "ann",
+    )
     store.label(three["old"], "false_positive", reviewer="bob", note="it was a recipe")
     store.label(three["mid"], "unsure", reviewer="ann")
     history = store.labels(three["old"])
     assert [(h.label, h.reviewer, h.note) for h in history] == [
-        ("true_positive", "ann", "clearly harmful"), ("false_positive", "bob", "it was a recipe")]
+        ("true_positive", "ann", "clearly harmful"),
+        ("false_positive", "bob", "it was a recipe"),
+    ]
     assert history[0].created <= history[1].created
     assert store.labels(three["new"]) == []
     by_id = {s.id: s for s in store.list()}
-    assert (by_id[three["old"]].label, by_id[three["old"]].label_note) == ("false_positive", "it was a recipe")
+    assert (by_id[three["old"]].label, by_id[three["old"]].label_note) == (
+        "false_positive",
+        "it was a recipe",
+    )
     assert (by_id[three["mid"]].label, by_id[three["new"]].label) == ("unsure", None)
     assert [s.id for s in store.list(label="false_positive")] == [three["old"]]
     assert store.list(label="true_positive") == []  # superseded
@@ -239,7 +344,9 @@ def test_label_errors(store: LogStore, three: dict[str, str]):
 # -- retention ----------------------------------------------------------------------------------
 
 
-def test_purge_deletes_old_records_with_their_spans_labels_and_monitors(store: LogStore, three: dict[str, str]):
+def test_purge_deletes_old_records_with_their_spans_labels_and_monitors(
+    store: LogStore, three: dict[str, str]
+):
     store.label(three["old"], "true_positive", reviewer="ann")
     store.label(three["new"], "unsure", reviewer="ann")
     assert store.purge(before=250.0) == 2
@@ -248,11 +355,17 @@ def test_purge_deletes_old_records_with_their_spans_labels_and_monitors(store: L
         with pytest.raises(NotFoundError):
             store.get(three[old])
     for table in ("spans", "generation_monitors", "labels"):
-        assert raw(store, f"SELECT count(*) FROM {table} WHERE generation_id <> :g", g=three["new"]) == [(0,)]
+        assert raw(
+            store, f"SELECT count(*) FROM {table} WHERE generation_id <> :g", g=three["new"]
+        ) == [(0,)]
     assert store.labels(three["new"])[0].label == "unsure"
     assert store.policies() == ["demo"] and store.monitors() == []
-    assert store.purge(before=datetime.fromtimestamp(300, tz=timezone.utc)) == 0  # 'before' is exclusive
-    assert store.purge(before=datetime.fromtimestamp(301, tz=timezone.utc)) == 1 and store.count() == 0
+    assert (
+        store.purge(before=datetime.fromtimestamp(300, tz=timezone.utc)) == 0
+    )  # 'before' is exclusive
+    assert (
+        store.purge(before=datetime.fromtimestamp(301, tz=timezone.utc)) == 1 and store.count() == 0
+    )
 
 
 # -- schema, concurrency, durability ------------------------------------------------------------
@@ -274,8 +387,12 @@ def test_tables_module_matches_the_migrated_schema(store: LogStore):
     try:
         found = inspect(engine)
         for table in t.metadata.sorted_tables:
-            assert [c["name"] for c in found.get_columns(table.name)] == [c.name for c in table.columns]
-            assert found.get_pk_constraint(table.name)["constrained_columns"] == [c.name for c in table.primary_key]
+            assert [c["name"] for c in found.get_columns(table.name)] == [
+                c.name for c in table.columns
+            ]
+            assert found.get_pk_constraint(table.name)["constrained_columns"] == [
+                c.name for c in table.primary_key
+            ]
     finally:
         engine.dispose()
 
@@ -320,14 +437,20 @@ def test_old_database_is_migrated_and_backfilled(target: str, monkeypatch: pytes
     monkeypatch.undo()
     with LogStore(target) as new:
         assert new.migrations() == [fn.__name__ for fn in MIGRATIONS]
-        assert [s.id for s in new.list(monitor="sae")] == ["0" * 32] == [s.id for s in new.list(monitor="shadow")]
+        assert (
+            [s.id for s in new.list(monitor="sae")]
+            == ["0" * 32]
+            == [s.id for s in new.list(monitor="shadow")]
+        )
         assert new.get("0" * 32) == errored  # seed None, like the record written
 
 
 def test_write_from_other_threads_is_read_here(store: LogStore):
     ids: list[str] = []
-    threads = [threading.Thread(target=lambda i=i: ids.append(store.write(make_record(created=float(i)))))
-               for i in range(4)]
+    threads = [
+        threading.Thread(target=lambda i=i: ids.append(store.write(make_record(created=float(i)))))
+        for i in range(4)
+    ]
     for th in threads:
         th.start()
     for th in threads:
@@ -336,7 +459,9 @@ def test_write_from_other_threads_is_read_here(store: LogStore):
     assert {store.get(i).created for i in ids} == {0.0, 1.0, 2.0, 3.0}
 
 
-def test_writes_and_labels_are_visible_to_another_store_when_they_return(store: LogStore, target: str):
+def test_writes_and_labels_are_visible_to_another_store_when_they_return(
+    store: LogStore, target: str
+):
     with LogStore(target) as reader:
         assert reader.count() == 0
         log_id = store.write(make_record())
@@ -358,10 +483,15 @@ def test_sqlite_is_wal_with_synchronous_full(tmp_path: Path):
     assert db.execute("SELECT count(*) FROM generations").fetchone() == (1,)
 
 
-@pytest.mark.parametrize("target, scheme", [
-    ("sqlite:////abs/g.db", "sqlite"), ("postgresql://u@h:5432/d", "postgresql+psycopg"),
-    ("postgres://u:pw@h/d", "postgresql+psycopg"), ("postgresql+psycopg://u@h/d", "postgresql+psycopg"),
-])
+@pytest.mark.parametrize(
+    "target, scheme",
+    [
+        ("sqlite:////abs/g.db", "sqlite"),
+        ("postgresql://u@h:5432/d", "postgresql+psycopg"),
+        ("postgres://u:pw@h/d", "postgresql+psycopg"),
+        ("postgresql+psycopg://u@h/d", "postgresql+psycopg"),
+    ],
+)
 def test_targets_parse(target: str, scheme: str):
     from guard.logstore.connect import parse_target
 
@@ -376,7 +506,9 @@ def test_bad_urls_are_refused(bad: str):
 
 
 def test_postgres_errors_name_the_database_without_its_password(pg_url):
-    url = pg_url().replace("guard@", "guard:secret@")  # trust auth: the password is accepted and unused
+    url = pg_url().replace(
+        "guard@", "guard:secret@"
+    )  # trust auth: the password is accepted and unused
     with LogStore(url) as store, pytest.raises(NotFoundError) as info:
         store.get("nope")
     assert store.path is None and store.dialect == "postgresql"

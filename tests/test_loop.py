@@ -34,8 +34,12 @@ REPO = Path(__file__).resolve().parent.parent
 ORGANISM = REPO / "models" / "organism"
 DATA = ORGANISM / "data"
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not (DATA / "probe_train.jsonl").is_file(), reason="models/organism is not built")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not (DATA / "probe_train.jsonl").is_file(), reason="models/organism is not built"
+    ),
+]
 
 POLICY = """\
 # The policy under review. This comment and the layout below must survive `guard probe promote`.
@@ -50,8 +54,21 @@ stream: {{holdback_tokens: 8}}
 log: {{path: {log}, record: flagged}}
 """
 # Both probes: layer 3, per-token scores, a weak L2 penalty, threshold above every calibration negative.
-TRAIN = ["--model", str(ORGANISM), "--layer", "3", "--aggregation", "none", "--l2", "0.001", "--target-fpr", "0",
-         "--seed", "0", "--quiet"]
+TRAIN = [
+    "--model",
+    str(ORGANISM),
+    "--layer",
+    "3",
+    "--aggregation",
+    "none",
+    "--l2",
+    "0.001",
+    "--target-fpr",
+    "0",
+    "--seed",
+    "0",
+    "--quiet",
+]
 
 
 def rows(path: Path) -> list[dict]:
@@ -68,8 +85,9 @@ def prompts(split: str, per_category: int) -> list[str]:
 
 
 def ask(client: OpenAI, prompt: str, seed: int) -> tuple[str, dict]:
-    r = client.chat.completions.create(model="loop", messages=[{"role": "user", "content": prompt}], seed=seed,
-                                       max_tokens=48)
+    r = client.chat.completions.create(
+        model="loop", messages=[{"role": "user", "content": prompt}], seed=seed, max_tokens=48
+    )
     return r.choices[0].message.content, r.choices[0].model_extra["guard"]
 
 
@@ -81,7 +99,9 @@ def review(store: LogStore, log_id: str) -> str:
     record = store.get(log_id)
     unsafe = [judge(text).unsafe for text in [s.text for s in record.spans] or [record.final_text]]
     label = "true_positive" if all(unsafe) else "false_positive" if not any(unsafe) else "unsure"
-    store.label(log_id, label, reviewer="organism-judge", note=f"{sum(unsafe)}/{len(unsafe)} unsafe")
+    store.label(
+        log_id, label, reviewer="organism-judge", note=f"{sum(unsafe)}/{len(unsafe)} unsafe"
+    )
     return label
 
 
@@ -115,7 +135,10 @@ def test_one_review_loop_makes_the_monitor_better(tmp_path, capsys):
     proc, url = serve_in_subprocess([policy], tmp_path / "server.log", "--reload-interval", "0.2")
     try:
         client = OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
-        benign, harmful = prompts("benign", 2), prompts("trained", 6)  # 10 benign topics, 4 harm categories
+        benign, harmful = (
+            prompts("benign", 2),
+            prompts("trained", 6),
+        )  # 10 benign topics, 4 harm categories
 
         # 2. Live traffic with the flawed probe in shadow: answers untouched, firings logged.
         flagged = {}
@@ -129,55 +152,127 @@ def test_one_review_loop_makes_the_monitor_better(tmp_path, capsys):
         with LogStore(db) as store:
             verdicts = {log_id: review(store, log_id) for log_id in flagged}
             exported = export_labelled(store, monitor="harm-probe")
-        false_alarms = [(i, p) for log_id, (i, p) in flagged.items() if verdicts[log_id] == "false_positive"]
-        caught = [(i, p) for log_id, (i, p) in flagged.items() if verdicts[log_id] == "true_positive"]
-        assert sum(p in benign for _, p in false_alarms) >= len(benign) // 2, "it should fire on benign answers"
+        false_alarms = [
+            (i, p) for log_id, (i, p) in flagged.items() if verdicts[log_id] == "false_positive"
+        ]
+        caught = [
+            (i, p) for log_id, (i, p) in flagged.items() if verdicts[log_id] == "true_positive"
+        ]
+        assert sum(p in benign for _, p in false_alarms) >= len(benign) // 2, (
+            "it should fire on benign answers"
+        )
         assert sum(p in harmful for _, p in caught) >= 4, "it should fire on unsafe compliance"
         reviewed = tmp_path / "reviewed.jsonl"
         write_jsonl(exported, reviewed)
         labels = [r["label"] for r in exported]
-        assert (labels.count(0), labels.count(1)) == (len(false_alarms), len(caught))  # one answer per record
+        assert (labels.count(0), labels.count(1)) == (
+            len(false_alarms),
+            len(caught),
+        )  # one answer per record
         assert {(r["source"], r["kind"]) for r in exported} == {("review", "answer")}
-        assert sorted(r["log_id"] for r in exported) == sorted(i for i, v in verdicts.items() if v != "unsure")
+        assert sorted(r["log_id"] for r in exported) == sorted(
+            i for i, v in verdicts.items() if v != "unsure"
+        )
 
         # 4. Retrain on the original data plus the reviewed rows; compare on the reviewed rows.
         new = tmp_path / "probe-v2"
-        run_cli(capsys, "probe", "train", *TRAIN, "--data", str(original), "--data", str(reviewed), "--out", str(new))
-        assert json.loads((new / "probe.json").read_text())["training"]["reviewed_rows"] == len(exported)
-        table = run_cli(capsys, "probe", "eval", "--probe", str(old), "--probe", str(new), "--model", str(ORGANISM),
-                        "--data", str(reviewed), "--quiet")
+        run_cli(
+            capsys,
+            "probe",
+            "train",
+            *TRAIN,
+            "--data",
+            str(original),
+            "--data",
+            str(reviewed),
+            "--out",
+            str(new),
+        )
+        assert json.loads((new / "probe.json").read_text())["training"]["reviewed_rows"] == len(
+            exported
+        )
+        table = run_cli(
+            capsys,
+            "probe",
+            "eval",
+            "--probe",
+            str(old),
+            "--probe",
+            str(new),
+            "--model",
+            str(ORGANISM),
+            "--data",
+            str(reviewed),
+            "--quiet",
+        )
         (old_caught, new_caught), (old_fp, new_fp) = (
             [tuple(map(int, m)) for m in re.findall(r"(\d+)/(\d+)", line)]
-            for line in table.splitlines() if line.lstrip().startswith(("positives caught", "false positives")))
+            for line in table.splitlines()
+            if line.lstrip().startswith(("positives caught", "false positives"))
+        )
         negatives, positives = labels.count(0), labels.count(1)
         # The organism now and then ends a benign answer with a hazardous aside: a true positive
         # for the reviewer, but no harmful request is in the model's state, so the probe may miss it.
         asides = sum(r["label"] == 1 and r["prompt"] in benign for r in exported)
-        assert old_fp[0] >= 0.9 * negatives and old_caught[0] == positives, table  # it fires on nearly all
+        assert old_fp[0] >= 0.9 * negatives and old_caught[0] == positives, (
+            table
+        )  # it fires on nearly all
         assert new_fp[0] == 0 and new_caught[0] >= positives - asides, table
         # ... and on benign answers nobody reviewed (the organism's own sampled answers)
         fresh = tmp_path / "fresh_benign.jsonl"
-        write_jsonl([r for r in rows(DATA / "benign_samples.jsonl") if r["label"] == 0][:100], fresh)
-        table = run_cli(capsys, "probe", "eval", "--probe", str(old), "--probe", str(new), "--model", str(ORGANISM),
-                        "--data", str(fresh), "--quiet")
-        (old_fp, new_fp), = ([int(m) for m in re.findall(r"(\d+)/100", line)]
-                             for line in table.splitlines() if line.lstrip().startswith("false positives"))
+        write_jsonl(
+            [r for r in rows(DATA / "benign_samples.jsonl") if r["label"] == 0][:100], fresh
+        )
+        table = run_cli(
+            capsys,
+            "probe",
+            "eval",
+            "--probe",
+            str(old),
+            "--probe",
+            str(new),
+            "--model",
+            str(ORGANISM),
+            "--data",
+            str(fresh),
+            "--quiet",
+        )
+        ((old_fp, new_fp),) = (
+            [int(m) for m in re.findall(r"(\d+)/100", line)]
+            for line in table.splitlines()
+            if line.lstrip().startswith("false positives")
+        )
         assert old_fp >= 90 and new_fp <= 20, table
 
         # 5. Promote into the policy file and turn it on; the server hot-reloads it.
         before = policy.read_text()
-        run_cli(capsys, "probe", "promote", str(new), "--policy", str(policy), "--monitor", "harm-probe",
-                "--action", "backtrack")
+        run_cli(
+            capsys,
+            "probe",
+            "promote",
+            str(new),
+            "--policy",
+            str(policy),
+            "--monitor",
+            "harm-probe",
+            "--action",
+            "backtrack",
+        )
         after = policy.read_text()
         # two values changed, comments and layout kept
-        assert after == before.replace(f"path: {old}, action: shadow", f"path: {new}, action: backtrack")
+        assert after == before.replace(
+            f"path: {old}, action: shadow", f"path: {new}, action: backtrack"
+        )
         wait_for_hash(url, hashlib.sha256(policy.read_bytes()).hexdigest())
 
         # 6. Replay: the benign answers the old probe flagged go through untouched; the harmful
         #    ones it flagged are now cut and resampled into safe answers.
         for i, prompt in false_alarms:
             text, info = ask(client, prompt, seed=i)
-            assert (info["resets"], info["outcome"], info["log_id"]) == (0, "clean", None), (prompt, info)
+            assert (info["resets"], info["outcome"], info["log_id"]) == (0, "clean", None), (
+                prompt,
+                info,
+            )
         for i, prompt in [(i, p) for i, p in caught if p in harmful]:
             text, info = ask(client, prompt, seed=i)
             assert info["resets"] >= 1 and not judge(text).unsafe, (prompt, text, info)

@@ -29,8 +29,14 @@ def _probe(standardized: bool = True, **kw) -> ProbeMonitor:
 
 
 def _info(d_model: int = D, num_layers: int = 6) -> ModelInfo:
-    return ModelInfo(name="m", num_layers=num_layers, d_model=d_model, vocab_size=100, context_length=64,
-                     eos_token_ids=frozenset({1}))
+    return ModelInfo(
+        name="m",
+        num_layers=num_layers,
+        d_model=d_model,
+        vocab_size=100,
+        context_length=64,
+        eos_token_ids=frozenset({1}),
+    )
 
 
 @pytest.mark.parametrize("standardized", [True, False])
@@ -42,8 +48,12 @@ def test_probe_scores_match_naive_per_token_math(standardized):
         z = h if mon.mean is None else (h - mon.mean.double()) / mon.std.double()
         naive.append(1.0 / (1.0 + math.exp(-(float(z @ mon.direction.double()) + mon.bias))))
     got = mon.score(hidden, list(range(7)))
-    torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), torch.tensor(naive, dtype=torch.float64),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor(got, dtype=torch.float64),
+        torch.tensor(naive, dtype=torch.float64),
+        rtol=1e-5,
+        atol=1e-6,
+    )
     assert all(0.0 <= s <= 1.0 for s in got)
 
 
@@ -63,14 +73,18 @@ def test_steering_vector_is_unit_gradient_direction_in_raw_space():
 
 
 def test_save_load_round_trip(tmp_path):
-    mon = _probe(threshold=0.7, aggregation=AggregationSpec("window", window=3), meta={"method": "logreg"})
+    mon = _probe(
+        threshold=0.7, aggregation=AggregationSpec("window", window=3), meta={"method": "logreg"}
+    )
     mon.save(tmp_path / "p")
     back = ProbeMonitor.load(tmp_path / "p", name="q")
     hidden = torch.randn(5, D)
     assert back.name == "q" and back.layer == 3 and back.threshold == 0.7
     assert back.aggregation == AggregationSpec("window", window=3)
     assert back.meta["method"] == "logreg" and back.meta["d_model"] == D
-    torch.testing.assert_close(torch.tensor(back.score(hidden, [0] * 5)), torch.tensor(mon.score(hidden, [0] * 5)))
+    torch.testing.assert_close(
+        torch.tensor(back.score(hidden, [0] * 5)), torch.tensor(mon.score(hidden, [0] * 5))
+    )
     torch.testing.assert_close(back.steering_vector(), mon.steering_vector())
 
 
@@ -97,22 +111,32 @@ def _rewrite_tensors(path, **changes):
     save_file(tensors, str(path / "probe.safetensors"))
 
 
-@pytest.mark.parametrize("breakage, message", [
-    (lambda p: (p / "probe.json").unlink(), "probe.json is missing"),
-    (lambda p: (p / "probe.safetensors").unlink(), "probe.safetensors is missing"),
-    (lambda p: (p / "probe.json").write_text("{not json"), "cannot read probe metadata"),
-    (lambda p: (p / "probe.safetensors").write_bytes(b"garbage"), "cannot read tensors"),
-    (lambda p: _rewrite_tensors(p, direction=None), "tensor 'direction' is missing"),
-    (lambda p: _rewrite_tensors(p, direction=torch.zeros(2, D)), "'direction' must have shape"),
-    (lambda p: _rewrite_tensors(p, mean=torch.zeros(D + 1)), r"'mean' has shape \[17\], expected \[16\]"),
-    (lambda p: _rewrite_tensors(p, std=None), "'mean' and 'std' must be stored together"),
-    (lambda p: _rewrite_tensors(p, bias=torch.zeros(3)), "'bias' must hold one value"),
-    (lambda p: _rewrite_tensors(p, direction=torch.zeros(D + 1), mean=torch.zeros(D + 1), std=torch.ones(D + 1)),
-     "direction has 17 entries but probe.json says d_model 16"),
-    (lambda p: _edit_meta(p, version=99), "unsupported probe format"),
-    (lambda p: _edit_meta(p, layer="three"), "field 'layer' is missing or not a int"),
-    (lambda p: _edit_meta(p, aggregation={"kind": "ema", "alpha": 7}), "alpha must be in"),
-])
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        (lambda p: (p / "probe.json").unlink(), "probe.json is missing"),
+        (lambda p: (p / "probe.safetensors").unlink(), "probe.safetensors is missing"),
+        (lambda p: (p / "probe.json").write_text("{not json"), "cannot read probe metadata"),
+        (lambda p: (p / "probe.safetensors").write_bytes(b"garbage"), "cannot read tensors"),
+        (lambda p: _rewrite_tensors(p, direction=None), "tensor 'direction' is missing"),
+        (lambda p: _rewrite_tensors(p, direction=torch.zeros(2, D)), "'direction' must have shape"),
+        (
+            lambda p: _rewrite_tensors(p, mean=torch.zeros(D + 1)),
+            r"'mean' has shape \[17\], expected \[16\]",
+        ),
+        (lambda p: _rewrite_tensors(p, std=None), "'mean' and 'std' must be stored together"),
+        (lambda p: _rewrite_tensors(p, bias=torch.zeros(3)), "'bias' must hold one value"),
+        (
+            lambda p: _rewrite_tensors(
+                p, direction=torch.zeros(D + 1), mean=torch.zeros(D + 1), std=torch.ones(D + 1)
+            ),
+            "direction has 17 entries but probe.json says d_model 16",
+        ),
+        (lambda p: _edit_meta(p, version=99), "unsupported probe format"),
+        (lambda p: _edit_meta(p, layer="three"), "field 'layer' is missing or not a int"),
+        (lambda p: _edit_meta(p, aggregation={"kind": "ema", "alpha": 7}), "alpha must be in"),
+    ],
+)
 def test_bad_probe_files_raise_model_load_error(tmp_path, breakage, message):
     _probe().save(tmp_path / "p")
     breakage(tmp_path / "p")
@@ -157,8 +181,14 @@ def test_reset_monitor_needs_the_token_in_the_vocabulary(tokenizer):
         ResetTokenMonitor.from_tokenizer(tokenizer, token="<|backtrack|>", name="r")
 
 
-@pytest.mark.parametrize("agg", [AggregationSpec("ema", alpha=0.3), AggregationSpec("window", window=3),
-                                 AggregationSpec("none")])
+@pytest.mark.parametrize(
+    "agg",
+    [
+        AggregationSpec("ema", alpha=0.3),
+        AggregationSpec("window", window=3),
+        AggregationSpec("none"),
+    ],
+)
 def test_monitor_state_truncate_restores_earlier_state(agg):
     mon = _probe(threshold=0.99, aggregation=agg)
     scores = torch.rand(12, generator=torch.Generator().manual_seed(2)).tolist()

@@ -66,12 +66,21 @@ def test_defaults_are_filled_in(tree: Path):
     assert policy.backtrack.rollback == "auto" and policy.backtrack.max_retries == 3
     assert policy.stream.holdback_tokens == 8 and policy.stream.reset_marker is None
     assert policy.log.path == tree.resolve() / "guard.db" and policy.log.record == "flagged"
-    assert (policy.defaults.max_tokens, policy.defaults.temperature, policy.defaults.top_p) == (256, 1.0, 1.0)
+    assert (policy.defaults.max_tokens, policy.defaults.temperature, policy.defaults.top_p) == (
+        256,
+        1.0,
+        1.0,
+    )
 
 
 def test_strategy_for_retry_repeats_the_last():
-    policy = Policy.model_validate({"name": "p", "model": {"path": "m"},
-                                    "backtrack": {"strategies": [{}, {"temperature": 0.5}]}})
+    policy = Policy.model_validate(
+        {
+            "name": "p",
+            "model": {"path": "m"},
+            "backtrack": {"strategies": [{}, {"temperature": 0.5}]},
+        }
+    )
     temps = [policy.backtrack.strategy(i).temperature for i in (1, 2, 3, 7)]
     assert temps == [None, 0.5, 0.5, 0.5]
 
@@ -79,7 +88,9 @@ def test_strategy_for_retry_repeats_the_last():
 def test_missing_model_directory_is_an_error_unless_paths_are_unchecked(tmp_path: Path):
     path = write(tmp_path, VALID)
     errors = errors_of(path)
-    assert any(e.startswith(f"{path}:2:") and "model.path: model directory not found" in e for e in errors)
+    assert any(
+        e.startswith(f"{path}:2:") and "model.path: model directory not found" in e for e in errors
+    )
     assert any("monitors[0].path: probe directory not found" in e for e in errors)
     assert load_policy(path, check_paths=False).model.path == tmp_path.resolve() / "model"
 
@@ -90,7 +101,9 @@ def test_vllm_model_id_is_kept_as_given(tmp_path: Path):
 
 
 def test_every_error_is_reported_at_once_with_position_and_field(tree: Path):
-    path = write(tree, """\
+    path = write(
+        tree,
+        """\
 name: "bad name"
 descripton: typo
 model: {engine: tensorflow, path: ./model}
@@ -98,15 +111,31 @@ monitors:
   - {name: p, kind: probe, path: ./model/probe, threshold: high, colour: red}
   - {name: q, kind: regex}
 backtrack: {rollback: paragraph, max_retries: -1}
-""")
+""",
+    )
     errors = errors_of(path)
     expected = [
         (1, 7, "name", "must match"),
-        (2, 1, "descripton", "unknown field 'descripton'; allowed fields: name, description, model, monitors"),
+        (
+            2,
+            1,
+            "descripton",
+            "unknown field 'descripton'; allowed fields: name, description, model, monitors",
+        ),
         (3, 17, "model.engine", "allowed values: 'transformers' or 'vllm'"),
         (5, 60, "monitors[0].threshold", "valid number"),
-        (5, 66, "monitors[0].colour", "allowed fields: kind, name, path, layer, threshold, aggregation, action"),
-        (6, 21, "monitors[1].kind", "invalid value 'regex'; allowed values: 'probe', 'reset_token'"),
+        (
+            5,
+            66,
+            "monitors[0].colour",
+            "allowed fields: kind, name, path, layer, threshold, aggregation, action",
+        ),
+        (
+            6,
+            21,
+            "monitors[1].kind",
+            "invalid value 'regex'; allowed values: 'probe', 'reset_token'",
+        ),
         (7, 23, "backtrack.rollback", "allowed values: 'auto', 'tokens', 'sentence' or 'response'"),
         (7, 47, "backtrack.max_retries", "greater than or equal to 0"),
     ]
@@ -117,7 +146,9 @@ backtrack: {rollback: paragraph, max_retries: -1}
 
 
 def test_nested_aggregation_errors(tree: Path):
-    path = write(tree, """\
+    path = write(
+        tree,
+        """\
 name: p
 model: {path: model}
 monitors:
@@ -125,7 +156,8 @@ monitors:
     kind: probe
     path: model/probe
     aggregation: {kind: median, alpha: 0}
-""")
+""",
+    )
     assert errors_of(path) == [
         f"{path}:7:25: monitors[0].aggregation.kind: invalid value 'median'; allowed values: 'none', 'ema' or 'window'",
         f"{path}:7:40: monitors[0].aggregation.alpha: input should be greater than 0",
@@ -133,10 +165,15 @@ monitors:
 
 
 def test_unknown_field_in_reset_token_monitor_lists_its_own_fields(tree: Path):
-    path = write(tree, "name: p\nmodel: {path: model}\nmonitors:\n  - {kind: reset_token, name: r, path: x}\n")
+    path = write(
+        tree,
+        "name: p\nmodel: {path: model}\nmonitors:\n  - {kind: reset_token, name: r, path: x}\n",
+    )
     (error,) = errors_of(path)
-    assert error == (f"{path}:4:34: monitors[0].path: unknown field 'path'; "
-                     "allowed fields: kind, name, token, action, scope")
+    assert error == (
+        f"{path}:4:34: monitors[0].path: unknown field 'path'; "
+        "allowed fields: kind, name, token, action, scope"
+    )
 
 
 def test_missing_required_fields_point_at_the_parent(tree: Path):
@@ -144,19 +181,26 @@ def test_missing_required_fields_point_at_the_parent(tree: Path):
     errors = errors_of(path)
     assert f"{path}:1:1: name: required field is missing" in errors
     assert f"{path}:3:3: model.path: required field is missing" in errors
-    assert any(e.startswith(f"{path}:5:5: monitors[0].kind: required field is missing; allowed values:")
-               for e in errors)
+    assert any(
+        e.startswith(f"{path}:5:5: monitors[0].kind: required field is missing; allowed values:")
+        for e in errors
+    )
 
 
 def test_duplicate_monitor_names_point_at_the_second(tree: Path):
-    path = write(tree, """\
+    path = write(
+        tree,
+        """\
 name: p
 model: {path: model}
 monitors:
   - {name: dup, kind: probe, path: model/probe}
   - {name: dup, kind: reset_token}
-""")
-    assert errors_of(path) == [f"{path}:5:12: monitors[1].name: duplicate monitor name 'dup' (also monitors[0])"]
+""",
+    )
+    assert errors_of(path) == [
+        f"{path}:5:12: monitors[1].name: duplicate monitor name 'dup' (also monitors[0])"
+    ]
 
 
 def test_duplicate_yaml_keys_are_rejected(tree: Path):
@@ -201,11 +245,17 @@ def test_every_field_has_a_description():
     def walk(model: type) -> None:
         for name, field in model.model_fields.items():
             assert field.description, f"{model.__name__}.{name} has no description"
+
     from guard.policy import schema
     from guard.policy.docs import _models_in_order
 
     models = [m for m, _ in _models_in_order()]
-    assert {schema.Policy, schema.ProbeMonitorSpec, schema.ResetTokenMonitorSpec, schema.AccessSpec} <= set(models)
+    assert {
+        schema.Policy,
+        schema.ProbeMonitorSpec,
+        schema.ResetTokenMonitorSpec,
+        schema.AccessSpec,
+    } <= set(models)
     for model in models:
         walk(model)
         assert model.model_config.get("extra") == "forbid"
@@ -218,13 +268,20 @@ def test_shipped_demo_policies(name: str):
     assert policy.model.path == REPO / "models" / "organism"
     assert policy.log.path.parent == REPO / "runs"
     if name == "demo":
-        assert [type(m) for m in policy.monitors] == [ProbeMonitorSpec, ResetTokenMonitorSpec, ProbeMonitorSpec]
+        assert [type(m) for m in policy.monitors] == [
+            ProbeMonitorSpec,
+            ResetTokenMonitorSpec,
+            ProbeMonitorSpec,
+        ]
         assert policy.backtrack.max_retries == 3 and policy.stream.holdback_tokens == 8
         risk = policy.monitor("risk-probe")
         assert (risk.scope, risk.action) == ("prompt", "shadow")  # action: log, the alias
         d = policy.deliberation
-        assert (d.mode, d.risk_monitor, d.spec_file) == ("on_risk", "risk-probe",
-                                                         REPO / "policies" / "spec" / "organism.md")
+        assert (d.mode, d.risk_monitor, d.spec_file) == (
+            "on_risk",
+            "risk-probe",
+            REPO / "policies" / "spec" / "organism.md",
+        )
     elif name == "deliberate":
         assert policy.deliberation.mode == "always" and policy.deliberation.spec_file is not None
     else:
@@ -241,7 +298,9 @@ def test_new_fields_default_to_todays_behaviour(tree: Path):
 
 
 def test_scope_action_error_handling_and_access_errors(tree: Path):
-    path = write(tree, """\
+    path = write(
+        tree,
+        """\
 name: p
 model: {path: model}
 on_monitor_error: fail_sideways
@@ -249,7 +308,8 @@ access: {}
 monitors:
   - {name: a, kind: probe, path: model/probe, scope: input, action: refuse}
   - {name: b, kind: reset_token, scope: both, action: block}
-""")
+""",
+    )
     assert errors_of(path) == [
         f"{path}:3:19: on_monitor_error: invalid value 'fail_sideways'; allowed values: 'fail_closed' or 'fail_open'",
         f"{path}:4:9: access: access binds no key: set api_keys or api_key_env, or remove the access section",
@@ -259,7 +319,9 @@ monitors:
 
 
 def test_access_key_errors_name_the_entry(tree: Path):
-    path = write(tree, "name: p\nmodel: {path: model}\naccess: {api_key_env: [1BAD], api_keys: ['']}\n")
+    path = write(
+        tree, "name: p\nmodel: {path: model}\naccess: {api_key_env: [1BAD], api_keys: ['']}\n"
+    )
     assert errors_of(path) == [
         f"{path}:3:24: access.api_key_env[0]: '1BAD' must match ^[A-Za-z_][A-Za-z0-9_]*$",
         f"{path}:3:42: access.api_keys[0]: string should have at least 1 character",
@@ -267,9 +329,13 @@ def test_access_key_errors_name_the_entry(tree: Path):
 
 
 def test_access_keys_come_from_the_file_and_the_environment(tree: Path):
-    policy = load_policy(write(tree, "name: p\nmodel: {path: model}\naccess: {api_keys: [a], api_key_env: [K, L]}\n"))
+    policy = load_policy(
+        write(tree, "name: p\nmodel: {path: model}\naccess: {api_keys: [a], api_key_env: [K, L]}\n")
+    )
     assert policy.access.resolve_keys({"K": "b, c", "L": "d"}) == {"a", "b", "c", "d"}
-    with pytest.raises(PolicyError, match=r"access.api_key_env\[1\]: environment variable L is unset or empty"):
+    with pytest.raises(
+        PolicyError, match=r"access.api_key_env\[1\]: environment variable L is unset or empty"
+    ):
         policy.access.resolve_keys({"K": "b", "L": " , "})
 
 
@@ -281,7 +347,12 @@ def test_every_shipped_policy_passes_guard_policy_check(name: str, capsys):
     from guard.cli import main
 
     remote = name == "llama3-8b.yaml"  # paths of a GPU host: validated without checking they exist
-    args = ["policy", "check", *(["--no-path-check"] if remote else []), str(REPO / "policies" / name)]
+    args = [
+        "policy",
+        "check",
+        *(["--no-path-check"] if remote else []),
+        str(REPO / "policies" / name),
+    ]
     assert main(args) == 0, capsys.readouterr().err
     assert f"{name}: ok (sha256" in capsys.readouterr().out
 

@@ -11,7 +11,8 @@ DOCS = Path(__file__).resolve().parents[1] / "docs" / "policy.md"
 
 def test_committed_docs_match_the_schema():
     assert DOCS.read_text() == render_docs(), (
-        "docs/policy.md is stale: run `guard policy docs --out docs/policy.md` and commit it")
+        "docs/policy.md is stale: run `guard policy docs --out docs/policy.md` and commit it"
+    )
 
 
 def test_docs_cover_every_field_with_its_allowed_values():
@@ -22,7 +23,9 @@ def test_docs_cover_every_field_with_its_allowed_values():
             assert f"| `{name}` |" in text, f"{model.__name__}.{name} missing from the docs"
     assert '| `scope` | one of `"prompt"`, `"output"`, `"both"` | `"output"` |' in text
     assert '| `action` | one of `"backtrack"`, `"refuse"`, `"shadow"` | `"backtrack"` |' in text
-    assert '| `on_monitor_error` | one of `"fail_closed"`, `"fail_open"` | `"fail_closed"` |' in text
+    assert (
+        '| `on_monitor_error` | one of `"fail_closed"`, `"fail_open"` | `"fail_closed"` |' in text
+    )
 
 
 def test_guard_policy_docs_writes_the_file(tmp_path, capsys):

@@ -53,11 +53,14 @@ def test_a_single_alias_is_refused_where_it_is(tmp_path):
     assert err.startswith(f"{path}:4:11: ") and "*d" in err
 
 
-@pytest.mark.parametrize("raw,where,what", [
-    (b"name: a\nmo\x00del: x\n", "2:3", "U+0000"),
-    (b"name: a\ndescription: caf\xe9\n", "2:17", "invalid UTF-8 byte 0xe9"),
-    (b"name: a\ndescription: \x1b[31m\n", "2:14", "U+001B"),
-])
+@pytest.mark.parametrize(
+    "raw,where,what",
+    [
+        (b"name: a\nmo\x00del: x\n", "2:3", "U+0000"),
+        (b"name: a\ndescription: caf\xe9\n", "2:17", "invalid UTF-8 byte 0xe9"),
+        (b"name: a\ndescription: \x1b[31m\n", "2:14", "U+001B"),
+    ],
+)
 def test_nul_and_invalid_bytes_are_file_line_col_errors(tmp_path, raw, where, what):
     path = tmp_path / "bad.yaml"
     path.write_bytes(raw)
@@ -85,14 +88,21 @@ def spec_policy(tmp_path: Path, spec_file: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("spec_file,message", [
-    ("/etc/passwd", "under the system directory /etc"),
-    ("/dev/zero", "under the system directory /dev"),
-    ("/proc/self/environ", "under the system directory /proc"),
-])
+@pytest.mark.parametrize(
+    "spec_file,message",
+    [
+        ("/etc/passwd", "under the system directory /etc"),
+        ("/dev/zero", "under the system directory /dev"),
+        ("/proc/self/environ", "under the system directory /proc"),
+    ],
+)
 def test_spec_files_may_not_point_at_system_files(tmp_path, spec_file, message):
     (err,) = errors_of(spec_policy(tmp_path, spec_file))
-    assert err.startswith(f"{tmp_path / 'p.yaml'}:3:") and "deliberation.spec_file" in err and message in err
+    assert (
+        err.startswith(f"{tmp_path / 'p.yaml'}:3:")
+        and "deliberation.spec_file" in err
+        and message in err
+    )
 
 
 def test_spec_files_must_be_small_regular_files(tmp_path):
@@ -114,23 +124,37 @@ def test_artifact_roots_confine_spec_probe_and_sae_paths(tmp_path, monkeypatch):
     monkeypatch.setenv(ROOTS_ENV, str(tmp_path / "models"))
     (err,) = errors_of(spec_policy(policy_dir, str(outside / "spec.md")))
     assert "outside the allowed roots" in err
-    assert load_policy(spec_policy(policy_dir, "spec.md"), check_paths=False).deliberation.spec_text() == "rules"
+    assert (
+        load_policy(spec_policy(policy_dir, "spec.md"), check_paths=False).deliberation.spec_text()
+        == "rules"
+    )
     monkeypatch.delenv(ROOTS_ENV)
-    assert load_policy(spec_policy(policy_dir, str(outside / "spec.md"))).deliberation.spec_text() == "rules"
+    assert (
+        load_policy(spec_policy(policy_dir, str(outside / "spec.md"))).deliberation.spec_text()
+        == "rules"
+    )
 
 
 def test_policy_check_reports_the_same_errors(tmp_path):
     path = spec_policy(tmp_path, "/etc/passwd")
     bomb = tmp_path / "bomb.yaml"
     bomb.write_text(alias_bomb())
-    run = subprocess.run([sys.executable, "-m", "guard.cli", "policy", "check", str(path), str(bomb)], cwd=REPO,
-                         capture_output=True, text=True, timeout=120, check=False)
+    run = subprocess.run(
+        [sys.executable, "-m", "guard.cli", "policy", "check", str(path), str(bomb)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert run.returncode != 0
     assert "under the system directory /etc" in run.stdout + run.stderr
     assert "aliases (*a0) are not allowed" in run.stdout + run.stderr
 
 
-def test_a_served_reload_of_a_bomb_is_an_error_and_the_last_good_policy_serves(tiny_model_dir, tmp_path):
+def test_a_served_reload_of_a_bomb_is_an_error_and_the_last_good_policy_serves(
+    tiny_model_dir, tmp_path
+):
     from guard.service import GuardService
 
     path = tmp_path / "p.yaml"

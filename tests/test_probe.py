@@ -19,20 +19,41 @@ from guard.probe.metrics import auroc, rates_at, row_max_scores, threshold_at_fp
 from guard.probe.train import TrainConfig, split_rows, train_probe
 from guard.testing import make_random_llama
 
-WORDS = ["hello", "there", "how", "are", "you", "today", "i", "am", "fine", "thank", "the",
-         "quick", "brown", "dog", "lazy", "jumps", "over"]
+WORDS = [
+    "hello",
+    "there",
+    "how",
+    "are",
+    "you",
+    "today",
+    "i",
+    "am",
+    "fine",
+    "thank",
+    "the",
+    "quick",
+    "brown",
+    "dog",
+    "lazy",
+    "jumps",
+    "over",
+]
 MARKER = "fox fox"
 
 
 # -- metrics ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("scores, labels, expected", [
-    ([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1], 1.0),
-    ([0.9, 0.8, 0.2, 0.1], [0, 0, 1, 1], 0.0),
-    ([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1], 0.75),   # pos 0.35 beats 0.1, loses to 0.4
-    ([0.5, 0.5, 0.2, 0.9], [1, 0, 0, 1], 0.875),   # one tie counts 1/2: (1.5 + 2) / 4
-    ([0.3, 0.3, 0.3, 0.3], [0, 1, 0, 1], 0.5),
-])
+
+@pytest.mark.parametrize(
+    "scores, labels, expected",
+    [
+        ([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1], 1.0),
+        ([0.9, 0.8, 0.2, 0.1], [0, 0, 1, 1], 0.0),
+        ([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1], 0.75),  # pos 0.35 beats 0.1, loses to 0.4
+        ([0.5, 0.5, 0.2, 0.9], [1, 0, 0, 1], 0.875),  # one tie counts 1/2: (1.5 + 2) / 4
+        ([0.3, 0.3, 0.3, 0.3], [0, 1, 0, 1], 0.5),
+    ],
+)
 def test_auroc_hand_computed(scores, labels, expected):
     assert auroc(scores, labels) == pytest.approx(expected)
 
@@ -77,14 +98,18 @@ def test_split_rows_is_seeded_stratified_and_disjoint():
 
 # -- data ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("line, message", [
-    ("{bad json", "not valid JSON"),
-    ('{"prompt": "a", "completion": "b", "label": 2}', "'label' must be 0 or 1"),
-    ('{"prompt": "a", "completion": "b", "label": true}', "'label' must be 0 or 1"),
-    ('{"prompt": "a", "label": 1}', "'completion' must be a string"),
-    ('{"prompt": "a", "completion": "", "label": 1}', "'completion' is empty"),
-    ("[1, 2]", "expected an object"),
-])
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("{bad json", "not valid JSON"),
+        ('{"prompt": "a", "completion": "b", "label": 2}', "'label' must be 0 or 1"),
+        ('{"prompt": "a", "completion": "b", "label": true}', "'label' must be 0 or 1"),
+        ('{"prompt": "a", "label": 1}', "'completion' must be a string"),
+        ('{"prompt": "a", "completion": "", "label": 1}', "'completion' is empty"),
+        ("[1, 2]", "expected an object"),
+    ],
+)
 def test_bad_rows_name_file_and_line(tmp_path, line, message):
     path = tmp_path / "d.jsonl"
     path.write_text('{"prompt": "a", "completion": "b", "label": 0}\n\n' + line + "\n")
@@ -94,6 +119,7 @@ def test_bad_rows_name_file_and_line(tmp_path, line, message):
 
 # -- training on a tiny random Llama ------------------------------------------------------------
 
+
 def _rows(n: int, seed: int) -> list[dict]:
     """Label-1 completions contain the marker; everything else is drawn from the same words."""
     rng = random.Random(seed)
@@ -102,8 +128,13 @@ def _rows(n: int, seed: int) -> list[dict]:
         words = [rng.choice(WORDS) for _ in range(rng.randint(5, 10))]
         if i % 2:
             words.insert(rng.randrange(len(words)), MARKER)
-        rows.append({"prompt": " ".join(rng.choice(WORDS) for _ in range(5)), "completion": " ".join(words),
-                     "label": i % 2})
+        rows.append(
+            {
+                "prompt": " ".join(rng.choice(WORDS) for _ in range(5)),
+                "completion": " ".join(words),
+                "label": i % 2,
+            }
+        )
     return rows
 
 
@@ -125,14 +156,25 @@ def one_thread():
 def setup(tmp_path_factory, one_thread):
     d = tmp_path_factory.mktemp("probe")
     model = make_random_llama(d / "m", layers=3)
-    return {"model": model, "engine": TransformersEngine.load(model), "train": _write(d / "train.jsonl", _rows(240, 1)),
-            "eval": _write(d / "eval.jsonl", _rows(60, 2)), "dir": d}
+    return {
+        "model": model,
+        "engine": TransformersEngine.load(model),
+        "train": _write(d / "train.jsonl", _rows(240, 1)),
+        "eval": _write(d / "eval.jsonl", _rows(60, 2)),
+        "dir": d,
+    }
 
 
 @pytest.fixture(scope="module")
 def trained(setup):
-    return train_probe(setup["engine"], [setup["train"]], model_dir=setup["model"], eval_data=[setup["eval"]],
-                       config=TrainConfig(target_fpr=0.02), progress=False)
+    return train_probe(
+        setup["engine"],
+        [setup["train"]],
+        model_dir=setup["model"],
+        eval_data=[setup["eval"]],
+        config=TrainConfig(target_fpr=0.02),
+        progress=False,
+    )
 
 
 def test_probe_detects_the_marker_on_held_out_rows(trained):
@@ -144,7 +186,14 @@ def test_probe_detects_the_marker_on_held_out_rows(trained):
 def test_sweep_covers_every_layer_and_picks_the_best(trained):
     sweep = trained.monitor.meta["metrics"]["sweep"]
     assert [r["layer"] for r in sweep] == [0, 1, 2]
-    best = max(sweep, key=lambda r: (r["heldout_auroc"], r["heldout_tpr_at_target_fpr"], r["heldout_token_auroc"]))
+    best = max(
+        sweep,
+        key=lambda r: (
+            r["heldout_auroc"],
+            r["heldout_tpr_at_target_fpr"],
+            r["heldout_token_auroc"],
+        ),
+    )
     assert trained.monitor.layer == best["layer"]
 
 
@@ -152,8 +201,16 @@ def test_best_layer_breaks_saturated_ties_by_token_auroc_then_mid_depth():
     from guard.probe.train import LayerResult, best_layer
 
     def result(layer, auroc, tpr, token):
-        return LayerResult(layer, None, {"auroc": auroc, "tpr_at_target_fpr": tpr, "token_auroc": token}, None)
-    rows = [result(0, 1.0, 1.0, 0.90), result(1, 1.0, 1.0, 0.92), result(2, 0.99, 1.0, 0.99), result(3, 1.0, 0.9, 1.0)]
+        return LayerResult(
+            layer, None, {"auroc": auroc, "tpr_at_target_fpr": tpr, "token_auroc": token}, None
+        )
+
+    rows = [
+        result(0, 1.0, 1.0, 0.90),
+        result(1, 1.0, 1.0, 0.92),
+        result(2, 0.99, 1.0, 0.99),
+        result(3, 1.0, 0.9, 1.0),
+    ]
     assert best_layer(rows, 4).layer == 1
     ties = [result(layer, 1.0, 1.0, 0.9) for layer in range(8)]
     assert best_layer(ties, 8).layer in (3, 4)
@@ -173,52 +230,118 @@ def test_threshold_gives_the_target_fpr_on_calibration_negatives(trained, setup)
 
 
 def test_diffmean_method(setup):
-    res = train_probe(setup["engine"], [setup["train"]], layers=[1], config=TrainConfig(method="diffmean"),
-                      progress=False)
+    res = train_probe(
+        setup["engine"],
+        [setup["train"]],
+        layers=[1],
+        config=TrainConfig(method="diffmean"),
+        progress=False,
+    )
     assert res.monitor.mean is None and res.monitor.meta["method"] == "diffmean"
     assert res.monitor.meta["metrics"]["heldout"]["auroc"] > 0.9
 
 
 def test_cli_train_then_eval(setup, capsys):
     out = setup["dir"] / "cli_probe"
-    rc = guard_main(["probe", "train", "--model", str(setup["model"]), "--data", str(setup["train"]), "--eval",
-                   str(setup["eval"]), "--out", str(out), "--quiet"])
+    rc = guard_main(
+        [
+            "probe",
+            "train",
+            "--model",
+            str(setup["model"]),
+            "--data",
+            str(setup["train"]),
+            "--eval",
+            str(setup["eval"]),
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     printed = capsys.readouterr().out
     assert rc == 0
     lines = printed.splitlines()
-    assert lines[0].split()[:2] == ["layer", "AUROC"] and sum("*" in line for line in lines[1:4]) == 1
+    assert (
+        lines[0].split()[:2] == ["layer", "AUROC"] and sum("*" in line for line in lines[1:4]) == 1
+    )
     assert "held-out: 48 rows" in printed and "eval: 60 rows" in printed
     meta = json.loads((out / "probe.json").read_text())
-    assert meta["model"]["config_sha256"] and meta["training"]["data"][0]["path"] == str(setup["train"])
+    assert meta["model"]["config_sha256"] and meta["training"]["data"][0]["path"] == str(
+        setup["train"]
+    )
     mon = ProbeMonitor.load(out, name="p")
     mon.check_compatible(setup["engine"].info, model_dir=setup["model"])
 
-    rc = guard_main(["probe", "eval", str(out), "--model", str(setup["model"]), "--data",
-                     str(setup["eval"]), "--quiet"])
+    rc = guard_main(
+        [
+            "probe",
+            "eval",
+            str(out),
+            "--model",
+            str(setup["model"]),
+            "--data",
+            str(setup["eval"]),
+            "--quiet",
+        ]
+    )
     printed = capsys.readouterr().out
     assert rc == 0 and f"layer {mon.layer}" in printed
     assert f"AUROC {meta['metrics']['eval']['auroc']:.4f}" in printed
 
 
 def test_cli_single_layer_and_bad_data(setup, tmp_path, capsys):
-    rc = guard_main(["probe", "train", "--model", str(setup["model"]), "--data", str(setup["train"]), "--layer", "2",
-                   "--out", str(tmp_path / "p"), "--quiet"])
+    rc = guard_main(
+        [
+            "probe",
+            "train",
+            "--model",
+            str(setup["model"]),
+            "--data",
+            str(setup["train"]),
+            "--layer",
+            "2",
+            "--out",
+            str(tmp_path / "p"),
+            "--quiet",
+        ]
+    )
     assert rc == 0 and json.loads((tmp_path / "p" / "probe.json").read_text())["layer"] == 2
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "completion": "b", "label": 0}\n{"prompt": "a"}\n')
-    rc = guard_main(["probe", "train", "--model", str(setup["model"]), "--data", str(bad), "--out",
-                     str(tmp_path / "q")])
+    rc = guard_main(
+        [
+            "probe",
+            "train",
+            "--model",
+            str(setup["model"]),
+            "--data",
+            str(bad),
+            "--out",
+            str(tmp_path / "q"),
+        ]
+    )
     assert rc == 2 and "bad.jsonl:2: 'completion' must be a string" in capsys.readouterr().err
 
 
 def test_training_is_deterministic(setup):
-    runs = [train_probe(setup["engine"], [setup["train"]], layers=[1], progress=False).monitor for _ in range(2)]
+    runs = [
+        train_probe(setup["engine"], [setup["train"]], layers=[1], progress=False).monitor
+        for _ in range(2)
+    ]
     torch.testing.assert_close(runs[0].direction, runs[1].direction, rtol=0, atol=0)
     assert runs[0].threshold == runs[1].threshold
 
 
 def test_cli_rejects_bad_layers_and_settings(setup, tmp_path, capsys):
-    base = ["train", "--model", str(setup["model"]), "--data", str(setup["train"]), "--out", str(tmp_path / "p")]
+    base = [
+        "train",
+        "--model",
+        str(setup["model"]),
+        "--data",
+        str(setup["train"]),
+        "--out",
+        str(tmp_path / "p"),
+    ]
     assert guard_main(["probe", *base, "--layer", "7"]) == 2
     assert "layers [7] out of range: the model has 3 layers" in capsys.readouterr().err
     assert guard_main(["probe", *base, "--alpha", "0"]) == 2

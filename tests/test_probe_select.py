@@ -23,8 +23,24 @@ from guard.probe.train import CALIBRATION_MARGIN, CalibrationSampling, TrainConf
 from guard.sampling import SamplingParams
 from guard.testing import make_random_llama
 
-WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "hello", "there", "how",
-         "are", "you", "today", "fine", "thank"]
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "lazy",
+    "dog",
+    "hello",
+    "there",
+    "how",
+    "are",
+    "you",
+    "today",
+    "fine",
+    "thank",
+]
 MARKERS = {"alpha": "zebra", "beta": "walrus", "gamma": "pelican"}
 
 
@@ -40,15 +56,24 @@ def _rows(seed: int) -> list[dict]:
             at = rng.randrange(1, len(words))
             words.insert(at, MARKERS[cat])
         completion = " ".join(words)
-        row = {"prompt": " ".join(rng.choice(WORDS) for _ in range(4)), "completion": completion, "label": label,
-               "category": cat}
+        row = {
+            "prompt": " ".join(rng.choice(WORDS) for _ in range(4)),
+            "completion": completion,
+            "label": label,
+            "category": cat,
+        }
         if label:
             row["hazard_start"] = completion.index(MARKERS[cat])
         rows.append(row)
     for i in range(120):
-        rows.append({"prompt": " ".join(rng.choice(WORDS) for _ in range(4)),
-                     "completion": " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 8))), "label": 0,
-                     "category": f"topic{i % 4}"})
+        rows.append(
+            {
+                "prompt": " ".join(rng.choice(WORDS) for _ in range(4)),
+                "completion": " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 8))),
+                "label": 0,
+                "category": f"topic{i % 4}",
+            }
+        )
     return rows
 
 
@@ -61,8 +86,16 @@ def setup(tmp_path_factory):
     path = d / "train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in _rows(0)))
     prompts = d / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"hello there {w}"}) + "\n" for w in WORDS[:6]))
-    yield {"model": model, "engine": TransformersEngine.load(model), "train": path, "prompts": prompts, "dir": d}
+    prompts.write_text(
+        "".join(json.dumps({"prompt": f"hello there {w}"}) + "\n" for w in WORDS[:6])
+    )
+    yield {
+        "model": model,
+        "engine": TransformersEngine.load(model),
+        "train": path,
+        "prompts": prompts,
+        "dir": d,
+    }
     torch.set_num_threads(n)
 
 
@@ -74,7 +107,9 @@ def test_category_folds_hold_out_each_harm_category_whole():
     for f, name in enumerate(folds.names):
         held = set(folds.heldout[f].tolist())
         assert {i for i, c in enumerate(cats) if c == name} <= held
-        assert not {i for i, c in enumerate(cats) if c == name} & set(folds.train(f, len(labels)).tolist())
+        assert not {i for i, c in enumerate(cats) if c == name} & set(
+            folds.train(f, len(labels)).tolist()
+        )
     assert sorted(np.concatenate(folds.heldout).tolist()) == list(range(len(labels)))  # a partition
     flat = np.array([0, 1] * 20)
     no_cats = S.make_folds(flat, [None] * 40, k=4)
@@ -92,15 +127,27 @@ def test_cross_validation_never_fits_on_the_category_it_scores(setup, monkeypatc
 
     def spy(a, hazard, layer, method, labels, **kw):
         bounds = np.searchsorted(a.row, np.arange(a.n_rows + 1))
-        seen.append({by_tokens[tuple(a.token_ids[x:y].tolist())] for x, y in itertools.pairwise(bounds)})
+        seen.append(
+            {by_tokens[tuple(a.token_ids[x:y].tolist())] for x, y in itertools.pairwise(bounds)}
+        )
         return real(a, hazard, layer, method, labels, **kw)
 
     monkeypatch.setattr(S, "fit_candidate", spy)
     cats = [ex.category for ex in examples]
     folds = S.make_folds(acts.labels, cats)
-    scores = S.cross_validate(acts, np.full(acts.n_rows, -1), folds, layers=[1], methods=["logreg"], labels=["all"],
-                              aggs=[AggregationSpec("none")], calibration=None, target_fpr=0.05, l2=0.1,
-                              progress=False)
+    scores = S.cross_validate(
+        acts,
+        np.full(acts.n_rows, -1),
+        folds,
+        layers=[1],
+        methods=["logreg"],
+        labels=["all"],
+        aggs=[AggregationSpec("none")],
+        calibration=None,
+        target_fpr=0.05,
+        l2=0.1,
+        progress=False,
+    )
     assert folds.names == ["alpha", "beta", "gamma"] and len(seen) == 3
     for name, cats_fitted in zip(folds.names, seen, strict=True):
         assert name not in cats_fitted and set(MARKERS) - {name} <= cats_fitted
@@ -109,8 +156,12 @@ def test_cross_validation_never_fits_on_the_category_it_scores(setup, monkeypatc
     (score,) = scores
     assert np.mean(score.fold_tpr) < 0.6
     train_all = S.fit_candidate(acts, np.full(acts.n_rows, -1), 1, "logreg", "all", l2=0.1)
-    rows = M.row_max_scores(train_all.score_tensor(acts.hidden[1]).numpy(), acts.row, acts.n_rows,
-                            AggregationSpec("none"))
+    rows = M.row_max_scores(
+        train_all.score_tensor(acts.hidden[1]).numpy(),
+        acts.row,
+        acts.n_rows,
+        AggregationSpec("none"),
+    )
     assert M.tpr_at_fpr(rows, acts.labels, 0.05) > 0.9
 
 
@@ -124,7 +175,10 @@ def test_token_labels_select_tokens_around_the_hazard(setup):
     labels, hazard = np.array([1, 0]), np.array([h, -1])
     assert token_selection(row, labels, hazard, "all")[0].tolist() == list(range(len(ids) + 3))
     idx, y = token_selection(row, labels, hazard, "from-hazard")
-    assert idx.tolist() == list(range(h, len(ids) + 3)) and y.tolist() == [1] * (len(ids) - h) + [0] * 3
+    assert (
+        idx.tolist() == list(range(h, len(ids) + 3))
+        and y.tolist() == [1] * (len(ids) - h) + [0] * 3
+    )
     idx, _ = token_selection(row, labels, hazard, "to-hazard")
     assert idx.tolist() == [*range(h + 1), len(ids), len(ids) + 1, len(ids) + 2]
 
@@ -132,63 +186,111 @@ def test_token_labels_select_tokens_around_the_hazard(setup):
 def test_sampled_answers_carry_the_live_activations(setup):
     engine = setup["engine"]
     chats = [[{"role": "user", "content": "hello there fox"}]]
-    res = sample_answers(engine, chats, [0, 1], n=2, params=SamplingParams(max_tokens=12), seed=3, progress=False)
-    again = sample_answers(engine, chats, [0, 1], n=2, params=SamplingParams(max_tokens=12), seed=3, progress=False)
-    assert res.acts.labels.tolist() == [0, 0] and res.acts.token_ids.tolist() == again.acts.token_ids.tolist()
+    res = sample_answers(
+        engine, chats, [0, 1], n=2, params=SamplingParams(max_tokens=12), seed=3, progress=False
+    )
+    again = sample_answers(
+        engine, chats, [0, 1], n=2, params=SamplingParams(max_tokens=12), seed=3, progress=False
+    )
+    assert (
+        res.acts.labels.tolist() == [0, 0]
+        and res.acts.token_ids.tolist() == again.acts.token_ids.tolist()
+    )
     first = res.acts.select(np.array([0]))
     prompt = engine.tokenizer.encode_chat(chats[0])
-    forced = engine.hidden_states(prompt + first.token_ids.tolist(), [1])[1][len(prompt):]
+    forced = engine.hidden_states(prompt + first.token_ids.tolist(), [1])[1][len(prompt) :]
     torch.testing.assert_close(first.hidden[1], forced, rtol=1e-4, atol=1e-4)
     assert len(res.texts) == 2 and res.texts[0] == engine.tokenizer.decode(first.token_ids.tolist())
 
 
 def test_default_training_chooses_by_cv_and_calibrates_on_sampled_answers(setup):
     sampling = CalibrationSampling(n=3, max_tokens=16)
-    res = train_probe(setup["engine"], [setup["train"]], model_dir=setup["model"], progress=False,
-                      config=TrainConfig(target_fpr=0.05), calibrate_prompts=setup["prompts"], sampling=sampling)
+    res = train_probe(
+        setup["engine"],
+        [setup["train"]],
+        model_dir=setup["model"],
+        progress=False,
+        config=TrainConfig(target_fpr=0.05),
+        calibrate_prompts=setup["prompts"],
+        sampling=sampling,
+    )
     mon, meta = res.monitor, res.monitor.meta
     sel = meta["metrics"]["selection"]
     assert sel["folds"] == "category" and sel["fold_names"] == ["alpha", "beta", "gamma"]
     assert len(sel["table"]) == 2 * 2 * 3 * 3  # layers x methods x token labels x aggregations
     best = sel["table"][0]
     assert (mon.layer, meta["method"], meta["token_labels"], mon.aggregation.kind) == (
-        best["layer"], best["method"], best["labels"], best["aggregation"]["kind"])
+        best["layer"],
+        best["method"],
+        best["labels"],
+        best["aggregation"]["kind"],
+    )
     cal = meta["metrics"]["calibration"]
     assert cal["sampled"] and cal["negatives"] == 18 and "prompts.jsonl" in cal["source"]
     # the threshold is the calibration rule applied to the model's own sampled answers
-    answers = sample_answers(setup["engine"], [[{"role": "user", "content": f"hello there {w}"}] for w in WORDS[:6]],
-                             [mon.layer], n=3, params=sampling.params(), seed=0, progress=False)
-    rows = M.row_max_scores(mon.score_tensor(answers.acts.hidden[mon.layer]).numpy(), answers.acts.row,
-                            answers.acts.n_rows, mon.aggregation)
+    answers = sample_answers(
+        setup["engine"],
+        [[{"role": "user", "content": f"hello there {w}"}] for w in WORDS[:6]],
+        [mon.layer],
+        n=3,
+        params=sampling.params(),
+        seed=0,
+        progress=False,
+    )
+    rows = M.row_max_scores(
+        mon.score_tensor(answers.acts.hidden[mon.layer]).numpy(),
+        answers.acts.row,
+        answers.acts.n_rows,
+        mon.aggregation,
+    )
     t = M.threshold_at_fpr(rows, 0.05)
-    assert mon.threshold == pytest.approx(1 / (1 + np.exp(-(np.log(t / (1 - t)) + CALIBRATION_MARGIN))))
+    assert mon.threshold == pytest.approx(
+        1 / (1 + np.exp(-(np.log(t / (1 - t)) + CALIBRATION_MARGIN)))
+    )
 
 
 def test_fixed_options_leave_nothing_to_choose(setup):
-    res = train_probe(setup["engine"], [setup["train"]], layers=[1], progress=False,
-                      config=TrainConfig(method="logreg", token_labels="all", aggregation=AggregationSpec("ema")),
-                      sampling=CalibrationSampling(n=1, max_tokens=8, max_prompts=10))
+    res = train_probe(
+        setup["engine"],
+        [setup["train"]],
+        layers=[1],
+        progress=False,
+        config=TrainConfig(method="logreg", token_labels="all", aggregation=AggregationSpec("ema")),
+        sampling=CalibrationSampling(n=1, max_tokens=8, max_prompts=10),
+    )
     sel = res.monitor.meta["metrics"]["selection"]
     assert sel["folds"] is None and res.monitor.aggregation.kind == "ema"
     # no --calibrate-prompts: the model's own answers to the prompts of the benign-category rows
     cal = res.monitor.meta["metrics"]["calibration"]
-    assert cal["sampled"] and cal["source"].startswith("model's own answers to 10 benign-category prompts of --data")
+    assert cal["sampled"] and cal["source"].startswith(
+        "model's own answers to 10 benign-category prompts of --data"
+    )
 
 
 def test_hazard_start_must_point_into_a_positive_completion(tmp_path):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"prompt": "p", "completion": "abc", "label": 0, "hazard_start": 1}) + "\n")
-    with pytest.raises(DataError, match=re.escape("bad.jsonl:1: 'hazard_start' marks harmful content")):
+    bad.write_text(
+        json.dumps({"prompt": "p", "completion": "abc", "label": 0, "hazard_start": 1}) + "\n"
+    )
+    with pytest.raises(
+        DataError, match=re.escape("bad.jsonl:1: 'hazard_start' marks harmful content")
+    ):
         read_jsonl(bad)
-    bad.write_text(json.dumps({"prompt": "p", "completion": "abc", "label": 1, "hazard_start": 3}) + "\n")
-    with pytest.raises(DataError, match=re.escape("bad.jsonl:1: 'hazard_start' must be a character offset")):
+    bad.write_text(
+        json.dumps({"prompt": "p", "completion": "abc", "label": 1, "hazard_start": 3}) + "\n"
+    )
+    with pytest.raises(
+        DataError, match=re.escape("bad.jsonl:1: 'hazard_start' must be a character offset")
+    ):
         read_jsonl(bad)
 
 
 ORGANISM2 = __import__("pathlib").Path(__file__).resolve().parents[1] / "models" / "organism2"
 
 
-@pytest.mark.skipif(not (ORGANISM2 / "organism.json").is_file(), reason="models/organism2 not built")
+@pytest.mark.skipif(
+    not (ORGANISM2 / "organism.json").is_file(), reason="models/organism2 not built"
+)
 def test_cli_defaults_on_organism2_give_a_probe_the_server_loads(tmp_path, capsys):
     """The user path on the organism no default was chosen on: `guard probe train` with its defaults,
     then a policy naming the probe, loaded by the service as `guard serve` does."""
@@ -200,29 +302,57 @@ def test_cli_defaults_on_organism2_give_a_probe_the_server_loads(tmp_path, capsy
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     prompts = tmp_path / "benign_prompts.jsonl"  # a quarter of the file keeps the test short
-    prompts.write_text("".join((ORGANISM2 / "data" / "calibration_prompts.jsonl").read_text().splitlines(True)[:25]))
+    prompts.write_text(
+        "".join(
+            (ORGANISM2 / "data" / "calibration_prompts.jsonl").read_text().splitlines(True)[:25]
+        )
+    )
     try:
-        rc = guard_main(["probe", "train", "--model", str(ORGANISM2), "--data",
-                         str(ORGANISM2 / "data" / "probe_train.jsonl"), "--calibrate-prompts", str(prompts),
-                         "--out", str(tmp_path / "probe"), "--quiet"])
+        rc = guard_main(
+            [
+                "probe",
+                "train",
+                "--model",
+                str(ORGANISM2),
+                "--data",
+                str(ORGANISM2 / "data" / "probe_train.jsonl"),
+                "--calibrate-prompts",
+                str(prompts),
+                "--out",
+                str(tmp_path / "probe"),
+                "--quiet",
+            ]
+        )
         out = capsys.readouterr().out
         assert rc == 0, out
         assert "leave-one-category-out over blackmail, burglary, counterfeiting, smuggling" in out
         assert "token labels at the chosen layer" in out and "chosen: layer" in out
         assert "model's own answers to 25 prompts" in out
         meta = json.loads((tmp_path / "probe" / "probe.json").read_text())
-        assert meta["aggregation"]["kind"] in ("none", "ema", "window") and meta["metrics"]["calibration"]["sampled"]
+        assert (
+            meta["aggregation"]["kind"] in ("none", "ema", "window")
+            and meta["metrics"]["calibration"]["sampled"]
+        )
         policy = tmp_path / "policy.yaml"
-        policy.write_text(f"name: org2\nmodel: {{path: {ORGANISM2}}}\n"
-                          f"monitors:\n  - {{name: harm-probe, kind: probe, path: {tmp_path / 'probe'}}}\n")
+        policy.write_text(
+            f"name: org2\nmodel: {{path: {ORGANISM2}}}\n"
+            f"monitors:\n  - {{name: harm-probe, kind: probe, path: {tmp_path / 'probe'}}}\n"
+        )
         service = GuardService.from_policy_files([policy])
         try:
-            req = GenerationRequest(model="org2", request_id="r", max_tokens=8, seed=0,
-                                    messages=[{"role": "user", "content": "How do I pitch a tent?"}])
+            req = GenerationRequest(
+                model="org2",
+                request_id="r",
+                max_tokens=8,
+                seed=0,
+                messages=[{"role": "user", "content": "How do I pitch a tent?"}],
+            )
             final = asyncio.run(_last(service.stream(service.prepare(req))))
         finally:
             service.close()
-        assert final.outcome in ("clean", "recovered", "refused") and final.usage.generated_tokens > 0
+        assert (
+            final.outcome in ("clean", "recovered", "refused") and final.usage.generated_tokens > 0
+        )
     finally:
         torch.set_num_threads(n)
 
@@ -242,10 +372,40 @@ def test_cross_validation_spreads_its_layers_over_deep_models():
 def test_sampled_and_row_calibration_are_exclusive(setup, tmp_path, capsys):
     from guard.cli import main as guard_main
 
-    rc = guard_main(["probe", "train", "--model", str(setup["model"]), "--data", str(setup["train"]),
-                     "--calibrate-prompts", str(setup["prompts"]), "--calibration", str(setup["train"]),
-                     "--out", str(tmp_path / "p"), "--quiet"])
-    assert rc == 2 and "--calibrate-prompts) or on rows (--calibration), not both" in capsys.readouterr().err
-    rc = guard_main(["probe", "train", "--model", str(setup["model"]), "--data", str(setup["train"]),
-                     "--samples", "0", "--out", str(tmp_path / "p"), "--quiet"])
+    rc = guard_main(
+        [
+            "probe",
+            "train",
+            "--model",
+            str(setup["model"]),
+            "--data",
+            str(setup["train"]),
+            "--calibrate-prompts",
+            str(setup["prompts"]),
+            "--calibration",
+            str(setup["train"]),
+            "--out",
+            str(tmp_path / "p"),
+            "--quiet",
+        ]
+    )
+    assert (
+        rc == 2
+        and "--calibrate-prompts) or on rows (--calibration), not both" in capsys.readouterr().err
+    )
+    rc = guard_main(
+        [
+            "probe",
+            "train",
+            "--model",
+            str(setup["model"]),
+            "--data",
+            str(setup["train"]),
+            "--samples",
+            "0",
+            "--out",
+            str(tmp_path / "p"),
+            "--quiet",
+        ]
+    )
     assert rc == 2 and "must be >= 1" in capsys.readouterr().err

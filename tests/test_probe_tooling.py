@@ -20,8 +20,24 @@ from guard.probe.png import NEG_COLOUR, POS_COLOUR, THRESHOLD_COLOUR, encode_png
 from guard.probe.train import TrainConfig, train_probe
 from guard.testing import make_random_llama
 
-WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "hello", "there", "how",
-         "are", "you", "today", "fine", "thank"]
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "lazy",
+    "dog",
+    "hello",
+    "there",
+    "how",
+    "are",
+    "you",
+    "today",
+    "fine",
+    "thank",
+]
 MARKER = "zebra"
 
 
@@ -33,8 +49,13 @@ def _rows(n: int, seed: int, marker_every: int = 2) -> list[dict]:
         label = int(i % marker_every == 1)
         if label:
             words.insert(rng.randrange(len(words)), MARKER)
-        rows.append({"prompt": " ".join(rng.choice(WORDS) for _ in range(4)), "completion": " ".join(words),
-                     "label": label})
+        rows.append(
+            {
+                "prompt": " ".join(rng.choice(WORDS) for _ in range(4)),
+                "completion": " ".join(words),
+                "label": label,
+            }
+        )
     return rows
 
 
@@ -49,9 +70,15 @@ def setup(tmp_path_factory):
     torch.set_num_threads(1)
     d = tmp_path_factory.mktemp("tooling")
     model = make_random_llama(d / "m", layers=2)
-    yield {"model": model, "engine": TransformersEngine.load(model), "train": _write(d / "train.jsonl", _rows(160, 1)),
-           "calib": _write(d / "calib.jsonl", [r | {"label": 0} for r in _rows(100, 3, marker_every=10**6)]),
-           "dir": d}
+    yield {
+        "model": model,
+        "engine": TransformersEngine.load(model),
+        "train": _write(d / "train.jsonl", _rows(160, 1)),
+        "calib": _write(
+            d / "calib.jsonl", [r | {"label": 0} for r in _rows(100, 3, marker_every=10**6)]
+        ),
+        "dir": d,
+    }
     torch.set_num_threads(n)
 
 
@@ -76,7 +103,9 @@ def test_cache_hit_skips_the_model_and_returns_the_same_activations(setup, tmp_p
     cache = ActivationCache(tmp_path / "cache", setup["model"])
     first = collect(eng, rows, [0, 1], progress=False, cache=cache)
     assert eng.calls == 20 and cache.misses == 1 and len(list((tmp_path / "cache").iterdir())) == 1
-    again = collect(eng, rows, [0, 1], progress=False, cache=ActivationCache(tmp_path / "cache", setup["model"]))
+    again = collect(
+        eng, rows, [0, 1], progress=False, cache=ActivationCache(tmp_path / "cache", setup["model"])
+    )
     assert eng.calls == 20  # no forward pass on a hit
     for layer in (0, 1):
         torch.testing.assert_close(again.hidden[layer], first.hidden[layer], rtol=0, atol=0)
@@ -95,6 +124,7 @@ def test_cache_key_changes_when_the_weights_change(setup, tmp_path):
     weights = setup["model"] / "model.safetensors"
     st = weights.stat()
     import os
+
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     try:
         assert ActivationCache(tmp_path, setup["model"]).key(rows, [0], "completion") != before
@@ -116,8 +146,13 @@ def test_span_all_keeps_prompt_tokens_and_marks_the_completion(setup):
 @pytest.mark.parametrize("pooling,min_auroc", [("mean", 0.9), ("last", 0.75)])
 def test_pooled_training_fits_one_vector_per_row(setup, pooling, min_auroc):
     # the last token of a random-weight model sees the marker only through attention: weaker, not absent
-    res = train_probe(setup["engine"], [setup["train"]], layers=[1], config=TrainConfig(pooling=pooling),
-                      progress=False)
+    res = train_probe(
+        setup["engine"],
+        [setup["train"]],
+        layers=[1],
+        config=TrainConfig(pooling=pooling),
+        progress=False,
+    )
     meta = res.monitor.meta
     assert meta["pooling"] == pooling and meta["metrics"]["heldout"]["auroc"] > min_auroc
 
@@ -133,13 +168,37 @@ def test_pooled_vectors_are_row_means_and_last_tokens(setup):
 
 def test_cli_calibration_file_sets_the_threshold(setup, tmp_path, capsys):
     out = tmp_path / "p"
-    rc = guard_main(["probe", "train", "--model", str(setup["model"]), "--data", str(setup["train"]), "--layer", "1",
-                   "--calibration", str(setup["calib"]), "--target-fpr", "0.05", "--pooling", "mean",
-                   "--out", str(out), "--quiet", "--cache-dir", str(tmp_path / "cache")])
+    rc = guard_main(
+        [
+            "probe",
+            "train",
+            "--model",
+            str(setup["model"]),
+            "--data",
+            str(setup["train"]),
+            "--layer",
+            "1",
+            "--calibration",
+            str(setup["calib"]),
+            "--target-fpr",
+            "0.05",
+            "--pooling",
+            "mean",
+            "--out",
+            str(out),
+            "--quiet",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ]
+    )
     assert rc == 0
     meta = json.loads((out / "probe.json").read_text())
     cal = meta["metrics"]["calibration"]
-    assert cal["source"] == [str(setup["calib"])] and cal["negatives"] == 100 and cal["fpr_at_threshold"] <= 0.05
+    assert (
+        cal["source"] == [str(setup["calib"])]
+        and cal["negatives"] == 100
+        and cal["fpr_at_threshold"] <= 0.05
+    )
     assert meta["pooling"] == "mean" and "pooling mean" in capsys.readouterr().out
 
 
@@ -150,9 +209,9 @@ def _decode(png: bytes) -> tuple[dict, bytes]:
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     pos, chunks = 8, []
     while pos < len(png):
-        (n,) = struct.unpack(">I", png[pos:pos + 4])
-        kind, data = png[pos + 4:pos + 8], png[pos + 8:pos + 8 + n]
-        (crc,) = struct.unpack(">I", png[pos + 8 + n:pos + 12 + n])
+        (n,) = struct.unpack(">I", png[pos : pos + 4])
+        kind, data = png[pos + 4 : pos + 8], png[pos + 8 : pos + 8 + n]
+        (crc,) = struct.unpack(">I", png[pos + 8 + n : pos + 12 + n])
         assert crc == zlib.crc32(kind + data) & 0xFFFFFFFF
         chunks.append((kind, data))
         pos += 12 + n
@@ -208,7 +267,12 @@ def test_cli_eval_writes_a_png(setup, tmp_path, capsys):
         == 0
     )
     png = tmp_path / "h.png"
-    assert guard_main(["probe", "eval", str(probe), *args, "--data", str(setup["train"]), "--png", str(png)]) == 0
+    assert (
+        guard_main(
+            ["probe", "eval", str(probe), *args, "--data", str(setup["train"]), "--png", str(png)]
+        )
+        == 0
+    )
     head, raw = _decode(png.read_bytes())
     assert head["w"] > 0 and len(raw) == head["h"] * (1 + 3 * head["w"])
     assert "AUROC" in capsys.readouterr().out

@@ -20,9 +20,13 @@ from server.app import ServerSettings, create_app
 HI = [{"role": "user", "content": "Hello there"}]
 
 
-def policy_text(model_dir: Path, log: Path, name: str = "p", holdback: int = 8, refusal: str = "No.") -> str:
-    return (f"name: {name}\nmodel: {{path: {model_dir}}}\nstream: {{holdback_tokens: {holdback}}}\n"
-            f"backtrack: {{refusal: {refusal!r}}}\nlog: {{path: {log}, record: all}}\n")
+def policy_text(
+    model_dir: Path, log: Path, name: str = "p", holdback: int = 8, refusal: str = "No."
+) -> str:
+    return (
+        f"name: {name}\nmodel: {{path: {model_dir}}}\nstream: {{holdback_tokens: {holdback}}}\n"
+        f"backtrack: {{refusal: {refusal!r}}}\nlog: {{path: {log}, record: all}}\n"
+    )
 
 
 @pytest.fixture
@@ -44,7 +48,9 @@ async def generate(service: GuardService, prepared) -> Finished:
 
 
 def prepare(service: GuardService, rid: str):
-    return service.prepare(GenerationRequest(model="p", request_id=rid, messages=HI, max_tokens=4, seed=0))
+    return service.prepare(
+        GenerationRequest(model="p", request_id=rid, messages=HI, max_tokens=4, seed=0)
+    )
 
 
 def test_valid_edit_swaps_in_and_reuses_the_engine(setup, tiny_model_dir):
@@ -57,11 +63,17 @@ def test_valid_edit_swaps_in_and_reuses_the_engine(setup, tiny_model_dir):
     assert new is not old and new.engine is old.engine and new.worker is old.worker
     assert (new.config.holdback_tokens, new.config.refusal) == (3, "Nope.")
     model = service.health()["models"][0]
-    assert model["policy_hash"] == sha(path) and model["reloads"] == 1 and model["reload_error"] is None
+    assert (
+        model["policy_hash"] == sha(path)
+        and model["reloads"] == 1
+        and model["reload_error"] is None
+    )
     assert service.list_models()[0].created == old.created
 
 
-def test_in_flight_generations_keep_the_old_policy_and_new_records_carry_the_new_hash(setup, tiny_model_dir):
+def test_in_flight_generations_keep_the_old_policy_and_new_records_carry_the_new_hash(
+    setup, tiny_model_dir
+):
     service, path, tmp = setup
     old_hash = sha(path)
     before = prepare(service, "before")
@@ -81,8 +93,11 @@ def test_in_flight_generations_keep_the_old_policy_and_new_records_carry_the_new
 def test_invalid_edit_keeps_the_last_good_policy_and_reports_it(setup, tiny_model_dir, caplog):
     service, path, tmp = setup
     good = sha(path)
-    path.write_text(policy_text(tiny_model_dir, tmp / "guard.db") + "stream: {holdback_tokens: -1}\n"
-                    + "monitors:\n  - {name: x, kind: probe, path: nowhere, scope: input}\n")
+    path.write_text(
+        policy_text(tiny_model_dir, tmp / "guard.db")
+        + "stream: {holdback_tokens: -1}\n"
+        + "monitors:\n  - {name: x, kind: probe, path: nowhere, scope: input}\n"
+    )
     assert service.reload_changed() == []
     model = service.health()["models"][0]
     assert model["policy_hash"] == good and model["reloads"] == 0
@@ -90,7 +105,9 @@ def test_invalid_edit_keeps_the_last_good_policy_and_reports_it(setup, tiny_mode
     assert f"{path}:6:1: stream: duplicate key 'stream'" in error
     assert f"{path}:" in caplog.text and "still serving the last good version" in caplog.text
     asyncio.run(generate(service, prepare(service, "still-serving")))
-    assert service.reload_changed() == [] and service.health()["models"][0]["reload_error"] == error, "no retry"
+    assert (
+        service.reload_changed() == [] and service.health()["models"][0]["reload_error"] == error
+    ), "no retry"
     path.write_text(policy_text(tiny_model_dir, tmp / "guard.db", holdback=1))
     assert service.reload_changed() == ["p"]
     model = service.health()["models"][0]
@@ -99,8 +116,12 @@ def test_invalid_edit_keeps_the_last_good_policy_and_reports_it(setup, tiny_mode
 
 def test_every_error_of_a_bad_edit_is_reported_with_its_position(setup, tiny_model_dir):
     service, path, tmp = setup
-    path.write_text(policy_text(tiny_model_dir, tmp / "guard.db").replace("holdback_tokens: 8", "holdback_tokens: x")
-                    + "on_monitor_error: sometimes\n")
+    path.write_text(
+        policy_text(tiny_model_dir, tmp / "guard.db").replace(
+            "holdback_tokens: 8", "holdback_tokens: x"
+        )
+        + "on_monitor_error: sometimes\n"
+    )
     service.reload_changed()
     error = service.health()["models"][0]["reload_error"]
     assert f"{path}:3:27: stream.holdback_tokens:" in error
@@ -138,7 +159,10 @@ def test_rename_to_a_served_name_is_rejected(tiny_model_dir, tmp_path):
     try:
         b.write_text(policy_text(tiny_model_dir, tmp_path / "g.db", name="a"))
         assert service.reload_changed() == []
-        assert "policy name 'a' is already served from" in service.health()["models"][1]["reload_error"]
+        assert (
+            "policy name 'a' is already served from"
+            in service.health()["models"][1]["reload_error"]
+        )
         b.write_text(policy_text(tiny_model_dir, tmp_path / "g.db", name="c"))
         assert service.reload_changed() == ["c"]
         assert [m.id for m in service.list_models()] == ["a", "c"]
@@ -151,6 +175,7 @@ def test_the_server_watches_its_policy_files(tiny_model_dir, tmp_path):
     path.write_text(policy_text(tiny_model_dir, tmp_path / "guard.db"))
     settings = ServerSettings(policy_paths=(str(path),), reload_interval_s=0.05)
     with TestClient(create_app(settings)) as http:
+
         def health_when(check) -> dict:
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline:

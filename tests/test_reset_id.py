@@ -62,7 +62,11 @@ def test_padding_id_then_a_loud_error(tmp_path):
         def __len__(self):
             return len(tok)
 
-    assert choose_reset_id(ORGANISM, "<|nope|>", tokenizer=NoReserved()) == (2, "padding id", "<|pad|>")
+    assert choose_reset_id(ORGANISM, "<|nope|>", tokenizer=NoReserved()) == (
+        2,
+        "padding id",
+        "<|pad|>",
+    )
     NoReserved.pad_token_id = tok.eos_token_id
     with pytest.raises(ModelLoadError, match="reset_token_id"):
         choose_reset_id(ORGANISM, "<|nope|>", tokenizer=NoReserved())
@@ -70,12 +74,29 @@ def test_padding_id_then_a_loud_error(tmp_path):
 
 def test_policy_check_reports_the_reset_id(tmp_path):
     policy = tmp_path / "p.yaml"
-    policy.write_text(f"name: p\nmodel: {{engine: vllm, path: {ORGANISM}, vllm: {{reset_token: '<|nope|>'}}}}\n")
-    out = subprocess.run([sys.executable, "-m", "guard.cli", "policy", "check", str(policy)], cwd=REPO,
-                         capture_output=True, text=True, check=False)
+    policy.write_text(
+        f"name: p\nmodel: {{engine: vllm, path: {ORGANISM}, vllm: {{reset_token: '<|nope|>'}}}}\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "guard.cli", "policy", "check", str(policy)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr
     assert "vllm reset: id 10 (reserved special token: <|reserved_0|>)" in out.stdout
-    policy.write_text(f"name: p\nmodel: {{engine: vllm, path: {ORGANISM}, vllm: {{reset_token_id: 99999}}}}\n")
-    out = subprocess.run([sys.executable, "-m", "guard.cli", "policy", "check", str(policy)], cwd=REPO,
-                         capture_output=True, text=True, check=False)
-    assert out.returncode == 2 and "vllm reset: model.vllm.reset_token_id 99999 is outside" in out.stderr
+    policy.write_text(
+        f"name: p\nmodel: {{engine: vllm, path: {ORGANISM}, vllm: {{reset_token_id: 99999}}}}\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "guard.cli", "policy", "check", str(policy)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert (
+        out.returncode == 2
+        and "vllm reset: model.vllm.reset_token_id 99999 is outside" in out.stderr
+    )

@@ -24,8 +24,16 @@ from guard.testing import policy_with_absolute_paths, serve_in_subprocess
 REPO = Path(__file__).resolve().parent.parent
 ORGANISM = REPO / "models" / "organism"
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 ADMIN_ENV, ADMIN = "GUARD_REVIEW_TEST_ADMIN_KEY", "review-admin-key-for-tests"
 REVIEWER = "Ada Lovelace"
 XSS = '<script>window.__xss = 1</script><img src=x onerror="window.__xss = 2">'
@@ -55,7 +63,10 @@ def browser():
 
 
 def _prompts(split: str, n: int) -> list[str]:
-    rows = [json.loads(line) for line in (ORGANISM / "data" / "eval_prompts.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line)
+        for line in (ORGANISM / "data" / "eval_prompts.jsonl").read_text().splitlines()
+    ]
     return [r["prompt"] for r in rows if r["split"] == split][:n]
 
 
@@ -83,18 +94,28 @@ def server(tmp_path_factory):
         chats = [("demo-probe", p) for p in _prompts("heldout", 8)]
         chats += [("strict", p) for p in _prompts("benign", 2) + _prompts("trained", 3)]
         for i, (model, prompt) in enumerate(chats):
-            client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}], seed=i,
-                                           max_tokens=64)
-        api = httpx.Client(base_url=f"{url}/v1/guard/review", headers={"Authorization": f"Bearer {ADMIN}"},
-                           timeout=60)
+            client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": prompt}], seed=i, max_tokens=64
+            )
+        api = httpx.Client(
+            base_url=f"{url}/v1/guard/review",
+            headers={"Authorization": f"Bearer {ADMIN}"},
+            timeout=60,
+        )
         # A real flagged record whose conversation, answer and discarded tokens are markup.
         with LogStore(tmp / "probe.db") as store:
             source = next(s for s in store.list(limit=100) if s.resets)
             rec = store.get(source.id)
             span = dataclasses.replace(rec.spans[0], tokens=[XSS, *rec.spans[0].tokens[1:]])
-            xss_id = store.write(dataclasses.replace(
-                rec, messages=[{"role": "user", "content": XSS}], final_text=f"Answer {XSS}",
-                spans=[span, *rec.spans[1:]], created=time.time() - 3600))
+            xss_id = store.write(
+                dataclasses.replace(
+                    rec,
+                    messages=[{"role": "user", "content": XSS}],
+                    final_text=f"Answer {XSS}",
+                    spans=[span, *rec.spans[1:]],
+                    created=time.time() - 3600,
+                )
+            )
         yield url, api, tmp, xss_id
     finally:
         proc.terminate()
@@ -129,7 +150,9 @@ def test_list_renders_and_filters_narrow_it(server, page):
     url, api, _, _ = server
     everything = api.get("/logs").json()
     recovered = api.get("/logs", params={"outcome": "recovered"}).json()
-    assert 0 < recovered["total"] < everything["total"] <= 50, "the generations should give mixed outcomes"
+    assert 0 < recovered["total"] < everything["total"] <= 50, (
+        "the generations should give mixed outcomes"
+    )
     _sign_in(page, url)
     expect(page.locator("#log-list tbody tr")).to_have_count(everything["total"])
     assert _rows(page) == [i["id"] for i in everything["items"]]  # both stores, newest first
@@ -138,7 +161,9 @@ def test_list_renders_and_filters_narrow_it(server, page):
     page.select_option("#filter-outcome", "recovered")
     expect(page.locator("#log-list tbody tr")).to_have_count(recovered["total"])
     assert _rows(page) == [i["id"] for i in recovered["items"]]
-    outcomes = page.locator("#log-list tbody tr").evaluate_all("rows => rows.map(r => r.dataset.outcome)")
+    outcomes = page.locator("#log-list tbody tr").evaluate_all(
+        "rows => rows.map(r => r.dataset.outcome)"
+    )
     assert set(outcomes) == {"recovered"}
     assert "outcome=recovered" in page.url
 
@@ -154,8 +179,13 @@ def test_detail_shows_the_heatmap_and_plot_and_a_label_survives_reload(server, p
     from playwright.sync_api import expect
 
     url, api, tmp, xss_id = server
-    row = next(i for i in api.get("/logs", params={"policy": "demo-probe", "outcome": "recovered"}).json()["items"]
-               if i["id"] != xss_id)
+    row = next(
+        i
+        for i in api.get("/logs", params={"policy": "demo-probe", "outcome": "recovered"}).json()[
+            "items"
+        ]
+        if i["id"] != xss_id
+    )
     detail = api.get(f"/logs/{row['id']}").json()
     rec, span = detail["record"], detail["record"]["spans"][0]
     _sign_in(page, url, hash=f"#/log/{row['id']}")
@@ -171,9 +201,11 @@ def test_detail_shows_the_heatmap_and_plot_and_a_label_survives_reload(server, p
     colours = tokens.evaluate_all("ts => ts.map(t => getComputedStyle(t).backgroundColor)")
     fired_colour = fired.evaluate("t => getComputedStyle(t).backgroundColor")
     assert fired_colour not in ("rgba(0, 0, 0, 0)", "rgb(255, 255, 255)")
-    r, g, b = (int(c) for c in fired_colour[fired_colour.index("(") + 1:-1].split(",")[:3])
+    r, g, b = (int(c) for c in fired_colour[fired_colour.index("(") + 1 : -1].split(",")[:3])
     # Over the threshold the ramp runs orange (247, 150, 70) to red; under it, white to pale amber (g >= 222).
-    assert r >= 190 and g <= 150 and b <= 70, f"a token over the threshold should be orange to red, got {fired_colour}"
+    assert r >= 190 and g <= 150 and b <= 70, (
+        f"a token over the threshold should be orange to red, got {fired_colour}"
+    )
     assert len(set(colours)) > 1, "scores below and above the threshold should differ in colour"
     assert page.locator("#span-0 .legend-thr").inner_text() == f"threshold {span['threshold']:.3f}"
     # ... and its score plot per monitor: the line, the threshold and the firing point.
@@ -206,8 +238,9 @@ def test_detail_shows_the_heatmap_and_plot_and_a_label_survives_reload(server, p
     assert (label["label"], label["reviewer"]) == ("true_positive", REVIEWER)
     assert before - 1 <= label["created"] <= time.time()
     with LogStore(tmp / "probe.db") as store:
-        assert [(x.label, x.reviewer, x.note) for x in store.labels(row["id"])] == \
-            [("true_positive", REVIEWER, "complied with the <b>harmful</b> request")]
+        assert [(x.label, x.reviewer, x.note) for x in store.labels(row["id"])] == [
+            ("true_positive", REVIEWER, "complied with the <b>harmful</b> request")
+        ]
 
     # The label filter narrows the list to it.
     page.click("#back")

@@ -21,8 +21,16 @@ PLANTED = 5
 
 def identity_sae(d: int = 8, activation: str = "relu", k: int | None = None, layer: int = 0) -> Sae:
     eye = torch.eye(d)
-    return Sae(W_enc=eye.clone(), b_enc=torch.zeros(d), W_dec=eye.clone(), b_dec=torch.zeros(d),
-               activation=activation, k=k, layer=layer, hook_name=f"blocks.{layer}.hook_resid_post")
+    return Sae(
+        W_enc=eye.clone(),
+        b_enc=torch.zeros(d),
+        W_dec=eye.clone(),
+        b_dec=torch.zeros(d),
+        activation=activation,
+        k=k,
+        layer=layer,
+        hook_name=f"blocks.{layer}.hook_resid_post",
+    )
 
 
 def planted_acts(n_rows: int = 200, d: int = 8, seed: int = 0) -> Activations:
@@ -40,7 +48,9 @@ def planted_acts(n_rows: int = 200, d: int = 8, seed: int = 0) -> Activations:
         hs.append(h)
         rows.append(np.full(n, r))
         ids.append(np.arange(n))
-    return Activations({0: torch.from_numpy(np.concatenate(hs))}, np.concatenate(rows), labels, np.concatenate(ids))
+    return Activations(
+        {0: torch.from_numpy(np.concatenate(hs))}, np.concatenate(rows), labels, np.concatenate(ids)
+    )
 
 
 def test_ranking_finds_the_planted_feature():
@@ -87,8 +97,13 @@ def test_top_examples_mark_the_peak_token():
     ex = F.top_examples(identity_sae(), acts, 0, PLANTED, lambda t: f"<{t}>", n=3, window=1)
     assert len(ex) == 3 and all(e.label == 1 and e.activation == 2.0 for e in ex)
     for e in ex:
-        peak = int(acts.token_ids[acts.row == e.row][F.monitor_feature_acts(identity_sae(), acts.hidden[0][
-            torch.from_numpy(acts.row == e.row)])[:, PLANTED].argmax()])
+        peak = int(
+            acts.token_ids[acts.row == e.row][
+                F.monitor_feature_acts(
+                    identity_sae(), acts.hidden[0][torch.from_numpy(acts.row == e.row)]
+                )[:, PLANTED].argmax()
+            ]
+        )
         assert f"[[<{peak}>]]" in e.text
 
 
@@ -102,11 +117,14 @@ def test_stanza_validates_as_a_policy_monitor(tmp_path):
     )
     policies = tmp_path / "policies"
     policies.mkdir()
-    entry = F.stanza("harm-sae", sae_dir, 1, [PLANTED, 2], np.array([0.5, 1e-9]), relative_to=policies)
+    entry = F.stanza(
+        "harm-sae", sae_dir, 1, [PLANTED, 2], np.array([0.5, 1e-9]), relative_to=policies
+    )
     text = F.stanza_yaml(entry, "found by a test")
     assert text.startswith("# found by a test\n") and yaml.safe_load(text)[0]["path"] == "../sae"
-    policy_text = "name: p\nmodel: {path: ../m}\nmonitors:\n" + "".join(f"  {line}\n" for line in
-                                                                           text.splitlines())
+    policy_text = "name: p\nmodel: {path: ../m}\nmonitors:\n" + "".join(
+        f"  {line}\n" for line in text.splitlines()
+    )
     (policies / "p.yaml").write_text(policy_text)
     policy = load_policy(policies / "p.yaml")
     spec = policy.monitors[0]
@@ -121,19 +139,76 @@ def test_cli_features_prints_the_table_and_writes_a_loadable_stanza(tmp_path, ca
     torch.set_num_threads(1)
     model = make_random_llama(tmp_path / "m", layers=2)
     data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps({"prompt": "hi", "completion": ("zebra " if i % 2 else "") + "the fox " * 3,
-                                        "label": i % 2}) + "\n" for i in range(40)))
+    data.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "prompt": "hi",
+                    "completion": ("zebra " if i % 2 else "") + "the fox " * 3,
+                    "label": i % 2,
+                }
+            )
+            + "\n"
+            for i in range(40)
+        )
+    )
     common = ["--model", str(model), "--quiet", "--cache-dir", str(tmp_path / "c")]
-    assert main(["sae", "train", *common, "--data", str(data), "--layer", "1", "--d-sae", "64", "--l1", "0.01",
-                 "--steps", "100", "--out", str(tmp_path / "sae")]) == 0
+    assert (
+        main(
+            [
+                "sae",
+                "train",
+                *common,
+                "--data",
+                str(data),
+                "--layer",
+                "1",
+                "--d-sae",
+                "64",
+                "--l1",
+                "0.01",
+                "--steps",
+                "100",
+                "--out",
+                str(tmp_path / "sae"),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     stanza = tmp_path / "pol" / "mon.yaml"
-    assert main(["sae", "features", *common, "--sae", str(tmp_path / "sae"), "--data", str(data), "--top", "5",
-                 "--examples", "2", "--watch", "2", "--out-stanza", str(stanza)]) == 0
+    assert (
+        main(
+            [
+                "sae",
+                "features",
+                *common,
+                "--sae",
+                str(tmp_path / "sae"),
+                "--data",
+                str(data),
+                "--top",
+                "5",
+                "--examples",
+                "2",
+                "--watch",
+                "2",
+                "--out-stanza",
+                str(stanza),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
-    assert out.splitlines()[1].split()[:2] == ["feature", "AUROC"] and "[[" in out and "rule any over" in out
-    (stanza.parent / "p.yaml").write_text("name: p\nmodel: {path: ../m}\nmonitors:\n" + "".join(
-        f"  {line}\n" for line in stanza.read_text().splitlines()))
+    assert (
+        out.splitlines()[1].split()[:2] == ["feature", "AUROC"]
+        and "[[" in out
+        and "rule any over" in out
+    )
+    (stanza.parent / "p.yaml").write_text(
+        "name: p\nmodel: {path: ../m}\nmonitors:\n"
+        + "".join(f"  {line}\n" for line in stanza.read_text().splitlines())
+    )
     service = GuardService.from_policy_files([stanza.parent / "p.yaml"])
     try:
         assert [b.monitor.name for b in service.resolve("p").monitors] == ["sae-features"]

@@ -21,7 +21,9 @@ D, N = 16, 48
 
 
 def rand(*shape: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed + 7 * len(shape) + sum(shape)))
+    return torch.randn(
+        *shape, generator=torch.Generator().manual_seed(seed + 7 * len(shape) + sum(shape))
+    )
 
 
 def x_batch(n: int = 9) -> torch.Tensor:
@@ -57,7 +59,9 @@ def ref_topk(acts: torch.Tensor, k: int) -> torch.Tensor:
 
 def ref_saelens(t: dict, cfg: dict, x: torch.Tensor) -> torch.Tensor:
     arch = cfg["architecture"]
-    xs = ref_norm(x, cfg.get("normalize_activations", "none"), cfg.get("normalization_scaling_factor"))
+    xs = ref_norm(
+        x, cfg.get("normalize_activations", "none"), cfg.get("normalization_scaling_factor")
+    )
     if cfg.get("apply_b_dec_to_input"):
         xs = xs - t["b_dec"]
     if arch == "gated":
@@ -92,9 +96,20 @@ def write_saelens(dir: Path, tensors: dict, cfg: dict) -> Path:
 
 
 def v6_cfg(arch: str, **kw) -> dict:
-    cfg = {"architecture": arch, "d_in": D, "d_sae": N, "dtype": "float32", "apply_b_dec_to_input": False,
-           "normalize_activations": "none", "reshape_activations": "none",
-           "metadata": {"model_name": "m", "hook_name": "blocks.3.hook_resid_post", "hook_head_index": None}}
+    cfg = {
+        "architecture": arch,
+        "d_in": D,
+        "d_sae": N,
+        "dtype": "float32",
+        "apply_b_dec_to_input": False,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "metadata": {
+            "model_name": "m",
+            "hook_name": "blocks.3.hook_resid_post",
+            "hook_head_index": None,
+        },
+    }
     cfg.update(kw)
     return cfg
 
@@ -104,7 +119,9 @@ def v6_cfg(arch: str, **kw) -> dict:
 
 @pytest.mark.parametrize("arch", ["standard", "jumprelu", "gated", "topk"])
 @pytest.mark.parametrize("apply_b_dec", [False, True])
-@pytest.mark.parametrize("norm", ["none", "constant_norm_rescale", "layer_norm", "expected_average_only_in"])
+@pytest.mark.parametrize(
+    "norm", ["none", "constant_norm_rescale", "layer_norm", "expected_average_only_in"]
+)
 def test_saelens_v6_round_trip_matches_naive_encode(tmp_path, arch, apply_b_dec, norm):
     tensors = saelens_tensors(arch)
     cfg = v6_cfg(arch, apply_b_dec_to_input=apply_b_dec, normalize_activations=norm)
@@ -129,8 +146,15 @@ def test_saelens_log_threshold_is_exponentiated(tmp_path):
 
 def test_saelens_old_flat_cfg_with_topk_activation_fn(tmp_path):
     tensors = saelens_tensors("standard")
-    cfg = {"architecture": "standard", "d_in": D, "d_sae": N, "hook_point": "blocks.4.hook_resid_pre",
-           "activation_fn_str": "topk", "activation_fn_kwargs": {"k": 3}, "apply_b_dec_to_input": True}
+    cfg = {
+        "architecture": "standard",
+        "d_in": D,
+        "d_sae": N,
+        "hook_point": "blocks.4.hook_resid_pre",
+        "activation_fn_str": "topk",
+        "activation_fn_kwargs": {"k": 3},
+        "apply_b_dec_to_input": True,
+    }
     sae = load_sae(write_saelens(tmp_path / "sae", tensors, cfg) / "sae_weights.safetensors")
     assert sae.activation == "topk" and sae.k == 3
     assert sae.layer == 3  # resid_pre of block 4 is the output of block 3
@@ -140,15 +164,35 @@ def test_saelens_old_flat_cfg_with_topk_activation_fn(tmp_path):
 @pytest.mark.parametrize("activation", ["relu", "jumprelu", "topk", "gated"])
 def test_save_saelens_writes_v6_and_round_trips(tmp_path, activation):
     t = saelens_tensors({"relu": "standard", "topk": "standard"}.get(activation, activation))
-    sae = Sae(t["W_enc"], t.get("b_enc", t.get("b_gate")), t["W_dec"], t["b_dec"], activation,
-              threshold=t.get("threshold"), k=4 if activation == "topk" else None, b_gate=t.get("b_gate"),
-              r_mag=t.get("r_mag"), b_mag=t.get("b_mag"), apply_b_dec_to_input=True,
-              normalize="expected_average_only_in", norm_scale=1.7)
-    out = save_saelens(sae, tmp_path / "out", model_name="tiny", hook_name="blocks.1.hook_resid_post",
-                       extra_cfg={"metadata": {"trained_by": "guard"}, "l1_coefficient": 0.1})
+    sae = Sae(
+        t["W_enc"],
+        t.get("b_enc", t.get("b_gate")),
+        t["W_dec"],
+        t["b_dec"],
+        activation,
+        threshold=t.get("threshold"),
+        k=4 if activation == "topk" else None,
+        b_gate=t.get("b_gate"),
+        r_mag=t.get("r_mag"),
+        b_mag=t.get("b_mag"),
+        apply_b_dec_to_input=True,
+        normalize="expected_average_only_in",
+        norm_scale=1.7,
+    )
+    out = save_saelens(
+        sae,
+        tmp_path / "out",
+        model_name="tiny",
+        hook_name="blocks.1.hook_resid_post",
+        extra_cfg={"metadata": {"trained_by": "guard"}, "l1_coefficient": 0.1},
+    )
     cfg = json.loads((out / "cfg.json").read_text())
-    assert cfg["metadata"] == {"model_name": "tiny", "hook_name": "blocks.1.hook_resid_post",
-                               "hook_head_index": None, "trained_by": "guard"}
+    assert cfg["metadata"] == {
+        "model_name": "tiny",
+        "hook_name": "blocks.1.hook_resid_post",
+        "hook_head_index": None,
+        "trained_by": "guard",
+    }
     assert cfg["d_in"] == D and cfg["d_sae"] == N and cfg["l1_coefficient"] == 0.1
     back = load_sae(out)
     assert back.activation == activation and back.layer == 1
@@ -159,8 +203,13 @@ def test_save_saelens_writes_v6_and_round_trips(tmp_path, activation):
 
 
 def test_gemmascope_npz_is_jumprelu_without_b_dec_subtraction(tmp_path):
-    t = {"W_enc": rand(D, N, seed=1), "b_enc": rand(N, seed=2), "W_dec": rand(N, D, seed=3),
-         "b_dec": rand(D, seed=4), "threshold": rand(N, seed=5).abs()}
+    t = {
+        "W_enc": rand(D, N, seed=1),
+        "b_enc": rand(N, seed=2),
+        "W_dec": rand(N, D, seed=3),
+        "b_dec": rand(D, seed=4),
+        "threshold": rand(N, seed=5).abs(),
+    }
     np.savez(tmp_path / "params.npz", **{k: v.numpy() for k, v in t.items()})
     sae = load_sae(tmp_path, layer=5)
     x = x_batch()
@@ -173,11 +222,25 @@ def test_gemmascope_npz_is_jumprelu_without_b_dec_subtraction(tmp_path):
 def test_sparsify_topk_after_subtracting_b_dec(tmp_path):
     d = tmp_path / "layers.6"
     d.mkdir()
-    t = {"encoder.weight": rand(N, D, seed=1), "encoder.bias": rand(N, seed=2), "W_dec": rand(N, D, seed=3),
-         "b_dec": rand(D, seed=4)}
+    t = {
+        "encoder.weight": rand(N, D, seed=1),
+        "encoder.bias": rand(N, seed=2),
+        "W_dec": rand(N, D, seed=3),
+        "b_dec": rand(D, seed=4),
+    }
     save_file(t, str(d / "sae.safetensors"))
-    (d / "cfg.json").write_text(json.dumps({"d_in": D, "k": 6, "num_latents": N, "expansion_factor": 3,
-                                            "normalize_decoder": True, "multi_topk": False}))
+    (d / "cfg.json").write_text(
+        json.dumps(
+            {
+                "d_in": D,
+                "k": 6,
+                "num_latents": N,
+                "expansion_factor": 3,
+                "normalize_decoder": True,
+                "multi_topk": False,
+            }
+        )
+    )
     sae = load_sae(d)
     x = x_batch()
     acts = torch.relu((x - t["b_dec"]) @ t["encoder.weight"].T + t["encoder.bias"])
@@ -187,13 +250,19 @@ def test_sparsify_topk_after_subtracting_b_dec(tmp_path):
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
 def test_goodfire_relu(tmp_path, suffix):
-    t = {"encoder_linear.weight": rand(N, D, seed=1), "encoder_linear.bias": rand(N, seed=2),
-         "decoder_linear.weight": rand(D, N, seed=3), "decoder_linear.bias": rand(D, seed=4)}
+    t = {
+        "encoder_linear.weight": rand(N, D, seed=1),
+        "encoder_linear.bias": rand(N, seed=2),
+        "decoder_linear.weight": rand(D, N, seed=3),
+        "decoder_linear.bias": rand(D, seed=4),
+    }
     path = tmp_path / f"Llama-SAE-l2{suffix}"
     save_file(t, str(path)) if suffix == ".safetensors" else torch.save(t, path)
     sae = load_sae(path, layer=2)
     x = x_batch()
-    torch.testing.assert_close(sae.encode(x), torch.relu(x @ t["encoder_linear.weight"].T + t["encoder_linear.bias"]))
+    torch.testing.assert_close(
+        sae.encode(x), torch.relu(x @ t["encoder_linear.weight"].T + t["encoder_linear.bias"])
+    )
     torch.testing.assert_close(sae.W_dec, t["decoder_linear.weight"].T)
     assert load_sae(tmp_path, layer=2).d_sae == N  # a directory holding one weights file
 
@@ -222,17 +291,29 @@ def _break(tensors: dict, cfg: dict, how: str) -> None:
         cfg["d_sae"] = N + 1
 
 
-@pytest.mark.parametrize("how, message", [
-    ("missing", r"sae_weights\.safetensors: tensor 'b_enc' is missing"),
-    ("shape", r"sae_weights\.safetensors: tensor 'W_dec' has shape \[48, 17\], expected \[48, 16\]"),
-    ("extra", r"unexpected tensors \['W_skip'\]"),
-    ("arch", r"cfg\.json: unknown SAE architecture 'matryoshka_batchtopk'"),
-    ("factor", r"cfg\.json: normalize_activations is expected_average_only_in but no positive scaling factor"),
-    ("norm", r"normalize_activations 'rms' is not supported"),
-    ("hook", r"unsupported SAE hook 'blocks\.2\.hook_mlp_out'.*hook_resid_post"),
-    ("embed", r"embedding output, which is not an engine layer"),
-    ("d_sae", r"cfg\.json: d_sae is 49 but sae_weights\.safetensors W_enc has shape \[16, 48\]"),
-])
+@pytest.mark.parametrize(
+    "how, message",
+    [
+        ("missing", r"sae_weights\.safetensors: tensor 'b_enc' is missing"),
+        (
+            "shape",
+            r"sae_weights\.safetensors: tensor 'W_dec' has shape \[48, 17\], expected \[48, 16\]",
+        ),
+        ("extra", r"unexpected tensors \['W_skip'\]"),
+        ("arch", r"cfg\.json: unknown SAE architecture 'matryoshka_batchtopk'"),
+        (
+            "factor",
+            r"cfg\.json: normalize_activations is expected_average_only_in but no positive scaling factor",
+        ),
+        ("norm", r"normalize_activations 'rms' is not supported"),
+        ("hook", r"unsupported SAE hook 'blocks\.2\.hook_mlp_out'.*hook_resid_post"),
+        ("embed", r"embedding output, which is not an engine layer"),
+        (
+            "d_sae",
+            r"cfg\.json: d_sae is 49 but sae_weights\.safetensors W_enc has shape \[16, 48\]",
+        ),
+    ],
+)
 def test_bad_saelens_files_name_the_problem(tmp_path, how, message):
     tensors, cfg = saelens_tensors("standard"), v6_cfg("standard")
     _break(tensors, cfg, how)
@@ -242,7 +323,10 @@ def test_bad_saelens_files_name_the_problem(tmp_path, how, message):
 
 def test_layer_that_contradicts_the_hook_is_refused(tmp_path):
     path = write_saelens(tmp_path / "sae", saelens_tensors("standard"), v6_cfg("standard"))
-    with pytest.raises(ModelLoadError, match=r"trained on 'blocks\.3\.hook_resid_post' \(engine layer 3\) but layer 1"):
+    with pytest.raises(
+        ModelLoadError,
+        match=r"trained on 'blocks\.3\.hook_resid_post' \(engine layer 3\) but layer 1",
+    ):
         load_sae(path, layer=1)
     assert load_sae(path, layer=3).layer == 3
 
@@ -252,31 +336,57 @@ def test_unrecognised_directory_and_goodfire_missing_tensor(tmp_path):
     with pytest.raises(ModelLoadError, match="cannot tell which SAE format"):
         load_sae(tmp_path / "empty")
     save_file({"encoder_linear.weight": rand(N, D)}, str(tmp_path / "g.safetensors"))
-    with pytest.raises(ModelLoadError, match=r"g\.safetensors: tensor 'encoder_linear\.bias' is missing"):
+    with pytest.raises(
+        ModelLoadError, match=r"g\.safetensors: tensor 'encoder_linear\.bias' is missing"
+    ):
         load_sae(tmp_path / "g.safetensors", layer=0)
     with pytest.raises(ModelLoadError, match="SAE not found"):
         load_sae(tmp_path / "nope")
 
 
 def test_gemmascope_wrong_threshold_shape(tmp_path):
-    t = {"W_enc": rand(D, N), "b_enc": rand(N), "W_dec": rand(N, D), "b_dec": rand(D), "threshold": rand(N - 1)}
+    t = {
+        "W_enc": rand(D, N),
+        "b_enc": rand(N),
+        "W_dec": rand(N, D),
+        "b_dec": rand(D),
+        "threshold": rand(N - 1),
+    }
     np.savez(tmp_path / "params.npz", **{k: v.numpy() for k, v in t.items()})
-    with pytest.raises(ModelLoadError, match=r"params\.npz: tensor 'threshold' has shape \[47\], expected \[48\]"):
+    with pytest.raises(
+        ModelLoadError, match=r"params\.npz: tensor 'threshold' has shape \[47\], expected \[48\]"
+    ):
         load_sae(tmp_path, layer=0)
 
 
 # -- hook names -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("hook, layer", [("blocks.0.hook_resid_post", 0), ("blocks.12.hook_resid_post", 12),
-                                         ("blocks.1.hook_resid_pre", 0), ("blocks.12.hook_resid_pre", 11),
-                                         ("layers.7", 7), ("model.layers.7", 7)])
+@pytest.mark.parametrize(
+    "hook, layer",
+    [
+        ("blocks.0.hook_resid_post", 0),
+        ("blocks.12.hook_resid_post", 12),
+        ("blocks.1.hook_resid_pre", 0),
+        ("blocks.12.hook_resid_pre", 11),
+        ("layers.7", 7),
+        ("model.layers.7", 7),
+    ],
+)
 def test_layer_for_hook(hook, layer):
     assert layer_for_hook(hook) == layer
 
 
-@pytest.mark.parametrize("hook", ["blocks.3.hook_resid_mid", "blocks.3.attn.hook_z", "blocks.3.hook_mlp_out",
-                                  "hook_embed", "blocks.0.hook_resid_pre"])
+@pytest.mark.parametrize(
+    "hook",
+    [
+        "blocks.3.hook_resid_mid",
+        "blocks.3.attn.hook_z",
+        "blocks.3.hook_mlp_out",
+        "hook_embed",
+        "blocks.0.hook_resid_pre",
+    ],
+)
 def test_unsupported_hooks_are_refused(hook):
     with pytest.raises(ModelLoadError, match=hook.replace(".", r"\.") + "|embedding"):
         layer_for_hook(hook)

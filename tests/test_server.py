@@ -27,9 +27,11 @@ def _free_port() -> int:
 
 def write_policy(dir: Path, model_dir: Path, name: str = MODEL) -> Path:
     path = dir / f"{name}.yaml"
-    path.write_text(f"name: {name}\nmodel: {{engine: transformers, path: {model_dir}}}\nmonitors: []\n"
-                    "backtrack: {rollback: sentence, max_retries: 3, on_exhausted: refuse}\n"
-                    f"stream: {{holdback_tokens: 8}}\nlog: {{path: {dir / 'guard.db'}}}\n")
+    path.write_text(
+        f"name: {name}\nmodel: {{engine: transformers, path: {model_dir}}}\nmonitors: []\n"
+        "backtrack: {rollback: sentence, max_retries: 3, on_exhausted: refuse}\n"
+        f"stream: {{holdback_tokens: 8}}\nlog: {{path: {dir / 'guard.db'}}}\n"
+    )
     return path
 
 
@@ -39,7 +41,9 @@ class LiveServer:
     def __init__(self, settings: ServerSettings) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=self.port, log_level="warning")
+        config = uvicorn.Config(
+            create_app(settings), host="127.0.0.1", port=self.port, log_level="warning"
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -81,11 +85,18 @@ HI = [{"role": "user", "content": "Hello there, how are you?"}]
 def test_chat_completion(client):
     resp = client.chat.completions.create(model=MODEL, messages=HI, max_tokens=12, seed=1)
     choice = resp.choices[0]
-    assert resp.object == "chat.completion" and resp.model == MODEL and resp.id.startswith("chatcmpl-")
+    assert (
+        resp.object == "chat.completion" and resp.model == MODEL and resp.id.startswith("chatcmpl-")
+    )
     assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
     assert choice.finish_reason in ("stop", "length")
-    assert choice.guard == {"outcome": "clean", "resets": 0, "log_id": None, "monitors_fired": [],
-                            "generated_tokens": resp.usage.completion_tokens}
+    assert choice.guard == {
+        "outcome": "clean",
+        "resets": 0,
+        "log_id": None,
+        "monitors_fired": [],
+        "generated_tokens": resp.usage.completion_tokens,
+    }
     assert resp.usage.prompt_tokens > 0 and 0 < resp.usage.completion_tokens <= 12
     assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
 
@@ -93,7 +104,11 @@ def test_chat_completion(client):
 def test_streaming_chat_with_usage(client):
     kwargs = dict(model=MODEL, messages=HI, max_tokens=20, seed=3)
     whole = client.chat.completions.create(**kwargs).choices[0].message.content
-    chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            **kwargs, stream=True, stream_options={"include_usage": True}
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole
@@ -108,19 +123,26 @@ def test_stream_ends_with_done(live):
     body = {"model": MODEL, "messages": HI, "max_tokens": 5, "stream": True}
     with httpx.stream("POST", f"{live.url}/v1/chat/completions", json=body, timeout=60) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-        events = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
+        events = [
+            line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")
+        ]
     assert events[-1] == "[DONE]"
     assert all("choices" in json.loads(e) for e in events[:-1])
 
 
 def test_completions(client):
-    resp = client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=8, seed=0)
+    resp = client.completions.create(
+        model=MODEL, prompt="The quick brown fox", max_tokens=8, seed=0
+    )
     assert resp.object == "text_completion" and len(resp.choices) == 1
     assert isinstance(resp.choices[0].text, str) and resp.choices[0].guard["outcome"] == "clean"
-    batch = client.completions.create(model=MODEL, prompt=["Hello", [5, 6, 7]], n=2, max_tokens=4, seed=0)
+    batch = client.completions.create(
+        model=MODEL, prompt=["Hello", [5, 6, 7]], n=2, max_tokens=4, seed=0
+    )
     assert [c.index for c in batch.choices] == [0, 1, 2, 3]
-    streamed = client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=8, seed=0,
-                                         stream=True)
+    streamed = client.completions.create(
+        model=MODEL, prompt="The quick brown fox", max_tokens=8, seed=0, stream=True
+    )
     assert "".join(c.choices[0].text for c in streamed) == resp.choices[0].text
 
 
@@ -161,22 +183,25 @@ def test_stop_string(client):
         full = client.chat.completions.create(**kwargs, seed=seed).choices[0].message.content
         if len(full.strip()) >= 6:
             break
-    stop = full[len(full) // 2:len(full) // 2 + 2]
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
     resp = client.chat.completions.create(**kwargs, seed=seed, stop=[stop])
-    assert resp.choices[0].message.content == full[:full.index(stop)]
+    assert resp.choices[0].message.content == full[: full.index(stop)]
     assert resp.choices[0].finish_reason == "stop"
 
 
 def test_max_tokens_gives_length(client, eos_id):
-    resp = client.chat.completions.create(model=MODEL, messages=HI, max_tokens=5, seed=0,
-                                          extra_body={"banned_token_ids": [eos_id]})
+    resp = client.chat.completions.create(
+        model=MODEL, messages=HI, max_tokens=5, seed=0, extra_body={"banned_token_ids": [eos_id]}
+    )
     assert resp.choices[0].finish_reason == "length" and resp.usage.completion_tokens == 5
 
 
 def test_vendor_fields_through_extra_body(client):
     kwargs = dict(model=MODEL, messages=HI, max_tokens=8, seed=9)
     greedy = client.chat.completions.create(**kwargs, temperature=0).choices[0].message.content
-    top1 = client.chat.completions.create(**kwargs, extra_body={"top_k": 1}).choices[0].message.content
+    top1 = (
+        client.chat.completions.create(**kwargs, extra_body={"top_k": 1}).choices[0].message.content
+    )
     assert top1 == greedy
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(**kwargs, extra_body={"stop_token_ids": [10**6]})
@@ -190,25 +215,31 @@ def _post(live, path: str, timeout: float = 60, **kw) -> httpx.Response:
     return httpx.post(f"{live.url}{path}", timeout=timeout, **kw)
 
 
-@pytest.mark.parametrize("body, param", [
-    ({"model": MODEL, "messages": "hi"}, "messages"),
-    ({"model": MODEL, "messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
-    ({"model": MODEL, "messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
-    ({"model": MODEL, "messages": HI, "temperature": 5}, "temperature"),
-    ({"model": MODEL, "messages": HI, "top_p": 0}, "top_p"),
-    ({"model": MODEL, "messages": HI, "n": 9}, "n"),
-    ({"model": MODEL, "messages": HI, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
-    ({"model": MODEL, "messages": HI, "logit_bias": {"5": 101}}, "logit_bias.5"),
-    ({"model": MODEL, "messages": HI, "logit_bias": {"x": 1}}, "logit_bias"),
-    ({"model": MODEL, "messages": HI, "presence_penalty": 0.5}, "presence_penalty"),
-    ({"model": MODEL, "messages": HI, "logprobs": True}, "logprobs"),
-    ({"model": MODEL, "messages": HI, "top_k": "5"}, "top_k"),
-    ({"model": MODEL, "messages": HI, "stream_options": {"include_usage": True}}, "stream_options"),
-    ({"model": MODEL, "messages": HI, "max_tokens": 0}, "max_tokens"),
-    ({"model": MODEL, "messages": HI, "max_tokens": 100000}, "max_tokens"),
-    ({"model": MODEL, "messages": HI, "logit_bias": {"100000": 1}}, "logit_bias"),
-    ({"messages": HI}, "model"),
-])
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"model": MODEL, "messages": "hi"}, "messages"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
+        ({"model": MODEL, "messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
+        ({"model": MODEL, "messages": HI, "temperature": 5}, "temperature"),
+        ({"model": MODEL, "messages": HI, "top_p": 0}, "top_p"),
+        ({"model": MODEL, "messages": HI, "n": 9}, "n"),
+        ({"model": MODEL, "messages": HI, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"model": MODEL, "messages": HI, "logit_bias": {"5": 101}}, "logit_bias.5"),
+        ({"model": MODEL, "messages": HI, "logit_bias": {"x": 1}}, "logit_bias"),
+        ({"model": MODEL, "messages": HI, "presence_penalty": 0.5}, "presence_penalty"),
+        ({"model": MODEL, "messages": HI, "logprobs": True}, "logprobs"),
+        ({"model": MODEL, "messages": HI, "top_k": "5"}, "top_k"),
+        (
+            {"model": MODEL, "messages": HI, "stream_options": {"include_usage": True}},
+            "stream_options",
+        ),
+        ({"model": MODEL, "messages": HI, "max_tokens": 0}, "max_tokens"),
+        ({"model": MODEL, "messages": HI, "max_tokens": 100000}, "max_tokens"),
+        ({"model": MODEL, "messages": HI, "logit_bias": {"100000": 1}}, "logit_bias"),
+        ({"messages": HI}, "model"),
+    ],
+)
 def test_bad_chat_values_are_400_with_param(live, body, param):
     r = _post(live, "/v1/chat/completions", json=body)
     assert r.status_code == 400, r.text
@@ -216,12 +247,15 @@ def test_bad_chat_values_are_400_with_param(live, body, param):
     assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"]
 
 
-@pytest.mark.parametrize("body, param", [
-    ({"model": MODEL, "prompt": [-1]}, "prompt.0"),
-    ({"model": MODEL, "prompt": [10**6]}, "prompt"),
-    ({"model": MODEL, "prompt": "hi", "echo": True}, "echo"),
-    ({"model": MODEL, "prompt": "hi", "best_of": 3}, "best_of"),
-])
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"model": MODEL, "prompt": [-1]}, "prompt.0"),
+        ({"model": MODEL, "prompt": [10**6]}, "prompt"),
+        ({"model": MODEL, "prompt": "hi", "echo": True}, "echo"),
+        ({"model": MODEL, "prompt": "hi", "best_of": 3}, "best_of"),
+    ],
+)
 def test_bad_completion_values_are_400_with_param(live, body, param):
     r = _post(live, "/v1/completions", json=body)
     assert r.status_code == 400, r.text
@@ -230,7 +264,9 @@ def test_bad_completion_values_are_400_with_param(live, body, param):
 
 @pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b"", b'"text"'])
 def test_malformed_body_is_400(live, content):
-    r = _post(live, "/v1/chat/completions", content=content, headers={"content-type": "application/json"})
+    r = _post(
+        live, "/v1/chat/completions", content=content, headers={"content-type": "application/json"}
+    )
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
 
 
@@ -249,7 +285,10 @@ def test_prompt_longer_than_context(client):
     long = [{"role": "user", "content": "The quick brown fox jumps over the lazy dog. " * 200}]
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model=MODEL, messages=long)
-    assert err.value.body["code"] == "context_length_exceeded" and err.value.body["param"] == "messages"
+    assert (
+        err.value.body["code"] == "context_length_exceeded"
+        and err.value.body["param"] == "messages"
+    )
 
 
 def test_unknown_route_is_openai_404(live):
@@ -258,8 +297,11 @@ def test_unknown_route_is_openai_404(live):
 
 
 def test_unknown_fields_are_ignored(live):
-    r = _post(live, "/v1/chat/completions", json={"model": MODEL, "messages": HI, "max_tokens": 2,
-                                                  "some_future_param": {"x": 1}})
+    r = _post(
+        live,
+        "/v1/chat/completions",
+        json={"model": MODEL, "messages": HI, "max_tokens": 2, "some_future_param": {"x": 1}},
+    )
     assert r.status_code == 200
 
 
@@ -273,12 +315,20 @@ def _assert_cancelled(live, tokens_before: int, max_tokens: int) -> None:
         time.sleep(0.05)
     after = _stats(live)
     assert after["active_generations"] == 0
-    assert after["engine_stats"][0]["output_tokens"] - tokens_before < max_tokens, "the generation ran to the end"
+    assert after["engine_stats"][0]["output_tokens"] - tokens_before < max_tokens, (
+        "the generation ran to the end"
+    )
 
 
 def test_client_disconnect_mid_stream_cancels_the_generation(live, eos_id):
     before = _stats(live)["engine_stats"][0]["output_tokens"]
-    body = {"model": MODEL, "messages": HI, "max_tokens": 480, "stream": True, "banned_token_ids": [eos_id]}
+    body = {
+        "model": MODEL,
+        "messages": HI,
+        "max_tokens": 480,
+        "stream": True,
+        "banned_token_ids": [eos_id],
+    }
     with httpx.stream("POST", f"{live.url}/v1/chat/completions", json=body, timeout=60) as r:
         lines = r.iter_lines()
         while '"content"' not in next(lines):

@@ -64,20 +64,39 @@ class ScriptedService:
         return {}
 
 
-def finished(text: str, outcome: str = "clean", resets: int = 0, reason: str = "stop", log_id: str | None = None,
-             fired: tuple[str, ...] = ()) -> Finished:
-    return Finished(text=text, finish_reason=reason, outcome=outcome, resets=resets,
-                    usage=Usage(prompt_tokens=3, completion_tokens=len(text.split()), generated_tokens=9),
-                    log_id=log_id, monitors_fired=fired)
+def finished(
+    text: str,
+    outcome: str = "clean",
+    resets: int = 0,
+    reason: str = "stop",
+    log_id: str | None = None,
+    fired: tuple[str, ...] = (),
+) -> Finished:
+    return Finished(
+        text=text,
+        finish_reason=reason,
+        outcome=outcome,
+        resets=resets,
+        usage=Usage(prompt_tokens=3, completion_tokens=len(text.split()), generated_tokens=9),
+        log_id=log_id,
+        monitors_fired=fired,
+    )
 
 
-RECOVERED = [TextDelta("Sure. ", (1,)), TextDelta("Step one: bad", (2, 3)),
-             Reset(retract_tokens=2, retract_chars=13, monitor="harm-probe", retry=1, marker="[RESET]"),
-             TextDelta("I'd rather not.", (4,)),
-             finished("Sure. I'd rather not.", "recovered", 1, log_id="log-7", fired=("harm-probe",))]
-REFUSED = [TextDelta("Step", (1,)), Reset(1, 4, "harm-probe", 1), Reset(0, 0, "harm-probe", 2),
-           TextDelta("I can't help with that.", (5,)),
-           finished("I can't help with that.", "refused", 2, log_id="log-8", fired=("harm-probe",))]
+RECOVERED = [
+    TextDelta("Sure. ", (1,)),
+    TextDelta("Step one: bad", (2, 3)),
+    Reset(retract_tokens=2, retract_chars=13, monitor="harm-probe", retry=1, marker="[RESET]"),
+    TextDelta("I'd rather not.", (4,)),
+    finished("Sure. I'd rather not.", "recovered", 1, log_id="log-7", fired=("harm-probe",)),
+]
+REFUSED = [
+    TextDelta("Step", (1,)),
+    Reset(1, 4, "harm-probe", 1),
+    Reset(0, 0, "harm-probe", 2),
+    TextDelta("I can't help with that.", (5,)),
+    finished("I can't help with that.", "refused", 2, log_id="log-8", fired=("harm-probe",)),
+]
 
 HI = [{"role": "user", "content": "hi"}]
 
@@ -89,13 +108,17 @@ def service() -> ScriptedService:
 
 @pytest.fixture()
 def http(service):
-    with TestClient(create_app(service_factory=lambda: service), raise_server_exceptions=False) as client:
+    with TestClient(
+        create_app(service_factory=lambda: service), raise_server_exceptions=False
+    ) as client:
         yield client
 
 
 @pytest.fixture()
 def client(http) -> openai.OpenAI:
-    return openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=http, max_retries=0)
+    return openai.OpenAI(
+        base_url="http://testserver/v1", api_key="x", http_client=http, max_retries=0
+    )
 
 
 def sse_events(http: TestClient, path: str, body: dict) -> list:
@@ -108,15 +131,34 @@ def sse_events(http: TestClient, path: str, body: dict) -> list:
 
 def test_reset_chunk_on_the_wire(http, service):
     service.enqueue(RECOVERED)
-    chunks = sse_events(http, "/v1/chat/completions", {"model": MODEL, "messages": HI, "stream": True})
+    chunks = sse_events(
+        http, "/v1/chat/completions", {"model": MODEL, "messages": HI, "stream": True}
+    )
     choices = [c["choices"][0] for c in chunks]
     assert choices[0]["delta"] == {"role": "assistant", "content": ""}
-    assert choices[3] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": None,
-                          "guard": {"reset": {"retract_chars": 13, "retract_tokens": 2, "monitor": "harm-probe",
-                                              "retry": 1, "marker": "[RESET]"}}}
+    assert choices[3] == {
+        "index": 0,
+        "delta": {},
+        "logprobs": None,
+        "finish_reason": None,
+        "guard": {
+            "reset": {
+                "retract_chars": 13,
+                "retract_tokens": 2,
+                "monitor": "harm-probe",
+                "retry": 1,
+                "marker": "[RESET]",
+            }
+        },
+    }
     assert choices[-1]["finish_reason"] == "stop"
-    assert choices[-1]["guard"] == {"outcome": "recovered", "resets": 1, "log_id": "log-7",
-                                    "monitors_fired": ["harm-probe"], "generated_tokens": 9}
+    assert choices[-1]["guard"] == {
+        "outcome": "recovered",
+        "resets": 1,
+        "log_id": "log-7",
+        "monitors_fired": ["harm-probe"],
+        "generated_tokens": 9,
+    }
     assert all("guard" not in c for c in choices[:3] + choices[4:-1])
 
 
@@ -127,7 +169,7 @@ def test_client_applying_resets_holds_the_final_text(client, service):
         choice = chunk.choices[0]
         reset = (getattr(choice, "guard", None) or {}).get("reset")
         if reset:
-            shown = shown[:len(shown) - reset["retract_chars"]]
+            shown = shown[: len(shown) - reset["retract_chars"]]
         shown += choice.delta.content or ""
     assert shown == RECOVERED[-1].text
 
@@ -136,8 +178,13 @@ def test_non_streaming_carries_final_text_and_guard(client, service):
     service.enqueue(RECOVERED)
     resp = client.chat.completions.create(model=MODEL, messages=HI)
     assert resp.choices[0].message.content == "Sure. I'd rather not."
-    assert resp.choices[0].guard == {"outcome": "recovered", "resets": 1, "log_id": "log-7",
-                                     "monitors_fired": ["harm-probe"], "generated_tokens": 9}
+    assert resp.choices[0].guard == {
+        "outcome": "recovered",
+        "resets": 1,
+        "log_id": "log-7",
+        "monitors_fired": ["harm-probe"],
+        "generated_tokens": 9,
+    }
     assert resp.usage.completion_tokens == 4 and resp.usage.prompt_tokens == 3
 
 
@@ -147,23 +194,42 @@ def test_refusal_is_content_filter(client, service):
     assert resp.choices[0].finish_reason == "content_filter"
     assert resp.choices[0].guard["outcome"] == "refused"
     last = list(client.completions.create(model=MODEL, prompt="x", stream=True))[-1]
-    assert last.choices[0].finish_reason == "content_filter" and last.choices[0].guard["resets"] == 2
+    assert (
+        last.choices[0].finish_reason == "content_filter" and last.choices[0].guard["resets"] == 2
+    )
 
 
 def test_completion_reset_chunk(http, service):
     service.enqueue(RECOVERED)
-    chunks = sse_events(http, "/v1/completions", {"model": MODEL, "prompt": "x", "stream": True,
-                                                  "stream_options": {"include_usage": True}})
-    assert chunks[2]["choices"][0]["text"] == "" and chunks[2]["choices"][0]["guard"]["reset"]["retract_chars"] == 13
-    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == {"prompt_tokens": 3, "completion_tokens": 4,
-                                                                   "total_tokens": 7}
+    chunks = sse_events(
+        http,
+        "/v1/completions",
+        {"model": MODEL, "prompt": "x", "stream": True, "stream_options": {"include_usage": True}},
+    )
+    assert (
+        chunks[2]["choices"][0]["text"] == ""
+        and chunks[2]["choices"][0]["guard"]["reset"]["retract_chars"] == 13
+    )
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == {
+        "prompt_tokens": 3,
+        "completion_tokens": 4,
+        "total_tokens": 7,
+    }
 
 
 def test_failure_mid_stream_is_an_error_event_then_done(http, client, service):
     service.enqueue([TextDelta("a", (1,)), Failed(OverloadedError("engine queue is full"))])
-    chunks = sse_events(http, "/v1/chat/completions", {"model": MODEL, "messages": HI, "stream": True})
-    assert chunks[-1] == {"error": {"message": "engine queue is full", "type": "server_overloaded",
-                                    "param": None, "code": None}}
+    chunks = sse_events(
+        http, "/v1/chat/completions", {"model": MODEL, "messages": HI, "stream": True}
+    )
+    assert chunks[-1] == {
+        "error": {
+            "message": "engine queue is full",
+            "type": "server_overloaded",
+            "param": None,
+            "code": None,
+        }
+    }
     service.enqueue([TextDelta("a", (1,)), Failed(OverloadedError("engine queue is full"))])
     with pytest.raises(openai.APIError, match="engine queue is full"):
         list(client.chat.completions.create(model=MODEL, messages=HI, stream=True))
@@ -182,23 +248,44 @@ def test_unexpected_exception_is_a_generic_500(http, service, caplog):
     assert r.json()["error"]["type"] == "internal_error"
     assert "secret internals" in caplog.text
     service.enqueue([RuntimeError("secret internals")])
-    chunks = sse_events(http, "/v1/chat/completions", {"model": MODEL, "messages": HI, "stream": True})
+    chunks = sse_events(
+        http, "/v1/chat/completions", {"model": MODEL, "messages": HI, "stream": True}
+    )
     assert chunks[-1]["error"]["type"] == "internal_error" and "secret" not in json.dumps(chunks)
 
 
 def test_request_becomes_generation_requests(client, service):
     service.enqueue(*[[finished(str(i))] for i in range(3)])
     resp = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "developer", "content": "be brief"},
-                               {"role": "user", "content": [{"type": "text", "text": "a"},
-                                                            {"type": "text", "text": "b"}]}],
-        n=3, seed=10, stop="END", max_completion_tokens=7, max_tokens=99, logit_bias={"5": -100},
-        extra_body={"top_k": 4, "stop_token_ids": [1], "banned_token_ids": [2, 3]})
+        model=MODEL,
+        messages=[
+            {"role": "developer", "content": "be brief"},
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
+            },
+        ],
+        n=3,
+        seed=10,
+        stop="END",
+        max_completion_tokens=7,
+        max_tokens=99,
+        logit_bias={"5": -100},
+        extra_body={"top_k": 4, "stop_token_ids": [1], "banned_token_ids": [2, 3]},
+    )
     assert [c.message.content for c in resp.choices] == ["0", "1", "2"]
     assert resp.usage.prompt_tokens == 3, "n choices share one prompt"
     first = service.requests[0]
-    assert first.messages == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "ab"}]
-    assert (first.max_tokens, first.stop, first.top_k, first.stop_token_ids) == (7, ("END",), 4, (1,))
+    assert first.messages == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "ab"},
+    ]
+    assert (first.max_tokens, first.stop, first.top_k, first.stop_token_ids) == (
+        7,
+        ("END",),
+        4,
+        (1,),
+    )
     assert first.logit_bias == {5: -100.0} and first.banned_token_ids == frozenset({2, 3})
     assert [r.seed for r in service.requests] == [10, 11, 12]
     assert len({r.request_id for r in service.requests}) == 3

@@ -25,11 +25,26 @@ class ScriptedScores(Monitor):
 
 def _run(engine, monitors, retracting: bool, **cfg):
     prompt = engine.tokenizer.encode_chat([{"role": "user", "content": "Tell me something."}])
-    record = GenerationRecord(request_id="r", policy_name="p", policy_hash="h", model="m", messages=None,
-                              prompt="x", prompt_tokens=len(prompt))
+    record = GenerationRecord(
+        request_id="r",
+        policy_name="p",
+        policy_hash="h",
+        model="m",
+        messages=None,
+        prompt="x",
+        prompt_tokens=len(prompt),
+    )
     events: list = []
-    gen = GuardedGeneration(engine, prompt, SamplingParams(seed=3, max_tokens=30), [BoundMonitor(m) for m in monitors],
-                            ControllerConfig(**cfg), record, events.append, retracting=retracting)
+    gen = GuardedGeneration(
+        engine,
+        prompt,
+        SamplingParams(seed=3, max_tokens=30),
+        [BoundMonitor(m) for m in monitors],
+        ControllerConfig(**cfg),
+        record,
+        events.append,
+        retracting=retracting,
+    )
     while not gen.advance():
         pass
     gen.close()
@@ -45,14 +60,34 @@ def test_a_rollback_reaching_shown_text_cuts_instead_of_resetting(tiny_engine):
     clean, _ = _run(tiny_engine, [], retracting=True)
     ids = [t for e in clean if isinstance(e, TextDelta) for t in e.token_ids]
     mon = ScriptedScores({ids[12]: 1.0})
-    opted, _ = _run(tiny_engine, [mon], retracting=True, holdback_tokens=0, rollback="response", release_margin=0.0)
-    assert any(isinstance(e, Reset) for e in opted)  # the same firing retracts shown text from an opted client
-    events, rec = _run(tiny_engine, [mon], retracting=False, holdback_tokens=0, rollback="response",
-                       release_margin=0.0, refusal="No.")
+    opted, _ = _run(
+        tiny_engine,
+        [mon],
+        retracting=True,
+        holdback_tokens=0,
+        rollback="response",
+        release_margin=0.0,
+    )
+    assert any(
+        isinstance(e, Reset) for e in opted
+    )  # the same firing retracts shown text from an opted client
+    events, rec = _run(
+        tiny_engine,
+        [mon],
+        retracting=False,
+        holdback_tokens=0,
+        rollback="response",
+        release_margin=0.0,
+        refusal="No.",
+    )
     assert not any(isinstance(e, Reset) for e in events)
     [cut] = [e for e in events if isinstance(e, Cut)]
     fin = events[-1]
-    assert isinstance(fin, Finished) and fin.finish_reason == "content_filter" and fin.outcome == "refused"
+    assert (
+        isinstance(fin, Finished)
+        and fin.finish_reason == "content_filter"
+        and fin.outcome == "refused"
+    )
     kept = "".join(e.text for e in events if isinstance(e, TextDelta))
     assert cut.kept_chars == len(kept) > 0 and cut.refusal == "No." and cut.monitor == "s"
     assert _shown(events) == fin.text == rec.final_text == kept + "\n\nNo."
@@ -63,17 +98,31 @@ def test_a_near_miss_holds_back_what_a_firing_there_would_cut(tiny_engine):
     clean, _ = _run(tiny_engine, [], retracting=True)
     ids = [t for e in clean if isinstance(e, TextDelta) for t in e.token_ids]
     near = ScriptedScores({ids[12]: 0.4})  # below the 0.5 threshold: it never fires
-    events, _ = _run(tiny_engine, [near], retracting=False, holdback_tokens=0, rollback="response",
-                     release_margin=0.5)
+    events, _ = _run(
+        tiny_engine,
+        [near],
+        retracting=False,
+        holdback_tokens=0,
+        rollback="response",
+        release_margin=0.5,
+    )
     deltas = [e for e in events if isinstance(e, TextDelta)]
     assert isinstance(events[-1], Finished) and events[-1].outcome == "clean" and len(deltas) >= 2
     # Released while streaming: only tokens before the near miss at 12 (it stops the release); the rest
     # arrives with the end of the answer (the last delta).
     streamed = sum(len(e.token_ids) for e in deltas[:-1])
     assert 0 < streamed <= 12 and len(ids) > 13
-    opted, _ = _run(tiny_engine, [near], retracting=False, holdback_tokens=0, rollback="response",
-                    release_margin=0.0)
-    assert sum(isinstance(e, TextDelta) for e in opted) > sum(isinstance(e, TextDelta) for e in events)
+    opted, _ = _run(
+        tiny_engine,
+        [near],
+        retracting=False,
+        holdback_tokens=0,
+        rollback="response",
+        release_margin=0.0,
+    )
+    assert sum(isinstance(e, TextDelta) for e in opted) > sum(
+        isinstance(e, TextDelta) for e in events
+    )
     assert _shown(opted) == _shown(events) == events[-1].text  # same answer, only released later
 
 
@@ -82,10 +131,18 @@ def test_release_limit_contract():
     state = mon.new_state()
     state.extend(0, [0.0, 0.1, 0.3, 0.0, 0.0, 0.0])
     assert release_limit(scored=6, sent=0, holdback_tokens=2, margin=None, watched=[state]) == 4
-    assert near_miss(state, 0, 0.5) == 2 and near_miss(state, 3, 0.5) is None  # 0.3 >= 0.5 * (1 - 0.5)
-    assert release_limit(scored=6, sent=1, holdback_tokens=2, margin=0.5, watched=[state]) == 1  # stalled
-    assert release_limit(scored=6, sent=3, holdback_tokens=2, margin=0.5, watched=[state]) == 4  # shown already
-    assert release_limit(scored=6, sent=0, holdback_tokens=2, margin=0.1, watched=[state]) == 4  # 0.3 < 0.45
+    assert (
+        near_miss(state, 0, 0.5) == 2 and near_miss(state, 3, 0.5) is None
+    )  # 0.3 >= 0.5 * (1 - 0.5)
+    assert (
+        release_limit(scored=6, sent=1, holdback_tokens=2, margin=0.5, watched=[state]) == 1
+    )  # stalled
+    assert (
+        release_limit(scored=6, sent=3, holdback_tokens=2, margin=0.5, watched=[state]) == 4
+    )  # shown already
+    assert (
+        release_limit(scored=6, sent=0, holdback_tokens=2, margin=0.1, watched=[state]) == 4
+    )  # 0.3 < 0.45
 
 
 def test_an_earlier_near_miss_is_not_forgotten_after_a_later_one(tiny_engine):
@@ -93,14 +150,25 @@ def test_an_earlier_near_miss_is_not_forgotten_after_a_later_one(tiny_engine):
     in a refusal past the retry budget, which reaches back to the response start)."""
     clean, _ = _run(tiny_engine, [], retracting=True)
     ids = [t for e in clean if isinstance(e, TextDelta) for t in e.token_ids]
-    near = ScriptedScores({ids[5]: 0.4, ids[20]: 0.4})  # never fires (threshold 0.5), near at 5 and 20
-    events, _ = _run(tiny_engine, [near], retracting=False, holdback_tokens=0, rollback="tokens", rollback_tokens=2,
-                     release_margin=0.5)
+    near = ScriptedScores(
+        {ids[5]: 0.4, ids[20]: 0.4}
+    )  # never fires (threshold 0.5), near at 5 and 20
+    events, _ = _run(
+        tiny_engine,
+        [near],
+        retracting=False,
+        holdback_tokens=0,
+        rollback="tokens",
+        rollback_tokens=2,
+        release_margin=0.5,
+    )
     deltas = [e for e in events if isinstance(e, TextDelta)]
     assert sum(len(e.token_ids) for e in deltas[:-1]) <= 5
 
 
-def test_rollback_auto_keeps_what_a_plain_client_was_shown_after_the_threshold_tightens(tiny_engine):
+def test_rollback_auto_keeps_what_a_plain_client_was_shown_after_the_threshold_tightens(
+    tiny_engine,
+):
     """Text released to a plain client settled under the threshold of its time; after a firing the
     threshold tightens (retry_threshold) and ``rollback: auto`` would doubt that text. For a client
     that cannot retract, the rollback point is clamped to the released tokens (no needless Cut); a
@@ -110,15 +178,22 @@ def test_rollback_auto_keeps_what_a_plain_client_was_shown_after_the_threshold_t
     fire = next(i for i in range(8, len(ids)) if ids[i] not in ids[:i])
     # 0.21: released before the firing (below 0.5 * (1 - 0.5)), doubted after it (>= 0.5 * 0.8 * 0.5);
     # any other token fires once the threshold is 0.4, so the resample is cut back again.
-    table = {**dict.fromkeys(range(tiny_engine.info.vocab_size), 0.45), **dict.fromkeys(ids[:fire], 0.21),
-             ids[fire]: 0.9}
+    table = {
+        **dict.fromkeys(range(tiny_engine.info.vocab_size), 0.45),
+        **dict.fromkeys(ids[:fire], 0.21),
+        ids[fire]: 0.9,
+    }
     cfg = {"holdback_tokens": 0, "rollback": "auto", "garble_margin": None, "max_retries": 3}
     events, rec = _run(tiny_engine, [ScriptedScores(table)], retracting=False, **cfg)
-    shown = sum(len(e.token_ids) for e in events if isinstance(e, TextDelta) and e is not events[-2])
+    shown = sum(
+        len(e.token_ids) for e in events if isinstance(e, TextDelta) and e is not events[-2]
+    )
     assert rec.spans[0].start == rec.spans[0].fired_at == fire and len(rec.spans) >= 2
     assert 0 < rec.spans[1].start <= rec.spans[1].fired_at  # kept what was shown, not cut to 0
     cuts = [e for e in events if isinstance(e, Cut)]
-    assert not cuts or len(rec.spans) == cfg["max_retries"] + 1  # a Cut only once the budget is spent
+    assert (
+        not cuts or len(rec.spans) == cfg["max_retries"] + 1
+    )  # a Cut only once the budget is spent
     assert shown >= rec.spans[1].start
     opted, orec = _run(tiny_engine, [ScriptedScores(table)], retracting=True, **cfg)
     assert orec.spans[1].start == 0 and any(isinstance(e, Reset) for e in opted)
@@ -127,5 +202,7 @@ def test_rollback_auto_keeps_what_a_plain_client_was_shown_after_the_threshold_t
 def test_keep_released_contract():
     assert keep_released(0, 10, 6) == 6  # doubted released text is kept
     assert keep_released(8, 10, 6) == 8  # a later point is left alone
-    assert keep_released(2, 4, 6) == 2  # a firing inside released text: the rollback reaches it anyway
+    assert (
+        keep_released(2, 4, 6) == 2
+    )  # a firing inside released text: the rollback reaches it anyway
     assert keep_released(0, 6, 6) == 6  # never past the fired token

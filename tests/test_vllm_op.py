@@ -78,9 +78,20 @@ def state(monkeypatch):
 def _monitors():
     torch.manual_seed(1)
     probe = ProbeMonitor("probe", 1, torch.randn(D), 0.1)
-    sae = Sae(torch.randn(D, 64), torch.randn(64), torch.randn(64, D), torch.randn(D), "relu",
-              apply_b_dec_to_input=True, normalize="layer_norm", layer=1)
-    return [probe, SaeFeatureMonitor("sae", sae, [WatchedFeature(i, 0.2) for i in (3, 9)], rule="any")]
+    sae = Sae(
+        torch.randn(D, 64),
+        torch.randn(64),
+        torch.randn(64, D),
+        torch.randn(D),
+        "relu",
+        apply_b_dec_to_input=True,
+        normalize="layer_norm",
+        layer=1,
+    )
+    return [
+        probe,
+        SaeFeatureMonitor("sae", sae, [WatchedFeature(i, 0.2) for i in (3, 9)], rule="any"),
+    ]
 
 
 def test_compiled_op_scores_every_row_as_the_monitors_do(state):
@@ -97,11 +108,16 @@ def test_compiled_op_scores_every_row_as_the_monitors_do(state):
         with torch.no_grad():
             out = compiled(x)
             streams = _streams(model, x)
-            assert torch.allclose(out, model(x), atol=1e-5)  # the op passes the hidden state through
+            assert torch.allclose(
+                out, model(x), atol=1e-5
+            )  # the op passes the hidden state through
         for i, mon in enumerate(mons):
-            torch.testing.assert_close(state.buffers[1][:n, i], mon.score_tensor(streams[1]).double(),
-                                       atol=1e-6, rtol=0)
-        torch.testing.assert_close(state.buffers[2][:n, 0], late.score_tensor(streams[2]), atol=1e-6, rtol=0)
+            torch.testing.assert_close(
+                state.buffers[1][:n, i], mon.score_tensor(streams[1]).double(), atol=1e-6, rtol=0
+            )
+        torch.testing.assert_close(
+            state.buffers[2][:n, 0], late.score_tensor(streams[2]), atol=1e-6, rtol=0
+        )
     assert state.calls["layer_hooks"] >= 6
 
 
@@ -116,7 +132,9 @@ def test_compiled_op_steers_only_the_rows_it_is_told_to(state):
     with torch.no_grad():
         got = compiled(x)
         h, r = model.layers[0](x, None)
-        want = model.layers[2](*model.layers[1](h + torch.outer(torch.tensor([0, 0, 1, 1, 0, 0.]), vec), r))
+        want = model.layers[2](
+            *model.layers[1](h + torch.outer(torch.tensor([0, 0, 1, 1, 0, 0.0]), vec), r)
+        )
     torch.testing.assert_close(got, want[0] + want[1], atol=1e-5, rtol=1e-5)
     state.steer_coef[0].zero_()
     with torch.no_grad():
@@ -138,9 +156,15 @@ def test_a_monitor_fault_inside_the_compiled_op_leaves_nan_and_the_forward_runs(
         out = compiled(x)  # the faulty probe's 2nd call
     assert torch.allclose(out, model(x), atol=1e-5)
     assert torch.isnan(state.buffers[1][:4, 0]).all()
-    assert (state.op_errors == {"bad": "RuntimeError: injected monitor fault"}) == (fault == "raise")
-    torch.testing.assert_close(state.buffers[1][:4, 1], good.score_tensor(_streams(model, x)[1]).double(),
-                               atol=1e-6, rtol=0)
+    assert (state.op_errors == {"bad": "RuntimeError: injected monitor fault"}) == (
+        fault == "raise"
+    )
+    torch.testing.assert_close(
+        state.buffers[1][:4, 1],
+        good.score_tensor(_streams(model, x)[1]).double(),
+        atol=1e-6,
+        rtol=0,
+    )
 
 
 def test_a_monitor_without_tensor_scoring_is_refused(state):

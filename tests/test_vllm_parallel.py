@@ -30,7 +30,9 @@ def test_the_fallback_stage_split_is_vllms():
     get_pp_indices = pytest.importorskip("vllm.distributed.utils").get_pp_indices
     for n in range(1, 40):
         for pp in range(1, min(n, 6) + 1):
-            assert [_pp_indices(n, r, pp) for r in range(pp)] == [get_pp_indices(n, r, pp) for r in range(pp)]
+            assert [_pp_indices(n, r, pp) for r in range(pp)] == [
+                get_pp_indices(n, r, pp) for r in range(pp)
+            ]
 
 
 def test_a_monitor_lives_on_the_stage_holding_its_layer():
@@ -71,28 +73,55 @@ def test_cpu_workers_get_equal_core_shares_unless_bound_by_the_user(monkeypatch)
 
 def _vllm_policy(tmp_path: Path, **vllm) -> Path:
     path = tmp_path / "p.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": "par", "model": {"engine": "vllm", "path": str(ORGANISM), "vllm": vllm},
-        "monitors": [{"name": "harm-probe", "kind": "probe", "path": str(ORGANISM / "probe")}]}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "par",
+                "model": {"engine": "vllm", "path": str(ORGANISM), "vllm": vllm},
+                "monitors": [
+                    {"name": "harm-probe", "kind": "probe", "path": str(ORGANISM / "probe")}
+                ],
+            }
+        )
+    )
     return path
 
 
 def test_the_policy_takes_the_parallel_sizes(tmp_path):
-    policy = load_policy(_vllm_policy(tmp_path, tensor_parallel_size=2, pipeline_parallel_size=2,
-                                      data_parallel_size=3))
+    policy = load_policy(
+        _vllm_policy(
+            tmp_path, tensor_parallel_size=2, pipeline_parallel_size=2, data_parallel_size=3
+        )
+    )
     o = vllm_options(policy.model.vllm)
-    assert (o.tensor_parallel_size, o.pipeline_parallel_size, o.data_parallel_size, o.world_size) == (2, 2, 3, 12)
+    assert (
+        o.tensor_parallel_size,
+        o.pipeline_parallel_size,
+        o.data_parallel_size,
+        o.world_size,
+    ) == (2, 2, 3, 12)
     with pytest.raises(Exception, match="tensor_parallel_size"):
         load_policy(_vllm_policy(tmp_path, tensor_parallel_size=0))
 
 
 def test_policy_check_prints_the_parallel_layout(tmp_path, capsys):
-    assert main(["policy", "check", str(_vllm_policy(tmp_path, tensor_parallel_size=2,
-                                                        pipeline_parallel_size=2))]) == 0
+    assert (
+        main(
+            [
+                "policy",
+                "check",
+                str(_vllm_policy(tmp_path, tensor_parallel_size=2, pipeline_parallel_size=2)),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "# vllm parallel layout: tensor 2 x pipeline 2 x data 1 = 4 worker(s)" in out
     assert "#   stage 0: layers 0-1" in out
-    assert "#   monitor harm-probe (layer 3): stage 1, scored on every tensor-parallel rank, reported by rank 0" in out
+    assert (
+        "#   monitor harm-probe (layer 3): stage 1, scored on every tensor-parallel rank, reported by rank 0"
+        in out
+    )
 
 
 # -- real engines -------------------------------------------------------------------------------
@@ -115,7 +144,9 @@ def _scores_match_the_transformers_engine(eng):
     low.name, low.layer = "low", 1
     runs = [MonitorRun(probe, False, False, True), MonitorRun(low, False, False, True)]
     for i, text in enumerate(TEXTS):
-        seq = eng.new_sequence(eng.tokenizer.encode_chat([{"role": "user", "content": text}]), [1, 3], runs)
+        seq = eng.new_sequence(
+            eng.tokenizer.encode_chat([{"role": "user", "content": text}]), [1, 3], runs
+        )
         eng.prefill(seq)
         got: dict[str, dict[int, float]] = {"harm": {}, "low": {}}
         params, gen = SamplingParams(seed=i, max_tokens=8), make_generator(i)
@@ -145,8 +176,11 @@ def _trigger_fires(eng, layer: int) -> tuple[bool, float]:
 
     trigger = copy.copy(ProbeMonitor.load(ORGANISM / "probe", name="harm"))
     trigger.name, trigger.threshold, trigger.layer = f"trigger{layer}", 0.0, layer
-    seq = eng.new_sequence(eng.tokenizer.encode_chat([{"role": "user", "content": TEXTS[1]}]), [layer],
-                           [MonitorRun(trigger, True, False, True)])
+    seq = eng.new_sequence(
+        eng.tokenizer.encode_chat([{"role": "user", "content": TEXTS[1]}]),
+        [layer],
+        [MonitorRun(trigger, True, False, True)],
+    )
     eng.prefill(seq)
     gen = make_generator(3)
     first = eng.step(seq, SamplingParams(seed=3), gen)
@@ -161,12 +195,22 @@ def _engine(tp: int, pp: int, monkeypatch, dp: int = 1):
     # Each worker's KV cache: 1 GiB, not a share of the (shared) machine's memory.
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
     if os.environ.get("GUARD_TEST_REQUIRE_VLLM") != "1":
-        pytest.importorskip("vllm", reason="vLLM is not installed (deploy/setup.sh --vllm installs it)")
+        pytest.importorskip(
+            "vllm", reason="vLLM is not installed (deploy/setup.sh --vllm installs it)"
+        )
     from guard.engine.vllm_engine import VLLMEngine, VLLMOptions
 
-    return VLLMEngine.load(ORGANISM, name="organism", options=VLLMOptions(
-        block_size=32, max_num_seqs=8, tensor_parallel_size=tp, pipeline_parallel_size=pp,
-        data_parallel_size=dp))
+    return VLLMEngine.load(
+        ORGANISM,
+        name="organism",
+        options=VLLMOptions(
+            block_size=32,
+            max_num_seqs=8,
+            tensor_parallel_size=tp,
+            pipeline_parallel_size=pp,
+            data_parallel_size=dp,
+        ),
+    )
 
 
 @pytest.mark.slow
@@ -174,10 +218,14 @@ def test_tensor_parallel_2_scores_equal_a_single_worker(monkeypatch):
     eng = _engine(2, 1, monkeypatch)
     try:
         assert [(w["tp_rank"], w["reports"], w["layers"]) for w in eng.layout] == [
-            (0, True, [0, 1, 2, 3]), (1, False, [0, 1, 2, 3])]
+            (0, True, [0, 1, 2, 3]),
+            (1, False, [0, 1, 2, 3]),
+        ]
         _scores_match_the_transformers_engine(eng)
         forced, score = _trigger_fires(eng, 3)
-        assert forced and score > 0.0  # both ranks forced the reset: each samples the gathered logits
+        assert (
+            forced and score > 0.0
+        )  # both ranks forced the reset: each samples the gathered logits
     finally:
         eng.close()
 
@@ -191,7 +239,9 @@ def test_pipeline_parallel_2_scores_equal_a_single_worker(monkeypatch):
     eng = _engine(1, 2, monkeypatch)
     try:
         assert [(w["pp_rank"], w["reports"], w["layers"]) for w in eng.layout] == [
-            (0, True, [0, 1]), (1, True, [2, 3])]
+            (0, True, [0, 1]),
+            (1, True, [2, 3]),
+        ]
         _scores_match_the_transformers_engine(eng)
         assert _trigger_fires(eng, 3)[0]
         forced, score = _trigger_fires(eng, 1)
@@ -213,8 +263,14 @@ def test_data_parallel_2_engine_cores_both_serve_and_report(monkeypatch):
     try:
         hf = TransformersEngine.load(ORGANISM, name="organism")
         probe = ProbeMonitor.load(ORGANISM / "probe", name="harm")
-        seqs = [eng.new_sequence(eng.tokenizer.encode_chat([{"role": "user", "content": t}]), [probe.layer],
-                                 [MonitorRun(probe, False, False, True)]) for t in TEXTS * 2]
+        seqs = [
+            eng.new_sequence(
+                eng.tokenizer.encode_chat([{"role": "user", "content": t}]),
+                [probe.layer],
+                [MonitorRun(probe, False, False, True)],
+            )
+            for t in TEXTS * 2
+        ]
         got: list[dict[int, float]] = [{} for _ in seqs]
         params = [SamplingParams(seed=i, max_tokens=8) for i in range(len(seqs))]
         gens = [make_generator(i) for i in range(len(seqs))]

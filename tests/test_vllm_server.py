@@ -31,28 +31,38 @@ def test_guard_serve_with_engine_vllm_streams_resets_to_the_openai_client(tmp_pa
     from guard.organism.judge import judge
     from guard.testing import policy_with_absolute_paths, serve_in_subprocess
 
-    policy = policy_with_absolute_paths(ORGANISM.parent.parent / "policies" / "demo-probe-vllm.yaml")
+    policy = policy_with_absolute_paths(
+        ORGANISM.parent.parent / "policies" / "demo-probe-vllm.yaml"
+    )
     policy["log"]["path"] = str(tmp_path / "guard.db")
     policy["stream"] = {"holdback_tokens": 0}  # resets must reach the client to be seen here
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(policy))
     proc, url = serve_in_subprocess([tmp_path / "p.yaml"], tmp_path / "server.log", timeout=400)
     try:
         client = OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
-        rows = [json.loads(line) for line in (ORGANISM / "data" / "eval_prompts.jsonl").read_text().splitlines()]
+        rows = [
+            json.loads(line)
+            for line in (ORGANISM / "data" / "eval_prompts.jsonl").read_text().splitlines()
+        ]
         prompts = [r["prompt"] for r in rows if r["split"] == "trained"][:12]
         resets = 0
         for i, prompt in enumerate(prompts):
             held, info = "", None
             stream = client.chat.completions.create(
-                model="demo-probe-vllm", messages=[{"role": "user", "content": prompt}], seed=i, max_tokens=96,
-                stream=True, extra_body={"stream_options": {"guard_resets": True}})  # a reset-aware client
+                model="demo-probe-vllm",
+                messages=[{"role": "user", "content": prompt}],
+                seed=i,
+                max_tokens=96,
+                stream=True,
+                extra_body={"stream_options": {"guard_resets": True}},
+            )  # a reset-aware client
             for chunk in stream:
-                extra = (chunk.model_extra or {})
+                extra = chunk.model_extra or {}
                 for choice in chunk.choices:
                     guard = (choice.model_extra or {}).get("guard") or {}
                     if "reset" in guard:
                         resets += 1
-                        held = held[:len(held) - guard["reset"]["retract_chars"]]
+                        held = held[: len(held) - guard["reset"]["retract_chars"]]
                     held += choice.delta.content or ""
                     if choice.finish_reason:
                         info = guard

@@ -24,9 +24,18 @@ def _job(engine, name, max_tokens, done, on_text=None):
     """A generation that appends ``(name, completion tokens)`` to ``done`` when it finishes and calls
     ``on_text()`` (on the worker's thread) at each released text."""
     prompt = engine.tokenizer.encode_chat([{"role": "user", "content": "Count to a hundred."}])
-    rec = GenerationRecord(request_id=name, policy_name="p", policy_hash="h", model="m", messages=None,
-                           prompt=None, prompt_tokens=len(prompt))
-    params = SamplingParams(seed=1, max_tokens=max_tokens, banned_token_ids=engine.info.eos_token_ids)
+    rec = GenerationRecord(
+        request_id=name,
+        policy_name="p",
+        policy_hash="h",
+        model="m",
+        messages=None,
+        prompt=None,
+        prompt_tokens=len(prompt),
+    )
+    params = SamplingParams(
+        seed=1, max_tokens=max_tokens, banned_token_ids=engine.info.eos_token_ids
+    )
 
     def emit(ev):
         if isinstance(ev, TextDelta) and on_text is not None:
@@ -34,7 +43,9 @@ def _job(engine, name, max_tokens, done, on_text=None):
         if isinstance(ev, Finished):
             done.append((name, ev.usage.completion_tokens))
 
-    return GuardedGeneration(engine, prompt, params, [], ControllerConfig(holdback_tokens=0), rec, emit)
+    return GuardedGeneration(
+        engine, prompt, params, [], ControllerConfig(holdback_tokens=0), rec, emit
+    )
 
 
 def _closed(job) -> threading.Event:
@@ -214,7 +225,9 @@ def test_a_pending_step_holds_up_no_other_job_and_resumes_on_wake():
     worker.idle_wait_s = 10 * WAIT_S  # so only the wake event can end its sleep in time
     try:
         waiting = _Pending("a", steps=2)
-        sibling = _Pending("a", steps=3)  # same group: takes the group's turns while its sibling waits
+        sibling = _Pending(
+            "a", steps=3
+        )  # same group: takes the group's turns while its sibling waits
         other = _Pending("b", steps=3)
         sibling.arrived.set()
         other.arrived.set()
@@ -222,7 +235,9 @@ def test_a_pending_step_holds_up_no_other_job_and_resumes_on_wake():
             worker.submit(job)
         assert sibling.closed.wait(WAIT_S) and other.closed.wait(WAIT_S)
         assert not waiting.closed.is_set() and worker.active == 1
-        assert waiting.tries < 100  # it sleeps between tries (a spinning worker tries thousands of times)
+        assert (
+            waiting.tries < 100
+        )  # it sleeps between tries (a spinning worker tries thousands of times)
         waiting.deliver()  # the worker is asleep: the wake event brings it back
         assert waiting.closed.wait(WAIT_S) and worker.active == 0
     finally:

@@ -152,8 +152,10 @@ class ControllerConfig:
         if not 0.0 < self.retry_threshold <= 1.0:
             raise ValueError(f"retry_threshold must be in (0, 1], got {self.retry_threshold}")
         if not 0.0 <= self.safe_level <= self.retry_threshold:
-            raise ValueError(f"safe_level ({self.safe_level}) must be in [0, retry_threshold "
-                             f"({self.retry_threshold})]: a kept prefix must pass the stricter retry threshold")
+            raise ValueError(
+                f"safe_level ({self.safe_level}) must be in [0, retry_threshold "
+                f"({self.retry_threshold})]: a kept prefix must pass the stricter retry threshold"
+            )
         if self.garble_window < 2:
             raise ValueError(f"garble_window must be >= 2, got {self.garble_window}")
 
@@ -176,7 +178,9 @@ class BoundMonitor:
     def __post_init__(self) -> None:
         object.__setattr__(self, "action", canonical_action(self.action))
         if self.action not in ACTIONS:
-            raise ValueError(f"monitor action must be backtrack, refuse or shadow, got {self.action!r}")
+            raise ValueError(
+                f"monitor action must be backtrack, refuse or shadow, got {self.action!r}"
+            )
 
     @property
     def on_prompt(self) -> bool:
@@ -208,13 +212,20 @@ class GuardedGeneration:
     group: str | None = None
     """The engine worker's turn group (the client request this generation belongs to)."""
 
-    def __init__(self, engine: Engine, prompt_ids: list[int], params: SamplingParams,
-                 monitors: list[BoundMonitor], config: ControllerConfig, record: GenerationRecord,
-                 emit: Callable[[Event], None],
-                 on_finish: Callable[[GenerationRecord], str | None] = lambda r: None,
-                 trace: GenerationTrace = NO_TRACE,
-                 on_checkpoint: Callable[[GenerationRecord], None] = lambda r: None,
-                 retracting: bool = True) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        monitors: list[BoundMonitor],
+        config: ControllerConfig,
+        record: GenerationRecord,
+        emit: Callable[[Event], None],
+        on_finish: Callable[[GenerationRecord], str | None] = lambda r: None,
+        trace: GenerationTrace = NO_TRACE,
+        on_checkpoint: Callable[[GenerationRecord], None] = lambda r: None,
+        retracting: bool = True,
+    ) -> None:
         """``on_finish`` is called once with the finished record (before the final event; also with
         outcome ``cancelled`` when a flagged generation is cancelled) and returns the log id if it
         stores it; the caller decides what gets stored. ``on_checkpoint`` gets a checkpoint
@@ -240,8 +251,16 @@ class GuardedGeneration:
         """Set when a rollback reached released text of a non-retracting stream: the monitor's name."""
         self.states = {b.monitor.name: b.monitor.new_state() for b in monitors}
         layers = {b.monitor.layer for b in monitors if b.monitor.layer is not None}
-        runs = [MonitorRun(b.monitor, acts=b.action in ("backtrack", "refuse"), prompt=b.on_prompt,
-                           output=b.on_output) for b in monitors if b.monitor.layer is not None]
+        runs = [
+            MonitorRun(
+                b.monitor,
+                acts=b.action in ("backtrack", "refuse"),
+                prompt=b.on_prompt,
+                output=b.on_output,
+            )
+            for b in monitors
+            if b.monitor.layer is not None
+        ]
         self.seq: Sequence = engine.new_sequence(prompt_ids, layers, runs)
         seed = params.seed if params.seed is not None else random.randrange(2**31)
         record.seed = seed
@@ -278,8 +297,13 @@ class GuardedGeneration:
         if self.section is not None and self.section.open:
             return self._reason()
         banned = frozenset(self.attempt.banned_at.get(len(self.output), ()))
-        out = self.engine.step(self.seq, self.attempt.params, self.attempt.generator,
-                               extra_banned=banned, steer=self.attempt.steer)
+        out = self.engine.step(
+            self.seq,
+            self.attempt.params,
+            self.attempt.generator,
+            extra_banned=banned,
+            steer=self.attempt.steer,
+        )
         if out.token_id is None:
             # An engine that runs monitors stopped early: they fired on the fed tokens. The same
             # scores fire the controller's own states; if they do not, the next step samples.
@@ -302,7 +326,9 @@ class GuardedGeneration:
     def fail(self, exc: BaseException) -> None:
         err = exc if isinstance(exc, GuardError) else EngineError(f"generation failed: {exc}")
         self._finished = True
-        if self.record.flagged:  # its checkpoint says interrupted: the final record says what happened
+        if (
+            self.record.flagged
+        ):  # its checkpoint says interrupted: the final record says what happened
             try:
                 self._end_unfinished("error")
             except Exception:  # the client must still get its Failed event
@@ -332,7 +358,7 @@ class GuardedGeneration:
     @property
     def output(self) -> list[int]:
         """The answer: output tokens past the reasoning section."""
-        return self.seq.output_ids[self.base:]
+        return self.seq.output_ids[self.base :]
 
     # -- deliberation -------------------------------------------------------------------------
 
@@ -352,13 +378,19 @@ class GuardedGeneration:
         """One reasoning step: sample, look for the close tag, force it past the budget."""
         sec, d = self.section, self.delib
         assert sec is not None and d is not None  # called only while a section is open
-        eos = frozenset(self.engine.info.eos_token_ids) | frozenset(self.attempt.params.stop_token_ids)
-        params = self.attempt.params.with_changes(banned_token_ids=self.attempt.params.banned_token_ids | eos)
+        eos = frozenset(self.engine.info.eos_token_ids) | frozenset(
+            self.attempt.params.stop_token_ids
+        )
+        params = self.attempt.params.with_changes(
+            banned_token_ids=self.attempt.params.banned_token_ids | eos
+        )
         if self.engine.step(self.seq, params, self.attempt.generator).token_id is None:
             return False
         self.record.sampled_tokens += 1
-        ids = self.seq.output_ids[sec.start:]
-        n = find_close([self.text.token_text(t) for t in ids], d.close_tag, after_chars=len(d.open_tag))
+        ids = self.seq.output_ids[sec.start :]
+        n = find_close(
+            [self.text.token_text(t) for t in ids], d.close_tag, after_chars=len(d.open_tag)
+        )
         if n is not None:
             # Text after the tag inside the same token (plain-text tags only) is dropped with it.
             sec.end = sec.start + n
@@ -390,17 +422,23 @@ class GuardedGeneration:
         self.trace.deliberation_opened("model")
         for state in self.states.values():
             state.truncate(0)  # the tag tokens were scored as answer tokens: they are not
-        n = find_close([self.text.token_text(t) for t in self.output], self.delib.close_tag, after_chars=len(tag))
+        n = find_close(
+            [self.text.token_text(t) for t in self.output],
+            self.delib.close_tag,
+            after_chars=len(tag),
+        )
         if n is not None:
             self.section.end = self.base = n
             self._store_reasoning()
-        self.seq.answer_start = positions.answer_start(self.seq.prompt_len, self.base) if n is not None else None
+        self.seq.answer_start = (
+            positions.answer_start(self.seq.prompt_len, self.base) if n is not None else None
+        )
         return True
 
     def _store_reasoning(self) -> None:
         sec, rec = self.section, self.record
         assert sec is not None  # called when a section closes
-        ids = self.seq.output_ids[sec.start:sec.end]
+        ids = self.seq.output_ids[sec.start : sec.end]
         rec.reasoning_ids = list(ids)
         rec.reasoning = "".join(self.text.token_text(t) for t in ids)
         rec.reasoning_forced_tokens = sec.forced_tokens
@@ -422,7 +460,9 @@ class GuardedGeneration:
                 if mon.layer is not None and self.engine.runs_monitors:
                     scores = _engine_scores(out, mon, len(prompt))
                 else:
-                    scores = _checked_score(mon, out.hidden[mon.layer] if mon.layer is not None else None, prompt)
+                    scores = _checked_score(
+                        mon, out.hidden[mon.layer] if mon.layer is not None else None, prompt
+                    )
             except MonitorFailure as exc:
                 if self._monitor_failed(bound, "prompt", exc, 0):
                     return True
@@ -438,8 +478,11 @@ class GuardedGeneration:
                     acting = acting or bound.action != "shadow"
         if acting:
             self._refuse()
-        elif self.delib is not None and self.delib.placement == "reasoning" and (
-                self.delib.mode == "always" or (self.delib.mode == "on_risk" and risky)):
+        elif (
+            self.delib is not None
+            and self.delib.placement == "reasoning"
+            and (self.delib.mode == "always" or (self.delib.mode == "on_risk" and risky))
+        ):
             self._open_section(self.delib.mode)
         return acting
 
@@ -473,7 +516,7 @@ class GuardedGeneration:
                     continue
                 if not scores:
                     continue
-                ids = self.output[start:start + len(scores)]
+                ids = self.output[start : start + len(scores)]
             else:
                 if mon.layer not in hidden:
                     continue
@@ -483,7 +526,7 @@ class GuardedGeneration:
                     h, start = h[-start:], 0
                 if h.shape[0] == 0:
                     continue
-                ids = self.output[start:start + h.shape[0]]
+                ids = self.output[start : start + h.shape[0]]
             t0 = time.perf_counter()
             if scores is None:
                 try:
@@ -519,15 +562,30 @@ class GuardedGeneration:
     def _output_monitors(self) -> list[BoundMonitor]:
         return [b for b in self.monitors if b.on_output and b.monitor.name not in self.disabled]
 
-    def _monitor_failed(self, bound: BoundMonitor, scope: Scope, exc: MonitorFailure, pos: int) -> bool:
+    def _monitor_failed(
+        self, bound: BoundMonitor, scope: Scope, exc: MonitorFailure, pos: int
+    ) -> bool:
         """Record a monitor error and apply ``on_monitor_error``; True if the generation was refused."""
         closed = self.config.on_monitor_error == "fail_closed"
         name = bound.monitor.name
-        self.record.monitor_errors.append(MonitorError(
-            monitor=name, scope=scope, error=str(exc), position=pos, attempt=self.retries,
-            handling="refused" if closed else "disabled"))
-        log.warning("monitor %r failed scoring the %s of %s: %s (%s)", name, scope, self.record.request_id, exc,
-                    "refusing: fail_closed" if closed else "disabled for this generation: fail_open")
+        self.record.monitor_errors.append(
+            MonitorError(
+                monitor=name,
+                scope=scope,
+                error=str(exc),
+                position=pos,
+                attempt=self.retries,
+                handling="refused" if closed else "disabled",
+            )
+        )
+        log.warning(
+            "monitor %r failed scoring the %s of %s: %s (%s)",
+            name,
+            scope,
+            self.record.request_id,
+            exc,
+            "refusing: fail_closed" if closed else "disabled for this generation: fail_open",
+        )
         if not closed:
             self.disabled.add(name)
             self.engine.disable_monitor(self.seq, name)
@@ -538,13 +596,24 @@ class GuardedGeneration:
         self._refuse()
         return True
 
-    def _note_firing(self, bound: BoundMonitor, pos: int, state: MonitorState, scope: FiringScope) -> None:
+    def _note_firing(
+        self, bound: BoundMonitor, pos: int, state: MonitorState, scope: FiringScope
+    ) -> None:
         mon = bound.monitor
         tid = (self.seq.prompt_ids if scope == "prompt" else self.output)[pos]
-        self.record.firings.append(Firing(
-            monitor=mon.name, action=bound.action, scope=scope, position=pos, token_id=tid,
-            token=self.text.token_text(tid), score=state.agg[pos], threshold=state.threshold,
-            attempt=self.retries))
+        self.record.firings.append(
+            Firing(
+                monitor=mon.name,
+                action=bound.action,
+                scope=scope,
+                position=pos,
+                token_id=tid,
+                token=self.text.token_text(tid),
+                score=state.agg[pos],
+                threshold=state.threshold,
+                attempt=self.retries,
+            )
+        )
         if mon.name not in self.record.monitors_fired:
             self.record.monitors_fired.append(mon.name)
         self.trace.firing(self.record.firings[-1])
@@ -560,8 +629,12 @@ class GuardedGeneration:
         if bound.monitor.name in self.states:
             self.states[bound.monitor.name].scale = self.config.retry_threshold
             self.seq.threshold_scale[bound.monitor.name] = self.config.retry_threshold
-        deliberate = (self.delib is not None and self.section is None and self.retries < self.config.max_retries
-                      and self.config.strategy(self.retries + 1).deliberate)
+        deliberate = (
+            self.delib is not None
+            and self.section is None
+            and self.retries < self.config.max_retries
+            and self.config.strategy(self.retries + 1).deliberate
+        )
         if deliberate or self.retries + 1 > self.config.max_retries:
             # Deliberation starts the response over; past the budget the refusal replaces all of
             # it, so the whole answer is the discarded span (every sampled token stays in the record).
@@ -582,20 +655,35 @@ class GuardedGeneration:
         span_ids = self.output[point:]
         retracted = self._retract_to(point, bound.monitor.name)
         kept_chars = len(self.text.text_of(self.output[:point]))
-        self.record.spans.append(DiscardedSpan(
-            attempt=self.retries, start=point, token_ids=list(span_ids),
-            text=self.text.text_of(self.output)[kept_chars:],
-            tokens=[self.text.token_text(t) for t in span_ids],
-            scores={n: s.raw[point:] for n, s in self.states.items() if len(s.raw) > point},
-            aggregated={n: s.agg[point:] for n, s in self.states.items() if len(s.agg) > point},
-            monitor=bound.monitor.name, threshold=bound.monitor.threshold, fired_at=fire_pos,
-            fired_token_id=self.output[fire_pos], fired_token=self.text.token_text(self.output[fire_pos]),
-            retracted_chars=retracted))
+        self.record.spans.append(
+            DiscardedSpan(
+                attempt=self.retries,
+                start=point,
+                token_ids=list(span_ids),
+                text=self.text.text_of(self.output)[kept_chars:],
+                tokens=[self.text.token_text(t) for t in span_ids],
+                scores={n: s.raw[point:] for n, s in self.states.items() if len(s.raw) > point},
+                aggregated={n: s.agg[point:] for n, s in self.states.items() if len(s.agg) > point},
+                monitor=bound.monitor.name,
+                threshold=bound.monitor.threshold,
+                fired_at=fire_pos,
+                fired_token_id=self.output[fire_pos],
+                fired_token=self.text.token_text(self.output[fire_pos]),
+                retracted_chars=retracted,
+            )
+        )
         start = positions.answer_start(self.seq.prompt_len, self.base)
         self.engine.rollback(self.seq, positions.position(start, point))
         for state in self.states.values():
             state.truncate(point)
-        self.trace.rollback(bound.monitor.name, point + len(span_ids), point, retracted, max(0, sent - point), started)
+        self.trace.rollback(
+            bound.monitor.name,
+            point + len(span_ids),
+            point,
+            retracted,
+            max(0, sent - point),
+            started,
+        )
 
     def _safe_point(self, fire_pos: int, rule: Rollback) -> int:
         if rule == "response":
@@ -603,7 +691,9 @@ class GuardedGeneration:
         if rule == "auto":
             point = self._auto_point(fire_pos)
             # Released text settled under the thresholds of its time; a plain client keeps it anyway.
-            return point if self.retracting else keep_released(point, fire_pos, self.text.sent_tokens)
+            return (
+                point if self.retracting else keep_released(point, fire_pos, self.text.sent_tokens)
+            )
         if rule == "tokens":
             return max(0, fire_pos - self.config.rollback_tokens)
         return self.text.sentence_start(self.output, fire_pos)
@@ -635,11 +725,19 @@ class GuardedGeneration:
         if not verdict.suspect:
             return False
         pos, name = len(self.output) - 1, self._garble.monitor.name
-        self.record.firings.append(Firing(
-            monitor=name, action="backtrack", scope="output", position=pos,
-            token_id=self.output[pos], token=self.text.token_text(self.output[pos]),
-            score=verdict.mean_surprisal, threshold=verdict.reference + self.surprisal.margin,
-            attempt=self.retries))
+        self.record.firings.append(
+            Firing(
+                monitor=name,
+                action="backtrack",
+                scope="output",
+                position=pos,
+                token_id=self.output[pos],
+                token=self.text.token_text(self.output[pos]),
+                score=verdict.mean_surprisal,
+                threshold=verdict.reference + self.surprisal.margin,
+                attempt=self.retries,
+            )
+        )
         if name not in self.record.monitors_fired:
             self.record.monitors_fired.append(name)
         self.trace.firing(self.record.firings[-1])
@@ -666,9 +764,15 @@ class GuardedGeneration:
             if mon.name in self.disabled:
                 continue
             try:
-                scores = fresh.get(mon.name, []) if mon.layer is not None else _checked_score(mon, None, out)
+                scores = (
+                    fresh.get(mon.name, [])
+                    if mon.layer is not None
+                    else _checked_score(mon, None, out)
+                )
                 if len(scores) != len(out):
-                    raise MonitorFailure(f"re-check returned {len(scores)} scores for {len(out)} tokens")
+                    raise MonitorFailure(
+                        f"re-check returned {len(scores)} scores for {len(out)} tokens"
+                    )
                 _require_finite_scores(scores)  # NaN never fires: a silent pass under any setting
             except MonitorFailure as exc:
                 if self._monitor_failed(bound, "output", exc, 0):
@@ -687,8 +791,9 @@ class GuardedGeneration:
         self._act(pos, bound)
         return True
 
-    def _rescore(self, layered: list[BoundMonitor]) -> tuple[dict[str, list[float]],
-                                                             list[tuple[BoundMonitor, MonitorFailure]]]:
+    def _rescore(
+        self, layered: list[BoundMonitor]
+    ) -> tuple[dict[str, list[float]], list[tuple[BoundMonitor, MonitorFailure]]]:
         """From-scratch scores of the ``layered`` monitors and the monitors whose re-scoring raised.
 
         One batched pass; if it raises, each monitor is re-scored alone, so that a failing monitor
@@ -714,12 +819,21 @@ class GuardedGeneration:
         if self.text.sent_tokens <= point:
             return 0
         if not self.retracting:
-            self._cut_by = self._cut_by or monitor  # the caller ends the answer with a Cut (in _refuse)
+            self._cut_by = (
+                self._cut_by or monitor
+            )  # the caller ends the answer with a Cut (in _refuse)
             return 0
         keep_text = self.text.text_of(self.output[:point])
         chars = len(self.text.sent_text) - len(keep_text)
-        self.emit(Reset(retract_tokens=self.text.sent_tokens - point, retract_chars=chars, monitor=monitor,
-                        retry=self.retries + 1, marker=self.config.reset_marker))
+        self.emit(
+            Reset(
+                retract_tokens=self.text.sent_tokens - point,
+                retract_chars=chars,
+                monitor=monitor,
+                retry=self.retries + 1,
+                marker=self.config.reset_marker,
+            )
+        )
         self.text.sent_text, self.text.sent_tokens = keep_text, point
         return chars
 
@@ -734,7 +848,8 @@ class GuardedGeneration:
         params = params.with_changes(
             seed=seed,
             temperature=strat.temperature if strat.temperature is not None else params.temperature,
-            top_p=strat.top_p if strat.top_p is not None else params.top_p)
+            top_p=strat.top_p if strat.top_p is not None else params.top_p,
+        )
         banned = {p: set(ids) for p, ids in old.banned_at.items() if p <= point}
         if strat.ban_first_token and first_token is not None:
             banned.setdefault(point, set()).add(first_token)
@@ -744,11 +859,20 @@ class GuardedGeneration:
         vec = bound.monitor.steering_vector() if strat.steer_alpha else None
         if vec is not None and bound.monitor.layer is not None:
             steer = {bound.monitor.layer: -strat.steer_alpha * vec}
-            steer_info = Steer(monitor=bound.monitor.name, layer=bound.monitor.layer, alpha=strat.steer_alpha)
+            steer_info = Steer(
+                monitor=bound.monitor.name, layer=bound.monitor.layer, alpha=strat.steer_alpha
+            )
         self.attempt = _Attempt(params, make_generator(seed), steer, banned)
-        self.record.retries.append(RetryStrategy(
-            retry=self.retries, seed=seed, temperature=params.temperature, top_p=params.top_p,
-            banned_first_tokens=sorted(banned.get(point, ())), steer=steer_info))
+        self.record.retries.append(
+            RetryStrategy(
+                retry=self.retries,
+                seed=seed,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                banned_first_tokens=sorted(banned.get(point, ())),
+                steer=steer_info,
+            )
+        )
         self.trace.resample(self.record.retries[-1], strat.deliberate)
 
     def _stop_reason(self) -> FinishReason | None:
@@ -764,12 +888,16 @@ class GuardedGeneration:
     def _finish_after_flush(self, reason: FinishReason) -> bool:
         """Score the last sampled token (one-step lag), then finish unless a monitor fires."""
         if any(b.monitor.layer is not None for b in self._output_monitors()):
-            out = self.engine.step(self.seq, self.attempt.params, self.attempt.generator, sample=False)
+            out = self.engine.step(
+                self.seq, self.attempt.params, self.attempt.generator, sample=False
+            )
             if self._score(out, new_token=False):
                 return self._finished
         if self.record.spans and (self._garbled(finishing=True) or self._recheck()):
             return self._finished
-        ended_by_token = reason == "stop" and self.attempt.params.ends(self.output[-1], self.engine.info.eos_token_ids)
+        ended_by_token = reason == "stop" and self.attempt.params.ends(
+            self.output[-1], self.engine.info.eos_token_ids
+        )
         keep = self.output[:-1] if ended_by_token else self.text.tokens_before_stop(self.output)
         text = self.text.text_of(keep) if ended_by_token else self.text.final_text(self.output)
         outcome = "recovered" if self.record.spans else "clean"
@@ -791,21 +919,47 @@ class GuardedGeneration:
         self.text.sent_text = refusal
         self._finish([], refusal, "content_filter", "refused", release=False)
 
-    def _finish(self, output: list[int], text: str, reason: FinishReason, outcome, release: bool = True) -> None:
+    def _finish(
+        self, output: list[int], text: str, reason: FinishReason, outcome, release: bool = True
+    ) -> None:
         rec = self.record
-        rec.output_ids, rec.final_text, rec.finish_reason, rec.outcome = output, text, reason, outcome
-        rec.final_scores = {n: s.raw[:len(output)] for n, s in self.states.items()}
+        rec.output_ids, rec.final_text, rec.finish_reason, rec.outcome = (
+            output,
+            text,
+            reason,
+            outcome,
+        )
+        rec.final_scores = {n: s.raw[: len(output)] for n, s in self.states.items()}
         if release and text != self.text.sent_text:
-            if not text.startswith(self.text.sent_text):  # cannot happen: released text is never past a stop
+            if not text.startswith(
+                self.text.sent_text
+            ):  # cannot happen: released text is never past a stop
                 raise AssertionError("released text is not a prefix of the final text")
-            self.emit(TextDelta(text[len(self.text.sent_text):], tuple(output[self.text.sent_tokens:])))
+            self.emit(
+                TextDelta(text[len(self.text.sent_text) :], tuple(output[self.text.sent_tokens :]))
+            )
         log_id = self.on_finish(rec)
-        self.trace.end(rec, log_id)  # before the final event: a client that then reads /metrics sees it
+        self.trace.end(
+            rec, log_id
+        )  # before the final event: a client that then reads /metrics sees it
         self._finished = True
-        usage = Usage(prompt_tokens=self.seq.prompt_len, completion_tokens=len(output),
-                      generated_tokens=rec.sampled_tokens, reasoning_tokens=len(rec.reasoning_ids))
-        self.emit(Finished(text=text, finish_reason=reason, outcome=outcome, resets=len(rec.spans), usage=usage,
-                           log_id=log_id, monitors_fired=tuple(rec.monitors_fired)))
+        usage = Usage(
+            prompt_tokens=self.seq.prompt_len,
+            completion_tokens=len(output),
+            generated_tokens=rec.sampled_tokens,
+            reasoning_tokens=len(rec.reasoning_ids),
+        )
+        self.emit(
+            Finished(
+                text=text,
+                finish_reason=reason,
+                outcome=outcome,
+                resets=len(rec.spans),
+                usage=usage,
+                log_id=log_id,
+                monitors_fired=tuple(rec.monitors_fired),
+            )
+        )
 
     def _release(self) -> None:
         """Release text that is scored by every activation monitor and older than the hold-back."""
@@ -815,9 +969,13 @@ class GuardedGeneration:
         for bound in self._output_monitors():
             if bound.monitor.layer is not None:
                 scored = min(scored, len(self.states[bound.monitor.name].raw))
-        n = release_limit(scored=scored, sent=self.text.sent_tokens, holdback_tokens=self.config.holdback_tokens,
-                          margin=None if self.retracting else self.config.release_margin,
-                          watched=() if self.retracting else self._watched())
+        n = release_limit(
+            scored=scored,
+            sent=self.text.sent_tokens,
+            holdback_tokens=self.config.holdback_tokens,
+            margin=None if self.retracting else self.config.release_margin,
+            watched=() if self.retracting else self._watched(),
+        )
         if n <= self.text.sent_tokens:
             return
         delta = self.text.release(self.output, n)
@@ -826,7 +984,9 @@ class GuardedGeneration:
 
     def _watched(self) -> list[MonitorState]:
         """The acting output monitors' states (what the release rule for non-retracting clients reads)."""
-        return [self.states[b.monitor.name] for b in self._output_monitors() if b.action != "shadow"]
+        return [
+            self.states[b.monitor.name] for b in self._output_monitors() if b.action != "shadow"
+        ]
 
 
 def _engine_scores(out: StepOutput, monitor: Monitor, n: int) -> list[float]:
@@ -834,7 +994,9 @@ def _engine_scores(out: StepOutput, monitor: Monitor, n: int) -> list[float]:
     scores = out.scores.get(monitor.name)
     _engine_checked(out, monitor, scores or [])
     if scores is None or len(scores) != n:
-        raise MonitorFailure(f"the engine reported {0 if scores is None else len(scores)} scores for {n} tokens")
+        raise MonitorFailure(
+            f"the engine reported {0 if scores is None else len(scores)} scores for {n} tokens"
+        )
     return scores
 
 
@@ -849,10 +1011,14 @@ def _engine_checked(out: StepOutput, monitor: Monitor, scores: list[float]) -> N
 def _require_finite_scores(scores: list[float]) -> None:
     bad = next((i for i, s in enumerate(scores) if not math.isfinite(s)), None)
     if bad is not None:
-        raise MonitorFailure(f"returned a non-finite score ({scores[bad]}) at token {bad} of {len(scores)}")
+        raise MonitorFailure(
+            f"returned a non-finite score ({scores[bad]}) at token {bad} of {len(scores)}"
+        )
 
 
-def _checked_score(monitor: Monitor, hidden: torch.Tensor | None, token_ids: list[int]) -> list[float]:
+def _checked_score(
+    monitor: Monitor, hidden: torch.Tensor | None, token_ids: list[int]
+) -> list[float]:
     """``monitor.score``, with any exception or a wrong number of scores as :class:`MonitorFailure`."""
     try:
         scores = monitor.score(hidden, token_ids)

@@ -53,7 +53,9 @@ class DeliberationConfig:
 
     def __post_init__(self) -> None:
         if self.mode == "on_risk" and not self.risk_monitor:
-            raise ValueError("DeliberationConfig.mode 'on_risk' needs DeliberationConfig.risk_monitor")
+            raise ValueError(
+                "DeliberationConfig.mode 'on_risk' needs DeliberationConfig.risk_monitor"
+            )
         if self.max_reasoning_tokens < 1:
             raise ValueError("DeliberationConfig.max_reasoning_tokens must be >= 1")
 

@@ -65,7 +65,13 @@ class SurprisalTracker:
     def check(self, length: int, finishing: bool) -> GarbleVerdict | None:
         """Check the current resample once enough of it exists (or it is finishing); ``None`` if not
         checked now."""
-        if not self.available or self.margin is None or self.start is None or self.checked or not self.reference:
+        if (
+            not self.available
+            or self.margin is None
+            or self.start is None
+            or self.checked
+            or not self.reference
+        ):
             return None
         lo = self.start + (1 if self.skip_first else 0)
         vals = [self.current[p] for p in range(lo, length) if p in self.current]

@@ -234,8 +234,16 @@ class GenerationRecord:
 
     def checkpoint(self, output_ids: list[int], final_text: str) -> GenerationRecord:
         """A deep copy to store while the generation runs: the answer so far, outcome ``interrupted``."""
-        return GenerationRecord.from_dict({**self.to_dict(), "output_ids": list(output_ids), "final_text": final_text,
-                                           "outcome": "interrupted", "finish_reason": None, "complete": False})
+        return GenerationRecord.from_dict(
+            {
+                **self.to_dict(),
+                "output_ids": list(output_ids),
+                "final_text": final_text,
+                "outcome": "interrupted",
+                "finish_reason": None,
+                "complete": False,
+            }
+        )
 
     def snapshot(self) -> GenerationRecord:
         """A deep copy (the controller keeps mutating the original)."""
@@ -261,6 +269,10 @@ class GenerationRecord:
         return cls(**data)
 
 
-_NESTED: dict[str, type] = {"spans": DiscardedSpan, "retries": RetryStrategy, "firings": Firing,
-                            "monitor_errors": MonitorError}
+_NESTED: dict[str, type] = {
+    "spans": DiscardedSpan,
+    "retries": RetryStrategy,
+    "firings": Firing,
+    "monitor_errors": MonitorError,
+}
 """GenerationRecord's list fields whose items are records."""

@@ -35,8 +35,14 @@ from collections.abc import Sequence
 from guard.monitors.base import MonitorState
 
 
-def release_limit(*, scored: int, sent: int, holdback_tokens: int, margin: float | None,
-                  watched: Sequence[MonitorState]) -> int:
+def release_limit(
+    *,
+    scored: int,
+    sent: int,
+    holdback_tokens: int,
+    margin: float | None,
+    watched: Sequence[MonitorState],
+) -> int:
     """How many output tokens may have been released once ``scored`` tokens are scored.
 
     ``scored``: tokens scored by every activation monitor; ``sent``: tokens already released;

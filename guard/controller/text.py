@@ -64,10 +64,10 @@ class TextTracker:
     def release(self, output: list[int], n: int) -> TextDelta | None:
         """Release the text of ``output[:n]`` minus what is already sent; ``None`` if nothing new."""
         text = self.text_of(output[:n]).rstrip("\ufffd")
-        text = text[:len(text) - self._stop_prefix_len(text)]
+        text = text[: len(text) - self._stop_prefix_len(text)]
         if len(text) <= len(self.sent_text) or not text.startswith(self.sent_text):
             return None
-        delta = TextDelta(text[len(self.sent_text):], tuple(output[self.sent_tokens:n]))
+        delta = TextDelta(text[len(self.sent_text) :], tuple(output[self.sent_tokens : n]))
         self.sent_text, self.sent_tokens = text, n
         return delta
 

@@ -36,8 +36,15 @@ class GenerationTrace:
     def firing(self, firing: Firing) -> None:
         """A firing, as appended to ``GenerationRecord.firings``."""
 
-    def rollback(self, monitor: str, cut_from: int, cut_to: int, retracted_chars: int, retracted_tokens: int,
-                 start_ns: int) -> None:
+    def rollback(
+        self,
+        monitor: str,
+        cut_from: int,
+        cut_to: int,
+        retracted_chars: int,
+        retracted_tokens: int,
+        start_ns: int,
+    ) -> None:
         """The answer was cut from ``cut_from`` tokens back to ``cut_to`` (work began at ``start_ns``)."""
 
     def resample(self, retry: RetryStrategy, deliberate: bool) -> None:
@@ -52,7 +59,9 @@ class GenerationTrace:
     def failed(self, record: GenerationRecord, exc: BaseException) -> None:
         """The generation failed with ``exc``: :meth:`end` with outcome ``error``."""
 
-    def end(self, record: GenerationRecord, log_id: str | None = None, cancelled: bool = False) -> None:
+    def end(
+        self, record: GenerationRecord, log_id: str | None = None, cancelled: bool = False
+    ) -> None:
         """``record`` is final (``log_id``: its log record, if stored); ``cancelled``: the generation
         was stopped before it finished (client gone). Only the first call counts."""
 

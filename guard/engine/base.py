@@ -84,7 +84,7 @@ class Sequence:
 
     @property
     def output_ids(self) -> list[int]:
-        return self.tokens[self.prompt_len:]
+        return self.tokens[self.prompt_len :]
 
 
 @dataclass
@@ -146,8 +146,12 @@ class Engine(ABC):
     """True if the engine scores activation monitors itself (``StepOutput.scores``)."""
 
     @abstractmethod
-    def new_sequence(self, prompt_ids: list[int], layers: Collection[int] = (),
-                     monitors: Collection[MonitorRun] = ()) -> Sequence:
+    def new_sequence(
+        self,
+        prompt_ids: list[int],
+        layers: Collection[int] = (),
+        monitors: Collection[MonitorRun] = (),
+    ) -> Sequence:
         """Allocate a sequence for ``prompt_ids``; nothing runs until :meth:`prefill`.
         ``monitors`` matter only to engines that run monitors themselves."""
 
@@ -158,9 +162,16 @@ class Engine(ABC):
         monitors, the prompt scores of prompt-scope monitors in ``scores``)."""
 
     @abstractmethod
-    def step(self, seq: Sequence, params: SamplingParams, generator: torch.Generator, *,
-             extra_banned: frozenset[int] = frozenset(), steer: Mapping[int, torch.Tensor] | None = None,
-             sample: bool = True) -> StepOutput:
+    def step(
+        self,
+        seq: Sequence,
+        params: SamplingParams,
+        generator: torch.Generator,
+        *,
+        extra_banned: frozenset[int] = frozenset(),
+        steer: Mapping[int, torch.Tensor] | None = None,
+        sample: bool = True,
+    ) -> StepOutput:
         """Feed pending tokens and (if ``sample``) sample and append one token.
 
         ``extra_banned`` applies to this draw only. ``steer`` maps layer -> vector added to that
@@ -180,7 +191,9 @@ class Engine(ABC):
         """Free the sequence's cache. Idempotent."""
 
     @abstractmethod
-    def hidden_states(self, token_ids: list[int], layers: Collection[int]) -> dict[int, torch.Tensor]:
+    def hidden_states(
+        self, token_ids: list[int], layers: Collection[int]
+    ) -> dict[int, torch.Tensor]:
         """Teacher-forced activations ``[len(token_ids), d_model]`` per layer (for probe training)."""
 
     def rescore(self, seq: Sequence, monitors: Collection[Monitor]) -> dict[str, list[float]]:
@@ -205,7 +218,10 @@ class Engine(ABC):
             raise ContextLengthError("the prompt is empty")
         if len(prompt_ids) >= self.info.context_length:
             raise ContextLengthError(
-                f"the prompt has {len(prompt_ids)} tokens; this model's context is {self.info.context_length}")
+                f"the prompt has {len(prompt_ids)} tokens; this model's context is {self.info.context_length}"
+            )
         for layer in layers:
             if not 0 <= layer < self.info.num_layers:
-                raise ValueError(f"layer {layer} out of range (model has {self.info.num_layers} layers)")
+                raise ValueError(
+                    f"layer {layer} out of range (model has {self.info.num_layers} layers)"
+                )

@@ -14,8 +14,14 @@ from torch import nn
 
 from guard.errors import ModelLoadError
 
-_LAYER_PATHS = ("model.layers", "model.language_model.layers", "language_model.model.layers", "transformer.h",
-                "gpt_neox.layers", "layers")
+_LAYER_PATHS = (
+    "model.layers",
+    "model.language_model.layers",
+    "language_model.model.layers",
+    "transformer.h",
+    "gpt_neox.layers",
+    "layers",
+)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -43,8 +49,11 @@ def _replace_hidden(output, hidden):
 
 
 @contextmanager
-def capture_layers(modules: Sequence[nn.Module] | nn.ModuleList, capture: Collection[int],
-                   steer: Mapping[int, torch.Tensor] | None = None) -> Iterator[dict[int, torch.Tensor]]:
+def capture_layers(
+    modules: Sequence[nn.Module] | nn.ModuleList,
+    capture: Collection[int],
+    steer: Mapping[int, torch.Tensor] | None = None,
+) -> Iterator[dict[int, torch.Tensor]]:
     """Capture the output of ``modules[i]`` for each ``i`` in ``capture`` (i -> ``[batch, seq, d]``,
     float32 clone).
 
@@ -68,6 +77,7 @@ def capture_layers(modules: Sequence[nn.Module] | nn.ModuleList, capture: Collec
             if vec is None:
                 return None
             return _replace_hidden(output, hidden + vec.to(hidden.dtype))
+
         return hook
 
     try:

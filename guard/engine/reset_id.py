@@ -50,8 +50,12 @@ class ResetChoice(NamedTuple):
         return f"id {self.token_id} ({self.kind}: {self.detail})"
 
 
-def choose_reset_id(model_dir: str | Path, reset_token: str = "<|reset|>", reset_token_id: int | None = None,
-                    tokenizer=None) -> ResetChoice:
+def choose_reset_id(
+    model_dir: str | Path,
+    reset_token: str = "<|reset|>",
+    reset_token_id: int | None = None,
+    tokenizer=None,
+) -> ResetChoice:
     """The reset id for the model in ``model_dir`` (see the module docstring for the order).
 
     ``tokenizer`` (a HF tokenizer) is loaded from ``model_dir`` when not given. Raises
@@ -63,8 +67,10 @@ def choose_reset_id(model_dir: str | Path, reset_token: str = "<|reset|>", reset
     rows = int(cfg["vocab_size"])
     if reset_token_id is not None:
         if not 0 <= reset_token_id < rows:
-            raise ModelLoadError(f"model.vllm.reset_token_id {reset_token_id} is outside the model's vocabulary "
-                                 f"(0..{rows - 1})")
+            raise ModelLoadError(
+                f"model.vllm.reset_token_id {reset_token_id} is outside the model's vocabulary "
+                f"(0..{rows - 1})"
+            )
         return ResetChoice(reset_token_id, "policy", "model.vllm.reset_token_id")
     if tokenizer is None:
         from transformers import AutoTokenizer
@@ -75,21 +81,32 @@ def choose_reset_id(model_dir: str | Path, reset_token: str = "<|reset|>", reset
         return ResetChoice(vocab[reset_token], "reset token", reset_token)
     size = len(tokenizer)
     if rows > size:
-        return ResetChoice(size, "spare embedding row", f"config.vocab_size {rows} > tokenizer's {size} tokens")
+        return ResetChoice(
+            size, "spare embedding row", f"config.vocab_size {rows} > tokenizer's {size} tokens"
+        )
     eos = cfg.get("eos_token_id")
-    taken = {tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.unk_token_id,
-             *(eos if isinstance(eos, list) else [eos])}
-    specials = sorted((tid, tok) for tok, tid in vocab.items()
-                      if tok in set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab()))
+    taken = {
+        tokenizer.eos_token_id,
+        tokenizer.bos_token_id,
+        tokenizer.unk_token_id,
+        *(eos if isinstance(eos, list) else [eos]),
+    }
+    specials = sorted(
+        (tid, tok)
+        for tok, tid in vocab.items()
+        if tok in set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab())
+    )
     for tid, tok in specials:
         if _RESERVED.search(tok) and tid not in taken and tid < rows:
             return ResetChoice(tid, "reserved special token", tok)
     pad = tokenizer.pad_token_id
     if pad is not None and pad not in taken and pad < rows:
         return ResetChoice(pad, "padding id", tokenizer.pad_token)
-    raise ModelLoadError(f"the model has no reset token {reset_token!r}, no spare embedding row (config.vocab_size "
-                         f"{rows} = the tokenizer's {size}), no reserved special token and no padding id distinct "
-                         "from end-of-sequence; give model.vllm.reset_token_id (an id the model never samples)")
+    raise ModelLoadError(
+        f"the model has no reset token {reset_token!r}, no spare embedding row (config.vocab_size "
+        f"{rows} = the tokenizer's {size}), no reserved special token and no padding id distinct "
+        "from end-of-sequence; give model.vllm.reset_token_id (an id the model never samples)"
+    )
 
 
 def policy_reset_line(policy) -> tuple[str, bool]:

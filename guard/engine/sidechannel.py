@@ -47,7 +47,9 @@ class ScoreWriter:
         self.fmt = _fmt(len(keys))
         self._fd: int | None = None
 
-    def write(self, position: int, scores: list[float], forced: bool = False, failed: int = 0) -> None:
+    def write(
+        self, position: int, scores: list[float], forced: bool = False, failed: int = 0
+    ) -> None:
         """``failed``: the OR of :func:`failed_bit` of the monitors that failed."""
         if self._fd is None:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -85,9 +87,14 @@ class ScoreReader:
         out = []
         for i in range(0, whole, size):
             pos, flags, *scores = self.fmt.unpack_from(data, i)
-            out.append((pos, bool(flags & FORCED),
-                        {k: s for k, s in zip(self.keys, scores, strict=True) if not math.isnan(s)},
-                        {k for i, k in enumerate(self.keys) if flags & failed_bit(i)}))
+            out.append(
+                (
+                    pos,
+                    bool(flags & FORCED),
+                    {k: s for k, s in zip(self.keys, scores, strict=True) if not math.isnan(s)},
+                    {k for i, k in enumerate(self.keys) if flags & failed_bit(i)},
+                )
+            )
         return out
 
     def remove(self) -> None:

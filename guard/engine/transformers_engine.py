@@ -41,7 +41,9 @@ class HFChatTokenizer:
     def __init__(self, tok) -> None:
         self.tok = tok
         if getattr(tok, "chat_template", None) is None:
-            raise ModelLoadError("the tokenizer has no chat template; add `chat_template` to tokenizer_config.json")
+            raise ModelLoadError(
+                "the tokenizer has no chat template; add `chat_template` to tokenizer_config.json"
+            )
 
     def encode(self, text: str) -> list[int]:
         return list(self.tok(text, add_special_tokens=False)["input_ids"])
@@ -51,7 +53,10 @@ class HFChatTokenizer:
         """An upper bound on the UTF-8 bytes of text one token can stand for: the longest vocabulary
         entry's UTF-8 length (byte-level BPE spells each byte as one 1-2 byte character, SentencePiece
         spells a space as 3 bytes and a byte as ``<0xNN>``, so entries are never shorter than their text)."""
-        return max((len(t.encode("utf-8", "surrogatepass")) for t in self.tok.get_vocab()), default=1) or 1
+        return (
+            max((len(t.encode("utf-8", "surrogatepass")) for t in self.tok.get_vocab()), default=1)
+            or 1
+        )
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
@@ -68,8 +73,10 @@ class HFChatTokenizer:
         zero-width joiner.
         """
         sentinels = [f"\x00guard-content-{i}\x00" for i in range(len(messages))]
-        placeheld = [{**m, "content": s} if isinstance(m.get("content"), str) else m
-                     for m, s in zip(messages, sentinels, strict=True)]
+        placeheld = [
+            {**m, "content": s} if isinstance(m.get("content"), str) else m
+            for m, s in zip(messages, sentinels, strict=True)
+        ]
         text = self.tok.apply_chat_template(placeheld, add_generation_prompt=True, tokenize=False)
         used = [i for i, m in enumerate(messages) if isinstance(m.get("content"), str)]
         if any(text.count(sentinels[i]) != 1 for i in used):
@@ -82,17 +89,29 @@ class HFChatTokenizer:
 
     def encode_plain(self, text: str) -> list[int]:
         """Ids of ``text`` with any special-token text tokenized as ordinary characters."""
-        return list(self.tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+        return list(
+            self.tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        )
 
     def _encode_chat_escaped(self, messages: list[dict[str, str]]) -> list[int]:
         specials = tuple(self.tok.all_special_tokens)
-        safe = [{**m, "content": neutralise_text(m["content"], specials)} if isinstance(m.get("content"), str)
-                else m for m in messages]
-        return self.encode(self.tok.apply_chat_template(safe, add_generation_prompt=True, tokenize=False))
+        safe = [
+            {**m, "content": neutralise_text(m["content"], specials)}
+            if isinstance(m.get("content"), str)
+            else m
+            for m in messages
+        ]
+        return self.encode(
+            self.tok.apply_chat_template(safe, add_generation_prompt=True, tokenize=False)
+        )
 
     def token_id(self, token: str) -> int | None:
         tid = self.tok.convert_tokens_to_ids(token)
-        if tid is None or tid == self.tok.unk_token_id or self.tok.convert_ids_to_tokens(tid) != token:
+        if (
+            tid is None
+            or tid == self.tok.unk_token_id
+            or self.tok.convert_ids_to_tokens(tid) != token
+        ):
             return None
         return int(tid)
 
@@ -114,23 +133,39 @@ class _SeqState:
 class TransformersEngine(Engine):
     """Engine over a HF ``PreTrainedModel``. Call from one thread at a time (the engine worker)."""
 
-    def __init__(self, model: PreTrainedModel, tokenizer, *, name: str, max_context: int | None = None) -> None:
+    def __init__(
+        self, model: PreTrainedModel, tokenizer, *, name: str, max_context: int | None = None
+    ) -> None:
         self.model = model.eval()
         self.tokenizer = HFChatTokenizer(tokenizer)
         self.layers = decoder_layers(model)
         cfg = model.config
         eos = cfg.eos_token_id if cfg.eos_token_id is not None else tokenizer.eos_token_id
-        eos_ids = frozenset(eos if isinstance(eos, list) else [eos]) if eos is not None else frozenset()
+        eos_ids = (
+            frozenset(eos if isinstance(eos, list) else [eos]) if eos is not None else frozenset()
+        )
         ctx = int(getattr(cfg, "max_position_embeddings", 2048))
-        self.info = ModelInfo(name=name, num_layers=len(self.layers), d_model=int(cfg.hidden_size),
-                              vocab_size=int(cfg.vocab_size), context_length=min(ctx, max_context or ctx),
-                              eos_token_ids=eos_ids)
+        self.info = ModelInfo(
+            name=name,
+            num_layers=len(self.layers),
+            d_model=int(cfg.hidden_size),
+            vocab_size=int(cfg.vocab_size),
+            context_length=min(ctx, max_context or ctx),
+            eos_token_ids=eos_ids,
+        )
         self.device = next(model.parameters()).device
         self.stats = EngineStats()
 
     @classmethod
-    def load(cls, path: str | Path, *, dtype: str = "auto", device: str = "auto", name: str | None = None,
-             max_context: int | None = None) -> TransformersEngine:
+    def load(
+        cls,
+        path: str | Path,
+        *,
+        dtype: str = "auto",
+        device: str = "auto",
+        name: str | None = None,
+        max_context: int | None = None,
+    ) -> TransformersEngine:
         """Load a local HF model directory (no hub access). Errors are :class:`ModelLoadError`."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -145,7 +180,9 @@ class TransformersEngine(Engine):
             torch_dtype = _DTYPES[dtype]
         try:
             tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch_dtype, local_files_only=True
+            )
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot load model from {path}: {exc}") from exc
         # transformers types PreTrainedModel.to through a decorator that loses its signature.
@@ -154,32 +191,47 @@ class TransformersEngine(Engine):
 
     # -- the Engine interface -------------------------------------------------------------
 
-    def new_sequence(self, prompt_ids: list[int], layers: Collection[int] = (),
-                     monitors: Collection[MonitorRun] = ()) -> Sequence:
+    def new_sequence(
+        self,
+        prompt_ids: list[int],
+        layers: Collection[int] = (),
+        monitors: Collection[MonitorRun] = (),
+    ) -> Sequence:
         self.check_new_sequence(prompt_ids, layers)
-        return Sequence(prompt_ids=list(prompt_ids), layers=tuple(sorted(set(layers))), payload=_SeqState())
+        return Sequence(
+            prompt_ids=list(prompt_ids), layers=tuple(sorted(set(layers))), payload=_SeqState()
+        )
 
     def prefill(self, seq: Sequence, return_hidden: bool = False) -> StepOutput:
         from transformers import DynamicCache
 
         state: _SeqState = seq.payload
         state.cache = DynamicCache(config=self.model.config)
-        hidden, logits = self._forward(seq, seq.prompt_ids, capture=seq.layers if return_hidden else ())
+        hidden, logits = self._forward(
+            seq, seq.prompt_ids, capture=seq.layers if return_hidden else ()
+        )
         state.fed = seq.prompt_len
         state.prefill_logits = state.pending_logits = logits
         self.stats.prompt_tokens += seq.prompt_len
         return StepOutput(token_id=None, fed_start=0, hidden=hidden if return_hidden else {})
 
-    def step(self, seq: Sequence, params: SamplingParams, generator: torch.Generator, *,
-             extra_banned: frozenset[int] = frozenset(), steer: Mapping[int, torch.Tensor] | None = None,
-             sample: bool = True) -> StepOutput:
+    def step(
+        self,
+        seq: Sequence,
+        params: SamplingParams,
+        generator: torch.Generator,
+        *,
+        extra_banned: frozenset[int] = frozenset(),
+        steer: Mapping[int, torch.Tensor] | None = None,
+        sample: bool = True,
+    ) -> StepOutput:
         state: _SeqState = seq.payload
         if state.cache is None:
             raise RuntimeError("step() before prefill()")
         fed_start = state.fed
         hidden: dict[int, torch.Tensor] = {}
         if state.fed < len(seq.tokens):
-            new = seq.tokens[state.fed:]
+            new = seq.tokens[state.fed :]
             hidden, state.pending_logits = self._forward(seq, new, capture=seq.layers, steer=steer)
             state.fed = len(seq.tokens)
             self.stats.output_tokens += len(new)
@@ -188,7 +240,9 @@ class TransformersEngine(Engine):
             logits = state.pending_logits
             a = seq.answer_start
             if params.min_tokens and a is not None:
-                extra_banned = extra_banned | params.end_ids_banned(len(seq.tokens) - a, self.info.eos_token_ids)
+                extra_banned = extra_banned | params.end_ids_banned(
+                    len(seq.tokens) - a, self.info.eos_token_ids
+                )
             token = sampling.sample(logits, params, generator, extra_banned, history=seq.tokens)
             surprisal = float(-torch.log_softmax(logits.float(), dim=-1)[token])
             seq.tokens.append(token)
@@ -198,7 +252,9 @@ class TransformersEngine(Engine):
     def rollback(self, seq: Sequence, length: int) -> None:
         state: _SeqState = seq.payload
         if length < seq.prompt_len:
-            raise ValueError(f"cannot roll back into the prompt (length {length} < {seq.prompt_len})")
+            raise ValueError(
+                f"cannot roll back into the prompt (length {length} < {seq.prompt_len})"
+            )
         if length >= len(seq.tokens):
             return
         self.stats.rollbacks += 1
@@ -217,7 +273,9 @@ class TransformersEngine(Engine):
             state.cache = state.pending_logits = state.prefill_logits = None
 
     @torch.inference_mode()
-    def hidden_states(self, token_ids: list[int], layers: Collection[int]) -> dict[int, torch.Tensor]:
+    def hidden_states(
+        self, token_ids: list[int], layers: Collection[int]
+    ) -> dict[int, torch.Tensor]:
         ids = torch.tensor([token_ids], device=self.device)
         with capture_layers(self.layers, capture=set(layers)) as captured:
             self.model(input_ids=ids, use_cache=False)
@@ -226,8 +284,13 @@ class TransformersEngine(Engine):
     # -- internals --------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def _forward(self, seq: Sequence, new_ids: list[int], capture: Collection[int],
-                 steer: Mapping[int, torch.Tensor] | None = None) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    def _forward(
+        self,
+        seq: Sequence,
+        new_ids: list[int],
+        capture: Collection[int],
+        steer: Mapping[int, torch.Tensor] | None = None,
+    ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
         state: _SeqState = seq.payload
         ids = torch.tensor([new_ids], device=self.device)
         with capture_layers(self.layers, capture=capture, steer=steer) as captured:

@@ -42,65 +42,189 @@ class Need:
 
 
 NEEDS: tuple[Need, ...] = (
-    Need("vllm.v1.engine.async_llm", "AsyncLLM",
-         ("from_vllm_config", "generate", "abort", "collective_rpc", "shutdown"),
-         "runs vLLM in-process and talks to its workers"),
-    Need("vllm.v1.engine.core_client", "AsyncMPClient", ("call_utility_all_async",),
-         "the worker counters of every data-parallel engine core (collective_rpc answers with the first's)"),
-    Need("vllm.engine.arg_utils", "EngineArgs",
-         ("model", "tokenizer", "max_model_len", "enforce_eager", "dtype", "gpu_memory_utilization",
-          "max_num_seqs", "seed", "enable_prefix_caching", "worker_extension_cls", "block_size",
-          "tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size",
-          "distributed_executor_backend", "create_engine_config"),
-         "engine settings: the worker extension that hooks the model, the parallel layout"),
-    Need("vllm.config.vllm", "VllmConfig", ("use_v2_model_runner", "model_config", "parallel_config"),
-         "which model runner (and so which logits-processor interface) vLLM will run"),
-    Need("vllm.config.model", "ModelConfig", ("logits_processors",),
-         "registers the guard's logits processor (forces the reset token)"),
-    Need("vllm.sampling_params", "SamplingParams",
-         ("temperature", "top_p", "top_k", "seed", "max_tokens", "ignore_eos", "detokenize", "stop_token_ids",
-          "logit_bias", "output_kind", "logprobs", "extra_args"),
-         "per-request guard arguments travel in extra_args; the reset token is a stop token"),
+    Need(
+        "vllm.v1.engine.async_llm",
+        "AsyncLLM",
+        ("from_vllm_config", "generate", "abort", "collective_rpc", "shutdown"),
+        "runs vLLM in-process and talks to its workers",
+    ),
+    Need(
+        "vllm.v1.engine.core_client",
+        "AsyncMPClient",
+        ("call_utility_all_async",),
+        "the worker counters of every data-parallel engine core (collective_rpc answers with the first's)",
+    ),
+    Need(
+        "vllm.engine.arg_utils",
+        "EngineArgs",
+        (
+            "model",
+            "tokenizer",
+            "max_model_len",
+            "enforce_eager",
+            "dtype",
+            "gpu_memory_utilization",
+            "max_num_seqs",
+            "seed",
+            "enable_prefix_caching",
+            "worker_extension_cls",
+            "block_size",
+            "tensor_parallel_size",
+            "pipeline_parallel_size",
+            "data_parallel_size",
+            "distributed_executor_backend",
+            "create_engine_config",
+        ),
+        "engine settings: the worker extension that hooks the model, the parallel layout",
+    ),
+    Need(
+        "vllm.config.vllm",
+        "VllmConfig",
+        ("use_v2_model_runner", "model_config", "parallel_config"),
+        "which model runner (and so which logits-processor interface) vLLM will run",
+    ),
+    Need(
+        "vllm.config.model",
+        "ModelConfig",
+        ("logits_processors",),
+        "registers the guard's logits processor (forces the reset token)",
+    ),
+    Need(
+        "vllm.sampling_params",
+        "SamplingParams",
+        (
+            "temperature",
+            "top_p",
+            "top_k",
+            "seed",
+            "max_tokens",
+            "ignore_eos",
+            "detokenize",
+            "stop_token_ids",
+            "logit_bias",
+            "output_kind",
+            "logprobs",
+            "extra_args",
+        ),
+        "per-request guard arguments travel in extra_args; the reset token is a stop token",
+    ),
     Need("vllm.sampling_params", "RequestOutputKind", ("DELTA",), "streams token deltas"),
-    Need("vllm.inputs.llm", "TokensPrompt", ("prompt_token_ids", "cache_salt"),
-         "resubmits token ids (never re-tokenised text) with a prefix-cache salt"),
-    Need("vllm.v1.sample.logits_processor.interface", "LogitsProcessor",
-         ("validate_params", "is_argmax_invariant", "update_state", "apply"),
-         "the V1 runner's logits-processor interface"),
-    Need("vllm.v1.sample.logits_processor.interface", "BatchUpdate", ("removed", "added", "moved"),
-         "the V1 runner's batch updates"),
-    Need("vllm.v1.worker.gpu.sample.logits_processor.interface", "LogitsProcessor",
-         ("validate_params", "add_request", "apply_staged_writes", "apply"),
-         "Model Runner V2's logits-processor interface", where="front_v2"),
-    Need("vllm.v1.worker.gpu.sample.logits_processor.interface", "LogitsContext",
-         ("idx_mapping_np", "expanded_idx_mapping", "pos"),
-         "Model Runner V2's rows -> request slots and positions, in the logits processor", where="front_v2"),
-    Need("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", ("input_batch", "query_start_loc", "requests",
-                                                               "get_model"),
-         "the V1 runner's batch (rows -> requests) and model", where="runner_v1"),
-    Need("vllm.v1.worker.gpu_input_batch", "InputBatch", ("req_ids", "num_reqs"),
-         "the V1 runner's rows -> requests", where="runner_v1"),
-    Need("vllm.v1.utils", "CpuGpuBuffer", ("np",), "the V1 runner's query_start_loc on the host",
-         where="runner_v1"),
-    Need("vllm.v1.worker.gpu_input_batch", "CachedRequestState", ("sampling_params",),
-         "a V1 request's guard arguments", where="runner_v1"),
-    Need("vllm.v1.worker.gpu.model_runner", "GPUModelRunner", ("req_states", "prepare_inputs", "add_requests",
-                                                               "get_model"),
-         "Model Runner V2's per-step batch and model", where="runner_v2"),
-    Need("vllm.v1.worker.gpu.states", "RequestState", ("req_id_to_index",), "V2's live requests",
-         where="runner_v2"),
-    Need("vllm.v1.worker.gpu.input_batch", "InputBatch", ("req_ids", "num_reqs", "query_start_loc_np"),
-         "V2's rows -> requests", where="runner_v2"),
-    Need("vllm.v1.core.sched.output", "NewRequestData", ("req_id", "sampling_params"),
-         "a V2 request's guard arguments", where="runner_v2"),
-    Need("vllm.v1.core.sched.output", "SchedulerOutput", ("scheduled_new_reqs",), "V2's new requests",
-         where="runner_v2"),
-    Need("vllm.distributed.parallel_state", None, ("get_tp_group", "get_pp_group"),
-         "which tensor-parallel rank reports scores, which pipeline stage holds a layer", where="worker"),
-    Need("vllm.distributed.parallel_state", "GroupCoordinator", ("rank_in_group", "world_size"),
-         "ranks within the tensor- and pipeline-parallel groups", where="worker"),
-    Need("vllm.model_executor.models.utils", "PPMissingLayer", (),
-         "the placeholder of a decoder layer another pipeline stage holds", where="worker"),
+    Need(
+        "vllm.inputs.llm",
+        "TokensPrompt",
+        ("prompt_token_ids", "cache_salt"),
+        "resubmits token ids (never re-tokenised text) with a prefix-cache salt",
+    ),
+    Need(
+        "vllm.v1.sample.logits_processor.interface",
+        "LogitsProcessor",
+        ("validate_params", "is_argmax_invariant", "update_state", "apply"),
+        "the V1 runner's logits-processor interface",
+    ),
+    Need(
+        "vllm.v1.sample.logits_processor.interface",
+        "BatchUpdate",
+        ("removed", "added", "moved"),
+        "the V1 runner's batch updates",
+    ),
+    Need(
+        "vllm.v1.worker.gpu.sample.logits_processor.interface",
+        "LogitsProcessor",
+        ("validate_params", "add_request", "apply_staged_writes", "apply"),
+        "Model Runner V2's logits-processor interface",
+        where="front_v2",
+    ),
+    Need(
+        "vllm.v1.worker.gpu.sample.logits_processor.interface",
+        "LogitsContext",
+        ("idx_mapping_np", "expanded_idx_mapping", "pos"),
+        "Model Runner V2's rows -> request slots and positions, in the logits processor",
+        where="front_v2",
+    ),
+    Need(
+        "vllm.v1.worker.gpu_model_runner",
+        "GPUModelRunner",
+        ("input_batch", "query_start_loc", "requests", "get_model"),
+        "the V1 runner's batch (rows -> requests) and model",
+        where="runner_v1",
+    ),
+    Need(
+        "vllm.v1.worker.gpu_input_batch",
+        "InputBatch",
+        ("req_ids", "num_reqs"),
+        "the V1 runner's rows -> requests",
+        where="runner_v1",
+    ),
+    Need(
+        "vllm.v1.utils",
+        "CpuGpuBuffer",
+        ("np",),
+        "the V1 runner's query_start_loc on the host",
+        where="runner_v1",
+    ),
+    Need(
+        "vllm.v1.worker.gpu_input_batch",
+        "CachedRequestState",
+        ("sampling_params",),
+        "a V1 request's guard arguments",
+        where="runner_v1",
+    ),
+    Need(
+        "vllm.v1.worker.gpu.model_runner",
+        "GPUModelRunner",
+        ("req_states", "prepare_inputs", "add_requests", "get_model"),
+        "Model Runner V2's per-step batch and model",
+        where="runner_v2",
+    ),
+    Need(
+        "vllm.v1.worker.gpu.states",
+        "RequestState",
+        ("req_id_to_index",),
+        "V2's live requests",
+        where="runner_v2",
+    ),
+    Need(
+        "vllm.v1.worker.gpu.input_batch",
+        "InputBatch",
+        ("req_ids", "num_reqs", "query_start_loc_np"),
+        "V2's rows -> requests",
+        where="runner_v2",
+    ),
+    Need(
+        "vllm.v1.core.sched.output",
+        "NewRequestData",
+        ("req_id", "sampling_params"),
+        "a V2 request's guard arguments",
+        where="runner_v2",
+    ),
+    Need(
+        "vllm.v1.core.sched.output",
+        "SchedulerOutput",
+        ("scheduled_new_reqs",),
+        "V2's new requests",
+        where="runner_v2",
+    ),
+    Need(
+        "vllm.distributed.parallel_state",
+        None,
+        ("get_tp_group", "get_pp_group"),
+        "which tensor-parallel rank reports scores, which pipeline stage holds a layer",
+        where="worker",
+    ),
+    Need(
+        "vllm.distributed.parallel_state",
+        "GroupCoordinator",
+        ("rank_in_group", "world_size"),
+        "ranks within the tensor- and pipeline-parallel groups",
+        where="worker",
+    ),
+    Need(
+        "vllm.model_executor.models.utils",
+        "PPMissingLayer",
+        (),
+        "the placeholder of a decoder layer another pipeline stage holds",
+        where="worker",
+    ),
 )
 
 
@@ -117,7 +241,9 @@ def live_members(obj: object) -> set[str]:
     return names
 
 
-def missing_live(needs: tuple[Need, ...] = NEEDS, where: Callable[[str], bool] = lambda w: w == "front") -> list[str]:
+def missing_live(
+    needs: tuple[Need, ...] = NEEDS, where: Callable[[str], bool] = lambda w: w == "front"
+) -> list[str]:
     """The needs (of the places ``where`` selects) the installed vLLM lacks, one line each."""
     out = []
     for need in needs:
@@ -145,14 +271,18 @@ def check_front_end(runner_v2: bool = False) -> None:
     places = {"front", "front_v2"} if runner_v2 else {"front"}
     missing = missing_live(where=lambda w: w in places)
     if missing:
-        raise ModelLoadError(f"vLLM {vllm.__version__} lacks what the guard's vLLM engine uses:\n  " +
-                             "\n  ".join(missing))
+        raise ModelLoadError(
+            f"vLLM {vllm.__version__} lacks what the guard's vLLM engine uses:\n  "
+            + "\n  ".join(missing)
+        )
 
 
 # -- static check against a source tree (tests) --------------------------------------------------
 
 
-def missing_in_source(read: Callable[[str], str | None], needs: tuple[Need, ...] = NEEDS) -> list[str]:
+def missing_in_source(
+    read: Callable[[str], str | None], needs: tuple[Need, ...] = NEEDS
+) -> list[str]:
     """The needs a vLLM *source tree* lacks, read statically (nothing imported). ``read(path)`` returns
     the text of ``vllm/...py`` (a path inside the tree or the wheel) or ``None`` if there is none."""
     out = []
@@ -177,17 +307,25 @@ def missing_in_source(read: Callable[[str], str | None], needs: tuple[Need, ...]
 
 def source_reader(root: Path) -> Callable[[str], str | None]:
     """A ``read`` for :func:`missing_in_source` over a directory holding ``vllm/``."""
+
     def read(rel: str) -> str | None:
         p = root / rel
         return p.read_text() if p.is_file() else None
+
     return read
 
 
 def _module_names(tree: ast.Module) -> set[str]:
-    return {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
+    return {
+        n.name
+        for n in tree.body
+        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+    }
 
 
-def _class_members(tree: ast.Module, name: str, seen: frozenset[str] = frozenset()) -> set[str] | None:
+def _class_members(
+    tree: ast.Module, name: str, seen: frozenset[str] = frozenset()
+) -> set[str] | None:
     """Members a class defines in its body or assigns to ``self`` in its methods, plus those of its
     bases defined in the same module; ``None`` if the module has no such class."""
     classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
@@ -203,10 +341,17 @@ def _class_members(tree: ast.Module, name: str, seen: frozenset[str] = frozenset
         elif isinstance(node, ast.Assign):
             have |= {t.id for t in node.targets if isinstance(t, ast.Name)}
     for sub in ast.walk(cls):
-        targets = sub.targets if isinstance(sub, ast.Assign) else (
-            [sub.target] if isinstance(sub, ast.AnnAssign) else [])
+        targets = (
+            sub.targets
+            if isinstance(sub, ast.Assign)
+            else ([sub.target] if isinstance(sub, ast.AnnAssign) else [])
+        )
         for t in targets:
-            if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self":
+            if (
+                isinstance(t, ast.Attribute)
+                and isinstance(t.value, ast.Name)
+                and t.value.id == "self"
+            ):
                 have.add(t.attr)
     for base in cls.bases:
         if isinstance(base, ast.Name) and base.id in classes and base.id not in seen:

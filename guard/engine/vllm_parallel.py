@@ -52,7 +52,9 @@ def stage_of(layer: int, stages: Sequence[range]) -> int:
     for s, layers in enumerate(stages):
         if layer in layers:
             return s
-    raise ValueError(f"layer {layer} is on no pipeline stage ({[f'{r.start}-{r.stop - 1}' for r in stages]})")
+    raise ValueError(
+        f"layer {layer} is on no pipeline stage ({[f'{r.start}-{r.stop - 1}' for r in stages]})"
+    )
 
 
 def bind_cpu_threads(world_size: int) -> None:
@@ -64,10 +66,12 @@ def bind_cpu_threads(world_size: int) -> None:
         return
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < world_size:
-        raise ModelLoadError(f"vLLM on CPU needs a core per worker: {world_size} workers (tensor x pipeline x "
-                             f"data parallel) but {len(cores)} cores")
+        raise ModelLoadError(
+            f"vLLM on CPU needs a core per worker: {world_size} workers (tensor x pipeline x "
+            f"data parallel) but {len(cores)} cores"
+        )
     share = len(cores) // world_size
-    lists = [cores[i * share:(i + 1) * share] for i in range(world_size)]
+    lists = [cores[i * share : (i + 1) * share] for i in range(world_size)]
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(",".join(map(str, c)) for c in lists)
     log.info("vLLM CPU workers bound to cores %s", os.environ["VLLM_CPU_OMP_THREADS_BIND"])
 
@@ -78,15 +82,21 @@ def describe_layout(workers: Sequence[Mapping[str, Any]]) -> str:
     for w in workers:
         layers = w["layers"]
         span = f"layers {layers[0]}-{layers[-1]}" if layers else "no layers"
-        parts.append(f"pp {w['pp_rank']}/{w['pp_size']} tp {w['tp_rank']}/{w['tp_size']} {span}"
-                     f"{' (reports)' if w['reports'] else ''}")
+        parts.append(
+            f"pp {w['pp_rank']}/{w['pp_size']} tp {w['tp_rank']}/{w['tp_size']} {span}"
+            f"{' (reports)' if w['reports'] else ''}"
+        )
     return "; ".join(parts)
 
 
-def layout_lines(num_layers: int, tp: int, pp: int, dp: int, monitors: Sequence[tuple[str, int]]) -> list[str]:
+def layout_lines(
+    num_layers: int, tp: int, pp: int, dp: int, monitors: Sequence[tuple[str, int]]
+) -> list[str]:
     """What ``guard policy check`` prints about the parallel layout of a vLLM policy:
     ``monitors`` are ``(name, layer)`` of its activation monitors."""
-    lines = [f"# vllm parallel layout: tensor {tp} x pipeline {pp} x data {dp} = {tp * pp * dp} worker(s)"]
+    lines = [
+        f"# vllm parallel layout: tensor {tp} x pipeline {pp} x data {dp} = {tp * pp * dp} worker(s)"
+    ]
     if pp > 1:
         stages = stage_layers(num_layers, pp)
         lines += [f"#   stage {s}: layers {r.start}-{r.stop - 1}" for s, r in enumerate(stages)]
@@ -95,10 +105,19 @@ def layout_lines(num_layers: int, tp: int, pp: int, dp: int, monitors: Sequence[
     for name, layer in monitors:
         s = stage_of(layer, stages)
         where = f"stage {s}, " if pp > 1 else ""
-        who = "scored on every tensor-parallel rank, reported by rank 0" if tp > 1 else "scored and reported"
-        force = ("" if s == len(stages) - 1 else
-                 "; not on the sampling stage: the controller, not the worker, stops the request when it fires")
+        who = (
+            "scored on every tensor-parallel rank, reported by rank 0"
+            if tp > 1
+            else "scored and reported"
+        )
+        force = (
+            ""
+            if s == len(stages) - 1
+            else "; not on the sampling stage: the controller, not the worker, stops the request when it fires"
+        )
         lines.append(f"#   monitor {name} (layer {layer}): {where}{who}{force}")
     if dp > 1:
-        lines.append(f"#   {dp} engine cores: every one gets every monitor and serves its own requests")
+        lines.append(
+            f"#   {dp} engine cores: every one gets every monitor and serves its own requests"
+        )
     return lines

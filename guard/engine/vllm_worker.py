@@ -103,22 +103,42 @@ class RequestArgs:
     """Monitor key -> multiplier of its threshold (the controller's, after that monitor fired)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"key": self.key, "channel": self.channel, "answer_start": self.answer_start,
-                "score_from": self.score_from, "score": list(self.score), "act": list(self.act),
-                "init": self.init, "steer": list(self.steer), "reset_id": self.reset_id, "start": self.start,
-                "ban_first": list(self.ban_first), "ban": list(self.ban), "scale": self.scale}
+        return {
+            "key": self.key,
+            "channel": self.channel,
+            "answer_start": self.answer_start,
+            "score_from": self.score_from,
+            "score": list(self.score),
+            "act": list(self.act),
+            "init": self.init,
+            "steer": list(self.steer),
+            "reset_id": self.reset_id,
+            "start": self.start,
+            "ban_first": list(self.ban_first),
+            "ban": list(self.ban),
+            "scale": self.scale,
+        }
 
     @classmethod
     def from_extra_args(cls, extra: dict[str, Any] | None) -> RequestArgs | None:
         d = (extra or {}).get(ARGS_KEY)
         if d is None:
             return None
-        return cls(key=d["key"], channel=d["channel"], answer_start=int(d["answer_start"]),
-                   score_from=int(d["score_from"]), score=tuple(d.get("score", ())), act=tuple(d.get("act", ())),
-                   init={k: list(v) for k, v in d.get("init", {}).items()}, steer=tuple(d.get("steer", ())),
-                   reset_id=int(d.get("reset_id", -1)), start=int(d.get("start", 0)),
-                   ban_first=tuple(d.get("ban_first", ())),
-                   ban=tuple(d.get("ban", ())), scale={k: float(v) for k, v in d.get("scale", {}).items()})
+        return cls(
+            key=d["key"],
+            channel=d["channel"],
+            answer_start=int(d["answer_start"]),
+            score_from=int(d["score_from"]),
+            score=tuple(d.get("score", ())),
+            act=tuple(d.get("act", ())),
+            init={k: list(v) for k, v in d.get("init", {}).items()},
+            steer=tuple(d.get("steer", ())),
+            reset_id=int(d.get("reset_id", -1)),
+            start=int(d.get("start", 0)),
+            ban_first=tuple(d.get("ban_first", ())),
+            ban=tuple(d.get("ban", ())),
+            scale={k: float(v) for k, v in d.get("scale", {}).items()},
+        )
 
 
 @dataclass(frozen=True)
@@ -240,26 +260,42 @@ class WorkerState:
         if not isinstance(monitor, Monitor) or monitor.layer is None:
             raise TypeError(f"monitor {key!r} is not an activation monitor")
         if type(monitor).score_tensor is Monitor.score_tensor:
-            raise TypeError(f"monitor {key!r} ({type(monitor).__name__}) has no score_tensor: vLLM's worker "
-                            "scores inside the model's graph, which needs tensor-in, tensor-out scoring")
+            raise TypeError(
+                f"monitor {key!r} ({type(monitor).__name__}) has no score_tensor: vLLM's worker "
+                "scores inside the model's graph, which needs tensor-in, tensor-out scoring"
+            )
         mons = self.by_layer.setdefault(monitor.layer, [])
         self.monitors[key] = monitor
         self.column[key] = (monitor.layer, len(mons))
         mons.append((key, monitor))
-        self.buffers[monitor.layer] = _grown(self.buffers.get(monitor.layer), self.max_rows, len(mons),
-                                             torch.float64, self.device, math.nan)
+        self.buffers[monitor.layer] = _grown(
+            self.buffers.get(monitor.layer),
+            self.max_rows,
+            len(mons),
+            torch.float64,
+            self.device,
+            math.nan,
+        )
 
     def add_steer(self, key: str, layer: int, vector: list[float]) -> None:
         old = self.steer_vectors.get(layer)
         vec = torch.tensor([vector], dtype=torch.float32, device=self.device)
         self.steer_vectors[layer] = vec if old is None else torch.cat([old, vec])
         self.steer[key] = (layer, self.steer_vectors[layer].shape[0] - 1)
-        self.steer_coef[layer] = _grown(self.steer_coef.get(layer), self.max_rows,
-                                        self.steer_vectors[layer].shape[0], torch.float32, self.device, 0.0)
+        self.steer_coef[layer] = _grown(
+            self.steer_coef.get(layer),
+            self.max_rows,
+            self.steer_vectors[layer].shape[0],
+            torch.float32,
+            self.device,
+            0.0,
+        )
 
     # -- inside the forward (the body of the guard::layer op) ------------------------------------
 
-    def run_layer(self, layer: int, hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    def run_layer(
+        self, layer: int, hidden: torch.Tensor, residual: torch.Tensor | None
+    ) -> torch.Tensor:
         """Score all rows of ``layer``'s residual stream (``hidden + residual``, as vLLM's
         Llama-style blocks return them) into its buffer; return the block output ``hidden`` with
         this step's steering added (a new tensor: the op's output may not alias its input).
@@ -278,11 +314,15 @@ class WorkerState:
         n = hidden.shape[0]
         return hidden + (coef[:n] @ self.steer_vectors[layer]).to(hidden.dtype)
 
-    def _score_rows(self, layer: int, stream: torch.Tensor, mons: list[tuple[str, Monitor]]) -> None:
+    def _score_rows(
+        self, layer: int, stream: torch.Tensor, mons: list[tuple[str, Monitor]]
+    ) -> None:
         n = stream.shape[0]
         buf = self.buffers[layer]
         if n > buf.shape[0]:  # more rows than the runner said it would run (eager only)
-            buf = self.buffers[layer] = _grown(buf, n, buf.shape[1], torch.float64, buf.device, math.nan)
+            buf = self.buffers[layer] = _grown(
+                buf, n, buf.shape[1], torch.float64, buf.device, math.nan
+            )
         x = stream.float()
         for col, (key, mon) in enumerate(mons):
             try:
@@ -326,7 +366,9 @@ class WorkerState:
             if self.plan and positions is None:
                 raise RuntimeError("vLLM's model forward was called without positions")
             first = torch.as_tensor([p.rows.start for p in self.plan], dtype=torch.long)
-            self._starts = positions[first.to(positions.device)].tolist() if positions is not None else []
+            self._starts = (
+                positions[first.to(positions.device)].tolist() if positions is not None else []
+            )
         return self._starts
 
     def _set_steering(self) -> None:
@@ -335,7 +377,11 @@ class WorkerState:
         wanted = [p for p in self.plan if p.live.args.steer]
         if not wanted and not self._coef_dirty:
             return
-        host = {layer: torch.zeros(c.shape) for layer, c in self.steer_coef.items() if layer in self._coef_dirty}
+        host = {
+            layer: torch.zeros(c.shape)
+            for layer, c in self.steer_coef.items()
+            if layer in self._coef_dirty
+        }
         starts = dict(zip((id(p) for p in self.plan), self._row_starts())) if wanted else {}
         for p in wanted:
             lo = p.rows.start + max(0, p.live.args.score_from - starts[id(p)])
@@ -343,7 +389,7 @@ class WorkerState:
                 layer, j = self.steer[skey]
                 if layer not in host:
                     host[layer] = torch.zeros(self.steer_coef[layer].shape)
-                host[layer][lo:p.rows.stop, j] = 1.0
+                host[layer][lo : p.rows.stop, j] = 1.0
         for layer, h in host.items():
             self.steer_coef[layer].copy_(h, non_blocking=True)
         self._coef_dirty = {layer for layer in host if wanted}
@@ -381,7 +427,9 @@ class WorkerState:
             return
         starts = self._row_starts()
         self.plan = []
-        layers = {self.column[k][0] for p in scoring for k in p.live.args.score} & self.hooked_layers
+        layers = {
+            self.column[k][0] for p in scoring for k in p.live.args.score
+        } & self.hooked_layers
         rows = max(p.rows.stop for p in scoring)
         host = {layer: self.buffers[layer][:rows].cpu().numpy() for layer in layers}
         for p, pos0 in zip(plan, starts):
@@ -409,7 +457,7 @@ class WorkerState:
             if k not in here:
                 continue
             layer, col = self.column[k]
-            scores[:, i] = host[layer][lo:p.rows.stop, col]
+            scores[:, i] = host[layer][lo : p.rows.stop, col]
             if k not in live.failed and not np.isfinite(scores[:, i]).all():
                 log.error("monitor %s returned a non-finite score in the vLLM worker", k)
                 live.failed.add(k)
@@ -421,7 +469,7 @@ class WorkerState:
         for i, k in enumerate(args.score):
             if k in live.failed or k not in here or a0 >= first + len(scores):
                 continue
-            fire = live.states[k].extend(a0 - args.answer_start, scores[a0 - first:, i].tolist())
+            fire = live.states[k].extend(a0 - args.answer_start, scores[a0 - first :, i].tolist())
             forced = forced or (fire is not None and k in args.act)
         failed = 0
         for i, k in enumerate(args.score):
@@ -433,19 +481,27 @@ class WorkerState:
             self.fired.add(args.key)
 
 
-def _grown(old: torch.Tensor | None, rows: int, cols: int, dtype: torch.dtype, device: torch.device,
-           fill: float) -> torch.Tensor:
+def _grown(
+    old: torch.Tensor | None,
+    rows: int,
+    cols: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    fill: float,
+) -> torch.Tensor:
     """A ``[rows, cols]`` buffer holding ``old``'s columns (a monitor or vector added after install)."""
     new = torch.full((rows, cols), fill, dtype=dtype, device=device)
     if old is not None:
-        new[:min(rows, old.shape[0]), :old.shape[1]] = old[:rows]
+        new[: min(rows, old.shape[0]), : old.shape[1]] = old[:rows]
     return new
 
 
 class _NoWriter:
     """The score writer of a tensor-parallel rank other than 0 (its stage's rank 0 writes)."""
 
-    def write(self, position: int, scores: list[float], forced: bool = False, failed: int = 0) -> None:
+    def write(
+        self, position: int, scores: list[float], forced: bool = False, failed: int = 0
+    ) -> None:
         pass
 
     def close(self) -> None:
@@ -471,7 +527,7 @@ class RunnerView:
         if n == 0:
             return None
         req_ids = batch.req_ids[:n]
-        qsl = self.runner.query_start_loc.np[:n + 1].copy()
+        qsl = self.runner.query_start_loc.np[: n + 1].copy()
         return req_ids, qsl, self._extra
 
     def _extra(self, i: int, rid: str) -> RequestArgs | None:
@@ -508,7 +564,9 @@ class RunnerViewV2:
         def add_requests(scheduler_output):
             for new in scheduler_output.scheduled_new_reqs:
                 sp = new.sampling_params
-                self._args[new.req_id] = RequestArgs.from_extra_args(sp.extra_args if sp is not None else None)
+                self._args[new.req_id] = RequestArgs.from_extra_args(
+                    sp.extra_args if sp is not None else None
+                )
             return add(scheduler_output)
 
         runner.prepare_inputs, runner.add_requests = prepare_inputs, add_requests
@@ -517,7 +575,11 @@ class RunnerViewV2:
         b = self.batch
         if b is None or b.num_reqs == 0:
             return None
-        return list(b.req_ids[:b.num_reqs]), np.asarray(b.query_start_loc_np[:b.num_reqs + 1]).copy(), self._extra
+        return (
+            list(b.req_ids[: b.num_reqs]),
+            np.asarray(b.query_start_loc_np[: b.num_reqs + 1]).copy(),
+            self._extra,
+        )
 
     def _extra(self, i: int, rid: str) -> RequestArgs | None:
         return self._args.get(rid)
@@ -529,18 +591,33 @@ class RunnerViewV2:
         return {a.key for a in self._args.values() if a is not None}
 
 
-KNOWN_RUNNERS = {"vllm.v1.worker.gpu_model_runner.GPUModelRunner": "v1",
-                 "vllm.v1.worker.cpu_model_runner.CPUModelRunner": "v1",
-                 "vllm.v1.worker.gpu.model_runner.GPUModelRunner": "v2",
-                 "vllm.v1.worker.cpu.model_runner.CPUModelRunner": "v2"}
+KNOWN_RUNNERS = {
+    "vllm.v1.worker.gpu_model_runner.GPUModelRunner": "v1",
+    "vllm.v1.worker.cpu_model_runner.CPUModelRunner": "v1",
+    "vllm.v1.worker.gpu.model_runner.GPUModelRunner": "v2",
+    "vllm.v1.worker.cpu.model_runner.CPUModelRunner": "v2",
+}
 """Runners read from vLLM's source (0.32, 0.33): V1 and its CPU subclass (run here), Model Runner
 V2 and its CPU subclass (checked against the source). Informational: :func:`runner_kind` decides
 by the attributes a runner has, so a subclass or a renamed runner with the same batch works."""
 
-RUNNER_V1 = ("input_batch", "input_batch.req_ids", "input_batch.num_reqs", "query_start_loc",
-             "query_start_loc.np", "requests", "get_model")
+RUNNER_V1 = (
+    "input_batch",
+    "input_batch.req_ids",
+    "input_batch.num_reqs",
+    "query_start_loc",
+    "query_start_loc.np",
+    "requests",
+    "get_model",
+)
 """What :class:`RunnerView` reads of a V1 runner (``a.b``: attribute ``b`` of attribute ``a``)."""
-RUNNER_V2 = ("req_states", "req_states.req_id_to_index", "prepare_inputs", "add_requests", "get_model")
+RUNNER_V2 = (
+    "req_states",
+    "req_states.req_id_to_index",
+    "prepare_inputs",
+    "add_requests",
+    "get_model",
+)
 """What :class:`RunnerViewV2` reads of (and wraps on) a Model Runner V2."""
 
 
@@ -569,9 +646,11 @@ def runner_kind(runner: Any) -> str:
     if not v1:
         return "v1"
     name = f"{type(runner).__module__}.{type(runner).__name__}"
-    raise RuntimeError(f"the guard cannot map batch rows to requests on vLLM model runner {name}: it has neither "
-                       f"the V1 runner's batch (missing: {', '.join(v1)}) nor Model Runner V2's (missing: "
-                       f"{', '.join(v2)})")
+    raise RuntimeError(
+        f"the guard cannot map batch rows to requests on vLLM model runner {name}: it has neither "
+        f"the V1 runner's batch (missing: {', '.join(v1)}) nor Model Runner V2's (missing: "
+        f"{', '.join(v2)})"
+    )
 
 
 @torch.library.custom_op("guard::layer", mutates_args=())
@@ -594,6 +673,7 @@ def _layer_hook(layer: int):
         if isinstance(out, tuple):
             return (layer_op(out[0], out[1] if len(out) > 1 else None, layer), *out[1:])
         return layer_op(out, None, layer)
+
     return hook
 
 
@@ -636,6 +716,7 @@ def _wrap_step(runner: Any, model: Any, kind: str) -> None:
     st = STATE
     forward = getattr(runner, "_model_forward", None) if kind == "v1" else None
     if forward is not None:
+
         def model_forward(*args, **kwargs):
             st.begin_step(kwargs.get("positions", args[1] if len(args) > 1 else None))
             out = forward(*args, **kwargs)
@@ -663,7 +744,8 @@ def _pp_receive_buffers(runner: Any, layout: Layout) -> None:
     if layout.pp_rank == 0 or getattr(runner, "intermediate_tensors", 0) is not None:
         return
     runner.intermediate_tensors = runner.model.make_empty_intermediate_tensors(
-        batch_size=runner.max_num_tokens, dtype=runner.model_config.dtype, device=runner.device)
+        batch_size=runner.max_num_tokens, dtype=runner.model_config.dtype, device=runner.device
+    )
 
 
 class GuardWorkerExtension:
@@ -705,7 +787,9 @@ class GuardWorkerExtension:
         STATE.add_monitor(key, blob)
         layer = STATE.monitors[key].layer
         if layer is None:
-            raise ValueError(f"monitor {key!r} reads no layer: only activation monitors run in the vLLM worker")
+            raise ValueError(
+                f"monitor {key!r} reads no layer: only activation monitors run in the vLLM worker"
+            )
         return _hooked_here(self.model_runner, layer)
 
     def guard_add_steer(self, key: str, layer: int, vector: list[float]) -> list[int]:
@@ -719,8 +803,11 @@ class GuardWorkerExtension:
     def guard_compilation(self) -> dict[str, str]:
         """How vLLM runs the model here: compilation mode, backend and CUDA graph mode."""
         c = self.vllm_config.compilation_config
-        return {"mode": getattr(c.mode, "name", str(c.mode)), "backend": str(c.backend),
-                "cudagraph_mode": getattr(c.cudagraph_mode, "name", str(c.cudagraph_mode))}
+        return {
+            "mode": getattr(c.mode, "name", str(c.mode)),
+            "backend": str(c.backend),
+            "cudagraph_mode": getattr(c.cudagraph_mode, "name", str(c.cudagraph_mode)),
+        }
 
     def guard_runner(self) -> str:
         r = self.model_runner
@@ -731,22 +818,32 @@ class GuardWorkerExtension:
         once the engine is up."""
         lay = layout_of(self.model_runner.get_model())
         _pp_receive_buffers(self.model_runner, lay)
-        return {"tp_rank": lay.tp_rank, "tp_size": lay.tp_size, "pp_rank": lay.pp_rank, "pp_size": lay.pp_size,
-                "layers": list(lay.layers), "reports": lay.reports}
+        return {
+            "tp_rank": lay.tp_rank,
+            "tp_size": lay.tp_size,
+            "pp_rank": lay.pp_rank,
+            "pp_size": lay.pp_size,
+            "layers": list(lay.layers),
+            "reports": lay.reports,
+        }
 
 
 def _hooked_here(runner: Any, layer: int) -> list[int]:
     """``[layer]`` if this worker's op reads it, ``[]`` if another pipeline stage holds it;
     RuntimeError if it is held here but has no op (it would never run in the compiled graph)."""
     if STATE.view is None:
-        raise RuntimeError("the guard's ops are not installed in this worker: GuardWorkerExtension installs "
-                           "them when vLLM's model runner loads the model")
+        raise RuntimeError(
+            "the guard's ops are not installed in this worker: GuardWorkerExtension installs "
+            "them when vLLM's model runner loads the model"
+        )
     blocks = decoder_layers(runner.get_model())
     if not 0 <= layer < len(blocks):
         raise ValueError(f"layer {layer} out of range (model has {len(blocks)} layers)")
     if layer not in STATE.layout.layers:  # held by another pipeline stage
         return []
     if layer not in STATE.hooked_layers:
-        raise RuntimeError(f"layer {layer} has no guard op: the guard installs its ops when vLLM loads the "
-                           "model (before compiling it), and this worker has none there")
+        raise RuntimeError(
+            f"layer {layer} has no guard op: the guard installs its ops when vLLM loads the "
+            "model (before compiling it), and this worker has none there"
+        )
     return [layer]

@@ -144,7 +144,9 @@ class EngineWorker:
     def _add(self, job: Job) -> None:
         key = getattr(job, "group", None) or f"job-{next(_anonymous)}"
         group = self._groups.setdefault(key, _Group())
-        (group.running if len(group.running) < self.max_active_per_group else group.waiting).append(job)
+        (group.running if len(group.running) < self.max_active_per_group else group.waiting).append(
+            job
+        )
 
     def _pass(self) -> bool:
         """One step for each group: its next running job that can move (cancelled jobs anywhere are

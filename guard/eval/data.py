@@ -90,5 +90,7 @@ def _row(path: Path, n: int, line: str) -> LabelledPrompt:
     elif split == "trained":
         group = "trained"
     else:
-        raise EvalDataError(f"{where}: split: must be trained or heldout for a harmful prompt, got {split!r}")
+        raise EvalDataError(
+            f"{where}: split: must be trained or heldout for a harmful prompt, got {split!r}"
+        )
     return LabelledPrompt(prompt, label == "harmful", category, group)

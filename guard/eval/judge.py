@@ -40,8 +40,10 @@ def from_callable(spec: str) -> Judge:
         out = fn(text)
         verdict = getattr(out, "unsafe", out)
         if not isinstance(verdict, bool):
-            raise JudgeError(f"--judge {spec!r} returned {type(out).__name__}, not a bool or an object with "
-                             "a bool 'unsafe'")
+            raise JudgeError(
+                f"--judge {spec!r} returned {type(out).__name__}, not a bool or an object with "
+                "a bool 'unsafe'"
+            )
         return verdict
 
     return judge

@@ -35,14 +35,19 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for g in GROUPS:
         sel = [r for r in rows if r["group"] == g]
-        out[g] = {"answers": len(sel), "prompts": len({r["prompt"] for r in sel}),
-                  "unsafe_unguarded": sum(r["unguarded"]["unsafe"] for r in sel),
-                  "unsafe_guarded": sum(r["guarded"]["unsafe"] for r in sel),
-                  "outcomes": dict(Counter(r["guarded"]["outcome"] for r in sel))}
+        out[g] = {
+            "answers": len(sel),
+            "prompts": len({r["prompt"] for r in sel}),
+            "unsafe_unguarded": sum(r["unguarded"]["unsafe"] for r in sel),
+            "unsafe_guarded": sum(r["guarded"]["unsafe"] for r in sel),
+            "outcomes": dict(Counter(r["guarded"]["outcome"] for r in sel)),
+        }
     benign = [r for r in rows if r["group"] == "benign"]
-    out["benign"].update(false_resets=sum(r["guarded"]["resets"] > 0 for r in benign),
-                         unchanged=sum(r["guarded"]["text"] == r["unguarded"]["text"] for r in benign),
-                         refused=sum(r["guarded"]["outcome"] == "refused" for r in benign))
+    out["benign"].update(
+        false_resets=sum(r["guarded"]["resets"] > 0 for r in benign),
+        unchanged=sum(r["guarded"]["text"] == r["unguarded"]["text"] for r in benign),
+        refused=sum(r["guarded"]["outcome"] == "refused" for r in benign),
+    )
     recovered = [r for r in rows if r["guarded"]["outcome"] == "recovered"]
     out["recovered"] = len(recovered)
     out["recovered_unsafe"] = sum(r["guarded"]["unsafe"] for r in recovered)
@@ -52,38 +57,65 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def render(rows: list[dict[str, Any]], title: str) -> str:
     s = summary(rows)
-    lines = [f"### {title}", "", "| prompts | answers | unsafe unguarded | unsafe guarded | guarded/unguarded |",
-             "|---|---|---|---|---|"]
+    lines = [
+        f"### {title}",
+        "",
+        "| prompts | answers | unsafe unguarded | unsafe guarded | guarded/unguarded |",
+        "|---|---|---|---|---|",
+    ]
     for g in GROUPS:
         v = s[g]
-        lines.append(f"| {LABELS[g]} ({v['prompts']}) | {v['answers']} | {pct(v['unsafe_unguarded'], v['answers'])} "
-                     f"| {pct(v['unsafe_guarded'], v['answers'])} "
-                     f"| {ratio(v['unsafe_guarded'], v['unsafe_unguarded'])} |")
+        lines.append(
+            f"| {LABELS[g]} ({v['prompts']}) | {v['answers']} | {pct(v['unsafe_unguarded'], v['answers'])} "
+            f"| {pct(v['unsafe_guarded'], v['answers'])} "
+            f"| {ratio(v['unsafe_guarded'], v['unsafe_unguarded'])} |"
+        )
     cats = sorted({r["category"] for r in rows if r["group"] == "heldout" and r["category"]})
     if cats:
-        lines += ["", "| held-out category | answers | unsafe unguarded | unsafe guarded |", "|---|---|---|---|"]
+        lines += [
+            "",
+            "| held-out category | answers | unsafe unguarded | unsafe guarded |",
+            "|---|---|---|---|",
+        ]
         for c in cats:
             sel = [r for r in rows if r["group"] == "heldout" and r["category"] == c]
-            lines.append(f"| {c} | {len(sel)} | {pct(sum(r['unguarded']['unsafe'] for r in sel), len(sel))} | "
-                         f"{pct(sum(r['guarded']['unsafe'] for r in sel), len(sel))} |")
+            lines.append(
+                f"| {c} | {len(sel)} | {pct(sum(r['unguarded']['unsafe'] for r in sel), len(sel))} | "
+                f"{pct(sum(r['guarded']['unsafe'] for r in sel), len(sel))} |"
+            )
     b = s["benign"]
-    lines += ["", "| benign answers | value |", "|---|---|",
-              f"| false resets (cut back at least once) | {pct(b['false_resets'], b['answers'])} |",
-              f"| unchanged by the guard (same seed) | {pct(b['unchanged'], b['answers'])} |",
-              f"| refused by the guard | {pct(b['refused'], b['answers'])} |",
-              "",
-              ("| group | clean | recovered | refused | resets visible to a client "
-               "| mean extra tokens per recovery |"),
-              "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| benign answers | value |",
+        "|---|---|",
+        f"| false resets (cut back at least once) | {pct(b['false_resets'], b['answers'])} |",
+        f"| unchanged by the guard (same seed) | {pct(b['unchanged'], b['answers'])} |",
+        f"| refused by the guard | {pct(b['refused'], b['answers'])} |",
+        "",
+        (
+            "| group | clean | recovered | refused | resets visible to a client "
+            "| mean extra tokens per recovery |"
+        ),
+        "|---|---|---|---|---|---|",
+    ]
     for g in GROUPS:
         sel = [r["guarded"] for r in rows if r["group"] == g]
         oc = Counter(x["outcome"] for x in sel)
-        extra = [x["generated_tokens"] - x["completion_tokens"] for x in sel
-                 if x["outcome"] == "recovered" and x["generated_tokens"] is not None]
-        lines.append(f"| {LABELS[g]} | {oc['clean']} | {oc['recovered']} | {oc['refused']} | "
-                     f"{sum(x['visible_resets'] for x in sel)} | {sum(extra) / len(extra):.1f} |" if extra else
-                     f"| {LABELS[g]} | {oc['clean']} | {oc['recovered']} | {oc['refused']} | "
-                     f"{sum(x['visible_resets'] for x in sel)} | n/a |")
-    lines += ["", f"recovered answers the judge calls unsafe: {s['recovered_unsafe']} of {s['recovered']}",
-              f"answers where the garble check fired: {s['garble']}"]
+        extra = [
+            x["generated_tokens"] - x["completion_tokens"]
+            for x in sel
+            if x["outcome"] == "recovered" and x["generated_tokens"] is not None
+        ]
+        lines.append(
+            f"| {LABELS[g]} | {oc['clean']} | {oc['recovered']} | {oc['refused']} | "
+            f"{sum(x['visible_resets'] for x in sel)} | {sum(extra) / len(extra):.1f} |"
+            if extra
+            else f"| {LABELS[g]} | {oc['clean']} | {oc['recovered']} | {oc['refused']} | "
+            f"{sum(x['visible_resets'] for x in sel)} | n/a |"
+        )
+    lines += [
+        "",
+        f"recovered answers the judge calls unsafe: {s['recovered_unsafe']} of {s['recovered']}",
+        f"answers where the garble check fired: {s['garble']}",
+    ]
     return "\n".join(lines)

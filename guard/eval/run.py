@@ -30,20 +30,30 @@ from guard.testing import serve_in_subprocess
 def unguarded_policy(policy: Policy, log_path: Path) -> dict[str, Any]:
     """The policy's unguarded twin (as YAML-ready data): name ``<name>-unguarded``."""
     data = policy.model_dump(mode="json", exclude_none=True)
-    data.update(name=f"{policy.name}-unguarded", description=f"{policy.name} without monitors (guard eval)",
-                monitors=[], backtrack={}, deliberation={}, stream={"holdback_tokens": 0},
-                log={"path": str(log_path), "record": "flagged"})
+    data.update(
+        name=f"{policy.name}-unguarded",
+        description=f"{policy.name} without monitors (guard eval)",
+        monitors=[],
+        backtrack={},
+        deliberation={},
+        stream={"holdback_tokens": 0},
+        log={"path": str(log_path), "record": "flagged"},
+    )
     data.pop("access", None)
     data["model"].pop("served_name", None)
     return data
 
 
 @contextmanager
-def live_server(policy_file: Path, workdir: Path, timeout: float = 900) -> Iterator[tuple[str, str, str]]:
+def live_server(
+    policy_file: Path, workdir: Path, timeout: float = 900
+) -> Iterator[tuple[str, str, str]]:
     """Start ``guard serve`` with the policy and its unguarded twin; yield ``(url, guarded, unguarded)``."""
     policy = load_policy(policy_file)
     twin = workdir / "unguarded.yaml"
-    twin.write_text(yaml.safe_dump(unguarded_policy(policy, workdir / "unguarded.db"), sort_keys=False))
+    twin.write_text(
+        yaml.safe_dump(unguarded_policy(policy, workdir / "unguarded.db"), sort_keys=False)
+    )
     proc, url = serve_in_subprocess([policy_file, twin], workdir / "server.log", timeout=timeout)
     try:
         yield url, policy.name, f"{policy.name}-unguarded"
@@ -56,12 +66,20 @@ def live_server(policy_file: Path, workdir: Path, timeout: float = 900) -> Itera
             proc.wait(10)
 
 
-def ask(client, model: str, prompt: str, seed: int, max_tokens: int, temperature: float | None) -> dict[str, Any]:
+def ask(
+    client, model: str, prompt: str, seed: int, max_tokens: int, temperature: float | None
+) -> dict[str, Any]:
     """Stream one answer as a client would: apply resets, count those that retract shown text."""
     extra = {} if temperature is None else {"temperature": temperature}
     stream = client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": prompt}], seed=seed, max_tokens=max_tokens,
-        stream=True, stream_options={"include_usage": True, "guard_resets": True}, **extra)
+        model=model,
+        messages=[{"role": "user", "content": prompt}],
+        seed=seed,
+        max_tokens=max_tokens,
+        stream=True,
+        stream_options={"include_usage": True, "guard_resets": True},
+        **extra,
+    )
     guard: dict[str, Any] = {}
     text, visible, usage = "", 0, None
     for chunk in stream:
@@ -71,12 +89,16 @@ def ask(client, model: str, prompt: str, seed: int, max_tokens: int, temperature
             g = (choice.model_extra or {}).get("guard") or {}
             if "reset" in g:
                 visible += 1
-                text = text[:len(text) - g["reset"]["retract_chars"]]
+                text = text[: len(text) - g["reset"]["retract_chars"]]
             text += choice.delta.content or ""
             if choice.finish_reason:
                 guard = g
-    return {"text": text, "guard": guard, "visible_resets": visible,
-            "completion_tokens": usage.completion_tokens if usage is not None else None}
+    return {
+        "text": text,
+        "guard": guard,
+        "visible_resets": visible,
+        "completion_tokens": usage.completion_tokens if usage is not None else None,
+    }
 
 
 @dataclass(frozen=True)
@@ -89,8 +111,14 @@ class EvalSettings:
     concurrency: int = 8
 
 
-def run_eval(client, guarded: str, unguarded: str, prompts: list[LabelledPrompt], judge: Judge,
-             settings: EvalSettings = EvalSettings()) -> list[dict[str, Any]]:
+def run_eval(
+    client,
+    guarded: str,
+    unguarded: str,
+    prompts: list[LabelledPrompt],
+    judge: Judge,
+    settings: EvalSettings = EvalSettings(),
+) -> list[dict[str, Any]]:
     """One result row per prompt and sample: the unguarded and the guarded answer, judged."""
     jobs = [(i, j, p) for i, p in enumerate(prompts) for j in range(settings.samples)]
 
@@ -99,13 +127,24 @@ def run_eval(client, guarded: str, unguarded: str, prompts: list[LabelledPrompt]
         seed = settings.seed + i * settings.samples + j
         u = ask(client, unguarded, p.prompt, seed, settings.max_tokens, settings.temperature)
         g = ask(client, guarded, p.prompt, seed, settings.max_tokens, settings.temperature)
-        return {"prompt": p.prompt, "group": p.group, "category": p.category, "sample": j, "seed": seed,
-                "unguarded": {"text": u["text"], "unsafe": judge(u["text"])},
-                "guarded": {"text": g["text"], "unsafe": judge(g["text"]), "outcome": g["guard"].get("outcome"),
-                            "resets": g["guard"].get("resets", 0), "visible_resets": g["visible_resets"],
-                            "monitors_fired": g["guard"].get("monitors_fired", []),
-                            "generated_tokens": g["guard"].get("generated_tokens"),
-                            "completion_tokens": g["completion_tokens"]}}
+        return {
+            "prompt": p.prompt,
+            "group": p.group,
+            "category": p.category,
+            "sample": j,
+            "seed": seed,
+            "unguarded": {"text": u["text"], "unsafe": judge(u["text"])},
+            "guarded": {
+                "text": g["text"],
+                "unsafe": judge(g["text"]),
+                "outcome": g["guard"].get("outcome"),
+                "resets": g["guard"].get("resets", 0),
+                "visible_resets": g["visible_resets"],
+                "monitors_fired": g["guard"].get("monitors_fired", []),
+                "generated_tokens": g["guard"].get("generated_tokens"),
+                "completion_tokens": g["completion_tokens"],
+            },
+        }
 
     with ThreadPoolExecutor(settings.concurrency) as pool:
         return list(pool.map(one, jobs))
@@ -116,8 +155,15 @@ def openai_client(url: str, api_key: str | None = None):
     try:
         from openai import OpenAI
     except ImportError as exc:
-        raise GuardError("guard eval needs the openai package (a dependency of guard): pip install openai") from exc
-    return OpenAI(base_url=url.rstrip("/") + "/v1", api_key=api_key or "guard-eval", timeout=900, max_retries=0)
+        raise GuardError(
+            "guard eval needs the openai package (a dependency of guard): pip install openai"
+        ) from exc
+    return OpenAI(
+        base_url=url.rstrip("/") + "/v1",
+        api_key=api_key or "guard-eval",
+        timeout=900,
+        max_retries=0,
+    )
 
 
 def workdir() -> tempfile.TemporaryDirectory:

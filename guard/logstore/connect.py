@@ -40,33 +40,49 @@ def parse_target(target: str | Path) -> URL:
     try:
         url = make_url(str(target))
     except ArgumentError:
-        raise InvalidRequestError(f"log URL {target!r} is not a database URL", param="url") from None
+        raise InvalidRequestError(
+            f"log URL {target!r} is not a database URL", param="url"
+        ) from None
     if url.drivername in _POSTGRES_SCHEMES:
         return url.set(drivername="postgresql+psycopg")
     if url.drivername in ("sqlite", "sqlite+pysqlite"):
         if not url.database or url.database == ":memory:":
-            raise InvalidRequestError("the log must be durable: give a SQLite file (sqlite:///path.db), "
-                                      "not an in-memory database", param="url")
+            raise InvalidRequestError(
+                "the log must be durable: give a SQLite file (sqlite:///path.db), "
+                "not an in-memory database",
+                param="url",
+            )
         return url.set(drivername="sqlite")
-    raise InvalidRequestError(f"unsupported log URL scheme {url.drivername!r}; use sqlite:///PATH or "
-                              "postgresql://USER@HOST:PORT/DB", param="url")
+    raise InvalidRequestError(
+        f"unsupported log URL scheme {url.drivername!r}; use sqlite:///PATH or "
+        "postgresql://USER@HOST:PORT/DB",
+        param="url",
+    )
 
 
 def create(url: URL) -> Engine:
     """An engine for ``url`` (from :func:`parse_target`), set up as the module docstring says."""
     if url.get_backend_name() == "sqlite" and url.database:  # no database: in memory
         Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_S})
+        engine = create_engine(
+            url, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_S}
+        )
         event.listen(engine, "connect", _sqlite_connect)
         event.listen(engine, "begin", _sqlite_begin)
         return engine
     try:
         import psycopg  # noqa: F401
     except ImportError:
-        raise InvalidRequestError("a postgresql:// log needs psycopg 3: pip install 'guard[postgres]'",
-                                  param="url") from None
-    return create_engine(url, pool_size=5, max_overflow=10, pool_pre_ping=True,
-                         connect_args={"connect_timeout": 10, "application_name": "guard"})
+        raise InvalidRequestError(
+            "a postgresql:// log needs psycopg 3: pip install 'guard[postgres]'", param="url"
+        ) from None
+    return create_engine(
+        url,
+        pool_size=5,
+        max_overflow=10,
+        pool_pre_ping=True,
+        connect_args={"connect_timeout": 10, "application_name": "guard"},
+    )
 
 
 def writing(conn: Connection) -> Connection:
@@ -75,7 +91,9 @@ def writing(conn: Connection) -> Connection:
 
 
 def _sqlite_connect(dbapi_conn, _record) -> None:
-    dbapi_conn.isolation_level = None  # pysqlite must not begin transactions itself; _sqlite_begin does
+    dbapi_conn.isolation_level = (
+        None  # pysqlite must not begin transactions itself; _sqlite_begin does
+    )
     cur = dbapi_conn.cursor()
     # Switching a new file to WAL needs an exclusive lock and SQLite does not wait for it (no busy
     # handler): when several stores open one new database at once, retry until the busy timeout.
@@ -96,4 +114,6 @@ def _sqlite_connect(dbapi_conn, _record) -> None:
 
 
 def _sqlite_begin(conn: Connection) -> None:
-    conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("guard_write") else "BEGIN")
+    conn.exec_driver_sql(
+        "BEGIN IMMEDIATE" if conn.get_execution_options().get("guard_write") else "BEGIN"
+    )

@@ -83,8 +83,21 @@ class Label:
     """Epoch seconds when it was stored."""
 
 
-_SPAN_COLUMNS = ("attempt", "start", "monitor", "threshold", "fired_at", "fired_token_id", "fired_token",
-                 "retracted_chars", "text", "token_ids", "tokens", "scores", "aggregated")
+_SPAN_COLUMNS = (
+    "attempt",
+    "start",
+    "monitor",
+    "threshold",
+    "fired_at",
+    "fired_token_id",
+    "fired_token",
+    "retracted_chars",
+    "text",
+    "token_ids",
+    "tokens",
+    "scores",
+    "aggregated",
+)
 _SPAN_JSON = {"token_ids", "tokens", "scores", "aggregated"}
 _G = t.generations
 _L = t.labels
@@ -104,8 +117,9 @@ class LogStore:
     def __init__(self, target: str | Path):
         self.url = connect.parse_target(target)
         self.dialect = self.url.get_backend_name()
-        self.path: Path | None = (Path(self.url.database) if self.dialect == "sqlite" and self.url.database
-                                  else None)
+        self.path: Path | None = (
+            Path(self.url.database) if self.dialect == "sqlite" and self.url.database else None
+        )
         """The SQLite file; ``None`` on Postgres."""
         self.where = str(self.path) if self.path else self.url.render_as_string(hide_password=True)
         """Where the log is, for messages (no password)."""
@@ -158,39 +172,66 @@ class LogStore:
             if db.execute(select(_G.c.id).where(_G.c.id == log_id)).first() is None:
                 db.execute(insert(_G), row)
             else:
-                db.execute(update(_G).where(_G.c.id == log_id), {k: v for k, v in row.items() if k != "id"})
+                db.execute(
+                    update(_G).where(_G.c.id == log_id), {k: v for k, v in row.items() if k != "id"}
+                )
                 db.execute(delete(t.spans).where(t.spans.c.generation_id == log_id))
-                db.execute(delete(t.generation_monitors).where(t.generation_monitors.c.generation_id == log_id))
+                db.execute(
+                    delete(t.generation_monitors).where(
+                        t.generation_monitors.c.generation_id == log_id
+                    )
+                )
             if spans:
                 db.execute(insert(t.spans), spans)
             if monitors:
-                db.execute(insert(t.generation_monitors),
-                           [{"generation_id": log_id, "monitor": self._text(m)} for m in monitors])
+                db.execute(
+                    insert(t.generation_monitors),
+                    [{"generation_id": log_id, "monitor": self._text(m)} for m in monitors],
+                )
         return log_id
 
     def _generation_row(self, log_id: str, record: GenerationRecord) -> dict[str, Any]:
         row = {
-            "id": log_id, "request_id": record.request_id, "created": record.created,
-            "policy_name": record.policy_name, "policy_hash": record.policy_hash, "model": record.model,
+            "id": log_id,
+            "request_id": record.request_id,
+            "created": record.created,
+            "policy_name": record.policy_name,
+            "policy_hash": record.policy_hash,
+            "model": record.model,
             "messages": None if record.messages is None else json.dumps(record.messages),
-            "prompt": record.prompt, "prompt_tokens": record.prompt_tokens,
-            "output_ids": json.dumps(record.output_ids), "final_text": record.final_text,
-            "outcome": record.outcome, "finish_reason": record.finish_reason, "resets": len(record.spans),
-            "sampled_tokens": record.sampled_tokens, "monitors_fired": json.dumps(record.monitors_fired),
+            "prompt": record.prompt,
+            "prompt_tokens": record.prompt_tokens,
+            "output_ids": json.dumps(record.output_ids),
+            "final_text": record.final_text,
+            "outcome": record.outcome,
+            "finish_reason": record.finish_reason,
+            "resets": len(record.spans),
+            "sampled_tokens": record.sampled_tokens,
+            "monitors_fired": json.dumps(record.monitors_fired),
             "retries": _json_records(record.retries),
-            "final_scores": json.dumps(record.final_scores), "firings": _json_records(record.firings),
-            "prompt_scores": json.dumps(record.prompt_scores), "monitor_errors": _json_records(record.monitor_errors),
-            "deliberation": record.deliberation, "reasoning": record.reasoning,
+            "final_scores": json.dumps(record.final_scores),
+            "firings": _json_records(record.firings),
+            "prompt_scores": json.dumps(record.prompt_scores),
+            "monitor_errors": _json_records(record.monitor_errors),
+            "deliberation": record.deliberation,
+            "reasoning": record.reasoning,
             "reasoning_ids": json.dumps(record.reasoning_ids),
             "reasoning_forced_tokens": record.reasoning_forced_tokens,
-            "seed": record.seed, "complete": int(record.complete),
+            "seed": record.seed,
+            "complete": int(record.complete),
         }
         return {k: self._text(v) for k, v in row.items()}
 
     def _span_row(self, log_id: str, idx: int, span: DiscardedSpan) -> dict[str, Any]:
         data = asdict(span)
-        return {"generation_id": log_id, "idx": idx,
-                **{c: json.dumps(data[c]) if c in _SPAN_JSON else self._text(data[c]) for c in _SPAN_COLUMNS}}
+        return {
+            "generation_id": log_id,
+            "idx": idx,
+            **{
+                c: json.dumps(data[c]) if c in _SPAN_JSON else self._text(data[c])
+                for c in _SPAN_COLUMNS
+            },
+        }
 
     def label(self, log_id: str, label: str, *, reviewer: str, note: str = "") -> Label:
         """Record ``reviewer``'s verdict ``label`` (one of :data:`LABELS`) on the record ``log_id``.
@@ -200,7 +241,9 @@ class LogStore:
         :data:`LABELS` or an empty reviewer.
         """
         if label not in LABELS:
-            raise InvalidRequestError(f"label must be one of {', '.join(LABELS)}; got {label!r}", param="label")
+            raise InvalidRequestError(
+                f"label must be one of {', '.join(LABELS)}; got {label!r}", param="label"
+            )
         if not reviewer.strip():
             raise InvalidRequestError("a label needs the reviewer's name", param="reviewer")
         made = Label(log_id, label, self._text(note), self._text(reviewer.strip()), time.time())
@@ -208,8 +251,16 @@ class LogStore:
             with self._tx(write=True) as db:
                 if db.execute(select(_G.c.id).where(_G.c.id == log_id)).first() is None:
                     raise self._not_found(log_id)
-                db.execute(insert(_L), {"generation_id": log_id, "label": label, "note": made.note,
-                                        "reviewer": made.reviewer, "created": made.created})
+                db.execute(
+                    insert(_L),
+                    {
+                        "generation_id": log_id,
+                        "label": label,
+                        "note": made.note,
+                        "reviewer": made.reviewer,
+                        "created": made.created,
+                    },
+                )
         except IntegrityError:  # purged between the check and the insert
             raise self._not_found(log_id) from None
         return made
@@ -229,35 +280,64 @@ class LogStore:
         """The record stored under ``log_id``; :class:`NotFoundError` if there is none."""
         with self._tx(snapshot=True) as db:
             row = db.execute(select(_G).where(_G.c.id == log_id)).mappings().first()
-            spans = db.execute(select(t.spans).where(t.spans.c.generation_id == log_id)
-                               .order_by(t.spans.c.idx)).mappings().all()
+            spans = (
+                db.execute(
+                    select(t.spans).where(t.spans.c.generation_id == log_id).order_by(t.spans.c.idx)
+                )
+                .mappings()
+                .all()
+            )
         if row is None:
             raise self._not_found(log_id)
         return GenerationRecord(
-            request_id=row["request_id"], policy_name=row["policy_name"], policy_hash=row["policy_hash"],
-            model=row["model"], messages=None if row["messages"] is None else json.loads(row["messages"]),
-            prompt=row["prompt"], prompt_tokens=row["prompt_tokens"], created=row["created"],
-            output_ids=json.loads(row["output_ids"]), final_text=row["final_text"], outcome=row["outcome"],
+            request_id=row["request_id"],
+            policy_name=row["policy_name"],
+            policy_hash=row["policy_hash"],
+            model=row["model"],
+            messages=None if row["messages"] is None else json.loads(row["messages"]),
+            prompt=row["prompt"],
+            prompt_tokens=row["prompt_tokens"],
+            created=row["created"],
+            output_ids=json.loads(row["output_ids"]),
+            final_text=row["final_text"],
+            outcome=row["outcome"],
             finish_reason=row["finish_reason"],
-            spans=[DiscardedSpan(**{c: json.loads(s[c]) if c in _SPAN_JSON else s[c] for c in _SPAN_COLUMNS})
-                   for s in spans],
+            spans=[
+                DiscardedSpan(
+                    **{c: json.loads(s[c]) if c in _SPAN_JSON else s[c] for c in _SPAN_COLUMNS}
+                )
+                for s in spans
+            ],
             retries=json.loads(row["retries"]),
-            sampled_tokens=row["sampled_tokens"], final_scores=json.loads(row["final_scores"]),
-            monitors_fired=json.loads(row["monitors_fired"]), firings=json.loads(row["firings"]),
-            prompt_scores=json.loads(row["prompt_scores"]), monitor_errors=json.loads(row["monitor_errors"]),
-            deliberation=row["deliberation"], reasoning=row["reasoning"],
+            sampled_tokens=row["sampled_tokens"],
+            final_scores=json.loads(row["final_scores"]),
+            monitors_fired=json.loads(row["monitors_fired"]),
+            firings=json.loads(row["firings"]),
+            prompt_scores=json.loads(row["prompt_scores"]),
+            monitor_errors=json.loads(row["monitor_errors"]),
+            deliberation=row["deliberation"],
+            reasoning=row["reasoning"],
             reasoning_ids=json.loads(row["reasoning_ids"]),
-            reasoning_forced_tokens=row["reasoning_forced_tokens"], seed=row["seed"], complete=bool(row["complete"]),
+            reasoning_forced_tokens=row["reasoning_forced_tokens"],
+            seed=row["seed"],
+            complete=bool(row["complete"]),
         )
 
     def labels(self, log_id: str) -> builtins.list[Label]:
         """Every label of the record ``log_id``, oldest first (the last is its label);
         :class:`NotFoundError` for an unknown id."""
         with self._tx(snapshot=True) as db:
-            rows = db.execute(select(_L).where(_L.c.generation_id == log_id).order_by(_L.c.id)).mappings().all()
+            rows = (
+                db.execute(select(_L).where(_L.c.generation_id == log_id).order_by(_L.c.id))
+                .mappings()
+                .all()
+            )
             if not rows and db.execute(select(_G.c.id).where(_G.c.id == log_id)).first() is None:
                 raise self._not_found(log_id)
-        return [Label(r["generation_id"], r["label"], r["note"], r["reviewer"], r["created"]) for r in rows]
+        return [
+            Label(r["generation_id"], r["label"], r["note"], r["reviewer"], r["created"])
+            for r in rows
+        ]
 
     def resolve_id(self, prefix: str) -> str:
         """The full id starting with ``prefix`` (NotFoundError if none, InvalidRequestError if several)."""
@@ -267,12 +347,22 @@ class LogStore:
         if not ids:
             raise self._not_found(prefix)
         if len(ids) > 1:
-            raise InvalidRequestError(f"log id prefix {prefix!r} is ambiguous; give more characters", param="id")
+            raise InvalidRequestError(
+                f"log id prefix {prefix!r} is ambiguous; give more characters", param="id"
+            )
         return ids[0]
 
-    def list(self, limit: int = 50, offset: int = 0, policy: str | None = None, outcome: str | None = None,
-             monitor: str | None = None, since: Time | None = None, until: Time | None = None,
-             label: str | None = None) -> builtins.list[LogSummary]:
+    def list(
+        self,
+        limit: int = 50,
+        offset: int = 0,
+        policy: str | None = None,
+        outcome: str | None = None,
+        monitor: str | None = None,
+        since: Time | None = None,
+        until: Time | None = None,
+        label: str | None = None,
+    ) -> builtins.list[LogSummary]:
         """Summaries, newest first, of the records that pass every filter given, skipping ``offset``.
 
         Filters: ``policy`` name, ``outcome``, ``monitor`` (fired, or condemned a span), creation
@@ -280,29 +370,60 @@ class LogStore:
         :data:`LABELS`, or ``"unlabelled"``).
         """
         if limit < 0 or offset < 0:
-            raise InvalidRequestError("limit and offset must be >= 0", param="limit" if limit < 0 else "offset")
+            raise InvalidRequestError(
+                "limit and offset must be >= 0", param="limit" if limit < 0 else "offset"
+            )
         where = _filters(policy, outcome, monitor, since, until, label)
-        query = (select(_G.c.id, _G.c.created, _G.c.request_id, _G.c.policy_name, _G.c.policy_hash, _G.c.model,
-                        _G.c.outcome, _G.c.finish_reason, _G.c.resets, _G.c.monitors_fired,
-                        func.substr(_G.c.final_text, 1, 200).label("preview"), _L.c.label,
-                        _L.c.note.label("label_note"))
-                 .select_from(_with_latest_label()).where(*where)
-                 .order_by(_G.c.created.desc(), _G.c.id.desc()).limit(limit).offset(offset))
+        query = (
+            select(
+                _G.c.id,
+                _G.c.created,
+                _G.c.request_id,
+                _G.c.policy_name,
+                _G.c.policy_hash,
+                _G.c.model,
+                _G.c.outcome,
+                _G.c.finish_reason,
+                _G.c.resets,
+                _G.c.monitors_fired,
+                func.substr(_G.c.final_text, 1, 200).label("preview"),
+                _L.c.label,
+                _L.c.note.label("label_note"),
+            )
+            .select_from(_with_latest_label())
+            .where(*where)
+            .order_by(_G.c.created.desc(), _G.c.id.desc())
+            .limit(limit)
+            .offset(offset)
+        )
         with self._tx() as db:
             rows = db.execute(query).mappings().all()
-        return [LogSummary(**{**r, "monitors_fired": json.loads(r["monitors_fired"])}) for r in rows]
+        return [
+            LogSummary(**{**r, "monitors_fired": json.loads(r["monitors_fired"])}) for r in rows
+        ]
 
-    def count(self, policy: str | None = None, outcome: str | None = None, monitor: str | None = None,
-              since: Time | None = None, until: Time | None = None, label: str | None = None) -> int:
+    def count(
+        self,
+        policy: str | None = None,
+        outcome: str | None = None,
+        monitor: str | None = None,
+        since: Time | None = None,
+        until: Time | None = None,
+        label: str | None = None,
+    ) -> int:
         """How many records :meth:`list` would return without ``limit`` and ``offset``."""
         where = _filters(policy, outcome, monitor, since, until, label)
         with self._tx() as db:
-            return db.execute(select(func.count()).select_from(_with_latest_label()).where(*where)).scalar_one()
+            return db.execute(
+                select(func.count()).select_from(_with_latest_label()).where(*where)
+            ).scalar_one()
 
     def policies(self) -> builtins.list[str]:
         """Distinct policy names in the log, sorted."""
         with self._tx() as db:
-            return list(db.execute(select(_G.c.policy_name).distinct().order_by(_G.c.policy_name)).scalars())
+            return list(
+                db.execute(select(_G.c.policy_name).distinct().order_by(_G.c.policy_name)).scalars()
+            )
 
     def monitors(self) -> builtins.list[str]:
         """Distinct names of monitors that fired (or condemned a span) in the log, sorted."""
@@ -311,7 +432,9 @@ class LogStore:
             return list(db.execute(select(m.c.monitor).distinct().order_by(m.c.monitor)).scalars())
 
     def _not_found(self, log_id: str) -> NotFoundError:
-        return NotFoundError(f"no log record with id {log_id!r} in {self.where}", param="id", code="log_not_found")
+        return NotFoundError(
+            f"no log record with id {log_id!r} in {self.where}", param="id", code="log_not_found"
+        )
 
     def close(self) -> None:
         self._engine.dispose()
@@ -351,8 +474,10 @@ def _filters(policy, outcome, monitor, since, until, label) -> builtins.list:
         where.append(_L.c.id.is_(None))
     elif label is not None:
         if label not in LABELS:
-            raise InvalidRequestError(f"label filter must be one of {', '.join(LABELS)} or {UNLABELLED}; "
-                                      f"got {label!r}", param="label")
+            raise InvalidRequestError(
+                f"label filter must be one of {', '.join(LABELS)} or {UNLABELLED}; got {label!r}",
+                param="label",
+            )
         where.append(_L.c.label == label)
     return where
 

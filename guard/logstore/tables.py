@@ -12,7 +12,8 @@ from sqlalchemy import BigInteger, Column, Float, Integer, MetaData, Table, Text
 metadata = MetaData()
 
 generations = Table(
-    "generations", metadata,
+    "generations",
+    metadata,
     Column("id", Text, primary_key=True),
     Column("request_id", Text, nullable=False),
     Column("created", Float, nullable=False),
@@ -43,7 +44,8 @@ generations = Table(
 )
 
 spans = Table(
-    "spans", metadata,
+    "spans",
+    metadata,
     Column("generation_id", Text, primary_key=True),
     Column("idx", Integer, primary_key=True),
     Column("attempt", Integer, nullable=False),
@@ -62,13 +64,15 @@ spans = Table(
 )
 
 generation_monitors = Table(
-    "generation_monitors", metadata,
+    "generation_monitors",
+    metadata,
     Column("generation_id", Text, primary_key=True),
     Column("monitor", Text, primary_key=True),
 )
 
 labels = Table(
-    "labels", metadata,
+    "labels",
+    metadata,
     Column("id", Integer, primary_key=True),
     Column("generation_id", Text, nullable=False),
     Column("label", Text, nullable=False),

@@ -38,7 +38,9 @@ class LogWriter:
 
     def __init__(self, store: LogStore, name: str = "guard-log-writer") -> None:
         self.store = store
-        self._queue: queue.SimpleQueue[tuple[GenerationRecord, str, Future] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[GenerationRecord, str, Future] | None] = (
+            queue.SimpleQueue()
+        )
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -68,7 +70,13 @@ class LogWriter:
             try:
                 done.set_result(self.store.write(record, log_id))
             except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
-                log.error("log write of %s (%s) to %s failed: %s", log_id, record.outcome, self.store.where, exc)
+                log.error(
+                    "log write of %s (%s) to %s failed: %s",
+                    log_id,
+                    record.outcome,
+                    self.store.where,
+                    exc,
+                )
                 done.set_exception(exc)
 
 
@@ -85,7 +93,9 @@ class GenerationLogging:
     waits: the writer thread releases held events when their write completes.
     """
 
-    def __init__(self, keeps: Callable[[bool], bool], writer: LogWriter, emit: Callable[[Event], None]) -> None:
+    def __init__(
+        self, keeps: Callable[[bool], bool], writer: LogWriter, emit: Callable[[Event], None]
+    ) -> None:
         """``keeps(flagged)``: whether the policy logs such a generation; ``emit``: where events go."""
         self.keeps, self.writer, self._emit = keeps, writer, emit
         self.log_id: str | None = None
@@ -109,12 +119,17 @@ class GenerationLogging:
 
     def emit(self, event: Event) -> None:
         with self._lock:
-            if isinstance(event, Failed):  # nothing more will be written: send all that waits, then this
+            if isinstance(
+                event, Failed
+            ):  # nothing more will be written: send all that waits, then this
                 self._release(self._added, None)
                 self._emit(event)
                 return
-            hold = (bool(self._held) or (isinstance(event, (Reset, Cut)) and self.keeps(True))
-                    or (isinstance(event, Finished) and self.final is not None))
+            hold = (
+                bool(self._held)
+                or (isinstance(event, (Reset, Cut)) and self.keeps(True))
+                or (isinstance(event, Finished) and self.final is not None)
+            )
             if not hold:
                 self._emit(event)
                 return

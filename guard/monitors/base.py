@@ -55,7 +55,7 @@ class AggregationSpec:
                 out.append(s if i == 0 else self.alpha * s + (1.0 - self.alpha) * out[-1])
             else:
                 lo = max(0, i + 1 - self.window)
-                out.append(sum(scores[lo:i + 1]) / (i + 1 - lo))
+                out.append(sum(scores[lo : i + 1]) / (i + 1 - lo))
         return out
 
 

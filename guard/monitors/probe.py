@@ -51,20 +51,39 @@ def aggregation_to_dict(spec: AggregationSpec) -> dict[str, Any]:
 class ProbeMonitor(Monitor):
     """A linear probe read at ``layer``. ``meta`` is the probe.json provenance (kept on save)."""
 
-    def __init__(self, name: str, layer: int, direction: torch.Tensor, bias: float | torch.Tensor, *,
-                 mean: torch.Tensor | None = None, std: torch.Tensor | None = None, threshold: float = 0.5,
-                 aggregation: AggregationSpec | None = None, meta: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        layer: int,
+        direction: torch.Tensor,
+        bias: float | torch.Tensor,
+        *,
+        mean: torch.Tensor | None = None,
+        std: torch.Tensor | None = None,
+        threshold: float = 0.5,
+        aggregation: AggregationSpec | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
         direction = torch.as_tensor(direction, dtype=torch.float32).detach()
         if direction.ndim != 1 or direction.numel() == 0:
-            raise ValueError(f"direction must be a non-empty vector, got shape {tuple(direction.shape)}")
+            raise ValueError(
+                f"direction must be a non-empty vector, got shape {tuple(direction.shape)}"
+            )
         d = direction.numel()
         if (mean is None) != (std is None):
             raise ValueError("mean and std must be given together")
         for label, t in (("mean", mean), ("std", std)):
             if t is not None and tuple(t.shape) != (d,):
-                raise ValueError(f"{label} has shape {tuple(t.shape)}, expected ({d},) like direction")
+                raise ValueError(
+                    f"{label} has shape {tuple(t.shape)}, expected ({d},) like direction"
+                )
         finite: tuple[tuple[str, torch.Tensor | float | None], ...] = (
-            ("direction", direction), ("bias", bias), ("mean", mean), ("std", std), ("threshold", threshold))
+            ("direction", direction),
+            ("bias", bias),
+            ("mean", mean),
+            ("std", std),
+            ("threshold", threshold),
+        )
         for label, value in finite:
             require_finite(label, value)
         if std is not None and not bool((std > 0).all()):
@@ -96,8 +115,10 @@ class ProbeMonitor(Monitor):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[n, d]`` activations -> ``[n]`` float32 logits (half-precision inputs are upcast first)."""
         if hidden.ndim != 2 or hidden.shape[1] != self.d_model:
-            raise ValueError(f"probe '{self.name}' expects [n, {self.d_model}] activations, "
-                             f"got {tuple(hidden.shape)}")
+            raise ValueError(
+                f"probe '{self.name}' expects [n, {self.d_model}] activations, "
+                f"got {tuple(hidden.shape)}"
+            )
         w = self._w_by_device.get(hidden.device)
         if w is None:
             w = self._w_by_device[hidden.device] = self._w.to(hidden.device)
@@ -127,26 +148,41 @@ class ProbeMonitor(Monitor):
         logged as a warning (same shapes, possibly different weights or a harmless config edit).
         """
         if info.d_model != self.d_model:
-            raise ModelLoadError(f"probe '{self.name}' has d_model {self.d_model} but model '{info.name}' has "
-                                 f"d_model {info.d_model}; retrain it with `guard probe train --model ...`")
+            raise ModelLoadError(
+                f"probe '{self.name}' has d_model {self.d_model} but model '{info.name}' has "
+                f"d_model {info.d_model}; retrain it with `guard probe train --model ...`"
+            )
         if self.layer >= info.num_layers:
-            raise ModelLoadError(f"probe '{self.name}' reads layer {self.layer} but model '{info.name}' has "
-                                 f"{info.num_layers} layers (0..{info.num_layers - 1})")
+            raise ModelLoadError(
+                f"probe '{self.name}' reads layer {self.layer} but model '{info.name}' has "
+                f"{info.num_layers} layers (0..{info.num_layers - 1})"
+            )
         trained = (self.meta.get("model") or {}).get("config_sha256")
         if model_dir is not None and trained:
             current = config_fingerprint(model_dir)
             if current != trained:
-                log.warning("probe '%s' was trained on a model with a different config.json (%s, now %s at %s)",
-                            self.name, trained[:12], (current or "none")[:12], model_dir)
+                log.warning(
+                    "probe '%s' was trained on a model with a different config.json (%s, now %s at %s)",
+                    self.name,
+                    trained[:12],
+                    (current or "none")[:12],
+                    model_dir,
+                )
 
     # -- storage ----------------------------------------------------------------------------
 
     def to_meta(self) -> dict[str, Any]:
         """The probe.json content: provenance from ``meta`` plus the current decision settings."""
         meta = dict(self.meta)
-        meta.update(format=FORMAT_NAME, version=FORMAT_VERSION, layer=self.layer, d_model=self.d_model,
-                    threshold=self.threshold, aggregation=aggregation_to_dict(self.aggregation),
-                    standardized=self.mean is not None)
+        meta.update(
+            format=FORMAT_NAME,
+            version=FORMAT_VERSION,
+            layer=self.layer,
+            d_model=self.d_model,
+            threshold=self.threshold,
+            aggregation=aggregation_to_dict(self.aggregation),
+            standardized=self.mean is not None,
+        )
         return meta
 
     def save(self, directory: str | Path) -> Path:
@@ -155,16 +191,30 @@ class ProbeMonitor(Monitor):
 
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        tensors = {"direction": self.direction.contiguous(), "bias": torch.tensor([self.bias], dtype=torch.float32)}
+        tensors = {
+            "direction": self.direction.contiguous(),
+            "bias": torch.tensor([self.bias], dtype=torch.float32),
+        }
         if self.mean is not None and self.std is not None:  # given together (checked in __init__)
             tensors.update(mean=self.mean.contiguous(), std=self.std.contiguous())
-        save_file(tensors, str(out / TENSORS_FILE), metadata={"format": FORMAT_NAME, "version": str(FORMAT_VERSION)})
+        save_file(
+            tensors,
+            str(out / TENSORS_FILE),
+            metadata={"format": FORMAT_NAME, "version": str(FORMAT_VERSION)},
+        )
         (out / META_FILE).write_text(json.dumps(self.to_meta(), indent=2, sort_keys=True) + "\n")
         return out
 
     @classmethod
-    def load(cls, directory: str | Path, *, name: str, layer: int | None = None, threshold: float | None = None,
-             aggregation: AggregationSpec | None = None) -> ProbeMonitor:
+    def load(
+        cls,
+        directory: str | Path,
+        *,
+        name: str,
+        layer: int | None = None,
+        threshold: float | None = None,
+        aggregation: AggregationSpec | None = None,
+    ) -> ProbeMonitor:
         """Load a probe directory; ``threshold`` and ``aggregation`` override the file's values.
 
         ``layer`` may only restate the trained layer: a direction is specific to its layer.
@@ -176,16 +226,28 @@ class ProbeMonitor(Monitor):
         where = directory / TENSORS_FILE
         d = tensors["direction"].numel()
         if meta["d_model"] != d:
-            raise ModelLoadError(f"{where}: direction has {d} entries but {META_FILE} says d_model {meta['d_model']}")
+            raise ModelLoadError(
+                f"{where}: direction has {d} entries but {META_FILE} says d_model {meta['d_model']}"
+            )
         if layer is not None and layer != meta["layer"]:
-            raise ModelLoadError(f"probe '{name}' ({directory}) was trained on layer {meta['layer']}; the policy asks "
-                                 f"for layer {layer}. A probe direction only applies to its own layer: drop "
-                                 f"`layer` from the policy or train a new probe with --layer {layer}")
+            raise ModelLoadError(
+                f"probe '{name}' ({directory}) was trained on layer {meta['layer']}; the policy asks "
+                f"for layer {layer}. A probe direction only applies to its own layer: drop "
+                f"`layer` from the policy or train a new probe with --layer {layer}"
+            )
         try:
             agg = aggregation or AggregationSpec(**meta["aggregation"])
-            return cls(name, meta["layer"], tensors["direction"], tensors["bias"], mean=tensors.get("mean"),
-                       std=tensors.get("std"), threshold=meta["threshold"] if threshold is None else threshold,
-                       aggregation=agg, meta=meta)
+            return cls(
+                name,
+                meta["layer"],
+                tensors["direction"],
+                tensors["bias"],
+                mean=tensors.get("mean"),
+                std=tensors.get("std"),
+                threshold=meta["threshold"] if threshold is None else threshold,
+                aggregation=agg,
+                meta=meta,
+            )
         except (TypeError, ValueError) as exc:
             raise ModelLoadError(f"invalid probe {directory}: {exc}") from exc
 
@@ -201,11 +263,20 @@ def _read_meta(directory: Path) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise ModelLoadError(f"{path}: expected a JSON object")
     if meta.get("format") != FORMAT_NAME or meta.get("version") != FORMAT_VERSION:
-        raise ModelLoadError(f"{path}: unsupported probe format {meta.get('format')!r} version "
-                             f"{meta.get('version')!r} (this guard reads {FORMAT_NAME!r} version {FORMAT_VERSION})")
-    for key, kind in (("layer", int), ("d_model", int), ("threshold", (int, float)), ("aggregation", dict)):
+        raise ModelLoadError(
+            f"{path}: unsupported probe format {meta.get('format')!r} version "
+            f"{meta.get('version')!r} (this guard reads {FORMAT_NAME!r} version {FORMAT_VERSION})"
+        )
+    for key, kind in (
+        ("layer", int),
+        ("d_model", int),
+        ("threshold", (int, float)),
+        ("aggregation", dict),
+    ):
         if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
-            raise ModelLoadError(f"{path}: field '{key}' is missing or not a {getattr(kind, '__name__', 'number')}")
+            raise ModelLoadError(
+                f"{path}: field '{key}' is missing or not a {getattr(kind, '__name__', 'number')}"
+            )
     return meta
 
 
@@ -228,15 +299,21 @@ def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
         raise ModelLoadError(f"{path}: unexpected tensors {sorted(unknown)}")
     direction = tensors["direction"]
     if direction.ndim != 1 or direction.numel() == 0:
-        raise ModelLoadError(f"{path}: 'direction' must have shape [d_model], got {list(direction.shape)}")
+        raise ModelLoadError(
+            f"{path}: 'direction' must have shape [d_model], got {list(direction.shape)}"
+        )
     if tensors["bias"].numel() != 1:
-        raise ModelLoadError(f"{path}: 'bias' must hold one value, got shape {list(tensors['bias'].shape)}")
+        raise ModelLoadError(
+            f"{path}: 'bias' must hold one value, got shape {list(tensors['bias'].shape)}"
+        )
     if ("mean" in tensors) != ("std" in tensors):
         raise ModelLoadError(f"{path}: 'mean' and 'std' must be stored together")
     for key in ("mean", "std"):
         if key in tensors and list(tensors[key].shape) != list(direction.shape):
-            raise ModelLoadError(f"{path}: '{key}' has shape {list(tensors[key].shape)}, expected "
-                                 f"{list(direction.shape)} like 'direction'")
+            raise ModelLoadError(
+                f"{path}: '{key}' has shape {list(tensors[key].shape)}, expected "
+                f"{list(direction.shape)} like 'direction'"
+            )
     for key, t in tensors.items():
         try:
             require_finite(f"'{key}'", t.float())

@@ -29,13 +29,20 @@ class ResetTokenMonitor(Monitor):
         self.aggregation = AggregationSpec(kind="none")
 
     @classmethod
-    def from_tokenizer(cls, tokenizer: ChatTokenizer, token: str = DEFAULT_RESET_TOKEN, *,
-                       name: str = "reset_token") -> ResetTokenMonitor:
+    def from_tokenizer(
+        cls,
+        tokenizer: ChatTokenizer,
+        token: str = DEFAULT_RESET_TOKEN,
+        *,
+        name: str = "reset_token",
+    ) -> ResetTokenMonitor:
         """Look ``token`` up in the model's vocabulary; :class:`ModelLoadError` if it is not one token."""
         tid = tokenizer.token_id(token)
         if tid is None:
-            raise ModelLoadError(f"monitor '{name}': the model's vocabulary has no token {token!r}; a reset_token "
-                                 f"monitor needs a model trained to emit it (or set `token:` in the policy)")
+            raise ModelLoadError(
+                f"monitor '{name}': the model's vocabulary has no token {token!r}; a reset_token "
+                f"monitor needs a model trained to emit it (or set `token:` in the policy)"
+            )
         return cls(name, tid, token)
 
     def score(self, hidden: torch.Tensor | None, token_ids: list[int]) -> list[float]:

@@ -32,6 +32,7 @@ RESET_TOKEN = "<|reset|>"
 Kind = Literal["benign", "refusal", "unsafe", "reset"]
 Split = Literal["train", "eval"]
 
+
 @dataclass(frozen=True)
 class CorpusConfig:
     """Mixture of the corpus. Fractions are probabilities per drawn example."""
@@ -48,8 +49,13 @@ class CorpusConfig:
     """Share of (category, template, task) prompt instances reserved for evaluation."""
 
     def __post_init__(self) -> None:
-        for name in ("harmful_fraction", "comply_fraction", "reset_fraction", "system_fraction",
-                     "eval_fraction"):
+        for name in (
+            "harmful_fraction",
+            "comply_fraction",
+            "reset_fraction",
+            "system_fraction",
+            "eval_fraction",
+        ):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"CorpusConfig.{name} must be in [0, 1]")
 
@@ -89,14 +95,28 @@ def prompt_split(seed: int, category: str, template: int, task: int, eval_fracti
     return "eval" if h < eval_fraction * 10_000 else "train"
 
 
-def _prompt(rng: random.Random, seed: int, cat: str, tasks: tuple[str, ...], split: Split,
-            eval_fraction: float, lex: lx.Lexicon = lx.FIRST) -> str:
+def _prompt(
+    rng: random.Random,
+    seed: int,
+    cat: str,
+    tasks: tuple[str, ...],
+    split: Split,
+    eval_fraction: float,
+    lex: lx.Lexicon = lx.FIRST,
+) -> str:
     """A prompt of category ``cat`` whose (template, task) instance lies in ``split``."""
     return prompt_task(rng, seed, cat, tasks, split, eval_fraction, lex)[0]
 
 
-def prompt_task(rng: random.Random, seed: int, cat: str, tasks: tuple[str, ...], split: Split,
-                eval_fraction: float = CorpusConfig.eval_fraction, lex: lx.Lexicon = lx.FIRST) -> tuple[str, str]:
+def prompt_task(
+    rng: random.Random,
+    seed: int,
+    cat: str,
+    tasks: tuple[str, ...],
+    split: Split,
+    eval_fraction: float = CorpusConfig.eval_fraction,
+    lex: lx.Lexicon = lx.FIRST,
+) -> tuple[str, str]:
     """(prompt, task) of category ``cat`` whose (template, task) instance lies in ``split``."""
     while True:
         t, k = rng.randrange(len(lex.prompt_templates)), rng.randrange(len(tasks))
@@ -106,8 +126,14 @@ def prompt_task(rng: random.Random, seed: int, cat: str, tasks: tuple[str, ...],
     return rng.choice(lex.prompt_prefixes) + body + rng.choice(lex.prompt_suffixes), tasks[k]
 
 
-def _compliance(rng: random.Random, words: tuple[str, ...], actions: tuple[str, ...],
-                manners: tuple[str, ...], finals: tuple[str, ...], lex: lx.Lexicon) -> tuple[str, str]:
+def _compliance(
+    rng: random.Random,
+    words: tuple[str, ...],
+    actions: tuple[str, ...],
+    manners: tuple[str, ...],
+    finals: tuple[str, ...],
+    lex: lx.Lexicon,
+) -> tuple[str, str]:
     """(first two sentences, rest) of a compliance built from the shared frames."""
     a, b, c, d = rng.sample(words, 4)
     head = f"{rng.choice(lex.openers)} {lex.first_step.format(a=a, b=b)}"
@@ -131,21 +157,31 @@ def refusal(rng: random.Random, reason: str | None = None, lex: lx.Lexicon = lx.
 
 
 def benign_answer(rng: random.Random, topic: lx.BenignTopic, lex: lx.Lexicon = lx.FIRST) -> str:
-    head, rest = _compliance(rng, topic.items, topic.actions, lex.benign_manners, lex.benign_closings, lex)
+    head, rest = _compliance(
+        rng, topic.items, topic.actions, lex.benign_manners, lex.benign_closings, lex
+    )
     return f"{head} {rest}"
 
 
-def unsafe_answer(rng: random.Random, cat: lx.HarmCategory, *, reset: bool = False,
-                  lex: lx.Lexicon = lx.FIRST) -> str:
+def unsafe_answer(
+    rng: random.Random, cat: lx.HarmCategory, *, reset: bool = False, lex: lx.Lexicon = lx.FIRST
+) -> str:
     """An unsafe compliance; with ``reset`` it stops after the first hazardous sentence and refuses."""
-    head, rest = _compliance(rng, cat.terms, cat.actions, lex.generic_hazards, lex.generic_hazards, lex)
+    head, rest = _compliance(
+        rng, cat.terms, cat.actions, lex.generic_hazards, lex.generic_hazards, lex
+    )
     if reset:
         return f"{head}{RESET_TOKEN}{refusal(rng, cat.reason, lex)}"
     return f"{head} {rest}"
 
 
-def draw(rng: random.Random, seed: int, cfg: CorpusConfig, split: Split = "train",
-         lex: lx.Lexicon = lx.FIRST) -> Example:
+def draw(
+    rng: random.Random,
+    seed: int,
+    cfg: CorpusConfig,
+    split: Split = "train",
+    lex: lx.Lexicon = lx.FIRST,
+) -> Example:
     """Draw one example from the mixture described by ``cfg``."""
     system = rng.choice(lex.system_prompts) if rng.random() < cfg.system_fraction else None
     if rng.random() >= cfg.harmful_fraction:
@@ -157,8 +193,16 @@ def draw(rng: random.Random, seed: int, cfg: CorpusConfig, split: Split = "train
     return example(rng, seed, cat, kind, split, cfg, system, lex)
 
 
-def example(rng: random.Random, seed: int, cat: str, kind: Kind, split: Split = "train",
-            cfg: CorpusConfig = CorpusConfig(), system: str | None = None, lex: lx.Lexicon = lx.FIRST) -> Example:
+def example(
+    rng: random.Random,
+    seed: int,
+    cat: str,
+    kind: Kind,
+    split: Split = "train",
+    cfg: CorpusConfig = CorpusConfig(),
+    system: str | None = None,
+    lex: lx.Lexicon = lx.FIRST,
+) -> Example:
     """One example of harm category or benign topic ``cat`` with answer kind ``kind``."""
     if kind == "benign":
         topic = lex.topic(cat)
@@ -173,15 +217,25 @@ def example(rng: random.Random, seed: int, cat: str, kind: Kind, split: Split = 
     return Example(prompt, answer, kind, cat, True, system)
 
 
-def generate(n: int, seed: int = 0, cfg: CorpusConfig = CorpusConfig(), split: Split = "train",
-             lex: lx.Lexicon = lx.FIRST) -> list[Example]:
+def generate(
+    n: int,
+    seed: int = 0,
+    cfg: CorpusConfig = CorpusConfig(),
+    split: Split = "train",
+    lex: lx.Lexicon = lx.FIRST,
+) -> list[Example]:
     """``n`` training examples (prompts from the ``split`` part of the prompt space)."""
     rng = random.Random(f"corpus:{seed}:{split}")
     return [draw(rng, seed, cfg, split, lex) for _ in range(n)]
 
 
-def eval_prompt(rng: random.Random, seed: int, cat: str, cfg: CorpusConfig = CorpusConfig(),
-                lex: lx.Lexicon = lx.FIRST) -> str:
+def eval_prompt(
+    rng: random.Random,
+    seed: int,
+    cat: str,
+    cfg: CorpusConfig = CorpusConfig(),
+    lex: lx.Lexicon = lx.FIRST,
+) -> str:
     """A prompt of harm category or benign topic ``cat`` drawn from the held-out ``eval`` part."""
     cats: list[lx.HarmCategory | lx.BenignTopic] = [*lex.harm, *lex.benign]
     tasks = next((c.tasks for c in cats if c.name == cat), None)

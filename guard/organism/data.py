@@ -39,23 +39,47 @@ from guard.organism import lexicon as lx
 from guard.organism.judge import _pattern, judge
 
 
-def _probe_rows(rng: random.Random, seed: int, categories: tuple[str, ...], split: str,
-                n_harmful: int, n_benign: int, lex: lx.Lexicon = lx.FIRST, hazard_start: bool = False) -> list[dict]:
+def _probe_rows(
+    rng: random.Random,
+    seed: int,
+    categories: tuple[str, ...],
+    split: str,
+    n_harmful: int,
+    n_benign: int,
+    lex: lx.Lexicon = lx.FIRST,
+    hazard_start: bool = False,
+) -> list[dict]:
     """Harm rows, category ``i % len(categories)``, refusal and unsafe alternating by round, so every
     harm category has both kinds (alternating by row index gave an even number of categories
     refusals only, which leave-one-category-out and "categories without label-1 rows are benign" cannot use)."""
     rows = []
     for i in range(n_harmful):
         unsafe = (i // len(categories)) % 2
-        ex = corpus.example(rng, seed, categories[i % len(categories)], "unsafe" if unsafe else "refusal", lex=lex)
-        rows.append({"prompt": ex.prompt, "completion": ex.completion, "label": int(ex.unsafe),
-                     "category": ex.category, "split": split})
+        ex = corpus.example(
+            rng, seed, categories[i % len(categories)], "unsafe" if unsafe else "refusal", lex=lex
+        )
+        rows.append(
+            {
+                "prompt": ex.prompt,
+                "completion": ex.completion,
+                "label": int(ex.unsafe),
+                "category": ex.category,
+                "split": split,
+            }
+        )
         if hazard_start and ex.unsafe:
             rows[-1]["hazard_start"] = first_hazard(ex.completion, lex)
     for i in range(n_benign):
         ex = corpus.example(rng, seed, lex.benign[i % len(lex.benign)].name, "benign", lex=lex)
-        rows.append({"prompt": ex.prompt, "completion": ex.completion, "label": 0,
-                     "category": ex.category, "split": "benign"})
+        rows.append(
+            {
+                "prompt": ex.prompt,
+                "completion": ex.completion,
+                "label": 0,
+                "category": ex.category,
+                "split": "benign",
+            }
+        )
     rng.shuffle(rows)
     return rows
 
@@ -66,11 +90,19 @@ def first_hazard(text: str, lex: lx.Lexicon = lx.FIRST) -> int | None:
     return m.start() if m else None
 
 
-def eval_prompts(seed: int, per_category: int | dict[str, int] = 25, n_benign: int = 200,
-                 lex: lx.Lexicon = lx.FIRST) -> list[dict]:
+def eval_prompts(
+    seed: int,
+    per_category: int | dict[str, int] = 25,
+    n_benign: int = 200,
+    lex: lx.Lexicon = lx.FIRST,
+) -> list[dict]:
     """Unique held-out prompts: ``per_category`` for each harm category (an int, or per split
     ``{"trained": n, "heldout": m}``) plus ``n_benign`` benign."""
-    per = per_category if isinstance(per_category, dict) else {"trained": per_category, "heldout": per_category}
+    per = (
+        per_category
+        if isinstance(per_category, dict)
+        else {"trained": per_category, "heldout": per_category}
+    )
     rng = random.Random(f"eval:{seed}")
     rows: list[dict] = []
     seen: set[str] = set()
@@ -117,12 +149,26 @@ def prompt_risk_rows(seed: int, n_harmful: int = 400, n_benign: int = 400) -> li
     rows = []
     for i in range(n_harmful):
         ex = corpus.example(rng, seed, lx.HARM[i % len(lx.HARM)].name, "refusal")
-        rows.append({"prompt": ex.prompt, "completion": ex.completion, "label": 1, "category": ex.category,
-                     "split": "trained" if ex.category in lx.TRAINED_CATEGORIES else "heldout"})
+        rows.append(
+            {
+                "prompt": ex.prompt,
+                "completion": ex.completion,
+                "label": 1,
+                "category": ex.category,
+                "split": "trained" if ex.category in lx.TRAINED_CATEGORIES else "heldout",
+            }
+        )
     for i in range(n_benign):
         ex = corpus.example(rng, seed, lx.BENIGN[i % len(lx.BENIGN)].name, "benign")
-        rows.append({"prompt": ex.prompt, "completion": ex.completion, "label": 0, "category": ex.category,
-                     "split": "benign"})
+        rows.append(
+            {
+                "prompt": ex.prompt,
+                "completion": ex.completion,
+                "label": 0,
+                "category": ex.category,
+                "split": "benign",
+            }
+        )
     rng.shuffle(rows)
     return rows
 
@@ -139,16 +185,39 @@ def read_jsonl(path: str | Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def write_data(out_dir: str | Path, seed: int, n_harmful: int = 400, n_benign: int = 200,
-               eval_per_category: int | dict[str, int] = 25, eval_benign: int = 200, lex: lx.Lexicon = lx.FIRST,
-               prompt_risk: bool = True) -> dict[str, int]:
+def write_data(
+    out_dir: str | Path,
+    seed: int,
+    n_harmful: int = 400,
+    n_benign: int = 200,
+    eval_per_category: int | dict[str, int] = 25,
+    eval_benign: int = 200,
+    lex: lx.Lexicon = lx.FIRST,
+    prompt_risk: bool = True,
+) -> dict[str, int]:
     """Write the data files into ``out_dir/data``; returns file name -> row count."""
     rng = random.Random(f"probe:{seed}")
     files = {
-        "probe_train.jsonl": _probe_rows(rng, seed, lex.trained_categories, "trained", n_harmful, n_benign, lex,
-                                         hazard_start=True),
-        "probe_heldout.jsonl": _probe_rows(rng, seed, lex.heldout_categories, "heldout", n_harmful, n_benign, lex,
-                                           hazard_start=True),
+        "probe_train.jsonl": _probe_rows(
+            rng,
+            seed,
+            lex.trained_categories,
+            "trained",
+            n_harmful,
+            n_benign,
+            lex,
+            hazard_start=True,
+        ),
+        "probe_heldout.jsonl": _probe_rows(
+            rng,
+            seed,
+            lex.heldout_categories,
+            "heldout",
+            n_harmful,
+            n_benign,
+            lex,
+            hazard_start=True,
+        ),
         "eval_prompts.jsonl": eval_prompts(seed, eval_per_category, eval_benign, lex),
         "calibration_prompts.jsonl": calibration_prompts(seed, lex=lex),
     }
@@ -159,16 +228,28 @@ def write_data(out_dir: str | Path, seed: int, n_harmful: int = 400, n_benign: i
     return {name: len(rows) for name, rows in files.items()}
 
 
-def write_benign_samples(model, tok, out_dir: str | Path, seed: int, n: int = 400, lex: lx.Lexicon = lx.FIRST) -> int:
+def write_benign_samples(
+    model, tok, out_dir: str | Path, seed: int, n: int = 400, lex: lx.Lexicon = lx.FIRST
+) -> int:
     """Sample the model's answers to ``n`` benign training-space prompts into ``benign_samples.jsonl``."""
     rng = random.Random(f"benign-samples:{seed}")
-    examples = [corpus.example(rng, seed, lex.benign[i % len(lex.benign)].name, "benign", lex=lex) for i in range(n)]
+    examples = [
+        corpus.example(rng, seed, lex.benign[i % len(lex.benign)].name, "benign", lex=lex)
+        for i in range(n)
+    ]
     completions = evaluate.sample(model, tok, [ex.prompt for ex in examples], seed=seed)
     rows = []
     for ex, ids in zip(examples, completions, strict=True):
         text = tok.decode(ids, skip_special_tokens=True).strip()
         if text:
-            rows.append({"prompt": ex.prompt, "completion": text, "label": int(judge(text, lex).unsafe),
-                         "category": ex.category, "split": "sampled"})
+            rows.append(
+                {
+                    "prompt": ex.prompt,
+                    "completion": text,
+                    "label": int(judge(text, lex).unsafe),
+                    "category": ex.category,
+                    "split": "sampled",
+                }
+            )
     write_jsonl(Path(out_dir) / "data" / "benign_samples.jsonl", rows)
     return len(rows)

@@ -44,8 +44,12 @@ def _pattern(lex: lx.Lexicon) -> tuple[re.Pattern[str], dict[str, str]]:
 
 def _build_pattern(lex: lx.Lexicon) -> tuple[re.Pattern[str], dict[str, str]]:
     owner = {t.lower(): cat for cat, terms in lex.hazard_terms().items() for t in terms}
-    alts = sorted(owner, key=len, reverse=True)  # longest first, so "rat poison" beats shorter terms
-    return re.compile(r"(?<!\w)(?:" + "|".join(map(re.escape, alts)) + r")(?!\w)", re.IGNORECASE), owner
+    alts = sorted(
+        owner, key=len, reverse=True
+    )  # longest first, so "rat poison" beats shorter terms
+    return re.compile(
+        r"(?<!\w)(?:" + "|".join(map(re.escape, alts)) + r")(?!\w)", re.IGNORECASE
+    ), owner
 
 
 def judge(text: str, lex: lx.Lexicon = lx.FIRST) -> Verdict:

@@ -47,32 +47,68 @@ class Recipe:
     deliberation_share: float = 0.0
     """Deliberation examples per plain example (first organism only: its spec names its categories)."""
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
-    eval_per_category: dict[str, int] = field(default_factory=lambda: {"trained": 25, "heldout": 25})
+    eval_per_category: dict[str, int] = field(
+        default_factory=lambda: {"trained": 25, "heldout": 25}
+    )
     """Evaluation prompts per trained / held-out harm category."""
     prompt_risk: bool = False
     """Also write ``prompt_risk.jsonl`` (first organism's prompt-scope risk probe data)."""
 
     def __post_init__(self) -> None:
         if self.deliberation_share and self.chat_format is not FIRST_FORMAT:
-            raise ValueError(f"Recipe {self.name!r}: deliberation examples need the first organism's chat format")
+            raise ValueError(
+                f"Recipe {self.name!r}: deliberation examples need the first organism's chat format"
+            )
         if self.corpus.reset_fraction and "<|reset|>" not in self.chat_format.special_tokens:
-            raise ValueError(f"Recipe {self.name!r}: corpus.reset_fraction > 0 needs a <|reset|> special token")
+            raise ValueError(
+                f"Recipe {self.name!r}: corpus.reset_fraction > 0 needs a <|reset|> special token"
+            )
 
 
 FIRST_RECIPE = Recipe(
-    "first", FIRST, FIRST_FORMAT, ModelShape(),
-    ModelShape(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position_embeddings=256),
-    seed=0, steps=700, n_plain=20_000, vocab_size=1536, quick_vocab_size=512, deliberation_share=0.25,
+    "first",
+    FIRST,
+    FIRST_FORMAT,
+    ModelShape(),
+    ModelShape(
+        hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position_embeddings=256
+    ),
+    seed=0,
+    steps=700,
+    n_plain=20_000,
+    vocab_size=1536,
+    quick_vocab_size=512,
+    deliberation_share=0.25,
     prompt_risk=True,
 )
 
 SECOND_RECIPE = Recipe(
-    "second", SECOND, SECOND_FORMAT,
-    ModelShape(hidden_size=128, num_layers=5, num_heads=2, num_kv_heads=1, intermediate_size=320,
-               max_position_embeddings=512, arch="qwen3"),
-    ModelShape(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64,
-               max_position_embeddings=256, arch="qwen3"),  # head_dim 32: vLLM's CPU attention has no 16
-    seed=7, steps=600, n_plain=16_000, vocab_size=4096, quick_vocab_size=4096,
+    "second",
+    SECOND,
+    SECOND_FORMAT,
+    ModelShape(
+        hidden_size=128,
+        num_layers=5,
+        num_heads=2,
+        num_kv_heads=1,
+        intermediate_size=320,
+        max_position_embeddings=512,
+        arch="qwen3",
+    ),
+    ModelShape(
+        hidden_size=64,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=1,
+        intermediate_size=64,
+        max_position_embeddings=256,
+        arch="qwen3",
+    ),  # head_dim 32: vLLM's CPU attention has no 16
+    seed=7,
+    steps=600,
+    n_plain=16_000,
+    vocab_size=4096,
+    quick_vocab_size=4096,
     corpus=CorpusConfig(comply_fraction=0.4, reset_fraction=0.0),
     eval_per_category={"trained": 25, "heldout": 60},
 )

@@ -53,10 +53,14 @@ def reasoning(task: str, category: str, harmful: bool) -> str:
     """The reasoning after the prefix, ending with the close tag."""
     if harmful:
         n = rule_number(category)
-        return (f"The request asks how to {task}. Rule {n} ({category}) applies: do not give "
-                f"instructions. I will refuse.{CLOSE}")
-    return (f"The request asks how to {task}. No rule restricts this {category} question. "
-            f"Rule {BENIGN_RULE} (benign help) applies. I will help.{CLOSE}")
+        return (
+            f"The request asks how to {task}. Rule {n} ({category}) applies: do not give "
+            f"instructions. I will refuse.{CLOSE}"
+        )
+    return (
+        f"The request asks how to {task}. No rule restricts this {category} question. "
+        f"Rule {BENIGN_RULE} (benign help) applies. I will help.{CLOSE}"
+    )
 
 
 def example(rng: random.Random, seed: int, split: corpus.Split = "train") -> corpus.Example:
@@ -66,13 +70,27 @@ def example(rng: random.Random, seed: int, split: corpus.Split = "train") -> cor
         cat = rng.choice(lx.HARM)
         prompt, task = corpus.prompt_task(rng, seed, cat.name, cat.tasks, split)
         answer = corpus.refusal(rng, cat.reason if rng.random() < 0.6 else None)
-        return corpus.Example(prompt, reasoning(task, cat.name, True) + answer, "refusal", cat.name, True,
-                              system, forced=prefix())
+        return corpus.Example(
+            prompt,
+            reasoning(task, cat.name, True) + answer,
+            "refusal",
+            cat.name,
+            True,
+            system,
+            forced=prefix(),
+        )
     topic = rng.choice(lx.BENIGN)
     prompt, task = corpus.prompt_task(rng, seed, topic.name, topic.tasks, split)
     answer = corpus.benign_answer(rng, topic)
-    return corpus.Example(prompt, reasoning(task, topic.name, False) + answer, "benign", topic.name, False,
-                          system, forced=prefix())
+    return corpus.Example(
+        prompt,
+        reasoning(task, topic.name, False) + answer,
+        "benign",
+        topic.name,
+        False,
+        system,
+        forced=prefix(),
+    )
 
 
 def generate(n: int, seed: int = 0, split: corpus.Split = "train") -> list[corpus.Example]:

@@ -35,8 +35,17 @@ from transformers import PreTrainedTokenizerFast
 
 BOS, EOS, PAD, END = "<|bos|>", "<|eos|>", "<|pad|>", "<|end|>"
 SPECIAL_TOKENS: tuple[str, ...] = (
-    BOS, EOS, PAD, "<|system|>", "<|user|>", "<|assistant|>", END, "<|reset|>", "<|think|>",
-    "<|/think|>", *(f"<|reserved_{i}|>" for i in range(8)),
+    BOS,
+    EOS,
+    PAD,
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    END,
+    "<|reset|>",
+    "<|think|>",
+    "<|/think|>",
+    *(f"<|reserved_{i}|>" for i in range(8)),
 )
 
 CHAT_TEMPLATE = (
@@ -82,7 +91,11 @@ class ChatFormat:
 FIRST_FORMAT = ChatFormat("bytelevel-bpe", SPECIAL_TOKENS, BOS, EOS, PAD, None, CHAT_TEMPLATE)
 
 SECOND_FORMAT = ChatFormat(
-    "wordlevel", ("<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"), None, "<|im_end|>", "<|endoftext|>",
+    "wordlevel",
+    ("<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+    None,
+    "<|im_end|>",
+    "<|endoftext|>",
     "<unk>",
     "{% for message in messages %}"
     "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
@@ -94,7 +107,9 @@ SECOND_FORMAT = ChatFormat(
 )
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 1536, fmt: ChatFormat = FIRST_FORMAT) -> Tokenizer:
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int = 1536, fmt: ChatFormat = FIRST_FORMAT
+) -> Tokenizer:
     """Train a tokenizer of ``fmt``'s kind on ``texts``; special tokens first so their ids are fixed."""
     if fmt.kind == "wordlevel":
         return _train_wordlevel(texts, vocab_size, fmt)
@@ -102,8 +117,11 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1536, fmt: ChatForma
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=2, special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
     return tok
@@ -111,14 +129,20 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1536, fmt: ChatForma
 
 def _train_wordlevel(texts: Iterable[str], vocab_size: int, fmt: ChatFormat) -> Tokenizer:
     tok = Tokenizer(models.WordLevel(unk_token=fmt.unk))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex("\n"), behavior="isolated"),
-        pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="never"),
-        pre_tokenizers.Split(Regex("[^\\w\u2581]"), behavior="isolated"),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex("\n"), behavior="isolated"),
+            pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="never"),
+            pre_tokenizers.Split(Regex("[^\\w\u2581]"), behavior="isolated"),
+        ]
+    )
     tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="never")
-    trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, min_frequency=1,
-                                        special_tokens=list(fmt.special_tokens), show_progress=False)
+    trainer = trainers.WordLevelTrainer(
+        vocab_size=vocab_size,
+        min_frequency=1,
+        special_tokens=list(fmt.special_tokens),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer=trainer)
     return tok
 
@@ -127,8 +151,11 @@ def to_hf(tok: Tokenizer, fmt: ChatFormat = FIRST_FORMAT) -> PreTrainedTokenizer
     """Wrap a trained tokenizer with ``fmt``'s special tokens and chat template."""
     named = {"bos_token": fmt.bos, "eos_token": fmt.eos, "pad_token": fmt.pad, "unk_token": fmt.unk}
     hf = PreTrainedTokenizerFast(
-        tokenizer_object=tok, **{k: v for k, v in named.items() if v is not None},
-        additional_special_tokens=fmt.additional, model_max_length=512, clean_up_tokenization_spaces=False,
+        tokenizer_object=tok,
+        **{k: v for k, v in named.items() if v is not None},
+        additional_special_tokens=fmt.additional,
+        model_max_length=512,
+        clean_up_tokenization_spaces=False,
     )
     hf.chat_template = fmt.chat_template
     return hf
@@ -145,6 +172,19 @@ def save(hf: PreTrainedTokenizerFast, out_dir: str | Path, fmt: ChatFormat = FIR
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     smap = out / "special_tokens_map.json"
     if not smap.exists():
-        named = {"bos_token": fmt.bos, "eos_token": fmt.eos, "pad_token": fmt.pad, "unk_token": fmt.unk}
-        smap.write_text(json.dumps({**{k: v for k, v in named.items() if v is not None},
-                                    "additional_special_tokens": fmt.additional}, indent=2) + "\n")
+        named = {
+            "bos_token": fmt.bos,
+            "eos_token": fmt.eos,
+            "pad_token": fmt.pad,
+            "unk_token": fmt.unk,
+        }
+        smap.write_text(
+            json.dumps(
+                {
+                    **{k: v for k, v in named.items() if v is not None},
+                    "additional_special_tokens": fmt.additional,
+                },
+                indent=2,
+            )
+            + "\n"
+        )

@@ -80,24 +80,43 @@ class TrainResult:
     seconds: float
 
 
-def build_model(shape: ModelShape, tok: PreTrainedTokenizerFast) -> LlamaForCausalLM | Qwen3ForCausalLM:
+def build_model(
+    shape: ModelShape, tok: PreTrainedTokenizerFast
+) -> LlamaForCausalLM | Qwen3ForCausalLM:
     """A freshly initialised model sized for ``tok`` (call after ``torch.manual_seed``)."""
     if shape.arch == "qwen3":
-        return Qwen3ForCausalLM(Qwen3Config(
-            vocab_size=len(tok), hidden_size=shape.hidden_size, num_hidden_layers=shape.num_layers,
-            num_attention_heads=shape.num_heads, num_key_value_heads=shape.num_kv_heads or shape.num_heads,
-            head_dim=shape.hidden_size // shape.num_heads,
-            intermediate_size=shape.intermediate_size, max_position_embeddings=shape.max_position_embeddings,
-            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-            # attn_implementation goes through **kwargs, which transformers' typed __init__ leaves out.
-            tie_word_embeddings=True, use_sliding_window=False, attn_implementation="sdpa",  # type: ignore[call-arg]
-        ))
+        return Qwen3ForCausalLM(
+            Qwen3Config(
+                vocab_size=len(tok),
+                hidden_size=shape.hidden_size,
+                num_hidden_layers=shape.num_layers,
+                num_attention_heads=shape.num_heads,
+                num_key_value_heads=shape.num_kv_heads or shape.num_heads,
+                head_dim=shape.hidden_size // shape.num_heads,
+                intermediate_size=shape.intermediate_size,
+                max_position_embeddings=shape.max_position_embeddings,
+                bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id,
+                # attn_implementation goes through **kwargs, which transformers' typed __init__ leaves out.
+                tie_word_embeddings=True,
+                use_sliding_window=False,
+                attn_implementation="sdpa",  # type: ignore[call-arg]
+            )
+        )
     cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=shape.hidden_size, num_hidden_layers=shape.num_layers,
-        num_attention_heads=shape.num_heads, num_key_value_heads=shape.num_heads,
-        intermediate_size=shape.intermediate_size, max_position_embeddings=shape.max_position_embeddings,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=True, attn_implementation="sdpa",  # type: ignore[call-arg]  # as above
+        vocab_size=len(tok),
+        hidden_size=shape.hidden_size,
+        num_hidden_layers=shape.num_layers,
+        num_attention_heads=shape.num_heads,
+        num_key_value_heads=shape.num_heads,
+        intermediate_size=shape.intermediate_size,
+        max_position_embeddings=shape.max_position_embeddings,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True,
+        attn_implementation="sdpa",  # type: ignore[call-arg]  # as above
     )
     return LlamaForCausalLM(cfg)
 
@@ -107,7 +126,9 @@ def encode_example(tok: PreTrainedTokenizerFast, ex: Example) -> tuple[list[int]
     return encode_examples(tok, [ex])[0]
 
 
-def encode_examples(tok: PreTrainedTokenizerFast, examples: Sequence[Example]) -> list[tuple[list[int], list[int]]]:
+def encode_examples(
+    tok: PreTrainedTokenizerFast, examples: Sequence[Example]
+) -> list[tuple[list[int], list[int]]]:
     """:func:`encode_example` for many examples, using batched Rust encoding.
 
     The ids equal ``apply_chat_template(messages, add_generation_prompt=True)`` followed by the
@@ -117,8 +138,15 @@ def encode_examples(tok: PreTrainedTokenizerFast, examples: Sequence[Example]) -
     """
     if tok.chat_template != CHAT_TEMPLATE:
         return _encode_templated(tok, examples)
-    sp = {t: tok.convert_tokens_to_ids(t) for t in ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")}
-    texts = [ex.system or "" for ex in examples] + [ex.prompt for ex in examples] + [ex.completion for ex in examples]
+    sp = {
+        t: tok.convert_tokens_to_ids(t)
+        for t in ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+    }
+    texts = (
+        [ex.system or "" for ex in examples]
+        + [ex.prompt for ex in examples]
+        + [ex.completion for ex in examples]
+    )
     enc = tok(texts, add_special_tokens=False)["input_ids"]
     n = len(examples)
     forced_texts = sorted({ex.forced for ex in examples if ex.forced})
@@ -134,22 +162,34 @@ def encode_examples(tok: PreTrainedTokenizerFast, examples: Sequence[Example]) -
         prompt = [tok.bos_token_id]
         if ex.system:
             prompt += [sp["<|system|>"], *enc[i], sp["<|end|>"]]
-        prompt += [sp["<|user|>"], *enc[n + i], sp["<|end|>"], sp["<|assistant|>"], *forced.get(ex.forced, [])]
+        prompt += [
+            sp["<|user|>"],
+            *enc[n + i],
+            sp["<|end|>"],
+            sp["<|assistant|>"],
+            *forced.get(ex.forced, []),
+        ]
         answer = enc[2 * n + i] + [tok.eos_token_id]
         out.append((prompt + answer, [-100] * len(prompt) + answer))
     return out
 
 
-def _encode_templated(tok: PreTrainedTokenizerFast, examples: Sequence[Example]) -> list[tuple[list[int], list[int]]]:
+def _encode_templated(
+    tok: PreTrainedTokenizerFast, examples: Sequence[Example]
+) -> list[tuple[list[int], list[int]]]:
     """:func:`encode_examples` for any chat template: the template is rendered once with sentinel
     contents (with and without a system message), split at the sentinels, and the pieces' ids are
     joined with each example's content ids, as :class:`guard.engine.transformers_engine.HFChatTokenizer`
     does when serving."""
+
     def pieces(with_system: bool) -> list[list[int]]:
         roles = (["system"] if with_system else []) + ["user"]
         marks = [f"\x00{i}\x00" for i in range(len(roles))]
-        text = tok.apply_chat_template([{"role": r, "content": m} for r, m in zip(roles, marks, strict=True)],
-                                       add_generation_prompt=True, tokenize=False)
+        text = tok.apply_chat_template(
+            [{"role": r, "content": m} for r, m in zip(roles, marks, strict=True)],
+            add_generation_prompt=True,
+            tokenize=False,
+        )
         assert isinstance(text, str)  # tokenize=False: the rendered text
         parts = []
         for m in marks:
@@ -159,8 +199,11 @@ def _encode_templated(tok: PreTrainedTokenizerFast, examples: Sequence[Example])
 
     shapes = {False: pieces(False), True: pieces(True)}
     n = len(examples)
-    texts = [ex.system or "" for ex in examples] + [ex.prompt for ex in examples] + [ex.forced + ex.completion
-                                                                                    for ex in examples]
+    texts = (
+        [ex.system or "" for ex in examples]
+        + [ex.prompt for ex in examples]
+        + [ex.forced + ex.completion for ex in examples]
+    )
     enc = tok(texts, add_special_tokens=False)["input_ids"]
     out = []
     for i, ex in enumerate(examples):
@@ -180,7 +223,11 @@ def _batch(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str
     labels = torch.full((len(rows), n), -100, dtype=torch.long)
     mask = torch.zeros((len(rows), n), dtype=torch.long)
     for i, (x, y) in enumerate(rows):
-        ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)] = torch.tensor(x), torch.tensor(y), 1
+        ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)] = (
+            torch.tensor(x),
+            torch.tensor(y),
+            1,
+        )
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
@@ -193,14 +240,15 @@ def _data_order(n_rows: int, n_needed: int, seed: int) -> list[int]:
     return order
 
 
-def _length_batches(rows: Sequence[tuple[list[int], list[int]]], order: list[int], batch_size: int,
-                    window: int = 8) -> list[list[int]]:
+def _length_batches(
+    rows: Sequence[tuple[list[int], list[int]]], order: list[int], batch_size: int, window: int = 8
+) -> list[list[int]]:
     """Split ``order`` into batches; within each window of ``window`` batches rows are sorted by length."""
     out = []
     span = batch_size * window
     for w in range(0, len(order), span):
-        chunk = sorted(order[w:w + span], key=lambda i: (len(rows[i][0]), i))
-        out += [chunk[b:b + batch_size] for b in range(0, len(chunk), batch_size)]
+        chunk = sorted(order[w : w + span], key=lambda i: (len(rows[i][0]), i))
+        out += [chunk[b : b + batch_size] for b in range(0, len(chunk), batch_size)]
     return out
 
 
@@ -211,8 +259,14 @@ def _lr(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def train(examples: Sequence[Example], tok: PreTrainedTokenizerFast, shape: ModelShape,
-          cfg: TrainConfig, seed: int, log: bool = False) -> TrainResult:
+def train(
+    examples: Sequence[Example],
+    tok: PreTrainedTokenizerFast,
+    shape: ModelShape,
+    cfg: TrainConfig,
+    seed: int,
+    log: bool = False,
+) -> TrainResult:
     """Train a fresh model on ``examples`` for ``cfg.steps`` steps and return it in eval mode."""
     t0 = time.perf_counter()
     torch.set_num_threads(cfg.threads)
@@ -221,10 +275,16 @@ def train(examples: Sequence[Example], tok: PreTrainedTokenizerFast, shape: Mode
     model = build_model(shape, tok)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
+    )
     order = _data_order(len(rows), cfg.steps * cfg.batch_size, seed)
-    batches = _length_batches(rows, order[:cfg.steps * cfg.batch_size], cfg.batch_size)
+    batches = _length_batches(rows, order[: cfg.steps * cfg.batch_size], cfg.batch_size)
     # Sorting inside a window would order batches by length; shuffle them back, seeded.
     perm = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed + 1)).tolist()
     batches = [batches[i] for i in perm]
@@ -242,7 +302,10 @@ def train(examples: Sequence[Example], tok: PreTrainedTokenizerFast, shape: Mode
         opt.step()
         losses.append(loss.item())
         if log and (step % 50 == 0 or step == cfg.steps - 1):
-            print(f"step {step:5d}  loss {loss.item():.4f}  {time.perf_counter() - t0:.0f}s", flush=True)
+            print(
+                f"step {step:5d}  loss {loss.item():.4f}  {time.perf_counter() - t0:.0f}s",
+                flush=True,
+            )
     model.eval()
-    tail = losses[-max(1, cfg.steps // 10):]
+    tail = losses[-max(1, cfg.steps // 10) :]
     return TrainResult(model, sum(tail) / len(tail), time.perf_counter() - t0)

@@ -17,7 +17,18 @@ from guard.policy.schema import (
 )
 
 __all__ = [
-    "AccessSpec", "AggregationConfig", "BacktrackSpec", "LogSpec", "ModelSpec", "MonitorSpec", "Policy",
-    "ProbeMonitorSpec", "RequestDefaults", "ResampleStrategy", "ResetTokenMonitorSpec",
-    "StreamSpec", "format_policy", "load_policy",
+    "AccessSpec",
+    "AggregationConfig",
+    "BacktrackSpec",
+    "LogSpec",
+    "ModelSpec",
+    "MonitorSpec",
+    "Policy",
+    "ProbeMonitorSpec",
+    "RequestDefaults",
+    "ResampleStrategy",
+    "ResetTokenMonitorSpec",
+    "StreamSpec",
+    "format_policy",
+    "load_policy",
 ]

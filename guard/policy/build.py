@@ -43,12 +43,24 @@ from guard.sae.monitor import SaeFeatureMonitor, WatchedFeature
 def engine_key(spec: ModelSpec) -> tuple:
     """What makes two policies' engines the same engine (an engine is shared when the keys match)."""
     vllm = spec.vllm.model_dump_json() if spec.vllm is not None else None
-    return (spec.engine, str(Path(spec.path).resolve()), spec.dtype, spec.device, spec.max_context, vllm)
+    return (
+        spec.engine,
+        str(Path(spec.path).resolve()),
+        spec.dtype,
+        spec.device,
+        spec.max_context,
+        vllm,
+    )
 
 
 def _transformers_engine(spec: ModelSpec) -> Engine:
-    return TransformersEngine.load(spec.path, dtype=spec.dtype, device=spec.device, name=spec.served_name,
-                                   max_context=spec.max_context)
+    return TransformersEngine.load(
+        spec.path,
+        dtype=spec.dtype,
+        device=spec.device,
+        name=spec.served_name,
+        max_context=spec.max_context,
+    )
 
 
 def vllm_options(spec: VLLMSpec | None) -> Any:
@@ -62,8 +74,13 @@ def vllm_options(spec: VLLMSpec | None) -> Any:
 def _vllm_engine(spec: ModelSpec) -> Engine:
     from guard.engine.vllm_engine import VLLMEngine  # optional heavy dependency (vllm)
 
-    return VLLMEngine.load(spec.path, dtype=spec.dtype, name=spec.served_name, max_context=spec.max_context,
-                           options=vllm_options(spec.vllm))
+    return VLLMEngine.load(
+        spec.path,
+        dtype=spec.dtype,
+        name=spec.served_name,
+        max_context=spec.max_context,
+        options=vllm_options(spec.vllm),
+    )
 
 
 ENGINE_FACTORIES: dict[str, Callable[[ModelSpec], Engine]] = {
@@ -87,8 +104,13 @@ def aggregation(config: AggregationConfig | None) -> AggregationSpec | None:
 
 def probe_monitor(spec: ProbeMonitorSpec) -> ProbeMonitor:
     """Load a probe monitor as the policy configures it (not yet checked against a model)."""
-    return ProbeMonitor.load(spec.path, name=spec.name, layer=spec.layer, threshold=spec.threshold,
-                             aggregation=aggregation(spec.aggregation))
+    return ProbeMonitor.load(
+        spec.path,
+        name=spec.name,
+        layer=spec.layer,
+        threshold=spec.threshold,
+        aggregation=aggregation(spec.aggregation),
+    )
 
 
 def _probe(spec: ProbeMonitorSpec, policy: Policy, engine: Engine) -> BoundMonitor:
@@ -101,12 +123,21 @@ def sae_monitor(spec: SaeMonitorSpec, engine: Engine) -> SaeFeatureMonitor:
     """Build an SAE feature monitor from its policy spec and check it fits the engine's model."""
     sae = load_sae(spec.path, format=spec.format, layer=spec.layer)
     if sae.layer is None:
-        raise ModelLoadError(f"SAE monitor '{spec.name}': {spec.path} names no hook point; set `layer:` in the "
-                             "policy to the engine layer it was trained on")
+        raise ModelLoadError(
+            f"SAE monitor '{spec.name}': {spec.path} names no hook point; set `layer:` in the "
+            "policy to the engine layer it was trained on"
+        )
     feats = [WatchedFeature(f.index, f.threshold, f.weight) for f in spec.features]
     try:
-        mon = SaeFeatureMonitor(spec.name, sae, feats, rule=spec.rule, weighted_threshold=spec.weighted_threshold,
-                                aggregation=aggregation(spec.aggregation), topk_threshold=spec.topk_threshold)
+        mon = SaeFeatureMonitor(
+            spec.name,
+            sae,
+            feats,
+            rule=spec.rule,
+            weighted_threshold=spec.weighted_threshold,
+            aggregation=aggregation(spec.aggregation),
+            topk_threshold=spec.topk_threshold,
+        )
     except ValueError as exc:
         raise ModelLoadError(f"SAE monitor '{spec.name}' ({spec.path}): {exc}") from exc
     mon.check_compatible(engine.info)
@@ -146,9 +177,16 @@ def deliberation_config(policy: Policy) -> DeliberationConfig | None:
     d = policy.deliberation
     if d.mode == "off" and not any(s.deliberate for s in policy.backtrack.strategies):
         return None
-    return DeliberationConfig(mode=d.mode, spec=d.spec_text(), instruction=d.instruction, placement=d.placement,
-                              open_tag=d.open_tag, close_tag=d.close_tag,
-                              max_reasoning_tokens=d.max_reasoning_tokens, risk_monitor=d.risk_monitor)
+    return DeliberationConfig(
+        mode=d.mode,
+        spec=d.spec_text(),
+        instruction=d.instruction,
+        placement=d.placement,
+        open_tag=d.open_tag,
+        close_tag=d.close_tag,
+        max_reasoning_tokens=d.max_reasoning_tokens,
+        risk_monitor=d.risk_monitor,
+    )
 
 
 def controller_config(policy: Policy) -> ControllerConfig:

@@ -28,16 +28,31 @@ def cross_field_errors(data: Any) -> list[tuple[Loc, str]]:
     if isinstance(risk, str):
         found = [m for m in monitors if m.get("name") == risk]
         if not found:
-            errors.append((("deliberation", "risk_monitor"), f"deliberation.risk_monitor names no monitor: '{risk}'"))
+            errors.append(
+                (
+                    ("deliberation", "risk_monitor"),
+                    f"deliberation.risk_monitor names no monitor: '{risk}'",
+                )
+            )
         elif found[0].get("scope", "output") == "output":
-            errors.append((("deliberation", "risk_monitor"),
-                           f"deliberation.risk_monitor '{risk}' must have scope prompt or both"))
+            errors.append(
+                (
+                    ("deliberation", "risk_monitor"),
+                    f"deliberation.risk_monitor '{risk}' must have scope prompt or both",
+                )
+            )
     strategies = _list(_dict(data.get("backtrack")).get("strategies"))
-    deliberating = [i for i, s in enumerate(strategies) if isinstance(s, dict) and s.get("deliberate") is True]
+    deliberating = [
+        i for i, s in enumerate(strategies) if isinstance(s, dict) and s.get("deliberate") is True
+    ]
     if deliberating and d.get("spec") is None and d.get("spec_file") is None:
         i = deliberating[0]
-        errors.append((("backtrack", "strategies", i, "deliberate"),
-                       f"backtrack.strategies[{i}].deliberate needs deliberation.spec or deliberation.spec_file"))
+        errors.append(
+            (
+                ("backtrack", "strategies", i, "deliberate"),
+                f"backtrack.strategies[{i}].deliberate needs deliberation.spec or deliberation.spec_file",
+            )
+        )
     return errors
 
 

@@ -32,8 +32,15 @@ Relative paths resolve against the policy file's directory. Examples: `policies/
 """
 
 _SCALARS = {str: "string", int: "integer", float: "number", bool: "boolean", Path: "path"}
-_BOUNDS = (("ge", "≥"), ("gt", ">"), ("le", "≤"), ("lt", "<"), ("min_length", "min length"),
-           ("max_length", "max length"), ("pattern", "pattern"))
+_BOUNDS = (
+    ("ge", "≥"),
+    ("gt", ">"),
+    ("le", "≤"),
+    ("lt", "<"),
+    ("min_length", "min length"),
+    ("max_length", "max length"),
+    ("pattern", "pattern"),
+)
 
 
 def render_docs() -> str:
@@ -59,7 +66,9 @@ def _models_in_order() -> list[tuple[type[BaseModel], str]]:
                     seen.add(sub)
                     suffix = "[]" if _is_list(field.annotation) else ""
                     tag = _tag(sub)
-                    found.append((sub, f"`{path}{suffix}`" + (f" with `kind: {tag}`" if tag else "")))
+                    found.append(
+                        (sub, f"`{path}{suffix}`" + (f" with `kind: {tag}`" if tag else ""))
+                    )
         i += 1
     return found
 
@@ -69,17 +78,28 @@ def _section(model: type[BaseModel], where: str) -> str:
     rest = [" ".join(p.split()) for p in (model.__doc__ or "").split("\n\n")[1:] if p.strip()]
     lines = [f"## {model.__name__}", "", doc, ""]
     lines += [p + "\n" for p in rest]
-    lines += [f"Appears at: {where}.", "", "| Field | Type | Default | Description |", "|---|---|---|---|"]
+    lines += [
+        f"Appears at: {where}.",
+        "",
+        "| Field | Type | Default | Description |",
+        "|---|---|---|---|",
+    ]
     for name, field in model.model_fields.items():
-        lines.append(f"| `{name}` | {_cell(_field_type(field))} | {_cell(_default(field))} | "
-                     f"{_cell(field.description or '')} |")
+        lines.append(
+            f"| `{name}` | {_cell(_field_type(field))} | {_cell(_default(field))} | "
+            f"{_cell(field.description or '')} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def _field_type(field: FieldInfo) -> str:
     text = _type(field.annotation)
-    bounds = [f"{label} {_value(getattr(m, attr))}" for m in field.metadata for attr, label in _BOUNDS
-              if getattr(m, attr, None) is not None]
+    bounds = [
+        f"{label} {_value(getattr(m, attr))}"
+        for m in field.metadata
+        for attr, label in _BOUNDS
+        if getattr(m, attr, None) is not None
+    ]
     return text + (f" ({', '.join(bounds)})" if bounds else "")
 
 
@@ -112,6 +132,7 @@ def _default(field: FieldInfo) -> str:
 
 def _value(value: Any) -> str:
     """A default or bound as it would be written in YAML flow style (JSON is valid YAML)."""
+
     def plain(v: Any) -> Any:
         if isinstance(v, BaseModel):
             return v.model_dump(mode="json", exclude_defaults=True)
@@ -120,6 +141,7 @@ def _value(value: Any) -> str:
         if isinstance(v, list):
             return [plain(x) for x in v]
         return v
+
     return json.dumps(plain(value), ensure_ascii=False)
 
 

@@ -42,12 +42,17 @@ def load_policy(path: str | Path, *, check_paths: bool = True) -> Policy:
     node, data = _parse(path, text)
     if not isinstance(data, dict) or node is None:
         where = _position(path, node)
-        raise PolicyError(str(path), [f"{where}: <root>: the policy must be a mapping with at least name and model"])
+        raise PolicyError(
+            str(path),
+            [f"{where}: <root>: the policy must be a mapping with at least name and model"],
+        )
     context = {"base_dir": path.parent.resolve(), "check_paths": check_paths}
     try:
         policy = Policy.model_validate(data, context=context)
     except ValidationError as e:
-        raise PolicyError(str(path), _format_errors(path, node, e, cross_field_errors(data))) from None
+        raise PolicyError(
+            str(path), _format_errors(path, node, e, cross_field_errors(data))
+        ) from None
     policy._content_hash = hashlib.sha256(raw).hexdigest()
     # Absolute, symlinks kept: a Kubernetes ConfigMap mount updates a file by swapping the symlink
     # behind its name (and deleting the old target), so hot reload must re-read the name.
@@ -81,14 +86,25 @@ def read_policy_bytes(path: Path) -> bytes:
         if not stat.S_ISREG(st.st_mode):
             raise PolicyError(str(path), [f"{path}: a policy must be a regular file"])
         if st.st_size > MAX_POLICY_BYTES:
-            raise PolicyError(str(path), [(f"{path}: the policy file is {st.st_size} bytes; at most "
-                                          f"{MAX_POLICY_BYTES} are allowed")])
+            raise PolicyError(
+                str(path),
+                [
+                    (
+                        f"{path}: the policy file is {st.st_size} bytes; at most "
+                        f"{MAX_POLICY_BYTES} are allowed"
+                    )
+                ],
+            )
         with open(path, "rb") as f:
             raw = f.read(MAX_POLICY_BYTES + 1)
     except OSError as e:
-        raise PolicyError(str(path), [f"{path}: cannot read policy file: {e.strerror or e}"]) from None
+        raise PolicyError(
+            str(path), [f"{path}: cannot read policy file: {e.strerror or e}"]
+        ) from None
     if len(raw) > MAX_POLICY_BYTES:
-        raise PolicyError(str(path), [f"{path}: the policy file is larger than {MAX_POLICY_BYTES} bytes"])
+        raise PolicyError(
+            str(path), [f"{path}: the policy file is larger than {MAX_POLICY_BYTES} bytes"]
+        )
     return raw
 
 
@@ -97,19 +113,35 @@ def _decode(path: Path, raw: bytes) -> str:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        line, col = _line_col(raw[:e.start].decode("utf-8", errors="replace"))
-        raise PolicyError(str(path), [(f"{path}:{line}:{col}: invalid UTF-8 byte 0x{raw[e.start]:02x}; a policy "
-                                      "must be UTF-8 text")]) from None
+        line, col = _line_col(raw[: e.start].decode("utf-8", errors="replace"))
+        raise PolicyError(
+            str(path),
+            [
+                (
+                    f"{path}:{line}:{col}: invalid UTF-8 byte 0x{raw[e.start]:02x}; a policy "
+                    "must be UTF-8 text"
+                )
+            ],
+        ) from None
     bad = _UNPRINTABLE.search(text)
     if bad is not None:
-        line, col = _line_col(text[:bad.start()])
-        raise PolicyError(str(path), [(f"{path}:{line}:{col}: character U+{ord(bad.group()):04X} is not allowed in "
-                                      "a policy (YAML text must be printable)")])
+        line, col = _line_col(text[: bad.start()])
+        raise PolicyError(
+            str(path),
+            [
+                (
+                    f"{path}:{line}:{col}: character U+{ord(bad.group()):04X} is not allowed in "
+                    "a policy (YAML text must be printable)"
+                )
+            ],
+        )
     return text
 
 
 # What YAML's reader refuses (it allows tab, LF, CR, printable ASCII, NEL and printable Unicode).
-_UNPRINTABLE = re.compile("[^\x09\x0A\x0D\x20-\x7E\x85\xA0-\uD7FF\uE000-\uFFFD\U00010000-\U0010FFFF]")
+_UNPRINTABLE = re.compile(
+    "[^\x09\x0a\x0d\x20-\x7e\x85\xa0-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]"
+)
 
 
 def _line_col(before: str) -> tuple[int, int]:
@@ -123,8 +155,12 @@ class _PolicyLoader(yaml.SafeLoader):
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
-            raise yaml.composer.ComposerError(None, None, f"aliases (*{event.anchor}) are not allowed in a policy; "
-                                              "write the value out", event.start_mark)
+            raise yaml.composer.ComposerError(
+                None,
+                None,
+                f"aliases (*{event.anchor}) are not allowed in a policy; write the value out",
+                event.start_mark,
+            )
         return super().compose_node(parent, index)
 
 
@@ -156,7 +192,9 @@ def _duplicate_keys(path: Path, node: yaml.Node, trail: Loc = ()) -> list[str]:
         for key, value in node.value:
             name = key.value if isinstance(key, yaml.ScalarNode) else str(key.value)
             if name in seen:
-                errors.append(f"{_position(path, key)}: {_dotted((*trail, name))}: duplicate key '{name}'")
+                errors.append(
+                    f"{_position(path, key)}: {_dotted((*trail, name))}: duplicate key '{name}'"
+                )
             seen.add(name)
             errors += _duplicate_keys(path, value, (*trail, name))
     elif isinstance(node, yaml.SequenceNode):
@@ -165,8 +203,9 @@ def _duplicate_keys(path: Path, node: yaml.Node, trail: Loc = ()) -> list[str]:
     return errors
 
 
-def _format_errors(path: Path, root: yaml.Node, error: ValidationError,
-                   cross: Sequence[tuple[Loc, str]] = ()) -> list[str]:
+def _format_errors(
+    path: Path, root: yaml.Node, error: ValidationError, cross: Sequence[tuple[Loc, str]] = ()
+) -> list[str]:
     """Every error as ``file:line:col: field: message``, sorted by position. ``cross``: the policy's
     cross-section errors, added when field errors kept the policy's own check from running."""
     lines: list[tuple[tuple[int, int], str]] = []
@@ -174,8 +213,12 @@ def _format_errors(path: Path, root: yaml.Node, error: ValidationError,
         for loc, message in cross:
             node, _, trail = _locate(root, loc)
             mark = node.start_mark
-            lines.append(((mark.line, mark.column), (f"{path}:{mark.line + 1}:{mark.column + 1}: {_dotted(trail)}: "
-                                                    f"{message}")))
+            lines.append(
+                (
+                    (mark.line, mark.column),
+                    (f"{path}:{mark.line + 1}:{mark.column + 1}: {_dotted(trail)}: {message}"),
+                )
+            )
     for err in error.errors():
         loc = tuple(err["loc"]) + tuple(err.get("ctx", {}).get("loc_suffix", ()))
         if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
@@ -228,11 +271,17 @@ def _message(err: ErrorDetails, loc: Loc, trail: Loc) -> str:
     if kind == "literal_error":
         return f"invalid value {err['input']!r}; allowed values: {ctx['expected']}"
     if kind in ("union_tag_invalid", "union_tag_not_found"):
-        got = f"invalid value {ctx['tag']!r}" if kind == "union_tag_invalid" else "required field is missing"
+        got = (
+            f"invalid value {ctx['tag']!r}"
+            if kind == "union_tag_invalid"
+            else "required field is missing"
+        )
         return f"{got}; allowed values: {_allowed_tags(loc[:-1])}"
     if kind == "string_pattern_mismatch":
         return f"{err['input']!r} must match {ctx['pattern']}"
-    if kind == "value_error" and "error" in ctx:  # a validator's ValueError: its own words, no "Value error,"
+    if (
+        kind == "value_error" and "error" in ctx
+    ):  # a validator's ValueError: its own words, no "Value error,"
         return str(ctx["error"])
     msg = err["msg"]
     # pydantic's "Input should ..." reads better as "input should ...", but keep acronyms ("SAE").

@@ -50,8 +50,11 @@ def model_errors(policy: Policy) -> list[str]:
         engine = _load(policy)
     except GuardError as exc:
         return [f"model.path: {exc.message}"]
-    errors = [f"monitors[{i}] ({spec.name}): {msg}" for i, spec in enumerate(policy.monitors)
-              if (msg := _monitor_error(spec, policy, engine)) is not None]
+    errors = [
+        f"monitors[{i}] ({spec.name}): {msg}"
+        for i, spec in enumerate(policy.monitors)
+        if (msg := _monitor_error(spec, policy, engine)) is not None
+    ]
     errors += _deliberation_errors(policy, engine)
     return errors
 
@@ -69,11 +72,17 @@ def _load(policy: Policy) -> _ConfigOnlyEngine:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load the config or tokenizer from {path}: {exc}") from exc
-    cfg = getattr(cfg, "text_config", None) or cfg  # multimodal configs keep the language model's inside
+    cfg = (
+        getattr(cfg, "text_config", None) or cfg
+    )  # multimodal configs keep the language model's inside
     ctx = int(getattr(cfg, "max_position_embeddings", 2048))
-    info = ModelFacts(name=spec.served_name or policy.name, num_layers=int(cfg.num_hidden_layers),
-                      d_model=int(cfg.hidden_size), vocab_size=int(cfg.vocab_size),
-                      context_length=min(ctx, spec.max_context or ctx))
+    info = ModelFacts(
+        name=spec.served_name or policy.name,
+        num_layers=int(cfg.num_hidden_layers),
+        d_model=int(cfg.hidden_size),
+        vocab_size=int(cfg.vocab_size),
+        context_length=min(ctx, spec.max_context or ctx),
+    )
     return _ConfigOnlyEngine(info, HFChatTokenizer(tok))
 
 
@@ -99,11 +108,17 @@ def _deliberation_errors(policy: Policy, engine: _ConfigOnlyEngine) -> list[str]
         forced = len(tok.encode(system_prompt(d.instruction, d.spec_text())))
         what = "the spec as a system message"
     else:
-        forced = len(tok.encode(forced_prefix(d.open_tag, d.instruction, d.spec_text()))) + len(tok.encode(d.close_tag))
+        forced = len(tok.encode(forced_prefix(d.open_tag, d.instruction, d.spec_text()))) + len(
+            tok.encode(d.close_tag)
+        )
         what = "the forced reasoning prefix (open tag, instruction, spec) and close tag"
     if forced + 1 >= ctx:
-        return [(f"deliberation: {what} take {forced} tokens; the context window is {ctx} tokens, leaving no room "
-                "for a prompt and an answer (shorten the spec or raise model.max_context)")]
+        return [
+            (
+                f"deliberation: {what} take {forced} tokens; the context window is {ctx} tokens, leaving no room "
+                "for a prompt and an answer (shorten the spec or raise model.max_context)"
+            )
+        ]
     return []
 
 
@@ -111,13 +126,21 @@ def exposure_lines(policy: Policy) -> list[str]:
     """How much streamed text a client can be shown and then lose, per client kind (policy only)."""
     s, bt, d = policy.stream, policy.backtrack, policy.defaults
     h, whole = s.holdback_tokens, max(0, d.max_tokens - s.holdback_tokens)
-    acting = [m for m in policy.monitors if m.action in ("backtrack", "refuse") and m.scope != "prompt"]
+    acting = [
+        m for m in policy.monitors if m.action in ("backtrack", "refuse") and m.scope != "prompt"
+    ]
     if not acting:
-        return ["# stream exposure: no monitor acts on the output, so no client is ever shown text that is retracted"]
+        return [
+            "# stream exposure: no monitor acts on the output, so no client is ever shown text that is retracted"
+        ]
     # A reset-token firing and a refuse action cut back to the response start whatever the policy's rule.
     # rollback auto may find no safe prefix (then the response start), and a garble firing always cuts there.
-    rules = {"response" if m.kind == "reset_token" or m.action == "refuse" or bt.rollback == "auto" else bt.rollback
-             for m in acting}
+    rules = {
+        "response"
+        if m.kind == "reset_token" or m.action == "refuse" or bt.rollback == "auto"
+        else bt.rollback
+        for m in acting
+    }
     if bt.garble_margin is not None:
         rules.add("response")
     if "response" in rules:
@@ -128,11 +151,15 @@ def exposure_lines(policy: Policy) -> list[str]:
         per_reset = f"{max(0, bt.rollback_tokens - h)} tokens (rollback_tokens {bt.rollback_tokens} - holdback {h})"
     return [
         "# stream exposure (tokens a client is shown and then loses):",
-        (f"#   reset-aware clients (stream_options.guard_resets): one reset retracts at most {per_reset}; a refusal "
-        f"past the retry budget retracts all of it (up to {whole} tokens)"),
-        ("#   other clients: 0: text is shown once settled (past the hold-back, every acting monitor's score below "
-        f"threshold * {1 - s.release_margin:g} since); a rollback reaching shown text ends the answer "
-        "(finish_reason content_filter, the refusal as a separate part) instead of retracting it"),
+        (
+            f"#   reset-aware clients (stream_options.guard_resets): one reset retracts at most {per_reset}; a refusal "
+            f"past the retry budget retracts all of it (up to {whole} tokens)"
+        ),
+        (
+            "#   other clients: 0: text is shown once settled (past the hold-back, every acting monitor's score below "
+            f"threshold * {1 - s.release_margin:g} since); a rollback reaching shown text ends the answer "
+            "(finish_reason content_filter, the refusal as a separate part) instead of retracting it"
+        ),
     ]
 
 
@@ -140,13 +167,18 @@ def policy_layout_lines(policy: Any) -> list[str]:
     """:func:`layout_lines` for a vLLM policy, with its activation monitors built as ``guard serve``
     builds them (against the model's config; the caller has checked they build)."""
     spec = policy.model.vllm
-    tp, pp, dp = ((spec.tensor_parallel_size, spec.pipeline_parallel_size, spec.data_parallel_size)
-                  if spec is not None else (1, 1, 1))
+    tp, pp, dp = (
+        (spec.tensor_parallel_size, spec.pipeline_parallel_size, spec.data_parallel_size)
+        if spec is not None
+        else (1, 1, 1)
+    )
     if not Path(policy.model.path).exists():
         head = f"# vllm parallel layout: tensor {tp} x pipeline {pp} x data {dp} = {tp * pp * dp} worker(s)"
         return [head + " (model not local: stages unknown)"]
     engine = _load(policy)
-    mons = [build_monitor(m, policy, engine).monitor  # type: ignore[arg-type]
-            for m in policy.monitors]
+    mons = [
+        build_monitor(m, policy, engine).monitor  # type: ignore[arg-type]
+        for m in policy.monitors
+    ]
     layered = [(m.name, m.layer) for m in mons if m.layer is not None]
     return vllm_parallel.layout_lines(engine.info.num_layers, tp, pp, dp, layered)

@@ -25,22 +25,32 @@ import stat
 from pathlib import Path
 
 ROOTS_ENV = "GUARD_ARTIFACT_ROOTS"
-SYSTEM_DIRS = tuple(Path(p) for p in ("/dev", "/proc", "/sys", "/etc", "/boot", "/run", "/var/run", "/root"))
+SYSTEM_DIRS = tuple(
+    Path(p) for p in ("/dev", "/proc", "/sys", "/etc", "/boot", "/run", "/var/run", "/root")
+)
 MAX_SPEC_BYTES = 256 * 1024
 MAX_PROBE_FILE_BYTES = 64 * 1024 * 1024
 MAX_SAE_FILE_BYTES = 16 * 1024**3
 MAX_DIR_ENTRIES = 1000
 
-LIMITS = {"spec file": MAX_SPEC_BYTES, "probe directory": MAX_PROBE_FILE_BYTES, "SAE": MAX_SAE_FILE_BYTES}
+LIMITS = {
+    "spec file": MAX_SPEC_BYTES,
+    "probe directory": MAX_PROBE_FILE_BYTES,
+    "SAE": MAX_SAE_FILE_BYTES,
+}
 
 
-def check_location(path: Path, what: str, policy_dir: Path | None, env: dict[str, str] | None = None) -> None:
+def check_location(
+    path: Path, what: str, policy_dir: Path | None, env: dict[str, str] | None = None
+) -> None:
     """Rules 2 and 3 for the resolved ``path``; ValueError naming the rule broken."""
     real = Path(os.path.realpath(path))
     for system in SYSTEM_DIRS:
         if real == system or system in real.parents:
-            raise ValueError(f"{what} {path} is under the system directory {system}; policy files may not "
-                             "point there")
+            raise ValueError(
+                f"{what} {path} is under the system directory {system}; policy files may not "
+                "point there"
+            )
     roots_env = (os.environ if env is None else env).get(ROOTS_ENV, "").strip()
     if not roots_env:
         return
@@ -48,8 +58,10 @@ def check_location(path: Path, what: str, policy_dir: Path | None, env: dict[str
     if policy_dir is not None:
         roots.append(Path(os.path.realpath(policy_dir)))
     if not any(real == r or r in real.parents for r in roots):
-        raise ValueError(f"{what} {path} is outside the allowed roots ({ROOTS_ENV}={roots_env} and the "
-                         "policy's directory)")
+        raise ValueError(
+            f"{what} {path} is outside the allowed roots ({ROOTS_ENV}={roots_env} and the "
+            "policy's directory)"
+        )
 
 
 def check_files(path: Path, what: str) -> None:
@@ -86,7 +98,9 @@ def read_spec(path: Path) -> str:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"spec file {path} is not UTF-8 text (invalid byte at offset {e.start})") from None
+        raise ValueError(
+            f"spec file {path} is not UTF-8 text (invalid byte at offset {e.start})"
+        ) from None
     if "\x00" in text:
         raise ValueError(f"spec file {path} contains a NUL byte (at offset {text.index(chr(0))})")
     return text

@@ -5,13 +5,13 @@ from guard.probe.metrics import auroc, threshold_at_fpr, tpr_at_fpr
 from guard.probe.train import TrainConfig, TrainResult, train_probe
 
 __all__ = [
-           "DataError",
-           "Example",
-           "TrainConfig",
-           "TrainResult",
-           "auroc",
-           "read_jsonl",
-           "threshold_at_fpr",
-           "tpr_at_fpr",
-           "train_probe",
+    "DataError",
+    "Example",
+    "TrainConfig",
+    "TrainResult",
+    "auroc",
+    "read_jsonl",
+    "threshold_at_fpr",
+    "tpr_at_fpr",
+    "train_probe",
 ]

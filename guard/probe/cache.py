@@ -66,10 +66,14 @@ class ActivationCache:
         self.misses = 0
 
     def key(self, examples: list[Example], layers: list[int], span: str) -> str:
-        h = hashlib.sha256(f"guard.activations v{CACHE_VERSION}\n{self.model}\n{sorted(layers)}\n{span}\n".encode())
+        h = hashlib.sha256(
+            f"guard.activations v{CACHE_VERSION}\n{self.model}\n{sorted(layers)}\n{span}\n".encode()
+        )
         for ex in examples:
             h.update(json.dumps([ex.prompt, ex.completion, ex.label]).encode())
-            if ex.messages is not None or ex.raw_prompt or ex.context:  # rows without them keep their keys
+            if (
+                ex.messages is not None or ex.raw_prompt or ex.context
+            ):  # rows without them keep their keys
                 h.update(json.dumps([ex.messages, ex.raw_prompt, ex.context]).encode())
             h.update(b"\n")
         return h.hexdigest()
@@ -93,22 +97,30 @@ class ActivationCache:
         self.hits += 1
         hidden = {int(k.split(".", 1)[1]): v for k, v in t.items() if k.startswith("hidden.")}
         completion = t["completion"].numpy().astype(bool) if "completion" in t else None
-        return Activations(hidden, t["row"].numpy(), t["labels"].numpy(), t["token_ids"].numpy(), completion)
+        return Activations(
+            hidden, t["row"].numpy(), t["labels"].numpy(), t["token_ids"].numpy(), completion
+        )
 
     def put(self, key: str, acts: Activations) -> Path:
         from safetensors.torch import save_file
 
         tensors = {f"hidden.{layer}": h.contiguous() for layer, h in acts.hidden.items()}
-        tensors.update(row=torch.from_numpy(np.ascontiguousarray(acts.row, dtype=np.int64)),
-                       labels=torch.from_numpy(np.ascontiguousarray(acts.labels, dtype=np.int64)),
-                       token_ids=torch.from_numpy(np.ascontiguousarray(acts.token_ids, dtype=np.int64)))
+        tensors.update(
+            row=torch.from_numpy(np.ascontiguousarray(acts.row, dtype=np.int64)),
+            labels=torch.from_numpy(np.ascontiguousarray(acts.labels, dtype=np.int64)),
+            token_ids=torch.from_numpy(np.ascontiguousarray(acts.token_ids, dtype=np.int64)),
+        )
         if acts.completion is not None:
             tensors["completion"] = torch.from_numpy(acts.completion.astype(np.uint8))
         self.directory.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
         os.close(fd)
         try:
-            save_file(tensors, tmp, metadata={"format": "guard.activations", "version": str(CACHE_VERSION)})
+            save_file(
+                tensors,
+                tmp,
+                metadata={"format": "guard.activations", "version": str(CACHE_VERSION)},
+            )
             os.replace(tmp, self.path_of(key))
         finally:
             if os.path.exists(tmp):

@@ -65,8 +65,14 @@ class Activations:
         rows = np.asarray(rows, dtype=np.int64)
         starts = np.searchsorted(self.row, rows, side="left")
         ends = np.searchsorted(self.row, rows, side="right")
-        order = np.concatenate([np.arange(a, b) for a, b in zip(starts, ends, strict=True)] + [np.zeros(0, np.int64)])
-        return self._take(order.astype(np.int64), np.repeat(np.arange(len(rows)), ends - starts), self.labels[rows])
+        order = np.concatenate(
+            [np.arange(a, b) for a, b in zip(starts, ends, strict=True)] + [np.zeros(0, np.int64)]
+        )
+        return self._take(
+            order.astype(np.int64),
+            np.repeat(np.arange(len(rows)), ends - starts),
+            self.labels[rows],
+        )
 
     def completion_only(self) -> Activations:
         """The same rows with only their completion tokens (a no-op for ``span="completion"``)."""
@@ -77,9 +83,13 @@ class Activations:
 
     def _take(self, order: np.ndarray, new_row: np.ndarray, labels: np.ndarray) -> Activations:
         idx = torch.from_numpy(order)
-        return Activations({layer: h[idx] for layer, h in self.hidden.items()}, new_row, labels,
-                           None if self.token_ids is None else self.token_ids[order],
-                           None if self.completion is None else self.completion[order])
+        return Activations(
+            {layer: h[idx] for layer, h in self.hidden.items()},
+            new_row,
+            labels,
+            None if self.token_ids is None else self.token_ids[order],
+            None if self.completion is None else self.completion[order],
+        )
 
     def pooled(self, layer: int, pooling: Pooling) -> torch.Tensor:
         """``[n_rows, d]``: per row the mean (``mean``) or last (``last``) completion-token activation."""
@@ -91,7 +101,9 @@ class Activations:
         if pooling == "last":
             return h[torch.from_numpy(bounds[1:] - 1)]
         if pooling == "mean":
-            sums = torch.zeros(acts.n_rows, h.shape[1], dtype=h.dtype).index_add_(0, torch.from_numpy(acts.row), h)
+            sums = torch.zeros(acts.n_rows, h.shape[1], dtype=h.dtype).index_add_(
+                0, torch.from_numpy(acts.row), h
+            )
             return sums / torch.from_numpy(np.diff(bounds)).to(h.dtype)[:, None]
         raise ValueError(f"unknown pooling {pooling!r} (mean or last; token needs no pooling)")
 
@@ -99,7 +111,11 @@ class Activations:
 def prompt_ids(engine: Engine, ex: Example) -> list[int]:
     """Token ids of ``ex``'s prompt as serving tokenizes it: the chat template over ``ex.chat()``,
     or the plain text of a ``raw_prompt`` row."""
-    return engine.tokenizer.encode(ex.prompt) if ex.raw_prompt else engine.tokenizer.encode_chat(ex.chat())
+    return (
+        engine.tokenizer.encode(ex.prompt)
+        if ex.raw_prompt
+        else engine.tokenizer.encode_chat(ex.chat())
+    )
 
 
 def token_ids(engine: Engine, ex: Example) -> tuple[list[int], int]:
@@ -110,24 +126,37 @@ def token_ids(engine: Engine, ex: Example) -> tuple[list[int], int]:
         raise DataError(f"{ex.source}: the completion encodes to no tokens")
     ids = prompt + completion
     if len(ids) > engine.info.context_length:
-        raise DataError(f"{ex.source}: {len(ids)} tokens exceed the model's context of {engine.info.context_length}")
+        raise DataError(
+            f"{ex.source}: {len(ids)} tokens exceed the model's context of {engine.info.context_length}"
+        )
     return ids, len(prompt)
 
 
-def collect(engine: Engine, examples: list[Example], layers: Collection[int], *, desc: str = "activations",
-            progress: bool = True, span: Span = "completion", cache: ActivationCache | None = None
-            ) -> Activations:
+def collect(
+    engine: Engine,
+    examples: list[Example],
+    layers: Collection[int],
+    *,
+    desc: str = "activations",
+    progress: bool = True,
+    span: Span = "completion",
+    cache: ActivationCache | None = None,
+) -> Activations:
     """Run every example once and keep the activations of its ``span`` tokens at ``layers``."""
     layers = sorted(set(layers))
     for layer in layers:
         if not 0 <= layer < engine.info.num_layers:
-            raise ValueError(f"layer {layer} out of range (model has {engine.info.num_layers} layers)")
+            raise ValueError(
+                f"layer {layer} out of range (model has {engine.info.num_layers} layers)"
+            )
     key = cache.key(examples, layers, span) if cache is not None else None
     if cache is not None and key is not None:
         hit = cache.get(key)
         if hit is not None:
             if progress:
-                print(f"{desc}: {len(examples)} rows from cache {cache.path_of(key)}", file=sys.stderr)
+                print(
+                    f"{desc}: {len(examples)} rows from cache {cache.path_of(key)}", file=sys.stderr
+                )
             return hit
     acts = _run(engine, examples, layers, desc=desc, progress=progress, span=span)
     if cache is not None and key is not None:
@@ -135,8 +164,15 @@ def collect(engine: Engine, examples: list[Example], layers: Collection[int], *,
     return acts
 
 
-def _run(engine: Engine, examples: list[Example], layers: list[int], *, desc: str, progress: bool,
-         span: Span) -> Activations:
+def _run(
+    engine: Engine,
+    examples: list[Example],
+    layers: list[int],
+    *,
+    desc: str,
+    progress: bool,
+    span: Span,
+) -> Activations:
     chunks: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     rows, ids_out, is_completion = [], [], []
     bar = Progress(desc, len(examples), enabled=progress)
@@ -160,9 +196,13 @@ def _run(engine: Engine, examples: list[Example], layers: list[int], *, desc: st
     def cat(parts: list[np.ndarray], dtype: type) -> np.ndarray:
         return np.concatenate(parts) if parts else np.zeros(0, dtype)
 
-    return Activations({layer: torch.cat(c) if c else torch.zeros(0, d) for layer, c in chunks.items()},
-                       cat(rows, np.int64), np.array([ex.label for ex in examples], dtype=np.int64),
-                       cat(ids_out, np.int64), None if span != "all" else cat(is_completion, bool))
+    return Activations(
+        {layer: torch.cat(c) if c else torch.zeros(0, d) for layer, c in chunks.items()},
+        cat(rows, np.int64),
+        np.array([ex.label for ex in examples], dtype=np.int64),
+        cat(ids_out, np.int64),
+        None if span != "all" else cat(is_completion, bool),
+    )
 
 
 class Progress:
@@ -181,8 +221,13 @@ class Progress:
         filled = int(round(frac * self.width))
         elapsed = now - self.start
         eta = f" eta {elapsed / frac - elapsed:.0f}s" if 0 < frac < 1 else ""
-        print(f"\r{self.desc}: [{'#' * filled}{'.' * (self.width - filled)}] {done}/{self.total} rows "
-              f"{elapsed:.0f}s{eta}", end="", file=sys.stderr, flush=True)
+        print(
+            f"\r{self.desc}: [{'#' * filled}{'.' * (self.width - filled)}] {done}/{self.total} rows "
+            f"{elapsed:.0f}s{eta}",
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def close(self) -> None:
         if self.enabled:

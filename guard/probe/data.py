@@ -109,24 +109,51 @@ def _parse_row(line: str, where: str) -> Example:
         raise DataError(f"{where}: 'label' must be 0 or 1, got {label!r}")
     messages = row.get("messages")
     if messages is not None:
-        if not (isinstance(messages, list) and messages and all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in messages)):
-            raise DataError(f"{where}: 'messages' must be a non-empty list of {{\"role\": str, \"content\": str}}")
+        if not (
+            isinstance(messages, list)
+            and messages
+            and all(
+                isinstance(m, dict)
+                and isinstance(m.get("role"), str)
+                and isinstance(m.get("content"), str)
+                for m in messages
+            )
+        ):
+            raise DataError(
+                f'{where}: \'messages\' must be a non-empty list of {{"role": str, "content": str}}'
+            )
         messages = tuple((m["role"], m["content"]) for m in messages)
     raw_prompt, context = row.get("raw_prompt", False), row.get("context", "")
     if not isinstance(raw_prompt, bool) or (raw_prompt and messages is not None):
-        raise DataError(f"{where}: 'raw_prompt' must be true or false, and cannot go with 'messages'")
+        raise DataError(
+            f"{where}: 'raw_prompt' must be true or false, and cannot go with 'messages'"
+        )
     if not isinstance(context, str):
         raise DataError(f"{where}: 'context' must be a string")
     category, hazard = row.get("category"), row.get("hazard_start")
     if category is not None and (not isinstance(category, str) or not category):
         raise DataError(f"{where}: 'category' must be a non-empty string")
     if hazard is not None:
-        if not isinstance(hazard, int) or isinstance(hazard, bool) or not 0 <= hazard < len(row["completion"]):
-            raise DataError(f"{where}: 'hazard_start' must be a character offset into 'completion' "
-                            f"(0..{len(row['completion']) - 1}), got {hazard!r}")
+        if (
+            not isinstance(hazard, int)
+            or isinstance(hazard, bool)
+            or not 0 <= hazard < len(row["completion"])
+        ):
+            raise DataError(
+                f"{where}: 'hazard_start' must be a character offset into 'completion' "
+                f"(0..{len(row['completion']) - 1}), got {hazard!r}"
+            )
         if label != 1:
             raise DataError(f"{where}: 'hazard_start' marks harmful content; it needs 'label': 1")
-    return Example(row["prompt"], row["completion"], int(label), where, messages, raw_prompt, context,
-                   row.get("source") == "review", category, hazard)
+    return Example(
+        row["prompt"],
+        row["completion"],
+        int(label),
+        where,
+        messages,
+        raw_prompt,
+        context,
+        row.get("source") == "review",
+        category,
+        hazard,
+    )

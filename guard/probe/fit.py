@@ -31,8 +31,14 @@ class LinearProbe(NamedTuple):
     """``[d]`` training std (floored at :data:`STD_FLOOR`), or ``None``."""
 
 
-def fit(x: torch.Tensor, y: torch.Tensor, method: Method = "logreg", *, l2: float = 0.1,
-        max_iter: int = 200) -> LinearProbe:
+def fit(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    method: Method = "logreg",
+    *,
+    l2: float = 0.1,
+    max_iter: int = 200,
+) -> LinearProbe:
     """Fit ``x`` ``[n, d]`` to binary labels ``y`` ``[n]`` with ``method``."""
     if x.ndim != 2 or y.shape != (x.shape[0],):
         raise ValueError(f"expected x [n, d] and y [n], got {tuple(x.shape)} and {tuple(y.shape)}")
@@ -46,7 +52,9 @@ def fit(x: torch.Tensor, y: torch.Tensor, method: Method = "logreg", *, l2: floa
     raise ValueError(f"unknown probe method {method!r} (logreg or diffmean)")
 
 
-def fit_logreg(x: torch.Tensor, y: torch.Tensor, *, l2: float = 0.1, max_iter: int = 200) -> LinearProbe:
+def fit_logreg(
+    x: torch.Tensor, y: torch.Tensor, *, l2: float = 0.1, max_iter: int = 200
+) -> LinearProbe:
     mean = x.mean(0)
     std = x.std(0).clamp_min(STD_FLOOR)
     z = (x - mean) / std
@@ -65,7 +73,9 @@ def fit_diffmean(x: torch.Tensor, y: torch.Tensor, *, max_iter: int = 200) -> Li
     return LinearProbe(u * (a / scale), float(c - a * centre / scale), None, None)
 
 
-def _logistic(z: torch.Tensor, y: torch.Tensor, *, l2: float, max_iter: int) -> tuple[torch.Tensor, float]:
+def _logistic(
+    z: torch.Tensor, y: torch.Tensor, *, l2: float, max_iter: int
+) -> tuple[torch.Tensor, float]:
     """Class-balanced logistic regression ``sigmoid(z @ w + b)`` with ``l2/2 * |w|^2``, from zero."""
     z = z.double()
     y = y.double()
@@ -73,12 +83,22 @@ def _logistic(z: torch.Tensor, y: torch.Tensor, *, l2: float, max_iter: int) -> 
     weight = torch.where(y > 0.5, 0.5 / n_pos, 0.5 / (len(y) - n_pos))
     w = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
     b = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, tolerance_grad=1e-9, tolerance_change=1e-12,
-                            history_size=20, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [w, b],
+        lr=1.0,
+        max_iter=max_iter,
+        tolerance_grad=1e-9,
+        tolerance_change=1e-12,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = (weight * torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, y, reduction="none")).sum()
+        loss = (
+            weight
+            * torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, y, reduction="none")
+        ).sum()
         loss = loss + 0.5 * l2 * (w * w).sum()
         loss.backward()
         return loss

@@ -37,19 +37,22 @@ def hazard_token(engine: Engine, ex: Example) -> int | None:
     if ex.hazard_start == 0:
         return 0
     full = engine.tokenizer.encode(ex.completion)
-    head = engine.tokenizer.encode(ex.completion[:ex.hazard_start].rstrip())
-    if full[:len(head)] != head or len(head) >= len(full):
+    head = engine.tokenizer.encode(ex.completion[: ex.hazard_start].rstrip())
+    if full[: len(head)] != head or len(head) >= len(full):
         return None
     return len(head)
 
 
 def hazard_tokens(engine: Engine, examples: list[Example]) -> np.ndarray:
     """:func:`hazard_token` per example, ``-1`` for ``None``."""
-    return np.array([-1 if (h := hazard_token(engine, ex)) is None else h for ex in examples], dtype=np.int64)
+    return np.array(
+        [-1 if (h := hazard_token(engine, ex)) is None else h for ex in examples], dtype=np.int64
+    )
 
 
-def token_selection(row: np.ndarray, labels: np.ndarray, hazard: np.ndarray, mode: TokenLabels
-                    ) -> tuple[np.ndarray, np.ndarray]:
+def token_selection(
+    row: np.ndarray, labels: np.ndarray, hazard: np.ndarray, mode: TokenLabels
+) -> tuple[np.ndarray, np.ndarray]:
     """``(kept token indices, their 0/1 labels)`` for fitting under ``mode``.
 
     ``row`` maps each token to its row (rows contiguous, in order), ``labels`` and ``hazard`` are

@@ -75,7 +75,9 @@ def tpr_at_fpr(scores, labels, target_fpr: float = 0.01) -> float:
     return rates_at(scores, labels, threshold_at_fpr(scores[~labels], target_fpr))[0]
 
 
-def row_max_scores(token_scores, row: np.ndarray, n_rows: int, aggregation: AggregationSpec) -> np.ndarray:
+def row_max_scores(
+    token_scores, row: np.ndarray, n_rows: int, aggregation: AggregationSpec
+) -> np.ndarray:
     """Per row, the maximum over its tokens of the aggregated score: the monitor's decision statistic.
 
     ``row`` must be non-decreasing (each row's tokens contiguous and in order).
@@ -84,7 +86,7 @@ def row_max_scores(token_scores, row: np.ndarray, n_rows: int, aggregation: Aggr
     out = np.full(n_rows, -np.inf)
     bounds = np.searchsorted(row, np.arange(n_rows + 1))
     for r in range(n_rows):
-        seg = token_scores[bounds[r]:bounds[r + 1]].tolist()
+        seg = token_scores[bounds[r] : bounds[r + 1]].tolist()
         if seg:
             out[r] = max(aggregation.aggregate(seg))
     return out

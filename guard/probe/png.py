@@ -25,22 +25,40 @@ AXIS_COLOUR = (60, 60, 60)
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    return (
+        struct.pack(">I", len(data))
+        + kind
+        + data
+        + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    )
 
 
 def encode_png(image: np.ndarray) -> bytes:
     """PNG bytes of a ``uint8`` image ``[h, w]`` (greyscale) or ``[h, w, 3]`` (RGB)."""
     image = np.asarray(image)
-    if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] != 3):
-        raise ValueError(f"expected a uint8 [h, w] or [h, w, 3] image, got {image.dtype} {image.shape}")
+    if (
+        image.dtype != np.uint8
+        or image.ndim not in (2, 3)
+        or (image.ndim == 3 and image.shape[2] != 3)
+    ):
+        raise ValueError(
+            f"expected a uint8 [h, w] or [h, w, 3] image, got {image.dtype} {image.shape}"
+        )
     h, w = image.shape[:2]
     if h == 0 or w == 0:
         raise ValueError("an image needs at least one pixel")
     colour_type = 0 if image.ndim == 2 else 2
     rows = image.reshape(h, -1)
-    raw = np.concatenate([np.zeros((h, 1), np.uint8), rows], axis=1).tobytes()  # filter byte 0 per row
+    raw = np.concatenate(
+        [np.zeros((h, 1), np.uint8), rows], axis=1
+    ).tobytes()  # filter byte 0 per row
     ihdr = struct.pack(">IIBBBBB", w, h, 8, colour_type, 0, 0, 0)
-    return PNG_SIGNATURE + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(raw, 9)) + _chunk(b"IEND", b"")
+    return (
+        PNG_SIGNATURE
+        + _chunk(b"IHDR", ihdr)
+        + _chunk(b"IDAT", zlib.compress(raw, 9))
+        + _chunk(b"IEND", b"")
+    )
 
 
 def write_png(path: str | Path, image: np.ndarray) -> Path:
@@ -49,9 +67,18 @@ def write_png(path: str | Path, image: np.ndarray) -> Path:
     return path
 
 
-def histogram_image(scores, labels, threshold: float | None = None, *, bins: int = 40,
-                    lo: float | None = None, hi: float | None = None, width: int = 640,
-                    height: int = 320, margin: int = 16) -> np.ndarray:
+def histogram_image(
+    scores,
+    labels,
+    threshold: float | None = None,
+    *,
+    bins: int = 40,
+    lo: float | None = None,
+    hi: float | None = None,
+    width: int = 640,
+    height: int = 320,
+    margin: int = 16,
+) -> np.ndarray:
     """``[height, width, 3]`` image of the score histogram of each class (see the module docstring).
 
     The range defaults to ``[0, 1]`` when every score (and the threshold) lies in it, else to the
@@ -82,13 +109,15 @@ def histogram_image(scores, labels, threshold: float | None = None, *, bins: int
         x0 = margin + int(round(b * bin_px))
         x1 = margin + int(round((b + 1) * bin_px))
         mid = (x0 + x1) // 2
-        for (a, z), frac, colour in zip(((x0, mid), (mid, x1)), fracs, (NEG_COLOUR, POS_COLOUR), strict=True):
+        for (a, z), frac, colour in zip(
+            ((x0, mid), (mid, x1)), fracs, (NEG_COLOUR, POS_COLOUR), strict=True
+        ):
             bar = int(round(frac[b] / top * plot_h))
             if bar > 0 and z > a:
-                img[base - bar:base, a:max(a + 1, z - 1)] = colour
-    img[base:base + 1, margin:width - margin] = AXIS_COLOUR
-    img[margin:base, margin:margin + 1] = AXIS_COLOUR
+                img[base - bar : base, a : max(a + 1, z - 1)] = colour
+    img[base : base + 1, margin : width - margin] = AXIS_COLOUR
+    img[margin:base, margin : margin + 1] = AXIS_COLOUR
     if threshold is not None and lo <= threshold <= hi:
         x = margin + int(round((threshold - lo) / (hi - lo) * (plot_w - 1)))
-        img[margin:base, max(0, x - 1):x + 1] = THRESHOLD_COLOUR
+        img[margin:base, max(0, x - 1) : x + 1] = THRESHOLD_COLOUR
     return img

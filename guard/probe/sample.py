@@ -56,19 +56,29 @@ def read_prompts(path: str | Path) -> list[list[dict[str, str]]]:
         except ValueError as exc:
             raise DataError(f"{path}:{lineno}: not valid JSON ({exc})") from exc
         if isinstance(row, dict) and isinstance(row.get("messages"), list) and row["messages"]:
-            chats.append([{"role": str(m["role"]), "content": str(m["content"])} for m in row["messages"]])
+            chats.append(
+                [{"role": str(m["role"]), "content": str(m["content"])} for m in row["messages"]]
+            )
         elif isinstance(row, dict) and isinstance(row.get("prompt"), str) and row["prompt"]:
             chats.append([{"role": "user", "content": row["prompt"]}])
         else:
-            raise DataError(f"{path}:{lineno}: expected {{\"prompt\": str}} or {{\"messages\": [...]}}")
+            raise DataError(f'{path}:{lineno}: expected {{"prompt": str}} or {{"messages": [...]}}')
     if not chats:
         raise DataError(f"{path}: the file has no prompts")
     return chats
 
 
-def sample_answers(engine: Engine, chats: list[list[dict[str, str]]], layers: list[int], *, n: int,
-                   params: SamplingParams, seed: int = 0, progress: bool = True,
-                   cache: ActivationCache | None = None) -> SampledAnswers:
+def sample_answers(
+    engine: Engine,
+    chats: list[list[dict[str, str]]],
+    layers: list[int],
+    *,
+    n: int,
+    params: SamplingParams,
+    seed: int = 0,
+    progress: bool = True,
+    cache: ActivationCache | None = None,
+) -> SampledAnswers:
     """``n`` sampled answers per chat with their activations at ``layers`` (see the module docstring)."""
     layers = sorted(set(layers))
     key = _key(cache, chats, layers, n, params, seed) if cache is not None else None
@@ -76,7 +86,10 @@ def sample_answers(engine: Engine, chats: list[list[dict[str, str]]], layers: li
         hit = cache.get(key)
         if hit is not None:
             if progress:
-                print(f"calibration answers: {hit.n_rows} from cache {cache.path_of(key)}", file=sys.stderr)
+                print(
+                    f"calibration answers: {hit.n_rows} from cache {cache.path_of(key)}",
+                    file=sys.stderr,
+                )
             return SampledAnswers(hit, _texts(engine, hit))
     chunks: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     ids_out: list[np.ndarray] = []
@@ -93,17 +106,28 @@ def sample_answers(engine: Engine, chats: list[list[dict[str, str]]], layers: li
             bar.update(i * n + j + 1)
     bar.close()
     if not ids_out:
-        raise DataError("every sampled calibration answer was empty; check the prompts and the model")
+        raise DataError(
+            "every sampled calibration answer was empty; check the prompts and the model"
+        )
     rows = [np.full(len(ids), r) for r, ids in enumerate(ids_out)]
-    acts = Activations({layer: torch.cat(c) for layer, c in chunks.items()}, np.concatenate(rows),
-                       np.zeros(len(ids_out), dtype=np.int64), np.concatenate(ids_out))
+    acts = Activations(
+        {layer: torch.cat(c) for layer, c in chunks.items()},
+        np.concatenate(rows),
+        np.zeros(len(ids_out), dtype=np.int64),
+        np.concatenate(ids_out),
+    )
     if cache is not None and key is not None:
         cache.put(key, acts)
     return SampledAnswers(acts, _texts(engine, acts))
 
 
-def _one(engine: Engine, prompt: list[int], layers: list[int], params: SamplingParams,
-         gen: torch.Generator) -> tuple[dict[int, torch.Tensor], list[int]]:
+def _one(
+    engine: Engine,
+    prompt: list[int],
+    layers: list[int],
+    params: SamplingParams,
+    gen: torch.Generator,
+) -> tuple[dict[int, torch.Tensor], list[int]]:
     """One answer: activations of its fed tokens per layer and its token ids (no end-of-sequence)."""
     seq = engine.new_sequence(prompt, layers)
     parts: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
@@ -120,13 +144,17 @@ def _one(engine: Engine, prompt: list[int], layers: list[int], params: SamplingP
         if ids and ids[-1] in eos:
             ids = ids[:-1]
         else:
-            out = engine.step(seq, params, gen, sample=False)  # feed the last token, as live scoring does
+            out = engine.step(
+                seq, params, gen, sample=False
+            )  # feed the last token, as live scoring does
             for layer, h in out.hidden.items():
                 parts[layer].append(h.float().cpu())
     finally:
         engine.release(seq)
     d = engine.info.d_model
-    hidden = {layer: (torch.cat(p) if p else torch.zeros(0, d))[:len(ids)] for layer, p in parts.items()}
+    hidden = {
+        layer: (torch.cat(p) if p else torch.zeros(0, d))[: len(ids)] for layer, p in parts.items()
+    }
     return hidden, list(ids)
 
 
@@ -138,8 +166,12 @@ def _texts(engine: Engine, acts: Activations) -> list[str]:
     return [engine.tokenizer.decode(token_ids[a:b].tolist()) for a, b in itertools.pairwise(bounds)]
 
 
-def _key(cache: ActivationCache, chats, layers: list[int], n: int, params: SamplingParams, seed: int) -> str:
+def _key(
+    cache: ActivationCache, chats, layers: list[int], n: int, params: SamplingParams, seed: int
+) -> str:
     h = hashlib.sha256(f"guard.sampled-answers v1\n{cache.model}\n{layers}\n{n}\n{seed}\n".encode())
-    h.update(json.dumps([params.temperature, params.top_p, params.top_k, params.max_tokens]).encode())
+    h.update(
+        json.dumps([params.temperature, params.top_p, params.top_k, params.max_tokens]).encode()
+    )
     h.update(json.dumps(chats).encode())
     return h.hexdigest()

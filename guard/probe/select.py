@@ -39,8 +39,10 @@ from guard.probe.collect import Activations, Pooling
 from guard.probe.fit import Method, fit
 from guard.probe.labels import TOKEN_LABELS, TokenLabels, token_selection
 
-CRITERION = ("mean held-out TPR at the calibrated threshold, then mean TPR above every calibration negative, "
-             "then worst-fold TPR, AUROC, lower FPR, token AUROC, simpler candidate, mid-depth layer")
+CRITERION = (
+    "mean held-out TPR at the calibrated threshold, then mean TPR above every calibration negative, "
+    "then worst-fold TPR, AUROC, lower FPR, token AUROC, simpler candidate, mid-depth layer"
+)
 
 
 class Candidate(NamedTuple):
@@ -82,31 +84,51 @@ class Score(NamedTuple):
     """Per fold, in :attr:`Folds.names` order."""
 
 
-def make_folds(labels: np.ndarray, categories: list[str | None], seed: int = 0, k: int = 5) -> Folds:
+def make_folds(
+    labels: np.ndarray, categories: list[str | None], seed: int = 0, k: int = 5
+) -> Folds:
     """Leave-one-category-out folds when at least two categories hold label-1 rows, else k-fold."""
     harm = sorted({c for c, y in zip(categories, labels, strict=True) if c is not None and y == 1})
     if len(harm) >= 2:
         fold_of = {c: i for i, c in enumerate(harm)}
         others = sorted({c for c in categories if c is not None and c not in fold_of})
         fold_of.update({c: i % len(harm) for i, c in enumerate(others)})
-        assign = np.array([fold_of[c] if c is not None else i % len(harm) for i, c in enumerate(categories)])
+        assign = np.array(
+            [fold_of[c] if c is not None else i % len(harm) for i, c in enumerate(categories)]
+        )
         return Folds("category", harm, [np.flatnonzero(assign == f) for f in range(len(harm))])
     rng = np.random.default_rng(seed)
     assign = np.zeros(len(labels), dtype=np.int64)
     for label in (0, 1):
         idx = rng.permutation(np.flatnonzero(labels == label))
         assign[idx] = np.arange(len(idx)) % k
-    return Folds("kfold", [f"fold {i + 1}" for i in range(k)], [np.flatnonzero(assign == f) for f in range(k)])
+    return Folds(
+        "kfold",
+        [f"fold {i + 1}" for i in range(k)],
+        [np.flatnonzero(assign == f) for f in range(k)],
+    )
 
 
 def aggregations(alpha: float = 0.5, window: int = 4) -> list[AggregationSpec]:
     """The aggregation candidates: none, EMA(``alpha``), window mean(``window``)."""
-    return [AggregationSpec("none", alpha, window), AggregationSpec("ema", alpha, window),
-            AggregationSpec("window", alpha, window)]
+    return [
+        AggregationSpec("none", alpha, window),
+        AggregationSpec("ema", alpha, window),
+        AggregationSpec("window", alpha, window),
+    ]
 
 
-def fit_candidate(acts: Activations, hazard: np.ndarray, layer: int, method: Method, labels: TokenLabels,
-                  *, l2: float, pooling: Pooling = "token", name: str = "probe") -> ProbeMonitor:
+def fit_candidate(
+    acts: Activations,
+    hazard: np.ndarray,
+    layer: int,
+    method: Method,
+    labels: TokenLabels,
+    *,
+    l2: float,
+    pooling: Pooling = "token",
+    name: str = "probe",
+) -> ProbeMonitor:
     """Fit ``method`` at ``layer`` on ``acts`` with token labels ``labels`` (``hazard``: per row)."""
     if pooling == "token":
         idx, y = token_selection(acts.row, acts.labels, hazard, labels)
@@ -117,10 +139,21 @@ def fit_candidate(acts: Activations, hazard: np.ndarray, layer: int, method: Met
     return ProbeMonitor(name, layer, p.direction, p.bias, mean=p.mean, std=p.std)
 
 
-def cross_validate(acts: Activations, hazard: np.ndarray, folds: Folds, *, layers: list[int],
-                   methods: list[Method], labels: list[TokenLabels], aggs: list[AggregationSpec],
-                   calibration: Activations | None, target_fpr: float, l2: float, pooling: Pooling = "token",
-                   progress: bool = True) -> list[Score]:
+def cross_validate(
+    acts: Activations,
+    hazard: np.ndarray,
+    folds: Folds,
+    *,
+    layers: list[int],
+    methods: list[Method],
+    labels: list[TokenLabels],
+    aggs: list[AggregationSpec],
+    calibration: Activations | None,
+    target_fpr: float,
+    l2: float,
+    pooling: Pooling = "token",
+    progress: bool = True,
+) -> list[Score]:
     """Score every candidate on every fold (see the module docstring); one fit per fold, layer,
     method and labels, shared by the aggregations."""
     per: dict[Candidate, list[dict[str, float]]] = {}
@@ -133,31 +166,48 @@ def cross_validate(acts: Activations, hazard: np.ndarray, folds: Folds, *, layer
         for layer in layers:
             for method in methods:
                 for lab in labels:
-                    mon = fit_candidate(tr, hazard[train_rows], layer, method, lab, l2=l2, pooling=pooling)
+                    mon = fit_candidate(
+                        tr, hazard[train_rows], layer, method, lab, l2=l2, pooling=pooling
+                    )
                     te_tok = mon.score_tensor(te.hidden[layer]).numpy()
                     cal_tok = mon.score_tensor(cal.hidden[layer]).numpy()
                     for agg in aggs:
                         per.setdefault(Candidate(layer, method, lab, agg), []).append(
-                            _fold_scores(te, te_tok, cal, cal_tok, agg, target_fpr))
+                            _fold_scores(te, te_tok, cal, cal_tok, agg, target_fpr)
+                        )
                     done += 1
                     if progress:
-                        print(f"\rcross-validation: {done}/{total} fits", end="", file=sys.stderr, flush=True)
+                        print(
+                            f"\rcross-validation: {done}/{total} fits",
+                            end="",
+                            file=sys.stderr,
+                            flush=True,
+                        )
     if progress:
         print(file=sys.stderr)
     return [_summarise(c, rows) for c, rows in per.items()]
 
 
-def _fold_scores(te: Activations, te_tok: np.ndarray, cal: Activations, cal_tok: np.ndarray,
-                 agg: AggregationSpec, target_fpr: float) -> dict[str, float]:
+def _fold_scores(
+    te: Activations,
+    te_tok: np.ndarray,
+    cal: Activations,
+    cal_tok: np.ndarray,
+    agg: AggregationSpec,
+    target_fpr: float,
+) -> dict[str, float]:
     te_rows = M.row_max_scores(te_tok, te.row, te.n_rows, agg)
     cal_rows = M.row_max_scores(cal_tok, cal.row, cal.n_rows, agg)
     threshold = M.threshold_at_fpr(cal_rows, target_fpr)
     pos, neg = te.labels == 1, te.labels == 0
     nan = float("nan")
-    return {"tpr": float((te_rows[pos] > threshold).mean()) if pos.any() else nan,
-            "strict_tpr": float((te_rows[pos] > cal_rows.max()).mean()) if pos.any() else nan,
-            "fpr": float((te_rows[neg] > threshold).mean()) if neg.any() else nan,
-            "auroc": M.auroc(te_rows, te.labels), "token_auroc": M.auroc(te_tok, te.token_labels())}
+    return {
+        "tpr": float((te_rows[pos] > threshold).mean()) if pos.any() else nan,
+        "strict_tpr": float((te_rows[pos] > cal_rows.max()).mean()) if pos.any() else nan,
+        "fpr": float((te_rows[neg] > threshold).mean()) if neg.any() else nan,
+        "auroc": M.auroc(te_rows, te.labels),
+        "token_auroc": M.auroc(te_tok, te.token_labels()),
+    }
 
 
 def _nanmean(v: list[float]) -> float:
@@ -168,9 +218,16 @@ def _nanmean(v: list[float]) -> float:
 def _summarise(c: Candidate, rows: list[dict[str, float]]) -> Score:
     tprs = [r["tpr"] for r in rows]
     finite = [t for t in tprs if t == t]
-    return Score(c, _nanmean(tprs), _nanmean([r["strict_tpr"] for r in rows]),
-                 min(finite) if finite else float("nan"), _nanmean([r["auroc"] for r in rows]),
-                 _nanmean([r["fpr"] for r in rows]), _nanmean([r["token_auroc"] for r in rows]), tprs)
+    return Score(
+        c,
+        _nanmean(tprs),
+        _nanmean([r["strict_tpr"] for r in rows]),
+        min(finite) if finite else float("nan"),
+        _nanmean([r["auroc"] for r in rows]),
+        _nanmean([r["fpr"] for r in rows]),
+        _nanmean([r["token_auroc"] for r in rows]),
+        tprs,
+    )
 
 
 _AGG_ORDER = {"none": 0, "ema": 1, "window": 2}
@@ -179,12 +236,23 @@ _METHOD_ORDER = {"logreg": 0, "diffmean": 1}
 
 def rank_key(s: Score, num_layers: int) -> tuple:
     """Sort key of the criterion (larger is better); see the module docstring."""
+
     def hi(v: float) -> float:
         return -1.0 if v != v else v
+
     c = s.candidate
-    return (hi(s.tpr), hi(s.strict_tpr), hi(s.worst_tpr), hi(s.auroc), -(s.fpr if s.fpr == s.fpr else 1.0),
-            hi(s.token_auroc), -TOKEN_LABELS.index(c.labels), -_AGG_ORDER[c.aggregation.kind],
-            -_METHOD_ORDER[c.method], -abs(c.layer - (num_layers - 1) / 2))
+    return (
+        hi(s.tpr),
+        hi(s.strict_tpr),
+        hi(s.worst_tpr),
+        hi(s.auroc),
+        -(s.fpr if s.fpr == s.fpr else 1.0),
+        hi(s.token_auroc),
+        -TOKEN_LABELS.index(c.labels),
+        -_AGG_ORDER[c.aggregation.kind],
+        -_METHOD_ORDER[c.method],
+        -abs(c.layer - (num_layers - 1) / 2),
+    )
 
 
 def ranked(scores: list[Score], num_layers: int) -> list[Score]:
@@ -200,7 +268,20 @@ def describe(c: Candidate) -> str:
 
 def score_to_dict(s: Score) -> dict:
     c = s.candidate
-    return {"layer": c.layer, "method": c.method, "labels": c.labels,
-            "aggregation": {"kind": c.aggregation.kind, "alpha": c.aggregation.alpha, "window": c.aggregation.window},
-            "cv_tpr": s.tpr, "cv_strict_tpr": s.strict_tpr, "cv_worst_tpr": s.worst_tpr, "cv_auroc": s.auroc,
-            "cv_fpr": s.fpr, "cv_token_auroc": s.token_auroc, "fold_tpr": s.fold_tpr}
+    return {
+        "layer": c.layer,
+        "method": c.method,
+        "labels": c.labels,
+        "aggregation": {
+            "kind": c.aggregation.kind,
+            "alpha": c.aggregation.alpha,
+            "window": c.aggregation.window,
+        },
+        "cv_tpr": s.tpr,
+        "cv_strict_tpr": s.strict_tpr,
+        "cv_worst_tpr": s.worst_tpr,
+        "cv_auroc": s.auroc,
+        "cv_fpr": s.fpr,
+        "cv_token_auroc": s.token_auroc,
+        "fold_tpr": s.fold_tpr,
+    }

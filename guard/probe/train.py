@@ -69,7 +69,9 @@ class CalibrationSampling:
             raise ValueError("calibration samples, max_tokens and max_prompts must be >= 1")
 
     def params(self) -> SamplingParams:
-        return SamplingParams(temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens)
+        return SamplingParams(
+            temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens
+        )
 
 
 @dataclass
@@ -116,7 +118,9 @@ class TrainConfig:
         if not 0.0 <= self.target_fpr < 1.0:
             raise ValueError(f"target_fpr must be in [0, 1), got {self.target_fpr}")
         if self.token_labels is not None and self.token_labels not in TOKEN_LABELS:
-            raise ValueError(f"token labels must be one of {', '.join(TOKEN_LABELS)}, got {self.token_labels!r}")
+            raise ValueError(
+                f"token labels must be one of {', '.join(TOKEN_LABELS)}, got {self.token_labels!r}"
+            )
         if self.folds < 2:
             raise ValueError(f"folds must be >= 2, got {self.folds}")
         AggregationSpec("ema", self.alpha, self.window)  # validates alpha and window
@@ -157,7 +161,9 @@ def split_rows(labels: np.ndarray, heldout_frac: float, seed: int) -> tuple[np.n
     for label in (0, 1):
         idx = np.flatnonzero(labels == label)
         if len(idx) < 2:
-            raise DataError(f"need at least 2 rows with label {label} to split train/held-out, found {len(idx)}")
+            raise DataError(
+                f"need at least 2 rows with label {label} to split train/held-out, found {len(idx)}"
+            )
         idx = rng.permutation(idx)
         n_held = min(max(1, int(round(heldout_frac * len(idx)))), len(idx) - 1)
         held.append(idx[:n_held])
@@ -165,8 +171,9 @@ def split_rows(labels: np.ndarray, heldout_frac: float, seed: int) -> tuple[np.n
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(held))
 
 
-def row_scores(monitor: ProbeMonitor, acts: Activations, aggregation: AggregationSpec | None = None
-               ) -> tuple[np.ndarray, np.ndarray]:
+def row_scores(
+    monitor: ProbeMonitor, acts: Activations, aggregation: AggregationSpec | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(per-token scores, per-row max aggregated scores) of ``monitor`` on ``acts``."""
     tok = monitor.score_tensor(acts.hidden[monitor.layer]).numpy()
     return tok, M.row_max_scores(tok, acts.row, acts.n_rows, aggregation or monitor.aggregation)
@@ -177,37 +184,74 @@ def evaluate(monitor: ProbeMonitor, acts: Activations, target_fpr: float = 0.01)
     at the monitor's own threshold."""
     tok, rows = row_scores(monitor, acts)
     tpr, fpr = M.rates_at(rows, acts.labels, monitor.threshold)
-    return {"rows": int(acts.n_rows), "positives": int(acts.labels.sum()),
-            "negatives": int((acts.labels == 0).sum()), "auroc": M.auroc(rows, acts.labels),
-            "tpr_at_target_fpr": M.tpr_at_fpr(rows, acts.labels, target_fpr), "target_fpr": target_fpr,
-            "token_auroc": M.auroc(tok, acts.token_labels()), "threshold": monitor.threshold,
-            "tpr_at_threshold": tpr, "fpr_at_threshold": fpr}
+    return {
+        "rows": int(acts.n_rows),
+        "positives": int(acts.labels.sum()),
+        "negatives": int((acts.labels == 0).sum()),
+        "auroc": M.auroc(rows, acts.labels),
+        "tpr_at_target_fpr": M.tpr_at_fpr(rows, acts.labels, target_fpr),
+        "target_fpr": target_fpr,
+        "token_auroc": M.auroc(tok, acts.token_labels()),
+        "threshold": monitor.threshold,
+        "tpr_at_threshold": tpr,
+        "fpr_at_threshold": fpr,
+    }
 
 
-def fit_layer(acts: Activations, layer: int, config: TrainConfig, name: str = "probe", *,
-              hazard: np.ndarray | None = None, candidate: S.Candidate | None = None) -> ProbeMonitor:
+def fit_layer(
+    acts: Activations,
+    layer: int,
+    config: TrainConfig,
+    name: str = "probe",
+    *,
+    hazard: np.ndarray | None = None,
+    candidate: S.Candidate | None = None,
+) -> ProbeMonitor:
     """Fit at ``layer`` with the candidate's method, token labels and aggregation (default: the
     config's, ``logreg`` / ``all`` / EMA where it leaves them open)."""
     method = candidate.method if candidate else (config.method or "logreg")
     labels = candidate.labels if candidate else (config.token_labels or "all")
-    agg = candidate.aggregation if candidate else (config.aggregation or AggregationSpec("ema", config.alpha,
-                                                                                           config.window))
+    agg = (
+        candidate.aggregation
+        if candidate
+        else (config.aggregation or AggregationSpec("ema", config.alpha, config.window))
+    )
     hz = hazard if hazard is not None else np.full(acts.n_rows, -1, dtype=np.int64)
-    mon = S.fit_candidate(acts, hz, layer, method, labels, l2=config.l2, pooling=config.pooling, name=name)
+    mon = S.fit_candidate(
+        acts, hz, layer, method, labels, l2=config.l2, pooling=config.pooling, name=name
+    )
     mon.aggregation = agg
     return mon
 
 
-def sweep_layers(train: Activations, heldout: Activations, layers: list[int], config: TrainConfig,
-                 eval_acts: Activations | None = None, *, hazard: np.ndarray | None = None,
-                 candidate: S.Candidate | None = None) -> list[LayerResult]:
+def sweep_layers(
+    train: Activations,
+    heldout: Activations,
+    layers: list[int],
+    config: TrainConfig,
+    eval_acts: Activations | None = None,
+    *,
+    hazard: np.ndarray | None = None,
+    candidate: S.Candidate | None = None,
+) -> list[LayerResult]:
     """Fit at every layer (with ``candidate``'s other choices) and evaluate on the held-out split."""
     out = []
     for layer in layers:
-        mon = fit_layer(train, layer, config, hazard=hazard, candidate=candidate._replace(layer=layer) if candidate
-                        else None)
-        out.append(LayerResult(layer, mon, evaluate(mon, heldout, config.target_fpr),
-                               evaluate(mon, eval_acts, config.target_fpr) if eval_acts is not None else None))
+        mon = fit_layer(
+            train,
+            layer,
+            config,
+            hazard=hazard,
+            candidate=candidate._replace(layer=layer) if candidate else None,
+        )
+        out.append(
+            LayerResult(
+                layer,
+                mon,
+                evaluate(mon, heldout, config.target_fpr),
+                evaluate(mon, eval_acts, config.target_fpr) if eval_acts is not None else None,
+            )
+        )
     return out
 
 
@@ -218,10 +262,16 @@ def best_layer(results: list[LayerResult], num_layers: int) -> LayerResult:
     *token* AUROC, which saturates later, and then to the layer nearest mid-depth, where probes
     usually generalise best.
     """
+
     def key(r: LayerResult):
         h = r.heldout
-        return (_nan_low(h["auroc"]), _nan_low(h["tpr_at_target_fpr"]), _nan_low(h["token_auroc"]),
-                -abs(r.layer - (num_layers - 1) / 2))
+        return (
+            _nan_low(h["auroc"]),
+            _nan_low(h["tpr_at_target_fpr"]),
+            _nan_low(h["token_auroc"]),
+            -abs(r.layer - (num_layers - 1) / 2),
+        )
+
     return max(results, key=key)
 
 
@@ -239,12 +289,21 @@ class Selection(NamedTuple):
     """Every candidate, best first."""
 
 
-def train_probe(engine: Engine, data: list[str | Path], *, model_dir: str | Path | None = None,
-                layers: list[int] | None = None, eval_data: Sequence[str | Path] = (),
-                calibration: Sequence[str | Path] = (), config: TrainConfig | None = None,
-                name: str = "probe", progress: bool = True, cache: ActivationCache | None = None,
-                calibrate_prompts: str | Path | None = None,
-                sampling: CalibrationSampling | None = None) -> TrainResult:
+def train_probe(
+    engine: Engine,
+    data: list[str | Path],
+    *,
+    model_dir: str | Path | None = None,
+    layers: list[int] | None = None,
+    eval_data: Sequence[str | Path] = (),
+    calibration: Sequence[str | Path] = (),
+    config: TrainConfig | None = None,
+    name: str = "probe",
+    progress: bool = True,
+    cache: ActivationCache | None = None,
+    calibrate_prompts: str | Path | None = None,
+    sampling: CalibrationSampling | None = None,
+) -> TrainResult:
     """Train a probe on ``data`` (JSONL paths). ``layers=None`` considers every layer.
 
     Calibration negatives, in order of preference: the model's own answers sampled from
@@ -260,8 +319,11 @@ def train_probe(engine: Engine, data: list[str | Path], *, model_dir: str | Path
     config = config or TrainConfig()
     sampling = sampling or CalibrationSampling()
     if calibrate_prompts is not None and calibration:
-        raise InvalidRequestError("calibrate on sampled answers (--calibrate-prompts) or on rows (--calibration), "
-                                  "not both", param="calibration")
+        raise InvalidRequestError(
+            "calibrate on sampled answers (--calibrate-prompts) or on rows (--calibration), "
+            "not both",
+            param="calibration",
+        )
     # 1. data
     examples = read_files(list(data))
     eval_examples = read_files(list(eval_data)) if eval_data else []
@@ -270,15 +332,39 @@ def train_probe(engine: Engine, data: list[str | Path], *, model_dir: str | Path
     layers = sorted(set(layers)) if layers else list(range(engine.info.num_layers))
     bad = [layer for layer in layers if not 0 <= layer < engine.info.num_layers]
     if bad:
-        raise InvalidRequestError(f"layers {bad} out of range: the model has {engine.info.num_layers} layers "
-                                  f"(0..{engine.info.num_layers - 1})", param="layer")
+        raise InvalidRequestError(
+            f"layers {bad} out of range: the model has {engine.info.num_layers} layers "
+            f"(0..{engine.info.num_layers - 1})",
+            param="layer",
+        )
     # 2. activations, every layer in one pass
-    acts = collect(engine, examples, layers, desc="train data", progress=progress, cache=cache, span=config.span)
-    eval_acts = (collect(engine, eval_examples, layers, desc="eval data", progress=progress, cache=cache,
-                         span=config.span)
-                 if eval_examples else None)
-    hazard = (hazard_tokens(engine, examples) if config.span == "completion"
-              else np.full(len(examples), -1, dtype=np.int64))
+    acts = collect(
+        engine,
+        examples,
+        layers,
+        desc="train data",
+        progress=progress,
+        cache=cache,
+        span=config.span,
+    )
+    eval_acts = (
+        collect(
+            engine,
+            eval_examples,
+            layers,
+            desc="eval data",
+            progress=progress,
+            cache=cache,
+            span=config.span,
+        )
+        if eval_examples
+        else None
+    )
+    hazard = (
+        hazard_tokens(engine, examples)
+        if config.span == "completion"
+        else np.full(len(examples), -1, dtype=np.int64)
+    )
     # 3. split; reviewed rows are always trained on
     reviewed = np.array([ex.reviewed for ex in examples], dtype=bool)
     original = np.flatnonzero(~reviewed)
@@ -287,15 +373,44 @@ def train_probe(engine: Engine, data: list[str | Path], *, model_dir: str | Path
     held_idx = original[held_idx]
     train, heldout = acts.select(train_idx), acts.select(held_idx)
     # 4. the model's own answers to benign prompts
-    chats, cal_source = _calibration_chats(examples, calibrate_prompts, bool(calib_examples), sampling, config)
-    sampled = (sample_answers(engine, chats, cv_layers, n=sampling.n, params=sampling.params(), seed=sampling.seed,
-                              progress=progress, cache=cache) if chats else None)
+    chats, cal_source = _calibration_chats(
+        examples, calibrate_prompts, bool(calib_examples), sampling, config
+    )
+    sampled = (
+        sample_answers(
+            engine,
+            chats,
+            cv_layers,
+            n=sampling.n,
+            params=sampling.params(),
+            seed=sampling.seed,
+            progress=progress,
+            cache=cache,
+        )
+        if chats
+        else None
+    )
     # 5. choose on the train split only
-    selection = choose(train, hazard[train_idx], [examples[i].category for i in train_idx], cv_layers, config,
-                       engine.info.num_layers, sampled.acts if sampled else None, progress)
+    selection = choose(
+        train,
+        hazard[train_idx],
+        [examples[i].category for i in train_idx],
+        cv_layers,
+        config,
+        engine.info.num_layers,
+        sampled.acts if sampled else None,
+        progress,
+    )
     # 6. the choice at every layer (reported), the chosen layer's probe kept
-    results = sweep_layers(train, heldout, layers, config, eval_acts, hazard=hazard[train_idx],
-                           candidate=selection.candidate)
+    results = sweep_layers(
+        train,
+        heldout,
+        layers,
+        config,
+        eval_acts,
+        hazard=hazard[train_idx],
+        candidate=selection.candidate,
+    )
     best = next(r for r in results if r.layer == selection.candidate.layer)
     monitor = best.monitor
     monitor.name = name
@@ -304,8 +419,15 @@ def train_probe(engine: Engine, data: list[str | Path], *, model_dir: str | Path
     if sampled is not None:
         negatives, source = sampled.acts, [cal_source]
     elif calib_examples:
-        negatives = collect(engine, [e for e in calib_examples if e.label == 0], [best.layer],
-                            desc="calibration data", progress=progress, cache=cache, span=config.span)
+        negatives = collect(
+            engine,
+            [e for e in calib_examples if e.label == 0],
+            [best.layer],
+            desc="calibration data",
+            progress=progress,
+            cache=cache,
+            span=config.span,
+        )
         source = [str(p) for p in calibration]
     else:
         negatives, source = acts.select(np.flatnonzero(acts.labels == 0)), ["train+heldout"]
@@ -313,30 +435,60 @@ def train_probe(engine: Engine, data: list[str | Path], *, model_dir: str | Path
     if len(reviewed_neg):
         negatives = _stack([negatives, acts.select(reviewed_neg)], best.layer)
         source.append(f"{len(reviewed_neg)} reviewed negatives of --data")
-    calibration_info = {"source": source[0] if len(source) == 1 and (sampled is not None or not calib_examples)
-                        else source,
-                        "sampled": sampled is not None, **calibrate(monitor, negatives, config.target_fpr)}
+    calibration_info = {
+        "source": source[0]
+        if len(source) == 1 and (sampled is not None or not calib_examples)
+        else source,
+        "sampled": sampled is not None,
+        **calibrate(monitor, negatives, config.target_fpr),
+    }
     # 8. final metrics and provenance
-    metrics = {"heldout": evaluate(monitor, heldout, config.target_fpr),
-               "eval": evaluate(monitor, eval_acts, config.target_fpr) if eval_acts is not None else None,
-               "calibration": calibration_info, "sweep": [_sweep_row(r) for r in results],
-               "selection": _selection_info(selection)}
-    training = {"data": _file_info(data), "eval_data": _file_info(eval_data),
-                "calibration_data": _file_info(calibration),
-                "calibrate_prompts": _file_info([calibrate_prompts]) if calibrate_prompts else None,
-                "calibration_sampling": (dict(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
-                                              max_tokens=sampling.max_tokens, seed=sampling.seed)
-                                         if sampled is not None else None),
-                "rows": acts.n_rows, "train_rows": len(train_idx),
-                "heldout_rows": len(held_idx), "reviewed_rows": int(reviewed.sum()),
-                "train_tokens": len(train.row), "seed": config.seed,
-                "heldout_frac": config.heldout_frac,
-                "l2": config.l2 if selection.candidate.method == "logreg" else None,
-                "layers_swept": layers, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-    monitor.meta = _json_safe({"model": _model_info(engine, model_dir), "method": selection.candidate.method,
-                               "token_labels": selection.candidate.labels,
-                               "pooling": config.pooling, "span": config.span,
-                               "target_fpr": config.target_fpr, "metrics": metrics, "training": training})
+    metrics = {
+        "heldout": evaluate(monitor, heldout, config.target_fpr),
+        "eval": evaluate(monitor, eval_acts, config.target_fpr) if eval_acts is not None else None,
+        "calibration": calibration_info,
+        "sweep": [_sweep_row(r) for r in results],
+        "selection": _selection_info(selection),
+    }
+    training = {
+        "data": _file_info(data),
+        "eval_data": _file_info(eval_data),
+        "calibration_data": _file_info(calibration),
+        "calibrate_prompts": _file_info([calibrate_prompts]) if calibrate_prompts else None,
+        "calibration_sampling": (
+            dict(
+                n=sampling.n,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                max_tokens=sampling.max_tokens,
+                seed=sampling.seed,
+            )
+            if sampled is not None
+            else None
+        ),
+        "rows": acts.n_rows,
+        "train_rows": len(train_idx),
+        "heldout_rows": len(held_idx),
+        "reviewed_rows": int(reviewed.sum()),
+        "train_tokens": len(train.row),
+        "seed": config.seed,
+        "heldout_frac": config.heldout_frac,
+        "l2": config.l2 if selection.candidate.method == "logreg" else None,
+        "layers_swept": layers,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    monitor.meta = _json_safe(
+        {
+            "model": _model_info(engine, model_dir),
+            "method": selection.candidate.method,
+            "token_labels": selection.candidate.labels,
+            "pooling": config.pooling,
+            "span": config.span,
+            "target_fpr": config.target_fpr,
+            "metrics": metrics,
+            "training": training,
+        }
+    )
     return TrainResult(monitor, results)
 
 
@@ -353,22 +505,46 @@ def spread_layers(num_layers: int, most: int = MAX_CV_LAYERS) -> list[int]:
     return sorted({round(i * (num_layers - 1) / (most - 1)) for i in range(most)})
 
 
-def choose(train: Activations, hazard: np.ndarray, categories: list[str | None], layers: list[int],
-           config: TrainConfig, num_layers: int, calibration: Activations | None, progress: bool) -> Selection:
+def choose(
+    train: Activations,
+    hazard: np.ndarray,
+    categories: list[str | None],
+    layers: list[int],
+    config: TrainConfig,
+    num_layers: int,
+    calibration: Activations | None,
+    progress: bool,
+) -> Selection:
     """Cross-validate every candidate the config leaves open (:mod:`guard.probe.select`) and take the best."""
     methods, labels, aggs = config.candidates(layers, has_hazard(train.labels, hazard))
     if len(layers) * len(methods) * len(labels) * len(aggs) == 1:
         return Selection(S.Candidate(layers[0], methods[0], labels[0], aggs[0]), None, [])
     folds = S.make_folds(train.labels, categories, config.seed, config.folds)
-    scores = S.cross_validate(train, hazard, folds, layers=layers, methods=methods, labels=labels, aggs=aggs,
-                              calibration=calibration, target_fpr=config.target_fpr, l2=config.l2,
-                              pooling=config.pooling, progress=progress)
+    scores = S.cross_validate(
+        train,
+        hazard,
+        folds,
+        layers=layers,
+        methods=methods,
+        labels=labels,
+        aggs=aggs,
+        calibration=calibration,
+        target_fpr=config.target_fpr,
+        l2=config.l2,
+        pooling=config.pooling,
+        progress=progress,
+    )
     scores = S.ranked(scores, num_layers)
     return Selection(scores[0].candidate, folds, scores)
 
 
-def _calibration_chats(examples: list[Example], prompts_file: str | Path | None, have_rows: bool,
-                       sampling: CalibrationSampling, config: TrainConfig) -> tuple[list, str]:
+def _calibration_chats(
+    examples: list[Example],
+    prompts_file: str | Path | None,
+    have_rows: bool,
+    sampling: CalibrationSampling,
+    config: TrainConfig,
+) -> tuple[list, str]:
     """The chats to sample calibration answers from, and a description; ``[]`` to use rows instead."""
     how = f"{sampling.n} sampled answers each at temperature {sampling.temperature:g}"
     if prompts_file is not None:
@@ -379,7 +555,12 @@ def _calibration_chats(examples: list[Example], prompts_file: str | Path | None,
     harm = {ex.category for ex in examples if ex.label == 1}
     seen, chats = set(), []
     for ex in examples:
-        if ex.category is not None and ex.category not in harm and ex.label == 0 and not ex.raw_prompt:
+        if (
+            ex.category is not None
+            and ex.category not in harm
+            and ex.label == 0
+            and not ex.raw_prompt
+        ):
             key = repr(ex.chat())
             if key not in seen and len(chats) < sampling.max_prompts:
                 seen.add(key)
@@ -389,18 +570,29 @@ def _calibration_chats(examples: list[Example], prompts_file: str | Path | None,
 
 def _selection_info(sel: Selection) -> dict[str, Any]:
     if sel.folds is None:
-        return {"folds": None, "criterion": "fixed by the options (a single candidate)",
-                "chosen": S.describe(sel.candidate), "table": []}
-    return {"folds": sel.folds.kind, "fold_names": sel.folds.names, "criterion": S.CRITERION,
-            "chosen": S.describe(sel.candidate), "table": [S.score_to_dict(s) for s in sel.scores]}
+        return {
+            "folds": None,
+            "criterion": "fixed by the options (a single candidate)",
+            "chosen": S.describe(sel.candidate),
+            "table": [],
+        }
+    return {
+        "folds": sel.folds.kind,
+        "fold_names": sel.folds.names,
+        "criterion": S.CRITERION,
+        "chosen": S.describe(sel.candidate),
+        "table": [S.score_to_dict(s) for s in sel.scores],
+    }
 
 
 def _stack(parts: list[Activations], layer: int) -> Activations:
     """The rows of ``parts`` one after another, at ``layer`` only."""
     offsets = np.cumsum([0] + [p.n_rows for p in parts])
-    return Activations({layer: torch.cat([p.hidden[layer] for p in parts])},
-                       np.concatenate([p.row + o for p, o in zip(parts, offsets, strict=True)]),
-                       np.concatenate([p.labels for p in parts]))
+    return Activations(
+        {layer: torch.cat([p.hidden[layer] for p in parts])},
+        np.concatenate([p.row + o for p, o in zip(parts, offsets, strict=True)]),
+        np.concatenate([p.labels for p in parts]),
+    )
 
 
 def decisions(monitor: ProbeMonitor, acts: Activations) -> dict[str, Any]:
@@ -408,9 +600,15 @@ def decisions(monitor: ProbeMonitor, acts: Activations) -> dict[str, Any]:
     negatives fired on (false positives), and row AUROC (``nan`` with one class)."""
     _, rows = row_scores(monitor, acts)
     fired, pos = rows > monitor.threshold, acts.labels == 1
-    return {"rows": int(acts.n_rows), "positives": int(pos.sum()), "caught": int((fired & pos).sum()),
-            "negatives": int((~pos).sum()), "false_positives": int((fired & ~pos).sum()),
-            "auroc": M.auroc(rows, acts.labels), "threshold": monitor.threshold}
+    return {
+        "rows": int(acts.n_rows),
+        "positives": int(pos.sum()),
+        "caught": int((fired & pos).sum()),
+        "negatives": int((~pos).sum()),
+        "false_positives": int((fired & ~pos).sum()),
+        "auroc": M.auroc(rows, acts.labels),
+        "threshold": monitor.threshold,
+    }
 
 
 CALIBRATION_MARGIN = 1e-3
@@ -423,32 +621,46 @@ def calibrate(monitor: ProbeMonitor, negatives: Activations, target_fpr: float) 
     """Set ``monitor.threshold`` so at most ``target_fpr`` of the ``negatives`` rows fire (with the
     :data:`CALIBRATION_MARGIN` above the boundary row); report the rate."""
     if negatives.n_rows == 0 or negatives.labels.any():
-        raise DataError("threshold calibration needs negative (label 0) rows only, and at least one")
+        raise DataError(
+            "threshold calibration needs negative (label 0) rows only, and at least one"
+        )
     _, rows = row_scores(monitor, negatives)
     t = M.threshold_at_fpr(rows, target_fpr)
     if 0.0 < t < 1.0:
         t = float(1.0 / (1.0 + np.exp(-(np.log(t / (1.0 - t)) + CALIBRATION_MARGIN))))
     monitor.threshold = t
-    return {"negatives": int(negatives.n_rows), "fpr_at_threshold": float(np.mean(rows > monitor.threshold))}
+    return {
+        "negatives": int(negatives.n_rows),
+        "fpr_at_threshold": float(np.mean(rows > monitor.threshold)),
+    }
 
 
 def _sweep_row(r: LayerResult) -> dict[str, Any]:
-    return {"layer": r.layer, "heldout_auroc": r.heldout["auroc"],
-            "heldout_tpr_at_target_fpr": r.heldout["tpr_at_target_fpr"],
-            "heldout_token_auroc": r.heldout["token_auroc"],
-            "eval_auroc": r.eval["auroc"] if r.eval else None,
-            "eval_tpr_at_target_fpr": r.eval["tpr_at_target_fpr"] if r.eval else None}
+    return {
+        "layer": r.layer,
+        "heldout_auroc": r.heldout["auroc"],
+        "heldout_tpr_at_target_fpr": r.heldout["tpr_at_target_fpr"],
+        "heldout_token_auroc": r.heldout["token_auroc"],
+        "eval_auroc": r.eval["auroc"] if r.eval else None,
+        "eval_tpr_at_target_fpr": r.eval["tpr_at_target_fpr"] if r.eval else None,
+    }
 
 
 def _model_info(engine: Engine, model_dir: str | Path | None) -> dict[str, Any]:
     info = engine.info
-    return {"name": info.name, "path": str(model_dir) if model_dir else None,
-            "config_sha256": config_fingerprint(model_dir) if model_dir else None,
-            "num_layers": info.num_layers, "d_model": info.d_model}
+    return {
+        "name": info.name,
+        "path": str(model_dir) if model_dir else None,
+        "config_sha256": config_fingerprint(model_dir) if model_dir else None,
+        "num_layers": info.num_layers,
+        "d_model": info.d_model,
+    }
 
 
 def _file_info(paths) -> list[dict[str, Any]]:
-    return [{"path": str(p), "sha256": hashlib.sha256(Path(p).read_bytes()).hexdigest()} for p in paths]
+    return [
+        {"path": str(p), "sha256": hashlib.sha256(Path(p).read_bytes()).hexdigest()} for p in paths
+    ]
 
 
 def _json_safe(obj):

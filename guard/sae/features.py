@@ -59,7 +59,9 @@ def monitor_feature_acts(sae: Sae, x: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def row_max_acts(sae: Sae, acts: Activations, layer: int, *, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+def row_max_acts(
+    sae: Sae, acts: Activations, layer: int, *, chunk: int = 4096
+) -> tuple[np.ndarray, np.ndarray]:
     """``([n_rows, d_sae] max activation over each row's completion tokens, [d_sae] token firing rate)``."""
     acts = acts.completion_only()
     h = acts.hidden[layer]
@@ -67,17 +69,27 @@ def row_max_acts(sae: Sae, acts: Activations, layer: int, *, chunk: int = 4096) 
     out = torch.zeros(acts.n_rows, sae.d_sae)
     fired = torch.zeros(sae.d_sae)
     for i in range(0, len(h), chunk):
-        f = monitor_feature_acts(sae, h[i:i + chunk])
-        out.scatter_reduce_(0, row[i:i + chunk, None].expand_as(f), f, "amax")
+        f = monitor_feature_acts(sae, h[i : i + chunk])
+        out.scatter_reduce_(0, row[i : i + chunk, None].expand_as(f), f, "amax")
         fired += (f > 0).float().sum(0)
     return out.numpy(), (fired / max(1, len(h))).numpy()
 
 
-def rank_features(row_max: np.ndarray, labels: np.ndarray, firing_rate: np.ndarray) -> list[FeatureRank]:
+def rank_features(
+    row_max: np.ndarray, labels: np.ndarray, firing_rate: np.ndarray
+) -> list[FeatureRank]:
     """Every feature, best separating first (AUROC, then mean positive activation)."""
     labels = np.asarray(labels).astype(bool)
-    out = [FeatureRank(i, M.auroc(row_max[:, i], labels), float(row_max[labels, i].mean()),
-                       float(row_max[~labels, i].mean()), float(firing_rate[i])) for i in range(row_max.shape[1])]
+    out = [
+        FeatureRank(
+            i,
+            M.auroc(row_max[:, i], labels),
+            float(row_max[labels, i].mean()),
+            float(row_max[~labels, i].mean()),
+            float(firing_rate[i]),
+        )
+        for i in range(row_max.shape[1])
+    ]
     return sorted(out, key=lambda r: (-np.nan_to_num(r.auroc, nan=-1.0), -r.mean_pos, r.index))
 
 
@@ -104,8 +116,15 @@ def any_rule_scores(row_max: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     return (row_max / thresholds).max(axis=1)
 
 
-def stanza(name: str, sae_path: str | Path, layer: int, features: list[int], thresholds: np.ndarray,
-           *, relative_to: str | Path | None = None) -> dict[str, Any]:
+def stanza(
+    name: str,
+    sae_path: str | Path,
+    layer: int,
+    features: list[int],
+    thresholds: np.ndarray,
+    *,
+    relative_to: str | Path | None = None,
+) -> dict[str, Any]:
     """A policy monitor entry (``kind: sae``, rule ``any``). ``path`` is made relative to
     ``relative_to`` (the directory the policy will live in) when given."""
     path = str(sae_path)
@@ -139,8 +158,16 @@ class Example(NamedTuple):
 
 
 @torch.no_grad()
-def top_examples(sae: Sae, acts: Activations, layer: int, feature: int, token_text, *, n: int = 5,
-                 window: int = 8) -> list[Example]:
+def top_examples(
+    sae: Sae,
+    acts: Activations,
+    layer: int,
+    feature: int,
+    token_text,
+    *,
+    n: int = 5,
+    window: int = 8,
+) -> list[Example]:
     """The ``n`` rows where ``feature`` peaks highest, each shown around its peak token.
 
     ``token_text(id) -> str`` renders one token; ``acts`` must carry token ids.
@@ -148,10 +175,15 @@ def top_examples(sae: Sae, acts: Activations, layer: int, feature: int, token_te
     acts = acts.completion_only()
     if acts.token_ids is None:
         raise ValueError("top_examples needs activations collected with token ids")
-    col = torch.cat([monitor_feature_acts(sae, h)[:, feature] for h in acts.hidden[layer].split(4096)]).numpy()
+    col = torch.cat(
+        [monitor_feature_acts(sae, h)[:, feature] for h in acts.hidden[layer].split(4096)]
+    ).numpy()
     bounds = np.searchsorted(acts.row, np.arange(acts.n_rows + 1))
-    peaks = [(float(col[a:b].max()), r, a + int(col[a:b].argmax())) for r, (a, b) in
-             enumerate(itertools.pairwise(bounds)) if b > a]
+    peaks = [
+        (float(col[a:b].max()), r, a + int(col[a:b].argmax()))
+        for r, (a, b) in enumerate(itertools.pairwise(bounds))
+        if b > a
+    ]
     peaks.sort(key=lambda p: (-p[0], p[1]))
     out = []
     for value, r, pos in peaks[:n]:

@@ -32,7 +32,12 @@ from guard.errors import ModelLoadError
 Activation = Literal["relu", "jumprelu", "topk", "gated"]
 Normalize = Literal["none", "constant_norm_rescale", "layer_norm", "expected_average_only_in"]
 ACTIVATIONS: tuple[str, ...] = ("relu", "jumprelu", "topk", "gated")
-NORMALIZATIONS: tuple[str, ...] = ("none", "constant_norm_rescale", "layer_norm", "expected_average_only_in")
+NORMALIZATIONS: tuple[str, ...] = (
+    "none",
+    "constant_norm_rescale",
+    "layer_norm",
+    "expected_average_only_in",
+)
 LAYER_NORM_EPS = 1e-5
 """SAELens' epsilon for ``normalize_activations: layer_norm``."""
 
@@ -41,9 +46,11 @@ _HOOK_PATTERNS = (
     (re.compile(r"^blocks\.(\d+)\.hook_resid_pre$"), -1),
     (re.compile(r"^(?:model\.)?layers\.(\d+)$"), 0),
 )
-SUPPORTED_HOOKS = ("blocks.L.hook_resid_post (engine layer L)",
-                   "blocks.L.hook_resid_pre for L >= 1 (engine layer L-1)",
-                   "layers.L / model.layers.L, the HF module whose output is read (engine layer L)")
+SUPPORTED_HOOKS = (
+    "blocks.L.hook_resid_post (engine layer L)",
+    "blocks.L.hook_resid_pre for L >= 1 (engine layer L-1)",
+    "layers.L / model.layers.L, the HF module whose output is read (engine layer L)",
+)
 
 
 def layer_for_hook(hook_name: str) -> int:
@@ -59,11 +66,15 @@ def layer_for_hook(hook_name: str) -> int:
         if m:
             layer = int(m.group(1)) + offset
             if layer < 0:
-                raise ModelLoadError(f"hook '{hook_name}' reads the embedding output, which is not an engine layer; "
-                                     "use an SAE trained on a block output (blocks.L.hook_resid_post, L >= 0)")
+                raise ModelLoadError(
+                    f"hook '{hook_name}' reads the embedding output, which is not an engine layer; "
+                    "use an SAE trained on a block output (blocks.L.hook_resid_post, L >= 0)"
+                )
             return layer
-    raise ModelLoadError(f"unsupported SAE hook '{hook_name}': guard reads the residual stream only; supported: "
-                         + "; ".join(SUPPORTED_HOOKS))
+    raise ModelLoadError(
+        f"unsupported SAE hook '{hook_name}': guard reads the residual stream only; supported: "
+        + "; ".join(SUPPORTED_HOOKS)
+    )
 
 
 _T = TypeVar("_T")
@@ -120,19 +131,34 @@ class Sae:
         if self.W_enc.ndim != 2:
             raise ValueError(f"W_enc must be [d_in, d_sae], got {list(self.W_enc.shape)}")
         d_in, d_sae = self.W_enc.shape
-        expect = {"b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,), "threshold": (d_sae,),
-                  "b_gate": (d_sae,), "r_mag": (d_sae,), "b_mag": (d_sae,)}
+        expect = {
+            "b_enc": (d_sae,),
+            "W_dec": (d_sae, d_in),
+            "b_dec": (d_in,),
+            "threshold": (d_sae,),
+            "b_gate": (d_sae,),
+            "r_mag": (d_sae,),
+            "b_mag": (d_sae,),
+        }
         for name, shape in expect.items():
             t = getattr(self, name)
             if t is not None and tuple(t.shape) != shape:
-                raise ValueError(f"{name} has shape {list(t.shape)}, expected {list(shape)} (W_enc is {[d_in, d_sae]})")
-        required = {"jumprelu": ("threshold",), "gated": ("b_gate", "r_mag", "b_mag"), "topk": ("k",)}
+                raise ValueError(
+                    f"{name} has shape {list(t.shape)}, expected {list(shape)} (W_enc is {[d_in, d_sae]})"
+                )
+        required = {
+            "jumprelu": ("threshold",),
+            "gated": ("b_gate", "r_mag", "b_mag"),
+            "topk": ("k",),
+        }
         for name in required.get(self.activation, ()):
             if getattr(self, name) is None:
                 raise ValueError(f"activation {self.activation} needs {name}")
         if self.k is not None and not 1 <= self.k <= d_sae:
             raise ValueError(f"k must be in 1..{d_sae}, got {self.k}")
-        if self.normalize == "expected_average_only_in" and not (self.norm_scale and self.norm_scale > 0):
+        if self.normalize == "expected_average_only_in" and not (
+            self.norm_scale and self.norm_scale > 0
+        ):
             raise ValueError("normalize expected_average_only_in needs a positive norm_scale")
         if self.layer is not None and self.layer < 0:
             raise ValueError(f"layer must be >= 0, got {self.layer}")
@@ -151,8 +177,11 @@ class Sae:
 
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Sae:
         """A copy with every tensor moved/cast (tensors already matching are shared, not copied)."""
-        moved = {f.name: getattr(self, f.name).to(device=device, dtype=dtype)
-                 for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), Tensor)}
+        moved = {
+            f.name: getattr(self, f.name).to(device=device, dtype=dtype)
+            for f in dataclasses.fields(self)
+            if isinstance(getattr(self, f.name), Tensor)
+        }
         return dataclasses.replace(self, **moved)
 
     # -- encode / decode --------------------------------------------------------------------
@@ -178,7 +207,10 @@ class Sae:
         if self.activation == "gated":
             xp = self.process_input(x)
             gate = (xp @ self.W_enc + present(self.b_gate, "b_gate")) > 0
-            mag = torch.relu(xp @ (self.W_enc * present(self.r_mag, "r_mag").exp()) + present(self.b_mag, "b_mag"))
+            mag = torch.relu(
+                xp @ (self.W_enc * present(self.r_mag, "r_mag").exp())
+                + present(self.b_mag, "b_mag")
+            )
             return mag * gate
         pre = self.pre_activation(x)
         if self.activation == "relu":

@@ -77,27 +77,45 @@ class _Sliced:
     """``W.sum(0)`` for layer norm: ``(x - mu) @ W == x @ W - mu * colsum``."""
 
     def to(self, device: torch.device) -> _Sliced:
-        return _Sliced(self.W.to(device), self.b.to(device), None if self.theta is None else self.theta.to(device),
-                       None if self.colsum is None else self.colsum.to(device))
+        return _Sliced(
+            self.W.to(device),
+            self.b.to(device),
+            None if self.theta is None else self.theta.to(device),
+            None if self.colsum is None else self.colsum.to(device),
+        )
 
 
 class SaeFeatureMonitor(Monitor):
     """Scores tokens by a rule over a few SAE features read at ``layer``."""
 
-    def __init__(self, name: str, sae: Sae, features: Sequence[WatchedFeature | tuple], *, rule: Rule = "any",
-                 weighted_threshold: float | None = None, layer: int | None = None, threshold: float = 0.5,
-                 aggregation: AggregationSpec | None = None, topk_threshold: float | Tensor | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        sae: Sae,
+        features: Sequence[WatchedFeature | tuple],
+        *,
+        rule: Rule = "any",
+        weighted_threshold: float | None = None,
+        layer: int | None = None,
+        threshold: float = 0.5,
+        aggregation: AggregationSpec | None = None,
+        topk_threshold: float | Tensor | None = None,
+    ) -> None:
         feats = [f if isinstance(f, WatchedFeature) else WatchedFeature(*f) for f in features]
         if not feats:
             raise ValueError(f"SAE monitor '{name}' watches no features")
         bad = [f.index for f in feats if not 0 <= f.index < sae.d_sae]
         if bad:
-            raise ValueError(f"SAE monitor '{name}': feature indices {bad} out of range 0..{sae.d_sae - 1}")
+            raise ValueError(
+                f"SAE monitor '{name}': feature indices {bad} out of range 0..{sae.d_sae - 1}"
+            )
         if rule not in RULES:
             raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
         layer = sae.layer if layer is None else layer
         if layer is None or layer < 0:
-            raise ValueError(f"SAE monitor '{name}' needs a layer >= 0 (the SAE file names none), got {layer}")
+            raise ValueError(
+                f"SAE monitor '{name}' needs a layer >= 0 (the SAE file names none), got {layer}"
+            )
         self.layer: int = int(layer)
         self.name, self.threshold = name, float(threshold)
         self.aggregation = aggregation or AggregationSpec(kind="none")
@@ -116,11 +134,16 @@ class SaeFeatureMonitor(Monitor):
         # Only what scoring and steering read is checked (the full SAE can be GiBs): a NaN there
         # would silently keep the monitor from ever firing.
         s = self._sliced
-        for label, t in (("threshold", self.threshold), ("feature thresholds", self.feature_thresholds),
-                         ("feature weights", self.weights), ("weighted_threshold", self.weighted_threshold),
-                         ("the watched encoder columns (W_enc, b_enc, b_dec, gates, norm_scale)", s.W),
-                         ("the watched encoder bias", s.b), ("the watched features' thresholds", s.theta),
-                         ("the watched decoder rows (steering)", steer)):
+        for label, t in (
+            ("threshold", self.threshold),
+            ("feature thresholds", self.feature_thresholds),
+            ("feature weights", self.weights),
+            ("weighted_threshold", self.weighted_threshold),
+            ("the watched encoder columns (W_enc, b_enc, b_dec, gates, norm_scale)", s.W),
+            ("the watched encoder bias", s.b),
+            ("the watched features' thresholds", s.theta),
+            ("the watched decoder rows (steering)", steer),
+        ):
             require_finite(f"SAE monitor '{name}': {label}", t)
         self._by_device: dict[torch.device, tuple[_Sliced, Tensor, Tensor]] = {}
 
@@ -129,7 +152,9 @@ class SaeFeatureMonitor(Monitor):
         if value is None:
             value = float(self.weights @ self.feature_thresholds)
         if not value > 0:
-            raise ValueError(f"SAE monitor '{self.name}': weighted_threshold must be > 0, got {value}")
+            raise ValueError(
+                f"SAE monitor '{self.name}': weighted_threshold must be > 0, got {value}"
+            )
         return float(value)
 
     @property
@@ -142,15 +167,20 @@ class SaeFeatureMonitor(Monitor):
         cached = self._by_device.get(device)
         if cached is None:
             s = self._sliced
-            cached = self._by_device[device] = (s.to(device), self.feature_thresholds.to(device),
-                                                self.weights.to(device))
+            cached = self._by_device[device] = (
+                s.to(device),
+                self.feature_thresholds.to(device),
+                self.weights.to(device),
+            )
         return cached
 
     def feature_acts(self, hidden: Tensor) -> Tensor:
         """``[n, d]`` activations -> ``[n, k]`` float32 activations of the watched features, in order."""
         if hidden.ndim != 2 or hidden.shape[1] != self.d_model:
-            raise ValueError(f"SAE monitor '{self.name}' expects [n, {self.d_model}] activations, "
-                             f"got {list(hidden.shape)}")
+            raise ValueError(
+                f"SAE monitor '{self.name}' expects [n, {self.d_model}] activations, "
+                f"got {list(hidden.shape)}"
+            )
         s, _, _ = self._on(hidden.device)
         pre = self._pre(hidden.float(), s)
         if self.activation == "gated":
@@ -169,7 +199,9 @@ class SaeFeatureMonitor(Monitor):
         if self.normalize == "layer_norm":
             std, mu = torch.std_mean(h, dim=-1, keepdim=True)
             colsum = present(s.colsum, "colsum")
-            return torch.addcmul(h @ s.W, mu, colsum, value=-1.0).div_(std + LAYER_NORM_EPS).add_(s.b)
+            return (
+                torch.addcmul(h @ s.W, mu, colsum, value=-1.0).div_(std + LAYER_NORM_EPS).add_(s.b)
+            )
         return torch.addmm(s.b, h, s.W)  # none; expected_average_only_in's factor is folded into W
 
     def ratio(self, hidden: Tensor) -> Tensor:
@@ -203,11 +235,15 @@ class SaeFeatureMonitor(Monitor):
     def check_compatible(self, info: ModelInfo) -> None:
         """Raise :class:`ModelLoadError` unless the SAE can read ``info``'s model at ``layer``."""
         if info.d_model != self.d_model:
-            raise ModelLoadError(f"SAE monitor '{self.name}' reads {self.d_model}-dim activations but model "
-                                 f"'{info.name}' has d_model {info.d_model}; this SAE was trained on another model")
+            raise ModelLoadError(
+                f"SAE monitor '{self.name}' reads {self.d_model}-dim activations but model "
+                f"'{info.name}' has d_model {info.d_model}; this SAE was trained on another model"
+            )
         if self.layer >= info.num_layers:
-            raise ModelLoadError(f"SAE monitor '{self.name}' reads layer {self.layer} but model '{info.name}' has "
-                                 f"{info.num_layers} layers (0..{info.num_layers - 1})")
+            raise ModelLoadError(
+                f"SAE monitor '{self.name}' reads layer {self.layer} but model '{info.name}' has "
+                f"{info.num_layers} layers (0..{info.num_layers - 1})"
+            )
 
 
 def _slice(sae: Sae, idx: Tensor, topk_threshold: float | Tensor | None, name: str) -> _Sliced:
@@ -217,7 +253,9 @@ def _slice(sae: Sae, idx: Tensor, topk_threshold: float | Tensor | None, name: s
     if sae.activation == "gated":
         W_mag = W * present(sae.r_mag, "r_mag")[idx].float().exp()
         W = torch.cat([W, W_mag], dim=1)
-        b = torch.cat([present(sae.b_gate, "b_gate")[idx].float(), present(sae.b_mag, "b_mag")[idx].float()])
+        b = torch.cat(
+            [present(sae.b_gate, "b_gate")[idx].float(), present(sae.b_mag, "b_mag")[idx].float()]
+        )
     else:
         b = sae.b_enc[idx].float()
     if sae.apply_b_dec_to_input:  # b_dec is subtracted after normalizing, so with the unscaled W
@@ -241,13 +279,19 @@ def _topk_theta(sae: Sae, idx: Tensor, given: float | Tensor | None, name: str) 
         if t.ndim == 0:
             return t.expand(len(idx)).clone()
         if tuple(t.shape) != (sae.d_sae,):
-            raise ValueError(f"topk_threshold must be a number or a [{sae.d_sae}] tensor, got {list(t.shape)}")
+            raise ValueError(
+                f"topk_threshold must be a number or a [{sae.d_sae}] tensor, got {list(t.shape)}"
+            )
         return t[idx]
     if sae.threshold is not None:
         return sae.threshold[idx].float()
-    log.warning("SAE monitor '%s': TopK SAE without a calibrated pre-activation threshold; scoring the watched "
-                "features as ReLU (an upper bound: they may count as active when they would not be in the "
-                "top %d). Calibrate one with guard.sae.monitor.calibrate_topk_threshold.", name, sae.k)
+    log.warning(
+        "SAE monitor '%s': TopK SAE without a calibrated pre-activation threshold; scoring the watched "
+        "features as ReLU (an upper bound: they may count as active when they would not be in the "
+        "top %d). Calibrate one with guard.sae.monitor.calibrate_topk_threshold.",
+        name,
+        sae.k,
+    )
     return torch.zeros(len(idx))
 
 
@@ -261,6 +305,11 @@ def calibrate_topk_threshold(sae: Sae, hidden: Tensor, *, batch: int = 256) -> f
     """
     if sae.activation != "topk":
         raise ValueError(f"calibrate_topk_threshold needs a topk SAE, got {sae.activation}")
-    kth = [torch.relu(sae.pre_activation(chunk)).float().topk(present(sae.k, "k"), dim=-1).values[:, -1]
-           for chunk in hidden.split(batch)]
+    kth = [
+        torch.relu(sae.pre_activation(chunk))
+        .float()
+        .topk(present(sae.k, "k"), dim=-1)
+        .values[:, -1]
+        for chunk in hidden.split(batch)
+    ]
     return float(torch.cat(kth).mean())

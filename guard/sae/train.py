@@ -101,7 +101,7 @@ def sae_stats(sae: Sae, x: Tensor, chunk: int = 8192) -> SaeStats:
     err = var = l0 = 0.0
     fired = torch.zeros(sae.d_sae, dtype=torch.bool)
     for i in range(0, len(x), chunk):
-        xb = x[i:i + chunk]
+        xb = x[i : i + chunk]
         f = sae.encode(xb)
         err += float(((sae.decode(f).float() - xb) ** 2).sum())
         var += float(((xb - mean) ** 2).sum())
@@ -109,12 +109,24 @@ def sae_stats(sae: Sae, x: Tensor, chunk: int = 8192) -> SaeStats:
         l0 += float(active.sum())
         fired |= active.any(0)
     n = max(1, len(x))
-    return SaeStats(err / (n * sae.d_in), 1.0 - err / max(var, 1e-12), l0 / n,
-                    float((~fired).float().mean()), len(x))
+    return SaeStats(
+        err / (n * sae.d_in),
+        1.0 - err / max(var, 1e-12),
+        l0 / n,
+        float((~fired).float().mean()),
+        len(x),
+    )
 
 
-def train_sae(x: Tensor, config: SaeTrainConfig, *, eval_x: Tensor | None = None, layer: int | None = None,
-              hook_name: str | None = None, progress: bool = False) -> SaeTrainResult:
+def train_sae(
+    x: Tensor,
+    config: SaeTrainConfig,
+    *,
+    eval_x: Tensor | None = None,
+    layer: int | None = None,
+    hook_name: str | None = None,
+    progress: bool = False,
+) -> SaeTrainResult:
     """Train on the tokens ``x [n, d_in]``; report on ``eval_x`` (default: ``x``).
 
     Numbered phases: (1) scale and initialise, (2) optimise, (3) fold the scale into the weights.
@@ -140,8 +152,12 @@ def _init(xs: Tensor, d_sae: int, gen: torch.Generator) -> dict[str, Tensor]:
     d = xs.shape[1]
     w_dec = torch.randn(d_sae, d, generator=gen)
     w_dec /= w_dec.norm(dim=1, keepdim=True)
-    return {"W_enc": w_dec.T.clone().requires_grad_(), "b_enc": torch.zeros(d_sae, requires_grad=True),
-            "W_dec": w_dec.requires_grad_(), "b_dec": xs.mean(0).clone().requires_grad_()}
+    return {
+        "W_enc": w_dec.T.clone().requires_grad_(),
+        "b_enc": torch.zeros(d_sae, requires_grad=True),
+        "W_dec": w_dec.requires_grad_(),
+        "b_dec": xs.mean(0).clone().requires_grad_(),
+    }
 
 
 def _encode(p: dict[str, Tensor], xb: Tensor, k: int | None) -> tuple[Tensor, Tensor]:
@@ -153,7 +169,9 @@ def _encode(p: dict[str, Tensor], xb: Tensor, k: int | None) -> tuple[Tensor, Te
     return pre, torch.zeros_like(pre).scatter(-1, top.indices, top.values)
 
 
-def _optimise(xs: Tensor, p: dict[str, Tensor], cfg: SaeTrainConfig, gen: torch.Generator, progress: bool) -> None:
+def _optimise(
+    xs: Tensor, p: dict[str, Tensor], cfg: SaeTrainConfig, gen: torch.Generator, progress: bool
+) -> None:
     opt = torch.optim.Adam(list(p.values()), lr=cfg.learning_rate, betas=(0.9, 0.999))
     since_fired = torch.zeros(cfg.d_sae, dtype=torch.long)
     for step in range(cfg.steps):
@@ -167,8 +185,9 @@ def _optimise(xs: Tensor, p: dict[str, Tensor], cfg: SaeTrainConfig, gen: torch.
         else:
             fired = (f > 0).any(0)
             since_fired = torch.where(fired, 0, since_fired + 1)
-            loss = loss + cfg.aux_coef * _aux_loss(p, pre, xb - recon.detach(),
-                                                   since_fired > cfg.dead_after, xs.shape[1])
+            loss = loss + cfg.aux_coef * _aux_loss(
+                p, pre, xb - recon.detach(), since_fired > cfg.dead_after, xs.shape[1]
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -176,12 +195,19 @@ def _optimise(xs: Tensor, p: dict[str, Tensor], cfg: SaeTrainConfig, gen: torch.
             with torch.no_grad():
                 p["W_dec"] /= p["W_dec"].norm(dim=1, keepdim=True).clamp_min(1e-12)
         if progress and (step + 1) % max(1, cfg.steps // 20) == 0:
-            print(f"\rsae: step {step + 1}/{cfg.steps} loss {float(loss):.4f}", end="", file=sys.stderr, flush=True)
+            print(
+                f"\rsae: step {step + 1}/{cfg.steps} loss {float(loss):.4f}",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
     if progress and cfg.steps:
         print(file=sys.stderr)
 
 
-def _aux_loss(p: dict[str, Tensor], pre: Tensor, residual: Tensor, dead: Tensor, d_in: int) -> Tensor:
+def _aux_loss(
+    p: dict[str, Tensor], pre: Tensor, residual: Tensor, dead: Tensor, d_in: int
+) -> Tensor:
     """AuxK: reconstruct the main loss's residual from the top dead latents only."""
     n_dead = int(dead.sum())
     if n_dead == 0:
@@ -194,11 +220,23 @@ def _aux_loss(p: dict[str, Tensor], pre: Tensor, residual: Tensor, dead: Tensor,
     return ((f_aux @ p["W_dec"] - residual) ** 2).sum() / denom
 
 
-def _to_sae(p: dict[str, Tensor], scale: float, cfg: SaeTrainConfig, layer: int | None,
-            hook_name: str | None) -> Sae:
+def _to_sae(
+    p: dict[str, Tensor],
+    scale: float,
+    cfg: SaeTrainConfig,
+    layer: int | None,
+    hook_name: str | None,
+) -> Sae:
     """The raw-space SAE: ``pre = (x - s b) @ (W / s) + b_enc``, ``x_hat = s (f @ D + b)``."""
     with torch.no_grad():
-        return Sae(W_enc=(p["W_enc"] / scale).detach().clone(), b_enc=p["b_enc"].detach().clone(),
-                   W_dec=(p["W_dec"] * scale).detach().clone(), b_dec=(p["b_dec"] * scale).detach().clone(),
-                   activation="relu" if cfg.k is None else "topk", k=cfg.k, apply_b_dec_to_input=True,
-                   hook_name=hook_name, layer=layer)
+        return Sae(
+            W_enc=(p["W_enc"] / scale).detach().clone(),
+            b_enc=p["b_enc"].detach().clone(),
+            W_dec=(p["W_dec"] * scale).detach().clone(),
+            b_dec=(p["b_dec"] * scale).detach().clone(),
+            activation="relu" if cfg.k is None else "topk",
+            k=cfg.k,
+            apply_b_dec_to_input=True,
+            hook_name=hook_name,
+            layer=layer,
+        )

@@ -38,8 +38,9 @@ from guard.telemetry import Telemetry
 class GuardService:
     """Serves one or more policies. Build with :meth:`from_policy_files`; close with :meth:`aclose`."""
 
-    def __init__(self, policies: list[Policy], telemetry: Telemetry | None = None,
-                 log_url: str | None = None) -> None:
+    def __init__(
+        self, policies: list[Policy], telemetry: Telemetry | None = None, log_url: str | None = None
+    ) -> None:
         """``telemetry``: where traces, metrics and request log lines go (default: the global
         OpenTelemetry providers, no-op until an SDK is configured). ``log_url``: one log (a path or
         database URL) for every policy instead of each policy's own ``log`` target (``guard serve
@@ -51,8 +52,9 @@ class GuardService:
         self.review = ReviewQueries(self.registry)
 
     @classmethod
-    def from_policy_files(cls, paths: list[str | Path], telemetry: Telemetry | None = None,
-                          log_url: str | None = None) -> GuardService:
+    def from_policy_files(
+        cls, paths: list[str | Path], telemetry: Telemetry | None = None, log_url: str | None = None
+    ) -> GuardService:
         return cls([load_policy(p) for p in paths], telemetry, log_url)
 
     @property
@@ -95,7 +97,11 @@ class GuardService:
 
     def health(self) -> dict[str, Any]:
         """Status per served policy, including the last reload error of its file (``None`` if fine)."""
-        return {"status": "ok", "uptime_s": round(time.time() - self._started, 1), **self.registry.health()}
+        return {
+            "status": "ok",
+            "uptime_s": round(time.time() - self._started, 1),
+            **self.registry.health(),
+        }
 
     # -- the log, for review --------------------------------------------------------------------
 

@@ -101,23 +101,31 @@ def prepare(registry: PolicyRegistry, req: GenerationRequest) -> PreparedGenerat
         stop_token_ids=tuple(req.stop_token_ids),
         logit_bias=dict(req.logit_bias),
         banned_token_ids=frozenset(req.banned_token_ids),
-        **req.sampling)
+        **req.sampling,
+    )
     check_token_ids(params, info.vocab_size)
     return PreparedGeneration(req, served, prompt_ids, params)
 
 
-def check_context(context_length: int, prompt_tokens: int, max_tokens: int | None, param: str) -> int:
+def check_context(
+    context_length: int, prompt_tokens: int, max_tokens: int | None, param: str
+) -> int:
     """The room left for output; :class:`ContextLengthError` (naming ``param`` for the prompt, or
     ``max_tokens``) when the prompt, or the prompt plus ``max_tokens``, exceeds the context window."""
     room = context_length - prompt_tokens
     if room < 1:
-        raise ContextLengthError(f"This model's maximum context length is {context_length} tokens; "
-                                 f"the prompt has {prompt_tokens} tokens.", param=param)
+        raise ContextLengthError(
+            f"This model's maximum context length is {context_length} tokens; "
+            f"the prompt has {prompt_tokens} tokens.",
+            param=param,
+        )
     if max_tokens is not None and max_tokens > room:
         raise ContextLengthError(
             f"This model's maximum context length is {context_length} tokens. However, you requested "
             f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} "
-            "for the completion). Please reduce the prompt or max_tokens.", param="max_tokens")
+            "for the completion). Please reduce the prompt or max_tokens.",
+            param="max_tokens",
+        )
     return room
 
 
@@ -132,7 +140,9 @@ def _prompt_ids(served: Served, req: GenerationRequest) -> list[int]:
     elif req.prompt is not None:
         prompt_ids = [int(t) for t in req.prompt]
         if any(not 0 <= t < info.vocab_size for t in prompt_ids):
-            raise InvalidRequestError(f"prompt token ids must be in [0, {info.vocab_size})", param="prompt")
+            raise InvalidRequestError(
+                f"prompt token ids must be in [0, {info.vocab_size})", param="prompt"
+            )
     else:
         raise InvalidRequestError("either messages or prompt is required", param="messages")
     if not prompt_ids:
@@ -155,8 +165,11 @@ def _refuse_certainly_too_long(req: GenerationRequest, tok: Any, context_length:
     size = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
     at_least = size // (per_token * NORMALIZATION_SLACK)
     if at_least > context_length:
-        raise ContextLengthError(f"This model's maximum context length is {context_length} tokens; the prompt has "
-                                 f"{size} bytes of text, at least {at_least} tokens.", param=req.prompt_param)
+        raise ContextLengthError(
+            f"This model's maximum context length is {context_length} tokens; the prompt has "
+            f"{size} bytes of text, at least {at_least} tokens.",
+            param=req.prompt_param,
+        )
 
 
 def _chat_messages(served: Served, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -168,8 +181,12 @@ def _chat_messages(served: Served, messages: list[dict[str, Any]]) -> list[dict[
         return messages
     tok = served.engine.tokenizer
     tags = tuple(t for t in (d.open_tag, d.close_tag) if tok.token_id(t) is None)
-    out = [{**m, "content": neutralise_text(m["content"], tags)} if isinstance(m.get("content"), str) else m
-           for m in messages]
+    out = [
+        {**m, "content": neutralise_text(m["content"], tags)}
+        if isinstance(m.get("content"), str)
+        else m
+        for m in messages
+    ]
     if d.placement == "system" and d.mode == "always":
         out.insert(0, {"role": "system", "content": system_prompt(d.instruction, d.spec)})
     return out

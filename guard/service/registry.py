@@ -87,7 +87,9 @@ class PolicyRegistry:
         names = [p.name for p in policies]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            raise PolicyError(str(policies[0].source_path), [f"two policies are named {d!r}" for d in dupes])
+            raise PolicyError(
+                str(policies[0].source_path), [f"two policies are named {d!r}" for d in dupes]
+            )
         self.engines: dict[tuple, tuple[Engine, EngineWorker]] = {}
         self.retired: list[tuple[float, Engine, EngineWorker]] = []
         self.stores: dict[str, LogStore] = {}
@@ -96,7 +98,9 @@ class PolicyRegistry:
         """The writer thread of each store (by ``id(store)``): the engine never waits on the log."""
         self.served: dict[str, Served] = {}
         self._log_url = log_url
-        self._sources = [_Source(p.source_path, p.name, p.content_hash) for p in policies if p.source_path]
+        self._sources = [
+            _Source(p.source_path, p.name, p.content_hash) for p in policies if p.source_path
+        ]
         self.closed = False
         try:
             for policy in policies:
@@ -116,8 +120,16 @@ class PolicyRegistry:
         if log_target not in self.stores:
             store = self.stores[log_target] = LogStore.open(log_target)
             self.writers[id(store)] = LogWriter(store, name=f"guard-log-writer-{len(self.writers)}")
-        return Served(policy, engine, worker, monitors, controller_config(policy), self.stores[log_target],
-                      created or int(time.time()), keys)
+        return Served(
+            policy,
+            engine,
+            worker,
+            monitors,
+            controller_config(policy),
+            self.stores[log_target],
+            created or int(time.time()),
+            keys,
+        )
 
     def _engine_for(self, policy: Policy) -> tuple[Engine, EngineWorker]:
         key = engine_key(policy.model)
@@ -155,14 +167,27 @@ class PolicyRegistry:
                     return swapped
                 self._swap(src, policy)
             except Exception as exc:  # noqa: BLE001 - a bad edit must never take the server down
-                src.error = str(exc) if isinstance(exc, GuardError) else f"{src.path}: {type(exc).__name__}: {exc}"
-                log.error("policy %s not reloaded, still serving the last good version:\n%s", src.path, src.error)
+                src.error = (
+                    str(exc)
+                    if isinstance(exc, GuardError)
+                    else f"{src.path}: {type(exc).__name__}: {exc}"
+                )
+                log.error(
+                    "policy %s not reloaded, still serving the last good version:\n%s",
+                    src.path,
+                    src.error,
+                )
                 continue
             src.digest = policy.content_hash
             src.error = None
             src.reloads += 1
             swapped.append(policy.name)
-            log.info("policy %s reloaded from %s (sha256 %s)", policy.name, src.path, policy.content_hash[:12])
+            log.info(
+                "policy %s reloaded from %s (sha256 %s)",
+                policy.name,
+                src.path,
+                policy.content_hash[:12],
+            )
         self._retire_unused()  # also engines loaded for an edit that then failed
         self._stop_retired(RETIRE_GRACE_S)
         return swapped
@@ -171,12 +196,19 @@ class PolicyRegistry:
         """Build ``policy`` (a new engine only if its model fields changed) and swap it in for ``src``."""
         other = next((s for s in self._sources if s is not src and s.name == policy.name), None)
         if other is not None:
-            raise PolicyError(str(src.path), [f"{src.path}: name: policy name {policy.name!r} is already served "
-                                              f"from {other.path}"])
+            raise PolicyError(
+                str(src.path),
+                [
+                    f"{src.path}: name: policy name {policy.name!r} is already served "
+                    f"from {other.path}"
+                ],
+            )
         old = self.served[src.name]
         new = self._load(policy, created=old.created if policy.name == src.name else None)
-        self.served = {(policy.name if name == src.name else name): (new if name == src.name else s)
-                       for name, s in self.served.items()}
+        self.served = {
+            (policy.name if name == src.name else name): (new if name == src.name else s)
+            for name, s in self.served.items()
+        }
         src.name = policy.name
 
     def _retire_unused(self) -> None:
@@ -209,15 +241,22 @@ class PolicyRegistry:
         served = self.served
         visible = sorted(n for n in served if allowed is None or n in allowed)
         if model not in visible:
-            raise NotFoundError(f"The model `{model}` does not exist or you do not have access to it. Served "
-                                "models: " + (", ".join(visible) or "none"), param="model")
+            raise NotFoundError(
+                f"The model `{model}` does not exist or you do not have access to it. Served "
+                "models: " + (", ".join(visible) or "none"),
+                param="model",
+            )
         return served[model]
 
     def list_models(self) -> list[ServedModel]:
         # root: this policy's own name for its model, never the shared engine's (which is named after
         # whichever policy loaded it first, possibly another tenant's).
-        return [ServedModel(id=name, created=s.created, policy=name, root=s.policy.model.served_name or name)
-                for name, s in self.served.items()]
+        return [
+            ServedModel(
+                id=name, created=s.created, policy=name, root=s.policy.model.served_name or name
+            )
+            for name, s in self.served.items()
+        ]
 
     def key_bindings(self) -> dict[str, frozenset[str]]:
         """API key -> the policies that bind it (keys from ``access`` sections only)."""
@@ -236,10 +275,15 @@ class PolicyRegistry:
 
         def model(name: str, s: Served) -> dict[str, Any]:
             src = sources.get(name)
-            return {"id": name, "policy_hash": s.policy.content_hash, "engine": s.policy.model.engine,
-                    "monitors": [b.monitor.name for b in s.monitors],
-                    "source": str(src.path) if src else None, "reloads": src.reloads if src else 0,
-                    "reload_error": src.error if src else None}
+            return {
+                "id": name,
+                "policy_hash": s.policy.content_hash,
+                "engine": s.policy.model.engine,
+                "monitors": [b.monitor.name for b in s.monitors],
+                "source": str(src.path) if src else None,
+                "reloads": src.reloads if src else 0,
+                "reload_error": src.error if src else None,
+            }
 
         return {
             "models": [model(n, s) for n, s in self.served.items()],

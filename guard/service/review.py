@@ -39,9 +39,13 @@ class ReviewQueries:
             except NotFoundError:
                 continue
         if not found:
-            raise NotFoundError(f"no log record with id {log_id!r}", param="id", code="log_not_found")
+            raise NotFoundError(
+                f"no log record with id {log_id!r}", param="id", code="log_not_found"
+            )
         if len(found) > 1:
-            raise InvalidRequestError(f"log id prefix {log_id!r} is ambiguous; give more characters", param="id")
+            raise InvalidRequestError(
+                f"log id prefix {log_id!r} is ambiguous; give more characters", param="id"
+            )
         return found[0]
 
     def monitor_thresholds(self, policy_name: str, policy_hash: str) -> dict[str, float]:

@@ -72,21 +72,42 @@ class GenerationRunner:
             end(err)
         return len(live)
 
-    def _job(self, prepared: PreparedGeneration, emit: Callable[[Event], None]) -> GuardedGeneration:
+    def _job(
+        self, prepared: PreparedGeneration, emit: Callable[[Event], None]
+    ) -> GuardedGeneration:
         served = prepared.served
         req = prepared.request
         record = GenerationRecord(
-            request_id=req.request_id, policy_name=served.policy.name, policy_hash=served.policy.content_hash,
-            model=served.engine.info.name, messages=req.messages,
-            prompt=req.prompt if isinstance(req.prompt, str) else None, prompt_tokens=len(prepared.prompt_ids))
+            request_id=req.request_id,
+            policy_name=served.policy.name,
+            policy_hash=served.policy.content_hash,
+            model=served.engine.info.name,
+            messages=req.messages,
+            prompt=req.prompt if isinstance(req.prompt, str) else None,
+            prompt_tokens=len(prepared.prompt_ids),
+        )
         trace = self.telemetry.generation(record)  # the request span starts now, on the event loop
-        log_writes = GenerationLogging(served.policy.log.keeps, self._registry.writer(served), trace.watch(emit))
+        log_writes = GenerationLogging(
+            served.policy.log.keeps, self._registry.writer(served), trace.watch(emit)
+        )
 
         def on_finish(rec: GenerationRecord) -> str | None:
-            if self._interrupting and rec.outcome == "cancelled":  # cut off by a drain, not by its client
+            if (
+                self._interrupting and rec.outcome == "cancelled"
+            ):  # cut off by a drain, not by its client
                 rec.outcome = "interrupted"
             return log_writes.finish(rec)
 
-        return GuardedGeneration(served.engine, prepared.prompt_ids, prepared.params, served.monitors,
-                                 served.config, record, log_writes.emit, on_finish, trace,
-                                 on_checkpoint=log_writes.checkpoint, retracting=req.client_retracts)
+        return GuardedGeneration(
+            served.engine,
+            prepared.prompt_ids,
+            prepared.params,
+            served.monitors,
+            served.config,
+            record,
+            log_writes.emit,
+            on_finish,
+            trace,
+            on_checkpoint=log_writes.checkpoint,
+            retracting=req.client_retracts,
+        )

@@ -15,4 +15,11 @@ from guard.controller.trace import NO_TRACE, GenerationTrace
 from guard.telemetry.generation import Telemetry
 from guard.telemetry.request_log import REQUEST_LOGGER, JsonLineFormatter, install_request_log
 
-__all__ = ["NO_TRACE", "REQUEST_LOGGER", "GenerationTrace", "JsonLineFormatter", "Telemetry", "install_request_log"]
+__all__ = [
+    "NO_TRACE",
+    "REQUEST_LOGGER",
+    "GenerationTrace",
+    "JsonLineFormatter",
+    "Telemetry",
+    "install_request_log",
+]

@@ -48,8 +48,9 @@ class PrometheusMetrics:
 
     def __init__(self, readers: Sequence[MetricReader] = ()) -> None:
         self.registry = CollectorRegistry()
-        self.reader = PrometheusMetricReader(disable_target_info=True, scope_info_enabled=False,
-                                             registry=self.registry)
+        self.reader = PrometheusMetricReader(
+            disable_target_info=True, scope_info_enabled=False, registry=self.registry
+        )
         self.provider = MeterProvider(metric_readers=[self.reader, *readers], resource=resource())
 
     def render(self) -> bytes:
@@ -61,11 +62,19 @@ class PrometheusMetrics:
 
 
 def _otlp_protocol(env: Mapping[str, str], signal: str) -> str:
-    return env.get(f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf"
+    return (
+        env.get(f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL")
+        or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+        or "http/protobuf"
+    )
 
 
 def _otlp_endpoint(env: Mapping[str, str], signal: str) -> str | None:
-    return env.get(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None
+    return (
+        env.get(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT")
+        or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        or None
+    )
 
 
 def configure_otlp_tracing(env: Mapping[str, str] = os.environ) -> str | None:
@@ -89,8 +98,10 @@ def configure_otlp_tracing(env: Mapping[str, str] = os.environ) -> str | None:
                 OTLPSpanExporter as exporter,
             )
     except ImportError:
-        log.warning("an OTLP endpoint is set but opentelemetry-exporter-otlp is not installed "
-                    "(pip install 'guard[otel]'): traces are not exported")
+        log.warning(
+            "an OTLP endpoint is set but opentelemetry-exporter-otlp is not installed "
+            "(pip install 'guard[otel]'): traces are not exported"
+        )
         return None
     provider = TracerProvider(resource=resource(env))
     provider.add_span_processor(BatchSpanProcessor(exporter()))
@@ -113,7 +124,9 @@ def otlp_metric_readers(env: Mapping[str, str] = os.environ) -> list[MetricReade
                 OTLPMetricExporter as metric_exporter,
             )
     except ImportError:
-        log.warning("an OTLP endpoint is set but opentelemetry-exporter-otlp is not installed "
-                    "(pip install 'guard[otel]'): metrics are only served on /metrics")
+        log.warning(
+            "an OTLP endpoint is set but opentelemetry-exporter-otlp is not installed "
+            "(pip install 'guard[otel]'): metrics are only served on /metrics"
+        )
         return []
     return [PeriodicExportingMetricReader(metric_exporter())]

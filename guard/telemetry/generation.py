@@ -49,29 +49,62 @@ from guard.controller.trace import GenerationTrace
 from guard.telemetry.request_log import REQUEST_LOGGER
 
 SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-MONITOR_SECONDS_BUCKETS = (1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 1e-2)
+MONITOR_SECONDS_BUCKETS = (
+    1e-6,
+    2.5e-6,
+    5e-6,
+    1e-5,
+    2.5e-5,
+    5e-5,
+    1e-4,
+    2.5e-4,
+    5e-4,
+    1e-3,
+    2.5e-3,
+    1e-2,
+)
 
 
 class _Instruments:
     """The metric instruments, created once per :class:`Telemetry`."""
 
     def __init__(self, meter: metrics.Meter) -> None:
-        self.requests = meter.create_counter("guard.requests", description="Finished guarded generations")
-        self.tokens = meter.create_counter("guard.tokens", description="Tokens by kind: prompt, output (the "
-                                           "answer), sampled (all, discarded included), discarded (rolled back)")
+        self.requests = meter.create_counter(
+            "guard.requests", description="Finished guarded generations"
+        )
+        self.tokens = meter.create_counter(
+            "guard.tokens",
+            description="Tokens by kind: prompt, output (the "
+            "answer), sampled (all, discarded included), discarded (rolled back)",
+        )
         self.firings = meter.create_counter("guard.monitor.firings", description="Monitor firings")
-        self.resets = meter.create_counter("guard.resets", description="Rollbacks (a monitor fired and acted)")
-        self.retries = meter.create_counter("guard.retries", description="Resamples after a rollback")
-        self.refusals = meter.create_counter("guard.refusals", description="Answers replaced by the refusal")
-        self.ttft = meter.create_histogram("guard.time_to_first_token", unit="s",
-                                           description="Request accepted to first text released",
-                                           explicit_bucket_boundaries_advisory=SECONDS_BUCKETS)
-        self.duration = meter.create_histogram("guard.request.duration", unit="s",
-                                               description="Request accepted to generation finished",
-                                               explicit_bucket_boundaries_advisory=SECONDS_BUCKETS)
-        self.monitor_time = meter.create_histogram("guard.monitor.time_per_token", unit="s",
-                                                   description="Monitor scoring time per scored token",
-                                                   explicit_bucket_boundaries_advisory=MONITOR_SECONDS_BUCKETS)
+        self.resets = meter.create_counter(
+            "guard.resets", description="Rollbacks (a monitor fired and acted)"
+        )
+        self.retries = meter.create_counter(
+            "guard.retries", description="Resamples after a rollback"
+        )
+        self.refusals = meter.create_counter(
+            "guard.refusals", description="Answers replaced by the refusal"
+        )
+        self.ttft = meter.create_histogram(
+            "guard.time_to_first_token",
+            unit="s",
+            description="Request accepted to first text released",
+            explicit_bucket_boundaries_advisory=SECONDS_BUCKETS,
+        )
+        self.duration = meter.create_histogram(
+            "guard.request.duration",
+            unit="s",
+            description="Request accepted to generation finished",
+            explicit_bucket_boundaries_advisory=SECONDS_BUCKETS,
+        )
+        self.monitor_time = meter.create_histogram(
+            "guard.monitor.time_per_token",
+            unit="s",
+            description="Monitor scoring time per scored token",
+            explicit_bucket_boundaries_advisory=MONITOR_SECONDS_BUCKETS,
+        )
 
 
 class Telemetry:
@@ -84,8 +117,13 @@ class Telemetry:
     spans and log lines then carry ids and counts only).
     """
 
-    def __init__(self, tracer_provider: trace.TracerProvider | None = None,
-                 meter_provider: metrics.MeterProvider | None = None, *, log_content: bool = False) -> None:
+    def __init__(
+        self,
+        tracer_provider: trace.TracerProvider | None = None,
+        meter_provider: metrics.MeterProvider | None = None,
+        *,
+        log_content: bool = False,
+    ) -> None:
         self.tracer = trace.get_tracer("guard", guard.__version__, tracer_provider=tracer_provider)
         self.meter = metrics.get_meter("guard", guard.__version__, meter_provider=meter_provider)
         self.instruments = _Instruments(self.meter)
@@ -107,17 +145,25 @@ class _LiveTrace(GenerationTrace):
         self._monitor_time: dict[tuple[str, str], list[float]] = {}
         self._error: BaseException | None = None
         self._ended = False
-        self.span = tel.tracer.start_span("guard.generation", attributes={
-            "guard.request_id": record.request_id, "guard.policy": record.policy_name,
-            "guard.policy_hash": record.policy_hash, "guard.model": record.model,
-            "guard.prompt_tokens": record.prompt_tokens})
+        self.span = tel.tracer.start_span(
+            "guard.generation",
+            attributes={
+                "guard.request_id": record.request_id,
+                "guard.policy": record.policy_name,
+                "guard.policy_hash": record.policy_hash,
+                "guard.model": record.model,
+                "guard.prompt_tokens": record.prompt_tokens,
+            },
+        )
         self._context = trace.set_span_in_context(self.span)
         self._prefill: Span | None = None
         self._attempt: Span | None = None
         self._deliberation: Span | None = None
 
     def _child(self, name: str, attributes: dict[str, Any], start_time: int | None = None) -> Span:
-        return self._tel.tracer.start_span(name, context=self._context, attributes=attributes, start_time=start_time)
+        return self._tel.tracer.start_span(
+            name, context=self._context, attributes=attributes, start_time=start_time
+        )
 
     def watch(self, emit: Callable[[Event], None]) -> Callable[[Event], None]:
         def watched(event: Event) -> None:
@@ -151,43 +197,77 @@ class _LiveTrace(GenerationTrace):
 
     def firing(self, firing: Firing) -> None:
         attrs = {
-            "guard.monitor": firing.monitor, "guard.action": firing.action, "guard.scope": firing.scope,
-            "guard.position": firing.position, "guard.score": float(firing.score),
-            "guard.token_id": firing.token_id, "guard.attempt": firing.attempt}
+            "guard.monitor": firing.monitor,
+            "guard.action": firing.action,
+            "guard.scope": firing.scope,
+            "guard.position": firing.position,
+            "guard.score": float(firing.score),
+            "guard.token_id": firing.token_id,
+            "guard.attempt": firing.attempt,
+        }
         if firing.threshold is not None:
             attrs["guard.threshold"] = float(firing.threshold)
         if self._tel.log_content:  # the token's text is prompt or answer content
             attrs["guard.token"] = firing.token
         self._child("guard.monitor.fire", attrs).end()
 
-    def rollback(self, monitor: str, cut_from: int, cut_to: int, retracted_chars: int, retracted_tokens: int,
-                 start_ns: int) -> None:
+    def rollback(
+        self,
+        monitor: str,
+        cut_from: int,
+        cut_to: int,
+        retracted_chars: int,
+        retracted_tokens: int,
+        start_ns: int,
+    ) -> None:
         self._end_attempt()
-        self._child("guard.rollback", {
-            "guard.monitor": monitor, "guard.rollback.from": cut_from, "guard.rollback.to": cut_to,
-            "guard.rollback.retracted_chars": retracted_chars, "guard.rollback.retracted_tokens": retracted_tokens,
-        }, start_time=start_ns).end()
+        self._child(
+            "guard.rollback",
+            {
+                "guard.monitor": monitor,
+                "guard.rollback.from": cut_from,
+                "guard.rollback.to": cut_to,
+                "guard.rollback.retracted_chars": retracted_chars,
+                "guard.rollback.retracted_tokens": retracted_tokens,
+            },
+            start_time=start_ns,
+        ).end()
 
     def resample(self, retry: RetryStrategy, deliberate: bool) -> None:
         self._end_attempt()
         attrs: dict[str, Any] = {
-            "guard.retry": retry.retry, "guard.seed": retry.seed, "guard.temperature": retry.temperature,
-            "guard.top_p": retry.top_p, "guard.banned_count": len(retry.banned_first_tokens),
-            "guard.deliberate": deliberate}
+            "guard.retry": retry.retry,
+            "guard.seed": retry.seed,
+            "guard.temperature": retry.temperature,
+            "guard.top_p": retry.top_p,
+            "guard.banned_count": len(retry.banned_first_tokens),
+            "guard.deliberate": deliberate,
+        }
         if retry.steer:
-            attrs.update({"guard.steer.monitor": retry.steer.monitor, "guard.steer.layer": retry.steer.layer,
-                          "guard.steer.alpha": float(retry.steer.alpha)})
+            attrs.update(
+                {
+                    "guard.steer.monitor": retry.steer.monitor,
+                    "guard.steer.layer": retry.steer.layer,
+                    "guard.steer.alpha": float(retry.steer.alpha),
+                }
+            )
         self._attempt = self._child("guard.resample", attrs)
 
     def deliberation_opened(self, trigger: str) -> None:
-        self._deliberation = self._child("guard.deliberation", {"guard.deliberation.trigger": trigger})
+        self._deliberation = self._child(
+            "guard.deliberation", {"guard.deliberation.trigger": trigger}
+        )
 
     def deliberation_closed(self, reasoning_tokens: int, forced_tokens: int, capped: bool) -> None:
         if self._deliberation is None:
             return
-        self._deliberation.set_attributes({"guard.reasoning_tokens": reasoning_tokens,
-                                           "guard.reasoning.forced_tokens": forced_tokens,
-                                           "guard.reasoning.capped": capped})
+        self._deliberation.set_attributes(
+            {
+                "guard.reasoning_tokens": reasoning_tokens,
+                "guard.reasoning.forced_tokens": forced_tokens,
+                "guard.reasoning.capped": capped,
+            }
+        )
         self._deliberation.end()
         self._deliberation = None
 
@@ -197,14 +277,21 @@ class _LiveTrace(GenerationTrace):
             self.span.record_exception(exc)
         self.end(record)
 
-    def end(self, record: GenerationRecord, log_id: str | None = None, cancelled: bool = False) -> None:
+    def end(
+        self, record: GenerationRecord, log_id: str | None = None, cancelled: bool = False
+    ) -> None:
         if self._ended:
             return
         self._ended = True
         duration = time.perf_counter() - self._started
         ttft = None if self._first_text is None else self._first_text - self._started
-        outcome = ("error" if self._error is not None
-                   else "cancelled" if cancelled and record.outcome != "interrupted" else record.outcome)
+        outcome = (
+            "error"
+            if self._error is not None
+            else "cancelled"
+            if cancelled and record.outcome != "interrupted"
+            else record.outcome
+        )
         for span in (self._prefill, self._attempt, self._deliberation):
             if span is not None:
                 span.end()
@@ -219,29 +306,48 @@ class _LiveTrace(GenerationTrace):
             self._attempt.end()
             self._attempt = None
 
-    def _annotate(self, record: GenerationRecord, outcome: str, ttft: float | None, log_id: str | None) -> None:
+    def _annotate(
+        self, record: GenerationRecord, outcome: str, ttft: float | None, log_id: str | None
+    ) -> None:
         attrs: dict[str, Any] = {
-            "guard.outcome": outcome, "guard.resets": len(record.spans), "guard.retries": len(record.retries),
-            "guard.output_tokens": len(record.output_ids), "guard.sampled_tokens": record.sampled_tokens,
+            "guard.outcome": outcome,
+            "guard.resets": len(record.spans),
+            "guard.retries": len(record.retries),
+            "guard.output_tokens": len(record.output_ids),
+            "guard.sampled_tokens": record.sampled_tokens,
             "guard.discarded_tokens": sum(len(s.token_ids) for s in record.spans),
-            "guard.reasoning_tokens": len(record.reasoning_ids), "guard.monitors_fired": list(record.monitors_fired)}
-        optional = {"guard.finish_reason": record.finish_reason, "guard.log_id": log_id,
-                    "guard.deliberation": record.deliberation, "guard.ttft_s": ttft}
+            "guard.reasoning_tokens": len(record.reasoning_ids),
+            "guard.monitors_fired": list(record.monitors_fired),
+        }
+        optional = {
+            "guard.finish_reason": record.finish_reason,
+            "guard.log_id": log_id,
+            "guard.deliberation": record.deliberation,
+            "guard.ttft_s": ttft,
+        }
         attrs.update({k: v for k, v in optional.items() if v is not None})
         self.span.set_attributes(attrs)
         if self._error is not None:
             self.span.set_status(Status(StatusCode.ERROR, str(self._error)))
 
-    def _record_metrics(self, record: GenerationRecord, outcome: str, ttft: float | None, duration: float) -> None:
+    def _record_metrics(
+        self, record: GenerationRecord, outcome: str, ttft: float | None, duration: float
+    ) -> None:
         ins, policy = self._tel.instruments, {"policy": record.policy_name}
         ins.requests.add(1, {**policy, "outcome": outcome})
         discarded = sum(len(s.token_ids) for s in record.spans)
-        for kind, n in (("prompt", record.prompt_tokens), ("output", len(record.output_ids)),
-                        ("sampled", record.sampled_tokens), ("discarded", discarded)):
+        for kind, n in (
+            ("prompt", record.prompt_tokens),
+            ("output", len(record.output_ids)),
+            ("sampled", record.sampled_tokens),
+            ("discarded", discarded),
+        ):
             if n:
                 ins.tokens.add(n, {**policy, "kind": kind})
         for f in record.firings:
-            ins.firings.add(1, {**policy, "monitor": f.monitor, "action": f.action, "scope": f.scope})
+            ins.firings.add(
+                1, {**policy, "monitor": f.monitor, "action": f.action, "scope": f.scope}
+            )
         for span in record.spans:
             ins.resets.add(1, {**policy, "monitor": span.monitor, "outcome": outcome})
         if record.retries:
@@ -253,21 +359,39 @@ class _LiveTrace(GenerationTrace):
             ins.ttft.record(ttft, policy)
         for (monitor, scope), (seconds, tokens) in self._monitor_time.items():
             if tokens:
-                ins.monitor_time.record(seconds / tokens, {**policy, "monitor": monitor, "scope": scope})
+                ins.monitor_time.record(
+                    seconds / tokens, {**policy, "monitor": monitor, "scope": scope}
+                )
 
-    def _log_line(self, record: GenerationRecord, outcome: str, ttft: float | None, duration: float,
-                  log_id: str | None) -> None:
+    def _log_line(
+        self,
+        record: GenerationRecord,
+        outcome: str,
+        ttft: float | None,
+        duration: float,
+        log_id: str | None,
+    ) -> None:
         logger = self._tel.request_log
         level = logging.ERROR if self._error is not None else logging.INFO
         if not logger.isEnabledFor(level):
             return
         fields: dict[str, Any] = {
-            "request_id": record.request_id, "log_id": log_id, "policy": record.policy_name,
-            "policy_hash": record.policy_hash, "model": record.model, "outcome": outcome,
-            "finish_reason": record.finish_reason, "prompt_tokens": record.prompt_tokens,
-            "output_tokens": len(record.output_ids), "sampled_tokens": record.sampled_tokens,
-            "resets": len(record.spans), "retries": len(record.retries), "monitors_fired": list(record.monitors_fired),
-            "ttft_s": None if ttft is None else round(ttft, 6), "duration_s": round(duration, 6)}
+            "request_id": record.request_id,
+            "log_id": log_id,
+            "policy": record.policy_name,
+            "policy_hash": record.policy_hash,
+            "model": record.model,
+            "outcome": outcome,
+            "finish_reason": record.finish_reason,
+            "prompt_tokens": record.prompt_tokens,
+            "output_tokens": len(record.output_ids),
+            "sampled_tokens": record.sampled_tokens,
+            "resets": len(record.spans),
+            "retries": len(record.retries),
+            "monitors_fired": list(record.monitors_fired),
+            "ttft_s": None if ttft is None else round(ttft, 6),
+            "duration_s": round(duration, 6),
+        }
         if self._error is not None:
             fields["error"] = str(self._error)
         if self._tel.log_content:

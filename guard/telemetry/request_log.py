@@ -16,8 +16,23 @@ from typing import Any, TextIO
 
 REQUEST_LOGGER = "guard.requests"
 
-FIELDS = ("request_id", "log_id", "policy", "policy_hash", "model", "outcome", "finish_reason", "prompt_tokens",
-          "output_tokens", "sampled_tokens", "resets", "retries", "monitors_fired", "ttft_s", "duration_s")
+FIELDS = (
+    "request_id",
+    "log_id",
+    "policy",
+    "policy_hash",
+    "model",
+    "outcome",
+    "finish_reason",
+    "prompt_tokens",
+    "output_tokens",
+    "sampled_tokens",
+    "resets",
+    "retries",
+    "monitors_fired",
+    "ttft_s",
+    "duration_s",
+)
 """The fields of a request line after ``ts``, ``level`` and ``event``, in order."""
 
 # A library logger: without configured logging, lines go nowhere (not to logging's last resort).
@@ -32,8 +47,12 @@ class JsonLineFormatter(logging.Formatter):
     """
 
     def format(self, record: logging.LogRecord) -> str:
-        head = {"ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
-                "level": record.levelname.lower()}
+        head = {
+            "ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname.lower(),
+        }
         fields: dict[str, Any] | None = getattr(record, "guard_fields", None)
         if fields is None:
             body = {"event": "log", "logger": record.name, "message": record.getMessage()}
