@@ -79,10 +79,10 @@ def main() -> None:
     tokens = dict.fromkeys(engines, 0)
     seconds = dict.fromkeys(engines, 0.0)
     for r in range(args.rounds):
-        for label in engines:
+        for label, engine in engines.items():
             t0 = time.perf_counter()
             fins = run_mixed(
-                engines[label],
+                engine,
                 workers[label],
                 kinds,
                 args.streams,
@@ -100,8 +100,7 @@ def main() -> None:
     print(
         "| engine | vLLM compilation | start-up s (cold) | tokens | wall s | tok/s |\n|---|---|---|---|---|---|"
     )
-    for label in engines:
-        m = modes[label]
+    for label, m in modes.items():
         print(
             f"| {label} | {m['mode']} / {m['backend']} / cudagraphs {m['cudagraph_mode']} | {startup[label]:.1f} | "
             f"{tokens[label]} | {seconds[label]:.2f} | {tokens[label] / seconds[label]:.1f} |"
@@ -111,9 +110,9 @@ def main() -> None:
         f"\nthroughput ratio compiled/eager: {ratio:.3f}; start-up compiled - eager: "
         f"{startup['compiled'] - startup['eager']:.1f} s"
     )
-    for label in engines:
+    for label, engine in engines.items():
         workers[label].stop()
-        engines[label].close()
+        engine.close()
     tmp.cleanup()
 
 

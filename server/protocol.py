@@ -260,7 +260,7 @@ class VLLMSamplingFields(OpenAIRequest):
     @field_validator(*VLLM_DEFAULTS, mode="after")
     @classmethod
     def _vllm_default_only(cls, value: Any, info: ValidationInfo) -> Any:
-        return _vllm_default_only(value, info.field_name, VLLM_DEFAULTS)
+        return _vllm_default_only(value, str(info.field_name), VLLM_DEFAULTS)
 
     def sampling_extensions(self) -> dict[str, Any]:
         """The vLLM sampling extensions the request set, as ``guard.sampling.SamplingParams`` fields."""
@@ -404,7 +404,7 @@ class ChatCompletionRequest(SamplingFields):
     @field_validator(*CHAT_VLLM_DEFAULTS, mode="after")
     @classmethod
     def _chat_vllm_default_only(cls, value: Any, info: ValidationInfo) -> Any:
-        return _vllm_default_only(value, info.field_name, CHAT_VLLM_DEFAULTS)
+        return _vllm_default_only(value, str(info.field_name), CHAT_VLLM_DEFAULTS)
 
     @field_validator("logprobs")
     @classmethod
@@ -464,7 +464,7 @@ class CompletionRequest(SamplingFields):
     def _completion_vllm_default_only(cls, value: Any, info: ValidationInfo) -> Any:
         return _vllm_default_only(
             value,
-            info.field_name,
+            str(info.field_name),
             {"add_special_tokens": True, "prompt_embeds": None, "response_format": None},
         )
 

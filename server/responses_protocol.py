@@ -172,7 +172,7 @@ class ResponsesRequest(VLLMSamplingFields):
     @field_validator("frequency_penalty", "presence_penalty")
     @classmethod
     def _no_penalties(cls, value: float | None, info: ValidationInfo) -> float | None:
-        return _reject_nonzero_penalty(value, info.field_name)
+        return _reject_nonzero_penalty(value, str(info.field_name))
 
     @field_validator("store")
     @classmethod

@@ -179,6 +179,8 @@ class GuardedServing:
 
         tasks = [asyncio.create_task(pump(i, p)) for i, p in enumerate(prepared)]
         running, checked, getter = len(tasks), time.monotonic(), None
+        index: int | None
+        item: Event | BaseException | None
         try:
             while running:
                 if (

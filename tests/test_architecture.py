@@ -91,12 +91,16 @@ def test_first_party_imports_are_at_module_level_except_listed_lazy_ones():
             if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 continue
             for sub in ast.walk(node):
-                if isinstance(sub, ast.ImportFrom) and (sub.module or "").split(".")[0] in (
-                    "guard",
-                    "server",
+                if (
+                    isinstance(sub, ast.ImportFrom)
+                    and (sub.module or "").split(".")[0]
+                    in (
+                        "guard",
+                        "server",
+                    )
+                    and rel not in LAZY_FIRST_PARTY
                 ):
-                    if rel not in LAZY_FIRST_PARTY:
-                        late.append(f"{rel}:{sub.lineno}: {sub.module}")
+                    late.append(f"{rel}:{sub.lineno}: {sub.module}")
     assert sorted(set(late)) == []
 
 

@@ -190,7 +190,7 @@ def _v2_runner(batch, new_reqs_seen: list):
     return SimpleNamespace(
         req_states=SimpleNamespace(req_id_to_index={}),
         prepare_inputs=lambda *a, **kw: batch,
-        add_requests=lambda so: new_reqs_seen.append(so),
+        add_requests=new_reqs_seen.append,
         get_model=lambda: None,
     )
 

@@ -724,6 +724,8 @@ class GuardedGeneration:
             self.record.retries[-1].garble = GarbleCheck(**verdict._asdict())
         if not verdict.suspect:
             return False
+        margin = self.surprisal.margin
+        assert margin is not None  # check() gives no verdict without a margin
         pos, name = len(self.output) - 1, self._garble.monitor.name
         self.record.firings.append(
             Firing(
@@ -734,7 +736,7 @@ class GuardedGeneration:
                 token_id=self.output[pos],
                 token=self.text.token_text(self.output[pos]),
                 score=verdict.mean_surprisal,
-                threshold=verdict.reference + self.surprisal.margin,
+                threshold=verdict.reference + margin,
                 attempt=self.retries,
             )
         )

@@ -202,8 +202,11 @@ class Engine(ABC):
         propagates. The default runs :meth:`hidden_states`; engines that keep activations to
         themselves override it."""
         a = positions.scoring_start(seq.answer_start, seq.prompt_len)
-        hidden = self.hidden_states(seq.tokens, {m.layer for m in monitors})
-        return {m.name: m.score(hidden[m.layer][a:], seq.tokens[a:]) for m in monitors}
+        hidden = self.hidden_states(seq.tokens, {m.layer for m in monitors if m.layer is not None})
+        return {
+            m.name: m.score(None if m.layer is None else hidden[m.layer][a:], seq.tokens[a:])
+            for m in monitors
+        }
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Free the engine's resources (processes, caches). Idempotent; the default does nothing."""

@@ -238,6 +238,8 @@ class TransformersEngine(Engine):
         token = surprisal = None
         if sample:
             logits = state.pending_logits
+            if logits is None:  # every path that feeds tokens leaves their logits here
+                raise RuntimeError("step(sample=True) with no logits to sample from")
             a = seq.answer_start
             if params.min_tokens and a is not None:
                 extra_banned = extra_banned | params.end_ids_banned(

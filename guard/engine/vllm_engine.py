@@ -327,7 +327,8 @@ class VLLMEngine(Engine):
         if self._runner_v2:
             check_front_end(runner_v2=True)
         config.model_config.logits_processors = [
-            GuardLogitsProcessorV2 if self._runner_v2 else GuardLogitsProcessor
+            # vLLM types this field for V1's LogitsProcessor only; V2's runner takes its own class
+            GuardLogitsProcessorV2 if self._runner_v2 else GuardLogitsProcessor  # type: ignore[list-item]
         ]
         return AsyncLLM.from_vllm_config(config, disable_log_stats=True)
 
@@ -749,7 +750,7 @@ class VLLMEngine(Engine):
             ),
             scale={
                 k: seq.threshold_scale[m.name]
-                for m, k in zip(score, keys)
+                for m, k in zip(score, keys, strict=True)
                 if m.name in seq.threshold_scale
             },
         )
@@ -787,10 +788,11 @@ class VLLMEngine(Engine):
             signature=signature,
             reader=ScoreReader(args.channel, keys),
             scoring_only=scoring_only,
-            names={k: m.name for k, m in zip(keys, score)},
+            names={k: m.name for k, m in zip(keys, score, strict=True)},
             wake=waker(),
         )
-        prompt = TokensPrompt(prompt_token_ids=list(seq.tokens))
+        # vLLM's NotRequired keys (inherited from its _PromptOptions) read as required to mypy
+        prompt = TokensPrompt(prompt_token_ids=list(seq.tokens))  # type: ignore[typeddict-item]
         if salt is not None:
             prompt["cache_salt"] = salt
         asyncio.run_coroutine_threadsafe(self._generate(req, prompt, sp), self._loop)

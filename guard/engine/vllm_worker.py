@@ -382,7 +382,9 @@ class WorkerState:
             for layer, c in self.steer_coef.items()
             if layer in self._coef_dirty
         }
-        starts = dict(zip((id(p) for p in self.plan), self._row_starts())) if wanted else {}
+        starts = (
+            dict(zip((id(p) for p in self.plan), self._row_starts(), strict=True)) if wanted else {}
+        )
         for p in wanted:
             lo = p.rows.start + max(0, p.live.args.score_from - starts[id(p)])
             for skey in p.live.args.steer:
@@ -432,7 +434,7 @@ class WorkerState:
         } & self.hooked_layers
         rows = max(p.rows.stop for p in scoring)
         host = {layer: self.buffers[layer][:rows].cpu().numpy() for layer in layers}
-        for p, pos0 in zip(plan, starts):
+        for p, pos0 in zip(plan, starts, strict=True):
             if p.live.args.score:
                 self._report(p, pos0, host)
 

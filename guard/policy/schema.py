@@ -361,7 +361,8 @@ class BacktrackSpec(Strict):
 
     rollback: Rollback = Field(
         "auto",
-        description="How far to cut back (default auto: chosen by bench/rollback_choice.py). auto: to the end of the longest prefix in which every "
+        description="How far to cut back (default auto: chosen by bench/rollback_choice.py). "
+        "auto: to the end of the longest prefix in which every "
         "acting monitor's aggregated score stayed below safe_level times its threshold "
         "(the response start if none did); tokens: a fixed number of tokens; sentence: "
         "the start of the sentence holding the fired token; response: the whole response.",

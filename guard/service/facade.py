@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +53,10 @@ class GuardService:
 
     @classmethod
     def from_policy_files(
-        cls, paths: list[str | Path], telemetry: Telemetry | None = None, log_url: str | None = None
+        cls,
+        paths: Sequence[str | Path],
+        telemetry: Telemetry | None = None,
+        log_url: str | None = None,
     ) -> GuardService:
         return cls([load_policy(p) for p in paths], telemetry, log_url)
 
@@ -83,7 +86,7 @@ class GuardService:
         """Validate and tokenise ``req``; raises before anything is sent to the client."""
         return prepare(self.registry, req)
 
-    def stream(self, prepared: PreparedGeneration) -> AsyncIterator[Event]:
+    def stream(self, prepared: PreparedGeneration) -> AsyncGenerator[Event, None]:
         """Run one guarded generation; closing this iterator early cancels it."""
         return self.runner.stream(prepared)
 

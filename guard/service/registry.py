@@ -150,7 +150,7 @@ class PolicyRegistry:
         Blocking (it may load a model): the server calls it in a thread. Never raises for a bad
         file: the error is logged and kept for :meth:`health` until a later edit fixes it.
         """
-        swapped = []
+        swapped: list[str] = []
         for src in self._sources:
             if self.closed:
                 return swapped
@@ -199,8 +199,7 @@ class PolicyRegistry:
             raise PolicyError(
                 str(src.path),
                 [
-                    f"{src.path}: name: policy name {policy.name!r} is already served "
-                    f"from {other.path}"
+                    f"{src.path}: name: policy name {policy.name!r} is already served from {other.path}"
                 ],
             )
         old = self.served[src.name]

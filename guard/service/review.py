@@ -67,6 +67,6 @@ class ReviewQueries:
             tok = engine.tokenizer
             if tok.decode(list(record.output_ids)) != record.final_text:
                 continue
-            one = getattr(tok, "token_text", None) or (lambda t: tok.decode([t]))
+            one = getattr(tok, "token_text", None) or (lambda t, tok=tok: tok.decode([t]))
             return [one(t) for t in record.output_ids]
         return None

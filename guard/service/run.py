@@ -2,16 +2,16 @@
 
 The controller (:class:`~guard.controller.backtrack.GuardedGeneration`) runs on the engine
 worker's thread and calls ``emit`` there; :meth:`GenerationRunner.stream` hands each event to the
-event loop through :class:`~guard.handoff.Handoff` (one loop wake-up per burst) and yields it. Closing the iterator early (client
-disconnect) cancels the job. :meth:`GenerationRunner.interrupt` ends every running stream with an
-error event (a draining server past its grace period); those generations are logged with outcome
-``interrupted``.
+event loop through :class:`~guard.handoff.Handoff` (one loop wake-up per burst) and yields it.
+Closing the iterator early (client disconnect) cancels the job.
+:meth:`GenerationRunner.interrupt` ends every running stream with an error event (a draining
+server past its grace period); those generations are logged with outcome ``interrupted``.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 
 from guard.controller.backtrack import GuardedGeneration
 from guard.controller.events import Event, Failed, Finished
@@ -34,7 +34,7 @@ class GenerationRunner:
         """One callback per running stream that ends it with an error event (:meth:`interrupt`)."""
         self._interrupting = False
 
-    async def stream(self, prepared: PreparedGeneration) -> AsyncIterator[Event]:
+    async def stream(self, prepared: PreparedGeneration) -> AsyncGenerator[Event, None]:
         """Run one guarded generation; closing this iterator early cancels it."""
         handoff = Handoff.of(asyncio.get_running_loop())
         events: asyncio.Queue[Event] = asyncio.Queue()
