@@ -590,7 +590,7 @@ def _stack(parts: list[Activations], layer: int) -> Activations:
     offsets = np.cumsum([0] + [p.n_rows for p in parts])
     return Activations(
         {layer: torch.cat([p.hidden[layer] for p in parts])},
-        np.concatenate([p.row + o for p, o in zip(parts, offsets, strict=True)]),
+        np.concatenate([p.row + o for p, o in zip(parts, offsets[:-1], strict=True)]),
         np.concatenate([p.labels for p in parts]),
     )
 
