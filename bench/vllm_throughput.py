@@ -2,7 +2,7 @@
 per rollback from vLLM's own prefix-cache counters.
 
 Builds a random-weight Llama with d_model >= 1024 (no download) and serves it with the vLLM
-engine (``enforce_eager``, prefix caching, block size 32). Rounds alternate between
+engine (vLLM's default compilation, prefix caching, block size 32). Rounds alternate between
 
 - unguarded: the controller with no monitor and no hold-back;
 - guarded: a linear probe read inside vLLM's worker (random direction, calibrated so it never
@@ -76,11 +76,8 @@ def main() -> None:
     fire_at = _quantile_threshold(
         TransformersEngine.load(path, name="calibration"), layer, direction, 0.95
     )
-    engine = VLLMEngine.load(
-        path,
-        name=f"random-d{args.d_model}",
-        options=VLLMOptions(block_size=BLOCK, max_num_seqs=max(32, args.streams)),
-    )
+    options = VLLMOptions(block_size=BLOCK, max_num_seqs=max(32, args.streams))
+    engine = VLLMEngine.load(path, name=f"random-d{args.d_model}", options=options)
     worker = EngineWorker()
     never = ProbeMonitor(
         "probe", layer, direction, -1e4, threshold=0.99, aggregation=AggregationSpec("ema", 0.5)
@@ -108,7 +105,8 @@ def main() -> None:
             seconds[label] += s
     print(
         f"model: random Llama d_model={args.d_model} layers={args.layers} on vLLM {engine.runner.rsplit('.', 1)[1]} "
-        f"(enforce_eager, prefix caching, block {BLOCK}); probe at layer {layer}; {args.rounds} rounds x "
+        f"({'enforce_eager' if options.enforce_eager else 'compiled'}, prefix caching, "
+        f"block {BLOCK}); probe at layer {layer}; {args.rounds} rounds x "
         f"{args.streams} concurrent streams x {args.tokens} tokens per kind, rounds alternating\n"
     )
     print("| run | tokens | wall seconds | tok/s |\n|---|---|---|---|")
