@@ -34,12 +34,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import _quantile_threshold, run_mixed  # bench/ is not a package
 
-from guard.controller.backtrack import BoundMonitor, ControllerConfig
+from guard.controller.backtrack import BoundMonitor
 from guard.engine.transformers_engine import TransformersEngine
-from guard.engine.vllm_engine import VLLMEngine, VLLMOptions
+from guard.engine.vllm_engine import VLLMEngine
 from guard.engine.worker import EngineWorker
 from guard.monitors.base import AggregationSpec
 from guard.monitors.probe import ProbeMonitor
+from guard.policy.build import default_controller_config, default_vllm_options
 from guard.testing import make_random_llama
 
 BLOCK = 32
@@ -79,7 +80,7 @@ def main() -> None:
     engine = VLLMEngine.load(
         path,
         name=f"random-d{args.d_model}",
-        options=VLLMOptions(block_size=BLOCK, max_num_seqs=max(32, args.streams)),
+        options=default_vllm_options(block_size=BLOCK, max_num_seqs=max(32, args.streams)),
     )
     worker = EngineWorker()
     never = ProbeMonitor(
@@ -89,10 +90,10 @@ def main() -> None:
         "probe", layer, direction, 0.0, threshold=fire_at, aggregation=AggregationSpec("none")
     )
     kinds = {
-        "unguarded": ([], ControllerConfig(holdback_tokens=0)),
+        "unguarded": ([], default_controller_config(holdback_tokens=0)),
         "guarded (probe in vLLM's worker)": (
             [BoundMonitor(never)],
-            ControllerConfig(holdback_tokens=8),
+            default_controller_config(holdback_tokens=8),
         ),
     }
     for monitors, config in kinds.values():  # warm-up: first requests, monitor installation
@@ -123,7 +124,7 @@ def main() -> None:
 
     s0 = dict(vars(engine.stats))
     log0 = len(engine.resubmissions)
-    config = ControllerConfig(
+    config = default_controller_config(
         holdback_tokens=8, rollback="tokens", rollback_tokens=4, max_retries=6
     )
     _, _, fins = run_round(

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from guard.controller.backtrack import BoundMonitor, ControllerConfig, GuardedGeneration
+from guard.controller.backtrack import BoundMonitor, GuardedGeneration
 from guard.controller.garble import SurprisalTracker
 from guard.controller.record import GenerationRecord
 from guard.monitors.base import AggregationSpec, Monitor
+from guard.policy.build import default_controller_config
 from guard.sampling import SamplingParams
 from tests.test_controller import assert_invariants, run
 
@@ -163,7 +164,7 @@ def _run_with(engine, monitors, **cfg):
         prompt,
         SamplingParams(seed=3, max_tokens=16),
         [BoundMonitor(m) for m in monitors],
-        ControllerConfig(**cfg),
+        default_controller_config(**cfg),
         record,
         events.append,
     )
@@ -223,7 +224,7 @@ def test_surprisal_tracker_leaves_out_a_banned_first_token_and_checks_once():
 
 def test_config_refuses_a_safe_level_above_the_retry_threshold():
     with pytest.raises(ValueError, match="safe_level"):
-        ControllerConfig(safe_level=0.9, retry_threshold=0.8)
+        default_controller_config(safe_level=0.9, retry_threshold=0.8)
 
 
 class NaNRescore:
@@ -358,7 +359,7 @@ def test_a_flagged_generation_that_fails_ends_with_a_final_error_record(tiny_eng
         prompt,
         SamplingParams(seed=3, max_tokens=12),
         [BoundMonitor(mon)],
-        ControllerConfig(garble_margin=None),
+        default_controller_config(garble_margin=None),
         record,
         emit,
         on_finish=lambda r: finals.append(r.snapshot()) or "log-1",

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from guard.cli import main as guard_main
-from guard.controller.backtrack import BoundMonitor, ControllerConfig, GuardedGeneration
+from guard.controller.backtrack import BoundMonitor, GuardedGeneration
 from guard.controller.record import DiscardedSpan, GenerationRecord, RetryStrategy
 from guard.errors import PolicyError
 from guard.logstore import LogStore
@@ -20,6 +20,7 @@ from guard.loop import export_labelled, promote_probe, write_jsonl
 from guard.monitors.base import AggregationSpec, Monitor
 from guard.monitors.probe import ProbeMonitor
 from guard.policy import load_policy
+from guard.policy.build import default_controller_config
 from guard.probe.collect import prompt_ids, token_ids
 from guard.probe.data import read_jsonl
 from guard.probe.train import TrainConfig, train_probe
@@ -257,7 +258,7 @@ def _generate(engine, monitors, **cfg) -> GenerationRecord:
         prompt,
         SamplingParams(seed=3, max_tokens=24),
         monitors,
-        ControllerConfig(**cfg),
+        default_controller_config(**cfg),
         rec,
         lambda e: None,
     )

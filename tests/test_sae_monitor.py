@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from guard.controller.backtrack import ControllerConfig, GuardedGeneration
+from guard.controller.backtrack import GuardedGeneration
 from guard.controller.record import GenerationRecord
 from guard.errors import ModelLoadError, PolicyError
 from guard.policy import load_policy
-from guard.policy.build import build_monitor
+from guard.policy.build import build_monitor, default_controller_config
 from guard.sae import Sae, save_saelens
 from guard.sae.monitor import SaeFeatureMonitor, WatchedFeature, calibrate_topk_threshold
 from guard.sampling import SamplingParams
@@ -294,7 +294,7 @@ def _generate(engine, bound) -> GenerationRecord:
         prompt,
         SamplingParams(seed=1, max_tokens=6),
         [bound],
-        ControllerConfig(),
+        default_controller_config(),
         record,
         lambda e: None,
     )

@@ -79,27 +79,28 @@ from guard.sampling import SamplingParams
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class VLLMOptions:
     """vLLM engine settings (policy ``model.vllm``)."""
 
-    gpu_memory_utilization: float = 0.3
-    max_num_seqs: int = 64
-    block_size: int | None = None
+    gpu_memory_utilization: float
+    max_num_seqs: int
+    block_size: int | None
     """KV block size in tokens; ``None``: vLLM's default for the platform."""
-    reset_token: str = "<|reset|>"
+    reset_token: str
     """The token forced when a monitor fires, if the vocabulary has it; otherwise the engine picks a
     reserved id itself (:func:`guard.engine.reset_id.choose_reset_id`)."""
-    reset_token_id: int | None = None
+    reset_token_id: int | None
     """Use this id instead (a reserved, never-sampled id)."""
     seed: int = 0
-    tensor_parallel_size: int = 1
+    """vLLM's engine seed (not a policy setting)."""
+    tensor_parallel_size: int
     """Workers each holding a slice of every layer (vLLM's tensor parallelism)."""
-    pipeline_parallel_size: int = 1
+    pipeline_parallel_size: int
     """Stages each holding a contiguous run of layers (vLLM's pipeline parallelism)."""
-    data_parallel_size: int = 1
+    data_parallel_size: int
     """Engine cores each running a whole replica on its own requests (vLLM's data parallelism)."""
-    enforce_eager: bool = False
+    enforce_eager: bool
     """Run vLLM's model eagerly (no torch.compile, no CUDA graphs). Off by default: the monitors
     and steering run as the ``guard::layer`` op inside the compiled graph
     (:mod:`guard.engine.vllm_worker`)."""
@@ -183,7 +184,7 @@ class VLLMEngine(Engine):
         name: str,
         dtype: str = "auto",
         max_context: int | None = None,
-        options: VLLMOptions = VLLMOptions(),
+        options: VLLMOptions,
     ) -> None:
         path = Path(path)
         if not (path / "config.json").is_file():
@@ -280,7 +281,7 @@ class VLLMEngine(Engine):
         device: str = "auto",
         name: str | None = None,
         max_context: int | None = None,
-        options: VLLMOptions = VLLMOptions(),
+        options: VLLMOptions,
     ) -> VLLMEngine:
         return cls(
             path,
