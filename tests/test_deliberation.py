@@ -163,7 +163,7 @@ def test_on_risk_deliberates_only_when_the_risk_monitor_fires(tiny_engine):
     calm = Run(tiny_engine, cfg, [risk], content="hello there").go()
     assert risky.record.deliberation == "on_risk" and risky.record.reasoning
     assert risky.events[-1].outcome == "clean", "the risk monitor never refuses"
-    assert risky.record.firings[0]["monitor"] == "risk"
+    assert risky.record.firings[0].monitor == "risk"
     assert (
         calm.record.deliberation is None and calm.record.reasoning == "" and not calm.record.firings
     )

@@ -13,7 +13,7 @@ import torch
 
 from guard.cli import main as guard_main
 from guard.controller.backtrack import BoundMonitor, GuardedGeneration
-from guard.controller.record import DiscardedSpan, GenerationRecord, RetryStrategy
+from guard.controller.record import DiscardedSpan, Firing, GenerationRecord, RetryStrategy
 from guard.errors import PolicyError
 from guard.logstore import LogStore
 from guard.loop import export_labelled, promote_probe, write_jsonl
@@ -45,7 +45,7 @@ def record(**kw) -> GenerationRecord:
     )
     rec = GenerationRecord(**{**base, **kw})
     rec.monitors_fired = list(
-        dict.fromkeys(f["monitor"] for f in rec.firings)
+        dict.fromkeys(f.monitor for f in rec.firings)
     )  # as the controller keeps it
     return rec
 
@@ -72,18 +72,18 @@ def span(
 
 def firing(
     monitor: str, position: int, attempt: int, action: str = "backtrack", scope: str = "output"
-) -> dict:
-    return {
-        "monitor": monitor,
-        "action": action,
-        "scope": scope,
-        "position": position,
-        "token_id": 1,
-        "token": "",
-        "score": 0.9,
-        "threshold": 0.5,
-        "attempt": attempt,
-    }
+) -> Firing:
+    return Firing(
+        monitor=monitor,
+        action=action,
+        scope=scope,
+        position=position,
+        token_id=1,
+        token="",
+        score=0.9,
+        threshold=0.5,
+        attempt=attempt,
+    )
 
 
 def store_of(tmp_path: Path, *entries) -> tuple[LogStore, list[str]]:

@@ -309,7 +309,7 @@ def test_monitor_reads_real_activations_in_a_generation(tmp_path, tiny_model_dir
     hot = _generate(
         tiny_engine, _service_monitor(write_policy(tmp_path, tiny_model_dir), tiny_engine)
     )
-    assert hot.firings and all(f["monitor"] == "feat" and f["score"] > 0.5 for f in hot.firings)
+    assert hot.firings and all(f.monitor == "feat" and f.score > 0.5 for f in hot.firings)
     cold = _generate(
         tiny_engine,
         _service_monitor(

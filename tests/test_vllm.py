@@ -295,7 +295,7 @@ def test_guarded_generation_gives_the_same_record_on_both_engines(vllm_engine, h
                 rec.outcome,
                 rec.output_ids,
                 [(s.start, s.fired_at, s.monitor, s.token_ids) for s in rec.spans],
-                [(f["monitor"], f["position"]) for f in rec.firings],
+                [(f.monitor, f.position) for f in rec.firings],
             )
     flagged = 0
     for text, r in results.items():
@@ -518,11 +518,11 @@ def test_a_monitor_that_breaks_in_the_worker_is_a_monitor_error(
         resets = eng.stats.forced_resets if label == "vllm" else 0
         fin, rec = _guarded(eng, mon, on_error)
         (err,) = rec.monitor_errors
-        assert err["monitor"] == name and err["scope"] == "output"
+        assert err.monitor == name and err.scope == "output"
         if on_error == "fail_closed":
-            assert (fin.outcome, fin.text, err["handling"]) == ("refused", "No.", "refused"), label
+            assert (fin.outcome, fin.text, err.handling) == ("refused", "No.", "refused"), label
         else:
-            assert fin.outcome == "clean" and err["handling"] == "disabled" and not rec.spans, label
+            assert fin.outcome == "clean" and err.handling == "disabled" and not rec.spans, label
             assert len(rec.output_ids) == 24 or fin.finish_reason == "stop"
             if label == "vllm":
                 assert eng.stats.forced_resets == resets, (
