@@ -123,7 +123,6 @@ def main() -> None:
     )
 
     s0 = dict(vars(engine.stats))
-    log0 = len(engine.resubmissions)
     config = default_controller_config(
         holdback_tokens=8, rollback="tokens", rollback_tokens=4, max_retries=6
     )
@@ -131,8 +130,9 @@ def main() -> None:
         engine, worker, [BoundMonitor(often)], config, args.streams, args.tokens, 999
     )
     now = vars(engine.stats)
-    resub = engine.resubmissions[log0:]
-    recomputed = [n - cached for n, cached in resub]
+    resub = now["resubmissions"] - s0["resubmissions"]
+    served = now["resubmitted_cached_tokens"] - s0["resubmitted_cached_tokens"]
+    recomputed = now["refed_tokens"] - s0["refed_tokens"]
     outcomes = {o: sum(f.outcome == o for f in fins) for o in ("clean", "recovered", "refused")}
     print(
         "| rollbacks through vLLM (probe fires on ~5% of tokens, rollback 4 tokens) | count |\n|---|---|"
@@ -144,13 +144,13 @@ def main() -> None:
     print(f"| rollbacks | {now['rollbacks'] - s0['rollbacks']} |")
     forced = now["forced_resets"] - s0["forced_resets"]
     print(f"| resets forced by the worker (reset token in vLLM's stream) | {forced} |")
-    print(f"| resampling requests (prompt + accepted token ids) | {len(resub)} |")
-    print(f"| their tokens served by vLLM's prefix cache | {sum(c for _, c in resub)} |")
-    print(f"| their tokens recomputed | {sum(recomputed)} |")
-    if recomputed:
+    print(f"| resampling requests (prompt + accepted token ids) | {resub} |")
+    print(f"| their tokens served by vLLM's prefix cache | {served} |")
+    print(f"| their tokens recomputed | {recomputed} |")
+    if resub:
         print(
-            f"| recomputed per resampling request: mean / max (KV block = {BLOCK}) | "
-            f"{sum(recomputed) / len(recomputed):.1f} / {max(recomputed)} |"
+            f"| recomputed per resampling request: mean (KV block = {BLOCK}) | "
+            f"{recomputed / resub:.1f} |"
         )
     worker.stop()
     engine.close()

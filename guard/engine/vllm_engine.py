@@ -227,11 +227,6 @@ class VLLMEngine(Engine):
             "vLLM engine for %s forces reset %s when a monitor fires", path, self.reset.describe()
         )
         self.stats = EngineStats()
-        self.resubmissions: list[tuple[int, int]] = []
-        """``(prompt tokens, of which served by vLLM's prefix cache)`` for every request after a
-        sequence's first (resamples, continuations, scoring requests)."""
-        self.last_stop_reason: Any = None
-        """vLLM's ``stop_reason`` of the last request the worker's monitors stopped."""
         self._dir = tempfile.mkdtemp(
             prefix="guard-vllm-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None
         )
@@ -256,7 +251,8 @@ class VLLMEngine(Engine):
             raise ModelLoadError(
                 f"vLLM could not start on {path}: {type(exc).__name__}: {exc}"
             ) from exc
-        self.runner = runners[0]
+        self.runner: str = runners[0]
+        """vLLM's model runner class (``:v1`` or ``:v2``), as the log line at start names it."""
         wrong = [r for r in runners if r.endswith(":v2") != self._runner_v2]
         if wrong:
             self.close()
@@ -520,7 +516,8 @@ class VLLMEngine(Engine):
         scores = self._collect(vs, start, n, vs.live_names(names))
         if forced:
             self.stats.forced_resets += 1
-            self.last_stop_reason = req.stop_reason
+            if req.stop_reason != self.reset_id:
+                self.stats.reset_stop_mismatches += 1
             self._end(vs)
             return StepOutput(
                 token_id=None, fed_start=start, hidden={}, scores=scores, errors=dict(vs.failed)
@@ -854,7 +851,8 @@ class VLLMEngine(Engine):
                 # Not the sequence's first computation of its prompt: whatever the prefix cache did
                 # not serve is recomputed.
                 self.stats.refed_tokens += max(0, req.start_len - cached)
-                self.resubmissions.append((req.start_len, cached))
+                self.stats.resubmissions += 1
+                self.stats.resubmitted_cached_tokens += cached
             self.stats.cached_tokens += cached
         req.buffered.extend(tokens)
         req.surprisal.extend(
