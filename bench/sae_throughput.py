@@ -25,8 +25,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import measure, print_rates, random_engine  # bench/ is not a package
 
-from guard.controller.backtrack import BoundMonitor, ControllerConfig
+from guard.controller.backtrack import BoundMonitor
 from guard.engine.worker import EngineWorker
+from guard.policy.build import default_controller_config
 from guard.sae.model import Sae
 from guard.sae.monitor import SaeFeatureMonitor, WatchedFeature
 
@@ -70,10 +71,10 @@ def main() -> None:
 
     guarded = f"guarded (SAE, {args.k} features)"
     kinds = {
-        "unguarded": ([], ControllerConfig(holdback_tokens=0)),
+        "unguarded": ([], default_controller_config(holdback_tokens=0)),
         guarded: (
             [BoundMonitor(monitor)],
-            ControllerConfig(holdback_tokens=8, rollback="sentence", max_retries=3),
+            default_controller_config(holdback_tokens=8, rollback="sentence", max_retries=3),
         ),
     }
     counts, seconds, fired = measure(engine, worker, kinds, args.streams, args.tokens, args.rounds)

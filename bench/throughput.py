@@ -29,13 +29,14 @@ import time
 
 import torch
 
-from guard.controller.backtrack import BoundMonitor, ControllerConfig, GuardedGeneration
+from guard.controller.backtrack import BoundMonitor, GuardedGeneration
 from guard.controller.events import Finished
 from guard.controller.record import GenerationRecord
 from guard.engine.transformers_engine import TransformersEngine
 from guard.engine.worker import EngineWorker
 from guard.monitors.base import AggregationSpec
 from guard.monitors.probe import ProbeMonitor
+from guard.policy.build import default_controller_config
 from guard.sampling import SamplingParams, make_generator
 from guard.testing import make_random_llama
 
@@ -177,8 +178,8 @@ def main() -> None:
         threshold=_quantile_threshold(engine, layer, direction, 0.95),
         aggregation=AggregationSpec("none"),
     )
-    plain_cfg = ControllerConfig(holdback_tokens=0)
-    guard_cfg = ControllerConfig(holdback_tokens=8, rollback="sentence", max_retries=3)
+    plain_cfg = default_controller_config(holdback_tokens=0)
+    guard_cfg = default_controller_config(holdback_tokens=8, rollback="sentence", max_retries=3)
 
     guarded = "guarded (probe, 1 layer)"
     kinds = {"unguarded": ([], plain_cfg), guarded: ([BoundMonitor(never)], guard_cfg)}
@@ -197,7 +198,7 @@ def main() -> None:
         engine.stats.output_tokens,
         engine.stats.refed_tokens,
     )
-    fire_cfg = ControllerConfig(
+    fire_cfg = default_controller_config(
         holdback_tokens=8, rollback="tokens", rollback_tokens=4, max_retries=6
     )
     fins = run_mixed(

@@ -24,11 +24,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import run_mixed
 
-from guard.controller.backtrack import BoundMonitor, ControllerConfig
-from guard.engine.vllm_engine import VLLMEngine, VLLMOptions
+from guard.controller.backtrack import BoundMonitor
+from guard.engine.vllm_engine import VLLMEngine
 from guard.engine.worker import EngineWorker
 from guard.monitors.base import AggregationSpec
 from guard.monitors.probe import ProbeMonitor
+from guard.policy.build import default_controller_config, default_vllm_options
 from guard.testing import make_random_llama
 
 
@@ -37,7 +38,9 @@ def start(path: Path, eager: bool, streams: int) -> tuple[VLLMEngine, float]:
     engine = VLLMEngine.load(
         path,
         name="eager" if eager else "compiled",
-        options=VLLMOptions(block_size=32, max_num_seqs=max(32, streams), enforce_eager=eager),
+        options=default_vllm_options(
+            block_size=32, max_num_seqs=max(32, streams), enforce_eager=eager
+        ),
     )
     return engine, time.perf_counter() - t0
 
@@ -64,7 +67,7 @@ def main() -> None:
         threshold=0.99,
         aggregation=AggregationSpec("ema", 0.5),
     )
-    kinds = {"run": ([BoundMonitor(probe)], ControllerConfig(holdback_tokens=0))}
+    kinds = {"run": ([BoundMonitor(probe)], default_controller_config(holdback_tokens=0))}
     engines, workers, startup = {}, {}, {}
     for label, eager in (("eager", True), ("compiled", False)):
         engines[label], startup[label] = start(path, eager, args.streams)

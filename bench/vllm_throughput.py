@@ -34,12 +34,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import _quantile_threshold, run_mixed  # bench/ is not a package
 
-from guard.controller.backtrack import BoundMonitor, ControllerConfig
+from guard.controller.backtrack import BoundMonitor
 from guard.engine.transformers_engine import TransformersEngine
-from guard.engine.vllm_engine import VLLMEngine, VLLMOptions
+from guard.engine.vllm_engine import VLLMEngine
 from guard.engine.worker import EngineWorker
 from guard.monitors.base import AggregationSpec
 from guard.monitors.probe import ProbeMonitor
+from guard.policy.build import default_controller_config, default_vllm_options
 from guard.testing import make_random_llama
 
 BLOCK = 32
@@ -76,7 +77,7 @@ def main() -> None:
     fire_at = _quantile_threshold(
         TransformersEngine.load(path, name="calibration"), layer, direction, 0.95
     )
-    options = VLLMOptions(block_size=BLOCK, max_num_seqs=max(32, args.streams))
+    options = default_vllm_options(block_size=BLOCK, max_num_seqs=max(32, args.streams))
     engine = VLLMEngine.load(path, name=f"random-d{args.d_model}", options=options)
     worker = EngineWorker()
     never = ProbeMonitor(
@@ -86,10 +87,10 @@ def main() -> None:
         "probe", layer, direction, 0.0, threshold=fire_at, aggregation=AggregationSpec("none")
     )
     kinds = {
-        "unguarded": ([], ControllerConfig(holdback_tokens=0)),
+        "unguarded": ([], default_controller_config(holdback_tokens=0)),
         "guarded (probe in vLLM's worker)": (
             [BoundMonitor(never)],
-            ControllerConfig(holdback_tokens=8),
+            default_controller_config(holdback_tokens=8),
         ),
     }
     for monitors, config in kinds.values():  # warm-up: first requests, monitor installation
@@ -120,16 +121,16 @@ def main() -> None:
     )
 
     s0 = dict(vars(engine.stats))
-    log0 = len(engine.resubmissions)
-    config = ControllerConfig(
+    config = default_controller_config(
         holdback_tokens=8, rollback="tokens", rollback_tokens=4, max_retries=6
     )
     _, _, fins = run_round(
         engine, worker, [BoundMonitor(often)], config, args.streams, args.tokens, 999
     )
     now = vars(engine.stats)
-    resub = engine.resubmissions[log0:]
-    recomputed = [n - cached for n, cached in resub]
+    resub = now["resubmissions"] - s0["resubmissions"]
+    served = now["resubmitted_cached_tokens"] - s0["resubmitted_cached_tokens"]
+    recomputed = now["refed_tokens"] - s0["refed_tokens"]
     outcomes = {o: sum(f.outcome == o for f in fins) for o in ("clean", "recovered", "refused")}
     print(
         "| rollbacks through vLLM (probe fires on ~5% of tokens, rollback 4 tokens) | count |\n|---|---|"
@@ -141,13 +142,13 @@ def main() -> None:
     print(f"| rollbacks | {now['rollbacks'] - s0['rollbacks']} |")
     forced = now["forced_resets"] - s0["forced_resets"]
     print(f"| resets forced by the worker (reset token in vLLM's stream) | {forced} |")
-    print(f"| resampling requests (prompt + accepted token ids) | {len(resub)} |")
-    print(f"| their tokens served by vLLM's prefix cache | {sum(c for _, c in resub)} |")
-    print(f"| their tokens recomputed | {sum(recomputed)} |")
-    if recomputed:
+    print(f"| resampling requests (prompt + accepted token ids) | {resub} |")
+    print(f"| their tokens served by vLLM's prefix cache | {served} |")
+    print(f"| their tokens recomputed | {recomputed} |")
+    if resub:
         print(
-            f"| recomputed per resampling request: mean / max (KV block = {BLOCK}) | "
-            f"{sum(recomputed) / len(recomputed):.1f} / {max(recomputed)} |"
+            f"| recomputed per resampling request: mean (KV block = {BLOCK}) | "
+            f"{recomputed / resub:.1f} |"
         )
     worker.stop()
     engine.close()

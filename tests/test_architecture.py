@@ -106,11 +106,12 @@ def test_first_party_imports_are_at_module_level_except_listed_lazy_ones():
 
 def test_retry_strategies_count_from_one_and_the_last_repeats():
     from guard.controller.actions import strategy_for_retry
-    from guard.controller.backtrack import ControllerConfig, Strategy
     from guard.policy import BacktrackSpec
+    from guard.policy.build import default_controller_config, default_strategy
 
     spec = BacktrackSpec(strategies=[{"temperature": 0.5}, {"temperature": 0.9}])
-    config = ControllerConfig(strategies=(Strategy(temperature=0.5), Strategy(temperature=0.9)))
+    strategies = (default_strategy(temperature=0.5), default_strategy(temperature=0.9))
+    config = default_controller_config(strategies=strategies)
     for retry, temp in [(1, 0.5), (2, 0.9), (5, 0.9)]:
         assert spec.strategy(retry).temperature == temp
         assert config.strategy(retry).temperature == temp
@@ -128,42 +129,39 @@ def test_the_log_alias_reads_as_shadow_in_the_policy_and_the_controller():
     assert BoundMonitor(monitor=None, action="log").action == "shadow"  # type: ignore[arg-type]
 
 
-def test_runtime_defaults_are_the_schemas(tmp_path):
-    """The runtime dataclasses keep defaults for library callers; they must equal the policy
-    schema's, which is where configuration is declared (guard.policy.build maps one to the other)."""
+def test_runtime_settings_declare_no_defaults_of_their_own(tmp_path):
+    """The policy schema is the one place a setting's default is declared: the runtime dataclasses
+    guard.policy.build makes from it carry none (a default added back would be a second copy that
+    can drift), and the build helpers give the schema's defaults."""
     import dataclasses
 
     from guard.controller.backtrack import ControllerConfig, Strategy
     from guard.controller.deliberation import DeliberationConfig
-    from guard.monitors.base import AggregationSpec
-    from guard.policy import AggregationConfig, Policy
-    from guard.policy.build import aggregation, controller_config, strategy
-    from guard.policy.schema import DeliberationSpec, ResampleStrategy
-
-    policy = Policy(
-        name="p",
-        model={"engine": "vllm", "path": str(tmp_path / "m")},
-        backtrack={"strategies": [{}]},
-    )
-    built = controller_config(policy)
-    assert (
-        dataclasses.replace(built, cut_separator=ControllerConfig().cut_separator)
-        == ControllerConfig()
-    )
-    assert strategy(ResampleStrategy()) == Strategy()
-    assert aggregation(AggregationConfig()) == AggregationSpec()
     from guard.engine.vllm_engine import VLLMOptions  # imports no vllm until an engine loads
-    from guard.policy.build import vllm_options
-
-    assert vllm_options(None) == VLLMOptions()
-    d = DeliberationSpec()
-    assert DeliberationConfig() == DeliberationConfig(
-        mode=d.mode,
-        spec="",
-        instruction=d.instruction,
-        placement=d.placement,
-        open_tag=d.open_tag,
-        close_tag=d.close_tag,
-        max_reasoning_tokens=d.max_reasoning_tokens,
-        risk_monitor=d.risk_monitor,
+    from guard.policy import Policy
+    from guard.policy.build import (
+        controller_config,
+        default_controller_config,
+        default_deliberation_config,
+        default_strategy,
+        default_vllm_options,
     )
+    from guard.policy.schema import DeliberationSpec, ResampleStrategy, VLLMSpec
+
+    not_configured = {ControllerConfig: {"cut_separator"}, VLLMOptions: {"seed"}}
+    for cls in (ControllerConfig, Strategy, DeliberationConfig, VLLMOptions):
+        defaulted = {
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        }
+        assert defaulted == not_configured.get(cls, set()), cls.__name__
+    policy = Policy(name="p", model={"engine": "vllm", "path": str(tmp_path / "m")})
+    assert default_controller_config() == controller_config(policy)
+    assert dataclasses.asdict(default_strategy()) == ResampleStrategy().model_dump()
+    vllm = dataclasses.asdict(default_vllm_options())
+    assert vllm.pop("seed") == 0
+    assert vllm == VLLMSpec().model_dump()
+    delib = dataclasses.asdict(default_deliberation_config())
+    assert delib.pop("spec") == ""
+    assert delib == DeliberationSpec().model_dump(include=set(delib))

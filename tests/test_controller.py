@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from guard.controller.backtrack import BoundMonitor, ControllerConfig, GuardedGeneration, Strategy
+from guard.controller.backtrack import BoundMonitor, GuardedGeneration
 from guard.controller.events import Finished, Reset, TextDelta
-from guard.controller.record import GenerationRecord
+from guard.controller.record import GenerationRecord, Steer
 from guard.monitors.base import AggregationSpec, Monitor
+from guard.policy.build import default_controller_config, default_strategy
 from guard.sampling import SamplingParams
 
 
@@ -47,7 +48,7 @@ def run(engine, monitors=(), seed=3, max_tokens=30, stop=(), **cfg):
         prompt,
         SamplingParams(seed=seed, max_tokens=max_tokens, stop=stop),
         [m if isinstance(m, BoundMonitor) else BoundMonitor(m) for m in monitors],
-        ControllerConfig(**cfg),
+        default_controller_config(**cfg),
         record,
         events.append,
         on_finish=lambda r: logged.append(r) or "log-1",
@@ -182,17 +183,17 @@ def test_token_monitor_fires_without_lag_and_shadow_monitors_change_nothing(tiny
     shadow = BoundMonitor(TokenMonitor({target}, layer=None, name="shadow"), action="shadow")
     events, rec, logged = run(tiny_engine, [shadow])
     assert events[-1].text == plain[-1].text and events[-1].outcome == "clean"
-    assert rec.firings[0]["monitor"] == "shadow" and rec.firings[0]["position"] == 5
-    assert rec.firings[0]["action"] == "shadow" and logged
+    assert rec.firings[0].monitor == "shadow" and rec.firings[0].position == 5
+    assert rec.firings[0].action == "shadow" and logged
 
 
 def test_steering_strategy_is_recorded(tiny_engine):
     _, clean, _ = run(tiny_engine)
     mon = TokenMonitor({clean.output_ids[6]}, direction=torch.ones(tiny_engine.info.d_model) / 8)
     events, rec, _ = run(
-        tiny_engine, [mon], strategies=(Strategy(temperature=0.5, steer_alpha=2.0),)
+        tiny_engine, [mon], strategies=(default_strategy(temperature=0.5, steer_alpha=2.0),)
     )
-    assert rec.retries[0].steer == {"monitor": "tok", "layer": 1, "alpha": 2.0}
+    assert rec.retries[0].steer == Steer(monitor="tok", layer=1, alpha=2.0)
     assert rec.retries[0].temperature == 0.5
     assert_invariants(events, rec)
 

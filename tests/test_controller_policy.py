@@ -7,6 +7,7 @@ from test_controller import TokenMonitor, assert_invariants, client_view, run
 
 from guard.controller.backtrack import BoundMonitor
 from guard.controller.events import Finished, Reset, TextDelta
+from guard.controller.record import Firing
 
 
 class RaisingMonitor(TokenMonitor):
@@ -37,17 +38,17 @@ def test_prompt_scope_refuse_answers_before_generating(tiny_engine):
     assert (fin.outcome, fin.finish_reason, fin.text) == ("refused", "content_filter", "No.")
     assert rec.sampled_tokens == 0 and rec.output_ids == [] and rec.spans == [] and logged == [rec]
     assert rec.firings == [
-        {
-            "monitor": "tok",
-            "action": "refuse",
-            "scope": "prompt",
-            "position": 0,
-            "token_id": user_token(tiny_engine),
-            "token": "<|user|>",
-            "score": 1.0,
-            "threshold": 0.5,
-            "attempt": 0,
-        }
+        Firing(
+            monitor="tok",
+            action="refuse",
+            scope="prompt",
+            position=0,
+            token_id=user_token(tiny_engine),
+            token="<|user|>",
+            score=1.0,
+            threshold=0.5,
+            attempt=0,
+        )
     ]
     assert len(rec.prompt_scores["tok"]) == rec.prompt_tokens and rec.prompt_scores["tok"][0] == 1.0
 
@@ -58,7 +59,7 @@ def test_prompt_scope_backtrack_also_refuses_and_token_monitors_read_prompt_ids(
     )
     events, rec, _ = run(tiny_engine, [mon])
     assert events[-1].outcome == "refused" and rec.sampled_tokens == 0
-    assert rec.firings[0]["scope"] == "prompt" and rec.firings[0]["position"] == 0
+    assert rec.firings[0].scope == "prompt" and rec.firings[0].position == 0
 
 
 def test_prompt_scope_log_only_records(tiny_engine):
@@ -71,7 +72,7 @@ def test_prompt_scope_log_only_records(tiny_engine):
     assert mon.action == "shadow"
     events, rec, logged = run(tiny_engine, [mon], holdback_tokens=0)
     assert events[-1].text == plain[-1].text and events[-1].outcome == "clean"
-    assert [f["scope"] for f in rec.firings] == ["prompt"] and logged == [rec] and rec.flagged
+    assert [f.scope for f in rec.firings] == ["prompt"] and logged == [rec] and rec.flagged
     assert "tok" not in rec.final_scores or rec.final_scores["tok"] == []
     assert_invariants(events, rec)
 
@@ -87,7 +88,7 @@ def test_output_refuse_retracts_and_does_not_resample(tiny_engine):
     assert len(resets) == 1 and resets[0].retract_chars > 0, "released text is retracted"
     assert rec.retries == [] and len(rec.spans) == 1, "no resampling"
     assert rec.spans[0].start == 0 and rec.spans[0].fired_at == 12 and rec.spans[0].monitor == "tok"
-    assert rec.firings[0]["action"] == "refuse" and rec.firings[0]["scope"] == "output" and logged
+    assert rec.firings[0].action == "refuse" and rec.firings[0].scope == "output" and logged
     assert client_view(events) == "No."
     assert_invariants(events, rec)
 
@@ -98,19 +99,19 @@ def test_fail_closed_refuses_and_records_the_error(tiny_engine):
     fin = events[-1]
     assert fin.outcome == "refused" and fin.text == "No." and client_view(events) == "No."
     (err,) = rec.monitor_errors
-    assert err["monitor"] == "flaky" and err["scope"] == "output" and err["handling"] == "refused"
-    assert "RuntimeError: probe weights on the wrong device" in err["error"]
+    assert err.monitor == "flaky" and err.scope == "output" and err.handling == "refused"
+    assert "RuntimeError: probe weights on the wrong device" in err.error
     assert logged == [rec] and rec.spans[0].monitor == "flaky"
     # Every sampled token is accounted for; the span has the monitor's scores up to the failure only.
     assert rec.sampled_tokens == len(rec.spans[0].token_ids) and rec.output_ids == []
-    assert len(rec.spans[0].scores["flaky"]) == err["position"]
+    assert len(rec.spans[0].scores["flaky"]) == err.position
 
 
 def test_fail_closed_on_the_prompt_refuses_before_generating(tiny_engine):
     flaky = BoundMonitor(RaisingMonitor(fail_on=1), scope="prompt")
     events, rec, _ = run(tiny_engine, [flaky], on_monitor_error="fail_closed")
     assert events[-1].outcome == "refused" and rec.sampled_tokens == 0
-    assert rec.monitor_errors[0]["scope"] == "prompt"
+    assert rec.monitor_errors[0].scope == "prompt"
 
 
 def test_fail_open_disables_the_monitor_and_continues(tiny_engine):
@@ -122,7 +123,7 @@ def test_fail_open_disables_the_monitor_and_continues(tiny_engine):
     )
     assert events[-1].text == plain[-1].text and events[-1].outcome == "clean"
     assert flaky.calls == 4, "not called again once disabled"
-    assert [e["handling"] for e in rec.monitor_errors] == ["disabled"] and logged == [rec]
+    assert [e.handling for e in rec.monitor_errors] == ["disabled"] and logged == [rec]
     assert len(rec.final_scores["idle"]) == len(rec.output_ids)
     assert_invariants(events, rec)
 
@@ -131,9 +132,7 @@ def test_wrong_number_of_scores_is_a_monitor_error(tiny_engine):
     bad = BoundMonitor(RaisingMonitor(fail_on=1, layer=None, bad_count=True), scope="both")
     events, rec, _ = run(tiny_engine, [bad], on_monitor_error="fail_open")
     assert events[-1].outcome == "clean"
-    assert (
-        "returned" in rec.monitor_errors[0]["error"] and rec.monitor_errors[0]["scope"] == "prompt"
-    )
+    assert "returned" in rec.monitor_errors[0].error and rec.monitor_errors[0].scope == "prompt"
     assert len(rec.monitor_errors) == 1, "disabled for output too"
 
 
@@ -179,7 +178,7 @@ def test_service_refuses_a_flagged_prompt_and_logs_its_scores(tiny_model_dir, tm
     assert clean.outcome == "clean" and clean.log_id is None
     with LogStore(tmp_path / "g.db") as store:
         rec = store.get(fin.log_id)
-    assert [(f["monitor"], f["scope"], f["action"]) for f in rec.firings] == [
+    assert [(f.monitor, f.scope, f.action) for f in rec.firings] == [
         ("reset", "prompt", "refuse"),
         ("shadow", "prompt", "shadow"),
     ]

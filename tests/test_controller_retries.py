@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from guard.controller.backtrack import BoundMonitor, ControllerConfig, GuardedGeneration
+from guard.controller.backtrack import BoundMonitor, GuardedGeneration
 from guard.controller.garble import SurprisalTracker
-from guard.controller.record import GenerationRecord
+from guard.controller.record import GarbleCheck, GenerationRecord
 from guard.monitors.base import AggregationSpec, Monitor
+from guard.policy.build import default_controller_config
 from guard.sampling import SamplingParams
 from tests.test_controller import assert_invariants, run
 
@@ -67,7 +68,7 @@ def test_a_monitor_that_fired_judges_the_retries_more_strictly(tiny_engine):
         retry_threshold=1.0,
         garble_margin=None,
     )
-    assert rec.outcome == "recovered" and rec.firings[0]["threshold"] == 0.5
+    assert rec.outcome == "recovered" and rec.firings[0].threshold == 0.5
     # ... and fail at 0.8 * 0.5 = 0.4, so the generation ends refused
     events, rec, _ = run(
         tiny_engine,
@@ -79,7 +80,7 @@ def test_a_monitor_that_fired_judges_the_retries_more_strictly(tiny_engine):
     )
     assert_invariants(events, rec)
     assert rec.outcome == "refused"
-    assert [f["threshold"] for f in rec.firings] == [0.5] + [pytest.approx(0.4)] * 3
+    assert [f.threshold for f in rec.firings] == [0.5] + [pytest.approx(0.4)] * 3
 
 
 def test_recovered_means_the_final_answer_passes_a_from_scratch_recheck(tiny_engine):
@@ -91,12 +92,8 @@ def test_recovered_means_the_final_answer_passes_a_from_scratch_recheck(tiny_eng
         tiny_engine, [mon], max_tokens=12, rollback="tokens", rollback_tokens=1, garble_margin=None
     )
     assert_invariants(events, rec)
-    rechecks = [f for f in rec.firings if f["scope"] == "recheck"]
-    assert (
-        rechecks
-        and rechecks[0]["position"] == kept
-        and rechecks[0]["threshold"] == pytest.approx(0.4)
-    )
+    rechecks = [f for f in rec.firings if f.scope == "recheck"]
+    assert rechecks and rechecks[0].position == kept and rechecks[0].threshold == pytest.approx(0.4)
     assert rec.outcome in ("recovered", "refused")
     _assert_passes_from_scratch(tiny_engine, rec, mon, threshold=0.4)
 
@@ -108,7 +105,7 @@ def test_a_recheck_that_passes_changes_nothing(tiny_engine):
         tiny_engine, [mon], max_tokens=12, rollback="tokens", rollback_tokens=1, garble_margin=None
     )
     assert_invariants(events, rec)
-    assert rec.outcome == "recovered" and not [f for f in rec.firings if f["scope"] == "recheck"]
+    assert rec.outcome == "recovered" and not [f for f in rec.firings if f.scope == "recheck"]
     assert out[: unique[5] - 1] == rec.output_ids[: unique[5] - 1]  # the kept prefix survived
     _assert_passes_from_scratch(tiny_engine, rec, mon, threshold=0.4)
 
@@ -163,7 +160,7 @@ def _run_with(engine, monitors, **cfg):
         prompt,
         SamplingParams(seed=3, max_tokens=16),
         [BoundMonitor(m) for m in monitors],
-        ControllerConfig(**cfg),
+        default_controller_config(**cfg),
         record,
         events.append,
     )
@@ -179,20 +176,17 @@ def test_a_resample_the_model_finds_far_less_likely_is_treated_as_a_firing(tiny_
     garbling = SurprisalEngine(tiny_engine, first=2.0, retry=4.0)  # 2 nats above the reference
     events, rec = _run_with(garbling, [mon], rollback="auto", garble_margin=1.5, garble_window=4)
     assert_invariants(events, rec)
-    garble = [f for f in rec.firings if f["monitor"] == "garble"]
-    assert garble and garble[0]["threshold"] == pytest.approx(3.5)
-    assert rec.retries[0].garble == {
-        "mean_surprisal": 4.0,
-        "reference": 2.0,
-        "tokens": 4,
-        "suspect": True,
-    }
+    garble = [f for f in rec.firings if f.monitor == "garble"]
+    assert garble and garble[0].threshold == pytest.approx(3.5)
+    assert rec.retries[0].garble == GarbleCheck(
+        mean_surprisal=4.0, reference=2.0, tokens=4, suspect=True
+    )
     assert rec.outcome == "refused" and rec.spans[1].monitor == "garble" and rec.spans[1].start == 0
     # within the margin: checked, not suspect, recovered
     fluent = SurprisalEngine(tiny_engine, first=2.0, retry=3.0)
     events, rec = _run_with(fluent, [mon], rollback="auto", garble_margin=1.5, garble_window=4)
-    assert rec.outcome == "recovered" and rec.retries[0].garble["suspect"] is False
-    assert not [f for f in rec.firings if f["monitor"] == "garble"]
+    assert rec.outcome == "recovered" and rec.retries[0].garble.suspect is False
+    assert not [f for f in rec.firings if f.monitor == "garble"]
     # off: never checked
     events, rec = _run_with(garbling, [mon], rollback="auto", garble_margin=None)
     assert rec.outcome == "recovered" and rec.retries[0].garble is None
@@ -223,7 +217,7 @@ def test_surprisal_tracker_leaves_out_a_banned_first_token_and_checks_once():
 
 def test_config_refuses_a_safe_level_above_the_retry_threshold():
     with pytest.raises(ValueError, match="safe_level"):
-        ControllerConfig(safe_level=0.9, retry_threshold=0.8)
+        default_controller_config(safe_level=0.9, retry_threshold=0.8)
 
 
 class NaNRescore:
@@ -256,11 +250,11 @@ def test_a_recheck_that_returns_nan_is_a_monitor_error_not_a_pass(tiny_engine, o
     )
     assert_invariants(events, rec)
     (err,) = rec.monitor_errors
-    assert err["monitor"] == "map" and "non-finite" in err["error"]
+    assert err.monitor == "map" and "non-finite" in err.error
     if on_error == "fail_closed":
         assert rec.outcome == "refused"
     else:
-        assert err["handling"] == "disabled" and rec.outcome == "recovered"
+        assert err.handling == "disabled" and rec.outcome == "recovered"
 
 
 class RescoreFailsFor:
@@ -296,12 +290,12 @@ def test_a_recheck_that_raises_is_handled_per_monitor(tiny_engine, on_error):
         on_monitor_error=on_error,
     )
     assert_invariants(events, rec)
-    assert [e["monitor"] for e in rec.monitor_errors] == ["bad"]
+    assert [e.monitor for e in rec.monitor_errors] == ["bad"]
     if on_error == "fail_closed":
-        assert rec.outcome == "refused" and rec.monitor_errors[0]["handling"] == "refused"
+        assert rec.outcome == "refused" and rec.monitor_errors[0].handling == "refused"
     else:
-        rechecks = [f for f in rec.firings if f["scope"] == "recheck"]
-        assert rechecks and rechecks[0]["monitor"] == "map" and rechecks[0]["position"] == kept
+        rechecks = [f for f in rec.firings if f.scope == "recheck"]
+        assert rechecks and rechecks[0].monitor == "map" and rechecks[0].position == kept
         _assert_passes_from_scratch(tiny_engine, rec, good, threshold=0.4)
 
 
@@ -358,7 +352,7 @@ def test_a_flagged_generation_that_fails_ends_with_a_final_error_record(tiny_eng
         prompt,
         SamplingParams(seed=3, max_tokens=12),
         [BoundMonitor(mon)],
-        ControllerConfig(garble_margin=None),
+        default_controller_config(garble_margin=None),
         record,
         emit,
         on_finish=lambda r: finals.append(r.snapshot()) or "log-1",
@@ -373,5 +367,5 @@ def test_a_flagged_generation_that_fails_ends_with_a_final_error_record(tiny_eng
     assert checkpoints and checkpoints[0].outcome == "interrupted"
     (final,) = finals
     assert (final.outcome, final.finish_reason, final.complete) == ("error", None, True)
-    assert final.spans and final.firings[0]["monitor"] == "map"
+    assert final.spans and final.firings[0].monitor == "map"
     assert final.output_ids == record.output_ids and isinstance(events[-1], Failed)

@@ -8,11 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from guard.controller.backtrack import BoundMonitor, ControllerConfig, GuardedGeneration, Strategy
+from guard.controller.backtrack import BoundMonitor, GuardedGeneration
 from guard.controller.deliberation import DeliberationConfig, neutralise_text
 from guard.controller.events import Finished
 from guard.controller.record import GenerationRecord
 from guard.monitors.base import AggregationSpec, Monitor
+from guard.policy.build import (
+    default_controller_config,
+    default_deliberation_config,
+    default_strategy,
+)
 from guard.sampling import SamplingParams
 from tests.test_controller import client_view
 
@@ -69,7 +74,7 @@ class Run:
             self.prompt,
             SamplingParams(seed=seed, max_tokens=max_tokens),
             list(monitors),
-            ControllerConfig(deliberation=deliberation, **cfg),
+            default_controller_config(deliberation=deliberation, **cfg),
             self.record,
             self._emit,
             on_finish=lambda r: self.logged.append(r) or "l",
@@ -111,7 +116,7 @@ def _first_unique(texts: list[str], start: int) -> int:
 
 
 def always(**kw) -> DeliberationConfig:
-    return DeliberationConfig(mode="always", spec=SPEC, **kw)
+    return default_deliberation_config(mode="always", spec=SPEC, **kw)
 
 
 def test_reasoning_is_forced_capped_and_never_reaches_the_client(tiny_engine):
@@ -121,7 +126,7 @@ def test_reasoning_is_forced_capped_and_never_reaches_the_client(tiny_engine):
     assert SPEC in rec.reasoning and rec.reasoning.endswith("<|/think|>")
     close = tiny_engine.tokenizer.encode("<|/think|>")
     prefix = tiny_engine.tokenizer.encode(
-        "<|think|>" + DeliberationConfig().instruction + "\n" + SPEC + "\n"
+        "<|think|>" + default_deliberation_config().instruction + "\n" + SPEC + "\n"
     )
     assert rec.reasoning_forced_tokens == len(prefix) + len(close)
     assert len(rec.reasoning_ids) - rec.reasoning_forced_tokens == 5, (
@@ -151,12 +156,14 @@ def test_the_model_closes_its_section_itself(tiny_engine):
 def test_on_risk_deliberates_only_when_the_risk_monitor_fires(tiny_engine):
     trigger = tiny_engine.tokenizer.encode("fox")[0]  # content starts the user turn: same token
     risk = BoundMonitor(IdMonitor([trigger], name="risk"), action="backtrack", scope="prompt")
-    cfg = DeliberationConfig(mode="on_risk", spec=SPEC, risk_monitor="risk", max_reasoning_tokens=3)
+    cfg = default_deliberation_config(
+        mode="on_risk", spec=SPEC, risk_monitor="risk", max_reasoning_tokens=3
+    )
     risky = Run(tiny_engine, cfg, [risk], content="fox jumps").go()
     calm = Run(tiny_engine, cfg, [risk], content="hello there").go()
     assert risky.record.deliberation == "on_risk" and risky.record.reasoning
     assert risky.events[-1].outcome == "clean", "the risk monitor never refuses"
-    assert risky.record.firings[0]["monitor"] == "risk"
+    assert risky.record.firings[0].monitor == "risk"
     assert (
         calm.record.deliberation is None and calm.record.reasoning == "" and not calm.record.firings
     )
@@ -170,9 +177,9 @@ def test_a_deliberate_retry_forces_the_opener_at_the_response_start_without_repr
     before = tiny_engine.stats.prompt_tokens
     r = Run(
         tiny_engine,
-        DeliberationConfig(mode="off", spec=SPEC, max_reasoning_tokens=4),
+        default_deliberation_config(mode="off", spec=SPEC, max_reasoning_tokens=4),
         [mon],
-        strategies=(Strategy(deliberate=True),),
+        strategies=(default_strategy(deliberate=True),),
         holdback_tokens=1,
     ).go()
     rec = r.record
@@ -191,7 +198,7 @@ def test_a_section_the_model_opens_itself_is_detected_and_hidden(tiny_engine):
     plain = Run(tiny_engine, None, max_tokens=12).go().record
     texts = [tiny_engine.tokenizer.token_text(t) for t in plain.output_ids]
     k = _first_unique(texts, 2)
-    cfg = DeliberationConfig(
+    cfg = default_deliberation_config(
         mode="always",
         spec=SPEC,
         placement="system",

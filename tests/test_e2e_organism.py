@@ -206,5 +206,5 @@ def test_demo_deliberates_on_risky_prompts_only_and_hides_the_reasoning(demo_ser
         if i == 0 and info.get("reasoning_tokens"):
             record = LogStore(tmp / "guard.db").get(info["log_id"])
             assert record.deliberation == "on_risk" and "Rule 1 (explosives)" in record.reasoning
-            assert record.final_text == text and record.firings[0]["monitor"] == "risk-probe"
+            assert record.final_text == text and record.firings[0].monitor == "risk-probe"
     assert sum(deliberated[:6]) >= 5 and sum(deliberated[6:]) <= 1

@@ -188,7 +188,7 @@ def test_a_running_flagged_generation_is_checkpointed_and_a_dropped_client_is_ca
                 False,
                 None,
             )
-            assert running.firings and running.firings[0]["monitor"] == "harm"
+            assert running.firings and running.firings[0].monitor == "harm"
             return summary.id
 
         log_id = asyncio.run(scenario())

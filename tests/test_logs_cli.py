@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from test_logstore import make_record
 
-from guard.controller.record import GenerationRecord
+from guard.controller.record import Firing, GenerationRecord, MonitorError
 from guard.errors import InvalidRequestError, NotFoundError
 from guard.logs_cli import add_cli, cmd_export, cmd_label, cmd_list, cmd_purge, cmd_show, parse_time
 from guard.logstore import LogStore
@@ -137,28 +137,28 @@ def test_cli_show_json_is_the_record_and_its_labels(store: LogStore):
 def test_cli_show_prints_firings_and_monitor_errors(store: LogStore):
     rec = make_record(spans=1)
     rec.firings = [
-        {
-            "monitor": "shadow-probe",
-            "action": "log",
-            "scope": "output",
-            "position": 3,
-            "token_id": 9,
-            "token": " x",
-            "score": 0.81,
-            "threshold": 0.5,
-            "attempt": 0,
-        }
+        Firing(
+            monitor="shadow-probe",
+            action="log",
+            scope="output",
+            position=3,
+            token_id=9,
+            token=" x",
+            score=0.81,
+            threshold=0.5,
+            attempt=0,
+        )
     ]
     rec.prompt_scores = {"risk-probe": [0.1, 0.7, 0.2]}
     rec.monitor_errors = [
-        {
-            "monitor": "sae",
-            "scope": "output",
-            "error": "ValueError: boom",
-            "position": 2,
-            "attempt": 0,
-            "handling": "disabled",
-        }
+        MonitorError(
+            monitor="sae",
+            scope="output",
+            error="ValueError: boom",
+            position=2,
+            attempt=0,
+            handling="disabled",
+        )
     ]
     text = run("show", store.write(rec), "--db", str(store.path))
     assert "shadow-probe: output token 3 ' x', score 0.810 > 0.5, action log, attempt 0" in text
@@ -269,17 +269,17 @@ def shadow_record(created: float) -> GenerationRecord:
     rec = make_record(created=created, spans=0, outcome="clean")
     rec.monitors_fired = ["shadow"]
     rec.firings = [
-        {
-            "monitor": "shadow",
-            "action": "log",
-            "scope": "output",
-            "position": 1,
-            "token_id": 6,
-            "token": " x",
-            "score": 0.8,
-            "threshold": 0.5,
-            "attempt": 0,
-        }
+        Firing(
+            monitor="shadow",
+            action="log",
+            scope="output",
+            position=1,
+            token_id=6,
+            token=" x",
+            score=0.8,
+            threshold=0.5,
+            attempt=0,
+        )
     ]
     return rec
 

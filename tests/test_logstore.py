@@ -13,7 +13,14 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, inspect, text
 
-from guard.controller.record import DiscardedSpan, GenerationRecord, RetryStrategy
+from guard.controller.record import (
+    DiscardedSpan,
+    Firing,
+    GenerationRecord,
+    MonitorError,
+    RetryStrategy,
+    Steer,
+)
 from guard.errors import InvalidRequestError, NotFoundError
 from guard.logstore import LABELS, MIGRATIONS, Label, LogStore, migrations
 from guard.logstore import tables as t
@@ -86,7 +93,7 @@ def make_record(
                 temperature=0.7,
                 top_p=0.9,
                 banned_first_tokens=[11],
-                steer={"monitor": monitor, "layer": 6, "alpha": 4.0} if i else None,
+                steer=Steer(monitor=monitor, layer=6, alpha=4.0) if i else None,
             )
         )
     return record
@@ -96,28 +103,28 @@ def full_record() -> GenerationRecord:
     """A record using every field: firings, prompt scores, monitor errors, reasoning, seed."""
     rec = make_record(spans=2)
     rec.firings = [
-        {
-            "monitor": "shadow-probe",
-            "action": "log",
-            "scope": "output",
-            "position": 3,
-            "token_id": 9,
-            "token": " x",
-            "score": 0.81,
-            "threshold": 0.5,
-            "attempt": 0,
-        }
+        Firing(
+            monitor="shadow-probe",
+            action="log",
+            scope="output",
+            position=3,
+            token_id=9,
+            token=" x",
+            score=0.81,
+            threshold=0.5,
+            attempt=0,
+        )
     ]
     rec.prompt_scores = {"risk-probe": [0.1, 0.7, 1e-300]}
     rec.monitor_errors = [
-        {
-            "monitor": "sae",
-            "scope": "output",
-            "error": "ValueError: boom",
-            "position": 2,
-            "attempt": 0,
-            "handling": "disabled",
-        }
+        MonitorError(
+            monitor="sae",
+            scope="output",
+            error="ValueError: boom",
+            position=2,
+            attempt=0,
+            handling="disabled",
+        )
     ]
     rec.deliberation, rec.reasoning, rec.reasoning_ids, rec.reasoning_forced_tokens = (
         "on_risk",

@@ -12,14 +12,15 @@ import pytest
 import torch
 
 from guard.cli import main as guard_main
-from guard.controller.backtrack import BoundMonitor, ControllerConfig, GuardedGeneration
-from guard.controller.record import DiscardedSpan, GenerationRecord, RetryStrategy
+from guard.controller.backtrack import BoundMonitor, GuardedGeneration
+from guard.controller.record import DiscardedSpan, Firing, GenerationRecord, RetryStrategy
 from guard.errors import PolicyError
 from guard.logstore import LogStore
 from guard.loop import export_labelled, promote_probe, write_jsonl
 from guard.monitors.base import AggregationSpec, Monitor
 from guard.monitors.probe import ProbeMonitor
 from guard.policy import load_policy
+from guard.policy.build import default_controller_config
 from guard.probe.collect import prompt_ids, token_ids
 from guard.probe.data import read_jsonl
 from guard.probe.train import TrainConfig, train_probe
@@ -44,7 +45,7 @@ def record(**kw) -> GenerationRecord:
     )
     rec = GenerationRecord(**{**base, **kw})
     rec.monitors_fired = list(
-        dict.fromkeys(f["monitor"] for f in rec.firings)
+        dict.fromkeys(f.monitor for f in rec.firings)
     )  # as the controller keeps it
     return rec
 
@@ -71,18 +72,18 @@ def span(
 
 def firing(
     monitor: str, position: int, attempt: int, action: str = "backtrack", scope: str = "output"
-) -> dict:
-    return {
-        "monitor": monitor,
-        "action": action,
-        "scope": scope,
-        "position": position,
-        "token_id": 1,
-        "token": "",
-        "score": 0.9,
-        "threshold": 0.5,
-        "attempt": attempt,
-    }
+) -> Firing:
+    return Firing(
+        monitor=monitor,
+        action=action,
+        scope=scope,
+        position=position,
+        token_id=1,
+        token="",
+        score=0.9,
+        threshold=0.5,
+        attempt=attempt,
+    )
 
 
 def store_of(tmp_path: Path, *entries) -> tuple[LogStore, list[str]]:
@@ -257,7 +258,7 @@ def _generate(engine, monitors, **cfg) -> GenerationRecord:
         prompt,
         SamplingParams(seed=3, max_tokens=24),
         monitors,
-        ControllerConfig(**cfg),
+        default_controller_config(**cfg),
         rec,
         lambda e: None,
     )

@@ -45,9 +45,9 @@ def test_fail_closed_refuses_a_monitor_that_breaks_mid_generation(tiny_engine, b
     fin = events[-1]
     assert (fin.outcome, fin.text, client_view(events)) == ("refused", "No.", "No.")
     (err,) = rec.monitor_errors
-    assert err["monitor"] == "broken" and err["handling"] == "refused" and err["scope"] == "output"
+    assert err.monitor == "broken" and err.handling == "refused" and err.scope == "output"
     if bad != "raise":
-        assert "non-finite score" in err["error"]
+        assert "non-finite score" in err.error
     assert logged == [rec] and rec.sampled_tokens == len(rec.spans[0].token_ids)
     assert all(math.isfinite(s) for span in rec.spans for v in span.scores.values() for s in v)
 
@@ -61,17 +61,14 @@ def test_fail_open_disables_a_monitor_that_breaks_mid_generation(tiny_engine, ba
     )
     assert events[-1].text == plain[-1].text and events[-1].outcome == "clean"
     assert broken.calls == 4, "not called again once disabled"
-    assert [e["handling"] for e in rec.monitor_errors] == ["disabled"] and logged == [rec]
+    assert [e.handling for e in rec.monitor_errors] == ["disabled"] and logged == [rec]
     assert_invariants(events, rec)
 
 
 def test_a_nan_on_the_prompt_is_a_monitor_error(tiny_engine):
     events, rec, _ = run(tiny_engine, [BoundMonitor(BrokenMonitor(1, "nan"), scope="prompt")])
     assert events[-1].outcome == "refused" and rec.sampled_tokens == 0
-    assert (
-        "non-finite" in rec.monitor_errors[0]["error"]
-        and rec.monitor_errors[0]["scope"] == "prompt"
-    )
+    assert "non-finite" in rec.monitor_errors[0].error and rec.monitor_errors[0].scope == "prompt"
 
 
 # -- load time -----------------------------------------------------------------------------------

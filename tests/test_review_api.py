@@ -14,7 +14,7 @@ from typing import get_args
 import pytest
 from fastapi.testclient import TestClient
 
-from guard.controller.record import DiscardedSpan, GenerationRecord, RetryStrategy
+from guard.controller.record import DiscardedSpan, Firing, GenerationRecord, RetryStrategy
 from guard.errors import InvalidRequestError
 from guard.logstore import LABELS, LogStore
 from guard.policy import load_policy
@@ -84,17 +84,17 @@ def _record(
             RetryStrategy(retry=1, seed=42, temperature=0.7, top_p=0.9, banned_first_tokens=[11])
         )
         rec.firings.append(
-            {
-                "monitor": "reset-token",
-                "action": "backtrack",
-                "scope": "output",
-                "position": 2,
-                "token_id": 7,
-                "token": "<|reset|>",
-                "score": 1.0,
-                "threshold": 0.5,
-                "attempt": 0,
-            }
+            Firing(
+                monitor="reset-token",
+                action="backtrack",
+                scope="output",
+                position=2,
+                token_id=7,
+                token="<|reset|>",
+                score=1.0,
+                threshold=0.5,
+                attempt=0,
+            )
         )
         rec.monitors_fired = ["reset-token"]
     return rec

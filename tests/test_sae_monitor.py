@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from guard.controller.backtrack import ControllerConfig, GuardedGeneration
+from guard.controller.backtrack import GuardedGeneration
 from guard.controller.record import GenerationRecord
 from guard.errors import ModelLoadError, PolicyError
 from guard.policy import load_policy
-from guard.policy.build import build_monitor
+from guard.policy.build import build_monitor, default_controller_config
 from guard.sae import Sae, save_saelens
 from guard.sae.monitor import SaeFeatureMonitor, WatchedFeature, calibrate_topk_threshold
 from guard.sampling import SamplingParams
@@ -294,7 +294,7 @@ def _generate(engine, bound) -> GenerationRecord:
         prompt,
         SamplingParams(seed=1, max_tokens=6),
         [bound],
-        ControllerConfig(),
+        default_controller_config(),
         record,
         lambda e: None,
     )
@@ -309,7 +309,7 @@ def test_monitor_reads_real_activations_in_a_generation(tmp_path, tiny_model_dir
     hot = _generate(
         tiny_engine, _service_monitor(write_policy(tmp_path, tiny_model_dir), tiny_engine)
     )
-    assert hot.firings and all(f["monitor"] == "feat" and f["score"] > 0.5 for f in hot.firings)
+    assert hot.firings and all(f.monitor == "feat" and f.score > 0.5 for f in hot.firings)
     cold = _generate(
         tiny_engine,
         _service_monitor(

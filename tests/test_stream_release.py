@@ -3,11 +3,12 @@ instead of a reset; on the real controller with a random-weight model."""
 
 from __future__ import annotations
 
-from guard.controller.backtrack import BoundMonitor, ControllerConfig, GuardedGeneration
+from guard.controller.backtrack import BoundMonitor, GuardedGeneration
 from guard.controller.events import Cut, Finished, Reset, TextDelta
 from guard.controller.record import GenerationRecord
 from guard.controller.release import keep_released, near_miss, release_limit
 from guard.monitors.base import AggregationSpec, Monitor
+from guard.policy.build import default_controller_config
 from guard.sampling import SamplingParams
 
 
@@ -40,7 +41,7 @@ def _run(engine, monitors, retracting: bool, **cfg):
         prompt,
         SamplingParams(seed=3, max_tokens=30),
         [BoundMonitor(m) for m in monitors],
-        ControllerConfig(**cfg),
+        default_controller_config(**cfg),
         record,
         events.append,
         retracting=retracting,

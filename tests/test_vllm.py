@@ -14,6 +14,7 @@ import torch
 
 from guard.engine.base import MonitorRun
 from guard.monitors.probe import ProbeMonitor
+from guard.policy.build import default_controller_config, default_vllm_options
 from guard.sampling import SamplingParams, make_generator
 from tests.conftest import ORGANISM
 
@@ -35,10 +36,10 @@ BENIGN = ["How do I bake bread?", "What is a good name for a cat?", "Explain how
 
 @pytest.fixture(scope="module")
 def vllm_engine():
-    from guard.engine.vllm_engine import VLLMEngine, VLLMOptions
+    from guard.engine.vllm_engine import VLLMEngine
 
     eng = VLLMEngine.load(
-        ORGANISM, name="organism", options=VLLMOptions(block_size=BLOCK, max_num_seqs=32)
+        ORGANISM, name="organism", options=default_vllm_options(block_size=BLOCK, max_num_seqs=32)
     )
     yield eng
     eng.close()
@@ -148,7 +149,7 @@ def test_acting_monitor_forces_the_reset_token_in_the_worker(vllm_engine, hf_eng
     assert second.token_id is None
     assert second.fed_start == seq.prompt_len and len(second.scores["trigger"]) == 1
     assert eng.stats.forced_resets == forced_before + 1
-    assert eng.last_stop_reason == eng.reset_id
+    assert eng.stats.reset_stop_mismatches == 0  # vLLM stopped it with the reset id
     assert len(seq.tokens) == seq.prompt_len + 1  # the reset token never entered the sequence
     ref = _reference(hf_engine, probe, seq.tokens)
     assert second.scores["trigger"][0] == pytest.approx(ref[seq.prompt_len], abs=1e-4)
@@ -252,7 +253,7 @@ def test_guarded_generation_gives_the_same_record_on_both_engines(vllm_engine, h
     same decisions: same answer, same discarded spans, same firing positions. (The organism refuses
     greedily, so a touchier copy of the probe makes rollbacks happen: cut 4 tokens back, ban the
     first discarded token, which exercises re-fed tokens and first-token bans.)"""
-    from guard.controller.backtrack import BoundMonitor, ControllerConfig, GuardedGeneration
+    from guard.controller.backtrack import BoundMonitor, GuardedGeneration
     from guard.controller.record import GenerationRecord
     from guard.monitors.reset_token import ResetTokenMonitor
 
@@ -265,7 +266,7 @@ def test_guarded_generation_gives_the_same_record_on_both_engines(vllm_engine, h
             BoundMonitor(touchy, action="backtrack", scope="output"),
             BoundMonitor(reset, action="backtrack", rollback="response", scope="output"),
         ]
-        config = ControllerConfig(
+        config = default_controller_config(
             rollback="tokens", rollback_tokens=4, max_retries=3, refusal="No."
         )
         for text in HARMFUL + BENIGN:
@@ -294,7 +295,7 @@ def test_guarded_generation_gives_the_same_record_on_both_engines(vllm_engine, h
                 rec.outcome,
                 rec.output_ids,
                 [(s.start, s.fired_at, s.monitor, s.token_ids) for s in rec.spans],
-                [(f["monitor"], f["position"]) for f in rec.firings],
+                [(f.monitor, f.position) for f in rec.firings],
             )
     flagged = 0
     for text, r in results.items():
@@ -368,7 +369,7 @@ def test_a_reset_token_the_model_emits_itself_is_honoured(vllm_engine, probe):
     """The reset token is in every request's stop_token_ids, so vLLM stops on it whoever chose it;
     when the model sampled it (here pushed by a logit bias), it is an ordinary token that the
     reset_token monitor reacts to, not a worker firing."""
-    from guard.controller.backtrack import BoundMonitor, ControllerConfig, GuardedGeneration
+    from guard.controller.backtrack import BoundMonitor, GuardedGeneration
     from guard.controller.record import GenerationRecord
     from guard.monitors.reset_token import ResetTokenMonitor
 
@@ -394,7 +395,7 @@ def test_a_reset_token_the_model_emits_itself_is_honoured(vllm_engine, probe):
         _prompt(eng, BENIGN[0]),
         params,
         monitors,
-        ControllerConfig(rollback="response", max_retries=1, refusal="No."),
+        default_controller_config(rollback="response", max_retries=1, refusal="No."),
         rec,
         lambda e: None,
     )
@@ -467,7 +468,7 @@ def test_sampled_tokens_report_the_same_surprisal_as_the_transformers_engine(
 
 
 def _guarded(engine, monitor, on_monitor_error: str, text: str = BENIGN[0], max_tokens: int = 24):
-    from guard.controller.backtrack import BoundMonitor, ControllerConfig, GuardedGeneration
+    from guard.controller.backtrack import BoundMonitor, GuardedGeneration
     from guard.controller.record import GenerationRecord
 
     rec = GenerationRecord(
@@ -485,7 +486,9 @@ def _guarded(engine, monitor, on_monitor_error: str, text: str = BENIGN[0], max_
         _prompt(engine, text),
         SamplingParams(temperature=0.0, max_tokens=max_tokens, seed=1),
         [BoundMonitor(monitor, action="backtrack")],
-        ControllerConfig(on_monitor_error=on_monitor_error, refusal="No.", holdback_tokens=0),
+        default_controller_config(
+            on_monitor_error=on_monitor_error, refusal="No.", holdback_tokens=0
+        ),
         rec,
         emit=events.append,
     )
@@ -515,11 +518,11 @@ def test_a_monitor_that_breaks_in_the_worker_is_a_monitor_error(
         resets = eng.stats.forced_resets if label == "vllm" else 0
         fin, rec = _guarded(eng, mon, on_error)
         (err,) = rec.monitor_errors
-        assert err["monitor"] == name and err["scope"] == "output"
+        assert err.monitor == name and err.scope == "output"
         if on_error == "fail_closed":
-            assert (fin.outcome, fin.text, err["handling"]) == ("refused", "No.", "refused"), label
+            assert (fin.outcome, fin.text, err.handling) == ("refused", "No.", "refused"), label
         else:
-            assert fin.outcome == "clean" and err["handling"] == "disabled" and not rec.spans, label
+            assert fin.outcome == "clean" and err.handling == "disabled" and not rec.spans, label
             assert len(rec.output_ids) == 24 or fin.finish_reason == "stop"
             if label == "vllm":
                 assert eng.stats.forced_resets == resets, (
@@ -531,7 +534,7 @@ def test_a_monitor_that_breaks_in_the_worker_is_a_monitor_error(
 
 def _unmonitored(engine, text: str, params: SamplingParams):
     """A guarded generation without monitors, run to the end; its record."""
-    from guard.controller.backtrack import ControllerConfig, GuardedGeneration
+    from guard.controller.backtrack import GuardedGeneration
     from guard.controller.record import GenerationRecord
 
     rec = GenerationRecord(
@@ -548,7 +551,7 @@ def _unmonitored(engine, text: str, params: SamplingParams):
         _prompt(engine, text),
         params,
         [],
-        ControllerConfig(holdback_tokens=0),
+        default_controller_config(holdback_tokens=0),
         rec,
         emit=lambda e: None,
     )

@@ -8,9 +8,10 @@ import httpx
 import pytest
 import torch
 
-from guard.controller.backtrack import ControllerConfig, GuardedGeneration
+from guard.controller.backtrack import GuardedGeneration
 from guard.controller.record import GenerationRecord
 from guard.errors import InvalidRequestError
+from guard.policy.build import default_controller_config
 from guard.sampling import SamplingParams, make_generator, sample
 from server.app import ServerSettings
 from tests.test_server import HI, MODEL, LiveServer, write_policy
@@ -49,7 +50,13 @@ def run(engine, params: SamplingParams, text: str = "Hello there") -> Generation
     )
     prompt = engine.tokenizer.encode_chat([{"role": "user", "content": text}])
     job = GuardedGeneration(
-        engine, prompt, params, [], ControllerConfig(holdback_tokens=0), rec, emit=lambda e: None
+        engine,
+        prompt,
+        params,
+        [],
+        default_controller_config(holdback_tokens=0),
+        rec,
+        emit=lambda e: None,
     )
     while not job.advance():
         pass

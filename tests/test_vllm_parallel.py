@@ -20,7 +20,7 @@ from guard.engine import vllm_parallel
 from guard.engine.vllm_parallel import _pp_indices, layout_lines, stage_layers, stage_of
 from guard.errors import ModelLoadError
 from guard.policy import load_policy
-from guard.policy.build import vllm_options
+from guard.policy.build import default_vllm_options, vllm_options
 from tests.conftest import ORGANISM
 
 REPO = Path(__file__).resolve().parent.parent
@@ -198,12 +198,12 @@ def _engine(tp: int, pp: int, monkeypatch, dp: int = 1):
         pytest.importorskip(
             "vllm", reason="vLLM is not installed (deploy/setup.sh --vllm installs it)"
         )
-    from guard.engine.vllm_engine import VLLMEngine, VLLMOptions
+    from guard.engine.vllm_engine import VLLMEngine
 
     return VLLMEngine.load(
         ORGANISM,
         name="organism",
-        options=VLLMOptions(
+        options=default_vllm_options(
             block_size=32,
             max_num_seqs=8,
             tensor_parallel_size=tp,

@@ -13,9 +13,10 @@ import re
 
 import pytest
 
-from guard.controller.backtrack import BoundMonitor, ControllerConfig, GuardedGeneration
+from guard.controller.backtrack import BoundMonitor, GuardedGeneration
 from guard.controller.record import GenerationRecord
 from guard.monitors.probe import ProbeMonitor
+from guard.policy.build import default_controller_config, default_vllm_options
 from guard.sampling import SamplingParams
 from tests.conftest import ORGANISM
 
@@ -47,10 +48,10 @@ def no_reset_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(no_reset_model):
-    from guard.engine.vllm_engine import VLLMEngine, VLLMOptions
+    from guard.engine.vllm_engine import VLLMEngine
 
     eng = VLLMEngine.load(
-        no_reset_model, name="organism", options=VLLMOptions(block_size=32, max_num_seqs=8)
+        no_reset_model, name="organism", options=default_vllm_options(block_size=32, max_num_seqs=8)
     )
     yield eng
     eng.close()
@@ -64,7 +65,7 @@ def test_the_engine_picks_a_reserved_id_and_forces_it_on_a_firing(engine):
     ) and engine.reset.banned
     touchy = copy.copy(ProbeMonitor.load(ORGANISM / "probe", name="harm"))
     touchy.threshold = 0.3
-    config = ControllerConfig(rollback="auto", max_retries=2, refusal="No.")
+    config = default_controller_config(rollback="auto", max_retries=2, refusal="No.")
     outcomes = []
     for i, text in enumerate(HARMFUL * 2):
         prompt = engine.tokenizer.encode_chat([{"role": "user", "content": text}])
@@ -95,5 +96,5 @@ def test_the_engine_picks_a_reserved_id_and_forces_it_on_a_firing(engine):
             engine.reset_id not in sampled
         )  # forced ids never reach the record, and it is never sampled
     assert engine.stats.forced_resets >= 1, outcomes  # the worker forced the picked id
-    assert engine.last_stop_reason == engine.reset_id
+    assert engine.stats.reset_stop_mismatches == 0  # vLLM stopped it with the reset id
     assert {"recovered", "refused"} & set(outcomes), outcomes

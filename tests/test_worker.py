@@ -11,10 +11,11 @@ import sys
 import threading
 from pathlib import Path
 
-from guard.controller.backtrack import ControllerConfig, GuardedGeneration
+from guard.controller.backtrack import GuardedGeneration
 from guard.controller.events import Finished, TextDelta
 from guard.controller.record import GenerationRecord
 from guard.engine.worker import EngineWorker
+from guard.policy.build import default_controller_config
 from guard.sampling import SamplingParams
 
 WAIT_S = 120  # only a bound on a hung test: every wait below ends on an event
@@ -44,7 +45,7 @@ def _job(engine, name, max_tokens, done, on_text=None):
             done.append((name, ev.usage.completion_tokens))
 
     return GuardedGeneration(
-        engine, prompt, params, [], ControllerConfig(holdback_tokens=0), rec, emit
+        engine, prompt, params, [], default_controller_config(holdback_tokens=0), rec, emit
     )
 
 

@@ -107,45 +107,45 @@ log = logging.getLogger(__name__)
 class Strategy:
     """How to resample after a firing. ``None`` keeps the request's value."""
 
-    temperature: float | None = None
-    top_p: float | None = None
-    reseed: bool = True
-    ban_first_token: bool = True
-    steer_alpha: float = 0.0
+    temperature: float | None
+    top_p: float | None
+    reseed: bool
+    ban_first_token: bool
+    steer_alpha: float
     """Subtract ``steer_alpha`` times the firing monitor's unit direction at its layer."""
-    deliberate: bool = False
+    deliberate: bool
     """Roll back to the response start and deliberate there (if not deliberating already)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ControllerConfig:
     """The policy's backtracking and streaming settings, as the controller needs them."""
 
-    rollback: Rollback = "auto"
-    rollback_tokens: int = 4
-    safe_level: float = 0.5
+    rollback: Rollback
+    rollback_tokens: int
+    safe_level: float
     """``rollback: auto`` keeps the longest answer prefix in which every acting monitor's aggregated
     score stayed below ``safe_level`` times its threshold (the response start if none did)."""
-    retry_threshold: float = 0.8
+    retry_threshold: float
     """Once a monitor fires, its threshold for the rest of the generation is ``retry_threshold``
     times the policy's (1: retries are judged exactly like the first attempt)."""
-    garble_margin: float | None = 1.5
+    garble_margin: float | None
     """A resample whose mean surprisal (nats per token, under the model's plain distribution) over its
     first ``garble_window`` tokens exceeds the first attempt's by more than this is suspect and is
     treated as a firing; ``None`` turns the check off (so does an engine that reports no surprisal)."""
-    garble_window: int = 8
-    max_retries: int = 3
-    refusal: str = "I can't help with that."
-    strategies: tuple[Strategy, ...] = (Strategy(),)
-    holdback_tokens: int = 8
-    reset_marker: str | None = None
-    release_margin: float = 0.5
+    garble_window: int
+    max_retries: int
+    refusal: str
+    strategies: tuple[Strategy, ...]
+    holdback_tokens: int
+    reset_marker: str | None
+    release_margin: float
     """For clients that do not apply resets: text is released once every acting monitor's aggregated
     score stayed below ``threshold * (1 - release_margin)`` since it was generated."""
     cut_separator: str = "\n\n"
     """Put between released text and the refusal when a rollback would reach released text."""
-    on_monitor_error: OnMonitorError = "fail_closed"
-    deliberation: DeliberationConfig | None = None
+    on_monitor_error: OnMonitorError
+    deliberation: DeliberationConfig | None
     """``None``: never deliberate and parse no reasoning section."""
 
     def __post_init__(self) -> None:

@@ -40,15 +40,15 @@ def system_prompt(instruction: str, spec: str) -> str:
 class DeliberationConfig:
     """The policy's ``deliberation`` section, as the controller needs it."""
 
-    mode: Literal["off", "always", "on_risk"] = "off"
-    spec: str = ""
-    instruction: str = DEFAULT_INSTRUCTION
-    placement: Placement = "reasoning"
-    open_tag: str = "<|think|>"
-    close_tag: str = "<|/think|>"
-    max_reasoning_tokens: int = 128
+    mode: Literal["off", "always", "on_risk"]
+    spec: str
+    instruction: str
+    placement: Placement
+    open_tag: str
+    close_tag: str
+    max_reasoning_tokens: int
     """Sampled reasoning tokens (the forced prefix not counted) before the close tag is forced."""
-    risk_monitor: str | None = None
+    risk_monitor: str | None
     """Prompt-scope monitor whose firing switches deliberation on (``on_risk``); it never refuses."""
 
     def __post_init__(self) -> None:

@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 from guard.controller.events import FinishReason, LogOutcome
 
@@ -36,51 +36,8 @@ FiringScope = Literal["prompt", "output", "recheck"]
 an answer about to be accepted after a rollback."""
 
 
-class _KeyAccess:
-    """Read access by field name (``firing["monitor"]``) and equality with the dict of the same
-    fields, kept for code and tests written when these records were plain dicts. New code reads
-    attributes. (The records are declared with ``eq=False`` so that this ``__eq__`` is used.)"""
-
-    def _fields(self) -> tuple[Any, ...]:
-        return tuple(getattr(self, f) for f in self.__dataclass_fields__)  # type: ignore[attr-defined]
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, Mapping):
-            return dataclasses.asdict(self) == dict(other)  # type: ignore[call-overload]
-        if type(other) is type(self):
-            return self._fields() == other._fields()  # type: ignore[attr-defined]
-        return NotImplemented
-
-    def __hash__(self) -> int:
-        return hash(self._fields())
-
-    def __getitem__(self, key: str) -> Any:
-        if key not in self.__dataclass_fields__:  # type: ignore[attr-defined]
-            raise KeyError(key)
-        return getattr(self, key)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self.__dataclass_fields__ and getattr(self, key) is not None  # type: ignore[attr-defined]
-
-    def get(self, key: str, default: Any = None) -> Any:
-        value = getattr(self, key, None) if key in self.__dataclass_fields__ else None  # type: ignore[attr-defined]
-        return default if value is None else value
-
-
-R = TypeVar("R")
-
-
-def _typed(cls: type[R], items: Iterable[Any]) -> list[R]:
-    """``items`` as ``cls`` records (a dict, as stored or as older callers built them, is converted)."""
-    return [cls(**item) if isinstance(item, Mapping) else item for item in items]
-
-
-def _one(cls: type[R], item: Any) -> R | None:
-    return cls(**item) if isinstance(item, Mapping) else item
-
-
-@dataclass(frozen=True, eq=False)
-class Firing(_KeyAccess):
+@dataclass(frozen=True)
+class Firing:
     """One monitor firing, in the order they happened (``action="shadow"`` firings changed nothing)."""
 
     monitor: str
@@ -99,8 +56,8 @@ class Firing(_KeyAccess):
     """0 for the first attempt, i for the i-th retry."""
 
 
-@dataclass(frozen=True, eq=False)
-class MonitorError(_KeyAccess):
+@dataclass(frozen=True)
+class MonitorError:
     """A monitor that raised, or returned a wrong or non-finite score, while scoring."""
 
     monitor: str
@@ -114,8 +71,8 @@ class MonitorError(_KeyAccess):
     off for the rest of the generation (fail_open)."""
 
 
-@dataclass(frozen=True, eq=False)
-class Steer(_KeyAccess):
+@dataclass(frozen=True)
+class Steer:
     """A resample that subtracted a monitor's direction from the residual stream."""
 
     monitor: str
@@ -123,8 +80,8 @@ class Steer(_KeyAccess):
     alpha: float
 
 
-@dataclass(frozen=True, eq=False)
-class GarbleCheck(_KeyAccess):
+@dataclass(frozen=True)
+class GarbleCheck:
     """The garble check of one resample (:class:`guard.controller.garble.GarbleVerdict`)."""
 
     mean_surprisal: float
@@ -177,9 +134,18 @@ class RetryStrategy:
     garble: GarbleCheck | None = None
     """The garble check of this resample; ``None`` if it was not checked."""
 
-    def __post_init__(self) -> None:
-        self.steer = _one(Steer, self.steer)
-        self.garble = _one(GarbleCheck, self.garble)
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RetryStrategy:
+        """The strategy :func:`dataclasses.asdict` gave (as the log stores it)."""
+        steer = data.get("steer")
+        garble = data.get("garble")
+        return cls(
+            **{
+                **data,
+                "steer": None if steer is None else Steer(**steer),
+                "garble": None if garble is None else GarbleCheck(**garble),
+            }
+        )
 
 
 @dataclass
@@ -225,13 +191,6 @@ class GenerationRecord:
     """False for a checkpoint written while the generation was still running (outcome ``interrupted``
     until the generation ends and its record is rewritten; a crash leaves it so)."""
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        # The nested records are typed whatever the caller passes (dicts as stored, or as older code built them).
-        record_type = _NESTED.get(name)
-        if record_type is not None:
-            value = _typed(record_type, value)
-        super().__setattr__(name, value)
-
     def checkpoint(self, output_ids: list[int], final_text: str) -> GenerationRecord:
         """A deep copy to store while the generation runs: the answer so far, outcome ``interrupted``."""
         return GenerationRecord.from_dict(
@@ -265,14 +224,13 @@ class GenerationRecord:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> GenerationRecord:
-        """The record :meth:`to_dict` gave (nested records as dicts are converted back)."""
-        return cls(**data)
-
-
-_NESTED: dict[str, type] = {
-    "spans": DiscardedSpan,
-    "retries": RetryStrategy,
-    "firings": Firing,
-    "monitor_errors": MonitorError,
-}
-"""GenerationRecord's list fields whose items are records."""
+        """The record :meth:`to_dict` gave, its nested records rebuilt from their dicts."""
+        return cls(
+            **{
+                **data,
+                "spans": [DiscardedSpan(**s) for s in data.get("spans", ())],
+                "retries": [RetryStrategy.from_dict(r) for r in data.get("retries", ())],
+                "firings": [Firing(**f) for f in data.get("firings", ())],
+                "monitor_errors": [MonitorError(**e) for e in data.get("monitor_errors", ())],
+            }
+        )

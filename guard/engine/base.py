@@ -133,6 +133,14 @@ class EngineStats:
     """Tokens served from a prefix cache instead of being computed (vLLM)."""
     forced_resets: int = 0
     """Requests the engine's own monitors stopped (vLLM: the worker forced the reset token)."""
+    reset_stop_mismatches: int = 0
+    """Forced resets whose request vLLM reported stopped by something other than the reset id
+    (vLLM's ``stop_reason``): 0 unless the worker and vLLM disagree."""
+    resubmissions: int = 0
+    """Requests after a sequence's first (resamples, continuations, scoring requests; vLLM)."""
+    resubmitted_cached_tokens: int = 0
+    """Prompt tokens of those requests served by vLLM's prefix cache (the rest are in
+    ``refed_tokens``)."""
 
 
 class Engine(ABC):

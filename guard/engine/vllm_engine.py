@@ -79,27 +79,28 @@ from guard.sampling import SamplingParams
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class VLLMOptions:
     """vLLM engine settings (policy ``model.vllm``)."""
 
-    gpu_memory_utilization: float = 0.3
-    max_num_seqs: int = 64
-    block_size: int | None = None
+    gpu_memory_utilization: float
+    max_num_seqs: int
+    block_size: int | None
     """KV block size in tokens; ``None``: vLLM's default for the platform."""
-    reset_token: str = "<|reset|>"
+    reset_token: str
     """The token forced when a monitor fires, if the vocabulary has it; otherwise the engine picks a
     reserved id itself (:func:`guard.engine.reset_id.choose_reset_id`)."""
-    reset_token_id: int | None = None
+    reset_token_id: int | None
     """Use this id instead (a reserved, never-sampled id)."""
     seed: int = 0
-    tensor_parallel_size: int = 1
+    """vLLM's engine seed (not a policy setting)."""
+    tensor_parallel_size: int
     """Workers each holding a slice of every layer (vLLM's tensor parallelism)."""
-    pipeline_parallel_size: int = 1
+    pipeline_parallel_size: int
     """Stages each holding a contiguous run of layers (vLLM's pipeline parallelism)."""
-    data_parallel_size: int = 1
+    data_parallel_size: int
     """Engine cores each running a whole replica on its own requests (vLLM's data parallelism)."""
-    enforce_eager: bool = False
+    enforce_eager: bool
     """Run vLLM's model eagerly (no torch.compile, no CUDA graphs). Off by default: the monitors
     and steering run as the ``guard::layer`` op inside the compiled graph
     (:mod:`guard.engine.vllm_worker`)."""
@@ -183,7 +184,7 @@ class VLLMEngine(Engine):
         name: str,
         dtype: str = "auto",
         max_context: int | None = None,
-        options: VLLMOptions = VLLMOptions(),
+        options: VLLMOptions,
     ) -> None:
         path = Path(path)
         if not (path / "config.json").is_file():
@@ -226,11 +227,6 @@ class VLLMEngine(Engine):
             "vLLM engine for %s forces reset %s when a monitor fires", path, self.reset.describe()
         )
         self.stats = EngineStats()
-        self.resubmissions: list[tuple[int, int]] = []
-        """``(prompt tokens, of which served by vLLM's prefix cache)`` for every request after a
-        sequence's first (resamples, continuations, scoring requests)."""
-        self.last_stop_reason: Any = None
-        """vLLM's ``stop_reason`` of the last request the worker's monitors stopped."""
         self._dir = tempfile.mkdtemp(
             prefix="guard-vllm-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None
         )
@@ -255,7 +251,8 @@ class VLLMEngine(Engine):
             raise ModelLoadError(
                 f"vLLM could not start on {path}: {type(exc).__name__}: {exc}"
             ) from exc
-        self.runner = runners[0]
+        self.runner: str = runners[0]
+        """vLLM's model runner class (``:v1`` or ``:v2``), as the log line at start names it."""
         wrong = [r for r in runners if r.endswith(":v2") != self._runner_v2]
         if wrong:
             self.close()
@@ -280,7 +277,7 @@ class VLLMEngine(Engine):
         device: str = "auto",
         name: str | None = None,
         max_context: int | None = None,
-        options: VLLMOptions = VLLMOptions(),
+        options: VLLMOptions,
     ) -> VLLMEngine:
         return cls(
             path,
@@ -520,7 +517,8 @@ class VLLMEngine(Engine):
         scores = self._collect(vs, start, n, vs.live_names(names))
         if forced:
             self.stats.forced_resets += 1
-            self.last_stop_reason = req.stop_reason
+            if req.stop_reason != self.reset_id:
+                self.stats.reset_stop_mismatches += 1
             self._end(vs)
             return StepOutput(
                 token_id=None, fed_start=start, hidden={}, scores=scores, errors=dict(vs.failed)
@@ -855,7 +853,8 @@ class VLLMEngine(Engine):
                 # Not the sequence's first computation of its prompt: whatever the prefix cache did
                 # not serve is recomputed.
                 self.stats.refed_tokens += max(0, req.start_len - cached)
-                self.resubmissions.append((req.start_len, cached))
+                self.stats.resubmissions += 1
+                self.stats.resubmitted_cached_tokens += cached
             self.stats.cached_tokens += cached
         req.buffered.extend(tokens)
         req.surprisal.extend(

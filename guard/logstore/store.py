@@ -34,7 +34,13 @@ from typing import Any
 from sqlalchemy import Connection, and_, delete, exists, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from guard.controller.record import DiscardedSpan, GenerationRecord
+from guard.controller.record import (
+    DiscardedSpan,
+    Firing,
+    GenerationRecord,
+    MonitorError,
+    RetryStrategy,
+)
 from guard.errors import InvalidRequestError, NotFoundError
 from guard.logstore import connect, migrations
 from guard.logstore import tables as t
@@ -308,13 +314,13 @@ class LogStore:
                 )
                 for s in spans
             ],
-            retries=json.loads(row["retries"]),
+            retries=[RetryStrategy.from_dict(r) for r in json.loads(row["retries"])],
             sampled_tokens=row["sampled_tokens"],
             final_scores=json.loads(row["final_scores"]),
             monitors_fired=json.loads(row["monitors_fired"]),
-            firings=json.loads(row["firings"]),
+            firings=[Firing(**f) for f in json.loads(row["firings"])],
             prompt_scores=json.loads(row["prompt_scores"]),
-            monitor_errors=json.loads(row["monitor_errors"]),
+            monitor_errors=[MonitorError(**e) for e in json.loads(row["monitor_errors"])],
             deliberation=row["deliberation"],
             reasoning=row["reasoning"],
             reasoning_ids=json.loads(row["reasoning_ids"]),
@@ -483,5 +489,5 @@ def _filters(policy, outcome, monitor, since, until, label) -> builtins.list:
 
 
 def _json_records(items: list[Any]) -> str:
-    """JSON of a record's nested records (an item appended as a dict is stored as it is)."""
-    return json.dumps([item if isinstance(item, dict) else asdict(item) for item in items])
+    """JSON of a record's nested records (each a dataclass)."""
+    return json.dumps([asdict(item) for item in items])

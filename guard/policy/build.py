@@ -14,6 +14,7 @@ Importing this module loads torch (through the controller and the engines); the 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,12 +29,15 @@ from guard.monitors.probe import ProbeMonitor
 from guard.monitors.reset_token import ResetTokenMonitor
 from guard.policy.schema import (
     AggregationConfig,
+    BacktrackSpec,
+    DeliberationSpec,
     ModelSpec,
     Policy,
     ProbeMonitorSpec,
     ResampleStrategy,
     ResetTokenMonitorSpec,
     SaeMonitorSpec,
+    StreamSpec,
     VLLMSpec,
 )
 from guard.sae.formats import load_sae
@@ -69,6 +73,11 @@ def vllm_options(spec: VLLMSpec | None) -> Any:
     from guard.engine.vllm_engine import VLLMOptions
 
     return VLLMOptions(**(spec or VLLMSpec()).model_dump())
+
+
+def default_vllm_options(**overrides: Any) -> Any:
+    """The vLLM options of a policy that sets none, with ``overrides`` (library callers, tests)."""
+    return vllm_options(VLLMSpec().model_copy(update=overrides))
 
 
 def _vllm_engine(spec: ModelSpec) -> Engine:
@@ -172,14 +181,15 @@ def strategy(spec: ResampleStrategy) -> Strategy:
     return Strategy(**spec.model_dump())
 
 
-def deliberation_config(policy: Policy) -> DeliberationConfig | None:
-    """The controller's deliberation settings; ``None`` when the policy never deliberates."""
-    d = policy.deliberation
-    if d.mode == "off" and not any(s.deliberate for s in policy.backtrack.strategies):
-        return None
+def default_strategy(**overrides: Any) -> Strategy:
+    """The schema's default resampling strategy with ``overrides`` (library callers, tests)."""
+    return strategy(ResampleStrategy().model_copy(update=overrides))
+
+
+def _deliberation(d: DeliberationSpec, spec: str) -> DeliberationConfig:
     return DeliberationConfig(
         mode=d.mode,
-        spec=d.spec_text(),
+        spec=spec,
         instruction=d.instruction,
         placement=d.placement,
         open_tag=d.open_tag,
@@ -189,10 +199,25 @@ def deliberation_config(policy: Policy) -> DeliberationConfig | None:
     )
 
 
-def controller_config(policy: Policy) -> ControllerConfig:
-    """The controller's settings from the policy's backtrack, stream and deliberation sections."""
-    bt = policy.backtrack
-    stream = policy.stream
+def deliberation_config(policy: Policy) -> DeliberationConfig | None:
+    """The controller's deliberation settings; ``None`` when the policy never deliberates."""
+    d = policy.deliberation
+    if d.mode == "off" and not any(s.deliberate for s in policy.backtrack.strategies):
+        return None
+    return _deliberation(d, d.spec_text())
+
+
+def default_deliberation_config(spec: str = "", **overrides: Any) -> DeliberationConfig:
+    """The schema's default deliberation section with ``overrides`` and the spec text ``spec``."""
+    return _deliberation(DeliberationSpec().model_copy(update=overrides), spec)
+
+
+def _controller(
+    bt: BacktrackSpec,
+    stream: StreamSpec,
+    on_monitor_error: Any,
+    deliberation: DeliberationConfig | None,
+) -> ControllerConfig:
     return ControllerConfig(
         rollback=bt.rollback,
         rollback_tokens=bt.rollback_tokens,
@@ -205,7 +230,23 @@ def controller_config(policy: Policy) -> ControllerConfig:
         holdback_tokens=stream.holdback_tokens,
         reset_marker=stream.reset_marker,
         release_margin=stream.release_margin,
-        on_monitor_error=policy.on_monitor_error,
+        on_monitor_error=on_monitor_error,
         strategies=tuple(strategy(s) for s in bt.strategies),
-        deliberation=deliberation_config(policy),
+        deliberation=deliberation,
     )
+
+
+def controller_config(policy: Policy) -> ControllerConfig:
+    """The controller's settings from the policy's backtrack, stream and deliberation sections."""
+    return _controller(
+        policy.backtrack, policy.stream, policy.on_monitor_error, deliberation_config(policy)
+    )
+
+
+def default_controller_config(**overrides: Any) -> ControllerConfig:
+    """The controller settings of a policy that sets no backtrack, stream, deliberation or
+    ``on_monitor_error``, with ``overrides`` as keyword arguments (library callers, tests,
+    benchmarks): the schema's defaults, never a second copy of them."""
+    on_error = Policy.model_fields["on_monitor_error"].default
+    config = _controller(BacktrackSpec(), StreamSpec(), on_error, None)
+    return dataclasses.replace(config, **overrides)
