@@ -102,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     from guard.eval.cli import add_cli as add_eval
     from guard.logs_cli import add_cli as add_logs
     from guard.organism.build import add_cli as add_organism
-    from guard.probe.cli import add_cli as add_probe
-    from guard.sae.cli import add_cli as add_sae
+    from guard.probe_cli import add_cli as add_probe
+    from guard.sae_cli import add_cli as add_sae
 
     parser = argparse.ArgumentParser(prog="guard", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)

@@ -71,8 +71,8 @@ LAZY_FIRST_PARTY = {
     "guard/cli.py",
     "guard/eval/cli.py",
     "guard/logs_cli.py",
-    "guard/probe/cli.py",
-    "guard/sae/cli.py",
+    "guard/probe_cli.py",
+    "guard/sae_cli.py",
     # `guard policy check` builds monitors only when it has a model to check them against (torch).
     "guard/policy/model_check.py",
     # the optional vllm package (guard[vllm]).
@@ -165,3 +165,17 @@ def test_runtime_settings_declare_no_defaults_of_their_own(tmp_path):
     delib = dataclasses.asdict(default_deliberation_config())
     assert delib.pop("spec") == ""
     assert delib == DeliberationSpec().model_dump(include=set(delib))
+
+
+def test_the_monitor_layers_aggregation_defaults_are_the_schemas():
+    """``AggregationSpec`` is the monitors layer's value type, also written into probe files, and
+    keeps defaults for artifacts made without a policy (``guard probe train``); the policy schema's
+    aggregation block must give the same ones, or a policy and a probe file would disagree."""
+    import dataclasses
+
+    from guard.monitors.base import AggregationSpec
+    from guard.policy.build import aggregation
+    from guard.policy.schema import AggregationConfig
+
+    assert dataclasses.asdict(AggregationSpec()) == AggregationConfig().model_dump()
+    assert aggregation(AggregationConfig()) == AggregationSpec()

@@ -190,7 +190,7 @@ def test_saved_sae_encodes_identically_after_load(tmp_path):
 
 def test_cli_defaults_to_the_middle_layer_and_a_width_from_d_model(tmp_path, capsys):
     from guard.cli import main
-    from guard.sae.cli import DEFAULT_EXPANSION, DEFAULT_K
+    from guard.sae_cli import DEFAULT_EXPANSION, DEFAULT_K
 
     model = make_random_llama(tmp_path / "m", hidden=16, layers=4)
     data = tmp_path / "d.jsonl"

@@ -19,16 +19,14 @@ import sys
 import time
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from pathlib import Path
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
 
 from guard.engine.base import Engine
 from guard.probe.data import DataError, Example
-
-if TYPE_CHECKING:
-    from guard.probe.cache import ActivationCache
 
 Span = Literal["completion", "all", "prompt"]
 Pooling = Literal["token", "mean", "last"]
@@ -132,6 +130,18 @@ def token_ids(engine: Engine, ex: Example) -> tuple[list[int], int]:
     return ids, len(prompt)
 
 
+class Cache(Protocol):
+    """What :func:`collect` needs of a cache (:class:`guard.probe.cache.ActivationCache`)."""
+
+    def key(self, examples: list[Example], layers: list[int], span: str) -> str: ...
+
+    def path_of(self, key: str) -> Path: ...
+
+    def get(self, key: str) -> Activations | None: ...
+
+    def put(self, key: str, acts: Activations) -> Path: ...
+
+
 def collect(
     engine: Engine,
     examples: list[Example],
@@ -140,7 +150,7 @@ def collect(
     desc: str = "activations",
     progress: bool = True,
     span: Span = "completion",
-    cache: ActivationCache | None = None,
+    cache: Cache | None = None,
 ) -> Activations:
     """Run every example once and keep the activations of its ``span`` tokens at ``layers``."""
     layers = sorted(set(layers))

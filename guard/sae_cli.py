@@ -18,7 +18,7 @@ import hashlib
 from pathlib import Path
 
 from guard.errors import InvalidRequestError
-from guard.probe.cli import format_table
+from guard.probe_cli import format_table
 
 DEFAULT_EXPANSION = 32
 """Latents per model dimension when ``--d-sae`` is not given (sparsify's ``expansion_factor``)."""
@@ -38,7 +38,7 @@ def default_d_sae(d_model: int, expansion: int = DEFAULT_EXPANSION) -> int:
 
 def add_cli(subparsers) -> argparse.ArgumentParser:
     """Register ``sae train`` and ``sae features`` on ``subparsers``."""
-    from guard.probe.cli import _add_model_args
+    from guard.probe_cli import _add_model_args
 
     sae = subparsers.add_parser(
         "sae", help="train sparse autoencoders and find features to monitor"
@@ -125,10 +125,10 @@ def _engine(args):
 
 
 def cmd_train(args) -> int:
-    from guard.probe.cli import activation_cache
     from guard.probe.collect import collect
     from guard.probe.data import read_files
     from guard.probe.train import split_rows
+    from guard.probe_cli import activation_cache
     from guard.sae.formats import save_saelens
     from guard.sae.train import SaeTrainConfig, train_sae
 
@@ -208,9 +208,9 @@ def format_stats(rows) -> str:
 
 
 def cmd_features(args) -> int:
-    from guard.probe.cli import activation_cache
     from guard.probe.collect import collect
     from guard.probe.data import read_files
+    from guard.probe_cli import activation_cache
     from guard.sae import features as F
     from guard.sae.formats import load_sae
 
