@@ -64,6 +64,7 @@ import torch
 from guard.engine.hooks import decoder_layers
 from guard.engine.sidechannel import ScoreWriter, failed_bit
 from guard.monitors.base import Monitor, MonitorState
+from guard.positions import index
 
 log = logging.getLogger(__name__)
 
@@ -471,7 +472,9 @@ class WorkerState:
         for i, k in enumerate(args.score):
             if k in live.failed or k not in here or a0 >= first + len(scores):
                 continue
-            fire = live.states[k].extend(a0 - args.answer_start, scores[a0 - first :, i].tolist())
+            fire = live.states[k].extend(
+                index(args.answer_start, a0), scores[a0 - first :, i].tolist()
+            )
             forced = forced or (fire is not None and k in args.act)
         failed = 0
         for i, k in enumerate(args.score):
