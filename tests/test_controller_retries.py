@@ -54,6 +54,25 @@ def test_rollback_auto_keeps_the_prefix_no_monitor_doubted(tiny_engine):
     assert rec.spans[0].start == 0
 
 
+def test_a_kept_prefix_whose_resample_is_rolled_back_too_is_given_up(tiny_engine):
+    """A kept prefix is trusted once: the second rollback of a generation that resumed after one
+    goes to the response start, whatever the rule (two condemned continuations of that prefix)."""
+    out, unique = _reference(tiny_engine)
+    fire = unique[4]
+    prefix = set(out[:fire])
+    # every token outside the first attempt's prefix fires, so the resample after it fires too
+    mon = ScoreMap({t: (0.0 if t in prefix else 0.9) for t in range(tiny_engine.info.vocab_size)})
+    for rule in ("auto", "tokens"):  # (random text has no sentence end to keep)
+        events, rec, _ = run(
+            tiny_engine, [mon], max_tokens=12, rollback=rule, rollback_tokens=1, garble_margin=None
+        )
+        assert_invariants(events, rec)
+        first, second = rec.spans[0], rec.spans[1]
+        assert first.fired_at == fire and 0 < first.start <= fire, rule
+        assert second.start == 0, rule  # not the prefix again
+        assert all(span.start == 0 for span in rec.spans[1:]), rule
+
+
 def test_a_monitor_that_fired_judges_the_retries_more_strictly(tiny_engine):
     out, unique = _reference(tiny_engine)
     # every other token scores 0.45 (below 0.5): retries pass when judged like the first attempt

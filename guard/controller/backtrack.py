@@ -29,7 +29,8 @@ A model that opens its own section (``placement: system``) is detected from the 
 tokens; nothing is released while they may still be the open tag.
 
 Retries are judged at least as strictly as the first attempt (``rollback: auto`` keeps only a prefix
-no acting monitor had doubts about; a monitor that fired keeps a stricter threshold; a resample the
+no acting monitor had doubts about; a kept prefix is trusted once, a second rollback after it goes
+to the response start; a monitor that fired keeps a stricter threshold; a resample the
 model finds far less likely than its first attempt is suspect, :mod:`guard.controller.garble`), and
 an answer that had a rollback is accepted as ``recovered`` only after every acting monitor re-scores
 it from scratch and passes it (:meth:`GuardedGeneration._recheck`); otherwise it is retried or refused.
@@ -278,6 +279,8 @@ class GuardedGeneration:
         self._undecided = False
         """The answer so far may still be the model's own open tag: release nothing yet."""
         self.surprisal = SurprisalTracker(config.garble_margin, config.garble_window)
+        self._resumed_at = 0
+        """Where the current attempt resumed (0: the response start, also for the first attempt)."""
         self._garble = BoundMonitor(GarbleMonitor(config.garble_margin or 0.0), rollback="response")
 
     # -- Job interface ------------------------------------------------------------------------
@@ -624,8 +627,17 @@ class GuardedGeneration:
         The firing monitor's threshold becomes ``retry_threshold`` times the policy's for the rest
         of the generation: its evidence is kept across the rollback, so a resample must look
         clearly safer to it than the text it condemned, not just below the line that text crossed.
+
+        A kept prefix is trusted once: when the attempt that resumed after it is rolled back too (a
+        monitor fired on it, the garble check or the re-check), two continuations of that prefix
+        were condemned, so the prefix is suspect and this rollback goes to the response start,
+        whatever the rule (for a client that cannot retract, to the text it was already shown, as
+        ``auto`` does: that text settled under the release margin, see
+        :mod:`guard.controller.release`).
         """
         point = self._safe_point(fire_pos, bound.rollback or self.config.rollback)
+        if self._resumed_at > 0:
+            point = 0 if self.retracting else keep_released(0, fire_pos, self.text.sent_tokens)
         if bound.monitor.name in self.states:
             self.states[bound.monitor.name].scale = self.config.retry_threshold
             self.seq.threshold_scale[bound.monitor.name] = self.config.retry_threshold
@@ -856,6 +868,7 @@ class GuardedGeneration:
         if strat.ban_first_token and first_token is not None:
             banned.setdefault(point, set()).add(first_token)
         self.surprisal.resampling(point, bool(banned.get(point)))
+        self._resumed_at = point
         steer = None
         steer_info = None
         vec = bound.monitor.steering_vector() if strat.steer_alpha else None
