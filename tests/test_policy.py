@@ -63,7 +63,7 @@ def test_valid_policy_resolves_paths_and_hashes_the_file(tree: Path):
 def test_defaults_are_filled_in(tree: Path):
     policy = load_policy(write(tree, "name: p\nmodel: {path: model}\n"))
     assert policy.monitors == []
-    assert policy.backtrack.rollback == "auto" and policy.backtrack.max_retries == 3
+    assert policy.backtrack.rollback == "response" and policy.backtrack.max_retries == 3
     assert policy.stream.holdback_tokens == 8 and policy.stream.reset_marker is None
     assert policy.log.path == tree.resolve() / "guard.db" and policy.log.record == "flagged"
     assert (policy.defaults.max_tokens, policy.defaults.temperature, policy.defaults.top_p) == (

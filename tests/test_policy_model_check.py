@@ -108,7 +108,14 @@ def test_cross_field_errors_come_with_field_errors(tree):
 @pytest.mark.parametrize(
     "backtrack, bounded",
     [
-        ({"rollback": "tokens", "rollback_tokens": 12, "garble_margin": None}, True),
+        (
+            {"rollback": "tokens", "rollback_tokens": 12, "garble_margin": None, "max_retries": 1},
+            True,
+        ),
+        (
+            {"rollback": "tokens", "rollback_tokens": 12, "garble_margin": None},
+            False,
+        ),  # a second rollback after a kept prefix cuts back to the response start
         (
             {"rollback": "tokens", "rollback_tokens": 12},
             False,

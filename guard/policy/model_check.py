@@ -143,6 +143,10 @@ def exposure_lines(policy: Policy) -> list[str]:
     }
     if bt.garble_margin is not None:
         rules.add("response")
+    if bt.max_retries >= 2:
+        rules.add(
+            "response"
+        )  # a kept prefix is trusted once: the next rollback after it goes there
     if "response" in rules:
         per_reset = f"everything shown (up to max_tokens - holdback_tokens = {whole} tokens)"
     elif "sentence" in rules:

@@ -360,12 +360,15 @@ class BacktrackSpec(Strict):
     """What happens when a monitor fires."""
 
     rollback: Rollback = Field(
-        "auto",
-        description="How far to cut back (default auto: chosen by bench/rollback_choice.py). "
+        "response",
+        description="How far to cut back (default response: chosen by bench/rollback_choice.py, "
+        "rule 2). response: the whole response, nothing a condemned attempt wrote is kept; "
         "auto: to the end of the longest prefix in which every "
         "acting monitor's aggregated score stayed below safe_level times its threshold "
         "(the response start if none did); tokens: a fixed number of tokens; sentence: "
-        "the start of the sentence holding the fired token; response: the whole response.",
+        "the start of the sentence holding the fired token. A kept prefix is trusted once: "
+        "when the retry that resumed after it is rolled back too, that rollback goes to the "
+        "response start.",
     )
     rollback_tokens: int = Field(
         4, ge=1, description="Tokens cut before the fired token for rollback tokens."
