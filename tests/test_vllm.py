@@ -594,3 +594,21 @@ def test_vllm_sampling_extensions_sample_as_on_the_transformers_engine(vllm_engi
             assert len(t.output_ids) >= answers[short].sampled_tokens + 4
         if name == "allowed_token_ids":
             assert set(t.output_ids) <= allowed
+
+
+def test_surprisal_is_computed_only_where_the_controller_reads_it(vllm_engine):
+    """A sequence that does not want surprisal (no monitor, or the garble check off) gets the same
+    tokens without asking vLLM for logprobs; one that wants it gets a surprisal per token."""
+    prompt = _prompt(vllm_engine, HARMFUL[0])
+    runs = {}
+    for wanted in (True, False):
+        seq = vllm_engine.new_sequence(prompt)
+        seq.surprisal = wanted
+        vllm_engine.prefill(seq)
+        gen = make_generator(7)
+        outs = [vllm_engine.step(seq, SamplingParams(seed=7), gen) for _ in range(4)]
+        vllm_engine.release(seq)
+        runs[wanted] = ([o.token_id for o in outs], [o.surprisal for o in outs])
+    assert runs[True][0] == runs[False][0]
+    assert all(isinstance(s, float) for s in runs[True][1])
+    assert runs[False][1] == [None] * 4
