@@ -460,7 +460,12 @@ class VLLMEngine(Engine):
                     token_id=None, fed_start=n, hidden={}, scores={}, errors=dict(vs.failed)
                 )
             req = vs.request
-            if req is None or not self._consistent(seq, req) or (req.finished and not req.buffered):
+            # A scoring request this flush submitted before it raised StepPending is still the one
+            # to wait for (resubmitting it on every retry would never let it deliver).
+            scoring = req is not None and req.scoring_only and req.start_len == n
+            if not scoring and (
+                req is None or not self._consistent(seq, req) or (req.finished and not req.buffered)
+            ):
                 req = self._submit(
                     seq,
                     score=vs.live_monitors(lambda m: m.output),
