@@ -462,9 +462,11 @@ class VLLMEngine(Engine):
             req = vs.request
             # A scoring request this flush submitted before it raised StepPending is still the one
             # to wait for (resubmitting it on every retry would never let it deliver).
-            scoring = req is not None and req.scoring_only and req.start_len == n
-            if not scoring and (
-                req is None or not self._consistent(seq, req) or (req.finished and not req.buffered)
+            waiting = req is not None and req.scoring_only and req.start_len == n
+            if (
+                req is None
+                or (not waiting and not self._consistent(seq, req))
+                or (not waiting and req.finished and not req.buffered)
             ):
                 req = self._submit(
                     seq,
