@@ -219,3 +219,33 @@ def test_stream_reconstruction_for_any_holdback(tiny_engine, holdback):
         tiny_engine, [mon], seed=11, holdback_tokens=holdback, rollback="sentence", max_retries=4
     )
     assert_invariants(events, rec)
+
+
+def test_the_engine_is_asked_for_surprisal_only_where_the_garble_check_can_read_it(tiny_engine):
+    """Surprisal feeds only the garble check, which judges resamples after a firing: without any
+    monitor, or with the check off, the sequence tells the engine not to compute it."""
+
+    def wants(monitors, **cfg) -> bool:
+        gen = GuardedGeneration(
+            tiny_engine,
+            tiny_engine.tokenizer.encode("x"),
+            SamplingParams(seed=1, max_tokens=2),
+            [BoundMonitor(m) for m in monitors],
+            default_controller_config(**cfg),
+            GenerationRecord(
+                request_id="r",
+                policy_name="p",
+                policy_hash="h",
+                model="m",
+                messages=None,
+                prompt="x",
+                prompt_tokens=1,
+            ),
+            lambda e: None,
+        )
+        gen.close()
+        return gen.seq.surprisal
+
+    assert wants([TokenMonitor({-1})]) is True
+    assert wants([]) is False
+    assert wants([TokenMonitor({-1})], garble_margin=None) is False

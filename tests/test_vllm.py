@@ -594,3 +594,90 @@ def test_vllm_sampling_extensions_sample_as_on_the_transformers_engine(vllm_engi
             assert len(t.output_ids) >= answers[short].sampled_tokens + 4
         if name == "allowed_token_ids":
             assert set(t.output_ids) <= allowed
+
+
+def test_surprisal_is_computed_only_where_the_controller_reads_it(vllm_engine):
+    """A sequence that does not want surprisal (no monitor, or the garble check off) gets the same
+    tokens without asking vLLM for logprobs; one that wants it gets a surprisal per token."""
+    prompt = _prompt(vllm_engine, HARMFUL[0])
+    runs = {}
+    for wanted in (True, False):
+        seq = vllm_engine.new_sequence(prompt)
+        seq.surprisal = wanted
+        vllm_engine.prefill(seq)
+        gen = make_generator(7)
+        outs = [vllm_engine.step(seq, SamplingParams(seed=7), gen) for _ in range(4)]
+        vllm_engine.release(seq)
+        runs[wanted] = ([o.token_id for o in outs], [o.surprisal for o in outs])
+    assert runs[True][0] == runs[False][0]
+    assert all(isinstance(s, float) for s in runs[True][1])
+    assert runs[False][1] == [None] * 4
+
+
+def test_generations_in_the_engine_worker_end_with_every_token_scored(
+    vllm_engine, hf_engine, probe
+):
+    """Inside the engine worker nothing waits for vLLM, the end-of-answer flush included (it raises
+    ``StepPending`` until the last token's score arrives): every generation still finishes, with
+    the same scores for every answer token as the transformers engine, and a stop token ends the
+    answer exactly where it ends there."""
+    import threading
+
+    from guard.controller.backtrack import BoundMonitor, GuardedGeneration
+    from guard.controller.events import Finished
+    from guard.controller.record import GenerationRecord
+    from guard.engine.worker import EngineWorker
+
+    quiet = copy.copy(probe)
+    quiet.name, quiet.threshold = "quiet", 1e9  # scores every token, never fires
+    done: dict[str, threading.Event] = {}
+    records: dict[str, GenerationRecord] = {}
+    finished: dict[str, Finished] = {}
+
+    def job(engine, key: str, text: str, max_tokens: int) -> GuardedGeneration:
+        rec = GenerationRecord(
+            request_id=key,
+            policy_name="p",
+            policy_hash="h",
+            model="m",
+            messages=None,
+            prompt=text,
+            prompt_tokens=0,
+        )
+        done[key], records[key] = threading.Event(), rec
+
+        def emit(event, key=key):
+            if isinstance(event, Finished):
+                finished[key] = event
+                done[key].set()
+
+        return GuardedGeneration(
+            engine,
+            _prompt(engine, text),
+            SamplingParams(temperature=0.0, max_tokens=max_tokens, seed=1),
+            [BoundMonitor(quiet, action="backtrack")],
+            default_controller_config(holdback_tokens=0),
+            rec,
+            emit=emit,
+        )
+
+    worker = EngineWorker(name="test-vllm-worker")
+    try:
+        for i, text in enumerate([*BENIGN, *HARMFUL[:2]]):
+            worker.submit(job(vllm_engine, f"v{i}", text, 5 + 3 * i))
+        for key in list(done):
+            assert done[key].wait(300), f"generation {key} did not finish"
+    finally:
+        worker.stop()
+    for i, text in enumerate([*BENIGN, *HARMFUL[:2]]):
+        rec, fin = records[f"v{i}"], finished[f"v{i}"]
+        want = job(hf_engine, f"h{i}", text, 5 + 3 * i)
+        while not want.advance():
+            pass
+        want.close()
+        assert rec.output_ids == records[f"h{i}"].output_ids
+        assert fin.text == finished[f"h{i}"].text
+        assert rec.final_scores["quiet"]
+        assert rec.final_scores["quiet"] == pytest.approx(
+            records[f"h{i}"].final_scores["quiet"], abs=1e-3
+        )

@@ -263,6 +263,9 @@ class GuardedGeneration:
             if b.monitor.layer is not None
         ]
         self.seq: Sequence = engine.new_sequence(prompt_ids, layers, runs)
+        # Surprisal feeds only the garble check, which judges resamples after a firing: with the
+        # check off or no monitor that could fire, the engine need not compute it.
+        self.seq.surprisal = config.garble_margin is not None and bool(monitors)
         seed = params.seed if params.seed is not None else random.randrange(2**31)
         record.seed = seed
         self.attempt = _Attempt(params.with_changes(seed=seed), make_generator(seed))
@@ -278,6 +281,9 @@ class GuardedGeneration:
         """Output index where the answer starts (just past the reasoning section, if any)."""
         self._undecided = False
         """The answer so far may still be the model's own open tag: release nothing yet."""
+        self._flushing: FinishReason | None = None
+        """Set while the final flush waits for the engine (its step raised ``StepPending``): the
+        next :meth:`advance` retries the flush, not a new step."""
         self.surprisal = SurprisalTracker(config.garble_margin, config.garble_window)
         self._resumed_at = 0
         """Where the current attempt resumed (0: the response start, also for the first attempt)."""
@@ -296,7 +302,14 @@ class GuardedGeneration:
         if not self._prefilled:
             self._prefilled = True
             with self.trace.prefill(len(self.seq.prompt_ids)):
-                return self._prefill()
+                if self._prefill():
+                    return True
+            if self.cancelled:
+                return False  # the worker drops it before its next turn
+            # The first step follows in the same turn: an engine that generates ahead (vLLM) gets
+            # the request one worker pass sooner, which is the first token's latency.
+        if self._flushing is not None:
+            return self._finish_after_flush(self._flushing)
         if self.section is not None and self.section.open:
             return self._reason()
         banned = frozenset(self.attempt.banned_at.get(len(self.output), ()))
@@ -901,11 +914,16 @@ class GuardedGeneration:
         return None
 
     def _finish_after_flush(self, reason: FinishReason) -> bool:
-        """Score the last sampled token (one-step lag), then finish unless a monitor fires."""
+        """Score the last sampled token (one-step lag), then finish unless a monitor fires.
+
+        The flush step may raise ``StepPending`` (an engine inside a worker whose score has not
+        arrived): nothing else has changed then, and the next :meth:`advance` retries it."""
         if any(b.monitor.layer is not None for b in self._output_monitors()):
+            self._flushing = reason
             out = self.engine.step(
                 self.seq, self.attempt.params, self.attempt.generator, sample=False
             )
+            self._flushing = None
             if self._score(out, new_token=False):
                 return self._finished
         if self.record.spans and (self._garbled(finishing=True) or self._recheck()):

@@ -71,6 +71,10 @@ class Sequence:
     threshold_scale: dict[str, float] = field(default_factory=dict)
     """Monitor name -> multiplier of its threshold the controller applies (stricter after it fired);
     engines that run monitors act at the same thresholds. Set by the controller."""
+    surprisal: bool = True
+    """Whether steps must report the sampled token's surprisal (:attr:`StepOutput.surprisal`, read
+    by the controller's garble check). ``False`` lets an engine skip computing it (vLLM then asks
+    for no logprobs); steps may then report ``None``. Set by the controller."""
 
     def __post_init__(self) -> None:
         if not self.tokens:

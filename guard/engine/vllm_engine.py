@@ -460,7 +460,14 @@ class VLLMEngine(Engine):
                     token_id=None, fed_start=n, hidden={}, scores={}, errors=dict(vs.failed)
                 )
             req = vs.request
-            if req is None or not self._consistent(seq, req) or (req.finished and not req.buffered):
+            # A scoring request this flush submitted before it raised StepPending is still the one
+            # to wait for (resubmitting it on every retry would never let it deliver).
+            waiting = req is not None and req.scoring_only and req.start_len == n
+            if (
+                req is None
+                or (not waiting and not self._consistent(seq, req))
+                or (not waiting and req.finished and not req.buffered)
+            ):
                 req = self._submit(
                     seq,
                     score=vs.live_monitors(lambda m: m.output),
@@ -473,6 +480,8 @@ class VLLMEngine(Engine):
                     steer=steer,
                     scoring_only=True,
                 )
+            if waker() is not None and not self._score_ready(seq, req, n - 1):
+                raise StepPending()  # the worker moves on; nothing changed but the request
             self._wait_score(seq, req, n - 1)
             start = vs.reported
             names = vs.live_names(names)  # one may have failed meanwhile
@@ -776,7 +785,8 @@ class VLLMEngine(Engine):
             if params.allowed_token_ids is None
             else sorted(params.allowed_token_ids | {self.reset_id}),  # the reset stays forceable
             output_kind=RequestOutputKind.DELTA,
-            logprobs=None if scoring_only else 0,  # the sampled token's raw logprob: its surprisal
+            # the sampled token's raw logprob (its surprisal), only where the controller reads it
+            logprobs=0 if seq.surprisal and not scoring_only else None,
             extra_args={ARGS_KEY: args.to_dict()},
         )
         req = _Request(
@@ -898,6 +908,14 @@ class VLLMEngine(Engine):
         # Its fed token's record was read with the delivery that brought it (the channel's ordering).
         forced = token == self.reset_id and (pos - 1) in seq.payload.forced
         return token, forced
+
+    def _score_ready(self, seq: Sequence, req: _Request, pos: int) -> bool:
+        """Whether :meth:`_wait_score` would return (or fail) without waiting."""
+        vs: _VSeq = seq.payload
+        while not all(name in vs.scores.get(pos, {}) for name in vs.live_names(vs.output_names)):
+            if not self._receive(seq, req, block=False):
+                return req.finished and req.items.empty()
+        return True
 
     def _wait_score(self, seq: Sequence, req: _Request, pos: int) -> None:
         vs: _VSeq = seq.payload
