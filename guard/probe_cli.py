@@ -90,7 +90,11 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
         "the negatives of --data)",
     )
     t.add_argument(
-        "--samples", type=int, default=4, help="answers sampled per calibration prompt (default 4)"
+        "--samples",
+        type=int,
+        default=None,
+        help="answers sampled per calibration prompt (default: 400 answers spread evenly over the "
+        "distinct prompts, at most 4 each)",
     )
     t.add_argument(
         "--temperature",
