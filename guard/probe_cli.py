@@ -90,11 +90,7 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
         "the negatives of --data)",
     )
     t.add_argument(
-        "--samples",
-        type=int,
-        default=None,
-        help="answers sampled per calibration prompt (default: 400 answers spread evenly over the "
-        "distinct prompts, at most 4 each)",
+        "--samples", type=int, default=4, help="answers sampled per calibration prompt (default 4)"
     )
     t.add_argument(
         "--temperature",

@@ -132,18 +132,6 @@ def test_margin_is_scale_free_and_reads_the_low_quantile():
     assert S.margin(sharp(pos), sharp(cal), float(sharp(np.array([t]))[0])) == pytest.approx(m)
 
 
-def test_calibration_spreads_its_answers_over_every_distinct_prompt():
-    sampling = CalibrationSampling()
-    chats = [[{"role": "user", "content": f"p{i}"}] for i in range(195)]
-    planned, per = sampling.plan(chats)
-    counts = np.unique([c[0]["content"] for c in planned], return_counts=True)[1]
-    assert per == 1 and len(planned) == 400 and len(counts) == 195 and set(counts) == {2, 3}
-    assert sampling.describe(195) == "400 sampled answers, 2-3 each"
-    assert len(sampling.plan(chats[:16])[0]) == 64  # at most 4 per prompt
-    assert len(sampling.plan(chats * 3)[0]) == 585  # more prompts than answers: each once
-    assert CalibrationSampling(n=3).plan(chats) == (chats, 3)
-
-
 def test_category_folds_hold_out_each_harm_category_whole():
     labels = np.array([1, 0, 1, 0, 1, 0, 0, 0, 0, 0])
     cats = ["a", "a", "b", "b", "c", "c", "t1", "t2", "t3", None]

@@ -54,17 +54,8 @@ from guard.sampling import SamplingParams
 class CalibrationSampling:
     """How ``guard probe train`` samples the model's own answers to calibrate the threshold."""
 
-    n: int | None = None
-    """Answers sampled per calibration prompt; ``None``: :attr:`answers` answers spread evenly over
-    the distinct prompts (each sampled ``floor`` or ``ceil`` of ``answers / prompts`` times, at most
-    :attr:`max_per_prompt`; every prompt at least once). Answers to one prompt are alike, so at a
-    given number of answers more distinct prompts make the calibration sample closer to the
-    independent draws its confidence bound assumes, and cover more of what benign users ask."""
-    answers: int = 400
-    """Calibration answers to aim for when ``n`` is ``None`` (the 90% bound at a 1% target needs 230;
-    400 let one of them fire)."""
-    max_per_prompt: int = 4
-    """Most answers per prompt when ``n`` is ``None``."""
+    n: int = 4
+    """Answers sampled per calibration prompt."""
     temperature: float = 1.0
     """Sampling temperature (1.0: the model's own distribution, the default of chat clients and of
     guard's policies)."""
@@ -72,33 +63,12 @@ class CalibrationSampling:
     max_tokens: int = 96
     """Longest answer; a longer one is cut, as a client's ``max_tokens`` would."""
     seed: int = 0
-    max_prompts: int = 400
+    max_prompts: int = 100
     """With prompts taken from the training rows (no ``--calibrate-prompts``): use at most this many."""
 
     def __post_init__(self) -> None:
-        if (self.n is not None and self.n < 1) or min(
-            self.max_tokens, self.max_prompts, self.answers, self.max_per_prompt
-        ) < 1:
-            raise ValueError(
-                "calibration samples, answers, max_per_prompt, max_tokens and max_prompts must be >= 1"
-            )
-
-    def plan(self, chats: list) -> tuple[list, int]:
-        """``(chats to sample, answers per entry)``: ``(chats, n)`` with ``n`` set, else the prompts
-        repeated round robin to :attr:`answers` entries (see :attr:`n`), one answer each."""
-        if self.n is not None or not chats:
-            return chats, self.n or 1
-        total = max(len(chats), min(self.answers, self.max_per_prompt * len(chats)))
-        return [chats[i % len(chats)] for i in range(total)], 1
-
-    def describe(self, prompts: int) -> str:
-        """How many answers per prompt, in words."""
-        if self.n is not None:
-            return f"{self.n} sampled answers each"
-        entries = len(self.plan([None] * prompts)[0])
-        lo, hi = entries // prompts, -(-entries // prompts)
-        each = f"{lo}" if lo == hi else f"{lo}-{hi}"
-        return f"{entries} sampled answers, {each} each"
+        if self.n < 1 or self.max_tokens < 1 or self.max_prompts < 1:
+            raise ValueError("calibration samples, max_tokens and max_prompts must be >= 1")
 
     def params(self) -> SamplingParams:
         return SamplingParams(
@@ -415,13 +385,12 @@ def train_probe(
     chats, cal_source = _calibration_chats(
         examples, calibrate_prompts, bool(calib_examples), sampling, config
     )
-    planned, per = sampling.plan(chats)
     sampled = (
         sample_answers(
             engine,
-            planned,
+            chats,
             cv_layers,
-            n=per,
+            n=sampling.n,
             params=sampling.params(),
             seed=sampling.seed,
             progress=progress,
@@ -498,8 +467,6 @@ def train_probe(
         "calibration_sampling": (
             dict(
                 n=sampling.n,
-                answers=sampled.acts.n_rows,
-                prompts=len(chats),
                 temperature=sampling.temperature,
                 top_p=sampling.top_p,
                 max_tokens=sampling.max_tokens,
@@ -589,16 +556,10 @@ def _calibration_chats(
     config: TrainConfig,
 ) -> tuple[list, str]:
     """The chats to sample calibration answers from, and a description; ``[]`` to use rows instead."""
-
-    def how(prompts: int) -> str:
-        return f"{sampling.describe(prompts)} at temperature {sampling.temperature:g}"
-
+    how = f"{sampling.n} sampled answers each at temperature {sampling.temperature:g}"
     if prompts_file is not None:
         chats = read_prompts(prompts_file)
-        return (
-            chats,
-            f"model's own answers to {len(chats)} prompts of {prompts_file}, {how(len(chats))}",
-        )
+        return chats, f"model's own answers to {len(chats)} prompts of {prompts_file}, {how}"
     if have_rows or config.span != "completion":
         return [], ""
     harm = {ex.category for ex in examples if ex.label == 1}
@@ -614,11 +575,7 @@ def _calibration_chats(
             if key not in seen and len(chats) < sampling.max_prompts:
                 seen.add(key)
                 chats.append(ex.chat())
-    if not chats:
-        return [], ""
-    return chats, (
-        f"model's own answers to {len(chats)} benign-category prompts of --data, {how(len(chats))}"
-    )
+    return chats, f"model's own answers to {len(chats)} benign-category prompts of --data, {how}"
 
 
 def _selection_info(sel: Selection) -> dict[str, Any]:
