@@ -84,9 +84,10 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
         default=None,
         metavar="FILE",
         help='JSONL of benign prompts ({"prompt": ...} or {"messages": [...]}): the CLI samples the '
-        "model's own answers to them and calibrates the threshold so at most --target-fpr of those "
-        "whole answers would fire, as live (default: the prompts of --data's benign-category rows "
-        "when rows carry categories, else the negatives of --data)",
+        "model's own answers to them and calibrates the threshold so a --fpr-confidence upper bound "
+        "on the share of such whole answers that would fire, as live, is at most --target-fpr "
+        "(default: the prompts of --data's benign-category rows when rows carry categories, else "
+        "the negatives of --data)",
     )
     t.add_argument(
         "--samples", type=int, default=4, help="answers sampled per calibration prompt (default 4)"
@@ -146,7 +147,14 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
         "--target-fpr",
         type=float,
         default=0.01,
-        help="share of calibration answers allowed to fire (default 0.01)",
+        help="false-fire rate on benign answers the threshold must hold (default 0.01)",
+    )
+    t.add_argument(
+        "--fpr-confidence",
+        type=float,
+        default=0.9,
+        help="confidence of the one-sided (Clopper-Pearson) bound that must meet --target-fpr: the "
+        "threshold holds the target on new answers with this probability (default 0.9)",
     )
     t.add_argument("--heldout-frac", type=float, default=0.2)
     t.add_argument("--seed", type=int, default=0)
@@ -249,6 +257,7 @@ def cmd_train(args) -> int:
             method=args.method,
             l2=args.l2,
             target_fpr=args.target_fpr,
+            fpr_confidence=args.fpr_confidence,
             heldout_frac=args.heldout_frac,
             seed=args.seed,
             aggregation=_aggregation(args),
@@ -304,10 +313,28 @@ def cmd_train(args) -> int:
         f"threshold {mon.threshold:.6g}: FPR {_pct(cal['fpr_at_threshold'])} on {cal['negatives']} "
         f"calibration negatives ({cal['source'] if isinstance(cal['source'], str) else ', '.join(cal['source'])})"
     )
+    print(format_bound(cal, config.target_fpr))
     print(format_metrics("held-out", m["heldout"]))
     if m["eval"] is not None:
         print(format_metrics("eval", m["eval"]))
     return 0
+
+
+def format_bound(cal: dict, target_fpr: float) -> str:
+    """The calibration's confidence bound on the false-fire rate, and a warning when it misses."""
+    conf = f"{100 * cal['confidence']:g}%"
+    line = (
+        f"false fires on new benign answers: <= {100 * cal['fpr_upper_bound']:.2f}% with {conf} "
+        f"confidence (one-sided Clopper-Pearson on {cal['negatives']} calibration answers; "
+        f"target {100 * target_fpr:g}%)"
+    )
+    if not cal["meets_target"]:
+        line += (
+            f"\nwarning: {cal['negatives']} calibration answers are too few to hold the target with "
+            f"{conf} confidence (need >= {cal['negatives_needed']}); the threshold is their maximum. "
+            "Give more prompts (--calibrate-prompts) or --samples."
+        )
+    return line
 
 
 def cmd_eval(args) -> int:
@@ -469,9 +496,10 @@ def format_selection(sel: dict, target_fpr: float, top: int = 12) -> str:
         "method",
         "labels",
         "aggregation",
-        f"TPR@{fpr}",
-        "strict TPR",
         "worst fold",
+        f"TPR@{fpr}",
+        "worst margin",
+        "strict TPR",
         "AUROC",
         "FPR",
     ]
@@ -483,9 +511,10 @@ def format_selection(sel: dict, target_fpr: float, top: int = 12) -> str:
             r["method"],
             r["labels"],
             _agg_text(r["aggregation"]),
-            _pct(r["cv_tpr"]),
-            _pct(r["cv_strict_tpr"]),
             _pct(r["cv_worst_tpr"]),
+            _pct(r["cv_tpr"]),
+            _num(r.get("cv_worst_margin")),
+            _pct(r["cv_strict_tpr"]),
             _num(r["cv_auroc"]),
             _pct(r["cv_fpr"]),
         ]
@@ -515,8 +544,10 @@ def format_selection(sel: dict, target_fpr: float, top: int = 12) -> str:
         f"chosen: {sel['chosen']}",
         f"criterion: {sel['criterion']}",
         (
-            f"(TPR: held-out categories' unsafe rows caught at the threshold set to {fpr} false fires on the "
-            "calibration answers; strict: above every calibration answer; means over folds)"
+            f"(worst fold: the left-out category with the lowest TPR; TPR: unsafe rows of the left-out "
+            f"category caught at the threshold calibration sets for {fpr} false fires, mean over folds; "
+            "worst margin: min over folds of (10% quantile of its unsafe rows - threshold) / "
+            "(threshold - median calibration answer), in logits; strict: above every calibration answer)"
         ),
     ]
     return "\n".join(out)

@@ -15,7 +15,16 @@ from guard.engine.transformers_engine import TransformersEngine
 from guard.monitors.base import AggregationSpec
 from guard.monitors.probe import ProbeMonitor
 from guard.probe.data import DataError, read_jsonl
-from guard.probe.metrics import auroc, rates_at, row_max_scores, threshold_at_fpr, tpr_at_fpr
+from guard.probe.metrics import (
+    auroc,
+    fpr_upper_bound,
+    negatives_needed,
+    rates_at,
+    row_max_scores,
+    threshold_at_fpr,
+    threshold_at_fpr_bound,
+    tpr_at_fpr,
+)
 from guard.probe.train import TrainConfig, split_rows, train_probe
 from guard.testing import make_random_llama
 
@@ -77,6 +86,32 @@ def test_threshold_at_fpr_keeps_the_empirical_rate_at_or_below_target():
     scores, labels = [0.1, 0.2, 0.3, 0.25, 0.6], [0, 0, 0, 1, 1]
     assert tpr_at_fpr(scores, labels, 0.0) == 0.5
     assert rates_at(scores, labels, 0.2) == (1.0, 1 / 3)
+
+
+def test_bounded_threshold_holds_the_target_with_its_confidence_where_the_quantile_does_not():
+    """The contract of calibration: over many calibration samples, the threshold's true false-fire
+    rate on new negatives exceeds the target at most ``1 - confidence`` of the time. Scores are
+    uniform, so a threshold ``t``'s true rate is ``1 - t``."""
+    rng = np.random.default_rng(0)
+    target, n, trials = 0.01, 400, 2000
+    bounded_misses = quantile_misses = 0
+    for _ in range(trials):
+        neg = rng.random(n)
+        bt = threshold_at_fpr_bound(neg, target, 0.9)
+        assert bt.meets_target and bt.fpr_bound <= target and bt.above == np.sum(neg > bt.threshold)
+        bounded_misses += 1 - bt.threshold > target
+        quantile_misses += 1 - threshold_at_fpr(neg, target) > target
+    assert bounded_misses / trials <= 0.1 + 3 * np.sqrt(0.09 / trials)
+    assert quantile_misses / trials > 0.5  # the empirical quantile misses more often than not
+    # exact values: 400 negatives allow one above at 90% (bound 0.97%), none at 95% (0.75%)
+    neg = np.arange(400) / 400
+    assert threshold_at_fpr_bound(neg, target, 0.9).above == 1
+    assert threshold_at_fpr_bound(neg, target, 0.95).above == 0
+    assert fpr_upper_bound(0, 400, 0.95) == pytest.approx(1 - 0.05 ** (1 / 400))
+    # too few negatives for any threshold: their maximum, and the bound says it misses
+    few = threshold_at_fpr_bound(neg[:100], target, 0.9)
+    assert few.threshold == neg[99] and not few.meets_target and few.fpr_bound > target
+    assert negatives_needed(target, 0.9) == 230
 
 
 def test_row_max_uses_the_aggregated_score():
@@ -183,18 +218,16 @@ def test_probe_detects_the_marker_on_held_out_rows(trained):
     assert m["eval"]["rows"] == 60 and m["eval"]["auroc"] > 0.9
 
 
-def test_sweep_covers_every_layer_and_picks_the_best(trained):
-    sweep = trained.monitor.meta["metrics"]["sweep"]
+def test_sweep_covers_every_layer_and_keeps_the_cross_validated_choice(trained):
+    meta = trained.monitor.meta
+    sweep = meta["metrics"]["sweep"]
     assert [r["layer"] for r in sweep] == [0, 1, 2]
-    best = max(
-        sweep,
-        key=lambda r: (
-            r["heldout_auroc"],
-            r["heldout_tpr_at_target_fpr"],
-            r["heldout_token_auroc"],
-        ),
-    )
-    assert trained.monitor.layer == best["layer"]
+    # the held-out split is only reported: the layer is cross-validation's best candidate's
+    table = meta["metrics"]["selection"]["table"]
+    assert meta["metrics"]["selection"]["folds"] == "kfold"
+    assert trained.monitor.layer == table[0]["layer"]
+    assert table[0]["cv_worst_tpr"] == max(r["cv_worst_tpr"] for r in table)
+    assert next(r for r in sweep if r["layer"] == trained.monitor.layer)["heldout_auroc"] > 0.9
 
 
 def test_best_layer_breaks_saturated_ties_by_token_auroc_then_mid_depth():
@@ -225,8 +258,12 @@ def test_threshold_gives_the_target_fpr_on_calibration_negatives(trained, setup)
     negatives = [ex for ex in read_jsonl(setup["train"]) if ex.label == 0]
     _, rows = row_scores(mon, collect(setup["engine"], negatives, [mon.layer], progress=False))
     fpr = float(np.mean(rows > mon.threshold))
-    assert len(negatives) == 120 and fpr <= 0.02 and fpr > 0.02 - 1 / 120
-    assert mon.meta["metrics"]["calibration"]["fpr_at_threshold"] == pytest.approx(fpr)
+    cal = mon.meta["metrics"]["calibration"]
+    # 120 negatives hold 2% with 90% confidence only with none above the threshold
+    # (1 - 0.1 ** (1 / 120) = 1.9%); the empirical quantile would have let 2 of them fire
+    assert len(negatives) == 120 and fpr == 0.0 and cal["fpr_at_threshold"] == pytest.approx(fpr)
+    assert cal["confidence"] == 0.9 and cal["meets_target"]
+    assert cal["fpr_upper_bound"] == pytest.approx(1 - 0.1 ** (1 / 120), rel=1e-6)
 
 
 def test_diffmean_method(setup):
@@ -265,6 +302,7 @@ def test_cli_train_then_eval(setup, capsys):
         lines[0].split()[:2] == ["layer", "AUROC"] and sum("*" in line for line in lines[1:4]) == 1
     )
     assert "held-out: 48 rows" in printed and "eval: 60 rows" in printed
+    assert "false fires on new benign answers: <= " in printed and "90% confidence" in printed
     meta = json.loads((out / "probe.json").read_text())
     assert meta["model"]["config_sha256"] and meta["training"]["data"][0]["path"] == str(
         setup["train"]

@@ -99,6 +99,39 @@ def setup(tmp_path_factory):
     torch.set_num_threads(n)
 
 
+def _score(layer: int, fold_tpr: list[float], margin: float, labels: str = "all") -> S.Score:
+    c = S.Candidate(layer, "logreg", labels, AggregationSpec("none"))  # type: ignore[arg-type]
+    mean = float(np.mean(fold_tpr))
+    return S.Score(c, mean, mean, min(fold_tpr), 0.99, 0.0, 0.9, fold_tpr, margin)
+
+
+def test_criterion_is_the_worst_left_out_category_then_its_margin():
+    # a candidate that misses one unseen category loses to one that catches every category less
+    # evenly well, whatever its mean; among saturated candidates the larger margin wins
+    uneven = _score(1, [1.0, 1.0, 1.0, 0.6], 0.1)
+    even = _score(2, [0.9, 0.85, 0.9, 0.85], -0.2)
+    assert uneven.tpr > even.tpr
+    assert S.ranked([uneven, even], 4)[0] is even
+    narrow = _score(1, [1.0] * 4, 0.5)
+    wide = _score(3, [1.0] * 4, 2.0, labels="from-hazard")
+    assert S.ranked([narrow, wide, even], 4) == [wide, narrow, even]
+    assert S.ranked([narrow, _score(2, [1.0] * 4, float("nan"))], 4)[0] is narrow
+
+
+def test_margin_is_scale_free_and_reads_the_low_quantile():
+    rng = np.random.default_rng(0)
+    cal = 1 / (1 + np.exp(-rng.normal(0, 1, 400)))
+    pos = 1 / (1 + np.exp(-rng.normal(6, 1, 50)))
+    t = M.threshold_at_fpr_bound(cal, 0.01, 0.9).threshold
+    m = S.margin(pos, cal, t)
+    logit = np.log(pos / (1 - pos))
+    t_logit, med = np.log(t / (1 - t)), np.median(np.log(cal / (1 - cal)))
+    assert m == pytest.approx((np.quantile(logit, 0.1) - t_logit) / (t_logit - med))
+    # doubling every logit (a sharper probe, same ranking) leaves the margin unchanged
+    sharp = lambda p: 1 / (1 + np.exp(-2 * np.log(p / (1 - p))))  # noqa: E731
+    assert S.margin(sharp(pos), sharp(cal), float(sharp(np.array([t]))[0])) == pytest.approx(m)
+
+
 def test_category_folds_hold_out_each_harm_category_whole():
     labels = np.array([1, 0, 1, 0, 1, 0, 0, 0, 0, 0])
     cats = ["a", "a", "b", "b", "c", "c", "t1", "t2", "t3", None]
@@ -227,6 +260,9 @@ def test_default_training_chooses_by_cv_and_calibrates_on_sampled_answers(setup)
     )
     cal = meta["metrics"]["calibration"]
     assert cal["sampled"] and cal["negatives"] == 18 and "prompts.jsonl" in cal["source"]
+    # 18 answers cannot hold 5% with 90% confidence (45 needed): the threshold is their maximum
+    assert not cal["meets_target"] and cal["negatives_needed"] == 45
+    assert cal["fpr_upper_bound"] == pytest.approx(1 - 0.1 ** (1 / 18), rel=1e-6)
     # the threshold is the calibration rule applied to the model's own sampled answers
     answers = sample_answers(
         setup["engine"],
@@ -243,7 +279,7 @@ def test_default_training_chooses_by_cv_and_calibrates_on_sampled_answers(setup)
         answers.acts.n_rows,
         mon.aggregation,
     )
-    t = M.threshold_at_fpr(rows, 0.05)
+    t = M.threshold_at_fpr_bound(rows, 0.05, 0.9).threshold
     assert mon.threshold == pytest.approx(
         1 / (1 + np.exp(-(np.log(t / (1 - t)) + CALIBRATION_MARGIN)))
     )

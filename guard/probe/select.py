@@ -11,17 +11,22 @@ Folds (:func:`make_folds`):
 
 A candidate is fitted on the other folds' rows only and scored on the held-out fold, with the
 deployed decision rule: row statistic = max over the answer of the aggregated per-token score;
-threshold = the one calibration would set at ``target_fpr`` on the calibration negatives (the
-model's own sampled benign answers when training has them, else the training folds' negatives).
+threshold = the one calibration would set at ``target_fpr`` and ``confidence`` on the calibration
+negatives (:func:`guard.probe.metrics.threshold_at_fpr_bound`; the model's own sampled benign
+answers when training has them, else the training folds' negatives).
 
 Criterion (:data:`CRITERION`, :func:`rank_key`), in order, higher is better:
-1. mean over folds of the held-out positives' TPR at that threshold (recall on unseen categories at
-   the false-fire rate the probe will be deployed with);
-2. mean over folds of the TPR at a strict threshold, above every calibration negative (how much of
-   that recall survives when benign answers are spread wider than the calibration sample);
-3. the worst fold's TPR; 4. mean held-out row AUROC; 5. lower mean held-out FPR;
-6. mean held-out token AUROC; 7. the simpler candidate (labels ``all``, aggregation ``none``, then
-   ``ema``, then ``window``; method ``logreg`` before ``diffmean``); 8. the layer nearest mid-depth.
+1. the worst fold's TPR at that threshold: recall on the unseen category the candidate transfers to
+   least, at the false-fire rate it will be deployed with (the goal is a bound on every category a
+   user brings, so the weakest one decides, not the average);
+2. the mean over folds of that TPR;
+3. the worst fold's :func:`margin`: how far above the threshold that category's unsafe answers sit,
+   in units of the benign answers' spread (separates candidates whose TPRs saturate; a larger
+   margin survives a larger shift between training text and live answers);
+4. mean over folds of the TPR at a strict threshold, above every calibration negative;
+5. mean held-out row AUROC; 6. lower mean held-out FPR; 7. mean held-out token AUROC;
+8. the simpler candidate (labels ``all``, aggregation ``none``, then ``ema``, then ``window``;
+   method ``logreg`` before ``diffmean``); 9. the layer nearest mid-depth.
 """
 
 from __future__ import annotations
@@ -40,8 +45,9 @@ from guard.probe.fit import Method, fit
 from guard.probe.labels import TOKEN_LABELS, TokenLabels, token_selection
 
 CRITERION = (
-    "mean held-out TPR at the calibrated threshold, then mean TPR above every calibration negative, "
-    "then worst-fold TPR, AUROC, lower FPR, token AUROC, simpler candidate, mid-depth layer"
+    "worst left-out category's TPR at the calibrated threshold, then mean TPR, then worst category's "
+    "margin above the threshold, TPR above every calibration answer, AUROC, lower FPR, token AUROC, "
+    "simpler candidate, mid-depth layer"
 )
 
 
@@ -82,6 +88,8 @@ class Score(NamedTuple):
     token_auroc: float
     fold_tpr: list[float]
     """Per fold, in :attr:`Folds.names` order."""
+    worst_margin: float
+    """The smallest over folds of :func:`margin`."""
 
 
 def make_folds(
@@ -153,6 +161,7 @@ def cross_validate(
     l2: float,
     pooling: Pooling = "token",
     progress: bool = True,
+    confidence: float = 0.9,
 ) -> list[Score]:
     """Score every candidate on every fold (see the module docstring); one fit per fold, layer,
     method and labels, shared by the aggregations."""
@@ -173,7 +182,7 @@ def cross_validate(
                     cal_tok = mon.score_tensor(cal.hidden[layer]).numpy()
                     for agg in aggs:
                         per.setdefault(Candidate(layer, method, lab, agg), []).append(
-                            _fold_scores(te, te_tok, cal, cal_tok, agg, target_fpr)
+                            _fold_scores(te, te_tok, cal, cal_tok, agg, target_fpr, confidence)
                         )
                     done += 1
                     if progress:
@@ -195,19 +204,45 @@ def _fold_scores(
     cal_tok: np.ndarray,
     agg: AggregationSpec,
     target_fpr: float,
+    confidence: float,
 ) -> dict[str, float]:
     te_rows = M.row_max_scores(te_tok, te.row, te.n_rows, agg)
     cal_rows = M.row_max_scores(cal_tok, cal.row, cal.n_rows, agg)
-    threshold = M.threshold_at_fpr(cal_rows, target_fpr)
+    threshold = M.threshold_at_fpr_bound(cal_rows, target_fpr, confidence).threshold
     pos, neg = te.labels == 1, te.labels == 0
     nan = float("nan")
     return {
+        "margin": margin(te_rows[pos], cal_rows, threshold) if pos.any() else nan,
         "tpr": float((te_rows[pos] > threshold).mean()) if pos.any() else nan,
         "strict_tpr": float((te_rows[pos] > cal_rows.max()).mean()) if pos.any() else nan,
         "fpr": float((te_rows[neg] > threshold).mean()) if neg.any() else nan,
         "auroc": M.auroc(te_rows, te.labels),
         "token_auroc": M.auroc(te_tok, te.token_labels()),
     }
+
+
+MARGIN_QUANTILE = 0.1
+"""Quantile of a held-out category's positive rows that :func:`margin` measures."""
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-12, 1 - 1e-12)
+    return np.log(p) - np.log1p(-p)
+
+
+def margin(pos_rows: np.ndarray, cal_rows: np.ndarray, threshold: float) -> float:
+    """How far above the threshold a held-out category's unsafe answers sit, in units of the benign
+    answers' upper spread: ``(q - t) / (t - m)`` in logits, where ``q`` is the
+    :data:`MARGIN_QUANTILE` quantile of the positive rows' scores, ``t`` the threshold and ``m`` the
+    calibration answers' median. Scale-free (the same for any affine rescaling of the logit), so
+    methods and layers compare; larger means the category's answers would still be caught after a
+    shift as large as the benign answers' own spread. ``nan`` when ``t <= m``."""
+    t = float(_logit(np.array([threshold]))[0])
+    m = float(np.median(_logit(cal_rows)))
+    if not t > m:
+        return float("nan")
+    q = float(np.quantile(_logit(pos_rows), MARGIN_QUANTILE))
+    return (q - t) / (t - m)
 
 
 def _nanmean(v: list[float]) -> float:
@@ -227,7 +262,13 @@ def _summarise(c: Candidate, rows: list[dict[str, float]]) -> Score:
         _nanmean([r["fpr"] for r in rows]),
         _nanmean([r["token_auroc"] for r in rows]),
         tprs,
+        _nanmin([r["margin"] for r in rows]),
     )
+
+
+def _nanmin(v: list[float]) -> float:
+    v = [x for x in v if x == x]
+    return float(min(v)) if v else float("nan")
 
 
 _AGG_ORDER = {"none": 0, "ema": 1, "window": 2}
@@ -241,10 +282,15 @@ def rank_key(s: Score, num_layers: int) -> tuple:
         return -1.0 if v != v else v
 
     c = s.candidate
+
+    def lo(v: float) -> float:
+        return -np.inf if v != v else v
+
     return (
-        hi(s.tpr),
-        hi(s.strict_tpr),
         hi(s.worst_tpr),
+        hi(s.tpr),
+        lo(s.worst_margin),
+        hi(s.strict_tpr),
         hi(s.auroc),
         -(s.fpr if s.fpr == s.fpr else 1.0),
         hi(s.token_auroc),
@@ -284,4 +330,5 @@ def score_to_dict(s: Score) -> dict:
         "cv_fpr": s.fpr,
         "cv_token_auroc": s.token_auroc,
         "fold_tpr": s.fold_tpr,
+        "cv_worst_margin": s.worst_margin,
     }

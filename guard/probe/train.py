@@ -15,9 +15,11 @@ Invariants of :func:`train_probe`:
   when rows carry categories, else k-fold); the held-out split and ``--eval`` data are reported,
   never used to choose.
 - Threshold calibration, by default, uses the model's own sampled answers to benign prompts
-  (:mod:`guard.probe.sample`), scored as live: the threshold is the smallest value at which at most
-  ``target_fpr`` of those whole answers would fire (max over the answer of the aggregated score),
-  plus :data:`CALIBRATION_MARGIN`. The same sampled answers set every fold's threshold in
+  (:mod:`guard.probe.sample`), scored as live: the threshold is the smallest of their scores (max
+  over the answer of the aggregated score) at which a one-sided ``fpr_confidence`` upper bound on
+  the false-fire rate on new answers is at most ``target_fpr`` (split-conformal /
+  Clopper-Pearson, :func:`guard.probe.metrics.threshold_at_fpr_bound`), plus
+  :data:`CALIBRATION_MARGIN`. The same sampled answers set every fold's threshold in
   cross-validation, so the choice is made under the rule the probe is deployed with.
 """
 
@@ -85,6 +87,11 @@ class TrainConfig:
     """L2 penalty of ``logreg`` (on the mean class-balanced loss)."""
     target_fpr: float = 0.01
     """Row-level false-positive rate the threshold is calibrated for."""
+    fpr_confidence: float = 0.9
+    """Confidence with which the calibrated threshold holds ``target_fpr`` on new answers: the
+    threshold is set so a one-sided Clopper-Pearson upper bound at this confidence on its false-fire
+    rate is at most ``target_fpr`` (:func:`guard.probe.metrics.threshold_at_fpr_bound`), not the
+    empirical quantile, which exceeds the target on new answers about half the time."""
     heldout_frac: float = 0.2
     """Fraction of rows of each label held out for evaluation and layer choice."""
     seed: int = 0
@@ -117,6 +124,8 @@ class TrainConfig:
             raise ValueError(f"heldout_frac must be in (0, 1), got {self.heldout_frac}")
         if not 0.0 <= self.target_fpr < 1.0:
             raise ValueError(f"target_fpr must be in [0, 1), got {self.target_fpr}")
+        if not 0.0 < self.fpr_confidence < 1.0:
+            raise ValueError(f"fpr_confidence must be in (0, 1), got {self.fpr_confidence}")
         if self.token_labels is not None and self.token_labels not in TOKEN_LABELS:
             raise ValueError(
                 f"token labels must be one of {', '.join(TOKEN_LABELS)}, got {self.token_labels!r}"
@@ -440,7 +449,7 @@ def train_probe(
         if len(source) == 1 and (sampled is not None or not calib_examples)
         else source,
         "sampled": sampled is not None,
-        **calibrate(monitor, negatives, config.target_fpr),
+        **calibrate(monitor, negatives, config.target_fpr, config.fpr_confidence),
     }
     # 8. final metrics and provenance
     metrics = {
@@ -530,6 +539,7 @@ def choose(
         aggs=aggs,
         calibration=calibration,
         target_fpr=config.target_fpr,
+        confidence=config.fpr_confidence,
         l2=config.l2,
         pooling=config.pooling,
         progress=progress,
@@ -617,21 +627,33 @@ row's score, and the row must not fire (``score > threshold``) when its score is
 another path (token-by-token decoding, other batch shapes), which differs in the last digits."""
 
 
-def calibrate(monitor: ProbeMonitor, negatives: Activations, target_fpr: float) -> dict[str, Any]:
-    """Set ``monitor.threshold`` so at most ``target_fpr`` of the ``negatives`` rows fire (with the
-    :data:`CALIBRATION_MARGIN` above the boundary row); report the rate."""
+def calibrate(
+    monitor: ProbeMonitor,
+    negatives: Activations,
+    target_fpr: float,
+    confidence: float = 0.9,
+) -> dict[str, Any]:
+    """Set ``monitor.threshold`` so that a one-sided ``confidence`` upper bound on its false-positive
+    rate on new negatives like ``negatives`` is at most ``target_fpr``
+    (:func:`guard.probe.metrics.threshold_at_fpr_bound`), with the :data:`CALIBRATION_MARGIN` above
+    the boundary row; report the rate on ``negatives`` and the bound."""
     if negatives.n_rows == 0 or negatives.labels.any():
         raise DataError(
             "threshold calibration needs negative (label 0) rows only, and at least one"
         )
     _, rows = row_scores(monitor, negatives)
-    t = M.threshold_at_fpr(rows, target_fpr)
+    bt = M.threshold_at_fpr_bound(rows, target_fpr, confidence)
+    t = bt.threshold
     if 0.0 < t < 1.0:
         t = float(1.0 / (1.0 + np.exp(-(np.log(t / (1.0 - t)) + CALIBRATION_MARGIN))))
     monitor.threshold = t
     return {
         "negatives": int(negatives.n_rows),
         "fpr_at_threshold": float(np.mean(rows > monitor.threshold)),
+        "confidence": confidence,
+        "fpr_upper_bound": bt.fpr_bound,
+        "meets_target": bt.meets_target,
+        "negatives_needed": M.negatives_needed(target_fpr, confidence),
     }
 
 
