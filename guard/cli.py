@@ -49,7 +49,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _policy_check(args: argparse.Namespace) -> int:
     from guard.policy import format_policy, load_policy
-    from guard.policy.model_check import exposure_lines, model_errors
+    from guard.policy.model_check import exposure_lines, model_errors, native_reset_line
 
     failed = False
     for path in args.files:
@@ -70,7 +70,10 @@ def _policy_check(args: argparse.Namespace) -> int:
             failed = True
             continue
         print(f"# {path}: ok (sha256 {policy.content_hash[:12]})")
-        print("\n".join(exposure_lines(policy)))
+        native, acts = ("", False) if args.no_path_check else native_reset_line(policy)
+        print("\n".join(exposure_lines(policy, native_reset=acts)))
+        if native:
+            print(native)
         print(format_policy(policy))
         if policy.model.engine == "vllm":
             from guard.engine.reset_id import policy_reset_line

@@ -41,6 +41,7 @@ def unguarded_policy(policy: Policy, log_path: Path) -> dict[str, Any]:
     )
     data.pop("access", None)
     data["model"].pop("served_name", None)
+    data["model"]["native_reset_token"] = None  # the plain model: not even its own resets act
     return data
 
 

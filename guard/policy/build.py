@@ -28,6 +28,7 @@ from guard.monitors.base import AggregationSpec
 from guard.monitors.probe import ProbeMonitor
 from guard.monitors.reset_token import ResetTokenMonitor
 from guard.policy.schema import (
+    NATIVE_RESET,
     AggregationConfig,
     BacktrackSpec,
     DeliberationSpec,
@@ -174,6 +175,32 @@ MONITOR_FACTORIES: dict[str, Callable[[Any, Policy, Engine], BoundMonitor]] = {
 def build_monitor(spec: Any, policy: Policy, engine: Engine) -> BoundMonitor:
     """Build the monitor ``spec`` configures, bound with its action and scope, checked against ``engine``."""
     return MONITOR_FACTORIES[spec.kind](spec, policy, engine)
+
+
+def native_reset_spec(policy: Policy, tokenizer: Any) -> ResetTokenMonitorSpec | None:
+    """The monitor guard adds for the model's own reset token, or ``None``.
+
+    ``None`` when ``model.native_reset_token`` is null, when the policy lists a ``reset_token``
+    monitor itself (it configured the model's resets explicitly), or when the vocabulary has no
+    such single token (most models: they were not trained to backtrack). A model that emits its
+    reset token has withdrawn what it wrote before it; without this monitor that text would stay
+    in the answer with only the token itself hidden."""
+    token = policy.model.native_reset_token
+    if token is None or any(m.kind == "reset_token" for m in policy.monitors):
+        return None
+    if tokenizer.token_id(token) is None:
+        return None
+    return ResetTokenMonitorSpec(kind="reset_token", name=NATIVE_RESET, token=token)
+
+
+def build_monitors(policy: Policy, engine: Engine) -> list[BoundMonitor]:
+    """Every monitor the policy acts with: its listed ``monitors``, then the model's own reset token
+    (:func:`native_reset_spec`) when it applies."""
+    monitors = [build_monitor(spec, policy, engine) for spec in policy.monitors]
+    native = native_reset_spec(policy, engine.tokenizer)
+    if native is not None:
+        monitors.append(build_monitor(native, policy, engine))
+    return monitors
 
 
 def strategy(spec: ResampleStrategy) -> Strategy:

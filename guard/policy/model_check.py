@@ -18,8 +18,8 @@ from typing import Any
 from guard.controller.deliberation import forced_prefix, system_prompt
 from guard.engine import vllm_parallel
 from guard.errors import GuardError, ModelLoadError
-from guard.policy.build import build_monitor
-from guard.policy.schema import Policy
+from guard.policy.build import build_monitor, native_reset_spec
+from guard.policy.schema import NATIVE_RESET, Policy, ResetTokenMonitorSpec
 
 
 @dataclass(frozen=True)
@@ -122,13 +122,43 @@ def _deliberation_errors(policy: Policy, engine: _ConfigOnlyEngine) -> list[str]
     return []
 
 
-def exposure_lines(policy: Policy) -> list[str]:
-    """How much streamed text a client can be shown and then lose, per client kind (policy only)."""
+def native_reset_line(policy: Policy) -> tuple[str, bool]:
+    """What ``guard serve`` does with the model's own reset token (``model.native_reset_token``),
+    read from the tokenizer alone, and whether it acts on it; the caller has checked the model
+    loads."""
+    token = policy.model.native_reset_token
+    if token is None:
+        return ("# native reset: off (model.native_reset_token: null)", False)
+    if any(m.kind == "reset_token" for m in policy.monitors):
+        return ("# native reset: configured by the policy's own reset_token monitor", False)
+    if not Path(policy.model.path).exists():
+        return (
+            f"# native reset: model not local, unknown whether its vocabulary has {token!r}",
+            False,
+        )
+    tokenizer = _load(policy).tokenizer
+    spec = native_reset_spec(policy, tokenizer)
+    if spec is None:
+        return (f"# native reset: none (the vocabulary has no token {token!r})", False)
+    return (
+        (
+            f"# native reset: the model's own {token!r} (id {tokenizer.token_id(token)}) acts as "
+            f"monitor '{spec.name}' (action backtrack, rollback to the response start)"
+        ),
+        True,
+    )
+
+
+def exposure_lines(policy: Policy, *, native_reset: bool = False) -> list[str]:
+    """How much streamed text a client can be shown and then lose, per client kind (policy only;
+    ``native_reset``: the model's own reset token acts too, see :func:`native_reset_line`)."""
     s, bt, d = policy.stream, policy.backtrack, policy.defaults
     h, whole = s.holdback_tokens, max(0, d.max_tokens - s.holdback_tokens)
-    acting = [
+    acting: list[Any] = [
         m for m in policy.monitors if m.action in ("backtrack", "refuse") and m.scope != "prompt"
     ]
+    if native_reset:
+        acting.append(ResetTokenMonitorSpec(kind="reset_token", name=NATIVE_RESET))
     if not acting:
         return [
             "# stream exposure: no monitor acts on the output, so no client is ever shown text that is retracted"

@@ -39,6 +39,10 @@ ENV_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 MonitorAction = Annotated[Action, BeforeValidator(canonical_action)]
 
 
+NATIVE_RESET = "native_reset"
+"""Name of the monitor guard builds from the model's own reset token (``model.native_reset_token``)."""
+
+
 def _action_field() -> Any:
     return Field(
         "backtrack",
@@ -175,6 +179,15 @@ class ModelSpec(Strict):
         None, ge=1, description="Context window in tokens; defaults to the model's."
     )
     vllm: VLLMSpec | None = Field(None, description="vLLM settings (engine vllm only).")
+    native_reset_token: str | None = Field(
+        "<|reset|>",
+        min_length=1,
+        description="The reset token of a model trained to backtrack: it emits it right after "
+        "it notices it began an unsafe answer. When the vocabulary has this token and no "
+        "monitor of kind reset_token is listed, guard acts on it as a monitor named "
+        f"'{NATIVE_RESET}' (action backtrack, rollback to the response start), so what the "
+        "model itself withdrew is not kept; `guard policy check` reports it. null ignores it.",
+    )
 
     @model_validator(mode="after")
     def _vllm_only_for_vllm(self) -> ModelSpec:
@@ -740,6 +753,21 @@ class Policy(Strict):
                 )
             seen[m.name] = i
         return monitors
+
+    @model_validator(mode="after")
+    def _native_reset_name_free(self) -> Policy:
+        if self.model.native_reset_token is None:
+            return self
+        for i, m in enumerate(self.monitors):
+            if m.name == NATIVE_RESET and m.kind != "reset_token":
+                raise PydanticCustomError(
+                    CROSS_FIELD,
+                    "monitor name '{name}' is kept for the model's own reset token "
+                    "(model.native_reset_token): rename the monitor, or set "
+                    "model.native_reset_token: null",
+                    {"name": NATIVE_RESET, "loc_suffix": ("monitors", i, "name")},
+                )
+        return self
 
     @model_validator(mode="after")
     def _check_deliberation(self) -> Policy:

@@ -27,7 +27,7 @@ from guard.errors import GuardError, NotFoundError, PolicyError
 from guard.logstore import LogStore
 from guard.logstore.writer import LogWriter
 from guard.policy import Policy, load_policy
-from guard.policy.build import build_engine, build_monitor, controller_config, engine_key
+from guard.policy.build import build_engine, build_monitors, controller_config, engine_key
 from guard.policy.loader import read_policy_bytes
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ class PolicyRegistry:
     def _load(self, policy: Policy, created: int | None = None) -> Served:
         keys = policy.access.resolve_keys(os.environ) if policy.access is not None else None
         engine, worker = self._engine_for(policy)
-        monitors = [build_monitor(spec, policy, engine) for spec in policy.monitors]
+        monitors = build_monitors(policy, engine)
         # a path or URL; url_env read here, like access keys
         log_target = self._log_url or policy.log.target(os.environ)
         if log_target not in self.stores:
