@@ -11,10 +11,13 @@ Two kinds of client read a guarded stream:
   margin (a *near miss*) therefore stops the release: nothing after the text already shown is
   released until the answer ends (a firing there cuts back to the released text under
   ``rollback: response`` or ``auto``, see :func:`keep_released`, to the sentence start under
-  ``sentence``; past the retry budget the answer ends with the refusal). Should a rollback still
-  reach text already released (a score that jumps past the threshold inside the window, or a
-  monitor that gives no warning, such as a reset token), the controller does not retract it: it
-  ends the answer with the policy's refusal as a separate part (a :class:`~guard.controller.events.Cut`).
+  ``sentence``; past the retry budget the answer ends with the refusal). A firing with no warning
+  (a score that jumps past the threshold inside the window, or the model's own reset token) is
+  therefore resampled after the released text under ``response`` and ``auto``. Should a rollback
+  still reach text already released (a firing inside it, such as the from-scratch re-check; a
+  ``sentence`` or ``tokens`` point before its end; the refusal past the retry budget), the
+  controller does not retract it: it ends the answer with the policy's refusal as a separate part
+  (a :class:`~guard.controller.events.Cut`).
 
 Contract of :func:`release_limit`: a pure function of the scores; it never returns more than
 ``scored - holdback_tokens``, and with ``margin`` set, no more than ``sent`` while an acting
