@@ -112,6 +112,8 @@ def test_bounded_threshold_holds_the_target_with_its_confidence_where_the_quanti
     few = threshold_at_fpr_bound(neg[:100], target, 0.9)
     assert few.threshold == neg[99] and not few.meets_target and few.fpr_bound > target
     assert negatives_needed(target, 0.9) == 230
+    with pytest.raises(ValueError, match="bounds a false-fire rate of 0"):
+        negatives_needed(0.0, 0.9)  # not 0: no number of negatives is enough
 
 
 def test_row_max_uses_the_aggregated_score():
@@ -384,3 +386,7 @@ def test_cli_rejects_bad_layers_and_settings(setup, tmp_path, capsys):
     assert "layers [7] out of range: the model has 3 layers" in capsys.readouterr().err
     assert guard_main(["probe", *base, "--alpha", "0"]) == 2
     assert "alpha must be in (0, 1]" in capsys.readouterr().err
+    assert guard_main(["probe", *base, "--target-fpr", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "target_fpr must be in (0, 1), got 0.0: no number of calibration answers" in err
+    assert "need >= 0" not in err

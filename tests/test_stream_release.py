@@ -57,21 +57,40 @@ def _shown(events) -> str:
     return "".join(e.text for e in events if isinstance(e, (TextDelta, Cut)))
 
 
-def test_a_rollback_reaching_shown_text_cuts_instead_of_resetting(tiny_engine):
+def test_rollback_response_resamples_after_what_a_plain_client_was_shown(tiny_engine):
+    """``rollback: response`` for a client that cannot retract: the response start it can still be
+    given is the end of the text it was shown (settled under the release margin), so a firing after
+    that text is resampled there, not ended with a Cut; an opted client is reset to the start."""
     clean, _ = _run(tiny_engine, [], retracting=True)
     ids = [t for e in clean if isinstance(e, TextDelta) for t in e.token_ids]
-    mon = ScriptedScores({ids[12]: 1.0})
-    opted, _ = _run(
-        tiny_engine,
-        [mon],
-        retracting=True,
-        holdback_tokens=0,
-        rollback="response",
-        release_margin=0.0,
+    fire = next(i for i in range(12, len(ids)) if ids[i] not in ids[:i])
+    mon = ScriptedScores({ids[fire]: 1.0})
+    cfg = {"holdback_tokens": 0, "rollback": "response", "release_margin": 0.0}
+    opted, orec = _run(tiny_engine, [mon], retracting=True, garble_margin=None, **cfg)
+    assert orec.spans[0].start == 0 and any(isinstance(e, Reset) for e in opted)
+    events, rec = _run(tiny_engine, [mon], retracting=False, garble_margin=None, **cfg)
+    assert not any(isinstance(e, (Reset, Cut)) for e in events)
+    fin = events[-1]
+    assert isinstance(fin, Finished) and fin.outcome == "recovered"
+    span = rec.spans[0]
+    assert span.fired_at == fire and 0 < span.start <= fire  # kept what was shown, resampled after
+    shown_before = sum(
+        len(e.token_ids) for e in events[: events.index(fin)] if isinstance(e, TextDelta)
     )
-    assert any(
-        isinstance(e, Reset) for e in opted
-    )  # the same firing retracts shown text from an opted client
+    assert shown_before >= span.start
+    assert _shown(events) == fin.text == rec.final_text
+    assert rec.final_text.startswith(tiny_engine.tokenizer.decode(ids[: span.start]))
+
+
+def test_rollback_response_cuts_when_the_firing_is_inside_shown_text(tiny_engine):
+    """A firing inside the text a plain client was shown (here the from-scratch re-check, at the
+    threshold tightened by the first firing) still reaches it: the answer ends with a Cut."""
+    clean, _ = _run(tiny_engine, [], retracting=True)
+    ids = [t for e in clean if isinstance(e, TextDelta) for t in e.token_ids]
+    fire = next(i for i in range(12, len(ids)) if ids[i] not in ids[:i])
+    inside = next(i for i in range(2, fire) if ids[i] not in ids[:i] and ids[i] != ids[fire])
+    # 0.45: released (below the 0.5 threshold, margin 0), condemned once it is 0.8 * 0.5 = 0.4.
+    mon = ScriptedScores({ids[inside]: 0.45, ids[fire]: 1.0})
     events, rec = _run(
         tiny_engine,
         [mon],
@@ -79,9 +98,14 @@ def test_a_rollback_reaching_shown_text_cuts_instead_of_resetting(tiny_engine):
         holdback_tokens=0,
         rollback="response",
         release_margin=0.0,
+        garble_margin=None,
         refusal="No.",
     )
     assert not any(isinstance(e, Reset) for e in events)
+    assert rec.spans[0].fired_at == fire and rec.spans[0].start > inside
+    assert any(
+        span.fired_at == inside for span in rec.spans[1:]
+    )  # the re-check fired in shown text
     [cut] = [e for e in events if isinstance(e, Cut)]
     fin = events[-1]
     assert (

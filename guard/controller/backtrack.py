@@ -14,9 +14,10 @@ anything is generated (a ``log`` firing is only recorded). Then, per step
    monitor's firing is only recorded;
 4. stop conditions are checked; a finishing generation first scores its last token;
 5. text older than the hold-back window (and already scored) is released; for a client that does
-   not apply resets (``retracting=False``) only text that has settled (:mod:`guard.controller.release`),
-   and a rollback that would still reach released text ends the answer with a
-   :class:`~guard.controller.events.Cut` instead of a reset.
+   not apply resets (``retracting=False``) only text that has settled (:mod:`guard.controller.release`);
+   for such a client ``rollback: response`` and ``auto`` keep the released text
+   (:func:`~guard.controller.release.keep_released`), and a rollback that would still reach it
+   ends the answer with a :class:`~guard.controller.events.Cut` instead of a reset.
 
 Deliberation (:mod:`guard.controller.deliberation`): with ``mode: always``, or ``on_risk`` when the
 risk monitor fires on the prompt, or on a retry whose strategy has ``deliberate``, the controller
@@ -712,7 +713,9 @@ class GuardedGeneration:
 
     def _safe_point(self, fire_pos: int, rule: Rollback) -> int:
         if rule == "response":
-            return 0
+            # For a plain client, the response start it can still be given: the text it was shown
+            # (settled under the release margin); a firing inside that text still reaches it (a Cut).
+            return 0 if self.retracting else keep_released(0, fire_pos, self.text.sent_tokens)
         if rule == "auto":
             point = self._auto_point(fire_pos)
             # Released text settled under the thresholds of its time; a plain client keeps it anyway.

@@ -9,11 +9,15 @@ Two kinds of client read a guarded stream:
   it is past the fixed window, and since it was generated every acting monitor's aggregated score
   stayed below ``threshold * (1 - margin)``. A position where some acting monitor came within that
   margin (a *near miss*) therefore stops the release: nothing after the text already shown is
-  released until the answer ends (a firing there may cut back to the sentence start, or, past the
-  retry budget, to the response start). Should a rollback still reach text already released (a
-  score that jumps past the threshold inside the window, or a monitor that gives no warning, such
-  as a reset token), the controller does not retract it: it ends the answer with the policy's
-  refusal as a separate part (a :class:`~guard.controller.events.Cut`).
+  released until the answer ends (a firing there cuts back to the released text under
+  ``rollback: response`` or ``auto``, see :func:`keep_released`, to the sentence start under
+  ``sentence``; past the retry budget the answer ends with the refusal). A firing with no warning
+  (a score that jumps past the threshold inside the window, or the model's own reset token) is
+  therefore resampled after the released text under ``response`` and ``auto``. Should a rollback
+  still reach text already released (a firing inside it, such as the from-scratch re-check; a
+  ``sentence`` or ``tokens`` point before its end; the refusal past the retry budget), the
+  controller does not retract it: it ends the answer with the policy's refusal as a separate part
+  (a :class:`~guard.controller.events.Cut`).
 
 Contract of :func:`release_limit`: a pure function of the scores; it never returns more than
 ``scored - holdback_tokens``, and with ``margin`` set, no more than ``sent`` while an acting
@@ -24,8 +28,10 @@ monitor's threshold tightens (``retry_threshold``), so ``rollback: auto``, which
 every monitor scored below ``safe_level`` times the threshold *now* in effect, could doubt text
 that settled earlier and reach into what a non-retracting client already holds: a needless
 :class:`~guard.controller.events.Cut` and refusal. :func:`keep_released` clamps such a rollback
-point to the released text; a firing inside released text (a from-scratch re-check can fire
-there) still reaches it and still ends in a Cut.
+point to the released text, and ``rollback: response`` (the response start) is clamped the same
+way: for such a client the response start it can still be given is the end of what it was shown.
+A firing inside released text (a from-scratch re-check can fire there) still reaches it and still
+ends in a Cut.
 """
 
 from __future__ import annotations

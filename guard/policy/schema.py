@@ -375,7 +375,9 @@ class BacktrackSpec(Strict):
     rollback: Rollback = Field(
         "response",
         description="How far to cut back (default response: chosen by bench/rollback_choice.py, "
-        "rule 2). response: the whole response, nothing a condemned attempt wrote is kept; "
+        "rule 2). response: the whole response, nothing a condemned attempt wrote is kept (for a "
+        "client that cannot take text back, the text it was already shown is kept: it settled "
+        "under the release margin; a firing inside it ends the answer); "
         "auto: to the end of the longest prefix in which every "
         "acting monitor's aggregated score stayed below safe_level times its threshold "
         "(the response start if none did); tokens: a fixed number of tokens; sentence: "

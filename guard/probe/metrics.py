@@ -141,9 +141,17 @@ def threshold_at_fpr_bound(neg_scores, target_fpr: float, confidence: float) -> 
 
 def negatives_needed(target_fpr: float, confidence: float) -> int:
     """Fewest negatives with which :func:`threshold_at_fpr_bound` can meet ``target_fpr`` at all
-    (``(1 - target_fpr) ** n <= 1 - confidence``)."""
-    if target_fpr <= 0.0:
-        return 0
+    (``(1 - target_fpr) ** n <= 1 - confidence``).
+
+    Raises ``ValueError`` unless ``0 < target_fpr < 1`` and ``0 < confidence < 1``: no finite number
+    of negatives bounds a rate of 0 (nor holds any target with confidence 1)."""
+    if not 0.0 < target_fpr < 1.0:
+        raise ValueError(
+            f"target FPR must be in (0, 1) for a confidence bound, got {target_fpr}: "
+            "no number of negatives bounds a false-fire rate of 0"
+        )
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     return int(math.ceil(math.log(1.0 - confidence) / math.log1p(-target_fpr) - 1e-9))
 
 
