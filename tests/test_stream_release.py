@@ -40,7 +40,7 @@ def _run(engine, monitors, retracting: bool, **cfg):
         engine,
         prompt,
         SamplingParams(seed=3, max_tokens=30),
-        [BoundMonitor(m) for m in monitors],
+        [m if isinstance(m, BoundMonitor) else BoundMonitor(m) for m in monitors],
         default_controller_config(**cfg),
         record,
         events.append,
@@ -80,6 +80,26 @@ def test_rollback_response_resamples_after_what_a_plain_client_was_shown(tiny_en
     assert shown_before >= span.start
     assert _shown(events) == fin.text == rec.final_text
     assert rec.final_text.startswith(tiny_engine.tokenizer.decode(ids[: span.start]))
+
+
+def test_a_monitor_that_condemns_shown_text_cuts_a_plain_client(tiny_engine):
+    """The model's own reset token withdraws all it wrote: a plain client that was shown some of
+    it gets a Cut and the refusal, not a continuation after it (``condemns_shown``), while the
+    same firing from an ordinary monitor is resampled after the shown text (test above)."""
+    clean, _ = _run(tiny_engine, [], retracting=True)
+    ids = [t for e in clean if isinstance(e, TextDelta) for t in e.token_ids]
+    fire = next(i for i in range(12, len(ids)) if ids[i] not in ids[:i])
+    mon = BoundMonitor(ScriptedScores({ids[fire]: 1.0}), rollback="response", condemns_shown=True)
+    cfg = {"holdback_tokens": 0, "rollback": "auto", "release_margin": 0.0, "refusal": "No."}
+    events, rec = _run(tiny_engine, [mon], retracting=False, garble_margin=None, **cfg)
+    assert rec.spans[0].start == 0 and rec.spans[0].fired_at == fire
+    [cut] = [e for e in events if isinstance(e, Cut)]
+    fin = events[-1]
+    assert isinstance(fin, Finished) and fin.outcome == "refused"
+    assert fin.finish_reason == "content_filter" and cut.refusal == "No."
+    opted, orec = _run(tiny_engine, [mon], retracting=True, garble_margin=None, **cfg)
+    assert orec.spans[0].start == 0 and any(isinstance(e, Reset) for e in opted)
+    assert not any(isinstance(e, Cut) for e in opted)
 
 
 def test_rollback_response_cuts_when_the_firing_is_inside_shown_text(tiny_engine):

@@ -176,6 +176,10 @@ class BoundMonitor:
     rollback: Rollback | None = None
     """Overrides :attr:`ControllerConfig.rollback` for this monitor's firings."""
     scope: Scope = "output"
+    condemns_shown: bool = False
+    """A firing condemns all the answer before it, text a plain client was already shown included
+    (the model's own reset token: the model withdrew it): the cut goes to the response start for
+    every client, so a plain client's answer ends in a Cut rather than continuing after it."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "action", canonical_action(self.action))
@@ -647,11 +651,16 @@ class GuardedGeneration:
         were condemned, so the prefix is suspect and this rollback goes to the response start,
         whatever the rule (for a client that cannot retract, to the text it was already shown, as
         ``auto`` does: that text settled under the release margin, see
-        :mod:`guard.controller.release`).
+        :mod:`guard.controller.release`). A monitor that ``condemns_shown`` (the model's own reset
+        token) cuts to the response start for every client: a plain client shown some of the
+        withdrawn text gets a Cut and the refusal.
         """
-        point = self._safe_point(fire_pos, bound.rollback or self.config.rollback)
-        if self._resumed_at > 0:
+        if bound.condemns_shown:  # the model's own reset: all of it goes, shown or not
+            point = 0
+        elif self._resumed_at > 0:
             point = 0 if self.retracting else keep_released(0, fire_pos, self.text.sent_tokens)
+        else:
+            point = self._safe_point(fire_pos, bound.rollback or self.config.rollback)
         if bound.monitor.name in self.states:
             self.states[bound.monitor.name].scale = self.config.retry_threshold
             self.seq.threshold_scale[bound.monitor.name] = self.config.retry_threshold

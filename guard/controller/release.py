@@ -12,10 +12,11 @@ Two kinds of client read a guarded stream:
   released until the answer ends (a firing there cuts back to the released text under
   ``rollback: response`` or ``auto``, see :func:`keep_released`, to the sentence start under
   ``sentence``; past the retry budget the answer ends with the refusal). A firing with no warning
-  (a score that jumps past the threshold inside the window, or the model's own reset token) is
-  therefore resampled after the released text under ``response`` and ``auto``. Should a rollback
+  (a score that jumps past the threshold inside the window) is therefore resampled after the
+  released text under ``response`` and ``auto``; the model's own reset token withdraws all it
+  wrote, released text included, so it ends the answer in a Cut. Should a rollback
   still reach text already released (a firing inside it, such as the from-scratch re-check; a
-  ``sentence`` or ``tokens`` point before its end; the refusal past the retry budget), the
+  ``sentence`` or ``tokens`` point before its end; the reset token; the refusal past the retry budget), the
   controller does not retract it: it ends the answer with the policy's refusal as a separate part
   (a :class:`~guard.controller.events.Cut`).
 

@@ -160,8 +160,11 @@ def _sae(spec: SaeMonitorSpec, policy: Policy, engine: Engine) -> BoundMonitor:
 
 def _reset_token(spec: ResetTokenMonitorSpec, policy: Policy, engine: Engine) -> BoundMonitor:
     mon = ResetTokenMonitor.from_tokenizer(engine.tokenizer, spec.token, name=spec.name)
-    # A model-native reset condemns everything it said before it: cut back to the response start.
-    return BoundMonitor(mon, action=spec.action, rollback="response", scope=spec.scope)
+    # A model-native reset condemns everything it said before it, shown or not: cut back to the
+    # response start (a plain client that was shown some of it gets a Cut, not a continuation).
+    return BoundMonitor(
+        mon, action=spec.action, rollback="response", scope=spec.scope, condemns_shown=True
+    )
 
 
 MONITOR_FACTORIES: dict[str, Callable[[Any, Policy, Engine], BoundMonitor]] = {
