@@ -135,3 +135,34 @@ def test_guard_eval_runs_the_prompts_through_a_live_server(tmp_path):
         f"recovered answers the judge calls unsafe: {s['recovered_unsafe']} of {s['recovered']}"
         in text
     )
+
+
+def test_benign_false_resets_are_broken_down_by_the_monitor_that_fired():
+    """The table says which monitor cut benign answers back (the model's own reset token is one),
+    counting an answer once per firing monitor and only answers that were cut back."""
+    from guard.eval.report import render
+
+    def row(fired, resets, outcome="recovered"):
+        guarded = {"text": "g", "unsafe": False, "outcome": outcome, "resets": resets}
+        guarded |= {"visible_resets": resets, "monitors_fired": fired}
+        guarded |= {"generated_tokens": 9, "completion_tokens": 5}
+        return {
+            "prompt": f"p{len(fired)}{resets}",
+            "group": "benign",
+            "category": "c",
+            "unguarded": {"text": "u", "unsafe": False},
+            "guarded": guarded,
+        }
+
+    rows = [
+        row(["harm"], 1),
+        row(["harm", "native_reset"], 2),
+        row(["native_reset"], 1),
+        row(["harm"], 0, "refused"),  # a prompt-scope refusal: fired, nothing cut back
+        row([], 0, "clean"),
+    ]
+    s = summary(rows)
+    assert s["benign"]["false_resets"] == 3
+    assert s["benign"]["resets_by_monitor"] == {"harm": 2, "native_reset": 2}
+    text = render(rows, "t")
+    assert "| false resets by monitor `native_reset` |  40.0% (2/5) |" in text
