@@ -16,8 +16,10 @@ what is measured here, not safety.
 
 Each server is driven by ``vllm bench serve`` (backend openai-chat, random dataset, 64 input /
 96 output tokens, 64 prompts, concurrency 16; the bench sends ``ignore_eos``). vLLM's bench times
-the first *chunk* (guard's opening role chunk leaves before any token), so the time to the first
-*content* token is measured by a second, small client: 16 concurrent streamed chat requests of 64
+the first *chunk* (guard, like vLLM, sends its opening role chunk with the first released text;
+a tree from before 2026-12-02 sends it before any token, which moves queue and prefill time from
+that TTFT into the bench's TPOT), so the time to the first *content* token is also measured by a
+second, small client: 16 concurrent streamed chat requests of 64
 random tokens, timed to the first chunk whose ``delta.content`` is not empty. Rounds alternate
 between the servers (each round runs every server once, in a rotated order) and every number is
 printed per round; ratios are guard / plain vLLM of the means over rounds.

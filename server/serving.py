@@ -243,17 +243,23 @@ class ChunkedServing(GuardedServing, ABC):
         is_disconnected: IsDisconnected,
         include_usage: bool,
     ) -> AsyncIterator[str]:
-        """The response body of a stream: ``data: {chunk}`` events, then ``data: [DONE]``."""
+        """The response body of a stream: ``data: {chunk}`` events, then ``data: [DONE]``. Each
+        choice's opening chunk (:meth:`opening_chunk`) comes right before its first event."""
         model = prepared[0].model
         finished: dict[int, Finished] = {}
+        opened: set[int] = set()
         try:
-            for i in range(len(prepared)):
-                if (opening := self.opening_chunk(rid, model, i)) is not None:
-                    yield _sse(opening)
             async with aclosing(self.events(prepared, is_disconnected)) as events:
                 async for index, event in events:
                     if isinstance(event, Failed):
                         raise event.error
+                    # A choice's opening chunk travels with its first event, as vLLM sends its role
+                    # chunk with the first token: a client (vLLM's bench among them) timing the first
+                    # chunk then times the first output, not the request's arrival.
+                    if index not in opened:
+                        opened.add(index)
+                        if (opening := self.opening_chunk(rid, model, index)) is not None:
+                            yield _sse(opening)
                     if isinstance(event, TextDelta):
                         yield _sse(self.chunk(rid, model, index, text=event.text))
                     elif isinstance(event, Reset):

@@ -304,3 +304,24 @@ def test_models_and_dependency_override(http):
 def test_wrong_method_is_openai_405(http):
     r = http.get("/v1/chat/completions")
     assert r.status_code == 405 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_a_choice_opens_with_its_first_event(http, service):
+    """As vLLM does: the role chunk travels with the choice's first output, not ahead of it, so a
+    client timing the first chunk (vLLM's bench) times the first output."""
+    service.enqueue([TextDelta("a", (1,)), finished("a")], [TextDelta("b", (2,)), finished("b")])
+    chunks = sse_events(
+        http, "/v1/chat/completions", {"model": MODEL, "messages": HI, "stream": True, "n": 2}
+    )
+    for index, text in ((0, "a"), (1, "b")):
+        mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == index]
+        assert mine[0]["delta"] == {"role": "assistant", "content": ""}
+        assert mine[1]["delta"] == {"content": text}
+        assert chunks.index(next(c for c in chunks if c["choices"][0] is mine[1])) == (
+            chunks.index(next(c for c in chunks if c["choices"][0] is mine[0])) + 1
+        )
+    service.enqueue([Failed(OverloadedError("engine queue is full"))])
+    failed = sse_events(
+        http, "/v1/chat/completions", {"model": MODEL, "messages": HI, "stream": True}
+    )
+    assert len(failed) == 1 and failed[0]["error"]["type"] == "server_overloaded"
