@@ -328,7 +328,12 @@ def format_bound(cal: dict, target_fpr: float) -> str:
         f"confidence (one-sided Clopper-Pearson on {cal['negatives']} calibration answers; "
         f"target {100 * target_fpr:g}%)"
     )
-    if not cal["meets_target"]:
+    if target_fpr == 0.0:
+        line += (
+            f"\ntarget 0: the threshold is the highest of the {cal['negatives']} calibration "
+            "answers (none of them fires); no number of answers bounds a rate of 0 on new ones."
+        )
+    elif not cal["meets_target"]:
         line += (
             f"\nwarning: {cal['negatives']} calibration answers are too few to hold the target with "
             f"{conf} confidence (need >= {cal['negatives_needed']}); the threshold is their maximum. "

@@ -44,7 +44,7 @@ pytestmark = [
 POLICY = """\
 # The policy under review. This comment and the layout below must survive `guard probe promote`.
 name: loop
-model: {{path: {model}}}
+model: {{path: {model}, native_reset_token: null}}   # only the probe on trial acts (and only logs)
 monitors:
   - {{name: harm-probe, kind: probe, path: {probe}, action: shadow}}   # on trial: log only
 backtrack:

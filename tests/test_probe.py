@@ -112,8 +112,7 @@ def test_bounded_threshold_holds_the_target_with_its_confidence_where_the_quanti
     few = threshold_at_fpr_bound(neg[:100], target, 0.9)
     assert few.threshold == neg[99] and not few.meets_target and few.fpr_bound > target
     assert negatives_needed(target, 0.9) == 230
-    with pytest.raises(ValueError, match="bounds a false-fire rate of 0"):
-        negatives_needed(0.0, 0.9)  # not 0: no number of negatives is enough
+    assert negatives_needed(0.0, 0.9) is None  # not 0: no number of negatives bounds a rate of 0
 
 
 def test_row_max_uses_the_aggregated_score():
@@ -386,7 +385,18 @@ def test_cli_rejects_bad_layers_and_settings(setup, tmp_path, capsys):
     assert "layers [7] out of range: the model has 3 layers" in capsys.readouterr().err
     assert guard_main(["probe", *base, "--alpha", "0"]) == 2
     assert "alpha must be in (0, 1]" in capsys.readouterr().err
-    assert guard_main(["probe", *base, "--target-fpr", "0"]) == 2
-    err = capsys.readouterr().err
-    assert "target_fpr must be in (0, 1), got 0.0: no number of calibration answers" in err
-    assert "need >= 0" not in err
+    assert guard_main(["probe", *base, "--target-fpr", "1"]) == 2
+    assert "target_fpr must be in [0, 1), got 1.0" in capsys.readouterr().err
+
+
+def test_target_zero_is_above_every_calibration_answer(setup, tmp_path, capsys):
+    """``--target-fpr 0``: the threshold is the highest calibration answer, said plainly (no
+    confidence bound and no "too few answers" warning, which no number of answers could lift)."""
+    args = ["probe", "train", "--model", str(setup["model"]), "--data", str(setup["train"])]
+    assert guard_main([*args, "--out", str(tmp_path / "p"), "--target-fpr", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "target 0: the threshold is the highest of the" in out
+    assert "need >=" not in out and "warning" not in out
+    meta = json.loads((tmp_path / "p" / "probe.json").read_text())
+    cal = meta["metrics"]["calibration"]
+    assert cal["negatives_needed"] is None and cal["fpr_at_threshold"] == 0.0

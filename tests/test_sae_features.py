@@ -211,6 +211,8 @@ def test_cli_features_prints_the_table_and_writes_a_loadable_stanza(tmp_path, ca
     )
     service = GuardService.from_policy_files([stanza.parent / "p.yaml"])
     try:
-        assert [b.monitor.name for b in service.resolve("p").monitors] == ["sae-features"]
+        # the organism's own <|reset|> acts too, as it does for every policy that lists no reset_token
+        names = [b.monitor.name for b in service.resolve("p").monitors]
+        assert names == ["sae-features", "native_reset"]
     finally:
         service.close()

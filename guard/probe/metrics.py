@@ -139,17 +139,14 @@ def threshold_at_fpr_bound(neg_scores, target_fpr: float, confidence: float) -> 
     return BoundedThreshold(t, above, n, bound, bound <= target_fpr)
 
 
-def negatives_needed(target_fpr: float, confidence: float) -> int:
+def negatives_needed(target_fpr: float, confidence: float) -> int | None:
     """Fewest negatives with which :func:`threshold_at_fpr_bound` can meet ``target_fpr`` at all
-    (``(1 - target_fpr) ** n <= 1 - confidence``).
-
-    Raises ``ValueError`` unless ``0 < target_fpr < 1`` and ``0 < confidence < 1``: no finite number
-    of negatives bounds a rate of 0 (nor holds any target with confidence 1)."""
-    if not 0.0 < target_fpr < 1.0:
-        raise ValueError(
-            f"target FPR must be in (0, 1) for a confidence bound, got {target_fpr}: "
-            "no number of negatives bounds a false-fire rate of 0"
-        )
+    (``(1 - target_fpr) ** n <= 1 - confidence``); ``None`` for a target of 0, which no finite
+    number of negatives bounds. Raises ``ValueError`` outside ``[0, 1)`` and ``(0, 1)``."""
+    if not 0.0 <= target_fpr < 1.0:
+        raise ValueError(f"target FPR must be in [0, 1), got {target_fpr}")
+    if target_fpr == 0.0:
+        return None
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     return int(math.ceil(math.log(1.0 - confidence) / math.log1p(-target_fpr) - 1e-9))

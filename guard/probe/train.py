@@ -86,8 +86,9 @@ class TrainConfig:
     l2: float = 0.1
     """L2 penalty of ``logreg`` (on the mean class-balanced loss)."""
     target_fpr: float = 0.01
-    """Row-level false-positive rate the threshold is calibrated for, in (0, 1): a rate of 0 cannot
-    be held with any confidence by finitely many calibration answers."""
+    """Row-level false-positive rate the threshold is calibrated for, in [0, 1). 0 puts the
+    threshold at the highest calibration answer (none fires), with no confidence bound on new
+    answers: finitely many calibration answers cannot bound a rate of 0."""
     fpr_confidence: float = 0.9
     """Confidence with which the calibrated threshold holds ``target_fpr`` on new answers: the
     threshold is set so a one-sided Clopper-Pearson upper bound at this confidence on its false-fire
@@ -123,16 +124,8 @@ class TrainConfig:
             raise ValueError(f"pooling must be token, mean or last, got {self.pooling!r}")
         if not 0.0 < self.heldout_frac < 1.0:
             raise ValueError(f"heldout_frac must be in (0, 1), got {self.heldout_frac}")
-        if not 0.0 < self.target_fpr < 1.0:
-            raise ValueError(
-                f"target_fpr must be in (0, 1), got {self.target_fpr}"
-                + (
-                    ": no number of calibration answers bounds a false-fire rate of 0 with "
-                    "confidence; give a small positive target such as 0.001"
-                    if self.target_fpr == 0.0
-                    else ""
-                )
-            )
+        if not 0.0 <= self.target_fpr < 1.0:
+            raise ValueError(f"target_fpr must be in [0, 1), got {self.target_fpr}")
         if not 0.0 < self.fpr_confidence < 1.0:
             raise ValueError(f"fpr_confidence must be in (0, 1), got {self.fpr_confidence}")
         if self.token_labels is not None and self.token_labels not in TOKEN_LABELS:
