@@ -658,7 +658,7 @@ class GuardedGeneration:
         if bound.condemns_shown:  # the model's own reset: all of it goes, shown or not
             point = 0
         elif self._resumed_at > 0:
-            point = 0 if self.retracting else keep_released(0, fire_pos, self.text.sent_tokens)
+            point = self._safe_point(fire_pos, "response")
         else:
             point = self._safe_point(fire_pos, bound.rollback or self.config.rollback)
         if bound.monitor.name in self.states:

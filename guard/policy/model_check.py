@@ -173,10 +173,8 @@ def exposure_lines(policy: Policy, *, native_reset: bool = False) -> list[str]:
     }
     if bt.garble_margin is not None:
         rules.add("response")
-    if bt.max_retries >= 2:
-        rules.add(
-            "response"
-        )  # a kept prefix is trusted once: the next rollback after it goes there
+    if bt.max_retries >= 2:  # a kept prefix is trusted once: the next rollback after it goes there
+        rules.add("response")
     if "response" in rules:
         per_reset = f"everything shown (up to max_tokens - holdback_tokens = {whole} tokens)"
     elif "sentence" in rules:
