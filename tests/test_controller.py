@@ -31,15 +31,30 @@ class TokenMonitor(Monitor):
         return self.direction
 
 
-def run(engine, monitors=(), seed=3, max_tokens=30, stop=(), **cfg):
-    prompt = engine.tokenizer.encode_chat([{"role": "user", "content": "Tell me something."}])
+def run(
+    engine,
+    monitors=(),
+    seed=3,
+    max_tokens=30,
+    stop=(),
+    *,
+    prompt_text="Tell me something.",
+    config=None,
+    retracting=True,
+    **cfg,
+):
+    """One guarded generation to its end: ``(events, record, logged records)``. ``monitors`` are
+    monitors or :class:`BoundMonitor` s; ``config`` (a ControllerConfig) replaces the schema's
+    defaults with ``cfg`` overrides; ``retracting=False`` is a client that does not apply resets."""
+    assert config is None or not cfg, "give either a config or overrides of the default one"
+    prompt = engine.tokenizer.encode_chat([{"role": "user", "content": prompt_text}])
     record = GenerationRecord(
         request_id="r",
         policy_name="p",
         policy_hash="h",
         model="m",
         messages=None,
-        prompt="x",
+        prompt=prompt_text,
         prompt_tokens=len(prompt),
     )
     events, logged = [], []
@@ -48,10 +63,11 @@ def run(engine, monitors=(), seed=3, max_tokens=30, stop=(), **cfg):
         prompt,
         SamplingParams(seed=seed, max_tokens=max_tokens, stop=stop),
         [m if isinstance(m, BoundMonitor) else BoundMonitor(m) for m in monitors],
-        default_controller_config(**cfg),
+        config if config is not None else default_controller_config(**cfg),
         record,
         events.append,
         on_finish=lambda r: logged.append(r) or "log-1",
+        retracting=retracting,
     )
     while not gen.advance():
         pass

@@ -172,29 +172,7 @@ class SurprisalEngine:
 
 
 def _run_with(engine, monitors, **cfg):
-    prompt = engine.tokenizer.encode_chat([{"role": "user", "content": "Tell me something."}])
-    record = GenerationRecord(
-        request_id="r",
-        policy_name="p",
-        policy_hash="h",
-        model="m",
-        messages=None,
-        prompt="x",
-        prompt_tokens=len(prompt),
-    )
-    events = []
-    gen = GuardedGeneration(
-        engine,
-        prompt,
-        SamplingParams(seed=3, max_tokens=16),
-        [BoundMonitor(m) for m in monitors],
-        default_controller_config(**cfg),
-        record,
-        events.append,
-    )
-    while not gen.advance():
-        pass
-    gen.close()
+    events, record, _ = run(engine, monitors, seed=3, max_tokens=16, **cfg)
     return events, record
 
 
@@ -407,29 +385,9 @@ def organism_engine():
 
 
 def _organism_run(engine, prompt_text, monitors, seed, **cfg):
-    prompt = engine.tokenizer.encode_chat([{"role": "user", "content": prompt_text}])
-    record = GenerationRecord(
-        request_id="r",
-        policy_name="p",
-        policy_hash="h",
-        model="m",
-        messages=None,
-        prompt=prompt_text,
-        prompt_tokens=len(prompt),
+    events, record, _ = run(
+        engine, monitors, seed=seed, max_tokens=64, prompt_text=prompt_text, **cfg
     )
-    events = []
-    gen = GuardedGeneration(
-        engine,
-        prompt,
-        SamplingParams(seed=seed, max_tokens=64),
-        [BoundMonitor(m) for m in monitors],
-        default_controller_config(**cfg),
-        record,
-        events.append,
-    )
-    while not gen.advance():
-        pass
-    gen.close()
     return events, record
 
 

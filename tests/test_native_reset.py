@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from guard.controller.backtrack import GuardedGeneration
 from guard.controller.record import GenerationRecord
 from guard.errors import PolicyError
 from guard.monitors.reset_token import ResetTokenMonitor
@@ -22,7 +21,7 @@ from guard.policy import load_policy
 from guard.policy.build import build_monitors, controller_config
 from guard.policy.model_check import exposure_lines, native_reset_line
 from guard.policy.schema import NATIVE_RESET
-from guard.sampling import SamplingParams
+from tests.test_controller import run
 
 REPO = Path(__file__).resolve().parent.parent
 ORGANISM = REPO / "models" / "organism"
@@ -91,28 +90,9 @@ def test_the_native_name_is_kept_for_it(tmp_path):
 
 
 def _run(engine, policy, text: str, seed: int) -> GenerationRecord:
-    prompt = engine.tokenizer.encode_chat([{"role": "user", "content": text}])
-    record = GenerationRecord(
-        request_id="r",
-        policy_name="p",
-        policy_hash="h",
-        model="m",
-        messages=None,
-        prompt=text,
-        prompt_tokens=len(prompt),
-    )
-    gen = GuardedGeneration(
-        engine,
-        prompt,
-        SamplingParams(seed=seed, max_tokens=64),
-        build_monitors(policy, engine),
-        controller_config(policy),
-        record,
-        lambda event: None,
-    )
-    while not gen.advance():
-        pass
-    gen.close()
+    """One generation under ``policy`` as ``guard serve`` builds it (its monitors and controller)."""
+    monitors, config = build_monitors(policy, engine), controller_config(policy)
+    _, record, _ = run(engine, monitors, seed, 64, prompt_text=text, config=config)
     return record
 
 

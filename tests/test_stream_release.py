@@ -3,13 +3,11 @@ instead of a reset; on the real controller with a random-weight model."""
 
 from __future__ import annotations
 
-from guard.controller.backtrack import BoundMonitor, GuardedGeneration
+from guard.controller.backtrack import BoundMonitor
 from guard.controller.events import Cut, Finished, Reset, TextDelta
-from guard.controller.record import GenerationRecord
 from guard.controller.release import keep_released, near_miss, release_limit
 from guard.monitors.base import AggregationSpec, Monitor
-from guard.policy.build import default_controller_config
-from guard.sampling import SamplingParams
+from tests.test_controller import run
 
 
 class ScriptedScores(Monitor):
@@ -25,30 +23,7 @@ class ScriptedScores(Monitor):
 
 
 def _run(engine, monitors, retracting: bool, **cfg):
-    prompt = engine.tokenizer.encode_chat([{"role": "user", "content": "Tell me something."}])
-    record = GenerationRecord(
-        request_id="r",
-        policy_name="p",
-        policy_hash="h",
-        model="m",
-        messages=None,
-        prompt="x",
-        prompt_tokens=len(prompt),
-    )
-    events: list = []
-    gen = GuardedGeneration(
-        engine,
-        prompt,
-        SamplingParams(seed=3, max_tokens=30),
-        [m if isinstance(m, BoundMonitor) else BoundMonitor(m) for m in monitors],
-        default_controller_config(**cfg),
-        record,
-        events.append,
-        retracting=retracting,
-    )
-    while not gen.advance():
-        pass
-    gen.close()
+    events, record, _ = run(engine, monitors, retracting=retracting, **cfg)
     return events, record
 
 
