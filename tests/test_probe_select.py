@@ -178,6 +178,7 @@ def test_cross_validation_never_fits_on_the_category_it_scores(setup, monkeypatc
         aggs=[AggregationSpec("none")],
         calibration=None,
         target_fpr=0.05,
+        confidence=0.9,
         l2=0.1,
         progress=False,
     )

@@ -158,10 +158,10 @@ def cross_validate(
     aggs: list[AggregationSpec],
     calibration: Activations | None,
     target_fpr: float,
+    confidence: float,
     l2: float,
     pooling: Pooling = "token",
     progress: bool = True,
-    confidence: float = 0.9,
 ) -> list[Score]:
     """Score every candidate on every fold (see the module docstring); one fit per fold, layer,
     method and labels, shared by the aggregations."""
