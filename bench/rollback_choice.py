@@ -41,9 +41,9 @@ from pathlib import Path
 import yaml
 
 from guard.eval.data import load_prompts
-from guard.eval.judge import from_callable
 from guard.eval.report import render, summary
 from guard.eval.run import EvalSettings, openai_client, run_eval, unguarded_policy
+from guard.judge import from_callable
 from guard.policy import load_policy
 from guard.testing import serve_in_subprocess
 

@@ -27,9 +27,9 @@ import time
 from pathlib import Path
 
 from guard.eval.data import load_prompts
-from guard.eval.judge import from_callable
 from guard.eval.report import render
 from guard.eval.run import EvalSettings, openai_client, run_eval
+from guard.judge import from_callable
 from guard.policy import load_policy
 from guard.testing import serve_in_subprocess
 

@@ -5,10 +5,12 @@
 3. ``guard eval`` of that policy on labelled prompts with a judge, through a live server.
 
 Nothing is adjusted between the steps, so the printed tables are what the defaults give.
+``--judge-calibration`` adds one non-default option to step 1: the same judge as step 3, given to
+``guard probe train --judge``, which drops the sampled calibration answers it calls unsafe.
 
     python bench/transfer.py --model models/organism2 --judge MODULE:FUNCTION [--engine vllm] [--samples 4]
         [--train M/data/probe_train.jsonl] [--prompts M/data/eval_prompts.jsonl] [--limit N]
-        [--trained-limit N] [--out DIR]
+        [--trained-limit N] [--out DIR] [--judge-calibration]
 
 ``--limit`` / ``--trained-limit``: prompts per group (trained categories: ``--trained-limit``, default
 ``--limit``), taken from each group's categories in turn (:func:`guard.eval.data.load_prompts`) and
@@ -113,6 +115,11 @@ def main() -> None:
     ap.add_argument(
         "--probe", type=Path, default=None, help="reuse a probe trained by an earlier run's step 1"
     )
+    ap.add_argument(
+        "--judge-calibration",
+        action="store_true",
+        help="also give --judge to guard probe train (drops calibration answers it calls unsafe)",
+    )
     args = ap.parse_args()
     train = args.train or args.model / "data" / "probe_train.jsonl"
     prompts = args.prompts or args.model / "data" / "eval_prompts.jsonl"
@@ -129,6 +136,7 @@ def main() -> None:
                 str(train),
                 "--out",
                 str(out / "probe"),
+                *(["--judge", args.judge] if args.judge_calibration else []),
             )
         elif args.probe.resolve() != (out / "probe").resolve():
             (out / "probe").symlink_to(args.probe.resolve())

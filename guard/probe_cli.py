@@ -11,6 +11,7 @@ import argparse
 import math
 from pathlib import Path
 
+from guard import judge as judges
 from guard.errors import InvalidRequestError
 from guard.monitors.base import AggregationSpec
 
@@ -91,6 +92,12 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     )
     t.add_argument(
         "--samples", type=int, default=4, help="answers sampled per calibration prompt (default 4)"
+    )
+    judges.add_arguments(
+        t,
+        required=False,
+        what="drop the sampled calibration answers this judge calls unsafe (a benign prompt's "
+        "answer may itself be harmful; as a negative it would push the threshold above it)",
     )
     t.add_argument(
         "--temperature",
@@ -274,6 +281,7 @@ def cmd_train(args) -> int:
         sampling.params()
     except ValueError as exc:
         raise InvalidRequestError(str(exc)) from exc
+    judge = judges.from_args(args)
     engine = _engine(args)
     layers = [args.layer] if args.layer is not None else args.layers
     result = train_probe(
@@ -289,6 +297,7 @@ def cmd_train(args) -> int:
         cache=activation_cache(args),
         calibrate_prompts=args.calibrate_prompts,
         sampling=sampling,
+        judge=judge,
     )
     mon = result.monitor
     m = mon.meta["metrics"]
@@ -314,6 +323,8 @@ def cmd_train(args) -> int:
         f"calibration negatives ({cal['source'] if isinstance(cal['source'], str) else ', '.join(cal['source'])})"
     )
     print(format_bound(cal, config.target_fpr))
+    if "highest" in cal:
+        print(format_highest(cal))
     print(format_metrics("held-out", m["heldout"]))
     if m["eval"] is not None:
         print(format_metrics("eval", m["eval"]))
@@ -340,6 +351,32 @@ def format_bound(cal: dict, target_fpr: float) -> str:
             "Give more prompts (--calibrate-prompts) or --samples."
         )
     return line
+
+
+def format_highest(cal: dict) -> str:
+    """What the judge dropped from calibration, and the highest-scoring answers that remain: the
+    ones the threshold was set against, for the user to read."""
+    lines = []
+    if cal["judge"] is not None:
+        dropped = cal["excluded_unsafe"]
+        lines.append(
+            f"{cal['judge']}: {len(dropped)} sampled calibration answer(s) called unsafe, "
+            "left out of cross-validation and calibration"
+            + ("" if not dropped else f", e.g. {_clip(dropped[0])!r}")
+        )
+    lines.append(
+        "highest-scoring calibration answers (the threshold is set against these; if one is "
+        "harmful, pass a --judge or add it to --data with label 1, and train again):"
+    )
+    lines += [
+        f"  {h['score']:.6g}{' fires' if h['fires'] else ''}  {_clip(h['text'])!r}"
+        for h in cal["highest"]
+    ]
+    return "\n".join(lines)
+
+
+def _clip(text: str, most: int = 120) -> str:
+    return text if len(text) <= most else text[: most - 3] + "..."
 
 
 def cmd_eval(args) -> int:

@@ -11,8 +11,8 @@ import sys
 import pytest
 
 from guard.eval.data import EvalDataError, load_prompts
-from guard.eval.judge import JudgeError, from_callable, from_regex, from_words
 from guard.eval.report import summary
+from guard.judge import JudgeError, from_callable, from_regex, from_words
 from tests.conftest import ORGANISM, REPO
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from guard.engine.transformers_engine import TransformersEngine
+from guard.errors import InvalidRequestError
 from guard.monitors.base import AggregationSpec
 from guard.probe import metrics as M
 from guard.probe import select as S
@@ -286,6 +287,70 @@ def test_default_training_chooses_by_cv_and_calibrates_on_sampled_answers(setup)
     )
 
 
+def test_a_judge_drops_harmful_sampled_answers_before_cv_and_calibration(setup):
+    """A benign prompt's sampled answer the judge calls unsafe is no negative: it is left out of
+    cross-validation and calibration, listed for review, and the threshold is the calibration rule
+    on the answers that remain."""
+    sampling = CalibrationSampling(n=3, max_tokens=16)
+    chats = [[{"role": "user", "content": f"hello there {w}"}] for w in WORDS[:6]]
+    first = sample_answers(
+        setup["engine"], chats, [0, 1], n=3, params=sampling.params(), seed=0, progress=False
+    )
+    flagged = set(first.texts[:5])
+    res = train_probe(
+        setup["engine"],
+        [setup["train"]],
+        model_dir=setup["model"],
+        progress=False,
+        config=TrainConfig(target_fpr=0.05),
+        calibrate_prompts=setup["prompts"],
+        sampling=sampling,
+        judge=(lambda text: text in flagged, "--judge test:flagged"),
+    )
+    mon = res.monitor
+    cal = mon.meta["metrics"]["calibration"]
+    kept = [i for i, t in enumerate(first.texts) if t not in flagged]
+    assert cal["judge"] == "--judge test:flagged"
+    assert sorted(cal["excluded_unsafe"]) == sorted(t for t in first.texts if t in flagged)
+    assert cal["negatives"] == len(kept) < 18
+    rows = M.row_max_scores(
+        mon.score_tensor(first.acts.hidden[mon.layer]).numpy(),
+        first.acts.row,
+        first.acts.n_rows,
+        mon.aggregation,
+    )
+    t = M.threshold_at_fpr_bound(rows[kept], 0.05, 0.9).threshold
+    assert mon.threshold == pytest.approx(
+        1 / (1 + np.exp(-(np.log(t / (1 - t)) + CALIBRATION_MARGIN)))
+    )
+    highest = cal["highest"]
+    assert [h["score"] for h in highest] == pytest.approx(sorted(rows[kept], reverse=True)[:3])
+    assert all(h["text"] not in flagged for h in highest)
+    assert [h["fires"] for h in highest] == [h["score"] > mon.threshold for h in highest]
+
+
+def test_a_judge_that_leaves_nothing_or_has_nothing_to_read_is_an_error(setup):
+    sampling = CalibrationSampling(n=1, max_tokens=8)
+    with pytest.raises(DataError, match="called every one of the 6 sampled"):
+        train_probe(
+            setup["engine"],
+            [setup["train"]],
+            progress=False,
+            calibrate_prompts=setup["prompts"],
+            sampling=sampling,
+            judge=(lambda text: True, "--judge-regex ."),
+        )
+    with pytest.raises(InvalidRequestError, match="there are none") as err:
+        train_probe(
+            setup["engine"],
+            [setup["train"]],
+            progress=False,
+            calibration=[setup["train"]],
+            judge=(lambda text: True, "--judge-regex ."),
+        )
+    assert err.value.param == "judge"
+
+
 def test_fixed_options_leave_nothing_to_choose(setup):
     res = train_probe(
         setup["engine"],
@@ -365,6 +430,7 @@ def test_cli_defaults_on_organism2_give_a_probe_the_server_loads(tmp_path, capsy
         assert "leave-one-category-out over blackmail, burglary, counterfeiting, smuggling" in out
         assert "token labels at the chosen layer" in out and "chosen: layer" in out
         assert "model's own answers to 25 prompts" in out
+        assert "highest-scoring calibration answers (the threshold is set against these" in out
         meta = json.loads((tmp_path / "probe" / "probe.json").read_text())
         assert (
             meta["aggregation"]["kind"] in ("none", "ema", "window")

@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from guard import judge as judges
+
 
 def add_cli(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
@@ -27,16 +29,7 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
         type=Path,
         help='JSONL rows {"prompt", "label": harmful|benign, "category"?, "split"?: trained|heldout}',
     )
-    j = p.add_mutually_exclusive_group(required=True)
-    j.add_argument(
-        "--judge", metavar="MODULE:FUNCTION", help="a callable: answer text -> bool (or .unsafe)"
-    )
-    j.add_argument(
-        "--judge-regex", metavar="PATTERN", help="unsafe iff the regex matches (case-insensitive)"
-    )
-    j.add_argument(
-        "--judge-words", metavar="FILE", type=Path, help="unsafe iff a listed word/phrase occurs"
-    )
+    judges.add_arguments(p, required=True, what="the verdict on every final answer")
     p.add_argument("--samples", type=int, default=4, help="answers per prompt and side (default 4)")
     p.add_argument("--max-tokens", type=int, default=96)
     p.add_argument("--temperature", type=float, default=None, help="default: the policy's")
@@ -71,13 +64,9 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
 
 
 def _judge(args):
-    from guard.eval import judge
-
-    if args.judge:
-        return judge.from_callable(args.judge)
-    if args.judge_regex:
-        return judge.from_regex(args.judge_regex)
-    return judge.from_words(args.judge_words)
+    found = judges.from_args(args)
+    assert found is not None  # the option group is required
+    return found[0]
 
 
 def _eval(args: argparse.Namespace) -> int:

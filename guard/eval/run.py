@@ -21,7 +21,7 @@ import yaml
 
 from guard.errors import GuardError
 from guard.eval.data import LabelledPrompt
-from guard.eval.judge import Judge
+from guard.judge import Judge
 from guard.policy import load_policy
 from guard.policy.schema import Policy
 from guard.testing import serve_in_subprocess

@@ -21,13 +21,17 @@ Invariants of :func:`train_probe`:
   Clopper-Pearson, :func:`guard.probe.metrics.threshold_at_fpr_bound`), plus
   :data:`CALIBRATION_MARGIN`. The same sampled answers set every fold's threshold in
   cross-validation, so the choice is made under the rule the probe is deployed with.
+- A benign prompt's sampled answer may itself be harmful; counted as a negative it would push
+  the threshold above exactly what the probe should catch. With a judge, answers it calls unsafe
+  are dropped before cross-validation and calibration; with or without one, the highest-scoring
+  calibration answers are reported so a reviewer can read what the threshold was set against.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -46,7 +50,7 @@ from guard.probe.collect import Activations, Pooling, Span, collect
 from guard.probe.data import DataError, Example, read_files
 from guard.probe.fit import Method
 from guard.probe.labels import TOKEN_LABELS, TokenLabels, has_hazard, hazard_tokens
-from guard.probe.sample import read_prompts, sample_answers
+from guard.probe.sample import SampledAnswers, read_prompts, sample_answers
 from guard.sampling import SamplingParams
 
 
@@ -314,6 +318,7 @@ def train_probe(
     cache: ActivationCache | None = None,
     calibrate_prompts: str | Path | None = None,
     sampling: CalibrationSampling | None = None,
+    judge: tuple[Callable[[str], bool], str] | None = None,
 ) -> TrainResult:
     """Train a probe on ``data`` (JSONL paths). ``layers=None`` considers every layer.
 
@@ -321,6 +326,12 @@ def train_probe(
     ``calibrate_prompts`` (``sampling``); the label-0 rows of ``calibration`` files; the model's own
     answers to the prompts of ``data``'s benign rows (rows of categories without label-1 rows); the
     label-0 rows of ``data``. With ``cache``, activations seen before are read from disk.
+
+    ``judge`` (a verdict ``text -> unsafe`` and its name) reads every sampled answer; those it calls
+    unsafe are dropped from calibration and cross-validation: the model's own answer to a benign
+    prompt may itself be harmful, and a threshold set above it would let such answers through. The
+    dropped answers, and without a judge the highest-scoring calibration answers (the ones the
+    threshold was set against), are reported in ``metrics.calibration`` for review.
 
     Numbered phases: (1) read data, (2) collect activations once for all layers, (3) split rows,
     (4) sample calibration answers, (5) choose by cross-validation on the train split, (6) fit the
@@ -401,6 +412,16 @@ def train_probe(
         if chats
         else None
     )
+    excluded: list[str] = []
+    if judge is not None:
+        if sampled is None:
+            raise InvalidRequestError(
+                f"{judge[1]} reads the model's sampled calibration answers, and there are none: "
+                "calibration uses rows (--calibration, --span prompt, or data without "
+                "benign-category rows); give --calibrate-prompts or drop the judge",
+                param="judge",
+            )
+        sampled, excluded = _judged(sampled, judge[0])
     # 5. choose on the train split only
     selection = choose(
         train,
@@ -453,6 +474,10 @@ def train_probe(
         "sampled": sampled is not None,
         **calibrate(monitor, negatives, config.target_fpr, config.fpr_confidence),
     }
+    if sampled is not None:
+        calibration_info["judge"] = judge[1] if judge is not None else None
+        calibration_info["excluded_unsafe"] = excluded
+        calibration_info["highest"] = highest_answers(monitor, sampled)
     # 8. final metrics and provenance
     metrics = {
         "heldout": evaluate(monitor, heldout, config.target_fpr),
@@ -548,6 +573,41 @@ def choose(
     )
     scores = S.ranked(scores, num_layers)
     return Selection(scores[0].candidate, folds, scores)
+
+
+def _judged(
+    sampled: SampledAnswers, judge: Callable[[str], bool]
+) -> tuple[SampledAnswers, list[str]]:
+    """``sampled`` without the answers ``judge`` calls unsafe, and those answers' texts."""
+    unsafe = [bool(judge(t)) for t in sampled.texts]
+    if all(unsafe):
+        raise DataError(
+            f"the judge called every one of the {len(unsafe)} sampled calibration answers unsafe; "
+            "check the judge and the calibration prompts"
+        )
+    keep = np.flatnonzero(~np.array(unsafe, dtype=bool))
+    kept = SampledAnswers(sampled.acts.select(keep), [sampled.texts[i] for i in keep])
+    return kept, [t for t, u in zip(sampled.texts, unsafe, strict=True) if u]
+
+
+HIGHEST_SHOWN = 3
+"""Calibration answers ``metrics.calibration.highest`` lists: the top of the scores the threshold
+was set against, for a reviewer to check that none of them is harmful."""
+
+
+def highest_answers(monitor: ProbeMonitor, sampled: SampledAnswers) -> list[dict[str, Any]]:
+    """The :data:`HIGHEST_SHOWN` highest-scoring sampled answers under ``monitor``, best first, as
+    ``{"score", "fires", "text"}``."""
+    _, rows = row_scores(monitor, sampled.acts)
+    top = np.argsort(-rows, kind="stable")[:HIGHEST_SHOWN]
+    return [
+        {
+            "score": float(rows[i]),
+            "fires": bool(rows[i] > monitor.threshold),
+            "text": sampled.texts[i],
+        }
+        for i in top
+    ]
 
 
 def _calibration_chats(

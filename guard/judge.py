@@ -1,4 +1,5 @@
-"""The judge ``guard eval`` calls on every final answer: is it unsafe?
+"""The judge ``guard eval`` calls on every final answer, and ``guard probe train --judge`` on every
+sampled calibration answer: is it unsafe?
 
 Three forms, each turned into one ``str -> bool`` function:
 
@@ -11,6 +12,7 @@ Three forms, each turned into one ``str -> bool`` function:
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import re
 from collections.abc import Callable
@@ -67,3 +69,37 @@ def from_words(path: str | Path) -> Judge:
         raise JudgeError(f"--judge-words {path}: no words")
     alts = sorted(set(words), key=len, reverse=True)
     return from_regex(r"(?<!\w)(?:" + "|".join(map(re.escape, alts)) + r")(?!\w)")
+
+
+def add_arguments(parser: argparse.ArgumentParser, *, required: bool, what: str) -> None:
+    """Add the three mutually exclusive judge options (``--judge``, ``--judge-regex``,
+    ``--judge-words``) to ``parser``; ``what`` says what the judge is for, in the help."""
+    j = parser.add_mutually_exclusive_group(required=required)
+    j.add_argument(
+        "--judge",
+        metavar="MODULE:FUNCTION",
+        help=f"{what}: a callable, answer text -> bool (or .unsafe)",
+    )
+    j.add_argument(
+        "--judge-regex",
+        metavar="PATTERN",
+        help=f"{what}: unsafe iff the regex matches (case-insensitive)",
+    )
+    j.add_argument(
+        "--judge-words",
+        metavar="FILE",
+        type=Path,
+        help=f"{what}: unsafe iff a listed word/phrase occurs",
+    )
+
+
+def from_args(args: argparse.Namespace) -> tuple[Judge, str] | None:
+    """The judge the options of :func:`add_arguments` name, with the option as given (for reports);
+    ``None`` when none was given."""
+    if args.judge:
+        return from_callable(args.judge), f"--judge {args.judge}"
+    if args.judge_regex:
+        return from_regex(args.judge_regex), f"--judge-regex {args.judge_regex}"
+    if args.judge_words:
+        return from_words(args.judge_words), f"--judge-words {args.judge_words}"
+    return None
