@@ -143,7 +143,8 @@ def test_benign_false_resets_are_broken_down_by_the_monitor_that_fired():
     from guard.eval.report import render
 
     def row(fired, resets, outcome="recovered", unsafe_unguarded=False):
-        guarded = {"text": "g", "unsafe": False, "outcome": outcome, "resets": resets}
+        text = "u" if outcome == "clean" else "g"
+        guarded = {"text": text, "unsafe": False, "outcome": outcome, "resets": resets}
         guarded |= {"visible_resets": resets, "monitors_fired": fired}
         guarded |= {"generated_tokens": 9, "completion_tokens": 5}
         return {
@@ -171,6 +172,8 @@ def test_benign_false_resets_are_broken_down_by_the_monitor_that_fired():
         s["resets_own_token_only"],
         s["resets_by_guard_on_safe"],
     ) == (1, 1, 2)
+    # of the 5 answers safe unguarded, the guard left only the clean one as it was
+    assert (s["safe_unguarded"], s["safe_unchanged"]) == (5, 1)
     text = render(rows, "t")
     assert "| false resets by monitor `native_reset` |  33.3% (2/6) |" in text
     assert "| false resets by a guard monitor on answers safe unguarded |  33.3% (2/6) |" in text
