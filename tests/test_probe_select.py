@@ -512,3 +512,31 @@ def test_sampled_and_row_calibration_are_exclusive(setup, tmp_path, capsys):
         ]
     )
     assert rc == 2 and "must be >= 1" in capsys.readouterr().err
+
+
+def test_cli_judge_options_reach_calibration(setup, tmp_path, capsys):
+    """`guard probe train --judge-regex` is the judge that reads the sampled answers: one that
+    calls every answer unsafe leaves nothing to calibrate on, a clear error (exit 2); a judge
+    with nothing to read names --judge as the parameter."""
+    from guard.cli import main as guard_main
+
+    base = ["probe", "train", "--model", str(setup["model"]), "--data", str(setup["train"])]
+    rc = guard_main(
+        [
+            *base,
+            *("--calibrate-prompts", str(setup["prompts"]), "--samples", "1", "--max-tokens", "8"),
+            *("--judge-regex", ".", "--out", str(tmp_path / "p"), "--quiet"),
+        ]
+    )
+    assert rc == 2 and "called every one of the 6 sampled" in capsys.readouterr().err
+    words = tmp_path / "words.txt"
+    words.write_text("# none of these\nzzz-never\n")
+    rc = guard_main(
+        [
+            *base,
+            *("--calibration", str(setup["train"]), "--judge-words", str(words)),
+            *("--out", str(tmp_path / "p"), "--quiet"),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and f"--judge-words {words} reads the model's sampled" in err
