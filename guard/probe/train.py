@@ -330,8 +330,9 @@ def train_probe(
     ``judge`` (a verdict ``text -> unsafe`` and its name) reads every sampled answer; those it calls
     unsafe are dropped from calibration and cross-validation: the model's own answer to a benign
     prompt may itself be harmful, and a threshold set above it would let such answers through. The
-    dropped answers, and without a judge the highest-scoring calibration answers (the ones the
-    threshold was set against), are reported in ``metrics.calibration`` for review.
+    dropped answers (``excluded_unsafe``) and, with or without a judge, the highest-scoring sampled
+    answers left (``highest``: what the threshold was set against) are reported in
+    ``metrics.calibration`` for review.
 
     Numbered phases: (1) read data, (2) collect activations once for all layers, (3) split rows,
     (4) sample calibration answers, (5) choose by cross-validation on the train split, (6) fit the
