@@ -115,7 +115,7 @@ class _NaiveTracker(TextTracker):
 @pytest.mark.parametrize("stop", [(), ("you", "🚀", "\n\n")])
 def test_release_matches_full_decode(tok, stop):
     """Token by token, with hold-back and retractions as the controller does them, the released
-    deltas are those of the full-decode rule."""
+    deltas are those of the full-decode rule, and stop strings are found where a full decode has them."""
     rng = random.Random(2)
     chat = HFChatTokenizer.__new__(HFChatTokenizer)
     chat.tok = tok
@@ -136,6 +136,9 @@ def test_release_matches_full_decode(tok, stop):
             got = fast.release(output, n)
             assert (None if got is None else (got.text, got.token_ids)) == naive.release(output, n)
             assert fast.sent_text == naive.sent_text and fast.sent_tokens == naive.sent_tokens
+            whole = chat.decode(output)
+            hits = [i for i in (whole.find(s) for s in stop) if i >= 0]
+            assert fast.stop_index(output) == (min(hits) if hits else None)
 
 
 def test_incremental_text_decodes_a_window_per_token(tok):

@@ -88,6 +88,9 @@ class TextTracker:
         self.sent_tokens = 0
         self._token_cache: dict[int, str] = {}
         self._released = IncrementalText(tokenizer.decode)
+        """The text of the released prefix."""
+        self._whole = IncrementalText(tokenizer.decode)
+        """The text of the whole output (for stop strings)."""
 
     def text_of(self, ids: list[int]) -> str:
         return self.tok.decode(list(ids))
@@ -109,7 +112,7 @@ class TextTracker:
         """Character index of the first stop string in the output text, if any."""
         if not self.stop:
             return None
-        text = self.text_of(output)
+        text = self._whole.text(output, len(output))
         hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
         return min(hits) if hits else None
 
