@@ -24,6 +24,8 @@ sent whole at the end, so it keeps the reset-aware generation (nothing was shown
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
 import logging
 import time
 import uuid
@@ -248,6 +250,8 @@ class ChunkedServing(GuardedServing, ABC):
         model = prepared[0].model
         finished: dict[int, Finished] = {}
         opened: set[int] = set()
+        forms: dict[int, TextEvent] = {}
+        """Per choice, the SSE event of a text chunk with the text left out (one timestamp per choice)."""
         try:
             async with aclosing(self.events(prepared, is_disconnected)) as events:
                 async for index, event in events:
@@ -261,7 +265,11 @@ class ChunkedServing(GuardedServing, ABC):
                         if (opening := self.opening_chunk(rid, model, index)) is not None:
                             yield _sse(opening)
                     if isinstance(event, TextDelta):
-                        yield _sse(self.chunk(rid, model, index, text=event.text))
+                        if (form := forms.get(index)) is None:
+                            form = forms[index] = TextEvent(
+                                functools.partial(self.chunk, rid, model, index)
+                            )
+                        yield form.render(event.text)
                     elif isinstance(event, Reset):
                         yield _sse(self.chunk(rid, model, index, reset=event))
                     elif isinstance(event, Cut):
@@ -539,3 +547,27 @@ def usage(
 
 def _sse(chunk: BaseModel) -> str:
     return f"data: {chunk.model_dump_json()}\n\n"
+
+
+_MARK = "\x00guard-text\x00"
+"""Stands for the text in a :class:`TextEvent`'s form."""
+
+
+class TextEvent:
+    """The SSE event of one choice's text chunks, serialised once with the text left out: each
+    token's event splices its JSON-escaped text (escaped as pydantic escapes it) into that form
+    instead of building and serialising a chunk object per token. Every text chunk of a choice
+    carries the ``created`` of its first (as OpenAI's and vLLM's do)."""
+
+    def __init__(self, chunk: Callable[..., BaseModel]) -> None:
+        """``chunk(text=...)``: the chunk that carries that text."""
+        self.chunk = chunk
+        head, mark, tail = _sse(chunk(text=_MARK)).partition(json.dumps(_MARK))
+        self.form = (head, tail) if mark and json.dumps(_MARK) not in tail else None
+
+    def render(self, text: str) -> str:
+        """``_sse(chunk(text))``, up to the timestamp."""
+        if self.form is None or not text:  # a chat chunk leaves empty content out
+            return _sse(self.chunk(text=text))
+        head, tail = self.form
+        return f"{head}{json.dumps(text, ensure_ascii=False)}{tail}"
