@@ -17,26 +17,38 @@ import importlib
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
-from guard.errors import GuardError
+from guard.errors import InvalidRequestError
 
 Judge = Callable[[str], bool]
 
 
-class JudgeError(GuardError):
-    """The judge cannot be loaded or returned something that is not a verdict."""
+class JudgeError(InvalidRequestError):
+    """The judge cannot be loaded, failed, or returned something that is not a verdict; ``param``
+    names its option (``judge``, ``judge_regex``, ``judge_words``)."""
+
+
+class NamedJudge(NamedTuple):
+    """A judge with the option that gave it, for reports and errors."""
+
+    verdict: Judge
+    option: str
+    """The option as given, e.g. ``--judge mod:fn``."""
+    param: str
+    """The option's parameter name: ``judge``, ``judge_regex`` or ``judge_words``."""
 
 
 def from_callable(spec: str) -> Judge:
     module, sep, name = spec.partition(":")
     if not sep or not module or not name:
-        raise JudgeError(f"--judge {spec!r}: expected module:function")
+        raise JudgeError(f"--judge {spec!r}: expected module:function", param="judge")
     try:
         fn = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as exc:
-        raise JudgeError(f"--judge {spec!r}: {exc}") from None
+        raise JudgeError(f"--judge {spec!r}: {exc}", param="judge") from None
     if not callable(fn):
-        raise JudgeError(f"--judge {spec!r} is not callable")
+        raise JudgeError(f"--judge {spec!r} is not callable", param="judge")
 
     def judge(text: str) -> bool:
         out = fn(text)
@@ -44,7 +56,8 @@ def from_callable(spec: str) -> Judge:
         if not isinstance(verdict, bool):
             raise JudgeError(
                 f"--judge {spec!r} returned {type(out).__name__}, not a bool or an object with "
-                "a bool 'unsafe'"
+                "a bool 'unsafe'",
+                param="judge",
             )
         return verdict
 
@@ -52,21 +65,25 @@ def from_callable(spec: str) -> Judge:
 
 
 def from_regex(pattern: str) -> Judge:
+    if not pattern:
+        raise JudgeError(
+            "--judge-regex '': an empty pattern matches every answer", param="judge_regex"
+        )
     try:
         rx = re.compile(pattern, re.IGNORECASE)
     except re.error as exc:
-        raise JudgeError(f"--judge-regex {pattern!r}: {exc}") from None
+        raise JudgeError(f"--judge-regex {pattern!r}: {exc}", param="judge_regex") from None
     return lambda text: rx.search(text) is not None
 
 
 def from_words(path: str | Path) -> Judge:
     path = Path(path)
     if not path.is_file():
-        raise JudgeError(f"--judge-words {path}: no such file")
+        raise JudgeError(f"--judge-words {path}: no such file", param="judge_words")
     words = [w.strip() for w in path.read_text(encoding="utf-8").splitlines()]
     words = [w for w in words if w and not w.startswith("#")]
     if not words:
-        raise JudgeError(f"--judge-words {path}: no words")
+        raise JudgeError(f"--judge-words {path}: no words", param="judge_words")
     alts = sorted(set(words), key=len, reverse=True)
     return from_regex(r"(?<!\w)(?:" + "|".join(map(re.escape, alts)) + r")(?!\w)")
 
@@ -93,13 +110,17 @@ def add_arguments(parser: argparse.ArgumentParser, *, required: bool, what: str)
     )
 
 
-def from_args(args: argparse.Namespace) -> tuple[Judge, str] | None:
-    """The judge the options of :func:`add_arguments` name, with the option as given (for reports);
-    ``None`` when none was given."""
-    if args.judge:
-        return from_callable(args.judge), f"--judge {args.judge}"
-    if args.judge_regex:
-        return from_regex(args.judge_regex), f"--judge-regex {args.judge_regex}"
-    if args.judge_words:
-        return from_words(args.judge_words), f"--judge-words {args.judge_words}"
+def from_args(args: argparse.Namespace) -> NamedJudge | None:
+    """The judge the options of :func:`add_arguments` name; ``None`` when none was given (an
+    empty value is given, and an error)."""
+    if args.judge is not None:
+        return NamedJudge(from_callable(args.judge), f"--judge {args.judge}", "judge")
+    if args.judge_regex is not None:
+        return NamedJudge(
+            from_regex(args.judge_regex), f"--judge-regex {args.judge_regex}", "judge_regex"
+        )
+    if args.judge_words is not None:
+        return NamedJudge(
+            from_words(args.judge_words), f"--judge-words {args.judge_words}", "judge_words"
+        )
     return None

@@ -354,19 +354,20 @@ def format_bound(cal: dict, target_fpr: float) -> str:
 
 
 def format_highest(cal: dict) -> str:
-    """What the judge dropped from calibration, and the highest-scoring answers that remain: the
-    ones the threshold was set against, for the user to read."""
+    """What the judge dropped from calibration, and the highest-scoring sampled answers that remain:
+    the ones the threshold was set against, for the user to read."""
     lines = []
     if cal["judge"] is not None:
         dropped = cal["excluded_unsafe"]
         lines.append(
-            f"{cal['judge']}: {len(dropped)} sampled calibration answer(s) called unsafe, "
+            f"{cal['judge']}: {dropped['count']} sampled calibration answer(s) called unsafe, "
             "left out of cross-validation and calibration"
-            + ("" if not dropped else f", e.g. {_clip(dropped[0])!r}")
+            + (f", e.g. {dropped['examples'][0]!r}" if dropped["examples"] else "")
         )
     lines.append(
-        "highest-scoring calibration answers (the threshold is set against these; if one is "
-        "harmful, pass a --judge or add it to --data with label 1, and train again):"
+        "highest-scoring sampled calibration answers (the threshold is set against these; if one "
+        "is harmful, train again with a judge that calls it unsafe: --judge, --judge-regex or "
+        "--judge-words):"
     )
     lines += [
         f"  {h['score']:.6g}{' fires' if h['fires'] else ''}  {_clip(h['text'])!r}"

@@ -13,6 +13,7 @@ import torch
 
 from guard.engine.transformers_engine import TransformersEngine
 from guard.errors import InvalidRequestError
+from guard.judge import JudgeError, NamedJudge
 from guard.monitors.base import AggregationSpec
 from guard.probe import metrics as M
 from guard.probe import select as S
@@ -305,13 +306,15 @@ def test_a_judge_drops_harmful_sampled_answers_before_cv_and_calibration(setup):
         config=TrainConfig(target_fpr=0.05),
         calibrate_prompts=setup["prompts"],
         sampling=sampling,
-        judge=(lambda text: text in flagged, "--judge test:flagged"),
+        judge=NamedJudge(lambda text: text in flagged, "--judge test:flagged", "judge"),
     )
     mon = res.monitor
     cal = mon.meta["metrics"]["calibration"]
     kept = [i for i, t in enumerate(first.texts) if t not in flagged]
     assert cal["judge"] == "--judge test:flagged"
-    assert sorted(cal["excluded_unsafe"]) == sorted(t for t in first.texts if t in flagged)
+    dropped = [t for t in first.texts if t in flagged]
+    assert cal["excluded_unsafe"]["count"] == len(dropped)
+    assert cal["excluded_unsafe"]["examples"] == [t[:160] for t in dropped[:3]]
     assert cal["negatives"] == len(kept) < 18
     rows = M.row_max_scores(
         mon.score_tensor(first.acts.hidden[mon.layer]).numpy(),
@@ -329,26 +332,34 @@ def test_a_judge_drops_harmful_sampled_answers_before_cv_and_calibration(setup):
     assert [h["fires"] for h in highest] == [h["score"] > mon.threshold for h in highest]
 
 
-def test_a_judge_that_leaves_nothing_or_has_nothing_to_read_is_an_error(setup):
+def test_a_judge_that_leaves_nothing_fails_or_has_nothing_to_read_is_an_error(setup):
     sampling = CalibrationSampling(n=1, max_tokens=8)
-    with pytest.raises(DataError, match="called every one of the 6 sampled"):
+
+    def train(verdict, **kw):
+        kw.setdefault("calibrate_prompts", setup["prompts"])
         train_probe(
             setup["engine"],
             [setup["train"]],
             progress=False,
-            calibrate_prompts=setup["prompts"],
             sampling=sampling,
-            judge=(lambda text: True, "--judge-regex ."),
+            judge=NamedJudge(verdict, "--judge-regex x", "judge_regex"),
+            **kw,
         )
+
+    with pytest.raises(JudgeError, match="called every one of the 6 sampled") as err:
+        train(lambda text: True)
+    assert err.value.param == "judge_regex" and err.value.status_code == 400
+
+    def broken(text):
+        raise KeyError("boom")
+
+    with pytest.raises(JudgeError, match=r"raised on sampled calibration answer 0 .*KeyError"):
+        train(broken)
+    with pytest.raises(JudgeError, match="returned str on sampled calibration answer 0"):
+        train(lambda text: "no")
     with pytest.raises(InvalidRequestError, match="there are none") as err:
-        train_probe(
-            setup["engine"],
-            [setup["train"]],
-            progress=False,
-            calibration=[setup["train"]],
-            judge=(lambda text: True, "--judge-regex ."),
-        )
-    assert err.value.param == "judge"
+        train(lambda text: True, calibrate_prompts=None, calibration=[setup["train"]])
+    assert err.value.param == "judge_regex"
 
 
 def test_fixed_options_leave_nothing_to_choose(setup):
@@ -430,7 +441,7 @@ def test_cli_defaults_on_organism2_give_a_probe_the_server_loads(tmp_path, capsy
         assert "leave-one-category-out over blackmail, burglary, counterfeiting, smuggling" in out
         assert "token labels at the chosen layer" in out and "chosen: layer" in out
         assert "model's own answers to 25 prompts" in out
-        assert "highest-scoring calibration answers (the threshold is set against these" in out
+        assert "highest-scoring sampled calibration answers (the threshold is set against" in out
         meta = json.loads((tmp_path / "probe" / "probe.json").read_text())
         assert (
             meta["aggregation"]["kind"] in ("none", "ema", "window")
@@ -516,8 +527,8 @@ def test_sampled_and_row_calibration_are_exclusive(setup, tmp_path, capsys):
 
 def test_cli_judge_options_reach_calibration(setup, tmp_path, capsys):
     """`guard probe train --judge-regex` is the judge that reads the sampled answers: one that
-    calls every answer unsafe leaves nothing to calibrate on, a clear error (exit 2); a judge
-    with nothing to read names --judge as the parameter."""
+    calls every answer unsafe leaves nothing to calibrate on, a clear error (exit 2), as are a
+    judge with nothing to read and an empty pattern."""
     from guard.cli import main as guard_main
 
     base = ["probe", "train", "--model", str(setup["model"]), "--data", str(setup["train"])]
@@ -540,3 +551,5 @@ def test_cli_judge_options_reach_calibration(setup, tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert rc == 2 and f"--judge-words {words} reads the model's sampled" in err
+    rc = guard_main([*base, "--judge-regex", "", "--out", str(tmp_path / "p"), "--quiet"])
+    assert rc == 2 and "an empty pattern matches every answer" in capsys.readouterr().err

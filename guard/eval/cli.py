@@ -66,7 +66,7 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
 def _judge(args):
     found = judges.from_args(args)
     assert found is not None  # the option group is required
-    return found[0]
+    return found.verdict
 
 
 def _eval(args: argparse.Namespace) -> int:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -41,6 +41,7 @@ import torch
 
 from guard.engine.base import Engine
 from guard.errors import InvalidRequestError
+from guard.judge import JudgeError, NamedJudge
 from guard.monitors.base import AggregationSpec
 from guard.monitors.probe import ProbeMonitor, config_fingerprint
 from guard.probe import metrics as M
@@ -318,7 +319,7 @@ def train_probe(
     cache: ActivationCache | None = None,
     calibrate_prompts: str | Path | None = None,
     sampling: CalibrationSampling | None = None,
-    judge: tuple[Callable[[str], bool], str] | None = None,
+    judge: NamedJudge | None = None,
 ) -> TrainResult:
     """Train a probe on ``data`` (JSONL paths). ``layers=None`` considers every layer.
 
@@ -327,12 +328,12 @@ def train_probe(
     answers to the prompts of ``data``'s benign rows (rows of categories without label-1 rows); the
     label-0 rows of ``data``. With ``cache``, activations seen before are read from disk.
 
-    ``judge`` (a verdict ``text -> unsafe`` and its name) reads every sampled answer; those it calls
+    ``judge`` (a verdict ``text -> unsafe`` and its option) reads every sampled answer; those it calls
     unsafe are dropped from calibration and cross-validation: the model's own answer to a benign
-    prompt may itself be harmful, and a threshold set above it would let such answers through. The
-    dropped answers (``excluded_unsafe``) and, with or without a judge, the highest-scoring sampled
-    answers left (``highest``: what the threshold was set against) are reported in
-    ``metrics.calibration`` for review.
+    prompt may itself be harmful, and a threshold set above it would let such answers through. How
+    many it dropped, with a few clipped examples (``excluded_unsafe``), and, with or without a
+    judge, the highest-scoring sampled answers left (``highest``: the top of the sampled answers
+    the threshold was set against) are reported in ``metrics.calibration`` for review.
 
     Numbered phases: (1) read data, (2) collect activations once for all layers, (3) split rows,
     (4) sample calibration answers, (5) choose by cross-validation on the train split, (6) fit the
@@ -359,6 +360,16 @@ def train_probe(
             f"layers {bad} out of range: the model has {engine.info.num_layers} layers "
             f"(0..{engine.info.num_layers - 1})",
             param="layer",
+        )
+    chats, cal_source = _calibration_chats(
+        examples, calibrate_prompts, bool(calib_examples), sampling, config
+    )
+    if judge is not None and not chats:
+        raise InvalidRequestError(
+            f"{judge.option} reads the model's sampled calibration answers, and there are none: "
+            "calibration uses rows (--calibration, --span prompt, or data without "
+            "benign-category rows); give --calibrate-prompts or drop the judge",
+            param=judge.param,
         )
     # 2. activations, every layer in one pass
     acts = collect(
@@ -395,10 +406,7 @@ def train_probe(
     train_idx = np.sort(np.concatenate([original[train_idx], np.flatnonzero(reviewed)]))
     held_idx = original[held_idx]
     train, heldout = acts.select(train_idx), acts.select(held_idx)
-    # 4. the model's own answers to benign prompts
-    chats, cal_source = _calibration_chats(
-        examples, calibrate_prompts, bool(calib_examples), sampling, config
-    )
+    # 4. the model's own answers to benign prompts (chats chosen in phase 1)
     sampled = (
         sample_answers(
             engine,
@@ -414,15 +422,8 @@ def train_probe(
         else None
     )
     excluded: list[str] = []
-    if judge is not None:
-        if sampled is None:
-            raise InvalidRequestError(
-                f"{judge[1]} reads the model's sampled calibration answers, and there are none: "
-                "calibration uses rows (--calibration, --span prompt, or data without "
-                "benign-category rows); give --calibrate-prompts or drop the judge",
-                param="judge",
-            )
-        sampled, excluded = _judged(sampled, judge[0])
+    if judge is not None and sampled is not None:
+        sampled, excluded = _judged(sampled, judge)
     # 5. choose on the train split only
     selection = choose(
         train,
@@ -476,8 +477,11 @@ def train_probe(
         **calibrate(monitor, negatives, config.target_fpr, config.fpr_confidence),
     }
     if sampled is not None:
-        calibration_info["judge"] = judge[1] if judge is not None else None
-        calibration_info["excluded_unsafe"] = excluded
+        calibration_info["judge"] = judge.option if judge is not None else None
+        calibration_info["excluded_unsafe"] = {
+            "count": len(excluded),
+            "examples": [_clip(t) for t in excluded[:EXCLUDED_SHOWN]],
+        }
         calibration_info["highest"] = highest_answers(monitor, sampled)
     # 8. final metrics and provenance
     metrics = {
@@ -576,24 +580,52 @@ def choose(
     return Selection(scores[0].candidate, folds, scores)
 
 
-def _judged(
-    sampled: SampledAnswers, judge: Callable[[str], bool]
-) -> tuple[SampledAnswers, list[str]]:
-    """``sampled`` without the answers ``judge`` calls unsafe, and those answers' texts."""
-    unsafe = [bool(judge(t)) for t in sampled.texts]
+def _judged(sampled: SampledAnswers, judge: NamedJudge) -> tuple[SampledAnswers, list[str]]:
+    """``sampled`` without the answers ``judge`` calls unsafe, and those answers' texts. A judge
+    that raises or returns a non-bool, or that calls every answer unsafe, is a :class:`JudgeError`."""
+    unsafe = []
+    for i, text in enumerate(sampled.texts):
+        try:
+            verdict = judge.verdict(text)
+        except JudgeError:
+            raise
+        except Exception as exc:
+            raise JudgeError(
+                f"{judge.option} raised on sampled calibration answer {i} ({_clip(text)!r}): "
+                f"{type(exc).__name__}: {exc}",
+                param=judge.param,
+            ) from exc
+        if not isinstance(verdict, bool):
+            raise JudgeError(
+                f"{judge.option} returned {type(verdict).__name__} on sampled calibration answer "
+                f"{i}, not a bool",
+                param=judge.param,
+            )
+        unsafe.append(verdict)
     if all(unsafe):
-        raise DataError(
-            f"the judge called every one of the {len(unsafe)} sampled calibration answers unsafe; "
-            "check the judge and the calibration prompts"
+        raise JudgeError(
+            f"{judge.option} called every one of the {len(unsafe)} sampled calibration answers "
+            "unsafe; check the judge and the calibration prompts",
+            param=judge.param,
         )
     keep = np.flatnonzero(~np.array(unsafe, dtype=bool))
     kept = SampledAnswers(sampled.acts.select(keep), [sampled.texts[i] for i in keep])
     return kept, [t for t, u in zip(sampled.texts, unsafe, strict=True) if u]
 
 
+EXCLUDED_SHOWN = 3
+"""Answers the judge dropped that ``metrics.calibration.excluded_unsafe`` quotes (clipped): the
+probe file should not become a store of the model's harmful text."""
+
+
+def _clip(text: str, most: int = 160) -> str:
+    return text if len(text) <= most else text[: most - 3] + "..."
+
+
 HIGHEST_SHOWN = 3
-"""Calibration answers ``metrics.calibration.highest`` lists: the top of the scores the threshold
-was set against, for a reviewer to check that none of them is harmful."""
+"""Sampled answers ``metrics.calibration.highest`` lists: the top of the sampled answers the
+threshold was set against (reviewed negatives of ``--data`` join calibration but are not ranked
+here), for a reviewer to check that none of them is harmful."""
 
 
 def highest_answers(monitor: ProbeMonitor, sampled: SampledAnswers) -> list[dict[str, Any]]:
