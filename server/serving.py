@@ -220,13 +220,14 @@ class ChunkedServing(GuardedServing, ABC):
     # -- what subclasses provide ---------------------------------------------------------------
 
     @abstractmethod
-    def opening_chunk(self, rid: str, model: str, index: int) -> BaseModel | None: ...
+    def opening_chunk(self, rid: str, model: str, created: int, index: int) -> BaseModel | None: ...
 
     @abstractmethod
     def chunk(
         self,
         rid: str,
         model: str,
+        created: int,
         index: int,
         *,
         text: str = "",
@@ -236,7 +237,7 @@ class ChunkedServing(GuardedServing, ABC):
     ) -> BaseModel: ...
 
     @abstractmethod
-    def usage_chunk(self, rid: str, model: str, usage: UsageInfo) -> BaseModel: ...
+    def usage_chunk(self, rid: str, model: str, created: int, usage: UsageInfo) -> BaseModel: ...
 
     async def sse(
         self,
@@ -246,12 +247,14 @@ class ChunkedServing(GuardedServing, ABC):
         include_usage: bool,
     ) -> AsyncIterator[str]:
         """The response body of a stream: ``data: {chunk}`` events, then ``data: [DONE]``. Each
-        choice's opening chunk (:meth:`opening_chunk`) comes right before its first event."""
+        choice's opening chunk (:meth:`opening_chunk`) comes right before its first event. Every
+        chunk of the response carries one ``created`` (taken when the stream starts), as vLLM's do."""
         model = prepared[0].model
+        created = int(time.time())
         finished: dict[int, Finished] = {}
         opened: set[int] = set()
         forms: dict[int, TextEvent] = {}
-        """Per choice, the SSE event of a text chunk with the text left out (one timestamp per choice)."""
+        """Per choice, the SSE event of a text chunk with the text left out."""
         try:
             async with aclosing(self.events(prepared, is_disconnected)) as events:
                 async for index, event in events:
@@ -262,25 +265,29 @@ class ChunkedServing(GuardedServing, ABC):
                     # chunk then times the first output, not the request's arrival.
                     if index not in opened:
                         opened.add(index)
-                        if (opening := self.opening_chunk(rid, model, index)) is not None:
+                        if (opening := self.opening_chunk(rid, model, created, index)) is not None:
                             yield _sse(opening)
                     if isinstance(event, TextDelta):
                         if (form := forms.get(index)) is None:
                             form = forms[index] = TextEvent(
-                                functools.partial(self.chunk, rid, model, index)
+                                functools.partial(self.chunk, rid, model, created, index)
                             )
                         yield form.render(event.text)
                     elif isinstance(event, Reset):
-                        yield _sse(self.chunk(rid, model, index, reset=event))
+                        yield _sse(self.chunk(rid, model, created, index, reset=event))
                     elif isinstance(event, Cut):
-                        yield _sse(self.chunk(rid, model, index, text=event.text, cut=event))
+                        yield _sse(
+                            self.chunk(rid, model, created, index, text=event.text, cut=event)
+                        )
                     elif isinstance(event, Finished):
                         finished[index] = event
-                        yield _sse(self.chunk(rid, model, index, finished=event))
+                        yield _sse(self.chunk(rid, model, created, index, finished=event))
             if len(finished) < len(prepared):
                 return  # the client is gone: nobody to send [DONE] to
             if include_usage:
-                yield _sse(self.usage_chunk(rid, model, usage(prepared, list(finished.values()))))
+                yield _sse(
+                    self.usage_chunk(rid, model, created, usage(prepared, list(finished.values())))
+                )
         except Exception as exc:  # noqa: BLE001 - the status line is sent; errors become an event
             yield sse_error(exc)
         yield "data: [DONE]\n\n"
@@ -334,16 +341,17 @@ class ChatServing(ChunkedServing):
             id=rid, model=prepared[0].model, choices=choices, usage=usage(prepared, results)
         )
 
-    def opening_chunk(self, rid: str, model: str, index: int) -> ChatCompletionChunk:
+    def opening_chunk(self, rid: str, model: str, created: int, index: int) -> ChatCompletionChunk:
         choice = ChatCompletionChunkChoice(
             index=index, delta=DeltaMessage(role="assistant", content="")
         )
-        return ChatCompletionChunk(id=rid, model=model, choices=[choice])
+        return ChatCompletionChunk(id=rid, created=created, model=model, choices=[choice])
 
     def chunk(
         self,
         rid: str,
         model: str,
+        created: int,
         index: int,
         *,
         text: str = "",
@@ -357,10 +365,12 @@ class ChatServing(ChunkedServing):
             finish_reason=finish_reason(finished) if finished else None,
             guard=_chunk_guard(finished, reset, cut),
         )
-        return ChatCompletionChunk(id=rid, model=model, choices=[choice])
+        return ChatCompletionChunk(id=rid, created=created, model=model, choices=[choice])
 
-    def usage_chunk(self, rid: str, model: str, usage: UsageInfo) -> ChatCompletionChunk:
-        return ChatCompletionChunk(id=rid, model=model, choices=[], usage=usage)
+    def usage_chunk(
+        self, rid: str, model: str, created: int, usage: UsageInfo
+    ) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=rid, created=created, model=model, choices=[], usage=usage)
 
 
 class CompletionServing(ChunkedServing):
@@ -413,13 +423,14 @@ class CompletionServing(ChunkedServing):
             usage=usage(prepared, results, per_prompt=req.n),
         )
 
-    def opening_chunk(self, rid: str, model: str, index: int) -> None:
+    def opening_chunk(self, rid: str, model: str, created: int, index: int) -> None:
         return None
 
     def chunk(
         self,
         rid: str,
         model: str,
+        created: int,
         index: int,
         *,
         text: str = "",
@@ -433,10 +444,10 @@ class CompletionServing(ChunkedServing):
             finish_reason=finish_reason(finished) if finished else None,
             guard=_chunk_guard(finished, reset, cut),
         )
-        return Completion(id=rid, model=model, choices=[choice])
+        return Completion(id=rid, created=created, model=model, choices=[choice])
 
-    def usage_chunk(self, rid: str, model: str, usage: UsageInfo) -> Completion:
-        return Completion(id=rid, model=model, choices=[], usage=usage)
+    def usage_chunk(self, rid: str, model: str, created: int, usage: UsageInfo) -> Completion:
+        return Completion(id=rid, created=created, model=model, choices=[], usage=usage)
 
 
 # -- request -> GenerationRequest ---------------------------------------------------------------
@@ -556,8 +567,7 @@ _MARK = "\x00guard-text\x00"
 class TextEvent:
     """The SSE event of one choice's text chunks, serialised once with the text left out: each
     token's event splices its JSON-escaped text (escaped as pydantic escapes it) into that form
-    instead of building and serialising a chunk object per token. Every text chunk of a choice
-    carries the ``created`` of its first (as OpenAI's and vLLM's do)."""
+    instead of building and serialising a chunk object per token."""
 
     def __init__(self, chunk: Callable[..., BaseModel]) -> None:
         """``chunk(text=...)``: the chunk that carries that text."""
@@ -566,7 +576,7 @@ class TextEvent:
         self.form = (head, tail) if mark and json.dumps(_MARK) not in tail else None
 
     def render(self, text: str) -> str:
-        """``_sse(chunk(text))``, up to the timestamp."""
+        """``_sse(chunk(text))``."""
         if self.form is None or not text:  # a chat chunk leaves empty content out
             return _sse(self.chunk(text=text))
         head, tail = self.form

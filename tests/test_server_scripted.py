@@ -4,7 +4,9 @@ driven by a scripted service: each generation replays the next enqueued list of 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+import time
 from dataclasses import dataclass
 
 import openai
@@ -160,6 +162,22 @@ def test_reset_chunk_on_the_wire(http, service):
         "generated_tokens": 9,
     }
     assert all("guard" not in c for c in choices[:3] + choices[4:-1])
+
+
+def test_every_chunk_of_a_stream_carries_one_created(http, service, monkeypatch):
+    """Opening, text, reset, finish and usage chunks share the response's id and ``created``, as
+    vLLM's do, even when the clock moves on between them."""
+    ticks = itertools.count(1_700_000_000)
+    monkeypatch.setattr(time, "time", lambda: float(next(ticks)))
+    for path, body in [
+        ("/v1/chat/completions", {"messages": HI}),
+        ("/v1/completions", {"prompt": "x"}),
+    ]:
+        service.enqueue(RECOVERED)
+        body |= {"model": MODEL, "stream": True, "stream_options": {"include_usage": True}}
+        chunks = sse_events(http, path, body)
+        assert len(chunks) >= 5 and chunks[-1]["usage"] is not None
+        assert len({(c["id"], c["created"]) for c in chunks}) == 1
 
 
 def test_client_applying_resets_holds_the_final_text(client, service):
