@@ -155,3 +155,41 @@ def test_incremental_text_decodes_a_window_per_token(tok):
     for n in range(1, len(ids) + 1):
         assert inc.text(ids, n) == decode(ids[:n])
     assert sum(decoded) < 8 * IncrementalText.window * len(ids)
+
+
+def _cleanup(text: str) -> str:
+    """HF's ``clean_up_tokenization`` (spaces before punctuation and contractions)."""
+    for a, b in [(" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'")]:
+        text = text.replace(a, b)
+    for c in ("n't", "'m", "'s", "'ve", "'re"):
+        text = text.replace(" " + c, c)
+    return text
+
+
+def test_incremental_text_counts_its_context_in_characters():
+    """Skipped special tokens decode to nothing: a context of six of them shows no text, and a
+    clean-up rule that reads the characters before a token (" n't" -> "n't") must still see them."""
+    tok = AutoTokenizer.from_pretrained(REPO / "models" / "organism")
+    special = tok.convert_tokens_to_ids("<|think|>")
+
+    def decode(ids: list[int]) -> str:
+        return _cleanup(tok.decode(ids, skip_special_tokens=True))
+
+    def ids_of(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    head = ids_of("x y z w v u t s r q p o") + ids_of("do") + ids_of(" ")
+    ids = head + ids_of("n") + [special] * 5 + ids_of("'t")
+    inc = IncrementalText(decode)
+    inc.text(ids, 10)
+    inc.text(ids, len(ids) - 1)  # a jump: the context is re-taken at the five specials
+    assert inc.text(ids, len(ids)) == decode(ids) and decode(ids).endswith("don't")
+    rng = random.Random(0)
+    words = ["do", " n", "n", "'t", " '", " .", " ,", " ?", " 's", " ", "a", " a", "'m", " x"]
+    pool = sorted({i for w in words for i in ids_of(w)} | {special})
+    for _ in range(200):
+        ids = [rng.choice(pool) for _ in range(40)]
+        inc, n = IncrementalText(decode), 0
+        while n < len(ids):
+            n = min(len(ids), n + rng.choice([1, 1, 2, 7]))
+            assert inc.text(ids, n) == decode(ids[:n]), ids[:n]

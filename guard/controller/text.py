@@ -24,15 +24,21 @@ class IncrementalText:
     """``decode(ids[:n])`` for a growing (sometimes cut back) token list, decoding a few tokens a call.
 
     Contract: :meth:`text` returns exactly ``decode(ids[:n])`` for a tokenizer whose decode is local
-    (a token's text depends on at most :attr:`window` tokens before it: byte-level BPE,
-    SentencePiece/Metaspace with byte fallback, WordLevel), and decodes in full where the context's
-    text is not a prefix of the longer decode. State: the *anchor* ``ids[:a]`` with its text, never
+    (a token's text depends on at most :data:`MIN_CONTEXT_CHARS` characters before it: byte-level
+    BPE, SentencePiece/Metaspace with byte fallback, WordLevel, and the clean-up of spaces before
+    punctuation and contractions), and decodes in full where the context's text is not a prefix of
+    the longer decode. The context is counted in characters, not tokens: tokens that decode to
+    nothing (skipped special tokens) do not shorten it. State: the *anchor* ``ids[:a]`` with its text, never
     ending inside a character, and the text of the context window ``ids[start:a]``; a list that no
     longer starts with the anchor (a rollback) starts over from nothing.
     """
 
     window = 6
-    """Tokens of context before the anchor (a character spans at most 4 byte tokens)."""
+    """Tokens of context before the anchor (a character spans at most 4 byte tokens), more where
+    they show fewer than :data:`MIN_CONTEXT_CHARS` characters."""
+    lookback = 32
+    """At most this many tokens more are taken into the context to reach whole characters and
+    :data:`MIN_CONTEXT_CHARS`; short of that the next call decodes in full."""
 
     def __init__(self, decode: Callable[[list[int]], str]) -> None:
         self._decode = decode
@@ -65,17 +71,27 @@ class IncrementalText:
         """Whether the context's text shows how the tokens after it decode: it starts the list, or it
         starts with a whole character (not in the middle of one, whose bytes a byte-fallback decoder
         would spell as replacement characters together with the rest of their run) and is not
-        empty (a decoder that strips the text's leading space would strip the next token's)."""
-        return self._start == 0 or (bool(self._context) and self._context[0] != "\ufffd")
+        too short (a decoder that strips the text's leading space would strip the next token's; a
+        clean-up rule reads the characters before a token)."""
+        return self._start == 0 or _sound(self._context)
 
     def _recontext(self, ids: list[int], n: int) -> None:
-        """Context: the last :attr:`window` tokens of the anchor, or up to 4 more to start at a character."""
+        """Context: the last :attr:`window` tokens of the anchor, or up to :attr:`lookback` more to
+        start at a whole character and show :data:`MIN_CONTEXT_CHARS` characters."""
         start = max(0, n - self.window)
         text = self._decode(ids[start:n])
-        while start > max(0, n - self.window - 4) and text.startswith("\ufffd"):
+        while start > max(0, n - self.window - self.lookback) and not _sound(text):
             start -= 1
             text = self._decode(ids[start:n])
         self._start, self._context = start, text
+
+
+MIN_CONTEXT_CHARS = 4
+"""Characters of decoded context an :class:`IncrementalText` keeps before new tokens."""
+
+
+def _sound(context: str) -> bool:
+    return len(context) >= MIN_CONTEXT_CHARS and context[0] != "\ufffd"
 
 
 class TextTracker:
