@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from pg import pg_url  # noqa: F401 - the Postgres fixture, for every test module
 
+from guard.controller.record import GenerationRecord
 from guard.testing import make_random_llama
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,3 +39,23 @@ def _activation_cache_in_tmp(tmp_path_factory):
         os.environ.pop("GUARD_CACHE_DIR", None)
     else:
         os.environ["GUARD_CACHE_DIR"] = old
+
+
+def generation_record(
+    *,
+    request_id: str = "r",
+    messages: list[dict[str, str]] | None = None,
+    prompt: str | None = "x",
+    prompt_tokens: int = 0,
+) -> GenerationRecord:
+    """The record a generation that a test drives by hand starts with: policy ``p`` (hash ``h``) on
+    model ``m``."""
+    return GenerationRecord(
+        request_id=request_id,
+        policy_name="p",
+        policy_hash="h",
+        model="m",
+        messages=messages,
+        prompt=prompt,
+        prompt_tokens=prompt_tokens,
+    )

@@ -8,10 +8,11 @@ import torch
 
 from guard.controller.backtrack import BoundMonitor, GuardedGeneration
 from guard.controller.events import Finished, Reset, TextDelta
-from guard.controller.record import GenerationRecord, Steer
+from guard.controller.record import Steer
 from guard.monitors.base import AggregationSpec, Monitor
 from guard.policy.build import default_controller_config, default_strategy
 from guard.sampling import SamplingParams
+from tests.conftest import generation_record
 
 
 class TokenMonitor(Monitor):
@@ -48,15 +49,7 @@ def run(
     defaults with ``cfg`` overrides; ``retracting=False`` is a client that does not apply resets."""
     assert config is None or not cfg, "give either a config or overrides of the default one"
     prompt = engine.tokenizer.encode_chat([{"role": "user", "content": prompt_text}])
-    record = GenerationRecord(
-        request_id="r",
-        policy_name="p",
-        policy_hash="h",
-        model="m",
-        messages=None,
-        prompt=prompt_text,
-        prompt_tokens=len(prompt),
-    )
+    record = generation_record(prompt=prompt_text, prompt_tokens=len(prompt))
     events, logged = [], []
     gen = GuardedGeneration(
         engine,
@@ -248,15 +241,7 @@ def test_the_engine_is_asked_for_surprisal_only_where_the_garble_check_can_read_
             SamplingParams(seed=1, max_tokens=2),
             [BoundMonitor(m) for m in monitors],
             default_controller_config(**cfg),
-            GenerationRecord(
-                request_id="r",
-                policy_name="p",
-                policy_hash="h",
-                model="m",
-                messages=None,
-                prompt="x",
-                prompt_tokens=1,
-            ),
+            generation_record(prompt_tokens=1),
             lambda e: None,
         )
         gen.close()

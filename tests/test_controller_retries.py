@@ -10,10 +10,11 @@ import pytest
 
 from guard.controller.backtrack import BoundMonitor, GuardedGeneration
 from guard.controller.garble import SurprisalTracker
-from guard.controller.record import GarbleCheck, GenerationRecord
+from guard.controller.record import GarbleCheck
 from guard.monitors.base import AggregationSpec, Monitor
 from guard.policy.build import default_controller_config
 from guard.sampling import SamplingParams
+from tests.conftest import generation_record
 from tests.test_controller import assert_invariants, run
 
 ORGANISM = Path(__file__).resolve().parent.parent / "models" / "organism"
@@ -337,15 +338,7 @@ def test_a_flagged_generation_that_fails_ends_with_a_final_error_record(tiny_eng
     out, unique = _reference(tiny_engine)
     mon = ScoreMap({out[unique[3]]: 0.9})
     prompt = tiny_engine.tokenizer.encode_chat([{"role": "user", "content": "Tell me something."}])
-    record = GenerationRecord(
-        request_id="r",
-        policy_name="p",
-        policy_hash="h",
-        model="m",
-        messages=None,
-        prompt="x",
-        prompt_tokens=len(prompt),
-    )
+    record = generation_record(prompt_tokens=len(prompt))
     events, checkpoints, finals, done = [], [], [], threading.Event()
 
     def emit(ev):

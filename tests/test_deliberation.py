@@ -11,7 +11,6 @@ import pytest
 from guard.controller.backtrack import BoundMonitor, GuardedGeneration
 from guard.controller.deliberation import DeliberationConfig, neutralise_text
 from guard.controller.events import Finished
-from guard.controller.record import GenerationRecord
 from guard.monitors.base import AggregationSpec, Monitor
 from guard.policy.build import (
     default_controller_config,
@@ -19,6 +18,7 @@ from guard.policy.build import (
     default_strategy,
 )
 from guard.sampling import SamplingParams
+from tests.conftest import generation_record
 from tests.test_controller import client_view
 
 REPO = Path(__file__).resolve().parent.parent
@@ -58,15 +58,7 @@ class Run:
     ):
         self.engine = engine
         self.prompt = engine.tokenizer.encode_chat([{"role": "user", "content": content}])
-        self.record = GenerationRecord(
-            request_id="r",
-            policy_name="p",
-            policy_hash="h",
-            model="m",
-            messages=None,
-            prompt="x",
-            prompt_tokens=len(self.prompt),
-        )
+        self.record = generation_record(prompt_tokens=len(self.prompt))
         self.events, self.logged = [], []
         self.events_while_reasoning = 0
         self.gen = GuardedGeneration(

@@ -25,6 +25,7 @@ from guard.probe.collect import prompt_ids, token_ids
 from guard.probe.data import read_jsonl
 from guard.probe.train import TrainConfig, train_probe
 from guard.sampling import SamplingParams
+from tests.conftest import generation_record
 
 CHAT = [{"role": "user", "content": "hi"}]
 
@@ -244,15 +245,7 @@ class TokenMonitor(Monitor):
 def _generate(engine, monitors, **cfg) -> GenerationRecord:
     chat = [{"role": "user", "content": "Tell me something."}]
     prompt = engine.tokenizer.encode_chat(chat)
-    rec = GenerationRecord(
-        request_id="r",
-        policy_name="p",
-        policy_hash="h",
-        model="m",
-        messages=chat,
-        prompt=None,
-        prompt_tokens=len(prompt),
-    )
+    rec = generation_record(messages=chat, prompt=None, prompt_tokens=len(prompt))
     gen = GuardedGeneration(
         engine,
         prompt,

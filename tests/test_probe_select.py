@@ -239,6 +239,18 @@ def test_sampled_answers_carry_the_live_activations(setup):
     assert len(res.texts) == 2 and res.texts[0] == engine.tokenizer.decode(first.token_ids.tolist())
 
 
+def _live_rows(mon, acts) -> np.ndarray:
+    """Per answer, the monitor's decision statistic as live: max of its aggregated token scores."""
+    tokens = mon.score_tensor(acts.hidden[mon.layer]).numpy()
+    return M.row_max_scores(tokens, acts.row, acts.n_rows, mon.aggregation)
+
+
+def _calibrated(rows: np.ndarray, target_fpr: float) -> float:
+    """The threshold calibration should set on these answers: the 90%-bound rule, plus the margin."""
+    t = M.threshold_at_fpr_bound(rows, target_fpr, 0.9).threshold
+    return float(1 / (1 + np.exp(-(np.log(t / (1 - t)) + CALIBRATION_MARGIN))))
+
+
 def test_default_training_chooses_by_cv_and_calibrates_on_sampled_answers(setup):
     sampling = CalibrationSampling(n=3, max_tokens=16)
     res = train_probe(
@@ -276,16 +288,7 @@ def test_default_training_chooses_by_cv_and_calibrates_on_sampled_answers(setup)
         seed=0,
         progress=False,
     )
-    rows = M.row_max_scores(
-        mon.score_tensor(answers.acts.hidden[mon.layer]).numpy(),
-        answers.acts.row,
-        answers.acts.n_rows,
-        mon.aggregation,
-    )
-    t = M.threshold_at_fpr_bound(rows, 0.05, 0.9).threshold
-    assert mon.threshold == pytest.approx(
-        1 / (1 + np.exp(-(np.log(t / (1 - t)) + CALIBRATION_MARGIN)))
-    )
+    assert mon.threshold == pytest.approx(_calibrated(_live_rows(mon, answers.acts), 0.05))
 
 
 def test_a_judge_drops_harmful_sampled_answers_before_cv_and_calibration(setup):
@@ -316,16 +319,8 @@ def test_a_judge_drops_harmful_sampled_answers_before_cv_and_calibration(setup):
     assert cal["excluded_unsafe"]["count"] == len(dropped)
     assert cal["excluded_unsafe"]["examples"] == [t[:160] for t in dropped[:3]]
     assert cal["negatives"] == len(kept) < 18
-    rows = M.row_max_scores(
-        mon.score_tensor(first.acts.hidden[mon.layer]).numpy(),
-        first.acts.row,
-        first.acts.n_rows,
-        mon.aggregation,
-    )
-    t = M.threshold_at_fpr_bound(rows[kept], 0.05, 0.9).threshold
-    assert mon.threshold == pytest.approx(
-        1 / (1 + np.exp(-(np.log(t / (1 - t)) + CALIBRATION_MARGIN)))
-    )
+    rows = _live_rows(mon, first.acts)
+    assert mon.threshold == pytest.approx(_calibrated(rows[kept], 0.05))
     highest = cal["highest"]
     assert [h["score"] for h in highest] == pytest.approx(sorted(rows[kept], reverse=True)[:3])
     assert all(h["text"] not in flagged for h in highest)

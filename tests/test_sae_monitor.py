@@ -18,6 +18,7 @@ from guard.policy.build import build_monitor, default_controller_config
 from guard.sae import Sae, save_saelens
 from guard.sae.monitor import SaeFeatureMonitor, WatchedFeature, calibrate_topk_threshold
 from guard.sampling import SamplingParams
+from tests.conftest import generation_record
 
 torch.set_num_threads(1)
 D, N = 24, 96
@@ -280,15 +281,7 @@ def test_service_needs_a_layer_for_files_without_a_hook(tmp_path, tiny_model_dir
 
 def _generate(engine, bound) -> GenerationRecord:
     prompt = engine.tokenizer.encode_chat([{"role": "user", "content": "Tell me something."}])
-    record = GenerationRecord(
-        request_id="r",
-        policy_name="p",
-        policy_hash="h",
-        model="m",
-        messages=None,
-        prompt="x",
-        prompt_tokens=len(prompt),
-    )
+    record = generation_record(prompt_tokens=len(prompt))
     gen = GuardedGeneration(
         engine,
         prompt,

@@ -16,7 +16,7 @@ from guard.engine.base import MonitorRun
 from guard.monitors.probe import ProbeMonitor
 from guard.policy.build import default_controller_config, default_vllm_options
 from guard.sampling import SamplingParams, make_generator
-from tests.conftest import ORGANISM
+from tests.conftest import ORGANISM, generation_record
 
 if os.environ.get("GUARD_TEST_REQUIRE_VLLM") != "1":
     pytest.importorskip("vllm", reason="vLLM is not installed (deploy/setup.sh --vllm installs it)")
@@ -254,7 +254,6 @@ def test_guarded_generation_gives_the_same_record_on_both_engines(vllm_engine, h
     greedily, so a touchier copy of the probe makes rollbacks happen: cut 4 tokens back, ban the
     first discarded token, which exercises re-fed tokens and first-token bans.)"""
     from guard.controller.backtrack import BoundMonitor, GuardedGeneration
-    from guard.controller.record import GenerationRecord
     from guard.monitors.reset_token import ResetTokenMonitor
 
     touchy = copy.copy(probe)
@@ -270,15 +269,7 @@ def test_guarded_generation_gives_the_same_record_on_both_engines(vllm_engine, h
             rollback="tokens", rollback_tokens=4, max_retries=3, refusal="No."
         )
         for text in HARMFUL + BENIGN:
-            rec = GenerationRecord(
-                request_id="t",
-                policy_name="p",
-                policy_hash="h",
-                model="m",
-                messages=None,
-                prompt=text,
-                prompt_tokens=0,
-            )
+            rec = generation_record(request_id="t", prompt=text)
             job = GuardedGeneration(
                 eng,
                 _prompt(eng, text),
@@ -370,7 +361,6 @@ def test_a_reset_token_the_model_emits_itself_is_honoured(vllm_engine, probe):
     when the model sampled it (here pushed by a logit bias), it is an ordinary token that the
     reset_token monitor reacts to, not a worker firing."""
     from guard.controller.backtrack import BoundMonitor, GuardedGeneration
-    from guard.controller.record import GenerationRecord
     from guard.monitors.reset_token import ResetTokenMonitor
 
     eng = vllm_engine
@@ -379,15 +369,7 @@ def test_a_reset_token_the_model_emits_itself_is_honoured(vllm_engine, probe):
         BoundMonitor(probe, action="backtrack"),
         BoundMonitor(reset, action="backtrack", rollback="response"),
     ]
-    rec = GenerationRecord(
-        request_id="t",
-        policy_name="p",
-        policy_hash="h",
-        model="m",
-        messages=None,
-        prompt="",
-        prompt_tokens=0,
-    )
+    rec = generation_record(request_id="t", prompt="")
     forced = eng.stats.forced_resets
     params = SamplingParams(seed=1, max_tokens=16, logit_bias={eng.reset_id: 100.0})
     job = GuardedGeneration(
@@ -469,17 +451,8 @@ def test_sampled_tokens_report_the_same_surprisal_as_the_transformers_engine(
 
 def _guarded(engine, monitor, on_monitor_error: str, text: str = BENIGN[0], max_tokens: int = 24):
     from guard.controller.backtrack import BoundMonitor, GuardedGeneration
-    from guard.controller.record import GenerationRecord
 
-    rec = GenerationRecord(
-        request_id="t",
-        policy_name="p",
-        policy_hash="h",
-        model="m",
-        messages=None,
-        prompt=text,
-        prompt_tokens=0,
-    )
+    rec = generation_record(request_id="t", prompt=text)
     events = []
     job = GuardedGeneration(
         engine,
@@ -535,17 +508,8 @@ def test_a_monitor_that_breaks_in_the_worker_is_a_monitor_error(
 def _unmonitored(engine, text: str, params: SamplingParams):
     """A guarded generation without monitors, run to the end; its record."""
     from guard.controller.backtrack import GuardedGeneration
-    from guard.controller.record import GenerationRecord
 
-    rec = GenerationRecord(
-        request_id="t",
-        policy_name="p",
-        policy_hash="h",
-        model="m",
-        messages=None,
-        prompt=text,
-        prompt_tokens=0,
-    )
+    rec = generation_record(request_id="t", prompt=text)
     job = GuardedGeneration(
         engine,
         _prompt(engine, text),
@@ -635,15 +599,7 @@ def test_generations_in_the_engine_worker_end_with_every_token_scored(
     finished: dict[str, Finished] = {}
 
     def job(engine, key: str, text: str, max_tokens: int) -> GuardedGeneration:
-        rec = GenerationRecord(
-            request_id=key,
-            policy_name="p",
-            policy_hash="h",
-            model="m",
-            messages=None,
-            prompt=text,
-            prompt_tokens=0,
-        )
+        rec = generation_record(request_id=key, prompt=text)
         done[key], records[key] = threading.Event(), rec
 
         def emit(event, key=key):

@@ -14,6 +14,7 @@ from guard.errors import InvalidRequestError
 from guard.policy.build import default_controller_config
 from guard.sampling import SamplingParams, make_generator, sample
 from server.app import ServerSettings
+from tests.conftest import generation_record
 from tests.test_server import HI, MODEL, LiveServer, write_policy
 
 
@@ -39,15 +40,7 @@ def _chat(live, **body) -> httpx.Response:
 
 def run(engine, params: SamplingParams, text: str = "Hello there") -> GenerationRecord:
     """One guarded generation without monitors, to the end."""
-    rec = GenerationRecord(
-        request_id="t",
-        policy_name="p",
-        policy_hash="h",
-        model="m",
-        messages=None,
-        prompt=text,
-        prompt_tokens=0,
-    )
+    rec = generation_record(request_id="t", prompt=text)
     prompt = engine.tokenizer.encode_chat([{"role": "user", "content": text}])
     job = GuardedGeneration(
         engine,

@@ -14,11 +14,10 @@ import re
 import pytest
 
 from guard.controller.backtrack import BoundMonitor, GuardedGeneration
-from guard.controller.record import GenerationRecord
 from guard.monitors.probe import ProbeMonitor
 from guard.policy.build import default_controller_config, default_vllm_options
 from guard.sampling import SamplingParams
-from tests.conftest import ORGANISM
+from tests.conftest import ORGANISM, generation_record
 
 if os.environ.get("GUARD_TEST_REQUIRE_VLLM") != "1":
     pytest.importorskip("vllm", reason="vLLM is not installed (deploy/setup.sh --vllm installs it)")
@@ -69,15 +68,7 @@ def test_the_engine_picks_a_reserved_id_and_forces_it_on_a_firing(engine):
     outcomes = []
     for i, text in enumerate(HARMFUL * 2):
         prompt = engine.tokenizer.encode_chat([{"role": "user", "content": text}])
-        rec = GenerationRecord(
-            request_id="t",
-            policy_name="p",
-            policy_hash="h",
-            model="m",
-            messages=None,
-            prompt=text,
-            prompt_tokens=len(prompt),
-        )
+        rec = generation_record(request_id="t", prompt=text, prompt_tokens=len(prompt))
         job = GuardedGeneration(
             engine,
             prompt,

@@ -13,10 +13,10 @@ from pathlib import Path
 
 from guard.controller.backtrack import GuardedGeneration
 from guard.controller.events import Finished, TextDelta
-from guard.controller.record import GenerationRecord
 from guard.engine.worker import EngineWorker
 from guard.policy.build import default_controller_config
 from guard.sampling import SamplingParams
+from tests.conftest import generation_record
 
 WAIT_S = 120  # only a bound on a hung test: every wait below ends on an event
 
@@ -25,15 +25,7 @@ def _job(engine, name, max_tokens, done, on_text=None):
     """A generation that appends ``(name, completion tokens)`` to ``done`` when it finishes and calls
     ``on_text()`` (on the worker's thread) at each released text."""
     prompt = engine.tokenizer.encode_chat([{"role": "user", "content": "Count to a hundred."}])
-    rec = GenerationRecord(
-        request_id=name,
-        policy_name="p",
-        policy_hash="h",
-        model="m",
-        messages=None,
-        prompt=None,
-        prompt_tokens=len(prompt),
-    )
+    rec = generation_record(request_id=name, prompt=None, prompt_tokens=len(prompt))
     params = SamplingParams(
         seed=1, max_tokens=max_tokens, banned_token_ids=engine.info.eos_token_ids
     )
