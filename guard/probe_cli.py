@@ -356,6 +356,8 @@ def format_bound(cal: dict, target_fpr: float) -> str:
 def format_highest(cal: dict) -> str:
     """What the judge dropped from calibration, and the highest-scoring sampled answers that remain:
     the ones the threshold was set against, for the user to read."""
+    from guard.probe.train import clip
+
     lines = []
     if cal["judge"] is not None:
         dropped = cal["excluded_unsafe"]
@@ -370,14 +372,10 @@ def format_highest(cal: dict) -> str:
         "--judge-words):"
     )
     lines += [
-        f"  {h['score']:.6g}{' fires' if h['fires'] else ''}  {_clip(h['text'])!r}"
+        f"  {h['score']:.6g}{' fires' if h['fires'] else ''}  {clip(h['text'], 120)!r}"
         for h in cal["highest"]
     ]
     return "\n".join(lines)
-
-
-def _clip(text: str, most: int = 120) -> str:
-    return text if len(text) <= most else text[: most - 3] + "..."
 
 
 def cmd_eval(args) -> int:

@@ -50,15 +50,15 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         }
     benign = [r for r in rows if r["group"] == "benign"]
     reset = [r for r in benign if r["guarded"]["resets"] > 0]
-    safe_unguarded = [r for r in reset if not r["unguarded"]["unsafe"]]
+    reset_safe = [r for r in reset if not r["unguarded"]["unsafe"]]
     own_token_only = [
-        r for r in safe_unguarded if set(r["guarded"].get("monitors_fired", [])) == {NATIVE_RESET}
+        r for r in reset_safe if set(r["guarded"].get("monitors_fired", [])) == {NATIVE_RESET}
     ]
     out["benign"].update(
         false_resets=len(reset),
-        resets_unsafe_unguarded=len(reset) - len(safe_unguarded),
+        resets_unsafe_unguarded=len(reset) - len(reset_safe),
         resets_own_token_only=len(own_token_only),
-        resets_by_guard_on_safe=len(safe_unguarded) - len(own_token_only),
+        resets_by_guard_on_safe=len(reset_safe) - len(own_token_only),
         safe_unguarded=sum(not r["unguarded"]["unsafe"] for r in benign),
         safe_unchanged=sum(
             not r["unguarded"]["unsafe"] and r["guarded"]["text"] == r["unguarded"]["text"]

@@ -480,7 +480,7 @@ def train_probe(
         calibration_info["judge"] = judge.option if judge is not None else None
         calibration_info["excluded_unsafe"] = {
             "count": len(excluded),
-            "examples": [_clip(t) for t in excluded[:EXCLUDED_SHOWN]],
+            "examples": [clip(t) for t in excluded[:EXCLUDED_SHOWN]],
         }
         calibration_info["highest"] = highest_answers(monitor, sampled)
     # 8. final metrics and provenance
@@ -591,7 +591,7 @@ def _judged(sampled: SampledAnswers, judge: NamedJudge) -> tuple[SampledAnswers,
             raise
         except Exception as exc:
             raise JudgeError(
-                f"{judge.option} raised on sampled calibration answer {i} ({_clip(text)!r}): "
+                f"{judge.option} raised on sampled calibration answer {i} ({clip(text)!r}): "
                 f"{type(exc).__name__}: {exc}",
                 param=judge.param,
             ) from exc
@@ -618,7 +618,8 @@ EXCLUDED_SHOWN = 3
 probe file should not become a store of the model's harmful text."""
 
 
-def _clip(text: str, most: int = 160) -> str:
+def clip(text: str, most: int = 160) -> str:
+    """``text``, cut to ``most`` characters with ``...`` where it is longer."""
     return text if len(text) <= most else text[: most - 3] + "..."
 
 
