@@ -137,9 +137,13 @@ class GuardedServing:
         return f"{self.id_prefix}-{uuid.uuid4().hex}"
 
     async def prepare(self, gens: list[GenerationRequest], param: str) -> list[Prepared]:
-        """Validate and tokenise every generation, in a thread (tokenising is CPU-bound and must not
-        hold the event loop); raises the service's 4xx errors."""
-        prepared = await asyncio.to_thread(lambda: [self.service.prepare(g) for g in gens])
+        """Validate and tokenise every generation; raises the service's 4xx errors. Requests with
+        at most :data:`INLINE_PREPARE_CHARS` characters of text are prepared on the event loop,
+        longer ones in a thread (tokenising is CPU-bound: a long prompt must not hold the loop)."""
+        if sum(_text_chars(g) for g in gens) <= INLINE_PREPARE_CHARS:
+            prepared = [self.service.prepare(g) for g in gens]
+        else:
+            prepared = await asyncio.to_thread(lambda: [self.service.prepare(g) for g in gens])
         for p in prepared:
             check_prompt_tokens(p.prompt_tokens, self.limits, param)
         return prepared
@@ -556,9 +560,31 @@ def usage(
     )
 
 
+INLINE_PREPARE_CHARS = 2048
+"""Prompt text (characters, all choices together) up to which a request is prepared on the event
+loop. Tokenising costs about 0.35 ms per 1000 characters (chat template and tokenizer; measured with
+three tokenizers on a 2-core machine), so the loop is held for under a millisecond, less than the
+two thread hand-offs cost a request in a burst: with 16 concurrent streams, preparing inline
+brought guard's median first content token from 325 to 270 ms (plain vLLM: 203 ms). A policy's own
+prompt text (a deliberation spec) comes on top."""
+
+
+def _text_chars(gen: GenerationRequest) -> int:
+    """Characters of text ``gen`` brings to tokenise (token-id prompts bring none)."""
+    chars = len(gen.prompt) if isinstance(gen.prompt, str) else 0
+    for m in gen.messages or ():
+        content = m.get("content")
+        chars += len(content) if isinstance(content, str) else len(json.dumps(content))
+    return chars
+
+
 def _sse(chunk: BaseModel) -> str:
     return f"data: {chunk.model_dump_json()}\n\n"
 
+
+_escape = json.JSONEncoder(ensure_ascii=False).encode
+"""``json.dumps(text, ensure_ascii=False)`` without building an encoder per call (``dumps`` reuses
+its cached one only with default arguments)."""
 
 _MARK = "\x00guard-text\x00"
 """Stands for the text in a :class:`TextEvent`'s form."""
@@ -580,4 +606,4 @@ class TextEvent:
         if self.form is None or not text:  # a chat chunk leaves empty content out
             return _sse(self.chunk(text=text))
         head, tail = self.form
-        return f"{head}{json.dumps(text, ensure_ascii=False)}{tail}"
+        return f"{head}{_escape(text)}{tail}"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import threading
 import time
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ from guard.errors import NotFoundError, OverloadedError
 from guard.service import GenerationRequest, ServedModel
 from server.app import create_app
 from server.routes import get_service
+from server.serving import INLINE_PREPARE_CHARS
 
 MODEL = "scripted"
 
@@ -39,6 +41,8 @@ class ScriptedService:
     def __init__(self) -> None:
         self.scripts: list[list] = []
         self.requests: list[GenerationRequest] = []
+        self.threads: list[threading.Thread] = []
+        """The thread of each prepare and stream call, in order."""
 
     def enqueue(self, *scripts: list) -> None:
         self.scripts.extend(scripts)
@@ -50,9 +54,11 @@ class ScriptedService:
         if req.model != MODEL:
             raise NotFoundError(f"The model `{req.model}` does not exist.", param="model")
         self.requests.append(req)
+        self.threads.append(threading.current_thread())
         return Prepared(req)
 
     async def stream(self, prepared: Prepared):
+        self.threads.append(threading.current_thread())  # the event loop's
         for item in self.scripts.pop(0):
             await asyncio.sleep(0)
             if isinstance(item, Exception):
@@ -343,3 +349,19 @@ def test_a_choice_opens_with_its_first_event(http, service):
         http, "/v1/chat/completions", {"model": MODEL, "messages": HI, "stream": True}
     )
     assert len(failed) == 1 and failed[0]["error"]["type"] == "server_overloaded"
+
+
+@pytest.mark.parametrize("chars", [INLINE_PREPARE_CHARS, INLINE_PREPARE_CHARS + 1])
+def test_only_a_short_prompt_is_tokenised_on_the_event_loop(client, service, chars):
+    """Preparing (tokenising) holds the thread it runs on: a prompt up to INLINE_PREPARE_CHARS
+    characters is prepared on the event loop (no thread hand-off), a longer one in another thread
+    so that it cannot stall the other streams."""
+    service.enqueue([TextDelta("ok", (1,)), finished("ok")])
+    messages = [
+        {"role": "system", "content": "s" * 10},
+        {"role": "user", "content": "u" * (chars - 10)},
+    ]
+    out = client.chat.completions.create(model=MODEL, messages=messages)
+    assert out.choices[0].message.content == "ok"
+    prepared_in, loop = service.threads
+    assert (prepared_in is loop) == (chars <= INLINE_PREPARE_CHARS)
