@@ -183,29 +183,28 @@ class GuardedServing:
             finally:
                 queue.put_nowait((index, None))
 
+        async def watch() -> None:
+            """Ask whether the client is still there every ``disconnect_poll_s``; when it is gone
+            (or asking fails), tell the consumer through the queue, under index ``-1``."""
+            try:
+                while True:
+                    await asyncio.sleep(self.disconnect_poll_s)
+                    if await is_disconnected():
+                        queue.put_nowait((-1, None))
+                        return
+            except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+                queue.put_nowait((-1, exc))
+
+        # One watcher per request, not a timed wait per event: the consumer waits on the queue alone.
         tasks = [asyncio.create_task(pump(i, p)) for i, p in enumerate(prepared)]
-        running, checked, getter = len(tasks), time.monotonic(), None
-        index: int | None
-        item: Event | BaseException | None
+        tasks.append(asyncio.create_task(watch()))
+        running = len(prepared)
         try:
             while running:
-                if (
-                    getter is None and not queue.empty()
-                ):  # the common case: no task, no timer per event
-                    index, item = queue.get_nowait()
-                else:
-                    # One getter outlives the timeouts so that no event is lost to a cancelled get().
-                    getter = getter or asyncio.ensure_future(queue.get())
-                    done, _ = await asyncio.wait({getter}, timeout=self.disconnect_poll_s)
-                    index, item = getter.result() if done else (None, None)
-                    getter = None if done else getter
-                if time.monotonic() - checked >= self.disconnect_poll_s:
-                    if await is_disconnected():
-                        log.info("client disconnected; cancelling %d generation(s)", running)
-                        return
-                    checked = time.monotonic()
-                if index is None:
-                    continue
+                index, item = await queue.get()
+                if index < 0 and item is None:
+                    log.info("client disconnected; cancelling %d generation(s)", running)
+                    return
                 if item is None:
                     running -= 1
                 elif isinstance(item, BaseException):
@@ -213,7 +212,7 @@ class GuardedServing:
                 else:
                     yield index, item
         finally:
-            for task in [*tasks, *([getter] if getter else [])]:
+            for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 

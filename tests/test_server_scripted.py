@@ -365,3 +365,34 @@ def test_only_a_short_prompt_is_tokenised_on_the_event_loop(client, service, cha
     assert out.choices[0].message.content == "ok"
     prepared_in, loop = service.threads
     assert (prepared_in is loop) == (chars <= INLINE_PREPARE_CHARS)
+
+
+def test_a_silent_generation_ends_when_its_client_leaves():
+    """A generation that sends nothing for a long time (a hold-back, a slow engine): the client's
+    leaving is still noticed, the events end without an error and the generation is cancelled."""
+    from server.serving import GuardedServing
+
+    closed: list[bool] = []
+
+    class Silent:
+        async def stream(self, prepared):
+            try:
+                await asyncio.Event().wait()  # never set: no event ever comes
+                yield None
+            finally:
+                closed.append(True)
+
+    asks = 0
+
+    async def is_disconnected() -> bool:
+        nonlocal asks
+        asks += 1
+        return asks >= 2  # there for the first question, gone by the second
+
+    async def run() -> list:
+        serving = GuardedServing(Silent(), disconnect_poll_s=0.001)  # type: ignore[arg-type]
+        return [event async for event in serving.events([object()], is_disconnected)]
+
+    # the timeout only keeps a regression from hanging the suite; the test waits on the events
+    assert asyncio.run(asyncio.wait_for(run(), 60)) == []
+    assert asks == 2 and closed == [True]
