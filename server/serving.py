@@ -140,10 +140,12 @@ class GuardedServing:
         """Validate and tokenise every generation; raises the service's 4xx errors. Requests with
         at most :data:`INLINE_PREPARE_CHARS` characters of text are prepared on the event loop,
         longer ones in a thread (tokenising is CPU-bound: a long prompt must not hold the loop)."""
-        if sum(_text_chars(g) for g in gens) <= INLINE_PREPARE_CHARS:
-            prepared = [self.service.prepare(g) for g in gens]
-        else:
-            prepared = await asyncio.to_thread(lambda: [self.service.prepare(g) for g in gens])
+
+        def run() -> list[Prepared]:
+            return [self.service.prepare(g) for g in gens]
+
+        inline = sum(_text_chars(g) for g in gens) <= INLINE_PREPARE_CHARS
+        prepared = run() if inline else await asyncio.to_thread(run)
         for p in prepared:
             check_prompt_tokens(p.prompt_tokens, self.limits, param)
         return prepared
@@ -597,8 +599,9 @@ class TextEvent:
     def __init__(self, chunk: Callable[..., BaseModel]) -> None:
         """``chunk(text=...)``: the chunk that carries that text."""
         self.chunk = chunk
-        head, mark, tail = _sse(chunk(text=_MARK)).partition(json.dumps(_MARK))
-        self.form = (head, tail) if mark and json.dumps(_MARK) not in tail else None
+        marked = _escape(_MARK)
+        head, mark, tail = _sse(chunk(text=_MARK)).partition(marked)
+        self.form = (head, tail) if mark and marked not in tail else None
 
     def render(self, text: str) -> str:
         """``_sse(chunk(text))``."""
